@@ -1,0 +1,220 @@
+"""The common model interface: ``DiffusionModel`` wraps a network, ``Prediction`` is one answer."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..schedules.base import Schedule, as_time
+from .parameterization import Coefs, check_prediction, compose, from_x0_eps, to_x0_eps
+
+Tensor = torch.Tensor
+
+TIME_INPUTS = ("t", "1000t", "timestep", "sigma", "c_noise", "log_snr")
+
+
+class NonFiniteError(FloatingPointError):
+    """The model returned NaN or Inf; the message names the solver, the step and the time."""
+
+
+class NFECounter:
+    """Counts network calls for one run: in total and per sample (rows evaluated)."""
+
+    def __init__(self, batch_size: int):
+        self.calls = 0
+        self.per_sample = torch.zeros(batch_size, dtype=torch.long)
+
+    def add(self, index: Tensor | None = None) -> None:
+        self.calls += 1
+        if index is None:
+            self.per_sample += 1
+        else:
+            self.per_sample[index.cpu()] += 1
+
+
+def check_finite(out: Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` if ``out`` has a NaN or Inf."""
+    finite = torch.isfinite(out)
+    if bool(finite.all()):
+        return
+    bad_rows = (~finite).reshape(finite.shape[0], -1).any(dim=1) if out.ndim > 0 else (~finite).reshape(1)
+    n_nan = int(torch.isnan(out).sum())
+    raise NonFiniteError(
+        f"{where}: the model returned non-finite values ({n_nan} NaN, {int((~finite).sum()) - n_nan} Inf) "
+        f"in {int(bad_rows.sum())} of {bad_rows.numel()} samples"
+    )
+
+
+def _coef(value: Tensor, x: Tensor) -> Tensor:
+    """Cast a float64 coefficient of shape [] or [B] to x's dtype and broadcast shape."""
+    value = value.to(device=x.device, dtype=x.dtype)
+    if value.ndim == 0:
+        return value
+    return value.reshape(value.shape[0], *([1] * (x.ndim - 1)))
+
+
+class Prediction:
+    """One model answer at (x, t), from which every parameterisation is derived.
+
+    Attributes: ``x`` (the state the model saw), ``t`` (scalar or per-sample [B] tensor), ``mu``,
+    ``output`` (the raw network output) and ``kind`` (its parameterisation). Properties ``x0``,
+    ``eps``, ``score``, ``v`` and ``velocity`` are computed on first use, all through
+    :mod:`diffsolve.models.parameterization`.
+    """
+
+    def __init__(self, x: Tensor, t, output: Tensor, kind: str, schedule: Schedule, mu: Tensor | None = None):
+        self.x = x
+        self.t = as_time(t)
+        self.output = output
+        self.kind = check_prediction(kind)
+        self.schedule = schedule
+        self.mu = mu
+        self._x0_eps: tuple[Tensor, Tensor] | None = None
+        self._coefs: Coefs | None = None
+
+    @property
+    def coefs(self) -> Coefs:
+        if self._coefs is None:
+            t = self.t
+            s = self.schedule
+            self._coefs = Coefs(_coef(s.alpha(t), self.x), _coef(s.sigma(t), self.x))
+        return self._coefs
+
+    def _coefs_with_dots(self) -> Coefs:
+        c = self.coefs
+        if c.alpha_dot is None:
+            s = self.schedule
+            c = self._coefs = c._replace(alpha_dot=_coef(s.alpha_dot(self.t), self.x),
+                                         sigma_dot=_coef(s.sigma_dot(self.t), self.x))
+        return c
+
+    @property
+    def _mu(self):
+        return 0.0 if self.mu is None else self.mu
+
+    def _pair(self) -> tuple[Tensor, Tensor]:
+        if self._x0_eps is None:
+            c = self._coefs_with_dots() if self.kind == "velocity" else self.coefs
+            self._x0_eps = to_x0_eps(self.kind, self.output, self.x, c, self._mu)
+        return self._x0_eps
+
+    def _as(self, kind: str) -> Tensor:
+        if kind == self.kind:
+            return self.output
+        x0, eps = self._pair()
+        c = self._coefs_with_dots() if kind == "velocity" else self.coefs
+        return from_x0_eps(kind, x0, eps, c, self._mu)
+
+    @property
+    def x0(self) -> Tensor:
+        return self._pair()[0]
+
+    @property
+    def eps(self) -> Tensor:
+        return self._pair()[1]
+
+    @property
+    def score(self) -> Tensor:
+        return self._as("score")
+
+    @property
+    def v(self) -> Tensor:
+        return self._as("v")
+
+    @property
+    def velocity(self) -> Tensor:
+        """The probability-flow ODE drift dx/dt at (x, t)."""
+        return self._as("velocity")
+
+    def point(self, alpha, sigma, eps: Tensor | None = None) -> Tensor:
+        """alpha x0 + (1 - alpha) mu + sigma eps, with this prediction's x0 (and eps unless given)."""
+        return compose(self.x0, self.eps if eps is None else eps, alpha, sigma, self._mu)
+
+    def __repr__(self) -> str:
+        t = self.t.tolist() if self.t.ndim == 0 else f"[{self.t.shape[0]} times]"
+        return f"Prediction(kind={self.kind!r}, t={t}, shape={tuple(self.x.shape)})"
+
+
+class DiffusionModel:
+    """Wraps any callable ``net(x, t_net, **cond)`` predicting one of eps / x0 / v / score / velocity.
+
+    Parameters
+    ----------
+    net:
+        the network; called as ``net(x, t_net, **cond)`` (with ``mu=mu`` added for mean-reverting
+        models when a condition is given). Its output has the shape of x.
+    schedule:
+        the forward process the network was trained on (:mod:`diffsolve.schedules`).
+    prediction:
+        what the network outputs: ``"eps" | "x0" | "v" | "score" | "velocity"``.
+    time_input:
+        maps continuous t to what the network was trained on: ``"t"``, ``"1000t"``, ``"timestep"``
+        (the schedule's own, e.g. diffusers' discrete timestep for :class:`VPDiscrete`, sigma for
+        rectified flow), ``"sigma"``, ``"c_noise"`` (EDM's log(sigma/alpha)/4), ``"log_snr"``, or a
+        callable ``t -> t_net``. Default: ``"timestep"``.
+
+    Calling the model returns a :class:`Prediction`. ``t`` is a scalar or a per-sample ``[B]`` tensor.
+    """
+
+    def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: str = "eps",
+                 time_input: str | Callable[[Tensor], Tensor] | None = None):
+        if not callable(net):
+            raise TypeError(f"net must be callable, got {type(net).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a diffsolve Schedule, got {type(schedule).__name__}")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = check_prediction(prediction)
+        time_input = "timestep" if time_input is None else time_input
+        if not callable(time_input) and time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input {time_input!r} is unknown; allowed: {', '.join(TIME_INPUTS)} or a callable")
+        self.time_input = time_input
+        self.nfe = 0  # network calls over this object's lifetime (a run's own count lives in its NFECounter)
+
+    def net_time(self, t: Tensor) -> Tensor:
+        """The network's time input for continuous times ``t``."""
+        ti, s = self.time_input, self.schedule
+        if callable(ti):
+            return ti(t)
+        if ti == "t":
+            return t
+        if ti == "1000t":
+            return 1000.0 * t
+        if ti == "timestep":
+            return s.timestep(t)
+        if ti == "sigma":
+            return s.sigma(t)
+        if ti == "log_snr":
+            return s.log_snr(t)
+        return -s.log_snr(t) / 4.0  # c_noise
+
+    def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
+                 index: Tensor | None = None, **cond: Any) -> Prediction:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 1:
+            raise ValueError("x must have a batch dimension")
+        tt = as_time(t, like=x)
+        if tt.ndim == 0:
+            t_batch = tt.expand(x.shape[0]).to(x.device)
+        elif tt.ndim == 1 and tt.shape[0] == x.shape[0]:
+            t_batch = tt.to(x.device)
+        else:
+            raise ValueError(f"t must be a scalar or a [B] tensor with B = {x.shape[0]}, got shape {tuple(tt.shape)}")
+        kwargs = dict(cond)
+        if mu is not None:
+            kwargs["mu"] = mu
+        out = self.net(x, self.net_time(t_batch), **kwargs)
+        if not isinstance(out, Tensor):  # e.g. diffusers' UNet2DOutput
+            out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        if out.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
+        self.nfe += 1
+        if counter is not None:
+            counter.add(index)
+        return Prediction(x, tt, out, self.prediction, self.schedule, mu)
+
+    def __repr__(self) -> str:
+        return f"DiffusionModel({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"
+

@@ -1,0 +1,13 @@
+"""Solver registry, driver and every solver (imports models, schedules)."""
+
+from . import ode, sde  # noqa: F401  (registers the solvers)
+from .base import Query, Solver
+from .driver import sample
+from .noise import NoiseSource, resolve_seeds
+from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
+from .result import SampleResult
+
+__all__ = [
+    "sample", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query",
+    "SampleResult", "NoiseSource", "resolve_seeds",
+]

@@ -1,0 +1,75 @@
+"""The solver protocol.
+
+A solver is a small object holding its hyperparameters. Its ``run`` is a generator that yields model
+queries and receives predictions; the driver (or the diffusers scheduler adapter) answers them:
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        for i in range(len(grid) - 1):
+            pred = yield x, grid[i]          # the driver evaluates the model there
+            x = <update from pred.x, pred.x0, pred.eps, pred.velocity ...>
+        return x
+
+A query is ``(x, t)`` or a :class:`Query` (which may also name the active rows ``index`` for
+per-sample solvers, and the grid ``step`` for error messages). What comes back is a
+:class:`~diffsolve.models.Prediction`; its ``pred.x`` is the state the model actually saw (a step
+hook may have changed it) and the solver continues from that. Solvers keep no state between runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Generator, NamedTuple
+
+import torch
+
+from ..models.model import Prediction
+from ..schedules.base import Schedule
+from .noise import NoiseSource
+
+Tensor = torch.Tensor
+
+
+class Query(NamedTuple):
+    """A request to evaluate the model at (x, t). ``index``: the batch rows x holds (None: all)."""
+
+    x: Tensor
+    t: Any
+    index: Tensor | None = None
+    step: int | None = None
+
+
+Run = Generator["Query | tuple[Tensor, Any]", Prediction, Tensor]
+
+
+class Solver:
+    """Base class of every registered solver (see the module docstring for the protocol)."""
+
+    name: str = "solver"
+
+    def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
+            mu: Tensor | None = None) -> Run:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The hyperparameters this solver was built with."""
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}[{self.name}]({opts})"
+
+
+def as_query(item) -> Query:
+    if isinstance(item, Query):
+        return item
+    if isinstance(item, tuple) and len(item) == 2:
+        return Query(item[0], item[1])
+    raise TypeError(f"a solver must yield (x, t) or a Query, got {type(item).__name__}")
+
+
+def sub(mu: Tensor | float | None, index: Tensor | None):
+    """Rows ``index`` of a per-sample tensor (mu, a condition); scalars and None pass through."""
+    if index is None or not isinstance(mu, Tensor) or mu.ndim == 0 or mu.shape[0] == 1:
+        return mu
+    return mu[index]

@@ -1,0 +1,118 @@
+"""Noise sources for one run: per-sample seeds, optionally a Brownian tree.
+
+Every sample owns a ``torch.Generator`` seeded with its own seed (as EDM's generate.py does), so
+sample i draws the same numbers whatever the batch it sits in: same seed, same device, same dtype
+gives bitwise the same samples for any batch size. With ``kind="brownian"`` the per-step noise of
+SDE solvers comes from one torchsde Brownian interval per sample (seeded the same way): the noise of
+a step [t_next, t] is (W(t) - W(t_next)) / sqrt(t - t_next), so the Brownian path is one fixed
+function of time, the same at 20 and at 40 steps and consistent for rejected-and-retried steps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+NOISE_KINDS = ("gaussian", "brownian")
+
+
+def resolve_seeds(batch_size: int, seed: int | Sequence[int] | None = None) -> list[int]:
+    """Per-sample seeds: an int s gives s, s+1, ..., s+B-1; a sequence is used as is; None draws one
+    base seed from torch's global generator (so ``torch.manual_seed`` makes it reproducible)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an int or a sequence of ints, got {seed!r}")
+    if isinstance(seed, int):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        return [seed + i for i in range(batch_size)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch_size:
+        raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch_size} samples")
+    if any(s < 0 for s in seeds):
+        raise ValueError("seed: seeds must be >= 0")
+    return seeds
+
+
+class NoiseSource:
+    """Standard normal draws for a batch, one generator per sample.
+
+    ``randn(index)`` gives fresh N(0, I) rows (all rows, or the rows in ``index``);
+    ``step(t, t_next, index)`` gives the standard normal of the step from t to t_next (fresh draws
+    for ``kind="gaussian"``, Brownian increments for ``kind="brownian"``).
+    """
+
+    def __init__(self, shape: Sequence[int], *, seeds: Sequence[int] | None = None,
+                 generators: Sequence[torch.Generator] | None = None, device=None,
+                 dtype: torch.dtype = torch.float32, kind: str = "gaussian", t_range: tuple[float, float] | None = None):
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {kind!r}")
+        self.shape = tuple(int(s) for s in shape)
+        self.batch_size = self.shape[0]
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.kind = kind
+        if generators is not None:
+            if len(generators) != self.batch_size:
+                raise ValueError(f"generator: got {len(generators)} generators for a batch of {self.batch_size}")
+            self.generators = list(generators)
+            self.seeds = [int(g.initial_seed()) for g in self.generators]
+        else:
+            self.seeds = resolve_seeds(self.batch_size, seeds)
+            self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
+        self.t_range = t_range
+        self._brownian: list | None = None
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    def _rows(self, index: Tensor | None) -> list[int]:
+        return list(range(self.batch_size)) if index is None else [int(i) for i in index.tolist()]
+
+    def randn(self, index: Tensor | None = None) -> Tensor:
+        """N(0, I) draws of shape [len(rows), *event_shape], each row from its own generator."""
+        rows = self._rows(index)
+        return torch.stack([torch.randn(self.event_shape, generator=self.generators[i], device=self.device,
+                                        dtype=self.dtype) for i in rows])
+
+    def step(self, t, t_next, index: Tensor | None = None) -> Tensor:
+        """The standard normal of the step t -> t_next (either direction)."""
+        if self.kind == "gaussian":
+            return self.randn(index)
+        return self._brownian_normal(t, t_next, index)
+
+    # ------------------------------------------------------------------ Brownian
+    def _trees(self) -> list:
+        if self._brownian is None:
+            try:
+                import torchsde
+            except ImportError as e:  # pragma: no cover - torchsde is a dependency
+                raise ImportError("noise='brownian' needs torchsde (pip install torchsde)") from e
+            if self.t_range is None:
+                raise ValueError("noise='brownian' needs the time range of the run (t_range)")
+            t0, t1 = float(min(self.t_range)), float(max(self.t_range))
+            self._brownian = [
+                torchsde.BrownianInterval(t0=t0, t1=t1, size=(1, *self.event_shape), dtype=self.dtype,
+                                          device=self.device, entropy=s, tol=1e-9 * (t1 - t0))
+                for s in self.seeds
+            ]
+        return self._brownian
+
+    def _brownian_normal(self, t, t_next, index: Tensor | None) -> Tensor:
+        trees = self._trees()
+        rows = self._rows(index)
+        tt = torch.as_tensor(t, dtype=torch.float64).expand(len(rows)) if not isinstance(t, Tensor) or t.ndim == 0 \
+            else t.to(torch.float64)
+        tn = torch.as_tensor(t_next, dtype=torch.float64).expand(len(rows)) if not isinstance(t_next, Tensor) or t_next.ndim == 0 \
+            else t_next.to(torch.float64)
+        out = []
+        for j, i in enumerate(rows):
+            a, b = float(tt[j]), float(tn[j])
+            lo, hi = min(a, b), max(a, b)
+            out.append(trees[i](lo, hi)[0] / (hi - lo) ** 0.5)
+        return torch.stack(out)

@@ -1,0 +1,137 @@
+"""First-order and Heun solvers of the probability-flow ODE, and DDIM/DDPM.
+
+Notation: alpha_i, sigma_i, lambda_i = log(alpha_i/sigma_i) at grid time t_i (t_0 = t_max > ... >
+t_N = t_min); v(x, t) is the probability-flow drift dx/dt (``pred.velocity``); x0 and eps are the
+model's predictions (``pred.x0``, ``pred.eps``); mu is the mean-reverting condition (0 otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..schedules.base import Schedule
+from .base import Query, Solver
+from .registry import register
+
+
+def _coef(schedule: Schedule, t: float) -> tuple[float, float]:
+    return float(schedule.alpha(t)), float(schedule.sigma(t))
+
+
+def _check_nonneg(name: str, value) -> float:
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+@register("euler", family="ode", order=1, calls_per_step=1, deterministic=True,
+          description="Euler on the probability-flow ODE, in t",
+          reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)")
+class Euler(Solver):
+    """Explicit Euler on the probability-flow ODE in the schedule's own time t:
+
+        x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i),    v = a' (x0 - mu) + s' eps = dx/dt.
+
+    One model call per step; global order 1.
+    """
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            pred = yield x, t
+            x = pred.x + (t_next - t) * pred.velocity
+        return x
+
+
+@register("heun", family="ode", order=2, calls_per_step=2, deterministic=True,
+          description="EDM Heun (Algorithm 1; Algorithm 2 with s_churn > 0)",
+          reference="Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models")
+class Heun(Solver):
+    """Heun's second-order method of EDM (Karras et al. 2022, Algorithms 1 and 2), in time t.
+
+    With the EDM noise level s(t) = sigma/alpha = exp(-lambda), for each step t_i -> t_{i+1}:
+
+        gamma_i = min(s_churn / N, sqrt(2) - 1)  if s_tmin <= s(t_i) <= s_tmax  else 0
+        t_hat:  s(t_hat) = (1 + gamma_i) s(t_i)          (noise level raised, t_hat >= t_i)
+        x_hat = mu + (alpha(t_hat)/alpha(t_i)) (x_i - mu)
+                   + alpha(t_hat) sqrt(s(t_hat)^2 - s(t_i)^2) s_noise z                (churn)
+        d     = v(x_hat, t_hat)
+        x_{i+1} = x_hat + (t_{i+1} - t_hat) d                                          (Euler)
+        x_{i+1} = x_hat + (t_{i+1} - t_hat) (d + v(x_{i+1}, t_{i+1})) / 2  if sigma(t_{i+1}) > 0
+
+    For the EDM schedule (alpha = 1, sigma = t) this is EDM's sampler exactly; s_churn = 0 gives the
+    deterministic Algorithm 1. s_tmin and s_tmax are EDM noise levels (sigma/alpha). A step ending
+    at sigma = 0 is an Euler step (as in EDM). Two model calls per step; order 2.
+    """
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+        self.s_churn = _check_nonneg("s_churn", s_churn)
+        self.s_tmin = _check_nonneg("s_tmin", s_tmin)
+        self.s_tmax = float(s_tmax)
+        if not self.s_tmax >= self.s_tmin:
+            raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={s_tmin}, s_tmax={s_tmax}")
+        self.s_noise = _check_nonneg("s_noise", s_noise)
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        n = len(grid) - 1
+        gamma_max = min(self.s_churn / n, math.sqrt(2.0) - 1.0)
+        for i in range(n):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            t_hat = t
+            lam = float(schedule.log_snr(t))
+            s = math.exp(-lam)
+            if gamma_max > 0 and self.s_tmin <= s <= self.s_tmax:
+                t_hat = float(schedule.t_of_log_snr(lam - math.log1p(gamma_max)))
+                s_hat = s * (1.0 + gamma_max)
+                a, a_hat = float(schedule.alpha(t)), float(schedule.alpha(t_hat))
+                y = x if mu is None else x - mu
+                y = (a_hat / a) * y + (a_hat * math.sqrt(s_hat**2 - s**2) * self.s_noise) * noise.randn()
+                x = y if mu is None else y + mu
+            pred = yield Query(x, t_hat, step=i + 1)
+            x_hat, d = pred.x, pred.velocity
+            x = x_hat + (t_next - t_hat) * d
+            if float(schedule.sigma(t_next)) > 0:
+                pred2 = yield Query(x, t_next, step=i + 1)
+                x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
+        return x
+
+
+@register("ddim", family="ode", order=1, calls_per_step=1, deterministic=True,
+          description="DDIM (eta = 0: deterministic; eta = 1: DDPM)",
+          reference="Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models")
+@register("ddpm", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"eta": 1.0},
+          description="DDPM ancestral sampling (DDIM with eta = 1)",
+          reference="Ho, Jain & Abbeel 2020, Denoising Diffusion Probabilistic Models")
+class DDIM(Solver):
+    """DDIM (Song et al. 2021, eq. 12) in the general schedule form. With h = lambda_{i+1} - lambda_i:
+
+        c       = eta sigma_{i+1} sqrt(1 - exp(-2 h))
+        x_{i+1} = alpha_{i+1} x0 + (1 - alpha_{i+1}) mu + sqrt(sigma_{i+1}^2 - c^2) eps + c z
+
+    eta = 0 is the deterministic DDIM (the first-order exponential integrator, DPM-Solver-1);
+    eta = 1 draws from the DDPM posterior q(x_{i+1} | x_i, x0) (Ho et al. 2020), registered as
+    ``ddpm``. For a VP schedule c reduces to DDIM's
+    eta sqrt((1 - abar_{i+1})/(1 - abar_i)) sqrt(1 - abar_i/abar_{i+1}). One model call per step.
+    """
+
+    def __init__(self, eta: float = 0.0):
+        eta = _check_nonneg("eta", eta)
+        if eta > 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.eta = eta
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            pred = yield x, t
+            a_n, s_n = _coef(schedule, t_next)
+            c = 0.0
+            if self.eta > 0 and s_n > 0:
+                h = float(schedule.log_snr(t_next)) - float(schedule.log_snr(t))
+                c = self.eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
+            if c > 0:
+                x = pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))) + c * noise.step(t, t_next)
+            else:
+                x = pred.point(a_n, s_n)
+        return x

@@ -1,0 +1,134 @@
+"""The solver registry: name -> solver class, with metadata (as torchdiffeq's SOLVERS dict).
+
+    @register("euler", family="ode", order=1, calls_per_step=1, deterministic=True, ...)
+    class Euler(Solver): ...
+
+An alias registers the same class again under another name with some options fixed
+(``register("ddpm", ..., fixed={"eta": 1.0})(DDIM)``): one implementation, several names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+FAMILIES = ("ode", "sde", "pc", "adaptive", "mcmc", "reversible")
+
+_REGISTRY: dict[str, "SolverInfo"] = {}
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """What the registry knows of a solver."""
+
+    name: str
+    cls: type
+    family: str
+    order: float
+    calls_per_step: int
+    deterministic: bool
+    invertible: bool
+    fixed_grid: bool
+    description: str
+    reference: str
+    fixed: dict = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options the solver takes, with their defaults (fixed options excluded)."""
+        sig = inspect.signature(self.cls.__init__)
+        return {k: p.default for k, p in sig.parameters.items()
+                if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k not in self.fixed}
+
+
+def register(name: str, *, family: str, order: float, calls_per_step: int, deterministic: bool,
+             description: str, reference: str, invertible: bool = False, fixed_grid: bool = True,
+             fixed: dict | None = None) -> Callable[[type], type]:
+    """Class decorator adding a solver to the registry under ``name`` (lower-case, hyphens)."""
+    if name != name.lower() or " " in name or "_" in name:
+        raise ValueError(f"solver names are lower-case with hyphens, got {name!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"a solver named {name!r} is already registered ({_REGISTRY[name].cls.__name__})")
+        info = SolverInfo(name, cls, family, order, calls_per_step, deterministic, invertible, fixed_grid,
+                          description, reference, dict(fixed or {}))
+        unknown = set(info.fixed) - set(inspect.signature(cls.__init__).parameters)
+        if unknown:
+            raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
+        _REGISTRY[name] = info
+        if "name" not in cls.__dict__:
+            cls.name = name  # the canonical name; aliases keep it
+        return cls
+
+    return deco
+
+
+def solver_info(name: str) -> SolverInfo:
+    """The registry entry for ``name``; an unknown name gets the closest names in the error."""
+    if not isinstance(name, str):
+        raise TypeError(f"solver must be a name (str) or a Solver, got {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown solver {name!r}{hint} Known solvers: {', '.join(sorted(_REGISTRY))}")
+
+
+def get_solver(name: str, **options: Any):
+    """Instantiate the solver ``name`` with ``options``; bad option names get a clear error."""
+    info = solver_info(name)
+    allowed = info.options
+    for k, v in options.items():
+        if k in info.fixed:
+            if v != info.fixed[k]:
+                raise ValueError(f"solver {info.name!r} fixes {k}={info.fixed[k]!r}; got {k}={v!r} "
+                                 f"(use {info.cls.name!r} to set it)")
+        elif k not in allowed:
+            close = difflib.get_close_matches(k, list(allowed), n=2)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            opts = ", ".join(f"{o}={d!r}" for o, d in allowed.items()) or "none"
+            raise TypeError(f"solver {info.name!r} has no option {k!r}{hint}; its options are: {opts}")
+    solver = info.cls(**{**options, **info.fixed})
+    solver.name = info.name
+    return solver
+
+
+def registered() -> list[SolverInfo]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+class SolverTable(list):
+    """A list of :class:`SolverInfo` that prints as a table."""
+
+    COLUMNS = ("name", "family", "order", "calls/step", "stochastic", "invertible", "grid", "description")
+
+    def rows(self) -> list[tuple[str, ...]]:
+        return [(i.name, i.family, f"{i.order:g}", str(i.calls_per_step), "no" if i.deterministic else "yes",
+                 "exact" if i.invertible else "-", "fixed" if i.fixed_grid else "adaptive", i.description)
+                for i in self]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        rows = [self.COLUMNS, *self.rows()]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(self.COLUMNS))]
+        fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        return "\n".join([fmt(rows[0]), fmt(tuple("-" * w for w in widths)), *map(fmt, rows[1:])])
+
+    __repr__ = __str__
+
+
+def list_solvers(family: str | None = None) -> SolverTable:
+    """The registry as a table (print it, or iterate over its :class:`SolverInfo` rows)."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return SolverTable(i for i in registered() if family is None or i.family == family)

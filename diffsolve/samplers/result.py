@@ -1,0 +1,37 @@
+"""What a sampling run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SampleResult:
+    """The samples of one run and what it cost.
+
+    ``nfe`` counts network calls (a call on any number of rows counts once); ``nfe_per_sample``
+    counts, for each sample, the calls that evaluated its row. ``accepted``/``rejected`` are
+    per-sample step counts for adaptive solvers (None otherwise). ``trajectory`` (on request) lists
+    the (t, x) of every model query.
+    """
+
+    samples: Tensor
+    nfe: int
+    nfe_per_sample: Tensor
+    grid: Tensor | None
+    wall_time: float
+    solver: str
+    options: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None
+    accepted: Tensor | None = None
+    rejected: Tensor | None = None
+    trajectory: list[tuple[Any, Tensor]] | None = None
+
+    def __repr__(self) -> str:
+        return (f"SampleResult(samples={tuple(self.samples.shape)} {self.samples.dtype}, nfe={self.nfe}, "
+                f"solver={self.solver!r}, wall_time={self.wall_time:.3f}s)")

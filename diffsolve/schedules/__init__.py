@@ -1,0 +1,17 @@
+"""Forward processes and time grids (knows nothing of models).
+
+Every schedule has the form x_t = alpha(t) x_0 + (1 - alpha(t)) mu + sigma(t) eps; see
+:mod:`diffsolve.schedules.base`.
+"""
+
+from .base import Schedule
+from .flow import RectifiedFlow
+from .grids import GRID_KINDS, check_grid, make_grid
+from .mean_reverting import OUVE, MeanReverting
+from .ve import EDM, VE
+from .vp import SubVP, VPCosine, VPDiscrete, VPLinear
+
+__all__ = [
+    "Schedule", "VPLinear", "VPCosine", "VPDiscrete", "SubVP", "VE", "EDM", "RectifiedFlow",
+    "MeanReverting", "OUVE", "make_grid", "check_grid", "GRID_KINDS",
+]

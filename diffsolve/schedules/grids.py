@@ -1,0 +1,115 @@
+"""Descending time grids from t_max to t_min. Solvers never invent their own grids.
+
+Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing times, first
+``t_max`` and last ``t_min`` (both exactly). Kinds:
+
+- ``"uniform"``: uniform in t.
+- ``"log-snr"``: uniform in lambda = log(alpha/sigma) (DPM-Solver's ``logSNR`` skip type).
+- ``"karras"``: Karras et al. 2022, eq. 5, in the EDM noise level s = sigma/alpha = exp(-lambda):
+  s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7 by default.
+- ``"quadratic"``: uniform in sqrt(t) (DPM-Solver's ``time_quadratic``).
+- ``"flow-shift"``: uniform u in [0, 1] mapped by SD3's shift u -> shift u / (1 + (shift - 1) u),
+  then affinely onto [t_min, t_max] (on a rectified-flow schedule with t in [0, 1] this is exactly
+  SD3's shifted sigmas).
+- an explicit list or tensor of times (checked to be finite and strictly decreasing).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+from .base import Schedule, as_time
+
+GRID_KINDS = ("uniform", "log-snr", "karras", "quadratic", "flow-shift")
+
+GridSpec = Union[str, Sequence[float], torch.Tensor]
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        try:
+            if float(steps) != int(steps):
+                raise ValueError
+            steps = int(steps)
+        except (TypeError, ValueError):
+            raise TypeError(f"steps must be a positive integer, got {steps!r}") from None
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    return steps
+
+
+def check_grid(grid) -> torch.Tensor:
+    """Validate an explicit grid and return it as a float64 CPU tensor."""
+    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().reshape(-1) if not isinstance(grid, torch.Tensor) \
+        else grid.detach().to("cpu", torch.float64)
+    if g.ndim != 1 or len(g) < 2:
+        raise ValueError(f"grid must be a 1-D sequence of at least 2 times, got shape {tuple(g.shape)}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("grid must contain only finite times")
+    if not bool((g[1:] < g[:-1]).all()):
+        raise ValueError("grid must be strictly decreasing (from t_max down to t_min)")
+    return g
+
+
+def make_grid(schedule: Schedule, steps: int | None = None, kind: GridSpec | None = None, *,
+              t_max: float | None = None, t_min: float | None = None,
+              rho: float = 7.0, shift: float = 3.0) -> torch.Tensor:
+    """A descending grid of ``steps + 1`` times for ``schedule`` (see the module docstring).
+
+    ``kind`` defaults to ``schedule.default_grid``. An explicit grid ignores ``steps``, ``t_max``
+    and ``t_min`` (but if ``steps`` is given it must match).
+    """
+    if kind is None:
+        kind = schedule.default_grid
+    if not isinstance(kind, str):
+        g = check_grid(kind)
+        if steps is not None and _check_steps(steps) != len(g) - 1:
+            raise ValueError(f"steps={steps} does not match the explicit grid of {len(g)} times ({len(g) - 1} steps)")
+        return g
+    if kind not in GRID_KINDS:
+        raise ValueError(f"grid kind {kind!r} is unknown; allowed: {', '.join(GRID_KINDS)} or an explicit list of times")
+    if steps is None:
+        raise ValueError("steps is required unless an explicit grid is given")
+    n = _check_steps(steps)
+    t_max = schedule.t_max if t_max is None else float(t_max)
+    t_min = schedule.t_min if t_min is None else float(t_min)
+    if not t_min < t_max:
+        raise ValueError(f"t_min must be < t_max, got t_min={t_min}, t_max={t_max}")
+    u = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)  # 0 at t_max, 1 at t_min
+
+    if kind == "uniform":
+        g = t_max + u * (t_min - t_max)
+    elif kind == "quadratic":
+        g = (math.sqrt(t_max) + u * (math.sqrt(t_min) - math.sqrt(t_max))) ** 2
+    elif kind == "flow-shift":
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        v = 1.0 - u
+        v = shift * v / (1.0 + (shift - 1.0) * v)
+        g = t_min + v * (t_max - t_min)
+    else:
+        lam_hi = float(schedule.log_snr(as_time(t_max)))  # at t_max: lowest log-SNR
+        lam_lo = float(schedule.log_snr(as_time(t_min)))
+        if not (math.isfinite(lam_hi) and math.isfinite(lam_lo)):
+            raise ValueError(
+                f"grid kind {kind!r} needs a finite log-SNR at both ends, but log_snr(t_max={t_max}) = {lam_hi} "
+                f"and log_snr(t_min={t_min}) = {lam_lo}; pass t_min/t_max strictly inside the schedule's range "
+                "or use kind='uniform'"
+            )
+        if kind == "log-snr":
+            lam = lam_hi + u * (lam_lo - lam_hi)
+        else:  # karras, in the EDM noise level s = exp(-lambda)
+            if rho <= 0:
+                raise ValueError(f"rho must be > 0, got {rho}")
+            s_max, s_min = math.exp(-lam_hi), math.exp(-lam_lo)
+            s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            lam = -torch.log(s)
+        g = schedule.t_of_log_snr(lam)
+    g = g.to(torch.float64).cpu()
+    g[0], g[-1] = t_max, t_min
+    if not bool((g[1:] < g[:-1]).all()):
+        raise ValueError(f"grid {kind!r} with {n} steps is not strictly decreasing (too many steps for the range?)")
+    return g

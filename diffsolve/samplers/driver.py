@@ -48,7 +48,7 @@ def _check_shape(shape) -> tuple[int, ...]:
 
 
 def _check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) -> None:
-    if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] not in (1, b):
+    if isinstance(value, Tensor) and value.ndim >= (len(shape) if shape else 1) and value.shape[0] not in (1, b):
         raise ValueError(f"{name} has batch size {value.shape[0]}, but the run has {b} samples")
     if shape is not None and isinstance(value, Tensor):
         try:
@@ -123,6 +123,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     if mu is not None:
         mu = torch.as_tensor(mu, device=device, dtype=dtype)
         _check_batch("mu", mu, b, shape)
+        mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
     if steps is None and (grid is None or isinstance(grid, str)):
         raise ValueError("steps is required (or pass an explicit grid of times)")

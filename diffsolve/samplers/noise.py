@@ -98,7 +98,7 @@ class NoiseSource:
             t0, t1 = float(min(self.t_range)), float(max(self.t_range))
             self._brownian = [
                 torchsde.BrownianInterval(t0=t0, t1=t1, size=(1, *self.event_shape), dtype=self.dtype,
-                                          device=self.device, entropy=s, tol=1e-9 * (t1 - t0))
+                                          device=self.device, entropy=s, tol=1e-6 * (t1 - t0), halfway_tree=True)
                 for s in self.seeds
             ]
         return self._brownian

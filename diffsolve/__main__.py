@@ -1,0 +1,8 @@
+"""``python -m diffsolve``: the command line (see :mod:`diffsolve.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

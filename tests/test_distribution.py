@@ -1,0 +1,73 @@
+"""SDE samplers against exact samples of a 2-D Gaussian mixture (two-sample MMD test)."""
+
+import statistics
+
+import pytest
+import torch
+
+import diffsolve as ds
+from diffsolve.metrics import mmd2, sliced_wasserstein
+
+N = 1500
+GMM = ds.models.GaussianMixture.gmm_2d()
+SCHED = ds.schedules.VPLinear()
+TARGET = GMM.marginal(SCHED.t_min, SCHED)  # the exact law of x at the end of the grid
+
+
+@pytest.fixture(scope="module")
+def threshold():
+    """Mean + 5 std of the MMD between independent exact sample sets of the same size."""
+    null = [mmd2(TARGET.sample(N, torch.Generator().manual_seed(2 * i + 100)),
+                 TARGET.sample(N, torch.Generator().manual_seed(2 * i + 101))) for i in range(12)]
+    return statistics.mean(null) + 5 * statistics.stdev(null)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return TARGET.sample(N, torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("solver,steps", [("euler-maruyama", 500), ("ddpm", 200)])
+def test_sde_sampler_passes_two_sample_test(solver, steps, threshold, reference):
+    res = ds.sample(GMM.model(SCHED), solver, steps, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform")
+    d = mmd2(res.samples, reference)
+    print(solver, steps, "mmd2", d, "threshold", threshold, "sw", sliced_wasserstein(res.samples, reference))
+    assert d < threshold
+
+
+@pytest.mark.parametrize("solver", ["euler-maruyama", "ddpm"])
+def test_sde_sampler_fails_with_three_steps(solver, threshold, reference):
+    """The same test rejects a 3-step run: it is able to fail."""
+    res = ds.sample(GMM.model(SCHED), solver, 3, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform")
+    d = mmd2(res.samples, reference)
+    print(solver, 3, "mmd2", d, "threshold", threshold)
+    assert d > 5 * threshold
+
+
+def test_brownian_noise_em_passes():
+    """Brownian-tree increments give the right law too (a small set: torchsde queries are slow)."""
+    n = 300
+    null = [mmd2(TARGET.sample(n, torch.Generator().manual_seed(2 * i + 300)),
+                 TARGET.sample(n, torch.Generator().manual_seed(2 * i + 301))) for i in range(12)]
+    thr = statistics.mean(null) + 5 * statistics.stdev(null)
+    ref = TARGET.sample(n, torch.Generator().manual_seed(9))
+    good = ds.sample(GMM.model(SCHED), "euler-maruyama", 30, shape=(n, 2), seed=3, dtype=torch.float64,
+                     grid="uniform", noise="brownian")
+    bad = ds.sample(GMM.model(SCHED), "euler-maruyama", 3, shape=(n, 2), seed=3, dtype=torch.float64,
+                    grid="uniform", noise="brownian")
+    assert mmd2(good.samples, ref) < thr < mmd2(bad.samples, ref)
+
+
+def test_brownian_path_is_stable_across_step_counts():
+    """With Brownian-tree noise a seed fixes one Brownian path whatever the step count, so EM
+    converges strongly (order 1 for this additive-noise linear SDE) to one solution per seed."""
+    model = ds.models.GaussianMixture([[1.0, -1.0]], 0.5).model(SCHED)
+    run = lambda n, seed: ds.sample(model, "euler-maruyama", n, shape=(8, 2), seed=seed, dtype=torch.float64,  # noqa: E731
+                                    grid="uniform", noise="brownian", denoise=False).samples
+    ref = run(400, 0)
+    e50 = float((run(50, 0) - ref).norm(dim=1).median())
+    e100 = float((run(100, 0) - ref).norm(dim=1).median())
+    other = float((run(400, 1) - ref).norm(dim=1).median())
+    print("brownian: error at 50 / 100 steps vs 400:", e50, e100, "another seed:", other)
+    assert e100 < 0.7 * e50
+    assert e50 < 0.15 * other

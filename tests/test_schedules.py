@@ -162,3 +162,29 @@ def test_grid_errors():
         S.VPDiscrete.from_diffusers_config({"beta_schedule": "sigmoid"})
     with pytest.raises(ValueError, match="theta"):
         S.MeanReverting(theta="constant")
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(ALL)), kind=st.sampled_from(S.GRID_KINDS), steps=st.integers(1, 200),
+       lo=st.floats(0.0, 0.4), hi=st.floats(0.6, 1.0))
+def test_any_grid_is_descending_with_exact_ends(name, kind, steps, lo, hi):
+    s = ALL[name]()
+    t_min = s.t_min + lo * (s.t_max - s.t_min)
+    t_max = s.t_min + hi * (s.t_max - s.t_min)
+    g = S.make_grid(s, steps, kind, t_min=t_min, t_max=t_max)
+    assert g.shape == (steps + 1,) and g[0] == t_max and g[-1] == t_min
+    assert bool((g[1:] < g[:-1]).all())
+
+
+def test_prior():
+    s = S.MeanReverting(lam=0.3)
+    z = torch.randn(4, 2, dtype=torch.float64)
+    mu = torch.ones(4, 2, dtype=torch.float64)
+    assert torch.allclose(s.prior((4, 2), mu, z), mu + float(s.sigma(1.0)) * z)
+    assert torch.allclose(S.VE().prior(noise=z), 50.0 * z)
+    with pytest.raises(ValueError, match="noise has shape"):
+        s.prior((3, 2), None, z)

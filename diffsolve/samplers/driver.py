@@ -136,8 +136,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     src = NoiseSource(shape, seeds=seed, generators=generator, device=device, dtype=dtype, kind=noise,
                       t_range=(float(g[-1]), float(g[0])))
     if x_T is None:
-        z = src.randn()
-        x = mu + float(schedule.sigma(g[0])) * z if mu is not None else float(schedule.sigma(g[0])) * z
+        x = schedule.prior(shape, mu, noise=src.randn(), t=float(g[0]))
     else:
         x = x_T.to(device=device, dtype=dtype)
 

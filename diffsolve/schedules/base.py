@@ -115,20 +115,19 @@ class Schedule:
         return self.t_max
 
     def prior(self, shape: Sequence[int] | None = None, mu: Tensor | float | None = None,
-              noise: Tensor | None = None) -> Tensor:
-        """Draw-free prior x_T = mu + sigma(t_max) * noise (the alpha(t_max) (x_0 - mu) term is dropped).
+              noise: Tensor | None = None, t: float | None = None) -> Tensor:
+        """The prior state x_T = mu + sigma(T) * noise at T = ``t`` (default ``t_max``).
 
-        ``noise`` is a standard normal tensor (the caller's noise source makes it); ``shape`` is only
-        used to check it.
+        The alpha(T) (x_0 - mu) term of the marginal is dropped (it is small where samplers start).
+        ``noise`` is a standard normal tensor made by the caller's noise source; ``shape``, when
+        given, is checked against it.
         """
         if noise is None:
             raise ValueError("prior(): pass `noise`, a standard normal tensor (see diffsolve.samplers.noise)")
         if shape is not None and tuple(noise.shape) != tuple(shape):
             raise ValueError(f"prior(): noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-        x = float(self.sigma(self.t_max)) * noise
-        if mu is not None:
-            x = x + mu
-        return x
+        x = float(self.sigma(self.t_max if t is None else t)) * noise
+        return x if mu is None else x + mu
 
     # ----------------------------------------------------------------- network time
     def timestep(self, t) -> Tensor:

@@ -21,3 +21,22 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.from_numpy(f["images"].copy())
         labels = torch.from_numpy(f["labels"].astype(np.int64))
     return images, labels
+
+
+SPLITS = ("train", "heldout", "all")
+
+
+def digits16(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits upsampled to 16x16 (bilinear), one channel, in [-1, 1]: ([N, 1, 16, 16] float32, labels).
+
+    ``split``: ``"heldout"`` is every sixth digit (index % 6 == 0, 300 images), ``"train"`` the other
+    1497, ``"all"`` all 1797. The shipped models are trained on ``"train"`` only.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    images, labels = load_digits()
+    x = images[:, None].to(torch.float32) / 8.0 - 1.0
+    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(-1, 1)
+    idx = torch.arange(len(x))
+    keep = {"train": idx % 6 != 0, "heldout": idx % 6 == 0, "all": idx >= 0}[split]
+    return x[keep].contiguous(), labels[keep]

@@ -50,11 +50,16 @@ def _digits_oracle():
     return ds.models.Empirical.digits().model(ds.schedules.VPLinear()), (1, 8, 8)
 
 
+def _shipped(name: str):
+    return lambda: (ds.pretrained.load(name), ds.pretrained.SHIPPED[name])
+
+
 MODELS: dict[str, Callable[[], tuple[Any, tuple[int, ...]]]] = {
+    **{name: _shipped(name) for name in ds.pretrained.SHIPPED},
     "gmm-2d": _gmm_2d,
     "digits-oracle": _digits_oracle,
 }
-DEFAULT_MODEL = "digits-oracle"
+DEFAULT_MODEL = "digits-vp"
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -142,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a solver option, value parsed as YAML (repeatable), e.g. -o s_churn=10")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+
+    p = sub.add_parser("eval", help="digit sample quality: digits-FD and classifier confidence",
+                       description="Score digit samples (a samples.safetensors file, or a folder holding one) "
+                                   "with the shipped digit classifier: Frechet distance of its features to "
+                                   "the held-out digits (digits-FD) and mean confidence.")
+    p.add_argument("samples", help="samples.safetensors, or a directory containing it")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -370,6 +382,28 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from safetensors.torch import load_file
+
+    path = Path(args.samples)
+    if path.is_dir():
+        path = path / "samples.safetensors"
+    if not path.exists():
+        raise CLIError(f"no samples at {path}")
+    samples = load_file(str(path)).get("samples")
+    if samples is None:
+        raise CLIError(f"{path} holds no tensor named 'samples'")
+    res = ds.quality.evaluate(samples)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{path}: {res['num_samples']} samples")
+        print(f"digits-FD   {res['digits_fd']:.3f}   (vs held-out real digits; lower is better)")
+        print(f"confidence  {res['confidence']:.3f}   (mean max class probability)")
+        print(f"classes     {res['class_histogram']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -383,8 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "solvers":
             return cmd_solvers(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         return cmd_sample(args, argv)
-    except (CLIError, ValueError, TypeError) as e:
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except ds.models.NonFiniteError as e:

@@ -40,21 +40,60 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- models
-# name -> builder returning (model, event shape of one sample). Add new models here.
+# name -> builder returning a Target. Add new models here.
 
-def _gmm_2d():
-    return ds.models.GaussianMixture.gmm_2d().model(ds.schedules.VPLinear()), (2,)
+class Target:
+    """What `diffsolve sample` samples: a model, the shape of one sample, and for conditional
+    (restoration) models a function making the condition mu and the clean originals."""
 
-
-def _digits_oracle():
-    return ds.models.Empirical.digits().model(ds.schedules.VPLinear()), (1, 8, 8)
-
-
-def _shipped(name: str):
-    return lambda: (ds.pretrained.load(name), ds.pretrained.SHIPPED[name])
+    def __init__(self, model, event_shape: tuple[int, ...],
+                 condition: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.model, self.event_shape, self.condition = model, tuple(event_shape), condition
 
 
-MODELS: dict[str, Callable[[], tuple[Any, tuple[int, ...]]]] = {
+def _gmm_2d() -> Target:
+    return Target(ds.models.GaussianMixture.gmm_2d().model(ds.schedules.VPLinear()), (2,))
+
+
+def _digits_oracle() -> Target:
+    return Target(ds.models.Empirical.digits().model(ds.schedules.VPLinear()), (1, 8, 8))
+
+
+def _restoration_condition(card: dict):
+    """Degrade the first K held-out digits as the model's card records (noise seeded by --seed)."""
+    from diffsolve.data import degrade, digits16
+
+    def make(k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = digits16("heldout")[0]
+        if k > len(clean):
+            raise CLIError(f"--num-samples {k}: there are only {len(clean)} held-out digits to restore")
+        clean = clean[:k]
+        return degrade(clean, card["degradation"], torch.Generator().manual_seed(seed)), clean
+
+    return make
+
+
+def _shipped(name: str) -> Callable[[], Target]:
+    def build() -> Target:
+        c = ds.pretrained.card(name)
+        cond = _restoration_condition(c) if c.get("degradation") else None
+        return Target(ds.pretrained.load(name), ds.pretrained.SHIPPED[name], cond)
+
+    return build
+
+
+def _diffusers_folder(path: str) -> Target:
+    cfg_file = Path(path) / "unet" / "config.json"
+    if not cfg_file.exists():
+        raise CLIError(f"--model {path!r} is neither a known model ({', '.join(MODELS)}) nor a diffusers "
+                       "folder with unet/ and scheduler/")
+    cfg = json.loads(cfg_file.read_text())
+    size = cfg.get("sample_size", 32)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return Target(ds.pretrained.load_diffusers_ddpm(path), (cfg.get("in_channels", 3), *size))
+
+
+MODELS: dict[str, Callable[[], Target]] = {
     **{name: _shipped(name) for name in ds.pretrained.SHIPPED},
     "gmm-2d": _gmm_2d,
     "digits-oracle": _digits_oracle,
@@ -64,24 +103,21 @@ DEFAULT_MODEL = "digits-vp"
 
 # ------------------------------------------------------------------------------------ arguments
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
+_positive_int = _int_at_least(1, "positive")
+_nonneg_int = _int_at_least(0, "non-negative")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -131,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample from a built-in model and save the results",
                        description="Sample from a built-in model with a registered solver; writes "
                                    + ", ".join(OUTPUT_FILES) + " into --out.")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), help=f"default: {DEFAULT_MODEL}")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{', '.join(MODELS)}, or a path to a diffusers DDPM-style folder (default: {DEFAULT_MODEL})")
     p.add_argument("--solver", default="heun", help="a registered solver name (see `diffsolve solvers`); default: heun")
-    p.add_argument("--steps", type=_positive_int, default=20, help="number of steps (default: 20)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="number of steps (default: 25)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="base seed; sample i uses seed + i (default: 0)")
     p.add_argument("--num-samples", type=_positive_int, default=64, help="number of samples (default: 64)")
     p.add_argument("--out", default=None,
@@ -147,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a solver option, value parsed as YAML (repeatable), e.g. -o s_churn=10")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    p.add_argument("--shard-size", type=_positive_int, default=512,
+                   help="samples per shard: shards are written as they finish, a rerun of an interrupted run "
+                        "resumes at the first missing shard, and under torchrun the ranks share the shards "
+                        "(default: 512)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="a saved run configuration (keys: the long options above, with '_' for '-', and "
+                        "'options' for solver options); flags given on the command line win")
 
     p = sub.add_parser("eval", help="digit sample quality: digits-FD and classifier confidence",
                        description="Score digit samples (a samples.safetensors file, or a folder holding one) "
@@ -278,6 +322,12 @@ def render_png(samples: torch.Tensor):
     return None
 
 
+def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean PSNR (dB) over images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((x.to(torch.float64).clamp(-1, 1) - ref.to(torch.float64)) ** 2).flatten(1).mean(1)
+    return float((10 * torch.log10(4.0 / mse.clamp(min=1e-12))).mean())
+
+
 def _existing_outputs(out: Path) -> list[str]:
     return [f for f in OUTPUT_FILES if (out / f).exists()] if out.is_dir() else []
 
@@ -305,13 +355,83 @@ def cmd_solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+SHARD_DIR = ".shards"
+
+
+def _prepare_shards(shard_dir: Path, spec: dict, force: bool) -> int:
+    """Create the shard folder with run.json, or resume one written by the same settings."""
+    run_file = shard_dir / "run.json"
+    if run_file.exists():
+        try:
+            old = json.loads(run_file.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old == spec:
+            return len(list(shard_dir.glob("shard-*.safetensors")))
+        if not force:
+            raise CLIError(f"{shard_dir.parent} holds an unfinished run with other settings; pass --force to "
+                           "discard it, or choose another --out")
+        shutil.rmtree(shard_dir)
+    elif shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True)
+    tmp = shard_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, run_file)
+    return 0
+
+
+def _save_shard(path: Path, result) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    meta = {"nfe": str(int(result.nfe)), "wall_time": repr(float(result.wall_time)),
+            "grid": json.dumps(_jsonable(result.grid)), "options": json.dumps(_jsonable(dict(result.options))),
+            "solver": result.solver}
+    save_file({"samples": result.samples.detach().cpu().contiguous(),
+               "nfe_per_sample": torch.as_tensor(result.nfe_per_sample).cpu().contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_shards(shard_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    from safetensors import safe_open
+
+    samples, nfe, metas = [], [], []
+    for j in range(n):
+        with safe_open(str(shard_dir / f"shard-{j:05d}.safetensors"), framework="pt") as f:
+            samples.append(f.get_tensor("samples"))
+            nfe.append(f.get_tensor("nfe_per_sample"))
+            metas.append(f.metadata())
+    return torch.cat(samples), torch.cat(nfe), metas
+
+
 def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     options = dict(args.options)
     # Validate the cheap things first: solver name and options, device, output directory.
     solver_name = ds.get_solver(args.solver, **options).name
     device = _check_device(args.device)
+    model_label = args.model if args.model in MODELS else Path(args.model).name
     out = Path(args.out) if args.out else \
-        Path("diffsolve-out") / f"{args.model}-{solver_name}-{args.steps}steps-seed{args.seed}"
+        Path("diffsolve-out") / f"{model_label}-{solver_name}-{args.steps}steps-seed{args.seed}"
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} exists and is not a directory")
     existing = _existing_outputs(out)
@@ -319,26 +439,60 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, "
                        "or choose another --out")
 
-    model, event_shape = MODELS[args.model]()
-    shape = (args.num_samples, *event_shape)
-    result = ds.sample(model, args.solver, args.steps, shape=shape, seed=args.seed, grid=args.grid,
-                       device=device, dtype=args.dtype, progress=not args.no_progress, **options)
+    target = MODELS[args.model]() if args.model in MODELS else _diffusers_folder(args.model)
+    rank, world = _distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    k = args.num_samples
+    size = min(k, args.shard_size)
+    n_shards = math.ceil(k / size)
+    mu = clean = None
+    if target.condition is not None:
+        mu, clean = target.condition(k, args.seed)
+    shard_dir = out / SHARD_DIR
+    spec = {"model": args.model, "solver": solver_name, "options": _jsonable(options), "steps": args.steps,
+            "seed": args.seed, "num_samples": k, "shard_size": size, "grid": _jsonable(args.grid),
+            "dtype": args.dtype, "device": device.type}
+    if rank == 0:
+        done = _prepare_shards(shard_dir, spec, args.force)
+        if done:
+            print(f"resuming {out}: {done} of {n_shards} shards already done")
+    _barrier(world)
 
-    samples = result.samples.detach().cpu().contiguous()
-    nfe_per_sample = torch.as_tensor(result.nfe_per_sample).detach().cpu().contiguous()
+    for j in range(rank, n_shards, world):
+        path = shard_dir / f"shard-{j:05d}.safetensors"
+        if path.exists():
+            continue
+        lo, hi = j * size, min(k, (j + 1) * size)
+        result = ds.sample(target.model, args.solver, args.steps, shape=(hi - lo, *target.event_shape),
+                           seed=[args.seed + i for i in range(lo, hi)], grid=args.grid, device=device,
+                           dtype=args.dtype, progress=not args.no_progress,
+                           mu=None if mu is None else mu[lo:hi], **options)
+        _save_shard(path, result)
+    _barrier(world)
+    if rank != 0:
+        return 0
+
+    samples, nfe_per_sample, metas = _load_shards(shard_dir, n_shards)
+    nfe = max(int(m["nfe"]) for m in metas)
+    wall = sum(float(m["wall_time"]) for m in metas)
     manifest = {
-        "solver": result.solver,
-        "options": _jsonable(dict(result.options)),
+        "solver": solver_name,
+        "options": json.loads(metas[0]["options"]),
         "model": args.model,
         "steps": args.steps,
         "seed": args.seed,
-        "seeds": len(result.seeds) if result.seeds is not None else None,
-        "num_samples": args.num_samples,
+        "seeds": k,
+        "num_samples": k,
         "shape": list(samples.shape),
-        "grid": _jsonable(result.grid) if result.grid is not None else None,
+        "grid": json.loads(metas[0]["grid"]),
         "grid_kind": args.grid if isinstance(args.grid, str) else ("explicit" if args.grid else "default"),
-        "nfe": int(result.nfe),
-        "wall_time": float(result.wall_time),
+        "nfe": nfe,
+        "nfe_total": int(nfe_per_sample.sum()),
+        "wall_time": wall,
+        "shards": n_shards,
+        "shard_size": size,
+        "world_size": world,
         "device": str(device),
         "dtype": args.dtype,
         "versions": {"diffsolve": ds.__version__, "torch": torch.__version__,
@@ -346,14 +500,21 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "command": shlex.join([PROG, *argv]),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    image = render_png(samples)
+    if mu is not None:  # restoration: rows of degraded / restored / clean, 8 digits at a time
+        panels = [torch.cat([mu[i:i + 8], samples[i:i + 8].to(mu.dtype), clean[i:i + 8]])
+                  for i in range(0, len(samples), 8)]
+        image = image_grid(torch.cat(panels).numpy(), per_row=min(8, len(samples)))
+        manifest["restoration"] = {"png_rows": "degraded / restored / clean, repeated per 8 digits",
+                                   "psnr_db": _psnr(samples, clean), "psnr_degraded_db": _psnr(mu, clean)}
+    else:
+        image = render_png(samples)
 
     def write(tmp: Path) -> list[str]:
         from safetensors.torch import save_file
 
         names = ["samples.safetensors"]
         save_file({"samples": samples, "nfe_per_sample": nfe_per_sample}, str(tmp / "samples.safetensors"),
-                  metadata={"solver": result.solver, "model": args.model, "steps": str(args.steps),
+                  metadata={"solver": solver_name, "model": args.model, "steps": str(args.steps),
                             "seed": str(args.seed)})
         if image is not None:
             image.save(tmp / "samples.png", format="PNG")
@@ -373,9 +534,10 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, "
                        "or choose another --out")
     names = _write_atomically(out, write)
+    shutil.rmtree(shard_dir, ignore_errors=True)
 
-    print(f"{result.solver}: {args.num_samples} samples of {args.model} in {args.steps} steps, "
-          f"NFE {result.nfe}, {result.wall_time:.2f} s ({device}, {args.dtype})")
+    print(f"{solver_name}: {k} samples of {args.model} in {args.steps} steps, "
+          f"NFE {nfe}, {wall:.2f} s ({device}, {args.dtype}, {n_shards} shard(s), {world} process(es))")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     if image is None:
         print(f"(no samples.png: samples of shape {tuple(samples.shape)} are neither 2-D points nor images)")
@@ -404,13 +566,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_KEYS = ("model", "solver", "steps", "seed", "num_samples", "out", "device", "dtype", "grid", "shard_size",
+               "options")
+
+
+def load_config(path: str) -> list[str]:
+    """A YAML run configuration as command-line arguments (to be placed before the user's own)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise CLIError(f"cannot read --config {path!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise CLIError(f"--config {path!r} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CLIError(f"--config {path!r} must hold a mapping of option names to values")
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    if unknown:
+        raise CLIError(f"--config {path!r}: unknown keys {unknown}; allowed: {', '.join(CONFIG_KEYS)}")
+    args: list[str] = []
+    for key, value in cfg.items():
+        if key == "options":
+            if not isinstance(value, dict):
+                raise CLIError(f"--config {path!r}: 'options' must be a mapping of solver options")
+            for k, v in value.items():
+                args += ["-o", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+        elif key == "grid" and isinstance(value, list):
+            args += ["--grid", ",".join(str(v) for v in value)]
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            # the config's values go first, so flags given on the command line override them
+            cfg_args = load_config(args.config)
+            args = parser.parse_args([argv[0], *cfg_args, *argv[1:]])
     except SystemExit as e:  # argparse: --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except CLIError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

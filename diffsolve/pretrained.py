@@ -1,8 +1,10 @@
 """Loaders for the small models shipped in ``diffsolve/weights`` (trained by scripts/train_digits.py).
 
-    model = diffsolve.pretrained.load("digits-vp")     # a DiffusionModel, samples of shape [1, 16, 16]
+    model = diffsolve.pretrained.load("digits-vp")     # a DiffusionModel; samples have shape [1, 16, 16]
 
-diffusers is imported here (lazily), never at ``import diffsolve``.
+Each model folder holds ``unet/`` (a diffusers UNet2DModel) and ``card.json``, which names the
+schedule, the prediction, the network's time input and, for digits-mr, the condition and the
+degradation. diffusers is imported here (lazily), never at ``import diffsolve``.
 """
 
 from __future__ import annotations
@@ -13,19 +15,19 @@ from pathlib import Path
 import torch
 
 from .models.model import DiffusionModel
-from .schedules.vp import VPDiscrete
+from .schedules import MeanReverting, RectifiedFlow, Schedule, VPDiscrete
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 #: shipped generators and the shape of one sample
-SHIPPED = {"digits-vp": (1, 16, 16)}
+SHIPPED = {"digits-vp": (1, 16, 16), "digits-flow": (1, 16, 16), "digits-mr": (1, 16, 16)}
 
 
 def path_of(name: str) -> Path:
-    if name not in SHIPPED:
+    if name not in SHIPPED and name != "digits-sigma":
         raise ValueError(f"unknown shipped model {name!r}; available: {', '.join(SHIPPED)}")
     p = WEIGHTS / name
-    if not p.exists():
+    if not (p / "card.json").exists():
         raise FileNotFoundError(f"{p} is missing; train it with scripts/train_digits.py --model {name}")
     return p
 
@@ -35,6 +37,26 @@ def card(name: str) -> dict:
     return json.loads((path_of(name) / "card.json").read_text())
 
 
+def schedule_from_card(spec: dict) -> Schedule:
+    """The schedule a card's ``schedule`` entry describes."""
+    kind = spec.get("type")
+    if kind == "VPDiscrete":
+        return VPDiscrete.from_diffusers_config(spec["diffusers"])
+    if kind == "RectifiedFlow":
+        return RectifiedFlow(shift=spec.get("shift", 1.0))
+    if kind == "MeanReverting":
+        return MeanReverting(**{k: v for k, v in spec.items() if k != "type"})
+    raise ValueError(f"schedule type {kind!r} in a model card is unknown; allowed: VPDiscrete, RectifiedFlow, MeanReverting")
+
+
+def _unet(path: Path, device, dtype):
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(path).to(device=device, dtype=dtype).eval()
+    unet.requires_grad_(False)
+    return unet
+
+
 def load_diffusers_ddpm(path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """A diffusers DDPM-style folder (``unet/`` + ``scheduler/``) as a DiffusionModel.
@@ -42,16 +64,13 @@ def load_diffusers_ddpm(path: str | Path, device: str | torch.device = "cpu",
     The schedule is :class:`VPDiscrete` built from the scheduler config, the network time the
     diffusers timestep, the prediction from ``prediction_type`` (epsilon, sample or v_prediction).
     """
-    from diffusers import UNet2DModel
-
     path = Path(path)
     cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     kinds = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
     pt = cfg.get("prediction_type", "epsilon")
     if pt not in kinds:
         raise ValueError(f"prediction_type {pt!r} in {path} is not supported; allowed: {', '.join(kinds)}")
-    unet = UNet2DModel.from_pretrained(path / "unet").to(device=device, dtype=dtype).eval()
-    unet.requires_grad_(False)
+    unet = _unet(path / "unet", device, dtype)
 
     def net(x, t):
         return unet(x, t.to(x.dtype)).sample
@@ -61,5 +80,19 @@ def load_diffusers_ddpm(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """A shipped model as a DiffusionModel (see :data:`SHIPPED`)."""
-    return load_diffusers_ddpm(path_of(name), device=device, dtype=dtype)
+    """A shipped generator as a DiffusionModel (see :data:`SHIPPED`). digits-mr takes ``mu=``."""
+    path = path_of(name)
+    if name not in SHIPPED:
+        raise ValueError(f"{name!r} is not a generator; shipped generators: {', '.join(SHIPPED)}")
+    c = card(name)
+    if (path / "scheduler").exists():
+        return load_diffusers_ddpm(path, device, dtype)
+    unet = _unet(path / "unet", device, dtype)
+    if c.get("condition"):
+        def net(x, t, mu):
+            return unet(torch.cat([x, mu.expand_as(x)], dim=1), t.to(x.dtype)).sample
+    else:
+        def net(x, t):
+            return unet(x, t.to(x.dtype)).sample
+    net.__name__ = f"UNet2DModel[{name}]"
+    return DiffusionModel(net, schedule_from_card(c["schedule"]), prediction=c["prediction"], time_input=c["time_input"])

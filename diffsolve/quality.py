@@ -36,6 +36,21 @@ class DigitClassifier(nn.Module):
         return self.head(self.body(x))
 
 
+class NoiseLevelClassifier(nn.Module):
+    """Denoising MCMC's noise-level classifier q(k | x) (Kim & Ye 2023, SimpleCNN) for 16x16 inputs:
+    conv3x3 1->32->64->128, each with ReLU and 2x2 average pooling (16 -> 8 -> 4 -> 2), then linear."""
+
+    def __init__(self, levels: int = 100):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout in ((1, 32), (32, 64), (64, 128)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 2 * 2, levels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     from safetensors.torch import load_file
 

@@ -35,9 +35,9 @@ def read_outputs(out):
     return tensors, manifest, image
 
 
-def digits_grid_size(k: int) -> tuple[int, int]:
+def digits_grid_size(k: int, per_row: int = cli.GRID_PER_ROW) -> tuple[int, int]:
     tile = 8 * cli.image_scale(8, 8)
-    cols = min(cli.GRID_PER_ROW, k)
+    cols = min(per_row, k)
     rows = math.ceil(k / cols)
     pad = cli.GRID_PAD
     return cols * tile + (cols + 1) * pad, rows * tile + (rows + 1) * pad
@@ -74,10 +74,10 @@ def test_gmm_files_written_and_loadable(tmp_path, capsys):
 def test_default_model_writes_image_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run("sample", "--num-samples", "3", "--steps", "2", "--no-progress") == 0
-    out = tmp_path / "diffsolve-out" / "digits-oracle-heun-2steps-seed0"
+    out = tmp_path / "diffsolve-out" / "digits-vp-heun-2steps-seed0"
     tensors, m, image = read_outputs(out)
-    assert tensors["samples"].shape == (3, 1, 8, 8)
-    assert m["model"] == "digits-oracle" and m["nfe"] == 4
+    assert tensors["samples"].shape == (3, 1, 16, 16)
+    assert m["model"] == "digits-vp" and m["nfe"] == 4
     assert image.size == digits_grid_size(3)
     assert image.mode == "L"
 
@@ -223,3 +223,37 @@ def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffsolve", "sample", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: gmm-2d\nsolver: ddim\nsteps: 3\nnum_samples: 5\nseed: 4\noptions:\n  eta: 0.5\n")
+    out = tmp_path / "o"
+    assert run("sample", "--config", str(cfg), "--out", str(out), "--steps", "4", "--no-progress") == 0
+    tensors, m, _ = read_outputs(out)
+    assert m["model"] == "gmm-2d" and m["solver"] == "ddim" and m["seed"] == 4
+    assert m["steps"] == 4 and m["nfe"] == 4  # the command line wins over the file
+    assert m["options"]["eta"] == 0.5 and tensors["samples"].shape == (5, 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: gmm-2d\nsolvr: ddim\n")
+    assert run("sample", "--config", str(bad), "--out", str(tmp_path / "b")) == 2
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(root.glob("*.yaml")):
+        args = cli.build_parser().parse_args(["sample", *cli.load_config(str(f))])
+        assert args.model in cli.MODELS and args.steps >= 1, f
+
+
+def test_restoration_model_writes_before_after_clean(tmp_path):
+    out = tmp_path / "mr"
+    assert run("sample", "--model", "digits-mr", "--solver", "euler-maruyama", "--steps", "5", "--num-samples", "4",
+               "--out", str(out), "--no-progress") == 0
+    tensors, m, image = read_outputs(out)
+    assert tensors["samples"].shape == (4, 1, 16, 16)
+    r = m["restoration"]
+    assert r["psnr_db"] > 0 and r["psnr_degraded_db"] > 0
+    assert image.size == digits_grid_size(12, per_row=4)  # degraded / restored / clean rows of 4

@@ -45,3 +45,36 @@ def test_digits_vp_samples_are_digits():
     print("digits-vp heun 15 steps:", q)
     assert q["confidence"] > 0.85
     assert len([c for c in q["class_histogram"] if c > 0]) >= 6  # not collapsed onto a few classes
+
+
+def test_digits_flow_samples_are_digits():
+    model = ds.pretrained.load("digits-flow")
+    assert model.prediction == "velocity" and isinstance(model.schedule, ds.schedules.RectifiedFlow)
+    res = ds.sample(model, "heun", 10, shape=(32, 1, 16, 16), seed=0)
+    q = evaluate(res.samples)
+    print("digits-flow heun 10 steps:", q)
+    assert q["confidence"] > 0.85
+
+
+def test_digits_mr_restores_better_than_the_degraded_input():
+    from diffsolve.data import degrade
+
+    card = ds.pretrained.card("digits-mr")
+    model = ds.pretrained.load("digits-mr")
+    clean = digits16("heldout")[0][:32]
+    mu = degrade(clean, card["degradation"], torch.Generator().manual_seed(0))
+    res = ds.sample(model, "euler-maruyama", 50, shape=clean.shape, seed=0, mu=mu)
+
+    def psnr(x):
+        return float((10 * torch.log10(4.0 / ((x.clamp(-1, 1) - clean) ** 2).flatten(1).mean(1))).mean())
+
+    print("digits-mr PSNR restored", psnr(res.samples), "degraded", psnr(mu))
+    assert psnr(res.samples) > psnr(mu) + 2.0
+
+
+def test_cards_describe_the_models():
+    for name in ds.pretrained.SHIPPED:
+        c = ds.pretrained.card(name)
+        assert {"schedule", "prediction", "seed", "iters", "optimizer", "time_input"} <= set(c), name
+    total = sum(f.stat().st_size for f in ds.pretrained.WEIGHTS.rglob("*") if f.is_file())
+    assert total < 20 * 2**20, f"shipped weights are {total / 2**20:.1f} MB"

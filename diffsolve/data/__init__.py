@@ -40,3 +40,29 @@ def digits16(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(len(x))
     keep = {"train": idx % 6 != 0, "heldout": idx % 6 == 0, "all": idx >= 0}[split]
     return x[keep].contiguous(), labels[keep]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur images [N, C, H, W] with a normalised Gaussian kernel (radius 3 sigma, reflect padding)."""
+    r = max(1, int(3 * sigma + 0.5))
+    u = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (u / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def degrade(x: torch.Tensor, spec: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply a recorded degradation to clean images in [-1, 1].
+
+    ``spec = {"type": "blur-noise", "blur_sigma": s, "noise_std": n}``: Gaussian blur of std s
+    pixels, then additive N(0, n^2) noise drawn from ``generator``.
+    """
+    kind = spec.get("type")
+    if kind != "blur-noise":
+        raise ValueError(f"degradation type {kind!r} is unknown; allowed: 'blur-noise'")
+    y = gaussian_blur(x, float(spec["blur_sigma"]))
+    noise = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+    return y + float(spec["noise_std"]) * noise

@@ -103,6 +103,9 @@ class Heun(Solver):
 @register("ddpm", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"eta": 1.0},
           description="DDPM ancestral sampling (DDIM with eta = 1)",
           reference="Ho, Jain & Abbeel 2020, Denoising Diffusion Probabilistic Models")
+@register("irsde-posterior", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"eta": 1.0},
+          description="IR-SDE optimal-reverse-path posterior step, jump-aware (DDIM with eta = 1 on x - mu)",
+          reference="Luo et al. 2023, Image Restoration with Mean-Reverting SDEs; Luo et al. 2024 (DA-CLIP posterior)")
 class DDIM(Solver):
     """DDIM (Song et al. 2021, eq. 12) in the general schedule form. With h = lambda_{i+1} - lambda_i:
 
@@ -111,7 +114,11 @@ class DDIM(Solver):
 
     eta = 0 is the deterministic DDIM (the first-order exponential integrator, DPM-Solver-1);
     eta = 1 draws from the DDPM posterior q(x_{i+1} | x_i, x0) (Ho et al. 2020), registered as
-    ``ddpm``. For a VP schedule c reduces to DDIM's
+    ``ddpm``, and on a mean-reverting schedule it is IR-SDE's posterior sampling step
+    x*_{i+1} + lam sqrt((1 - A^2)(1 - C^2)/(1 - B^2)) z (A = alpha_{i+1}/alpha_i, B = alpha_i,
+    C = alpha_{i+1}) generalised to a jump of any length, registered as ``irsde-posterior``
+    (IR-SDE's own code applies the one-index transition even when the grid skips indices). For a
+    VP schedule c reduces to DDIM's
     eta sqrt((1 - abar_{i+1})/(1 - abar_i)) sqrt(1 - abar_i/abar_{i+1}). One model call per step.
     """
 

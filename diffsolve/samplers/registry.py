@@ -61,8 +61,8 @@ def register(name: str, *, family: str, order: float, calls_per_step: int, deter
         if unknown:
             raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
         _REGISTRY[name] = info
-        if "name" not in cls.__dict__:
-            cls.name = name  # the canonical name; aliases keep it
+        if not info.fixed:
+            cls.name = name  # the canonical name (aliases fix options and keep it)
         return cls
 
     return deco

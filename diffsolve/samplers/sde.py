@@ -16,6 +16,9 @@ from .registry import register
 @register("euler-maruyama", family="sde", order=1, calls_per_step=1, deterministic=False,
           description="Euler-Maruyama on the reverse-time SDE (Score-SDE's predictor)",
           reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (Alg. 'euler_maruyama')")
+@register("irsde", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"denoise": False},
+          description="IR-SDE's reverse-SDE step (Euler-Maruyama with noise at every step)",
+          reference="Luo et al. 2023, Image Restoration with Mean-Reverting SDEs (reverse_sde_step)")
 class EulerMaruyama(Solver):
     """Euler-Maruyama on the reverse-time SDE (Score-SDE's ``EulerMaruyamaPredictor``):
 
@@ -27,7 +30,9 @@ class EulerMaruyama(Solver):
     code uses dt = -1/N on a grid linspace(1, eps, N) whose spacing is (1 - eps)/(N - 1); on such
     a grid the two differ by a factor (1 - eps) N/(N - 1) in the step length. With ``denoise=True``
     (Score-SDE's ``noise_removal``) the last step returns x_mean, adding no noise. Weak order 1
-    (strong order 1/2); one model call per step.
+    (strong order 1/2); one model call per step. On a mean-reverting schedule (f = theta,
+    g2 = 2 lam^2 theta) this is IR-SDE's ``reverse_sde_step``, registered as ``irsde`` (noise at
+    every step, as IR-SDE does).
     """
 
     def __init__(self, denoise: bool = True):

@@ -152,8 +152,10 @@ class VPDiscrete(_VPFromLogAlpha):
 
     As in DPM-Solver's ``NoiseScheduleVP('discrete')``: step k = 0..N-1 sits at t_k = (k + 1)/N and
     log alpha is interpolated piecewise linearly in t between those points (linear extrapolation
-    beyond them), so alpha(t_k)^2 == alphas_cumprod[k] exactly. The network time is the diffusers
-    timestep ``N t - 1`` (0 at t = 1/N, N - 1 at t = 1). ``t_min`` defaults to 1/N, ``t_max`` to 1.
+    beyond them), so alpha(t_k)^2 == alphas_cumprod[k] exactly. t = 0 is added as the clean end
+    (alpha = 1, sigma = 0), so a grid may end there as diffusers' schedulers do. The network time is
+    the diffusers timestep ``N t - 1`` (0 at t = 1/N, N - 1 at t = 1). ``t_min`` defaults to 1/N
+    (where the log-SNR is still finite), ``t_max`` to 1.
     """
 
     default_grid = "log-snr"
@@ -183,8 +185,10 @@ class VPDiscrete(_VPFromLogAlpha):
             raise ValueError("alphas_cumprod must be < 1 (a zero beta at the first step gives sigma = 0)")
         self.alphas_cumprod = acp
         self.num_train_timesteps = n = len(acp)
-        self._t = torch.arange(1, n + 1, dtype=torch.float64) / n
-        self._log_alpha = 0.5 * torch.log(acp)
+        # step k sits at t = (k + 1)/N; t = 0 is the clean data (alpha = 1, sigma = 0), the point
+        # diffusers' schedulers step to last ("final_alpha_cumprod = 1", "final_sigmas_type = zero")
+        self._t = torch.arange(0, n + 1, dtype=torch.float64) / n
+        self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(acp)])
         t_min = 1.0 / n if t_min is None else t_min
         self.t_min, self.t_max = check_times(t_min, t_max, 0.0)
 

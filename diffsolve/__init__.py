@@ -1,10 +1,10 @@
 """diffsolve: one registry of ODE/SDE solvers for diffusion and flow models, over one model interface."""
 
-from . import models, pretrained, quality, samplers, schedules
+from . import metrics, models, pretrained, quality, samplers, schedules
 from .models import DiffusionModel
 from .samplers import SampleResult, get_solver, list_solvers, sample
 
 __version__ = "0.1.0"
 
 __all__ = ["sample", "get_solver", "list_solvers", "DiffusionModel", "SampleResult", "schedules", "models",
-           "samplers", "pretrained", "quality", "__version__"]
+           "samplers", "pretrained", "quality", "metrics", "__version__"]

@@ -52,7 +52,7 @@ def schedule_from_card(spec: dict) -> Schedule:
 def _unet(path: Path, device, dtype):
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel.from_pretrained(path).to(device=device, dtype=dtype).eval()
+    unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype).to(device).eval()
     unet.requires_grad_(False)
     return unet
 

@@ -87,8 +87,6 @@ class _Grid(NamedTuple):
 class _Multistep(Solver):
     """Shared machinery of the multistep exponential integrators (see the module docstring)."""
 
-    stochastic = False
-
     def __init__(self, order: int = 2, parameterization: str = "data", lower_order_final: bool = True,
                  solver_type: str = "taylor"):
         if order not in self.ORDERS:

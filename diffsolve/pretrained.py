@@ -96,3 +96,20 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
             return unet(x, t.to(x.dtype)).sample
     net.__name__ = f"UNet2DModel[{name}]"
     return DiffusionModel(net, schedule_from_card(c["schedule"]), prediction=c["prediction"], time_input=c["time_input"])
+
+
+def load_noise_classifier(name: str = "digits-sigma"):
+    """The shipped noise-level classifier (Denoising MCMC's q(k | x_t)) and its level times.
+
+    Returns (classifier, times): ``classifier(x)`` gives logits over the levels, ``times[k]`` is the
+    time of level k on the card's schedule (class 0 is the noisiest).
+    """
+    from safetensors.torch import load_file
+
+    from .quality import NoiseLevelClassifier
+
+    c = card(name)
+    net = NoiseLevelClassifier(c["levels"])
+    net.load_state_dict(load_file(str(path_of(name) / "model.safetensors")))
+    net.eval().requires_grad_(False)
+    return net, torch.tensor(c["level_times"], dtype=torch.float64)

@@ -78,3 +78,18 @@ def test_cards_describe_the_models():
         assert {"schedule", "prediction", "seed", "iters", "optimizer", "time_input"} <= set(c), name
     total = sum(f.stat().st_size for f in ds.pretrained.WEIGHTS.rglob("*") if f.is_file())
     assert total < 20 * 2**20, f"shipped weights are {total / 2**20:.1f} MB"
+
+
+def test_noise_level_classifier_recovers_the_level():
+    clf, times = ds.pretrained.load_noise_classifier()
+    sched = ds.pretrained.schedule_from_card(ds.pretrained.card("digits-sigma")["schedule"])
+    x0 = digits16("heldout")[0]
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(0, len(times), (len(x0),), generator=g)
+    a = sched.alpha(times[k]).float()[:, None, None, None]
+    s = sched.sigma(times[k]).float()[:, None, None, None]
+    xt = a * x0 + s * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        err = (clf(xt).argmax(1) - k).abs().float().mean()
+    print("digits-sigma mean |class error|", float(err), "of", len(times))
+    assert err < 10 and times[0] > times[-1]

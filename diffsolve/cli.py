@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    + ", ".join(OUTPUT_FILES) + " into --out.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{', '.join(MODELS)}, or a path to a diffusers DDPM-style folder (default: {DEFAULT_MODEL})")
-    p.add_argument("--solver", default="heun", help="a registered solver name (see `diffsolve solvers`); default: heun")
-    p.add_argument("--steps", type=_positive_int, default=25, help="number of steps (default: 25)")
+    p.add_argument("--solver", default="dpmpp-2m",
+                   help="a registered solver name (see `diffsolve solvers`); default: dpmpp-2m")
+    p.add_argument("--steps", type=_positive_int, default=20, help="number of steps (default: 20)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="base seed; sample i uses seed + i (default: 0)")
     p.add_argument("--num-samples", type=_positive_int, default=64, help="number of samples (default: 64)")
     p.add_argument("--out", default=None,

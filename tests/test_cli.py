@@ -45,7 +45,7 @@ def digits_grid_size(k: int, per_row: int = cli.GRID_PER_ROW) -> tuple[int, int]
 
 def test_gmm_files_written_and_loadable(tmp_path, capsys):
     out = tmp_path / "gmm"
-    assert sample(out, "--model", "gmm-2d", "--num-samples", "10", "--steps", "3", "--seed", "5") == 0
+    assert sample(out, "--model", "gmm-2d", "--solver", "heun", "--num-samples", "10", "--steps", "3", "--seed", "5") == 0
     assert sorted(os.listdir(out)) == sorted(FILES)
     assert not [p for p in os.listdir(tmp_path) if p != "gmm"]  # the temporary directory is gone
 
@@ -74,10 +74,10 @@ def test_gmm_files_written_and_loadable(tmp_path, capsys):
 def test_default_model_writes_image_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run("sample", "--num-samples", "3", "--steps", "2", "--no-progress") == 0
-    out = tmp_path / "diffsolve-out" / "digits-vp-heun-2steps-seed0"
+    out = tmp_path / "diffsolve-out" / "digits-vp-dpmpp-2m-2steps-seed0"
     tensors, m, image = read_outputs(out)
     assert tensors["samples"].shape == (3, 1, 16, 16)
-    assert m["model"] == "digits-vp" and m["nfe"] == 4
+    assert m["model"] == "digits-vp" and m["solver"] == "dpmpp-2m" and m["nfe"] == 2
     assert image.size == digits_grid_size(3)
     assert image.mode == "L"
 
@@ -149,7 +149,7 @@ def test_unknown_solver_suggests_close_name(tmp_path, capsys):
 
 
 def test_bad_solver_option(tmp_path, capsys):
-    assert sample(tmp_path / "x", "-o", "s_chrn=3", "--num-samples", "2") == 2
+    assert sample(tmp_path / "x", "--solver", "heun", "-o", "s_chrn=3", "--num-samples", "2") == 2
     err = capsys.readouterr().err
     assert "diffsolve: error:" in err and "s_chrn" in err and "s_churn" in err
     assert not (tmp_path / "x").exists()
@@ -159,7 +159,7 @@ def test_bad_solver_option(tmp_path, capsys):
 
 def test_solver_options_parsed_as_yaml(tmp_path):
     out = tmp_path / "opts"
-    assert sample(out, "--model", "gmm-2d", "--num-samples", "2", "--steps", "2",
+    assert sample(out, "--model", "gmm-2d", "--solver", "heun", "--num-samples", "2", "--steps", "2",
                   "-o", "s_churn=0.5", "-o", "s_noise=1", "-o", "s_tmax=inf") == 0
     opts = json.loads((out / "manifest.json").read_text())["options"]
     assert opts["s_churn"] == 0.5 and opts["s_noise"] == 1 and opts["s_tmax"] == "inf"
@@ -211,7 +211,7 @@ def test_version_and_no_command(capsys):
 def test_python_dash_m(tmp_path):
     out = tmp_path / "sub"
     proc = subprocess.run(
-        [sys.executable, "-m", "diffsolve", "sample", "--model", "gmm-2d", "--num-samples", "4",
+        [sys.executable, "-m", "diffsolve", "sample", "--model", "gmm-2d", "--solver", "heun", "--num-samples", "4",
          "--steps", "2", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )

@@ -93,3 +93,21 @@ def test_noise_level_classifier_recovers_the_level():
         err = (clf(xt).argmax(1) - k).abs().float().mean()
     print("digits-sigma mean |class error|", float(err), "of", len(times))
     assert err < 10 and times[0] > times[-1]
+
+
+def test_training_script_is_deterministic(tmp_path):
+    """Two short runs of scripts/train_digits.py with the same seed write identical weights."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        r = subprocess.run([sys.executable, str(script), "--model", "digits-mr", "--iters", "2", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests.append(hashlib.sha256((out / "digits-mr" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

@@ -150,8 +150,8 @@ class _Multistep(Solver):
           description="DPM-Solver++(2M) (mrs-ode order 2, data, midpoint)",
           reference="Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models")
 @register("dpmpp-3m", family="ode", order=3, calls_per_step=1, deterministic=True,
-          fixed={"order": 3, "parameterization": "data"},
-          description="DPM-Solver++(3M) (mrs-ode order 3, data)",
+          fixed={"order": 3, "parameterization": "data", "solver_type": "midpoint"},
+          description="DPM-Solver++(3M) (mrs-ode order 3, data; third-order term with its Taylor factor 2)",
           reference="Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models")
 @register("dpm-solver-2m", family="ode", order=2, calls_per_step=1, deterministic=True,
           fixed={"order": 2, "parameterization": "noise", "solver_type": "midpoint"},

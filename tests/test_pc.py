@@ -1,0 +1,52 @@
+"""Predictor-corrector samplers (Score-SDE). Issue 5 continues this (PC vs predictor-only study)."""
+
+import pytest
+import torch
+
+import diffsolve as ds
+from diffsolve.samplers.pc import langevin_step_size
+
+GAUSS = ds.models.GaussianMixture([[1.0] * 16], 0.5)
+
+
+def test_langevin_step_size_by_hand():
+    score = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    z = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    # sample 0: |z| = 1, |s| = 5 -> 2 (0.16 / 5)^2; sample 1: |z| = 2, |s| = 2 -> 2 (0.16)^2
+    eps = langevin_step_size(score, z, 0.16, per_sample=True)
+    assert torch.allclose(eps.flatten(), torch.tensor([2 * (0.16 / 5) ** 2, 2 * 0.16**2]))
+    # Score-SDE: norms averaged over the batch first: |z| = 1.5, |s| = 3.5
+    eps = langevin_step_size(score, z, 0.16)
+    assert torch.allclose(eps.flatten(), torch.full((2,), 2 * (0.16 * 1.5 / 3.5) ** 2))
+
+
+@pytest.mark.parametrize("predictor", ["euler-maruyama", "reverse-diffusion", "ancestral"])
+@pytest.mark.parametrize("corrector", ["langevin", "ald", "none"])
+def test_pc_reaches_the_target_moments(predictor, corrector):
+    sched = ds.schedules.VE(sigma_max=20.0)
+    steps = 200 if corrector == "none" else 100  # equal NFE
+    res = ds.sample(GAUSS.model(sched), "pc", steps, shape=(2000, 16), seed=0, dtype=torch.float64,
+                    predictor=predictor, corrector=corrector, snr=0.1)
+    assert res.nfe == 200
+    target = GAUSS.marginal(sched.t_min, sched)
+    assert (res.samples.mean(0) - target.means[0]).abs().max() < 0.06
+    var = res.samples.var(0).mean()
+    assert abs(float(var) / float(target.stds[0, 0] ** 2) - 1) < 0.08, float(var)
+
+
+def test_ancestral_predictor_is_the_ddpm_step():
+    sched = ds.schedules.VPLinear()
+    model = GAUSS.model(sched)
+    x_T = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = ds.sample(model, "pc", 10, x_T=x_T, seed=1, predictor="ancestral", corrector="none", denoise=False)
+    b = ds.sample(model, "ddpm", 10, x_T=x_T, seed=1)
+    assert (a.samples - b.samples).abs().max() < 1e-12
+
+
+def test_pc_option_errors():
+    with pytest.raises(ValueError, match="predictor must be one of"):
+        ds.get_solver("pc", predictor="heun")
+    with pytest.raises(ValueError, match="corrector must be one of"):
+        ds.get_solver("pc", corrector="hmc")
+    with pytest.raises(ValueError, match="needs a corrector"):
+        ds.get_solver("pc", predictor="none", corrector="none")

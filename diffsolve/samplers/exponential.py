@@ -114,7 +114,11 @@ class _Multistep(Solver):
         ts = [float(t) for t in grid]
         alpha = [float(schedule.alpha(t)) for t in ts]
         sigma = [max(float(schedule.sigma(t)), 0.0) for t in ts]
-        g = _Grid(ts, alpha, sigma, [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)])
+        lam = [math.log(a / s) if a > 0 and s > 0 else (math.inf if s == 0 else -math.inf) for a, s in zip(alpha, sigma)]
+        if self.parameterization == "noise" and alpha[0] <= 0:
+            raise ValueError("parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
+                             "use 'data' or 'velocity', or a grid with t_max < 1")
+        g = _Grid(ts, alpha, sigma, lam)
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         for i in range(n):

@@ -66,7 +66,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
 def _frechet(mu1: np.ndarray, c1: np.ndarray, mu2: np.ndarray, c2: np.ndarray) -> float:
     from scipy import linalg
 
-    covmean, _ = linalg.sqrtm(c1 @ c2, disp=False)
+    covmean = linalg.sqrtm(c1 @ c2)
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
 

@@ -132,13 +132,17 @@ class DDIM(Solver):
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
             pred = yield x, t
-            a_n, s_n = _coef(schedule, t_next)
-            c = 0.0
-            if self.eta > 0 and s_n > 0:
-                h = float(schedule.log_snr(t_next)) - float(schedule.log_snr(t))
-                c = self.eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
+            x, c = ddim_step(pred, t, t_next, schedule, self.eta)
             if c > 0:
-                x = pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))) + c * noise.step(t, t_next)
-            else:
-                x = pred.point(a_n, s_n)
+                x = x + c * noise.step(t, t_next)
         return x
+
+
+def ddim_step(pred, t: float, t_next: float, schedule: Schedule, eta: float):
+    """(x_mean, c) of DDIM's step t -> t_next (DDIM docstring): x_{i+1} = x_mean + c z."""
+    a_n, s_n = _coef(schedule, t_next)
+    c = 0.0
+    if eta > 0 and s_n > 0:
+        h = float(schedule.log_snr(t_next)) - float(schedule.log_snr(t))
+        c = eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
+    return pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c

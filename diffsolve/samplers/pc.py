@@ -33,7 +33,9 @@ import math
 import torch
 
 from .base import Query, Solver
+from .ode import ddim_step
 from .registry import register
+from .sde import euler_maruyama_step
 
 PREDICTORS = ("euler-maruyama", "reverse-diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "ald", "none")
@@ -108,22 +110,13 @@ class PredictorCorrector(Solver):
 
     def _predict(self, pred, t, t_next, schedule, mu):
         """(x_mean, noise std) of one predictor step from t to t_next."""
+        if self.predictor == "euler-maruyama":
+            return euler_maruyama_step(pred, t, t_next, schedule, mu)
+        if self.predictor == "ancestral":  # the posterior q(x_{i+1} | x_i, x0) with x0 from the model
+            return ddim_step(pred, t, t_next, schedule, eta=1.0)
         x = pred.x
         y = x if mu is None else x - mu
-        if self.predictor == "euler-maruyama":
-            dt = t_next - t
-            f, g2 = float(schedule.f(t)), float(schedule.g2(t))
-            return x + (-f * dt) * y + (-g2 * dt) * pred.score, math.sqrt(g2 * abs(dt))
-        a_i, a_n = float(schedule.alpha(t)), float(schedule.alpha(t_next))
-        s_i, s_n = float(schedule.sigma(t)), max(float(schedule.sigma(t_next)), 0.0)
-        big_a = a_i / a_n
-        q = s_i**2 - big_a**2 * s_n**2
-        if self.predictor == "reverse-diffusion":
-            y_mean = (2.0 - big_a) * y + q * pred.score
-            return (y_mean if mu is None else y_mean + mu), math.sqrt(max(q, 0.0))
-        # ancestral: the posterior q(x_{i+1} | x_i, x0) with x0 from the model (DDPM)
-        if s_n == 0:
-            return pred.point(a_n, 0.0), 0.0
-        h = math.log(a_n / s_n) - math.log(a_i / s_i)
-        c = s_n * math.sqrt(-math.expm1(-2.0 * h))
-        return pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c
+        big_a = float(schedule.alpha(t)) / float(schedule.alpha(t_next))
+        q = float(schedule.sigma(t)) ** 2 - big_a**2 * max(float(schedule.sigma(t_next)), 0.0) ** 2
+        y_mean = (2.0 - big_a) * y + q * pred.score  # reverse diffusion
+        return (y_mean if mu is None else y_mean + mu), math.sqrt(max(q, 0.0))

@@ -45,11 +45,15 @@ class EulerMaruyama(Solver):
         for i in range(n):
             t, t_next = float(grid[i]), float(grid[i + 1])
             pred = yield x, t
-            dt = t_next - t
-            f, g2 = float(schedule.f(t)), float(schedule.g2(t))
-            x = pred.x
-            y = x if mu is None else x - mu
-            x = x + (-f * dt) * y + (-g2 * dt) * pred.score
+            x, std = euler_maruyama_step(pred, t, t_next, schedule, mu)
             if not (self.denoise and i == n - 1):
-                x = x + math.sqrt(g2 * abs(dt)) * noise.step(t, t_next)
+                x = x + std * noise.step(t, t_next)
         return x
+
+
+def euler_maruyama_step(pred, t: float, t_next: float, schedule, mu=None):
+    """(x_mean, std) of one Euler-Maruyama step of the reverse SDE from t to t_next (docstring above)."""
+    dt = t_next - t
+    f, g2 = float(schedule.f(t)), float(schedule.g2(t))
+    y = pred.x if mu is None else pred.x - mu
+    return pred.x + (-f * dt) * y + (-g2 * dt) * pred.score, math.sqrt(g2 * abs(dt))

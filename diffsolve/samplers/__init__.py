@@ -1,6 +1,6 @@
 """Solver registry, driver and every solver (imports models, schedules)."""
 
-from . import exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
+from . import blackbox, exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
 from .base import Query, Solver
 from .driver import sample
 from .noise import NoiseSource, resolve_seeds

@@ -166,6 +166,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         x = stop.value
     finally:
         bar.close()
+        run.close()  # a run stopped by an error releases what it holds (e.g. a worker thread)
     if not isinstance(x, Tensor):
         raise TypeError(f"solver {slv.name!r} returned {type(x).__name__}, expected a tensor")
     if trajectory is not None:

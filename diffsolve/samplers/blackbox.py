@@ -1,0 +1,129 @@
+"""Black-box adaptive solvers of the probability-flow ODE dx/dt = v(x, t) (``pred.velocity``).
+
+The integrators (torchdiffeq's ``odeint``, scipy's ``solve_ivp``) call the drift themselves, so they
+run in a worker thread and each drift call becomes a model query of the solver's generator: the
+driver still makes every model call, counts it and checks it. They integrate from the grid's first
+time to its last; the grid's inner points are ignored (NFE is whatever the error control needs).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from .base import Solver
+from .registry import register
+
+_STOP = object()
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _BlackBox(Solver):
+    """Runs ``self._integrate(drift, x, t0, t1)`` in a thread; drift calls become model queries."""
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5):
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if not float(value) > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.rtol, self.atol = float(rtol), float(atol)
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        requests: queue.Queue = queue.Queue(maxsize=1)
+        replies: queue.Queue = queue.Queue(maxsize=1)
+
+        def drift(t: float, y: torch.Tensor) -> torch.Tensor:
+            requests.put(("query", y, float(t)))
+            v = replies.get()
+            if v is _STOP:
+                raise _Stopped
+            return v
+
+        def work():
+            try:
+                requests.put(("done", self._integrate(drift, x, float(grid[0]), float(grid[-1])), None))
+            except _Stopped:
+                pass
+            except BaseException as e:  # handed to the caller's thread
+                requests.put(("error", e, None))
+
+        threading.Thread(target=work, daemon=True, name=f"diffsolve-{self.name}").start()
+        try:
+            while True:
+                kind, a, b = requests.get()
+                if kind == "done":
+                    return a
+                if kind == "error":
+                    raise a
+                pred = yield a, b
+                replies.put(pred.velocity)
+        finally:
+            if kind == "query":  # stopped early (an error in the driver): release the worker
+                replies.put(_STOP)
+
+
+@register("ode-dopri5", family="adaptive", order=5, calls_per_step=6, deterministic=True, fixed_grid=False,
+          description="adaptive probability-flow ODE with torchdiffeq (dopri5 or any adaptive method)",
+          reference="Dormand & Prince 1980; Chen et al. 2018 (torchdiffeq); Song et al. 2021 (probability flow)")
+class TorchdiffeqODE(_BlackBox):
+    """torchdiffeq ``odeint`` on the probability-flow ODE from t_max to t_min.
+
+    Options: ``rtol``, ``atol`` (1e-5, Score-SDE's), ``method`` (torchdiffeq's adaptive methods:
+    dopri5, dopri8, bosh3, fehlberg2, adaptive_heun, tsit5). Its error norm is the RMS over the whole
+    batch, so the step sizes are shared by the batch.
+    """
+
+    METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5"):
+        super().__init__(rtol, atol)
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        self.method = method
+
+    def _integrate(self, drift, x, t0, t1):
+        from torchdiffeq import odeint
+
+        ts = torch.tensor([t0, t1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        # step_t makes the last step land on t_min instead of stepping past it and interpolating
+        # (a stage beyond t_min may leave the schedule's range, e.g. t < 0 for VP)
+        return odeint(lambda t, y: drift(float(t), y), x, ts, rtol=self.rtol, atol=self.atol, method=self.method,
+                      options={"step_t": ts[1:]})[-1]
+
+
+@register("ode-rk45", family="adaptive", order=5, calls_per_step=6, deterministic=True, fixed_grid=False,
+          description="adaptive probability-flow ODE with scipy solve_ivp RK45 (Score-SDE's ODE sampler)",
+          reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (get_ode_sampler)")
+class ScipyODE(_BlackBox):
+    """scipy ``solve_ivp`` (RK45 by default) on the flattened float64 batch, as Score-SDE's ODE sampler.
+
+    Options: ``rtol``, ``atol`` (1e-5), ``method`` (RK45, RK23, DOP853). One error norm for the batch.
+    """
+
+    METHODS = ("RK45", "RK23", "DOP853")
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45"):
+        super().__init__(rtol, atol)
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        self.method = method
+
+    def _integrate(self, drift, x, t0, t1):
+        from scipy.integrate import solve_ivp
+
+        shape, dtype, device = x.shape, x.dtype, x.device
+
+        def f(t, y):
+            v = drift(t, torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype))
+            return v.detach().to("cpu", torch.float64).reshape(-1).numpy()
+
+        y0 = x.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        sol = solve_ivp(f, (t0, t1), y0, method=self.method, rtol=self.rtol, atol=self.atol)
+        if not sol.success:
+            raise RuntimeError(f"solve_ivp failed: {sol.message}")
+        return torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape).to(device=device, dtype=dtype)

@@ -33,6 +33,15 @@ def _per_sample(v: Tensor, b: int) -> Tensor:
     return v.expand(b) if v.ndim == 0 else v
 
 
+def _flat_state(x: Tensor, t, schedule: Schedule, mu):
+    """(x as float64 [B, D], alpha [B, 1], sigma [B, 1], mu as [B, D] or 0.0) for per-sample or scalar t."""
+    xf = _flat(x).to(torch.float64)
+    tt = _per_sample(as_time(t, like=x), xf.shape[0]).to(x.device)
+    a = schedule.alpha(tt).to(x.device)[:, None]
+    sg = schedule.sigma(tt).to(x.device)[:, None]
+    return xf, a, sg, _mu_flat(mu, x)
+
+
 def _mu_flat(mu, x: Tensor) -> Tensor | float:
     if mu is None:
         return 0.0
@@ -124,14 +133,10 @@ class GaussianMixture(_Oracle):
 
     # -------------------------------------------------------------------- exact denoiser
     def _components(self, x: Tensor, t, schedule: Schedule, mu):
-        xf = _flat(x).to(torch.float64)
-        b = xf.shape[0]
-        tt = _per_sample(as_time(t, like=x), b).to(x.device)
-        a = schedule.alpha(tt).to(x.device)[:, None, None]           # [B,1,1]
-        sg = schedule.sigma(tt).to(x.device)[:, None, None]
+        xf, a, sg, mu_f = _flat_state(x, t, schedule, mu)
+        a, sg = a[:, None], sg[:, None]                                 # [B,1,1]
         m = self.means.to(x.device)[None]                               # [1,K,D]
         s2 = (self.stds.to(x.device) ** 2)[None]
-        mu_f = _mu_flat(mu, x)
         mu_f = mu_f[:, None, :] if isinstance(mu_f, Tensor) else mu_f
         mean = a * m + (1 - a) * mu_f                                   # [B,K,D]
         var = a * a * s2 + sg * sg
@@ -199,12 +204,7 @@ class Empirical(_Oracle):
         return self.data[idx].to(dtype)
 
     def denoise(self, x: Tensor, t, schedule: Schedule, mu=None) -> Tensor:
-        xf = _flat(x).to(torch.float64)
-        b = xf.shape[0]
-        tt = _per_sample(as_time(t, like=x), b).to(x.device)
-        a = schedule.alpha(tt).to(x.device)[:, None]
-        sg = schedule.sigma(tt).to(x.device)[:, None]
-        mu_f = _mu_flat(mu, x)
+        xf, a, sg, mu_f = _flat_state(x, t, schedule, mu)
         z = xf - (1 - a) * mu_f
         data = self._flat.to(x.device)
         d2 = (z * z).sum(1, keepdim=True) - 2 * a * (z @ data.T) + a * a * self._sq.to(x.device)[None]

@@ -27,11 +27,15 @@ class _Stopped(Exception):
 class _BlackBox(Solver):
     """Runs ``self._integrate(drift, x, t0, t1)`` in a thread; drift calls become model queries."""
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5):
+    METHODS: tuple[str, ...] = ()
+
+    def __init__(self, rtol: float, atol: float, method: str):
         for name, value in (("rtol", rtol), ("atol", atol)):
             if not float(value) > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        self.rtol, self.atol = float(rtol), float(atol)
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        self.rtol, self.atol, self.method = float(rtol), float(atol), method
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         requests: queue.Queue = queue.Queue(maxsize=1)
@@ -81,10 +85,7 @@ class TorchdiffeqODE(_BlackBox):
     METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5"):
-        super().__init__(rtol, atol)
-        if method not in self.METHODS:
-            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
-        self.method = method
+        super().__init__(rtol, atol, method)
 
     def _integrate(self, drift, x, t0, t1):
         from torchdiffeq import odeint
@@ -108,10 +109,7 @@ class ScipyODE(_BlackBox):
     METHODS = ("RK45", "RK23", "DOP853")
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45"):
-        super().__init__(rtol, atol)
-        if method not in self.METHODS:
-            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
-        self.method = method
+        super().__init__(rtol, atol, method)
 
     def _integrate(self, drift, x, t0, t1):
         from scipy.integrate import solve_ivp

@@ -3,9 +3,9 @@
 Every sample owns a ``torch.Generator`` seeded with its own seed (as EDM's generate.py does), so
 sample i draws the same numbers whatever the batch it sits in: same seed, same device, same dtype
 gives bitwise the same samples for any batch size. With ``kind="brownian"`` the per-step noise of
-SDE solvers comes from one torchsde Brownian interval per sample (seeded the same way): the noise of
-a step [t_next, t] is (W(t) - W(t_next)) / sqrt(t - t_next), so the Brownian path is one fixed
-function of time, the same at 20 and at 40 steps and consistent for rejected-and-retried steps.
+SDE solvers comes from a virtual Brownian tree per sample (:mod:`.brownian`, keyed by the same seed):
+the noise of a step [t_next, t] is (W(t) - W(t_next)) / sqrt(t - t_next), so the Brownian path is one
+fixed function of time, the same at 20 and at 40 steps and consistent for rejected-and-retried steps.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from .brownian import BrownianTree
 
 Tensor = torch.Tensor
 
@@ -65,7 +67,7 @@ class NoiseSource:
             self.seeds = resolve_seeds(self.batch_size, seeds)
             self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
         self.t_range = t_range
-        self._brownian: list | None = None
+        self._brownian: BrownianTree | None = None
 
     @property
     def event_shape(self) -> tuple[int, ...]:
@@ -84,35 +86,14 @@ class NoiseSource:
         """The standard normal of the step t -> t_next (either direction)."""
         if self.kind == "gaussian":
             return self.randn(index)
-        return self._brownian_normal(t, t_next, index)
+        return self.brownian().normal(t, t_next, index)
 
     # ------------------------------------------------------------------ Brownian
-    def _trees(self) -> list:
+    def brownian(self) -> BrownianTree:
+        """The per-sample Brownian paths of this run (built on first use, over ``t_range``)."""
         if self._brownian is None:
-            try:
-                import torchsde
-            except ImportError as e:  # pragma: no cover - torchsde is a dependency
-                raise ImportError("noise='brownian' needs torchsde (pip install torchsde)") from e
             if self.t_range is None:
                 raise ValueError("noise='brownian' needs the time range of the run (t_range)")
             t0, t1 = float(min(self.t_range)), float(max(self.t_range))
-            self._brownian = [
-                torchsde.BrownianInterval(t0=t0, t1=t1, size=(1, *self.event_shape), dtype=self.dtype,
-                                          device=self.device, entropy=s, tol=1e-6 * (t1 - t0), halfway_tree=True)
-                for s in self.seeds
-            ]
+            self._brownian = BrownianTree(self.seeds, self.event_shape, t0, t1, device=self.device, dtype=self.dtype)
         return self._brownian
-
-    def _brownian_normal(self, t, t_next, index: Tensor | None) -> Tensor:
-        trees = self._trees()
-        rows = self._rows(index)
-        tt = torch.as_tensor(t, dtype=torch.float64).expand(len(rows)) if not isinstance(t, Tensor) or t.ndim == 0 \
-            else t.to(torch.float64)
-        tn = torch.as_tensor(t_next, dtype=torch.float64).expand(len(rows)) if not isinstance(t_next, Tensor) or t_next.ndim == 0 \
-            else t_next.to(torch.float64)
-        out = []
-        for j, i in enumerate(rows):
-            a, b = float(tt[j]), float(tn[j])
-            lo, hi = min(a, b), max(a, b)
-            out.append(trees[i](lo, hi)[0] / (hi - lo) ** 0.5)
-        return torch.stack(out)

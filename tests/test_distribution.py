@@ -1,30 +1,14 @@
 """SDE samplers against exact samples of a 2-D Gaussian mixture (two-sample MMD test)."""
 
-import statistics
-
 import pytest
 import torch
 
 import diffsolve as ds
 from diffsolve.metrics import mmd2, sliced_wasserstein
 
-N = 1500
+N = 1500  # = conftest.GMM_N (the threshold and reference fixtures)
 GMM = ds.models.GaussianMixture.gmm_2d()
 SCHED = ds.schedules.VPLinear()
-TARGET = GMM.marginal(SCHED.t_min, SCHED)  # the exact law of x at the end of the grid
-
-
-@pytest.fixture(scope="module")
-def threshold():
-    """Mean + 5 std of the MMD between independent exact sample sets of the same size."""
-    null = [mmd2(TARGET.sample(N, torch.Generator().manual_seed(2 * i + 100)),
-                 TARGET.sample(N, torch.Generator().manual_seed(2 * i + 101))) for i in range(12)]
-    return statistics.mean(null) + 5 * statistics.stdev(null)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return TARGET.sample(N, torch.Generator().manual_seed(7))
 
 
 @pytest.mark.parametrize("solver,steps", [("euler-maruyama", 500), ("ddpm", 200)])

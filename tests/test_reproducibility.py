@@ -6,7 +6,8 @@ import diffsolve as ds
 GMM = ds.models.GaussianMixture.gmm_2d()
 MODEL = GMM.model(ds.schedules.VPLinear())
 CASES = [("euler-maruyama", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("heun", {"s_churn": 5.0}), ("euler", {}),
-         ("euler-maruyama", {"noise": "brownian"})]
+         ("euler-maruyama", {"noise": "brownian"}), ("adaptive-sde", {"eps_rel": 0.05}),
+         ("adaptive-sde", {"eps_rel": 0.05, "noise": "gaussian"})]
 
 
 @pytest.mark.parametrize("solver,opts", CASES)

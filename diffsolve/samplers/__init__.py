@@ -1,13 +1,14 @@
 """Solver registry, driver and every solver (imports models, schedules)."""
 
-from . import blackbox, exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
-from .base import Query, Solver
+from . import adaptive, blackbox, exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
+from .base import Outcome, Query, Solver
+from .control import StepSizeController
 from .driver import sample
 from .noise import NoiseSource, resolve_seeds
 from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
 from .result import SampleResult
 
 __all__ = [
-    "sample", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query",
+    "sample", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
     "SampleResult", "NoiseSource", "resolve_seeds",
 ]

@@ -38,13 +38,24 @@ class Query(NamedTuple):
     step: int | None = None
 
 
-Run = Generator["Query | tuple[Tensor, Any]", Prediction, Tensor]
+class Outcome(NamedTuple):
+    """What a solver may return instead of a bare tensor: the samples plus per-sample step counts
+    (adaptive solvers) and any other statistics of the run (``stats``, copied into the result)."""
+
+    x: Tensor
+    accepted: Tensor | None = None
+    rejected: Tensor | None = None
+    stats: dict | None = None
+
+
+Run = Generator["Query | tuple[Tensor, Any]", Prediction, "Tensor | Outcome"]
 
 
 class Solver:
     """Base class of every registered solver (see the module docstring for the protocol)."""
 
     name: str = "solver"
+    default_noise: str = "gaussian"  # the driver's noise kind when the caller names none
 
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:

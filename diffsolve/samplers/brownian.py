@@ -6,13 +6,14 @@ value at the midpoint m of a dyadic interval [a, b] is the Brownian bridge draw
 
     W(m) = (W(a) + W(b)) / 2 + sqrt((b - a) / 4) n_node,
 
+summed in closed form as its Schauder series (one tent per level, no recursion),
 where every n is a standard normal vector fixed by (seed, node): a counter-based hash (splitmix64 of
 seed, node and element index, then Box-Muller), so no state is kept and any time can be queried in
-any order. A query descends ``depth`` levels towards s and interpolates linearly inside the last
-interval (width (t1 - t0) 2^-depth). So the path is the same at 20 steps and at 40, a rejected step
+any order. The series stops after ``depth`` levels, i.e. the path is interpolated linearly inside
+intervals of width (t1 - t0) 2^-depth. So the path is the same at 20 steps and at 40, a rejected step
 and its retry see one path, a reverse pass sees the forward pass's increments, and sample i's path
-does not depend on the batch it sits in. Cost: ``depth`` hashes of the event per query, no Python
-loop over rows.
+does not depend on the batch it sits in. Cost: ``depth`` + 1 hashes of the event per query, no Python
+loop over rows or levels.
 """
 
 from __future__ import annotations
@@ -78,23 +79,25 @@ class BrownianTree:
         s = torch.as_tensor(s, dtype=torch.float64, device=self.device).expand(r)
         if bool(((s < self.t0 - 1e-12) | (s > self.t1 + 1e-12)).any()):
             raise ValueError(f"Brownian path queried at t outside its range [{self.t0}, {self.t1}]")
-        s = s.clamp(self.t0, self.t1)
-        f64 = torch.float64
-        a = torch.full((r,), self.t0, dtype=f64, device=self.device)
-        b = torch.full((r,), self.t1, dtype=f64, device=self.device)
-        wa = torch.zeros(r, self.numel, dtype=f64, device=self.device)
-        wb = math.sqrt(self.t1 - self.t0) * hashed_normal(seed, torch.zeros_like(seed), self.numel, f64)
-        node = torch.ones_like(seed)  # heap index of the midpoint of [a, b]
-        for _ in range(self.depth):
-            m = 0.5 * (a + b)
-            wm = 0.5 * (wa + wb) + 0.5 * (b - a).sqrt()[:, None] * hashed_normal(seed, node, self.numel, f64)
-            left = (s < m)[:, None]
-            wb = torch.where(left, wm, wb)
-            wa = torch.where(left, wa, wm)
-            b = torch.where(left[:, 0], m, b)
-            a = torch.where(left[:, 0], a, m)
-            node = 2 * node + (~left[:, 0]).long()
-        w = wa + ((s - a) / (b - a))[:, None] * (wb - wa)
+        span, depth, f64 = self.t1 - self.t0, self.depth, torch.float64
+        # Midpoint displacement written as its Schauder (Levy-Ciesielski) sum: at level j only the
+        # interval holding s contributes, a tent of height scale_j times that midpoint's normal.
+        u = ((s - self.t0) / span).clamp(0.0, 1.0)
+        k = (u * 2.0**depth).floor().long().clamp(max=2**depth - 1)  # s lies in leaf k
+        j = torch.arange(depth, device=self.device)
+        prefix = k[:, None] >> (depth - j)[None, :]  # [R, L]: index of the level-j interval holding s
+        node = (1 << j)[None, :] + prefix  # heap index of that interval's midpoint
+        frac = u[:, None] * (2.0 ** j.double())[None, :] - prefix.double()  # position inside it, in [0, 1]
+        weight = (1.0 - (2.0 * frac - 1.0).abs()).clamp_min(0.0) * (0.5 * (span * 2.0 ** -j.double()).sqrt())
+        node = torch.cat([torch.zeros_like(k)[:, None], node], dim=1)  # node 0: W(t1) = sqrt(span) n_0
+        weight = torch.cat([(math.sqrt(span) * u)[:, None], weight], dim=1)
+        n_lv = depth + 1
+        w = torch.zeros(r, self.numel, dtype=f64, device=self.device)
+        chunk = max(1, 2**18 // max(1, r * self.numel))  # levels hashed together (bounded memory)
+        for lo in range(0, n_lv, chunk):
+            hi = min(n_lv, lo + chunk)
+            normals = hashed_normal(seed.repeat_interleave(hi - lo), node[:, lo:hi].reshape(-1), self.numel, f64)
+            w = w + torch.einsum("rl,rld->rd", weight[:, lo:hi], normals.reshape(r, hi - lo, self.numel))
         return w.to(self.dtype).reshape(r, *self.event_shape)
 
     def normal(self, t, t_next, rows: Tensor | None = None) -> Tensor:

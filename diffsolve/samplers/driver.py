@@ -10,7 +10,7 @@ import torch
 
 from ..models.model import DiffusionModel, NFECounter, check_finite
 from ..schedules.grids import GridSpec, make_grid
-from .base import Solver, as_query, sub
+from .base import Outcome, Solver, as_query, sub
 from .noise import NoiseSource
 from .registry import get_solver, solver_info
 from .result import SampleResult
@@ -67,7 +67,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
            shape: Sequence[int] | None = None, x_T: Tensor | None = None,
            seed: int | Sequence[int] | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
            grid: GridSpec | None = None, t_max: float | None = None, t_min: float | None = None,
-           mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, noise: str = "gaussian",
+           mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, noise: str | None = None,
            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
            progress: bool | None = None, return_trajectory: bool = False,
            num_inference_steps: int | None = None, **solver_options: Any) -> SampleResult:
@@ -77,7 +77,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     ----------
     model: the :class:`~diffsolve.DiffusionModel`.
     solver: a registered name (see :func:`list_solvers`) or a solver instance.
-    steps: number of steps of the time grid (alias ``num_inference_steps``).
+    steps: number of steps of the time grid (alias ``num_inference_steps``); adaptive solvers
+        (``fixed_grid=False`` in the registry) need none: they run from t_max to t_min.
     shape: the batch shape to sample (batch first); or give ``x_T``, the starting state.
     seed: an int (sample i uses seed + i) or one seed per sample; ``generator``: a torch.Generator
         per sample (or one, for a batch of one). Same seed, device and dtype: the same samples,
@@ -87,7 +88,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     t_max, t_min: the time range (default: the schedule's).
     mu: the condition of mean-reverting schedules (x_T is drawn around it).
     cond: keyword arguments passed to the network on every call (class labels, embeddings, ...).
-    noise: ``"gaussian"`` (fresh per-sample draws) or ``"brownian"`` (a per-sample Brownian tree).
+    noise: ``"gaussian"`` (fresh per-sample draws) or ``"brownian"`` (a per-sample Brownian tree);
+        default: the solver's ``default_noise`` (gaussian, brownian for ``adaptive-sde``).
     device, dtype: where and in which precision to sample (default: x_T's, else cpu / float32).
     progress: show a progress bar (default: only when stderr is a terminal).
     return_trajectory: keep (t, x) of every model query.
@@ -100,7 +102,12 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
             raise ValueError("give steps or num_inference_steps, not both")
         steps = num_inference_steps
     slv = resolve_solver(solver, solver_options)
-    info = solver_info(slv.name) if isinstance(solver, str) else None
+    try:
+        info = solver_info(slv.name)
+    except ValueError:  # an unregistered Solver subclass
+        info = None
+    fixed_grid = info.fixed_grid if info is not None else True
+    noise = slv.default_noise if noise is None else noise
     schedule = model.schedule
     dtype = _dtype(dtype)
 
@@ -126,7 +133,9 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
     if steps is None and (grid is None or isinstance(grid, str)):
-        raise ValueError("steps is required (or pass an explicit grid of times)")
+        if fixed_grid:
+            raise ValueError("steps is required (or pass an explicit grid of times)")
+        steps = 1  # an adaptive solver only uses the grid's ends
     g = make_grid(schedule, steps, grid, t_max=t_max, t_min=t_min)
 
     if isinstance(generator, torch.Generator):
@@ -143,7 +152,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     counter = NFECounter(b)
     trajectory: list | None = [] if return_trajectory else None
     n_steps = len(g) - 1
-    total = n_steps * (info.calls_per_step if info is not None else 1)
+    total = n_steps * (info.calls_per_step if info is not None else 1) if fixed_grid else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=slv.name, unit="nfe", disable=None if progress is None else not progress, leave=False)
@@ -158,7 +167,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
             pred = model(q.x, q.t, mu=sub(mu, q.index), counter=counter, index=q.index,
                          **{k: sub(v, q.index) for k, v in cond.items()})
             step = q.step if q.step is not None else _step_of(g, q.t)
-            check_finite(pred.output, f"solver {slv.name!r}, step {step} of {n_steps} ({_describe_t(q.t)}), "
+            of = f" of {n_steps}" if fixed_grid else ""
+            check_finite(pred.output, f"solver {slv.name!r}, step {step}{of} ({_describe_t(q.t)}), "
                                       f"model call {counter.calls}")
             bar.update(1)
             item = run.send(pred)
@@ -167,13 +177,16 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     finally:
         bar.close()
         run.close()  # a run stopped by an error releases what it holds (e.g. a worker thread)
+    out = x if isinstance(x, Outcome) else Outcome(x)
+    x = out.x
     if not isinstance(x, Tensor):
         raise TypeError(f"solver {slv.name!r} returned {type(x).__name__}, expected a tensor")
     if trajectory is not None:
         trajectory.append((float(g[-1]), x.detach().clone()))
     wall = time.perf_counter() - start
     return SampleResult(samples=x, nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
-                        solver=slv.name, options=slv.options(), seeds=src.seeds, trajectory=trajectory)
+                        solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
+                        rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
 
 
 def _step_of(grid: Tensor, t) -> int:

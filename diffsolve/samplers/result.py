@@ -16,7 +16,8 @@ class SampleResult:
 
     ``nfe`` counts network calls (a call on any number of rows counts once); ``nfe_per_sample``
     counts, for each sample, the calls that evaluated its row. ``accepted``/``rejected`` are
-    per-sample step counts for adaptive solvers (None otherwise). ``trajectory`` (on request) lists
+    per-sample step counts for adaptive solvers (None otherwise); ``stats`` holds whatever else a
+    solver reports (e.g. dmcmc's per-sample start times). ``trajectory`` (on request) lists
     the (t, x) of every model query.
     """
 
@@ -30,6 +31,7 @@ class SampleResult:
     seeds: list[int] | None = None
     accepted: Tensor | None = None
     rejected: Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
     trajectory: list[tuple[Any, Tensor]] | None = None
 
     def __repr__(self) -> str:

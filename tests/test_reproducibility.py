@@ -7,7 +7,8 @@ GMM = ds.models.GaussianMixture.gmm_2d()
 MODEL = GMM.model(ds.schedules.VPLinear())
 CASES = [("euler-maruyama", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("heun", {"s_churn": 5.0}), ("euler", {}),
          ("euler-maruyama", {"noise": "brownian"}), ("adaptive-sde", {"eps_rel": 0.05}),
-         ("adaptive-sde", {"eps_rel": 0.05, "noise": "gaussian"})]
+         ("adaptive-sde", {"eps_rel": 0.05, "noise": "gaussian"}),
+         ("dmcmc", {"burn_in": 3, "burn_in_steps": 3, "eta": 0.05})]
 
 
 @pytest.mark.parametrize("solver,opts", CASES)

@@ -1,8 +1,9 @@
 """Solver registry, driver and every solver (imports models, schedules)."""
 
-from . import adaptive, blackbox, exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
+from . import adaptive, blackbox, dmcmc, exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
 from .base import Outcome, Query, Solver
 from .control import StepSizeController
+from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator
 from .driver import sample
 from .noise import NoiseSource, resolve_seeds
 from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
@@ -10,5 +11,6 @@ from .result import SampleResult
 
 __all__ = [
     "sample", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
+    "NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel",
     "SampleResult", "NoiseSource", "resolve_seeds",
 ]

@@ -21,19 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Outcome, Query, Solver, sub
+from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController
 from .registry import register
 
 Tensor = torch.Tensor
 
 MODES = ("per_sample", "batch")
-
-
-def _col(v: Tensor, like: Tensor) -> Tensor:
-    """A per-row [R] (or scalar) coefficient shaped to broadcast against ``like``, in its dtype."""
-    v = v.to(like.dtype)
-    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim else v
 
 
 @register("adaptive-sde", family="adaptive", order=1, calls_per_step=2, deterministic=False, fixed_grid=False,
@@ -89,7 +83,7 @@ class GottaGoFast(Solver):
 
         def drift(pred, tt):
             y = pred.x if mu is None else pred.x - sub(mu, rows)
-            return _col(schedule.f(tt), y) * y + _col(schedule.g2(tt), y) * pred.score
+            return col(schedule.f(tt), y) * y + col(schedule.g2(tt), y) * pred.score
 
         while bool((t > t_min).any()):
             it += 1
@@ -102,9 +96,9 @@ class GottaGoFast(Solver):
             z = noise.step(tr if per_sample else float(tr), (tr - hr) if per_sample else float(tr - hr), rows)
             pred = yield Query(xr, q_t, index=rows, step=it)
             xr = pred.x
-            k1 = _col(hr, xr) * drift(pred, tr) + _col((schedule.g2(tr) * hr).sqrt(), xr) * z
+            k1 = col(hr, xr) * drift(pred, tr) + col((schedule.g2(tr) * hr).sqrt(), xr) * z
             pred = yield Query(xr + k1, (tr - hr) if per_sample else float(tr - hr), index=rows, step=it)
-            k2 = _col(hr, xr) * drift(pred, tr - hr) + _col((schedule.g2(tr - hr) * hr).sqrt(), xr) * z
+            k2 = col(hr, xr) * drift(pred, tr - hr) + col((schedule.g2(tr - hr) * hr).sqrt(), xr) * z
             x_em, x_heun = xr + k1, xr + 0.5 * (k1 + k2)
             xp = x_prev[rows] if per_sample else x_prev
             err = self.controller.error_norm(0.5 * (k2 - k1), xp, x_em, self.eps_abs, self.eps_rel)
@@ -113,7 +107,7 @@ class GottaGoFast(Solver):
             ok = err <= 1
             t_new = torch.where(ok, torch.where(hr >= tr - t_min - tiny, torch.full_like(tr, t_min), tr - hr), tr)
             h_new = torch.minimum(hr * self.controller.factor(err), t_new - t_min)
-            okx = _col(ok, xr).bool() if per_sample else bool(ok)
+            okx = col(ok, xr).bool() if per_sample else bool(ok)
             x_new = torch.where(okx, x_heun, xr) if per_sample else (x_heun if okx else xr)
             xp_new = torch.where(okx, x_em, xp) if per_sample else (x_em if okx else xp)
             if per_sample:

@@ -84,3 +84,10 @@ def sub(mu: Tensor | float | None, index: Tensor | None):
     if index is None or not isinstance(mu, Tensor) or mu.ndim == 0 or mu.shape[0] == 1:
         return mu
     return mu[index]
+
+
+def col(v, like: Tensor) -> Tensor:
+    """A per-row [R] (or scalar) value as a tensor in ``like``'s dtype and device, shaped to broadcast
+    against it ([R, 1, ..., 1])."""
+    v = torch.as_tensor(v).to(device=like.device, dtype=like.dtype)
+    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim else v

@@ -82,6 +82,13 @@ class NoiseSource:
         return torch.stack([torch.randn(self.event_shape, generator=self.generators[i], device=self.device,
                                         dtype=self.dtype) for i in rows])
 
+    def subset(self, rows: Tensor) -> "NoiseSource":
+        """The noise of rows ``rows`` only, as a source of its own: it draws from the same generators
+        (advancing them) and has the same Brownian paths (a pure function of the seeds)."""
+        rows = [int(i) for i in torch.as_tensor(rows).tolist()]
+        return NoiseSource((len(rows), *self.event_shape), generators=[self.generators[i] for i in rows],
+                           device=self.device, dtype=self.dtype, kind=self.kind, t_range=self.t_range)
+
     def step(self, t, t_next, index: Tensor | None = None) -> Tensor:
         """The standard normal of the step t -> t_next (either direction)."""
         if self.kind == "gaussian":

@@ -1,0 +1,243 @@
+"""Denoising MCMC pre-sampling: Denoising Langevin Gibbs (Kim & Ye, ICML 2023).
+
+A Markov chain runs on (x, k), data and noise level, with target p(x, k) = p_{t_k}(x) pi(k), pi uniform
+over a ladder of K levels t_0 > ... > t_{K-1} (class 0 the noisiest; uniform in log-SNR, i.e.
+log-uniform in sigma for VE as in the paper). One Gibbs iteration (paper Eqs. 15-16):
+
+    x <- x + (eta / 2) score(x, t_k) + sqrt(eta) z         (one model call; eta fixed, in x's units)
+    k <- argmax_k q(k | x)                                  (a noise-level estimator, no model call)
+
+Every round, the lowest-noise state of a window of ``n_skip`` iterations (the window includes its
+start state; strictly lower wins) is handed to any registered solver, started at that sample's own
+time t_k and run to t_min in ``integrator_steps`` steps; then a Tweedie step x <- E[x0 | x] at t_min.
+The chain goes on from its current state, not from the one handed over. NFE per output sample, as
+the paper counts it: n_skip + the integrator's calls + 1 (Tweedie); the burn-in is paid once per
+chain and amortised over its ``rounds`` outputs.
+
+We state the chain in x_t itself (for VE this is the paper's chain; for other schedules it is the same
+Gibbs sampler of p_{t_k}(x) pi(k), with x_t's scaling). Estimators of k (``estimator``):
+  :class:`ExactNoiseLevel`       the exact posterior of an oracle (GaussianMixture): argmax_k log p_{t_k}(x)
+  :class:`ClassifierNoiseLevel`  a trained classifier q_phi(k | x), e.g. the shipped digits-sigma
+  :class:`DenoiserNoiseLevel`    training-free, **our variant** (not in the paper): from the model
+                                 call of the Langevin step, sigma_hat^2 = |x - alpha_k x0_hat - (1 -
+                                 alpha_k) mu|^2 / D, and k = the level whose sigma is nearest in log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from ..models.model import Prediction
+from ..schedules.grids import make_grid
+from .base import Outcome, Query, Solver, as_query, col, sub
+from .registry import get_solver, register
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+class NoiseLevelEstimator:
+    """Picks each sample's noise level: ``levels(x, pred, times, schedule, mu) -> LongTensor [B]``.
+
+    ``x`` is the state after the Langevin step, ``pred`` the model's prediction at the state before
+    it (at the current level), ``times`` the ladder [K]. ``times`` (an attribute) may fix the ladder.
+    """
+
+    times: Tensor | None = None
+
+    def levels(self, x: Tensor, pred: Prediction, times: Tensor, schedule, mu) -> Tensor:
+        raise NotImplementedError
+
+
+class ExactNoiseLevel(NoiseLevelEstimator):
+    """argmax_k log p_{t_k}(x) (uniform prior), exact for an oracle with ``log_prob(x, t, schedule, mu)``."""
+
+    def __init__(self, oracle: Any):
+        if not callable(getattr(oracle, "log_prob", None)):
+            raise TypeError(f"ExactNoiseLevel needs an oracle with log_prob(x, t, schedule), got {type(oracle).__name__}")
+        self.oracle = oracle
+
+    def levels(self, x, pred, times, schedule, mu):
+        b, k = x.shape[0], times.shape[0]
+        xs = x.repeat_interleave(k, dim=0)
+        ts = times.to(x.device).repeat(b)
+        lp = self.oracle.log_prob(xs, ts, schedule, None if mu is None else mu.repeat_interleave(k, dim=0))
+        return lp.reshape(b, k).argmax(dim=1)
+
+
+class ClassifierNoiseLevel(NoiseLevelEstimator):
+    """argmax_k of a classifier's logits over the ladder ``times`` (the paper's q_phi(k | x))."""
+
+    def __init__(self, classifier: Callable[[Tensor], Tensor], times):
+        self.classifier = classifier
+        self.times = torch.as_tensor(times, dtype=torch.float64)
+        if self.times.ndim != 1 or len(self.times) < 2 or not bool((self.times[1:] < self.times[:-1]).all()):
+            raise ValueError("times must be a descending 1-D ladder of at least 2 levels (class 0 the noisiest)")
+
+    @classmethod
+    def shipped(cls, name: str = "digits-sigma") -> "ClassifierNoiseLevel":
+        """The shipped noise-level classifier of digits-vp."""
+        from ..pretrained import load_noise_classifier
+
+        return cls(*load_noise_classifier(name))
+
+    def levels(self, x, pred, times, schedule, mu):
+        p = next(iter(getattr(self.classifier, "parameters", lambda: iter(()))()), None)
+        with torch.no_grad():
+            logits = self.classifier(x if p is None else x.to(p.dtype))
+        if logits.shape != (x.shape[0], len(times)):
+            raise ValueError(f"the classifier gave logits of shape {tuple(logits.shape)}, expected {(x.shape[0], len(times))}")
+        return logits.argmax(dim=1).to(x.device)
+
+
+class DenoiserNoiseLevel(NoiseLevelEstimator):
+    """Training-free (our variant): sigma_hat from the residual of the model's own denoiser."""
+
+    def levels(self, x, pred, times, schedule, mu):
+        resid = pred.x - pred.point(pred.coefs.alpha, 0.0)  # x - alpha x0_hat - (1 - alpha) mu
+        sig_hat = resid.flatten(1).double().pow(2).mean(dim=1).sqrt().clamp_min(1e-12)
+        sig = schedule.sigma(times.to(x.device)).clamp_min(1e-12)
+        return (sig_hat.log()[:, None] - sig.log()[None, :]).abs().argmin(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- solver
+@register("dmcmc", family="mcmc", order=1, calls_per_step=1, deterministic=False, fixed_grid=False,
+          description="Denoising MCMC: Langevin-Gibbs chain over (x, noise level), then any solver per sample",
+          reference="Kim & Ye 2023, Denoising MCMC for Accelerating Diffusion-Based Generative Models (ICML)")
+class DenoisingMCMC(Solver):
+    """Denoising Langevin Gibbs pre-sampling; the algorithm is in the module docstring.
+
+    Options: ``integrator`` (a registered solver name, default ``"heun"``), ``integrator_steps`` (3),
+    ``integrator_options`` (a dict), ``estimator`` (a :class:`NoiseLevelEstimator`; default the
+    training-free :class:`DenoiserNoiseLevel`), ``levels`` (K = 1000 when the estimator fixes none),
+    ``eta`` (the Langevin step, in x's units: 0.01), ``n_skip`` (3), ``rounds`` (outputs per chain: 1),
+    ``burn_in_steps`` (integrator steps of the initial sample: 10), ``renoise_sigma`` (the chain
+    starts from that sample noised to the level with sigma/alpha nearest this: 0.5, the paper's
+    x + 0.5 z), ``burn_in`` (Gibbs iterations before the first round: 20), ``denoise`` (the Tweedie
+    step: True).
+
+    With ``rounds = R`` the batch is B/R chains: sample i is round i % R of chain i // R, and its
+    randomness comes from the seeds of rows R (i // R) ... i; so a sample is independent of the batch
+    size only for the same R. ``stats``: ``start_time`` (each sample's integrator start time),
+    ``nfe_per_output`` (the paper's count per sample: n_skip + integrator calls + Tweedie; a model call
+    on several start-time groups counts once), ``burn_in_nfe`` (per chain, in the first output's
+    ``nfe_per_sample`` too) and ``chains``.
+    """
+
+    def __init__(self, integrator: str = "heun", integrator_steps: int = 3, integrator_options: dict | None = None,
+                 estimator: NoiseLevelEstimator | None = None, levels: int = 1000, eta: float = 0.01,
+                 n_skip: int = 3, rounds: int = 1, burn_in_steps: int = 10, renoise_sigma: float = 0.5,
+                 burn_in: int = 20, denoise: bool = True):
+        for name, v, lo in (("integrator_steps", integrator_steps, 1), ("levels", levels, 2), ("n_skip", n_skip, 0),
+                            ("rounds", rounds, 1), ("burn_in_steps", burn_in_steps, 1), ("burn_in", burn_in, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name, v in (("eta", eta), ("renoise_sigma", renoise_sigma)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        if estimator is not None and not isinstance(estimator, NoiseLevelEstimator):
+            raise TypeError(f"estimator must be a NoiseLevelEstimator, got {type(estimator).__name__}")
+        if not isinstance(denoise, bool):
+            raise TypeError(f"denoise must be True or False, got {denoise!r}")
+        self.integrator, self.integrator_steps = integrator, integrator_steps
+        self.integrator_options = dict(integrator_options or {})
+        self._integrator = get_solver(integrator, **self.integrator_options)  # checks the name and options
+        self.estimator = estimator if estimator is not None else DenoiserNoiseLevel()
+        self.levels, self.eta, self.n_skip, self.rounds = levels, float(eta), n_skip, rounds
+        self.burn_in_steps, self.renoise_sigma, self.burn_in, self.denoise = burn_in_steps, float(renoise_sigma), burn_in, denoise
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        b, r_per = x.shape[0], self.rounds
+        if b % r_per:
+            raise ValueError(f"dmcmc: the batch size ({b}) must be a multiple of rounds ({r_per})")
+        t_max, t_min = float(grid[0]), float(grid[-1])
+        times = self.estimator.times if self.estimator.times is not None else \
+            make_grid(schedule, self.levels - 1, "log-snr", t_max=t_max, t_min=t_min)
+        times = times.to(torch.float64)
+        chains = torch.arange(0, b, r_per, device=x.device)  # the row of each chain's first output
+        stats = {"start_time": torch.empty(b, dtype=torch.float64), "chains": len(chains),
+                 "nfe_per_output": torch.empty(b, dtype=torch.long)}
+
+        # burn-in: a sample from the integrator, noised back to sigma/alpha ~ renoise_sigma, Gibbs steps
+        xc, calls = yield from self._integrate(x[chains], torch.full((len(chains),), t_max, dtype=torch.float64),
+                                               t_min, self.burn_in_steps, chains, noise, schedule, mu)
+        stats["burn_in_nfe"] = int(calls.max()) + self.burn_in
+        log_s = (schedule.sigma(times) / schedule.alpha(times)).log()
+        k = torch.full((len(chains),), int((log_s - math.log(self.renoise_sigma)).abs().argmin()), dtype=torch.long)
+        a, s = (col(v, xc) for v in (schedule.alpha(times[k]), schedule.sigma(times[k])))
+        m = sub(mu, chains)
+        xc = a * xc + (0.0 if m is None else (1 - a) * m) + s * noise.randn(chains)
+        for _ in range(self.burn_in):
+            xc, k = yield from self._gibbs(xc, k, times, chains, noise, schedule, mu)
+
+        out = torch.empty_like(x)
+        for rnd in range(r_per):
+            rows = chains + rnd
+            x_min, k_min = xc, k
+            for _ in range(self.n_skip):
+                xc, k = yield from self._gibbs(xc, k, times, rows, noise, schedule, mu)
+                lower = k > k_min
+                x_min = torch.where(col(lower, xc).bool(), xc, x_min)
+                k_min = torch.where(lower, k, k_min)
+            t0 = times[k_min]
+            stats["start_time"][rows.cpu()] = t0.cpu()
+            y, calls = yield from self._integrate(x_min, t0, t_min, self.integrator_steps, rows, noise, schedule, mu)
+            stats["nfe_per_output"][rows.cpu()] = self.n_skip + calls + int(self.denoise)
+            if self.denoise:
+                pred = yield Query(y, t_min, index=rows)
+                y = pred.x0
+            out[rows] = y
+        return Outcome(out, stats=stats)
+
+    def _gibbs(self, x, k, times, rows, noise, schedule, mu):
+        """One Langevin step at each chain's level, then the level update."""
+        t = times[k].to(x.device)
+        pred = yield Query(x, t, index=rows)
+        x_new = pred.x + (0.5 * self.eta) * pred.score + math.sqrt(self.eta) * noise.randn(rows)
+        return x_new, self.estimator.levels(x_new, pred, times, schedule, sub(mu, rows)).to(k.device)
+
+    def _integrate(self, x, t0, t_min, steps, rows, noise, schedule, mu):
+        """Run the integrator on each group of rows that share a start time, merging the groups' queries
+        into one model call per round; returns the states and each row's number of model calls."""
+        runs, slots = [], []
+        out = x.clone()
+        for t_start in torch.unique(t0):
+            sel = (t0 == t_start).nonzero().squeeze(1)
+            if float(t_start) <= t_min * (1 + 1e-12) + 1e-300:
+                continue  # already at t_min
+            g = make_grid(schedule, steps, t_max=float(t_start), t_min=t_min)
+            run = self._integrator.run(x[sel], g, noise.subset(rows[sel]), schedule=schedule, mu=sub(mu, rows[sel]))
+            runs.append(run)
+            slots.append(sel)
+        pending, calls = {}, torch.zeros(len(x), dtype=torch.long)  # model calls per row
+        for i, run in enumerate(runs):
+            _advance(run, None, i, pending, out, slots)
+        while pending:
+            order = sorted(pending)
+            qs = [pending[i] for i in order]
+            local = [slots[i] if q.index is None else slots[i][q.index] for i, q in zip(order, qs)]
+            tt = torch.cat([torch.as_tensor(q.t, dtype=torch.float64).expand(len(l)) for q, l in zip(qs, local)])
+            idx = torch.cat(local)
+            pred = yield Query(torch.cat([q.x for q in qs]), tt, index=rows[idx])
+            calls[idx.cpu()] += 1
+            pending.clear()
+            start = 0
+            for i, l in zip(order, local):
+                part = slice(start, start + len(l))
+                start += len(l)
+                piece = Prediction(pred.x[part], pred.t[part], pred.output[part], pred.kind, pred.schedule,
+                                   None if pred.mu is None else pred.mu[part])
+                _advance(runs[i], piece, i, pending, out, slots)
+        return out, calls
+
+
+def _advance(run, value, i, pending, out, slots):
+    """Send ``value`` to sub-run i; file its next query in ``pending`` or its result in ``out``."""
+    try:
+        pending[i] = as_query(next(run) if value is None else run.send(value))
+    except StopIteration as stop:
+        res = stop.value.x if isinstance(stop.value, Outcome) else stop.value
+        out[slots[i]] = res

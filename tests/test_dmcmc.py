@@ -102,6 +102,9 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="n_skip must be"):
         ds.get_solver("dmcmc", n_skip=-1)
     with pytest.raises(TypeError, match="estimator must be"):
+        ds.get_solver("dmcmc", estimator=0.5)
+    with pytest.raises(ValueError, match="estimator 'oracle' is unknown"):
         ds.get_solver("dmcmc", estimator="oracle")
+    assert isinstance(ds.get_solver("dmcmc", estimator="digits-sigma").estimator, ClassifierNoiseLevel)
     with pytest.raises(ValueError, match="multiple of rounds"):
         ds.sample(GMM.model(VP), "dmcmc", shape=(5, 2), rounds=2, seed=0)

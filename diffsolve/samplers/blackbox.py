@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import torch
 
-from .base import Solver
+from .base import Outcome, Solver
 from .registry import register
 
 _STOP = object()
@@ -25,7 +25,8 @@ class _Stopped(Exception):
 
 
 class _BlackBox(Solver):
-    """Runs ``self._integrate(drift, x, t0, t1)`` in a thread; drift calls become model queries."""
+    """Runs ``self._integrate(drift, x, t0, t1) -> (x1, accepted, rejected)`` in a thread; drift calls
+    become model queries. The step counts are the batch's (one error norm for the batch)."""
 
     METHODS: tuple[str, ...] = ()
 
@@ -61,7 +62,9 @@ class _BlackBox(Solver):
             while True:
                 kind, a, b = requests.get()
                 if kind == "done":
-                    return a
+                    y, acc, rej = a
+                    counts = torch.full((x.shape[0],), acc, dtype=torch.long), torch.full((x.shape[0],), rej, dtype=torch.long)
+                    return Outcome(y, *counts)
                 if kind == "error":
                     raise a
                 pred = yield a, b
@@ -91,10 +94,11 @@ class TorchdiffeqODE(_BlackBox):
         from torchdiffeq import odeint
 
         ts = torch.tensor([t0, t1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        f = _CountingDrift(drift)
         # step_t makes the last step land on t_min instead of stepping past it and interpolating
         # (a stage beyond t_min may leave the schedule's range, e.g. t < 0 for VP)
-        return odeint(lambda t, y: drift(float(t), y), x, ts, rtol=self.rtol, atol=self.atol, method=self.method,
-                      options={"step_t": ts[1:]})[-1]
+        y = odeint(f, x, ts, rtol=self.rtol, atol=self.atol, method=self.method, options={"step_t": ts[1:]})[-1]
+        return y, f.accepted, f.rejected
 
 
 @register("ode-rk45", family="adaptive", order=5, calls_per_step=6, deterministic=True, fixed_grid=False,
@@ -104,6 +108,7 @@ class ScipyODE(_BlackBox):
     """scipy ``solve_ivp`` (RK45 by default) on the flattened float64 batch, as Score-SDE's ODE sampler.
 
     Options: ``rtol``, ``atol`` (1e-5), ``method`` (RK45, RK23, DOP853). One error norm for the batch.
+    (The same loop as ``solve_ivp``, driven step by step so that accepted and rejected steps are counted.)
     """
 
     METHODS = ("RK45", "RK23", "DOP853")
@@ -112,7 +117,7 @@ class ScipyODE(_BlackBox):
         super().__init__(rtol, atol, method)
 
     def _integrate(self, drift, x, t0, t1):
-        from scipy.integrate import solve_ivp
+        import scipy.integrate
 
         shape, dtype, device = x.shape, x.dtype, x.device
 
@@ -121,7 +126,32 @@ class ScipyODE(_BlackBox):
             return v.detach().to("cpu", torch.float64).reshape(-1).numpy()
 
         y0 = x.detach().to("cpu", torch.float64).reshape(-1).numpy()
-        sol = solve_ivp(f, (t0, t1), y0, method=self.method, rtol=self.rtol, atol=self.atol)
-        if not sol.success:
-            raise RuntimeError(f"solve_ivp failed: {sol.message}")
-        return torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape).to(device=device, dtype=dtype)
+        # solve_ivp's own loop, step by step, to count the attempts: every attempt of an explicit
+        # Runge-Kutta pair costs n_stages calls (first-same-as-last), so a step's calls tell its rejections
+        solver = getattr(scipy.integrate, self.method)(f, t0, y0, t1, rtol=self.rtol, atol=self.atol)
+        accepted = rejected = 0
+        while solver.status == "running":
+            before = solver.nfev
+            message = solver.step()
+            if solver.status == "failed":
+                raise RuntimeError(f"scipy {self.method} failed at t = {solver.t:.6g}: {message}")
+            accepted += 1
+            rejected += max(0, round((solver.nfev - before) / solver.n_stages) - 1)
+        y = torch.from_numpy(np.ascontiguousarray(solver.y)).reshape(shape).to(device=device, dtype=dtype)
+        return y, accepted, rejected
+
+
+class _CountingDrift:
+    """The drift for torchdiffeq, counting accepted and rejected steps through its callbacks."""
+
+    def __init__(self, drift):
+        self.drift, self.accepted, self.rejected = drift, 0, 0
+
+    def __call__(self, t, y):
+        return self.drift(float(t), y)
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted += 1
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.rejected += 1

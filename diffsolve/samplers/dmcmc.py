@@ -37,6 +37,8 @@ from .registry import get_solver, register
 
 Tensor = torch.Tensor
 
+SHIPPED_CLASSIFIERS = ("digits-sigma",)
+
 
 # ---------------------------------------------------------------------------------------------- estimators
 class NoiseLevelEstimator:
@@ -111,8 +113,9 @@ class DenoisingMCMC(Solver):
     """Denoising Langevin Gibbs pre-sampling; the algorithm is in the module docstring.
 
     Options: ``integrator`` (a registered solver name, default ``"heun"``), ``integrator_steps`` (3),
-    ``integrator_options`` (a dict), ``estimator`` (a :class:`NoiseLevelEstimator`; default the
-    training-free :class:`DenoiserNoiseLevel`), ``levels`` (K = 1000 when the estimator fixes none),
+    ``integrator_options`` (a dict), ``estimator`` (a :class:`NoiseLevelEstimator`, or by name
+    ``"denoiser"`` or a shipped classifier such as ``"digits-sigma"``; default the training-free
+    :class:`DenoiserNoiseLevel`), ``levels`` (K = 1000 when the estimator fixes none),
     ``eta`` (the Langevin step, in x's units: 0.01), ``n_skip`` (3), ``rounds`` (outputs per chain: 1),
     ``burn_in_steps`` (integrator steps of the initial sample: 10), ``renoise_sigma`` (the chain
     starts from that sample noised to the level with sigma/alpha nearest this: 0.5, the paper's
@@ -138,8 +141,14 @@ class DenoisingMCMC(Solver):
         for name, v in (("eta", eta), ("renoise_sigma", renoise_sigma)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        if isinstance(estimator, str):  # by name, for the command line
+            if estimator not in ("denoiser", *SHIPPED_CLASSIFIERS):
+                raise ValueError(f"estimator {estimator!r} is unknown; allowed names: 'denoiser', "
+                                 f"{', '.join(repr(c) for c in SHIPPED_CLASSIFIERS)} (or a NoiseLevelEstimator)")
+            estimator = DenoiserNoiseLevel() if estimator == "denoiser" else ClassifierNoiseLevel.shipped(estimator)
         if estimator is not None and not isinstance(estimator, NoiseLevelEstimator):
-            raise TypeError(f"estimator must be a NoiseLevelEstimator, got {type(estimator).__name__}")
+            raise TypeError(f"estimator must be a NoiseLevelEstimator, 'denoiser' or a shipped classifier's name, "
+                            f"got {type(estimator).__name__}")
         if not isinstance(denoise, bool):
             raise TypeError(f"denoise must be True or False, got {denoise!r}")
         self.integrator, self.integrator_steps = integrator, integrator_steps

@@ -1,0 +1,154 @@
+"""SDE-family benchmark: sample quality against NFE for euler-maruyama, pc, adaptive-sde (both
+modes) and dmcmc + heun, on the 2-D GaussianMixture oracle and on the shipped digits-vp model.
+
+    python scripts/bench_sde.py [--part gmm|digits|all] [--seed 0]
+
+GaussianMixture (VPLinear, exact scores): MMD^2 and sliced Wasserstein distance of 2000 samples to 2000
+exact samples of the law at t_min (one shared reference, so the rows compare paired). digits-vp: digits-FD
+of 500 samples (diffsolve.quality.evaluate, against the 300 held-out digits). NFE is model rows per
+sample: for adaptive-sde per_sample mode finished samples leave the batch, so rows per sample is below
+the number of model calls; for dmcmc both the paper's count (n_skip + integrator + Tweedie, burn-in
+excluded) and the count with each chain's burn-in spread over its outputs are given; the plot uses
+the latter. Writes benchmarks/sde.json, benchmarks/sde.md and (with matplotlib) benchmarks/sde.png;
+rows of the part not run are kept from an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import diffsolve as ds
+from diffsolve.metrics import mmd2, sliced_wasserstein
+from diffsolve.samplers import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks"
+
+
+def configs(part: str, estimator) -> list[tuple[str, str, dict, int | None]]:
+    """(method, solver, options, steps) rows of one part."""
+    if part == "gmm":
+        em, pc, heun, eps = (10, 20, 50, 100, 200, 500, 1000), (5, 10, 25, 50, 100), (3, 5, 10, 20), \
+            (0.01, 0.02, 0.05, 0.1, 0.2)
+        mc = [dict(integrator_steps=s, n_skip=3, eta=0.1, rounds=15) for s in (1, 2, 3, 5)]
+    else:
+        em, pc, heun, eps = (20, 50, 100), (10, 25, 50), (5, 10, 20), (0.1, 0.2)
+        mc = [dict(integrator_steps=s, n_skip=3, eta=0.1, rounds=5) for s in (2, 3, 5)]
+    rows = [("euler-maruyama", "euler-maruyama", {}, n) for n in em]
+    rows += [("pc (reverse-diffusion + langevin)", "pc", {}, n) for n in pc]
+    rows += [(f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None)
+             for mode in ("per_sample", "batch") for e in eps]
+    rows += [("heun (ODE, from noise)", "heun", {}, n) for n in heun]
+    rows += [("dmcmc + heun", "dmcmc", {"integrator": "heun", "estimator": estimator, **o}, None) for o in mc]
+    return rows
+
+
+def run_part(part: str, seed: int) -> list[dict]:
+    if part == "gmm":
+        gmm = ds.models.GaussianMixture.gmm_2d()
+        sched = ds.schedules.VPLinear()
+        model, shape = gmm.model(sched), (2000, 2)
+        ref = gmm.marginal(sched.t_min, sched).sample(2000, torch.Generator().manual_seed(1000 + seed))
+        estimator, dtype = ExactNoiseLevel(gmm), torch.float64
+
+        def score(x):
+            return {"mmd2": mmd2(x, ref), "sliced_w": sliced_wasserstein(x, ref)}
+    else:
+        from diffsolve.quality import evaluate
+
+        model, shape, dtype = ds.pretrained.load("digits-vp"), (500, 1, 16, 16), torch.float32
+        estimator = ClassifierNoiseLevel.shipped()
+
+        def score(x):
+            return {"digits_fd": evaluate(x)["digits_fd"]}
+
+    rows = []
+    for method, solver, opts, steps in configs(part, estimator):
+        t0 = time.time()
+        res = ds.sample(model, solver, steps, shape=shape, seed=seed, dtype=dtype, **opts)
+        row = {"problem": part, "method": method, "steps": steps,
+               "options": {k: v for k, v in opts.items() if k != "estimator"},
+               "nfe": float(res.nfe_per_sample.double().mean()), "calls": res.nfe, **score(res.samples),
+               "seconds": round(time.time() - t0, 2)}
+        if solver == "adaptive-sde":
+            row["rejected_fraction"] = float(res.rejected.sum() / (res.accepted + res.rejected).sum())
+        if solver == "dmcmc":
+            row["nfe_paper"] = float(res.stats["nfe_per_output"].double().mean())
+            row["estimator"] = type(opts["estimator"]).__name__
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write(rows: list[dict], seed: int) -> None:
+    OUT.mkdir(exist_ok=True)
+    tmp = OUT / "sde.json.tmp"
+    tmp.write_text(json.dumps({"seed": seed, "rows": rows}, indent=2) + "\n")
+    os.replace(tmp, OUT / "sde.json")
+    lines = ["# SDE-family samplers: quality against NFE", "",
+             "Written by `scripts/bench_sde.py` (2 CPU threads). NFE = model rows per sample; dmcmc's "
+             "\"paper NFE\" leaves out the burn-in (amortised over each chain's outputs in the NFE column).", ""]
+    for part, metric, title in (("gmm", "mmd2", "2-D GaussianMixture, VPLinear, exact scores, 2000 samples"),
+                                ("digits", "digits_fd", "digits-vp, 500 samples, digits-FD (lower is better)")):
+        sel = [r for r in rows if r["problem"] == part]
+        if not sel:
+            continue
+        extra = " sliced W |" if part == "gmm" else ""
+        lines += [f"## {title}", "", f"| method | setting | NFE | paper NFE | {metric} |{extra} calls | s |",
+                  "|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|"]
+        for r in sel:
+            setting = f"{r['steps']} steps" if r["steps"] else ", ".join(f"{k}={v}" for k, v in r["options"].items())
+            if "rejected_fraction" in r:
+                setting += f" (rejected {100 * r['rejected_fraction']:.0f}%)"
+            paper = f"{r['nfe_paper']:.1f}" if "nfe_paper" in r else ""
+            sw = f" {r['sliced_w']:.4f} |" if extra else ""
+            lines.append(f"| {r['method']} | {setting} | {r['nfe']:.1f} | {paper} | {r[metric]:.4g} |{sw} "
+                         f"{r['calls']} | {r['seconds']} |")
+        lines.append("")
+    (OUT / "sde.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (part, metric) in zip(axes, (("gmm", "mmd2"), ("digits", "digits_fd"))):
+        sel = [r for r in rows if r["problem"] == part]
+        for method in dict.fromkeys(r["method"] for r in sel):
+            pts = sorted((r["nfe"], r[metric]) for r in sel if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE per sample")
+        ax.set_ylabel(metric)
+        ax.set_title(part)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "sde.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("gmm", "digits", "all"), default="all")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    parts = ("gmm", "digits") if a.part == "all" else (a.part,)
+    old = json.loads((OUT / "sde.json").read_text())["rows"] if (OUT / "sde.json").exists() else []
+    rows = [r for r in old if r["problem"] not in parts]
+    for part in parts:
+        rows += run_part(part, a.seed)
+    rows.sort(key=lambda r: r["problem"] != "gmm")
+    write(rows, a.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.metrics import mmd2, sliced_wasserstein
-from diffsolve.samplers import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel
+from diffsolve.samplers import ClassifierNoiseLevel, ExactNoiseLevel
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
@@ -34,18 +34,23 @@ OUT = ROOT / "benchmarks"
 def configs(part: str, estimator) -> list[tuple[str, str, dict, int | None]]:
     """(method, solver, options, steps) rows of one part."""
     if part == "gmm":
-        em, pc, heun, eps = (10, 20, 50, 100, 200, 500, 1000), (5, 10, 25, 50, 100), (3, 5, 10, 20), \
-            (0.01, 0.02, 0.05, 0.1, 0.2)
+        em, pc, heun = (10, 20, 50, 100, 200, 500, 1000), (5, 10, 25, 50, 100), (3, 5, 10, 20)
+        eps = {"per_sample": (0.01, 0.02, 0.05, 0.1, 0.2), "batch": (0.01, 0.02, 0.05, 0.1, 0.2)}
         mc = [dict(integrator_steps=s, n_skip=3, eta=0.1, rounds=15) for s in (1, 2, 3, 5)]
     else:
-        em, pc, heun, eps = (20, 50, 100), (10, 25, 50), (5, 10, 20), (0.1, 0.2)
-        mc = [dict(integrator_steps=s, n_skip=3, eta=0.1, rounds=5) for s in (2, 3, 5)]
+        em, pc, heun = (20, 50, 100), (10, 25, 50), (5, 10, 20)
+        eps = {"per_sample": (0.1, 0.2), "batch": (0.2,)}
+        mc = [dict(integrator_steps=s, n_skip=3, eta=0.03, rounds=r) for s, r in ((2, 1), (3, 1), (3, 5))]
     rows = [("euler-maruyama", "euler-maruyama", {}, n) for n in em]
     rows += [("pc (reverse-diffusion + langevin)", "pc", {}, n) for n in pc]
     rows += [(f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None)
-             for mode in ("per_sample", "batch") for e in eps]
+             for mode in eps for e in eps[mode]]
     rows += [("heun (ODE, from noise)", "heun", {}, n) for n in heun]
     rows += [("dmcmc + heun", "dmcmc", {"integrator": "heun", "estimator": estimator, **o}, None) for o in mc]
+    if part == "gmm":  # the stochastic integrator of the test: 10 ancestral steps against dmcmc + 6 of them
+        rows += [("ddpm (from noise)", "ddpm", {}, n) for n in (5, 10, 20)]
+        rows += [("dmcmc + ddpm", "dmcmc", {"integrator": "ddpm", "estimator": estimator, "integrator_steps": s,
+                                            "n_skip": 3, "eta": 0.1, "rounds": 15}, None) for s in (3, 6, 16)]
     return rows
 
 

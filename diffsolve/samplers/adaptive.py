@@ -24,6 +24,7 @@ import torch
 from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController
 from .registry import register
+from .sde import reverse_sde_coefs
 
 Tensor = torch.Tensor
 
@@ -71,6 +72,9 @@ class GottaGoFast(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_max, t_min = float(grid[0]), float(grid[-1])
+        if not float(schedule.sigma(t_min)) > 0:
+            raise ValueError(f"adaptive-sde needs sigma(t_min) > 0 (the score is infinite at sigma = 0, t_min = {t_min:g}); "
+                             "pass t_min, e.g. t_min=1e-3 as Score-SDE does")
         b, dev, f64 = x.shape[0], x.device, torch.float64
         per_sample = self.mode == "per_sample"
         t = torch.full((b,), t_max, dtype=f64, device=dev)
@@ -83,7 +87,8 @@ class GottaGoFast(Solver):
 
         def drift(pred, tt):
             y = pred.x if mu is None else pred.x - sub(mu, rows)
-            return col(schedule.f(tt), y) * y + col(schedule.g2(tt), y) * pred.score
+            f, g2 = reverse_sde_coefs(schedule, tt)
+            return col(f, y) * y + col(g2, y) * pred.score
 
         while bool((t > t_min).any()):
             it += 1
@@ -123,5 +128,5 @@ class GottaGoFast(Solver):
         if self.denoise:
             rows = None
             pred = yield Query(x, t_min, step=it + 1)
-            x = pred.x + float(schedule.sigma(t_min)) ** 2 * pred.score
+            x = pred.point(pred.coefs.alpha, 0.0)  # = x + sigma^2 score, finite also where sigma = 0
         return Outcome(x, accepted=accepted, rejected=rejected)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .base import Solver
 from .registry import register
 
@@ -54,6 +56,18 @@ class EulerMaruyama(Solver):
 def euler_maruyama_step(pred, t: float, t_next: float, schedule, mu=None):
     """(x_mean, std) of one Euler-Maruyama step of the reverse SDE from t to t_next (docstring above)."""
     dt = t_next - t
-    f, g2 = float(schedule.f(t)), float(schedule.g2(t))
+    f, g2 = (float(v) for v in reverse_sde_coefs(schedule, t))
     y = pred.x if mu is None else pred.x - mu
     return pred.x + (-f * dt) * y + (-g2 * dt) * pred.score, math.sqrt(g2 * abs(dt))
+
+
+def reverse_sde_coefs(schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(t), g2(t)) of the forward SDE, with a clear error where they are infinite (alpha(t) = 0, e.g.
+    rectified flow at t = 1: the reverse SDE cannot start there)."""
+    f, g2 = schedule.f(t), schedule.g2(t)
+    if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(g2).all())):
+        tt = torch.as_tensor(t)
+        where = f"t = {float(tt.max()):.6g}" if tt.ndim else f"t = {float(tt):.6g}"
+        raise ValueError(f"the reverse SDE of {type(schedule).__name__} has an infinite drift at {where} "
+                         f"(alpha = 0 there); start SDE solvers below it, e.g. t_max=0.999")
+    return f, g2

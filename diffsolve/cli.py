@@ -536,7 +536,8 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     names = _write_atomically(out, write)
     shutil.rmtree(shard_dir, ignore_errors=True)
 
-    print(f"{solver_name}: {k} samples of {args.model} in {args.steps} steps, "
+    how = f"in {args.steps} steps" if ds.samplers.solver_info(solver_name).fixed_grid else "(adaptive steps)"
+    print(f"{solver_name}: {k} samples of {args.model} {how}, "
           f"NFE {nfe}, {wall:.2f} s ({device}, {args.dtype}, {n_shards} shard(s), {world} process(es))")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     if image is None:

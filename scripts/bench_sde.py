@@ -5,7 +5,9 @@ modes) and dmcmc + heun, on the 2-D GaussianMixture oracle and on the shipped di
 
 GaussianMixture (VPLinear, exact scores): MMD^2 and sliced Wasserstein distance of 2000 samples to 2000
 exact samples of the law at t_min (one shared reference, so the rows compare paired). digits-vp: digits-FD
-of 500 samples (diffsolve.quality.evaluate, against the 300 held-out digits). NFE is model rows per
+of 500 samples (diffsolve.quality.evaluate, against the 300 held-out digits). euler-maruyama and pc
+run on Score-SDE's uniform time grid (as in Gotta Go Fast's comparison), heun on the schedule's
+default grid. NFE is model rows per
 sample: for adaptive-sde per_sample mode finished samples leave the batch, so rows per sample is below
 the number of model calls; for dmcmc both the paper's count (n_skip + integrator + Tweedie, burn-in
 excluded) and the count with each chain's burn-in spread over its outputs are given; the plot uses
@@ -41,8 +43,8 @@ def configs(part: str, estimator) -> list[tuple[str, str, dict, int | None]]:
         em, pc, heun = (20, 50, 100), (10, 25, 50), (5, 10, 20)
         eps = {"per_sample": (0.1, 0.2), "batch": (0.2,)}
         mc = [dict(integrator_steps=s, n_skip=3, eta=0.03, rounds=r) for s, r in ((2, 1), (3, 1), (3, 5))]
-    rows = [("euler-maruyama", "euler-maruyama", {}, n) for n in em]
-    rows += [("pc (reverse-diffusion + langevin)", "pc", {}, n) for n in pc]
+    rows = [("euler-maruyama", "euler-maruyama", {"grid": "uniform"}, n) for n in em]
+    rows += [("pc (reverse-diffusion + langevin)", "pc", {"grid": "uniform"}, n) for n in pc]
     rows += [(f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None)
              for mode in eps for e in eps[mode]]
     rows += [("heun (ODE, from noise)", "heun", {}, n) for n in heun]

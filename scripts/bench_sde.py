@@ -38,7 +38,7 @@ def configs(part: str, estimator) -> list[tuple[str, str, dict, int | None]]:
     if part == "gmm":
         em, pc, heun = (10, 20, 50, 100, 200, 500, 1000), (5, 10, 25, 50, 100), (3, 5, 10, 20)
         eps = {"per_sample": (0.01, 0.02, 0.05, 0.1, 0.2), "batch": (0.01, 0.02, 0.05, 0.1, 0.2)}
-        mc = [dict(integrator_steps=s, n_skip=3, eta=0.1, rounds=15) for s in (1, 2, 3, 5)]
+        mc = [dict(integrator_steps=s, n_skip=3, eta=0.1, rounds=10) for s in (1, 2, 3, 5)]
     else:
         em, pc, heun = (20, 50, 100), (10, 25, 50), (5, 10, 20)
         eps = {"per_sample": (0.1, 0.2), "batch": (0.2,)}
@@ -52,7 +52,7 @@ def configs(part: str, estimator) -> list[tuple[str, str, dict, int | None]]:
     if part == "gmm":  # the stochastic integrator of the test: 10 ancestral steps against dmcmc + 6 of them
         rows += [("ddpm (from noise)", "ddpm", {}, n) for n in (5, 10, 20)]
         rows += [("dmcmc + ddpm", "dmcmc", {"integrator": "ddpm", "estimator": estimator, "integrator_steps": s,
-                                            "n_skip": 3, "eta": 0.1, "rounds": 15}, None) for s in (3, 6, 16)]
+                                            "n_skip": 3, "eta": 0.1, "rounds": 10}, None) for s in (3, 6, 16)]
     return rows
 
 

@@ -73,3 +73,21 @@ def test_corrector_beats_predictor_only_at_equal_nfe():
     print("mmd2", d, "sliced W", w)
     assert d["pc"] < min(d["rd"], d["em"]) - 1e-3
     assert w["pc"] < min(w["rd"], w["em"])
+
+
+@pytest.mark.parametrize("name", ["subvp", "ouve"])
+def test_pc_on_subvp_and_ouve(name):
+    """sub-VP with Score-SDE's default PC; OUVE (mean-reverting towards mu) with SGMSE's sampler:
+    reverse diffusion + annealed Langevin, snr 0.5."""
+    if name == "subvp":
+        sched, mu, opts = ds.schedules.SubVP(), None, {}
+    else:
+        sched, mu, opts = ds.schedules.OUVE(), torch.linspace(-1.0, 1.0, 16, dtype=torch.float64), \
+            {"corrector": "ald", "snr": 0.5}
+    res = ds.sample(GAUSS.model(sched), "pc", 100, shape=(2000, 16), seed=0, dtype=torch.float64, mu=mu,
+                    predictor="reverse-diffusion", **opts)
+    target = GAUSS.marginal(sched.t_min, sched, mu=mu)
+    err_mean = float((res.samples.mean(0) - target.means[0]).abs().max())
+    ratio = float(res.samples.var(0).mean() / (target.stds[0] ** 2).mean())
+    print(name, "max mean error", err_mean, "variance ratio", ratio)
+    assert err_mean < 0.06 and abs(ratio - 1) < 0.08

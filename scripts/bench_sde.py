@@ -48,10 +48,11 @@ def configs(part: str, estimator) -> list[tuple[str, str, dict, int | None]]:
     rows += [(f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None)
              for mode in eps for e in eps[mode]]
     rows += [("heun (ODE, from noise)", "heun", {}, n) for n in heun]
-    rows += [("dmcmc + heun", "dmcmc", {"integrator": "heun", "estimator": estimator, **o}, None) for o in mc]
+    rows += [(f"dmcmc + heun ({o['rounds']} per chain)", "dmcmc", {"integrator": "heun", "estimator": estimator, **o}, None)
+             for o in mc]
     if part == "gmm":  # the stochastic integrator of the test: 10 ancestral steps against dmcmc + 6 of them
         rows += [("ddpm (from noise)", "ddpm", {}, n) for n in (5, 10, 20)]
-        rows += [("dmcmc + ddpm", "dmcmc", {"integrator": "ddpm", "estimator": estimator, "integrator_steps": s,
+        rows += [("dmcmc + ddpm (10 per chain)", "dmcmc", {"integrator": "ddpm", "estimator": estimator, "integrator_steps": s,
                                             "n_skip": 3, "eta": 0.1, "rounds": 10}, None) for s in (3, 6, 16)]
     return rows
 

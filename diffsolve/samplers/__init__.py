@@ -1,16 +1,16 @@
 """Solver registry, driver and every solver (imports models, schedules)."""
 
-from . import adaptive, blackbox, dmcmc, exponential, ode, pc, sde  # noqa: F401  (registers the solvers)
+from . import adaptive, blackbox, dmcmc, exponential, ode, pc, reversible, sde  # noqa: F401  (registers the solvers)
 from .base import Outcome, Query, Solver
 from .control import StepSizeController
 from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator
-from .driver import sample
+from .driver import invert, sample
 from .noise import NoiseSource, resolve_seeds
 from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
-from .result import SampleResult
+from .result import Latent, SampleResult
 
 __all__ = [
-    "sample", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
+    "sample", "invert", "Latent", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
     "NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel",
     "SampleResult", "NoiseSource", "resolve_seeds",
 ]

@@ -13,7 +13,7 @@ from ..schedules.grids import GridSpec, make_grid
 from .base import Outcome, Solver, as_query, sub
 from .noise import NoiseSource
 from .registry import get_solver, solver_info
-from .result import SampleResult
+from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
 
@@ -70,7 +70,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
            mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, noise: str | None = None,
            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
            progress: bool | None = None, return_trajectory: bool = False,
-           num_inference_steps: int | None = None, **solver_options: Any) -> SampleResult:
+           num_inference_steps: int | None = None, latent: Latent | None = None,
+           **solver_options: Any) -> SampleResult:
     """Sample from ``model`` with a registered solver.
 
     Parameters
@@ -93,6 +94,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     device, dtype: where and in which precision to sample (default: x_T's, else cpu / float32).
     progress: show a progress bar (default: only when stderr is a terminal).
     return_trajectory: keep (t, x) of every model query.
+    latent: a :class:`Latent` from :func:`invert`: the run starts from it, on its grid (for reversible
+        solvers from its full state, which reproduces the inverted data to round-off).
     **solver_options: the solver's options, e.g. ``eta=1.0`` for ddim.
     """
     if not isinstance(model, DiffusionModel):
@@ -102,12 +105,18 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
             raise ValueError("give steps or num_inference_steps, not both")
         steps = num_inference_steps
     slv = resolve_solver(solver, solver_options)
-    try:
-        info = solver_info(slv.name)
-    except ValueError:  # an unregistered Solver subclass
-        info = None
-    fixed_grid = info.fixed_grid if info is not None else True
+    info, fixed_grid = _info(slv)
     noise = slv.default_noise if noise is None else noise
+    if latent is not None:
+        if not isinstance(latent, Latent):
+            raise TypeError(f"latent must be a diffsolve Latent (from ds.invert), got {type(latent).__name__}")
+        if x_T is not None:
+            raise ValueError("give x_T or latent, not both")
+        if latent.aux is not None and latent.solver != slv.name:
+            raise ValueError(f"this latent was made by {latent.solver!r}; its second state means nothing to "
+                             f"{slv.name!r} (sample with solver={latent.solver!r})")
+        x_T = latent.x
+        grid = latent.grid.tolist() if grid is None else grid
     schedule = model.schedule
     dtype = _dtype(dtype)
 
@@ -149,15 +158,31 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     else:
         x = x_T.to(device=device, dtype=dtype)
 
-    counter = NFECounter(b)
-    trajectory: list | None = [] if return_trajectory else None
-    n_steps = len(g) - 1
-    total = n_steps * (info.calls_per_step if info is not None else 1) if fixed_grid else None
+    aux = {"aux": latent.aux} if latent is not None and latent.aux is not None else {}
+    run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
+    out, counter, trajectory, wall = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress,
+                                             return_trajectory=return_trajectory)
+    return SampleResult(samples=out.x, nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
+                        solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
+                        rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
+
+
+def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: int, *, mu=None, cond=None,
+            progress: bool | None = None, return_trajectory: bool = False):
+    """Pump a solver's generator ``run`` with model calls: every call counted and checked for NaN.
+
+    Returns (Outcome, NFECounter, trajectory or None, wall seconds). Shared by sampling and inversion.
+    """
     from tqdm.auto import tqdm
 
+    info, fixed_grid = _info(slv)
+    cond = dict(cond or {})
+    counter = NFECounter(batch_size)
+    trajectory: list | None = [] if return_trajectory else None
+    n_steps = len(grid) - 1
+    total = n_steps * (info.calls_per_step if info is not None else 1) if fixed_grid else None
     bar = tqdm(total=total, desc=slv.name, unit="nfe", disable=None if progress is None else not progress, leave=False)
     start = time.perf_counter()
-    run = slv.run(x, g, src, schedule=schedule, mu=mu)
     try:
         item = next(run)
         while True:
@@ -166,7 +191,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
                 trajectory.append((q.t, q.x.detach().clone()))
             pred = model(q.x, q.t, mu=sub(mu, q.index), counter=counter, index=q.index,
                          **{k: sub(v, q.index) for k, v in cond.items()})
-            step = q.step if q.step is not None else _step_of(g, q.t)
+            step = q.step if q.step is not None else _step_of(grid, q.t)
             of = f" of {n_steps}" if fixed_grid else ""
             check_finite(pred.output, f"solver {slv.name!r}, step {step}{of} ({_describe_t(q.t)}), "
                                       f"model call {counter.calls}")
@@ -178,15 +203,20 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         bar.close()
         run.close()  # a run stopped by an error releases what it holds (e.g. a worker thread)
     out = x if isinstance(x, Outcome) else Outcome(x)
-    x = out.x
-    if not isinstance(x, Tensor):
-        raise TypeError(f"solver {slv.name!r} returned {type(x).__name__}, expected a tensor")
+    if not isinstance(out.x, Tensor):
+        raise TypeError(f"solver {slv.name!r} returned {type(out.x).__name__}, expected a tensor")
     if trajectory is not None:
-        trajectory.append((float(g[-1]), x.detach().clone()))
-    wall = time.perf_counter() - start
-    return SampleResult(samples=x, nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
-                        solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
-                        rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
+        trajectory.append((float(grid[-1]), out.x.detach().clone()))
+    return out, counter, trajectory, time.perf_counter() - start
+
+
+def _info(slv: Solver):
+    """(registry entry or None for an unregistered Solver subclass, whether it runs on a fixed grid)."""
+    try:
+        info = solver_info(slv.name)
+    except ValueError:
+        return None, True
+    return info, info.fixed_grid
 
 
 def _step_of(grid: Tensor, t) -> int:
@@ -195,3 +225,52 @@ def _step_of(grid: Tensor, t) -> int:
     if math.isnan(tv):
         return 0
     return max(1, min(len(grid) - 1, int((grid > tv + 1e-12 * max(1.0, abs(tv))).sum()) + 1))
+
+
+def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | None = None, steps: int | None = None, *,
+           grid: GridSpec | None = None, t_max: float | None = None, t_min: float | None = None,
+           mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, dtype: str | torch.dtype | None = None,
+           progress: bool | None = None, num_inference_steps: int | None = None, **solver_options: Any) -> Latent:
+    """Map data ``x0`` (the state at t_min) to a :class:`Latent` at t_max with a deterministic solver.
+
+    Reversible solvers (``invertible`` in the registry) run their exact inverse and return their full
+    state, which samples back to ``x0`` to round-off. Every other deterministic solver runs its own
+    steps on the grid backwards (``ddim`` gives DDIM inversion), which is exact only as the step
+    count grows. ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
+    """
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor of data (batch first), got {type(x0).__name__}")
+    if num_inference_steps is not None:
+        if steps is not None and steps != num_inference_steps:
+            raise ValueError("give steps or num_inference_steps, not both")
+        steps = num_inference_steps
+    slv = resolve_solver(solver, solver_options)
+    info, fixed_grid = _info(slv)
+    if info is not None and not info.deterministic:
+        raise ValueError(f"solver {slv.name!r} is stochastic; invert needs a deterministic solver "
+                         "(e.g. ddim, heun, dpmpp-2m, or a reversible one such as rev-heun)")
+    shape = _check_shape(x0.shape)
+    dtype = x0.dtype if dtype is None else _dtype(dtype)
+    x = x0.to(dtype=dtype)
+    b = shape[0]
+    cond = dict(cond or {})
+    for k, v in cond.items():
+        _check_batch(f"cond[{k!r}]", v, b)
+    if mu is not None:
+        mu = torch.as_tensor(mu, device=x.device, dtype=dtype)
+        _check_batch("mu", mu, b, shape)
+        mu = mu.expand(shape)
+    if steps is None and (grid is None or isinstance(grid, str)):
+        if fixed_grid:
+            raise ValueError("steps is required (or pass an explicit grid of times)")
+        steps = 1
+    g = make_grid(model.schedule, steps, grid, t_max=t_max, t_min=t_min)
+    src = NoiseSource(shape, seeds=0, device=x.device, dtype=dtype, t_range=(float(g[-1]), float(g[0])))
+    inverse = getattr(slv, "run_inverse", None)
+    run = inverse(x, g, src, schedule=model.schedule, mu=mu) if inverse is not None else \
+        slv.run(x, g.flip(0), src, schedule=model.schedule, mu=mu)
+    out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress)
+    return Latent(x=out.x, aux=(out.stats or {}).get("aux"), grid=g, solver=slv.name, options=slv.options(),
+                  nfe=counter.calls)

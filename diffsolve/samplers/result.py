@@ -37,3 +37,25 @@ class SampleResult:
     def __repr__(self) -> str:
         return (f"SampleResult(samples={tuple(self.samples.shape)} {self.samples.dtype}, nfe={self.nfe}, "
                 f"solver={self.solver!r}, wall_time={self.wall_time:.3f}s)")
+
+
+@dataclass
+class Latent:
+    """What :func:`~diffsolve.invert` returns: the state at t_max that samples back to the data.
+
+    ``x`` is the noise-side state; ``aux`` the second state of a reversible scheme (None for plain
+    inversion, e.g. DDIM inversion); ``grid`` the descending time grid to sample on; ``solver`` and
+    ``options`` what made it; ``nfe`` what the inversion cost. ``ds.sample(model, solver, latent=lat)``
+    reproduces the data: to round-off for reversible solvers, approximately otherwise.
+    """
+
+    x: Tensor
+    aux: Tensor | None
+    grid: Tensor
+    solver: str
+    options: dict[str, Any] = field(default_factory=dict)
+    nfe: int = 0
+
+    def __repr__(self) -> str:
+        pair = ", with its second state" if self.aux is not None else ""
+        return f"Latent({tuple(self.x.shape)} {self.x.dtype}{pair}, solver={self.solver!r}, steps={len(self.grid) - 1})"

@@ -90,3 +90,139 @@ class ReversibleHeun(Solver):
             y = y - 0.5 * h * (f_prev + f)
             f = f_prev
         return Outcome(nf.x(y, 0), stats={"aux": nf.x(z, 0)})
+
+
+class _TwoLevel(Solver):
+    """Two-time-level reversible schemes on the noise form, one model call per step. With u_k the state
+    at grid point k (k = 0 the noise end) and e_k = eps_hat(u_k):
+
+        u_1     = u_0 + (s_1 - s_0) e_0                              (a DDIM step)
+        u_{k+1} = P_k u_{k-1} + Q_k u_k + R_k e_k,                   k >= 1
+        inverse u_{k-1} = (u_{k+1} - Q_k u_k - R_k e_k) / P_k
+
+    Inversion starts from the data u_n and one DDIM-inversion step u_{n-1} = u_n + (s_{n-1} - s_n) e_n,
+    and returns the pair (u_0, u_1) (``Latent.x``, ``Latent.aux``; aux at grid[1]).
+    """
+
+    def coefs(self, s_prev: float, s: float, s_next: float) -> tuple[float, float, float]:
+        raise NotImplementedError
+
+    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
+        nf = _NoiseForm(grid, schedule, mu)
+        n = len(grid) - 1
+        u_prev = nf.y(x, 0)
+        if aux is None:
+            e = yield from nf.field(u_prev, 0, 1)
+            u = u_prev + nf.ds(0, 1) * e
+        else:
+            u = nf.y(aux, 1)
+        for k in range(1, n):
+            e = yield from nf.field(u, k, k + 1)
+            p, q, r = self.coefs(float(nf.s[k - 1]), float(nf.s[k]), float(nf.s[k + 1]))
+            u_prev, u = u, p * u_prev + q * u + r * e
+        return nf.x(u, n)
+
+    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
+        nf = _NoiseForm(grid, schedule, mu)
+        n = len(grid) - 1
+        u_next = nf.y(x, n)
+        e = yield from nf.field(u_next, n, n)
+        u = u_next + nf.ds(n, n - 1) * e
+        for k in range(n - 1, 0, -1):
+            e = yield from nf.field(u, k, k + 1)
+            p, q, r = self.coefs(float(nf.s[k - 1]), float(nf.s[k]), float(nf.s[k + 1]))
+            u_next, u = u, (u_next - q * u - r * e) / p
+        return Outcome(nf.x(u, 0), stats={"aux": nf.x(u_next, 1)})
+
+
+@register("bdia", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
+          description="BDIA: bidirectional integration approximation over DDIM (gamma = 1: symmetric)",
+          reference="Zhang, Lewis, Kleijn 2024, Exact Diffusion Inversion via Bidirectional Integration Approximation (ECCV)")
+class BDIA(_TwoLevel):
+    """BDIA-DDIM in the noise form. With Delta_{k->j} = (s_j - s_k) e_k (the DDIM increment from u_k):
+
+        u_{k+1} = u_k + Delta_{k->k+1} + gamma (u_{k-1} - u_k - Delta_{k->k-1})
+
+    ``gamma`` multiplies the correction by the step just taken (the BDIA README's current convention):
+    gamma = 0 is DDIM (not invertible), gamma = 1 (default) the symmetric, leapfrog-like scheme.
+    The inverse divides by gamma: for gamma < 1 it amplifies round-off by 1/gamma per step (gamma 0.5
+    at 50 steps: 2^50), so use gamma < 1 only for sampling. (The paper writes it in x; in the noise
+    form the scaled states differ by alpha ratios, equal at the data end.)
+    """
+
+    def __init__(self, gamma: float = 1.0):
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+        self.gamma = float(gamma)
+
+    def coefs(self, s_prev, s, s_next):
+        g = self.gamma
+        return g, 1.0 - g, (s_next - s) - g * (s_prev - s)
+
+
+@register("o-belm", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
+          description="O-BELM: the optimal 2-step bidirectional explicit linear multistep method (second order)",
+          reference="Wang et al. 2024, BELM: Bidirectional Explicit Linear Multi-step Sampler for Exact Inversion (NeurIPS)")
+class OBELM(_TwoLevel):
+    """O-BELM in the noise form, with a = s_{k-1} - s_k and b = s_k - s_{k+1} (both > 0 when sampling):
+
+        u_{k+1} = (b/a)^2 u_{k-1} + (1 - (b/a)^2) u_k - (b (a + b) / a) e_k
+
+    (the paper's x_{i-1} formula divided by alpha_{i-1}); local error O(h^3), second order. With equal
+    steps it is leapfrog, u_{k+1} = u_{k-1} - 2 h e_k; the parasitic root -(b/a)^2 damps in sampling
+    where steps shrink towards the data and amplifies by the same factor in inversion.
+    """
+
+    def __init__(self):
+        pass
+
+    def coefs(self, s_prev, s, s_next):
+        a, b = s_prev - s, s - s_next
+        return (b / a) ** 2, 1.0 - (b / a) ** 2, -b * (a + b) / a
+
+
+@register("edict", family="reversible", order=1, calls_per_step=2, deterministic=True, invertible=True,
+          description="EDICT: two coupled DDIM chains with mixing p (default 0.93)",
+          reference="Wallace, Gokul, Naik 2023, EDICT: Exact Diffusion Inversion via Coupled Transformations (CVPR)")
+class EDICT(Solver):
+    """EDICT in the noise form (where a DDIM step is y + h e): states (x, y), x_0 = y_0; per step,
+    with h = s_{k+1} - s_k,
+
+        x' = x + h eps_hat(y);   y' = y + h eps_hat(x');   x'' = p x' + (1 - p) y';   y'' = p y' + (1 - p) x''
+
+    (the paper's equations; the mixing commutes with the alpha scaling, so this is EDICT exactly).
+    Inverse: y' = (y'' - (1 - p) x'') / p;  x' = (x'' - (1 - p) y') / p;  y = y' - h eps_hat(x');
+    x = x' - h eps_hat(y). Two model calls per step, first order. The mixing contracts x - y by p^2
+    per sampling step and expands it by 1/p^2 per inversion step (p = 0.93: 1.156^N), which is why
+    the reference code runs in float64.
+    """
+
+    def __init__(self, p: float = 0.93):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+            raise ValueError(f"p must be in (0, 1), got {p!r}")
+        self.p = float(p)
+
+    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
+        nf, p = _NoiseForm(grid, schedule, mu), self.p
+        n = len(grid) - 1
+        a = nf.y(x, 0)
+        b = a if aux is None else nf.y(aux, 0)
+        for k in range(n):
+            h = nf.ds(k, k + 1)
+            a = a + h * (yield from nf.field(b, k, k + 1))
+            b = b + h * (yield from nf.field(a, k + 1, k + 1))
+            a = p * a + (1 - p) * b
+            b = p * b + (1 - p) * a
+        return nf.x(a, n)
+
+    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
+        nf, p = _NoiseForm(grid, schedule, mu), self.p
+        n = len(grid) - 1
+        a = b = nf.y(x, n)
+        for k in range(n - 1, -1, -1):
+            h = nf.ds(k, k + 1)
+            b = (b - (1 - p) * a) / p
+            a = (a - (1 - p) * b) / p
+            b = b - h * (yield from nf.field(a, k + 1, k + 1))
+            a = a - h * (yield from nf.field(b, k, k + 1))
+        return Outcome(nf.x(a, 0), stats={"aux": nf.x(b, 0)})

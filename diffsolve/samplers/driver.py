@@ -98,14 +98,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         solvers from its full state, which reproduces the inverted data to round-off).
     **solver_options: the solver's options, e.g. ``eta=1.0`` for ddim.
     """
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
-    if num_inference_steps is not None:
-        if steps is not None and steps != num_inference_steps:
-            raise ValueError("give steps or num_inference_steps, not both")
-        steps = num_inference_steps
-    slv = resolve_solver(solver, solver_options)
-    info, fixed_grid = _info(slv)
+    slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
     if latent is not None:
         if not isinstance(latent, Latent):
@@ -210,6 +203,18 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
     return out, counter, trajectory, time.perf_counter() - start
 
 
+def _start(model, solver, steps, num_inference_steps, solver_options):
+    """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps)."""
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
+    if num_inference_steps is not None:
+        if steps is not None and steps != num_inference_steps:
+            raise ValueError("give steps or num_inference_steps, not both")
+        steps = num_inference_steps
+    slv = resolve_solver(solver, solver_options)
+    return (slv, *_info(slv), steps)
+
+
 def _info(slv: Solver):
     """(registry entry or None for an unregistered Solver subclass, whether it runs on a fixed grid)."""
     try:
@@ -238,16 +243,9 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
     steps on the grid backwards (``ddim`` gives DDIM inversion), which is exact only as the step
     count grows. ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
     """
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a torch.Tensor of data (batch first), got {type(x0).__name__}")
-    if num_inference_steps is not None:
-        if steps is not None and steps != num_inference_steps:
-            raise ValueError("give steps or num_inference_steps, not both")
-        steps = num_inference_steps
-    slv = resolve_solver(solver, solver_options)
-    info, fixed_grid = _info(slv)
+    slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     if info is not None and not info.deterministic:
         raise ValueError(f"solver {slv.name!r} is stochastic; invert needs a deterministic solver "
                          "(e.g. ddim, heun, dpmpp-2m, or a reversible one such as rev-heun)")

@@ -32,6 +32,7 @@ import diffsolve as ds
 
 PROG = "diffsolve"
 OUTPUT_FILES = ("samples.safetensors", "samples.png", "manifest.json")
+LATENT_FILES = ("latent.safetensors", "manifest.json")
 DTYPES = ("float32", "float64")
 
 
@@ -169,9 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    + ", ".join(OUTPUT_FILES) + " into --out.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{', '.join(MODELS)}, or a path to a diffusers DDPM-style folder (default: {DEFAULT_MODEL})")
-    p.add_argument("--solver", default="dpmpp-2m",
-                   help="a registered solver name (see `diffsolve solvers`); default: dpmpp-2m")
+    p.add_argument("--solver", default=None,
+                   help="a registered solver name (see `diffsolve solvers`); default: dpmpp-2m, or the "
+                        "latent's solver with --latent")
     p.add_argument("--steps", type=_positive_int, default=20, help="number of steps (default: 20)")
+    p.add_argument("--latent", default=None, metavar="FILE",
+                   help="start from a latent written by `diffsolve invert` (its grid and samples; "
+                        "--steps, --num-samples and --seed do not apply)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="base seed; sample i uses seed + i (default: 0)")
     p.add_argument("--num-samples", type=_positive_int, default=64, help="number of samples (default: 64)")
     p.add_argument("--out", default=None,
@@ -192,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="a saved run configuration (keys: the long options above, with '_' for '-', and "
                         "'options' for solver options); flags given on the command line win")
+
+    p = sub.add_parser("invert", help="map data to latents with a deterministic or reversible solver",
+                       description="Invert data (samples.safetensors, as `diffsolve sample` writes) to the "
+                                   "latent at t_max; `diffsolve sample --latent DIR/latent.safetensors` "
+                                   "samples it back (exactly, for reversible solvers).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"as for sample (default: {DEFAULT_MODEL})")
+    p.add_argument("--solver", default="rev-heun", help="a deterministic solver (default: rev-heun)")
+    p.add_argument("--input", required=True, metavar="FILE", help="samples.safetensors, or a directory holding it")
+    p.add_argument("--steps", type=_positive_int, default=50, help="number of steps (default: 50)")
+    p.add_argument("--grid", type=_grid, default=None, help="grid kind or explicit times (as for sample)")
+    p.add_argument("--out", default=None, help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-latent)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default: float32")
+    p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="a solver option, repeatable")
+    p.add_argument("--force", action="store_true", help="overwrite an existing latent in --out")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
     p = sub.add_parser("eval", help="digit sample quality: digits-FD and classifier confidence",
                        description="Score digit samples (a samples.safetensors file, or a folder holding one) "
@@ -328,8 +349,8 @@ def _psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(ds.metrics.psnr(x, ref).mean())
 
 
-def _existing_outputs(out: Path) -> list[str]:
-    return [f for f in OUTPUT_FILES if (out / f).exists()] if out.is_dir() else []
+def _existing_outputs(out: Path, files: Sequence[str] = OUTPUT_FILES) -> list[str]:
+    return [f for f in files if (out / f).exists()] if out.is_dir() else []
 
 
 def _write_atomically(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
@@ -426,6 +447,12 @@ def _load_shards(shard_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, l
 
 def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     options = dict(args.options)
+    latent = load_latent(args.latent) if args.latent else None
+    if args.solver is None:
+        args.solver = latent.solver if latent is not None else "dpmpp-2m"
+    if latent is not None:
+        args.num_samples, args.steps = latent.x.shape[0], len(latent.grid) - 1
+        options = {**latent.options, **options}
     # Validate the cheap things first: solver name and options, device, output directory.
     solver_name = ds.get_solver(args.solver, **options).name
     device = _check_device(args.device)
@@ -451,6 +478,7 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         mu, clean = target.condition(k, args.seed)
     shard_dir = out / SHARD_DIR
     spec = {"model": args.model, "solver": solver_name, "options": _jsonable(options), "steps": args.steps,
+            "latent": args.latent,
             "seed": args.seed, "num_samples": k, "shard_size": size, "grid": _jsonable(args.grid),
             "dtype": args.dtype, "device": device.type}
     if rank == 0:
@@ -464,10 +492,14 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if path.exists():
             continue
         lo, hi = j * size, min(k, (j + 1) * size)
-        result = ds.sample(target.model, args.solver, args.steps, shape=(hi - lo, *target.event_shape),
-                           seed=[args.seed + i for i in range(lo, hi)], grid=args.grid, device=device,
-                           dtype=args.dtype, progress=not args.no_progress,
-                           mu=None if mu is None else mu[lo:hi], **options)
+        if latent is not None:
+            start = {"latent": ds.Latent(latent.x[lo:hi].to(device), None if latent.aux is None else
+                                         latent.aux[lo:hi].to(device), latent.grid, latent.solver)}
+        else:
+            start = {"steps": args.steps, "shape": (hi - lo, *target.event_shape), "grid": args.grid,
+                     "seed": [args.seed + i for i in range(lo, hi)]}
+        result = ds.sample(target.model, args.solver, device=device, dtype=args.dtype, progress=not args.no_progress,
+                           mu=None if mu is None else mu[lo:hi], **start, **options)
         _save_shard(path, result)
     _barrier(world)
     if rank != 0:
@@ -542,6 +574,66 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     if image is None:
         print(f"(no samples.png: samples of shape {tuple(samples.shape)} are neither 2-D points nor images)")
+    return 0
+
+
+def load_latent(path: str) -> ds.Latent:
+    """A latent written by `diffsolve invert` (a latent.safetensors file or a directory holding one)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    p = p / LATENT_FILES[0] if p.is_dir() else p
+    if not p.exists():
+        raise CLIError(f"--latent {path!r}: no such file (expected {LATENT_FILES[0]} from `diffsolve invert`)")
+    with safe_open(str(p), framework="pt") as f:
+        meta, keys = f.metadata() or {}, set(f.keys())
+        if not {"x", "grid"} <= keys or "solver" not in meta:
+            raise CLIError(f"--latent {path!r} is not a latent written by `diffsolve invert`")
+        t = {k: f.get_tensor(k) for k in keys}
+    return ds.Latent(t["x"], t.get("aux"), t["grid"], meta["solver"], json.loads(meta.get("options", "{}")),
+                     int(meta.get("nfe", 0)))
+
+
+def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from safetensors.torch import load_file, save_file
+
+    options = dict(args.options)
+    solver_name = ds.get_solver(args.solver, **options).name
+    src = Path(args.input)
+    src = src / OUTPUT_FILES[0] if src.is_dir() else src
+    if not src.exists():
+        raise CLIError(f"--input {args.input!r}: no such file")
+    tensors = load_file(str(src))
+    if "samples" not in tensors:
+        raise CLIError(f"--input {args.input!r} holds no 'samples' tensor (write one with `diffsolve sample`)")
+    model_label = args.model if args.model in MODELS else Path(args.model).name
+    out = Path(args.out) if args.out else Path("diffsolve-out") / f"{model_label}-{solver_name}-{args.steps}steps-latent"
+    existing = _existing_outputs(out, LATENT_FILES)
+    if existing and not args.force:
+        raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose another --out")
+    target = MODELS[args.model]() if args.model in MODELS else _diffusers_folder(args.model)
+    if target.condition is not None:
+        raise CLIError(f"--model {args.model}: inverting a conditional (restoration) model is not supported here")
+    x0 = tensors["samples"].to(getattr(torch, args.dtype))
+    lat = ds.invert(target.model, args.solver, x0, args.steps, grid=args.grid, progress=not args.no_progress, **options)
+    meta = {"solver": lat.solver, "options": json.dumps(_jsonable(lat.options)), "model": args.model,
+            "nfe": str(lat.nfe), "input": str(src)}
+    manifest = {**meta, "options": _jsonable(lat.options), "nfe": lat.nfe, "steps": args.steps,
+                "shape": list(lat.x.shape), "exact": lat.aux is not None, "command": shlex.join([PROG, *argv]),
+                "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
+
+    def write(tmp: Path) -> list[str]:
+        t = {"x": lat.x.contiguous(), "grid": lat.grid.contiguous()}
+        if lat.aux is not None:
+            t["aux"] = lat.aux.contiguous()
+        save_file(t, str(tmp / LATENT_FILES[0]), metadata=meta)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        return list(LATENT_FILES)
+
+    names = _write_atomically(out, write)
+    kind = "an exact latent (two states)" if lat.aux is not None else "a latent (approximate inversion)"
+    print(f"{lat.solver}: {kind} for {len(x0)} samples in {args.steps} steps, NFE {lat.nfe}")
+    print(f"wrote {', '.join(str(out / n) for n in names)}")
     return 0
 
 
@@ -622,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_solvers(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "invert":
+            return cmd_invert(args, argv)
         return cmd_sample(args, argv)
     except (CLIError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

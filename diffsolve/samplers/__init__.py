@@ -7,10 +7,11 @@ from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, No
 from .driver import invert, sample
 from .noise import NoiseSource, resolve_seeds
 from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
+from .renoise import ReNoise
 from .result import Latent, SampleResult
 
 __all__ = [
-    "sample", "invert", "Latent", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
+    "sample", "invert", "Latent", "ReNoise", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
     "NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel",
     "SampleResult", "NoiseSource", "resolve_seeds",
 ]

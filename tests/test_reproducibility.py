@@ -44,7 +44,7 @@ def test_result_fields():
     assert r.grid.shape == (11,) and r.wall_time > 0 and r.solver == "heun"
     assert len(r.trajectory) == 21 and torch.equal(r.trajectory[-1][1], r.samples)
     r = ds.sample(MODEL, "ddim", num_inference_steps=7, shape=(2, 2), seed=0)
-    assert r.nfe == 7 and r.options == {"eta": 0.0}
+    assert r.nfe == 7 and r.options == {"eta": 0.0, "renoise": False}
     x_T = torch.randn(3, 2, dtype=torch.float64)
     r = ds.sample(MODEL, "euler", 4, x_T=x_T)
     assert r.samples.dtype == torch.float64 and r.nfe == 4

@@ -148,7 +148,9 @@ def test_renoise_refines_ddim_inversion():
     g = rn.grid  # 1 + K calls per step; K = 5 for steps ending in the first quarter of the time range
     first = int(((g[:-1] - g[-1]) < 0.25 * (g[0] - g[-1])).sum())
     assert rn.nfe == 50 + 9 * (50 - first) + 5 * first and 0 < first < 50
-    with pytest.raises(ValueError, match="renoise refines DDIM inversion"):
+    with pytest.raises(TypeError, match="renoise"):  # an option of ddim only
         ds.invert(model, "heun", X0, 10, renoise=True)
+    with pytest.raises(ValueError, match="needs eta = 0"):
+        ds.get_solver("ddim", eta=0.5, renoise=True)
     with pytest.raises(ValueError, match="averaging window"):
         ds.samplers.ReNoise(steps=3, average=(5, 6))

@@ -13,7 +13,6 @@ from ..schedules.grids import GridSpec, make_grid
 from .base import Outcome, Solver, as_query, sub
 from .noise import NoiseSource
 from .registry import get_solver, solver_info
-from .renoise import ReNoise
 from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
@@ -236,16 +235,15 @@ def _step_of(grid: Tensor, t) -> int:
 def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | None = None, steps: int | None = None, *,
            grid: GridSpec | None = None, t_max: float | None = None, t_min: float | None = None,
            mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, dtype: str | torch.dtype | None = None,
-           progress: bool | None = None, num_inference_steps: int | None = None, renoise: bool | ReNoise = False,
-           **solver_options: Any) -> Latent:
+           progress: bool | None = None, num_inference_steps: int | None = None, **solver_options: Any) -> Latent:
     """Map data ``x0`` (the state at t_min) to a :class:`Latent` at t_max with a deterministic solver.
 
     Reversible solvers (``invertible`` in the registry) run their exact inverse and return their full
     state, which samples back to ``x0`` to round-off. Every other deterministic solver runs its own
     steps on the grid backwards (``ddim`` gives DDIM inversion), which is exact only as the step
     count grows. ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
-    ``renoise=True`` (or a :class:`ReNoise` with other settings) refines DDIM inversion by ReNoise's
-    fixed-point iteration (solver ``ddim`` with eta = 0 only).
+    A solver may define its own inversion (``run_inverse``): ``ddim`` with ``renoise=True`` refines
+    DDIM inversion by ReNoise's fixed-point iteration.
     """
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a torch.Tensor of data (batch first), got {type(x0).__name__}")
@@ -271,17 +269,8 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
     g = make_grid(model.schedule, steps, grid, t_max=t_max, t_min=t_min)
     src = NoiseSource(shape, seeds=0, device=x.device, dtype=dtype, t_range=(float(g[-1]), float(g[0])))
     inverse = getattr(slv, "run_inverse", None)
-    if renoise:
-        if slv.name != "ddim" or slv.options().get("eta", 0.0) != 0.0:
-            raise ValueError(f"renoise refines DDIM inversion: use solver='ddim' (eta 0), not {slv.name!r}")
-        renoise = ReNoise() if renoise is True else renoise
-        if not isinstance(renoise, ReNoise):
-            raise TypeError(f"renoise must be True, False or a ReNoise, got {type(renoise).__name__}")
-        run = renoise.run(x, g, model.schedule, mu)
-    elif inverse is not None:
-        run = inverse(x, g, src, schedule=model.schedule, mu=mu)
-    else:
-        run = slv.run(x, g.flip(0), src, schedule=model.schedule, mu=mu)
+    run = inverse(x, g, src, schedule=model.schedule, mu=mu) if inverse is not None else \
+        slv.run(x, g.flip(0), src, schedule=model.schedule, mu=mu)
     out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress)
     return Latent(x=out.x, aux=(out.stats or {}).get("aux"), grid=g, solver=slv.name, options=slv.options(),
                   nfe=counter.calls)

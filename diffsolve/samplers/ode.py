@@ -12,6 +12,7 @@ import math
 from ..schedules.base import Schedule
 from .base import Query, Solver
 from .registry import register
+from .renoise import ReNoise
 
 
 def _coef(schedule: Schedule, t: float) -> tuple[float, float]:
@@ -120,13 +121,21 @@ class DDIM(Solver):
     (IR-SDE's own code applies the one-index transition even when the grid skips indices). For a
     VP schedule c reduces to DDIM's
     eta sqrt((1 - abar_{i+1})/(1 - abar_i)) sqrt(1 - abar_i/abar_{i+1}). One model call per step.
+
+    Inversion (:func:`diffsolve.invert`, eta = 0) runs the step on the grid backwards (DDIM
+    inversion); ``renoise=True`` (or a :class:`~diffsolve.samplers.ReNoise` with other settings)
+    refines it with ReNoise's fixed-point iteration. Sampling ignores ``renoise``.
     """
 
-    def __init__(self, eta: float = 0.0):
+    def __init__(self, eta: float = 0.0, renoise: bool | ReNoise = False):
         eta = _check_nonneg("eta", eta)
         if eta > 1:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        self.eta = eta
+        if not isinstance(renoise, (bool, ReNoise)):
+            raise TypeError(f"renoise must be True, False or a ReNoise, got {type(renoise).__name__}")
+        if renoise is not False and eta != 0:
+            raise ValueError(f"renoise refines the inversion of deterministic DDIM: it needs eta = 0, got {eta}")
+        self.eta, self.renoise = eta, renoise
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         for i in range(len(grid) - 1):
@@ -136,6 +145,13 @@ class DDIM(Solver):
             if c > 0:
                 x = x + c * noise.step(t, t_next)
         return x
+
+
+    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
+        """Data at grid[-1] to the latent at grid[0]: DDIM inversion, or ReNoise's refinement."""
+        if self.renoise is not False:
+            return (yield from (ReNoise() if self.renoise is True else self.renoise).run(x, grid, schedule, mu))
+        return (yield from self.run(x, grid.flip(0), noise, schedule=schedule, mu=mu))
 
 
 def ddim_step(pred, t: float, t_next: float, schedule: Schedule, eta: float):

@@ -76,7 +76,6 @@ class GottaGoFast(Solver):
             raise ValueError(f"adaptive-sde needs sigma(t_min) > 0 (the score is infinite at sigma = 0, t_min = {t_min:g}); "
                              "pass t_min, e.g. t_min=1e-3 as Score-SDE does")
         b, dev, f64 = x.shape[0], x.device, torch.float64
-        per_sample = self.mode == "per_sample"
         t = torch.full((b,), t_max, dtype=f64, device=dev)
         h = torch.full((b,), min(self.h_init, t_max - t_min), dtype=f64, device=dev)
         x_prev = x.clone()
@@ -90,41 +89,34 @@ class GottaGoFast(Solver):
             f, g2 = reverse_sde_coefs(schedule, tt)
             return col(f, y) * y + col(g2, y) * pred.score
 
+        # per_sample: the unfinished rows step on their own; batch: every row, one shared error norm
+        # (so all rows keep one time and one step size and finish together)
         while bool((t > t_min).any()):
             it += 1
-            rows = (t > t_min).nonzero().squeeze(1) if per_sample else None
-            xr, tr, hr = (x[rows], t[rows], h[rows]) if per_sample else (x, t[:1], h[:1])
+            rows = (t > t_min).nonzero().squeeze(1)
+            xr, tr, hr, xp = x[rows], t[rows], h[rows], x_prev[rows]
             if bool((hr < tiny).any()):
                 raise RuntimeError(f"adaptive-sde: the step size underflowed at t = {float(tr.max()):.6g} "
                                    f"(eps_rel={self.eps_rel}, eps_abs={self.eps_abs}); loosen the tolerances")
-            q_t = tr if per_sample else float(tr)
-            z = noise.step(tr if per_sample else float(tr), (tr - hr) if per_sample else float(tr - hr), rows)
-            pred = yield Query(xr, q_t, index=rows, step=it)
+            z = noise.step(tr, tr - hr, rows)
+            pred = yield Query(xr, tr, index=rows, step=it)
             xr = pred.x
             k1 = col(hr, xr) * drift(pred, tr) + col((schedule.g2(tr) * hr).sqrt(), xr) * z
-            pred = yield Query(xr + k1, (tr - hr) if per_sample else float(tr - hr), index=rows, step=it)
+            pred = yield Query(xr + k1, tr - hr, index=rows, step=it)
             k2 = col(hr, xr) * drift(pred, tr - hr) + col((schedule.g2(tr - hr) * hr).sqrt(), xr) * z
             x_em, x_heun = xr + k1, xr + 0.5 * (k1 + k2)
-            xp = x_prev[rows] if per_sample else x_prev
             err = self.controller.error_norm(0.5 * (k2 - k1), xp, x_em, self.eps_abs, self.eps_rel)
-            if not per_sample:
-                err = err.max().reshape(1)
+            if self.mode == "batch":
+                err = err.max().expand_as(err)
             ok = err <= 1
             t_new = torch.where(ok, torch.where(hr >= tr - t_min - tiny, torch.full_like(tr, t_min), tr - hr), tr)
             h_new = torch.minimum(hr * self.controller.factor(err), t_new - t_min)
-            okx = col(ok, xr).bool() if per_sample else bool(ok)
-            x_new = torch.where(okx, x_heun, xr) if per_sample else (x_heun if okx else xr)
-            xp_new = torch.where(okx, x_em, xp) if per_sample else (x_em if okx else xp)
-            if per_sample:
-                x, x_prev = x.index_copy(0, rows, x_new), x_prev.index_copy(0, rows, xp_new)
-                t, h = t.index_copy(0, rows, t_new), h.index_copy(0, rows, h_new)
-                accepted[rows] += ok.long()
-                rejected[rows] += (~ok).long()
-            else:
-                x, x_prev = x_new, xp_new
-                t, h = t_new.expand(b).clone(), h_new.expand(b).clone()
-                accepted += int(ok)
-                rejected += int(~ok)
+            okx = col(ok, xr).bool()
+            x = x.index_copy(0, rows, torch.where(okx, x_heun, xr))
+            x_prev = x_prev.index_copy(0, rows, torch.where(okx, x_em, xp))
+            t, h = t.index_copy(0, rows, t_new), h.index_copy(0, rows, h_new)
+            accepted[rows] += ok.long()
+            rejected[rows] += (~ok).long()
         if self.denoise:
             rows = None
             pred = yield Query(x, t_min, step=it + 1)

@@ -2,8 +2,8 @@
 
 :func:`rev_heun_sample` runs ``rev-heun`` (:mod:`.reversible`) without storing the trajectory. Its
 backward pass walks the steps in reverse: it rebuilds each state with the solver's exact inverse step
-and back-propagates through that one step only (one model call with a graph per step, as in torchsde's
-``AdjointReversibleHeun``; Kidger et al. 2021). The gradient equals autograd through the unrolled
+and back-propagates through that one step only (per step one model call to rebuild and one with a
+graph for the VJP, as in torchsde's ``AdjointReversibleHeun``; Kidger et al. 2021). The gradient equals autograd through the unrolled
 sampler up to round-off, while memory does not grow with the number of steps.
 
 Cotangent rule of one step (y, z, f) -> (y', z', f') with z' = 2y - z + h f, f' = F(z'),
@@ -21,6 +21,7 @@ import torch
 
 from ..models.model import DiffusionModel
 from ..schedules.grids import GridSpec, make_grid
+from .reversible import _NoiseForm
 
 Tensor = torch.Tensor
 
@@ -40,85 +41,69 @@ def rev_heun_sample(model: DiffusionModel, x_T: Tensor, steps: int | None = None
     if params is None:
         params = [p for p in model.net.parameters() if p.requires_grad] if isinstance(model.net, torch.nn.Module) else []
     keys = sorted(cond)
-    return _RevHeun.apply(model, g, mu, keys, len(params), x_T, *[cond[k] for k in keys], *params)
+    return _RevHeun.apply(model, g, mu, keys, x_T, *[cond[k] for k in keys], *params)
 
 
 class _RevHeun(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, model, grid, mu, keys, n_params, x_T, *inputs):
-        cond = dict(zip(keys, inputs[: len(keys)]))
-        g = grid.to(torch.float64)
-        alpha, s = model.schedule.alpha(g), model.schedule.sigma(g) / model.schedule.alpha(g)
-        field = _Field(model, g, alpha, mu, cond)
-        n = len(g) - 1
+    def forward(ctx, model, grid, mu, keys, x_T, *inputs):
+        nf = _NoiseForm(grid, model.schedule, mu)
+        field = _field(model, nf, dict(zip(keys, inputs[: len(keys)])))
+        n = len(grid) - 1
         with torch.no_grad():
-            y = z = (x_T if mu is None else x_T - mu) / float(alpha[0])
+            y = z = nf.y(x_T, 0)
             f = field(z, 0)
             for i in range(n):
-                h = float(s[i + 1] - s[i])
+                h = nf.ds(i, i + 1)
                 z = 2 * y - z + h * f
                 f_next = field(z, i + 1)
                 y = y + 0.5 * h * (f + f_next)
                 f = f_next
-        ctx.model, ctx.grid, ctx.mu, ctx.keys, ctx.n_params = model, g, mu, keys, n_params
+        ctx.model, ctx.nf, ctx.keys = model, nf, keys
         ctx.save_for_backward(y, z, f, *inputs)
-        x = float(alpha[n]) * y
-        return x if mu is None else x + mu
+        return nf.x(y, n)
 
     @staticmethod
     def backward(ctx, grad_x):
         y, z, f, *inputs = ctx.saved_tensors
-        keys, g, mu = ctx.keys, ctx.grid, ctx.mu
+        keys, nf = ctx.keys, ctx.nf
         cond_in, params = inputs[: len(keys)], inputs[len(keys):]
-        model = ctx.model
-        alpha, s = model.schedule.alpha(g), model.schedule.sigma(g) / model.schedule.alpha(g)
-        n = len(g) - 1
+        field = _field(ctx.model, nf, dict(zip(keys, cond_in)))
+        n = len(nf.t) - 1
         wrt = [t for t in (*cond_in, *params) if t.requires_grad]
         acc = [torch.zeros_like(t) for t in wrt]
 
         def vjp(z_k, k, cot):
-            """F(z_k) (detached) and J_F(z_k)^T cot; accumulates the inputs' share into acc."""
+            """J_F(z_k)^T cot (one model call with a graph); the inputs' share is added to acc."""
             with torch.enable_grad():
                 zz = z_k.detach().requires_grad_(True)
-                out = _Field(model, g, alpha, mu, dict(zip(keys, cond_in)))(zz, k)
-                if cot is None:
-                    return out.detach(), None, out, zz
-                grads = torch.autograd.grad(out, [zz, *wrt], cot, allow_unused=True)
+                grads = torch.autograd.grad(field(zz, k), [zz, *wrt], cot, allow_unused=True)
             for j, gr in enumerate(grads[1:]):
                 if gr is not None:
                     acc[j] += gr
-            return out.detach(), grads[0] if grads[0] is not None else torch.zeros_like(zz), None, None
+            return grads[0] if grads[0] is not None else torch.zeros_like(zz)
 
-        a_y = grad_x * float(alpha[n])
+        a_y = grad_x * float(nf.alpha[n])
         a_z = torch.zeros_like(y)
         a_f = torch.zeros_like(y)
         with torch.no_grad():
             for i in range(n - 1, -1, -1):
-                h = float(s[i + 1] - s[i])
+                h = nf.ds(i, i + 1)
                 # back through f_{i+1} = F(z_{i+1}), then rebuild step i with its exact inverse
-                _, jz, _, _ = vjp(z, i + 1, a_f + 0.5 * h * a_y)
-                a_zt = a_z + jz
+                a_zt = a_z + vjp(z, i + 1, a_f + 0.5 * h * a_y)
                 z_prev = 2 * y - z - h * f
-                f_prev = vjp(z_prev, i, None)[0]
+                f_prev = field(z_prev, i)
                 y = y - 0.5 * h * (f_prev + f)
                 z, f = z_prev, f_prev
                 a_y, a_z, a_f = a_y + 2 * a_zt, -a_zt, 0.5 * h * a_y + h * a_zt
-            _, jz, _, _ = vjp(z, 0, a_f)  # f_0 = F(z_0), z_0 = y_0
-            grad_y0 = a_y + a_z + jz
-        grad_xT = grad_y0 / float(alpha[0])
+            grad_y0 = a_y + a_z + vjp(z, 0, a_f)  # f_0 = F(z_0), z_0 = y_0
+        grad_xT = grad_y0 / float(nf.alpha[0])
         out, it = [], iter(acc)
         for t in (*cond_in, *params):
             out.append(next(it) if t.requires_grad else None)
-        return (None, None, None, None, None, grad_xT, *out)
+        return (None, None, None, None, grad_xT, *out)
 
 
-class _Field:
-    """F(y, i) = eps_hat at x = alpha_i y + mu, time grid[i] (the noise-form field)."""
-
-    def __init__(self, model, g, alpha, mu, cond: dict[str, Any]):
-        self.model, self.g, self.alpha, self.mu, self.cond = model, g, alpha, mu, cond
-
-    def __call__(self, y, i):
-        x = float(self.alpha[i]) * y
-        x = x if self.mu is None else x + self.mu
-        return self.model(x, float(self.g[i]), mu=self.mu, **self.cond).eps
+def _field(model: DiffusionModel, nf: _NoiseForm, cond: dict[str, Any]):
+    """F(y, i) = eps_hat at the noise-form state y of grid point i, with a graph when grad is enabled."""
+    return lambda y, i: model(nf.x(y, i), float(nf.t[i]), mu=nf.mu, **cond).eps

@@ -2,8 +2,8 @@
 
     python scripts/bench_adjoint.py
 
-rev-heun with an MLP eps-network (D = 1024, hidden 1024, batch 256, float32): the loss |x_0|^2 is
-back-propagated to x_T by diffsolve.samplers.adjoint.rev_heun_sample (reversible adjoint) and by
+Every reversible solver with an MLP eps-network (D = 1024, hidden 1024, batch 256, float32): the loss
+|x_0|^2 is back-propagated to x_T by ds.sample(..., grad=True) (the reversible adjoint) and by
 autograd through ds.sample's unrolled loop, at 10, 50 and 200 steps. Each run is a fresh process;
 the peak RSS growth over the set-up is reported, with the wall time of forward + backward as a ratio
 to the unrolled run at the same step count. Writes benchmarks/adjoint.{json,md}.
@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SOLVERS = ("rev-heun", "bdia", "o-belm", "edict", "rex")
 
 CHILD = r"""
 import resource, sys, time, torch, diffsolve as ds
-from diffsolve.samplers.adjoint import rev_heun_sample
 torch.set_num_threads(2)
-mode, n, D = sys.argv[1], int(sys.argv[2]), 1024
+solver, mode, n, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), 1024
 torch.manual_seed(0)
 class Net(torch.nn.Module):
     def __init__(s):
@@ -34,7 +34,7 @@ model = ds.DiffusionModel(Net(), ds.schedules.VPLinear(), "eps", time_input="t")
 x_T = torch.randn(256, D, requires_grad=True)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-out = rev_heun_sample(model, x_T, n) if mode == "reversible" else ds.sample(model, "rev-heun", n, x_T=x_T).samples
+out = ds.sample(model, solver, n, x_T=x_T, grad=mode == "reversible").samples
 (out ** 2).sum().backward()
 wall = time.perf_counter() - t0
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, wall)
@@ -43,27 +43,27 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, wall)
 
 def main() -> None:
     rows = []
-    for steps in (10, 50, 200):
-        walls = {}
-        for mode in ("unrolled", "reversible"):
-            out = subprocess.run([sys.executable, "-c", CHILD, mode, str(steps)], capture_output=True, text=True,
-                                 check=True).stdout.split()
-            walls[mode] = float(out[1])
-            rows.append({"steps": steps, "mode": mode, "peak_rss_growth_mib": round(float(out[0]), 1)})
-        rows[-1]["time_ratio_to_unrolled"] = round(walls["reversible"] / walls["unrolled"], 2)
-        print(rows[-2], rows[-1], flush=True)
+    for solver in SOLVERS:
+        for steps in (10, 50, 200):
+            walls = {}
+            for mode in ("unrolled", "reversible"):
+                out = subprocess.run([sys.executable, "-c", CHILD, solver, mode, str(steps)], capture_output=True,
+                                     text=True, check=True).stdout.split()
+                walls[mode] = float(out[1])
+                rows.append({"solver": solver, "steps": steps, "mode": mode,
+                             "peak_rss_growth_mib": round(float(out[0]), 1)})
+            rows[-1]["time_ratio_to_unrolled"] = round(walls["reversible"] / walls["unrolled"], 2)
+            print(rows[-2], rows[-1], flush=True)
     out = ROOT / "benchmarks"
     out.mkdir(exist_ok=True)
     (out / "adjoint.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    lines = ["# Gradients through rev-heun: reversible adjoint vs autograd through the loop", "",
+    lines = ["# Gradients through reversible solvers: reversible adjoint vs autograd through the loop", "",
              "Written by `scripts/bench_adjoint.py` (2 CPU threads; MLP eps-network, D = 1024, batch 256, "
              "float32; one fresh process per row).", "",
-             "| steps | unrolled: peak RSS growth (MiB) | reversible: peak RSS growth (MiB) | "
-             "reversible time / unrolled time |", "|---|---|---|---|"]
-    for steps in (10, 50, 200):
-        u = next(r for r in rows if r["steps"] == steps and r["mode"] == "unrolled")
-        r = next(r for r in rows if r["steps"] == steps and r["mode"] == "reversible")
-        lines.append(f"| {steps} | {u['peak_rss_growth_mib']} | {r['peak_rss_growth_mib']} | "
+             "| solver | steps | unrolled: peak RSS growth (MiB) | reversible: peak RSS growth (MiB) | "
+             "reversible time / unrolled time |", "|---|---|---|---|---|"]
+    for u, r in zip(rows[::2], rows[1::2]):
+        lines.append(f"| {u['solver']} | {u['steps']} | {u['peak_rss_growth_mib']} | {r['peak_rss_growth_mib']} | "
                      f"{r['time_ratio_to_unrolled']} |")
     (out / "adjoint.md").write_text("\n".join(lines) + "\n")
 

@@ -1,10 +1,12 @@
-"""Reversible adjoint: exact gradients through rev-heun in constant memory."""
+"""Reversible adjoint: exact gradients through every reversible solver in constant memory."""
 
 import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.samplers.adjoint import rev_heun_sample
+
+REVERSIBLE = [("rev-heun", {}), ("bdia", {}), ("bdia", {"gamma": 0.5}), ("o-belm", {}), ("edict", {}),
+              ("rex", {"base": "euler"}), ("rex", {})]
 
 
 class _Net(torch.nn.Module):
@@ -14,14 +16,14 @@ class _Net(torch.nn.Module):
         super().__init__()
         self.m = torch.nn.Sequential(torch.nn.Linear(9, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).double()
 
-    def forward(self, x, t, c):
+    def forward(self, x, t, c, mu=None):
         return self.m(torch.cat([x, t[:, None].to(x.dtype), c.expand(x.shape[0], -1)], 1))
 
 
-def _setup():
+def _setup(schedule=None):
     torch.manual_seed(0)
     net = _Net()
-    model = ds.DiffusionModel(net, ds.schedules.VPLinear(), "eps", time_input="t")
+    model = ds.DiffusionModel(net, schedule or ds.schedules.VPLinear(), "eps", time_input="t")
     x_T = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
     c = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
     return net, model, x_T, c
@@ -31,18 +33,47 @@ def _loss(x):
     return (x**2).sum() + x.sum()
 
 
-@pytest.mark.parametrize("steps", [5, 30])
-def test_gradient_equals_autograd_through_the_unrolled_sampler(steps):
+def _rel(got, want):
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("name,opts", REVERSIBLE, ids=lambda v: str(v))
+@pytest.mark.parametrize("steps", [1, 5, 30])
+def test_gradient_equals_autograd_through_the_unrolled_sampler(name, opts, steps):
     net, model, x_T, c = _setup()
     wrt = [x_T, c, *net.parameters()]
-    out = rev_heun_sample(model, x_T, steps, cond={"c": c})
-    got = torch.autograd.grad(_loss(out), wrt)
-    ref = ds.sample(model, "rev-heun", steps, x_T=x_T, cond={"c": c}).samples
-    assert torch.equal(out.detach(), ref.detach())
-    want = torch.autograd.grad(_loss(ref), wrt)
-    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))
-    print(steps, "steps: max relative gradient difference", rel)
+    res = ds.sample(model, name, steps, x_T=x_T, cond={"c": c}, grad=True, t_min=1e-3, **opts)
+    got = torch.autograd.grad(_loss(res.samples), wrt)
+    ref = ds.sample(model, name, steps, x_T=x_T, cond={"c": c}, t_min=1e-3, **opts)
+    assert res.nfe == ref.nfe
+    assert torch.allclose(res.samples.detach(), ref.samples.detach(), rtol=0, atol=1e-13)
+    want = torch.autograd.grad(_loss(ref.samples), wrt)
+    rel = _rel(got, want)
+    print(name, opts, steps, "steps: max relative gradient difference", rel)
     assert rel < 1e-8
+
+
+@pytest.mark.parametrize("name", ["rev-heun", "o-belm", "rex"])
+def test_gradient_reaches_mu_and_the_latent_pair(name):
+    """Mean-reverting model (mu a differentiable input) started from an inverted Latent (both states)."""
+    net, model, _, c = _setup(ds.schedules.MeanReverting())
+    mu = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    x0 = torch.randn(8, 4, dtype=torch.float64)
+    lat = ds.invert(model, name, x0, 6, mu=mu.detach(), cond={"c": c.detach()})
+    lat.x.requires_grad_(True)
+    lat.aux.requires_grad_(True)
+    wrt = [lat.x, lat.aux, mu, c]
+    got = torch.autograd.grad(_loss(ds.sample(model, name, latent=lat, mu=mu, cond={"c": c}, grad=True).samples), wrt)
+    want = torch.autograd.grad(_loss(ds.sample(model, name, latent=lat, mu=mu, cond={"c": c}).samples), wrt)
+    assert _rel(got, want) < 1e-8
+
+
+def test_grad_needs_a_reversible_solver():
+    _, model, x_T, _ = _setup()
+    with pytest.raises(ValueError, match="grad=True needs a reversible solver .*rev-heun.*got 'heun'"):
+        ds.sample(model, "heun", 5, x_T=x_T, grad=True, cond={"c": torch.zeros(1, 4, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="trajectory"):
+        ds.sample(model, "rev-heun", 5, x_T=x_T, grad=True, return_trajectory=True)
 
 
 def _saved_bytes(fn, steps):
@@ -61,14 +92,15 @@ def _saved_bytes(fn, steps):
     return total[0]
 
 
-def test_memory_is_flat_in_the_number_of_steps():
-    """What the forward keeps for backward: constant for the reversible adjoint (its three final
-    states), linear in the steps for autograd through the unrolled loop. (The reversible backward
-    then holds one step's graph at a time.)"""
-    rev = lambda m, x, n, c: rev_heun_sample(m, x, n, cond={"c": c})  # noqa: E731
-    unrolled = lambda m, x, n, c: ds.sample(m, "rev-heun", n, x_T=x, cond={"c": c}).samples  # noqa: E731
+@pytest.mark.parametrize("name", ["rev-heun", "o-belm", "edict", "rex"])
+def test_memory_is_flat_in_the_number_of_steps(name):
+    """What the forward keeps for backward: constant for the reversible adjoint (its final state and,
+    for schemes whose start calls the model, that one call's graph), linear in the steps for autograd
+    through the unrolled loop. (The reversible backward then holds one step's graph at a time.)"""
+    rev = lambda m, x, n, c: ds.sample(m, name, n, x_T=x, cond={"c": c}, grad=True).samples  # noqa: E731
+    unrolled = lambda m, x, n, c: ds.sample(m, name, n, x_T=x, cond={"c": c}).samples  # noqa: E731
     r = {n: _saved_bytes(rev, n) for n in (10, 50, 200)}
     u = {n: _saved_bytes(unrolled, n) for n in (10, 50, 200)}
-    print("bytes saved for backward, reversible", r, "unrolled", u)
+    print(name, "bytes saved for backward, reversible", r, "unrolled", u)
     assert r[10] == r[50] == r[200]
     assert u[200] > 15 * u[10] and u[10] > r[10]

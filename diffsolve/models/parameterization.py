@@ -11,7 +11,8 @@ for d alpha/dt and d sigma/dt and r = sqrt(alpha^2 + sigma^2):
     velocity  probability-flow drift dx/dt:  velocity = a' y_0 + s' eps
               (= -f (x - mu) - g2/2 score; for rectified flow eps - x_0)
 
-``to_x0_eps`` inverts each of these given x; ``from_x0_eps`` builds each from (x_0, eps).
+``to_x0_eps`` inverts each of these given x; ``from_x0_eps`` builds each from (x_0, eps). At
+sigma = 0 an x_0 prediction gives eps = 0 (the limit for data with a density).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def to_x0_eps(kind: str, out: Tensor, x: Tensor, c: Coefs, mu: Tensor | float = 
         y0 = (y - s * eps) / a
     elif kind == "x0":
         y0 = out - mu
-        eps = (y - a * y0) / s
+        # at sigma = 0 (the clean end) x_0 determines no eps: take its limit for data with a density,
+        # E[eps | x_t] -> E[eps] = 0 (a masked division, so gradients stay finite)
+        clean = s == 0
+        eps = (y - a * y0) / torch.where(clean, torch.ones_like(s), s) * ~clean if bool(clean.any()) else (y - a * y0) / s
     elif kind == "v":
         r = torch.sqrt(a * a + s * s)
         at, st = a / r, s / r

@@ -1,109 +1,118 @@
 """Exact gradients through a reversible sampler in constant memory (the reversible adjoint).
 
-:func:`rev_heun_sample` runs ``rev-heun`` (:mod:`.reversible`) without storing the trajectory. Its
-backward pass walks the steps in reverse: it rebuilds each state with the solver's exact inverse step
-and back-propagates through that one step only (per step one model call to rebuild and one with a
-graph for the VJP, as in torchsde's ``AdjointReversibleHeun``; Kidger et al. 2021). The gradient equals autograd through the unrolled
-sampler up to round-off, while memory does not grow with the number of steps.
+``ds.sample(model, solver, ..., grad=True)`` with a reversible solver (:mod:`.reversible`) runs the
+steps without storing the trajectory. The backward pass walks them in reverse: it rebuilds state S_k
+from S_{k+1} with the solver's exact inverse step (``unstep``), re-runs that one step with a graph and
+back-propagates the cotangent of S_{k+1} through it, to S_k, the conditioning, mu and the network's
+parameters (Kidger et al. 2021's reversible adjoint, generalised to any scheme with an exact inverse
+step). The gradient equals autograd through the unrolled sampler up to round-off; memory holds one
+step's graph whatever the number of steps. Cost: a backward step is an inverse step plus a forward
+step with its VJP (for rev-heun, 1 + 1 model calls, as torchsde's ``AdjointReversibleHeun``).
 
-Cotangent rule of one step (y, z, f) -> (y', z', f') with z' = 2y - z + h f, f' = F(z'),
-y' = y + (h/2)(f + f'):
-
-    a_z' += J_F(z')^T (a_f' + (h/2) a_y')           (and the parameters' share of the same VJP)
-    a_y = a_y' + 2 a_z';   a_z = -a_z';   a_f = (h/2) a_y' + h a_z'
+Only the steps run inside the custom autograd function; the start (e.g. the DDIM step that gives a
+two-level scheme its second state) and the final conversion are ordinary differentiable code.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..models.model import DiffusionModel
-from ..schedules.grids import GridSpec, make_grid
-from .reversible import _NoiseForm
+from ..models.model import DiffusionModel, check_finite
+from .base import as_query
+from .reversible import Reversible
 
 Tensor = torch.Tensor
 
 
-def rev_heun_sample(model: DiffusionModel, x_T: Tensor, steps: int | None = None, *, grid: GridSpec | None = None,
-                    mu: Tensor | None = None, cond: Mapping[str, Tensor] | None = None,
-                    params: Sequence[Tensor] | None = None) -> Tensor:
-    """``rev-heun`` samples from ``x_T`` that back-propagate in constant memory.
+def _drive(run, call: Callable) -> Any:
+    """Answer a solver generator's queries with ``call(query)``; returns what the generator returns."""
+    try:
+        item = next(run)
+        while True:
+            item = run.send(call(as_query(item)))
+    except StopIteration as stop:
+        return stop.value
 
-    Gradients reach ``x_T``, the tensors in ``cond`` and ``params`` (default: the parameters of
-    ``model.net`` when it is a ``torch.nn.Module``) that require grad. ``mu`` is held fixed.
+
+def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: Tensor, *, mu: Tensor | None = None,
+                      cond: Mapping[str, Any] | None = None, aux: Tensor | None = None, counter=None,
+                      params: Sequence[Tensor] | None = None) -> Tensor:
+    """Sample with ``slv`` from ``x`` (at grid[0]) so that the result back-propagates in constant memory.
+
+    Gradients reach ``x`` (and ``aux``), ``mu``, the tensors in ``cond`` and ``params`` (default: the
+    parameters of ``model.net`` that require grad, when it is a ``torch.nn.Module``).
     """
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
-    g = make_grid(model.schedule, steps, grid)
+    if not isinstance(slv, Reversible):
+        raise ValueError(f"grad=True needs a reversible solver (family 'reversible'), got {slv.name!r}")
     cond = dict(cond or {})
     if params is None:
         params = [p for p in model.net.parameters() if p.requires_grad] if isinstance(model.net, torch.nn.Module) else []
-    keys = sorted(cond)
-    return _RevHeun.apply(model, g, mu, keys, x_T, *[cond[k] for k in keys], *params)
+    keys = [k for k in sorted(cond) if isinstance(cond[k], Tensor)]
+    fixed = {k: v for k, v in cond.items() if k not in keys}
+
+    def caller(mu_, cond_, counter_=None):
+        def call(q):
+            pred = model(q.x, q.t, mu=mu_, counter=counter_, **cond_, **fixed)
+            check_finite(pred.output, f"solver {slv.name!r}, step {q.step} (t={float(q.t):.6g})")
+            return pred
+        return call
+
+    call = caller(mu, {k: cond[k] for k in keys}, counter)
+    fr = slv.frame(grid, model.schedule, mu)
+    st = _drive(slv.start(fr, x, aux), call)  # differentiable, outside the reversible part
+    m = len(st)
+    ctx_args = (slv, fr, grid, model.schedule, caller, keys, m, counter)
+    out = _Steps.apply(ctx_args, *st, mu, *[cond[k] for k in keys], *params)
+    return slv.sample_of(fr, out[:m])
 
 
-class _RevHeun(torch.autograd.Function):
+class _Steps(torch.autograd.Function):
+    """S_0 -> S_m through the solver's steps; backward rebuilds each S_k with ``unstep``."""
+
     @staticmethod
-    def forward(ctx, model, grid, mu, keys, x_T, *inputs):
-        nf = _NoiseForm(grid, model.schedule, mu)
-        field = _field(model, nf, dict(zip(keys, inputs[: len(keys)])))
-        n = len(grid) - 1
-        with torch.no_grad():
-            y = z = nf.y(x_T, 0)
-            f = field(z, 0)
-            for i in range(n):
-                h = nf.ds(i, i + 1)
-                z = 2 * y - z + h * f
-                f_next = field(z, i + 1)
-                y = y + 0.5 * h * (f + f_next)
-                f = f_next
-        ctx.model, ctx.nf, ctx.keys = model, nf, keys
-        ctx.save_for_backward(y, z, f, *inputs)
-        return nf.x(y, n)
+    def forward(ctx, args, *inputs):
+        slv, fr, grid, schedule, caller, keys, m, counter = args
+        st, mu, cond_in = inputs[:m], inputs[m], inputs[m + 1: m + 1 + len(keys)]
+        call = caller(mu, dict(zip(keys, cond_in)), counter)
+        for k in range(slv.n_steps(fr)):
+            st = _drive(slv.step(fr, st, k), call)
+        st = tuple(s.clone() if any(s is i for i in inputs[:m]) else s for s in st)
+        ctx.args = args
+        ctx.save_for_backward(*st, *inputs[m:])
+        return st
 
     @staticmethod
-    def backward(ctx, grad_x):
-        y, z, f, *inputs = ctx.saved_tensors
-        keys, nf = ctx.keys, ctx.nf
-        cond_in, params = inputs[: len(keys)], inputs[len(keys):]
-        field = _field(ctx.model, nf, dict(zip(keys, cond_in)))
-        n = len(nf.t) - 1
-        wrt = [t for t in (*cond_in, *params) if t.requires_grad]
+    def backward(ctx, *grad_st):
+        slv, fr, grid, schedule, caller, keys, m, _ = ctx.args
+        saved = ctx.saved_tensors
+        st, mu = saved[:m], saved[m]
+        cond_in, params = saved[m + 1: m + 1 + len(keys)], saved[m + 1 + len(keys):]
+        # differentiable copies of mu and the condition, and the leaves the VJPs reach
+        mu_g = mu.detach().requires_grad_(mu.requires_grad) if mu is not None else None
+        cond_g = [c.detach().requires_grad_(c.requires_grad) for c in cond_in]
+        extra = [mu_g, *cond_g, *params]
+        wrt = [t for t in extra if t is not None and t.requires_grad]
         acc = [torch.zeros_like(t) for t in wrt]
-
-        def vjp(z_k, k, cot):
-            """J_F(z_k)^T cot (one model call with a graph); the inputs' share is added to acc."""
+        call_ng = caller(mu, dict(zip(keys, cond_in)))
+        call_g = caller(mu_g, dict(zip(keys, cond_g)))
+        fr_g = slv.frame(grid, schedule, mu_g)
+        cot = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_st, st)]
+        for k in reversed(range(slv.n_steps(fr))):
+            with torch.no_grad():
+                prev = _drive(slv.unstep(fr, st, k), call_ng)
             with torch.enable_grad():
-                zz = z_k.detach().requires_grad_(True)
-                grads = torch.autograd.grad(field(zz, k), [zz, *wrt], cot, allow_unused=True)
-            for j, gr in enumerate(grads[1:]):
-                if gr is not None:
-                    acc[j] += gr
-            return grads[0] if grads[0] is not None else torch.zeros_like(zz)
-
-        a_y = grad_x * float(nf.alpha[n])
-        a_z = torch.zeros_like(y)
-        a_f = torch.zeros_like(y)
-        with torch.no_grad():
-            for i in range(n - 1, -1, -1):
-                h = nf.ds(i, i + 1)
-                # back through f_{i+1} = F(z_{i+1}), then rebuild step i with its exact inverse
-                a_zt = a_z + vjp(z, i + 1, a_f + 0.5 * h * a_y)
-                z_prev = 2 * y - z - h * f
-                f_prev = field(z_prev, i)
-                y = y - 0.5 * h * (f_prev + f)
-                z, f = z_prev, f_prev
-                a_y, a_z, a_f = a_y + 2 * a_zt, -a_zt, 0.5 * h * a_y + h * a_zt
-            grad_y0 = a_y + a_z + vjp(z, 0, a_f)  # f_0 = F(z_0), z_0 = y_0
-        grad_xT = grad_y0 / float(nf.alpha[0])
-        out, it = [], iter(acc)
-        for t in (*cond_in, *params):
-            out.append(next(it) if t.requires_grad else None)
-        return (None, None, None, None, grad_xT, *out)
-
-
-def _field(model: DiffusionModel, nf: _NoiseForm, cond: dict[str, Any]):
-    """F(y, i) = eps_hat at the noise-form state y of grid point i, with a graph when grad is enabled."""
-    return lambda y, i: model(nf.x(y, i), float(nf.t[i]), mu=nf.mu, **cond).eps
+                inp = [p.detach().requires_grad_(True) for p in prev]
+                out = _drive(slv.step(fr_g, tuple(inp), k), call_g)
+                pairs = [(o, c) for o, c in zip(out, cot) if o.requires_grad]
+                grads = torch.autograd.grad([o for o, _ in pairs], [*inp, *wrt], [c for _, c in pairs],
+                                            allow_unused=True)
+            cot = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[:m], prev)]
+            for a, g in zip(acc, grads[m:]):
+                if g is not None:
+                    a += g
+            st = prev
+        it = iter(acc)
+        rest = [next(it) if t is not None and t.requires_grad else None for t in extra]
+        return (None, *cot, *rest)

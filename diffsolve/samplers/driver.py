@@ -10,9 +10,11 @@ import torch
 
 from ..models.model import DiffusionModel, NFECounter, check_finite
 from ..schedules.grids import GridSpec, make_grid
+from .adjoint import reversible_sample
 from .base import Outcome, Solver, as_query, sub
 from .noise import NoiseSource
-from .registry import get_solver, solver_info
+from .registry import get_solver, list_solvers, solver_info
+from .reversible import Reversible
 from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
@@ -70,7 +72,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
            mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, noise: str | None = None,
            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
            progress: bool | None = None, return_trajectory: bool = False,
-           num_inference_steps: int | None = None, latent: Latent | None = None,
+           num_inference_steps: int | None = None, latent: Latent | None = None, grad: bool = False,
            **solver_options: Any) -> SampleResult:
     """Sample from ``model`` with a registered solver.
 
@@ -94,12 +96,24 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     device, dtype: where and in which precision to sample (default: x_T's, else cpu / float32).
     progress: show a progress bar (default: only when stderr is a terminal).
     return_trajectory: keep (t, x) of every model query.
+    grad: back-propagate through a reversible solver in constant memory (the reversible adjoint,
+        :mod:`diffsolve.samplers.adjoint`): ``samples`` then carry a graph whose backward rebuilds the
+        states step by step instead of storing them, and gradients reach x_T (or the latent), mu, the
+        tensors in ``cond`` and the parameters of ``model.net``. Without it, autograd through
+        ``sample`` also works, storing every step.
     latent: a :class:`Latent` from :func:`invert`: the run starts from it, on its grid (for reversible
         solvers from its full state, which reproduces the inverted data to round-off).
     **solver_options: the solver's options, e.g. ``eta=1.0`` for ddim.
     """
     slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
+    if grad:
+        if not isinstance(slv, Reversible):
+            reversible = ", ".join(i.name for i in list_solvers("reversible"))
+            raise ValueError(f"grad=True needs a reversible solver ({reversible}), got {slv.name!r}; "
+                             "for other solvers call sample() under autograd, which stores every step")
+        if return_trajectory:
+            raise ValueError("grad=True keeps no trajectory; give return_trajectory=False")
     if latent is not None:
         if not isinstance(latent, Latent):
             raise TypeError(f"latent must be a diffsolve Latent (from ds.invert), got {type(latent).__name__}")
@@ -152,9 +166,14 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         x = x_T.to(device=device, dtype=dtype)
 
     aux = {"aux": latent.aux} if latent is not None and latent.aux is not None else {}
-    run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
-    out, counter, trajectory, wall = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress,
-                                             return_trajectory=return_trajectory)
+    if grad:
+        counter, start = NFECounter(b), time.perf_counter()
+        out = Outcome(reversible_sample(model, slv, x, g, mu=mu, cond=cond, counter=counter, **aux))
+        trajectory, wall = None, time.perf_counter() - start
+    else:
+        run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
+        out, counter, trajectory, wall = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress,
+                                                 return_trajectory=return_trajectory)
     return SampleResult(samples=out.x, nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
                         solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
                         rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)

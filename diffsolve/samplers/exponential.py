@@ -118,6 +118,9 @@ class _Multistep(Solver):
         if self.parameterization == "noise" and alpha[0] <= 0:
             raise ValueError("parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
                              "use 'data' or 'velocity', or a grid with t_max < 1")
+        if sigma[0] == 0.0:
+            raise ValueError(f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
+                             "to invert, start from t_min > 0")
         g = _Grid(ts, alpha, sigma, lam)
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last

@@ -1,12 +1,15 @@
 """Algebraically reversible solvers of the probability-flow ODE: exact inversion.
 
-They work in the noise form of the ODE (the variables in which DDIM is an Euler step):
+Most work in the noise form of the ODE (the variables in which DDIM is an Euler step):
 
     y = (x - mu) / alpha,    s = sigma / alpha,    dy/ds = eps_hat(x, t),    x = alpha y + mu,
 
 and carry a second state, so that each step can be undone in closed form with forward model calls
-only. :func:`diffsolve.invert` runs the inverse from the data and returns both states as a
-:class:`~diffsolve.Latent`; sampling from it reproduces the data to round-off.
+only. Every scheme is written as one interface (:class:`Reversible`): a state (a tuple of tensors),
+``start``, ``step``, its exact inverse ``unstep``, and the conversions at either end. From it come
+sampling (``run``), exact inversion (``run_inverse``: :func:`diffsolve.invert` returns both states as a
+:class:`~diffsolve.Latent`, which samples back to the data to round-off) and the reversible adjoint
+(:mod:`.adjoint`: gradients through sampling in constant memory).
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ from .base import Outcome, Query, Solver
 from .registry import register
 
 Tensor = torch.Tensor
+State = tuple  # a scheme's state: a tuple of tensors
 
 
 class _NoiseForm:
-    """Conversions between x at grid time t and the noise-form state y, and the field eps_hat."""
+    """Conversions between x at grid point i and the noise-form state y, and the field eps_hat."""
 
     def __init__(self, grid: Tensor, schedule, mu):
         g = grid.to(torch.float64)
         self.t = g
         self.alpha = schedule.alpha(g)
+        if not bool((self.alpha > 0).all()):
+            raise ValueError("reversible solvers work in y = x / alpha: every grid time needs alpha > 0 "
+                             "(lower t_max, e.g. t_max=0.999 for rectified flow)")
         self.s = schedule.sigma(g) / self.alpha
         self.mu = mu
 
@@ -45,12 +52,61 @@ class _NoiseForm:
         return float(self.s[j] - self.s[i])
 
 
+class Reversible(Solver):
+    """A reversible scheme: ``n_steps(frame)`` maps between states S_0 (the noise end) and S_m (the data
+    end) with ``step(frame, S_k, k) -> S_{k+1}`` and its exact inverse ``unstep(frame, S_{k+1}, k) -> S_k``
+    (generators yielding model queries). ``start`` builds S_0 from x_T (and the latent's second state),
+    ``end`` builds S_m from data; ``sample_of`` and ``latent_of`` read x (and the second state) back.
+    """
+
+    def frame(self, grid: Tensor, schedule, mu):
+        """Per-run constants (grid conversions); the noise form by default."""
+        return _NoiseForm(grid, schedule, mu)
+
+    def n_steps(self, fr) -> int:
+        return len(fr.t) - 1
+
+    def start(self, fr, x: Tensor, aux: Tensor | None):
+        raise NotImplementedError
+
+    def step(self, fr, st: State, k: int):
+        raise NotImplementedError
+
+    def unstep(self, fr, st: State, k: int):
+        raise NotImplementedError
+
+    def sample_of(self, fr, st: State) -> Tensor:
+        raise NotImplementedError
+
+    def end(self, fr, x: Tensor):
+        raise NotImplementedError
+
+    def latent_of(self, fr, st: State) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
+        fr = self.frame(grid, schedule, mu)
+        st = yield from self.start(fr, x, aux)
+        for k in range(self.n_steps(fr)):
+            st = yield from self.step(fr, st, k)
+        return self.sample_of(fr, st)
+
+    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
+        """From data at grid[-1] back to the full state at grid[0]: Outcome(x_T, stats={"aux": ...})."""
+        fr = self.frame(grid, schedule, mu)
+        st = yield from self.end(fr, x)
+        for k in reversed(range(self.n_steps(fr))):
+            st = yield from self.unstep(fr, st, k)
+        x_T, aux = self.latent_of(fr, st)
+        return Outcome(x_T, stats={"aux": aux})
+
+
 @register("rev-heun", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
           description="reversible Heun (Kidger et al.): second-order, exactly invertible, 1 call per step",
           reference="Kidger, Foster, Li, Lyons 2021, Efficient and Accurate Gradients for Neural SDEs (NeurIPS)")
-class ReversibleHeun(Solver):
-    """Reversible Heun on the noise-form ODE dy/ds = f(y, s) = eps_hat. State (y, z), z_0 = y_0 unless
-    a latent gives it; with h = s_{n+1} - s_n and f_n = f(z_n, s_n):
+class ReversibleHeun(Reversible):
+    """Reversible Heun on the noise-form ODE dy/ds = f(y, s) = eps_hat. State (y, z, f_n), z_0 = y_0
+    unless a latent gives it; with h = s_{n+1} - s_n and f_n = f(z_n, s_n):
 
         z_{n+1} = 2 y_n - z_n + h f_n
         y_{n+1} = y_n + (h / 2) (f_n + f(z_{n+1}, s_{n+1}))
@@ -63,36 +119,38 @@ class ReversibleHeun(Solver):
     def __init__(self):
         pass
 
-    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
-        nf = _NoiseForm(grid, schedule, mu)
-        n = len(grid) - 1
-        y = nf.y(x, 0)
-        z = y if aux is None else nf.y(aux, 0)
-        f = yield from nf.field(z, 0, 1)
-        for i in range(n):
-            h = nf.ds(i, i + 1)
-            z = 2 * y - z + h * f
-            f_next = yield from nf.field(z, i + 1, i + 1)
-            y = y + 0.5 * h * (f + f_next)
-            f = f_next
-        return nf.x(y, n)
+    def start(self, fr, x, aux):
+        y = fr.y(x, 0)
+        z = y if aux is None else fr.y(aux, 0)
+        return y, z, (yield from fr.field(z, 0, 1))
 
-    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
-        """From data at grid[-1] (z = y) back to the pair at grid[0]; returns Outcome(x_T, aux=z_T)."""
-        nf = _NoiseForm(grid, schedule, mu)
-        n = len(grid) - 1
-        y = z = nf.y(x, n)
-        f = yield from nf.field(z, n, n)
-        for i in range(n - 1, -1, -1):
-            h = nf.ds(i, i + 1)
-            z = 2 * y - z - h * f
-            f_prev = yield from nf.field(z, i, i + 1)
-            y = y - 0.5 * h * (f_prev + f)
-            f = f_prev
-        return Outcome(nf.x(y, 0), stats={"aux": nf.x(z, 0)})
+    def step(self, fr, st, k):
+        y, z, f = st
+        h = fr.ds(k, k + 1)
+        z = 2 * y - z + h * f
+        f_next = yield from fr.field(z, k + 1, k + 1)
+        return y + 0.5 * h * (f + f_next), z, f_next
+
+    def unstep(self, fr, st, k):
+        y, z, f = st
+        h = fr.ds(k, k + 1)
+        z = 2 * y - z - h * f
+        f_prev = yield from fr.field(z, k, k + 1)
+        return y - 0.5 * h * (f_prev + f), z, f_prev
+
+    def sample_of(self, fr, st):
+        return fr.x(st[0], self.n_steps(fr))
+
+    def end(self, fr, x):
+        n = self.n_steps(fr)
+        y = fr.y(x, n)
+        return y, y, (yield from fr.field(y, n, n))
+
+    def latent_of(self, fr, st):
+        return fr.x(st[0], 0), fr.x(st[1], 0)
 
 
-class _TwoLevel(Solver):
+class _TwoLevel(Reversible):
     """Two-time-level reversible schemes on the noise form, one model call per step. With u_k the state
     at grid point k (k = 0 the noise end) and e_k = eps_hat(u_k):
 
@@ -100,39 +158,48 @@ class _TwoLevel(Solver):
         u_{k+1} = P_k u_{k-1} + Q_k u_k + R_k e_k,                   k >= 1
         inverse u_{k-1} = (u_{k+1} - Q_k u_k - R_k e_k) / P_k
 
-    Inversion starts from the data u_n and one DDIM-inversion step u_{n-1} = u_n + (s_{n-1} - s_n) e_n,
-    and returns the pair (u_0, u_1) (``Latent.x``, ``Latent.aux``; aux at grid[1]).
+    The state is the pair (u_k, u_{k+1}). Inversion starts from the data u_n and one DDIM-inversion
+    step u_{n-1} = u_n + (s_{n-1} - s_n) e_n, and returns the pair (u_0, u_1) (``Latent.x``,
+    ``Latent.aux``; aux at grid[1]).
     """
 
     def coefs(self, s_prev: float, s: float, s_next: float) -> tuple[float, float, float]:
         raise NotImplementedError
 
-    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
-        nf = _NoiseForm(grid, schedule, mu)
-        n = len(grid) - 1
-        u_prev = nf.y(x, 0)
-        if aux is None:
-            e = yield from nf.field(u_prev, 0, 1)
-            u = u_prev + nf.ds(0, 1) * e
-        else:
-            u = nf.y(aux, 1)
-        for k in range(1, n):
-            e = yield from nf.field(u, k, k + 1)
-            p, q, r = self.coefs(float(nf.s[k - 1]), float(nf.s[k]), float(nf.s[k + 1]))
-            u_prev, u = u, p * u_prev + q * u + r * e
-        return nf.x(u, n)
+    def n_steps(self, fr):
+        return len(fr.t) - 2
 
-    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
-        nf = _NoiseForm(grid, schedule, mu)
-        n = len(grid) - 1
-        u_next = nf.y(x, n)
-        e = yield from nf.field(u_next, n, n)
-        u = u_next + nf.ds(n, n - 1) * e
-        for k in range(n - 1, 0, -1):
-            e = yield from nf.field(u, k, k + 1)
-            p, q, r = self.coefs(float(nf.s[k - 1]), float(nf.s[k]), float(nf.s[k + 1]))
-            u_next, u = u, (u_next - q * u - r * e) / p
-        return Outcome(nf.x(u, 0), stats={"aux": nf.x(u_next, 1)})
+    def _pqr(self, fr, k):
+        return self.coefs(float(fr.s[k]), float(fr.s[k + 1]), float(fr.s[k + 2]))
+
+    def start(self, fr, x, aux):
+        u0 = fr.y(x, 0)
+        if aux is not None:
+            return u0, fr.y(aux, 1)
+        return u0, u0 + fr.ds(0, 1) * (yield from fr.field(u0, 0, 1))
+
+    def step(self, fr, st, k):
+        u_prev, u = st
+        e = yield from fr.field(u, k + 1, k + 2)
+        p, q, r = self._pqr(fr, k)
+        return u, p * u_prev + q * u + r * e
+
+    def unstep(self, fr, st, k):
+        u, u_next = st
+        e = yield from fr.field(u, k + 1, k + 2)
+        p, q, r = self._pqr(fr, k)
+        return (u_next - q * u - r * e) / p, u
+
+    def sample_of(self, fr, st):
+        return fr.x(st[1], len(fr.t) - 1)
+
+    def end(self, fr, x):
+        n = len(fr.t) - 1
+        u = fr.y(x, n)
+        return u + fr.ds(n, n - 1) * (yield from fr.field(u, n, n)), u
+
+    def latent_of(self, fr, st):
+        return fr.x(st[0], 0), fr.x(st[1], 1)
 
 
 @register("bdia", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
@@ -184,7 +251,7 @@ class OBELM(_TwoLevel):
 @register("edict", family="reversible", order=1, calls_per_step=2, deterministic=True, invertible=True,
           description="EDICT: two coupled DDIM chains with mixing p (default 0.93)",
           reference="Wallace, Gokul, Naik 2023, EDICT: Exact Diffusion Inversion via Coupled Transformations (CVPR)")
-class EDICT(Solver):
+class EDICT(Reversible):
     """EDICT in the noise form (where a DDIM step is y + h e): states (x, y), x_0 = y_0; per step,
     with h = s_{k+1} - s_k,
 
@@ -202,36 +269,67 @@ class EDICT(Solver):
             raise ValueError(f"p must be in (0, 1), got {p!r}")
         self.p = float(p)
 
-    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
-        nf, p = _NoiseForm(grid, schedule, mu), self.p
-        n = len(grid) - 1
-        a = nf.y(x, 0)
-        b = a if aux is None else nf.y(aux, 0)
-        for k in range(n):
-            h = nf.ds(k, k + 1)
-            a = a + h * (yield from nf.field(b, k, k + 1))
-            b = b + h * (yield from nf.field(a, k + 1, k + 1))
-            a = p * a + (1 - p) * b
-            b = p * b + (1 - p) * a
-        return nf.x(a, n)
+    def start(self, fr, x, aux):
+        a = fr.y(x, 0)
+        return a, (a if aux is None else fr.y(aux, 0))
+        yield  # a generator without model calls
 
-    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
-        nf, p = _NoiseForm(grid, schedule, mu), self.p
-        n = len(grid) - 1
-        a = b = nf.y(x, n)
-        for k in range(n - 1, -1, -1):
-            h = nf.ds(k, k + 1)
-            b = (b - (1 - p) * a) / p
-            a = (a - (1 - p) * b) / p
-            b = b - h * (yield from nf.field(a, k + 1, k + 1))
-            a = a - h * (yield from nf.field(b, k, k + 1))
-        return Outcome(nf.x(a, 0), stats={"aux": nf.x(b, 0)})
+    def step(self, fr, st, k):
+        a, b = st
+        p, h = self.p, fr.ds(k, k + 1)
+        a = a + h * (yield from fr.field(b, k, k + 1))
+        b = b + h * (yield from fr.field(a, k + 1, k + 1))
+        a = p * a + (1 - p) * b
+        return a, p * b + (1 - p) * a
+
+    def unstep(self, fr, st, k):
+        a, b = st
+        p, h = self.p, fr.ds(k, k + 1)
+        b = (b - (1 - p) * a) / p
+        a = (a - (1 - p) * b) / p
+        b = b - h * (yield from fr.field(a, k + 1, k + 1))
+        return a - h * (yield from fr.field(b, k, k + 1)), b
+
+    def sample_of(self, fr, st):
+        return fr.x(st[0], self.n_steps(fr))
+
+    def end(self, fr, x):
+        a = fr.y(x, self.n_steps(fr))
+        return a, a
+        yield
+
+    def latent_of(self, fr, st):
+        return fr.x(st[0], 0), fr.x(st[1], 0)
+
+
+class _DataForm:
+    """Rex's variables: v = (x - mu) / sigma at time g = alpha / sigma, where dv/dg = x0_hat - mu."""
+
+    def __init__(self, grid: Tensor, schedule, mu):
+        t = grid.to(torch.float64)
+        alpha, self.sigma = schedule.alpha(t), schedule.sigma(t)
+        if not bool((self.sigma > 0).all()):
+            raise ValueError("rex works in x / sigma: every grid time needs sigma > 0 (raise t_min)")
+        self.t, self.g, self.schedule, self.mu = t, alpha / self.sigma, schedule, mu
+
+    def v(self, x: Tensor, i: int) -> Tensor:
+        return (x if self.mu is None else x - self.mu) / float(self.sigma[i])
+
+    def x(self, v: Tensor, sigma: float) -> Tensor:
+        return sigma * v if self.mu is None else sigma * v + self.mu
+
+    def d(self, v: Tensor, g: float, t: float | None, step: int):
+        """D(v, g) = x0_hat - mu at log-SNR log g (t: its time when known; a generator, one call)."""
+        s = self.schedule
+        t = float(s.t_of_log_snr(torch.tensor(g, dtype=torch.float64).log())) if t is None else t
+        pred = yield Query(self.x(v, float(s.sigma(torch.tensor(t, dtype=torch.float64)))), t, step=step)
+        return pred.x0 if self.mu is None else pred.x0 - self.mu
 
 
 @register("rex", family="reversible", order=2, calls_per_step=4, deterministic=True, invertible=True,
           description="Rex: McCallum-Foster coupling over an exponential-integrator base (euler = DDIM, midpoint)",
           reference="Blasingame & Liu 2025, Rex: Reversible Solvers for Diffusion Models; McCallum & Foster 2024")
-class Rex(Solver):
+class Rex(Reversible):
     """Rex in the data form: v = (x - mu) / sigma, time g = alpha / sigma, dv/dg = x0_hat - mu =: D(v, g),
     where an Euler step is exactly DDIM (DPM-Solver++(1)). The base increment Phi_h(g, v) is
 
@@ -260,52 +358,42 @@ class Rex(Solver):
             raise ValueError(f"coupling must be in (0, 1], got {coupling!r}")
         self.base, self.coupling = base, float(coupling)
 
-    def _setup(self, grid, schedule, mu):
-        g = grid.to(torch.float64)
-        alpha, sigma = schedule.alpha(g), schedule.sigma(g)
-        if not bool((sigma > 0).all()):
-            raise ValueError("rex works in x / sigma: every grid time needs sigma > 0 (raise t_min)")
-        self._schedule, self._mu, self._sigma, self._t = schedule, mu, sigma, g
-        return alpha / sigma
+    def frame(self, grid, schedule, mu):
+        return _DataForm(grid, schedule, mu)
 
-    def _x(self, v, sigma):
-        return sigma * v if self._mu is None else sigma * v + self._mu
-
-    def _d(self, v, g, t=None, step=None):
-        """D(v, g) = x0_hat - mu at log-SNR log g (a generator: one model call)."""
-        t = float(self._schedule.t_of_log_snr(torch.tensor(g, dtype=torch.float64).log())) if t is None else t
-        sigma = float(self._schedule.sigma(torch.tensor(t, dtype=torch.float64)))
-        pred = yield Query(self._x(v, sigma), t, step=step)
-        return pred.x0 if self._mu is None else pred.x0 - self._mu
-
-    def _phi(self, v, g, h, t, step):
-        """The base increment Phi_h(g, v) (t: the time of g)."""
-        d = yield from self._d(v, g, t, step)
+    def _phi(self, fr, v, i, h, step):
+        """The base increment Phi_h(g_i, v)."""
+        g = float(fr.g[i])
+        d = yield from fr.d(v, g, float(fr.t[i]), step)
         if self.base == "euler":
             return h * d
-        return h * (yield from self._d(v + 0.5 * h * d, g + 0.5 * h, None, step))
+        return h * (yield from fr.d(v + 0.5 * h * d, g + 0.5 * h, None, step))
 
-    def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
-        gam = self._setup(grid, schedule, mu)
-        z, n = self.coupling, len(grid) - 1
-        to_v = (lambda y: (y if mu is None else y - mu) / float(self._sigma[0]))  # noqa: E731
-        v = to_v(x)
-        w = v if aux is None else to_v(aux)
-        for k in range(n):
-            g0, g1, t0, t1 = float(gam[k]), float(gam[k + 1]), float(self._t[k]), float(self._t[k + 1])
-            h = g1 - g0
-            v = z * v + (1 - z) * w + (yield from self._phi(w, g0, h, t0, k + 1))
-            w = w - (yield from self._phi(v, g1, -h, t1, k + 1))
-        return self._x(v, float(self._sigma[n]))
+    def start(self, fr, x, aux):
+        v = fr.v(x, 0)
+        return v, (v if aux is None else fr.v(aux, 0))
+        yield
 
-    def run_inverse(self, x, grid, noise, *, schedule, mu=None):
-        gam = self._setup(grid, schedule, mu)
-        z, n = self.coupling, len(grid) - 1
-        v = w = (x if mu is None else x - mu) / float(self._sigma[n])
-        for k in range(n - 1, -1, -1):
-            g0, g1, t0, t1 = float(gam[k]), float(gam[k + 1]), float(self._t[k]), float(self._t[k + 1])
-            h = g1 - g0
-            w = w + (yield from self._phi(v, g1, -h, t1, k + 1))
-            v = (v - (1 - z) * w - (yield from self._phi(w, g0, h, t0, k + 1))) / z
-        s0 = float(self._sigma[0])
-        return Outcome(self._x(v, s0), stats={"aux": self._x(w, s0)})
+    def step(self, fr, st, k):
+        v, w = st
+        z, h = self.coupling, float(fr.g[k + 1] - fr.g[k])
+        v = z * v + (1 - z) * w + (yield from self._phi(fr, w, k, h, k + 1))
+        return v, w - (yield from self._phi(fr, v, k + 1, -h, k + 1))
+
+    def unstep(self, fr, st, k):
+        v, w = st
+        z, h = self.coupling, float(fr.g[k + 1] - fr.g[k])
+        w = w + (yield from self._phi(fr, v, k + 1, -h, k + 1))
+        return (v - (1 - z) * w - (yield from self._phi(fr, w, k, h, k + 1))) / z, w
+
+    def sample_of(self, fr, st):
+        return fr.x(st[0], float(fr.sigma[-1]))
+
+    def end(self, fr, x):
+        v = fr.v(x, self.n_steps(fr))
+        return v, v
+        yield
+
+    def latent_of(self, fr, st):
+        s0 = float(fr.sigma[0])
+        return fr.x(st[0], s0), fr.x(st[1], s0)

@@ -2,6 +2,7 @@
 
     python scripts/train_digits.py --model classifier        # the metric's classifier (~1 min)
     python scripts/train_digits.py --model digits-vp         # eps-UNet on a DDPM schedule (~25 min)
+    python scripts/train_digits.py --model digits-vp-cond    # class-conditional digits-vp, label dropout (~25 min)
     python scripts/train_digits.py --model digits-flow       # rectified-flow velocity UNet (~25 min)
     python scripts/train_digits.py --model digits-mr         # IR-SDE restoration UNet, mu concat (~25 min)
     python scripts/train_digits.py --model digits-sigma      # noise-level classifier for DMCMC (~3 min)
@@ -82,29 +83,30 @@ def train_classifier(seed: int, iters: int, out: Path) -> None:
     print(f"classifier: held-out accuracy {acc:.4f} ({time.time() - t0:.0f} s)")
 
 
-def _unet(in_channels: int = 1):
+def _unet(in_channels: int = 1, **extra):
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**{**UNET, "in_channels": in_channels})
+    return UNet2DModel(**{**UNET, "in_channels": in_channels, **extra})
 
 
-def train_unet(name: str, seed: int, iters: int, in_channels: int, batch_fn, out: Path):
+def train_unet(name: str, seed: int, iters: int, in_channels: int, batch_fn, out: Path, **unet_extra):
     """Shared loop: AdamW lr 1e-3 (100 warm-up steps, cosine), grad clip 1, EMA 0.999, batch 128.
 
-    ``batch_fn(g)`` returns (network input, network time, regression target). Returns the EMA net.
+    ``batch_fn(g)`` returns (network input, network time, regression target[, network keyword
+    arguments]). Returns the EMA net.
     """
     g = setup(seed)
-    net = _unet(in_channels)
-    ema = _unet(in_channels)
+    net = _unet(in_channels, **unet_extra)
+    ema = _unet(in_channels, **unet_extra)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     t0 = time.time()
     for step in range(iters):
-        inp, t_net, target = batch_fn(g)
+        inp, t_net, target, *kw = batch_fn(g)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, iters, 1e-3)
-        loss = (net(inp, t_net).sample - target).pow(2).mean()
+        loss = (net(inp, t_net, **(kw[0] if kw else {})).sample - target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -151,6 +153,35 @@ def train_vp(seed: int, iters: int, out: Path) -> None:
     card = {**_common_card("digits-vp", seed, iters, secs), "prediction": "eps", "time_input": "timestep",
             "schedule": {"type": "VPDiscrete", "diffusers": DDPM}}
     (save_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+NULL_CLASS, LABEL_DROPOUT = 10, 0.1
+
+
+def train_vp_cond(seed: int, iters: int, out: Path) -> None:
+    """digits-vp-cond: digits-vp's set-up with a class embedding (10 digits + a null class 10). The
+    label is replaced by the null class with probability 0.1 (label dropout), so one network gives
+    both the conditional and the unconditional prediction that classifier-free guidance combines."""
+    from diffusers import DDPMScheduler
+
+    x, y = digits16("train")
+    acp = DDPMScheduler(**DDPM).alphas_cumprod
+
+    def batch(g):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        x0, labels = x[idx], y[idx].clone()
+        labels[torch.rand(128, generator=g) < LABEL_DROPOUT] = NULL_CLASS
+        t = torch.randint(0, 1000, (128,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a, s = acp[t].sqrt()[:, None, None, None], (1 - acp[t]).sqrt()[:, None, None, None]
+        return a * x0 + s * eps, t, eps, {"class_labels": labels}
+
+    _, secs = train_unet("digits-vp-cond", seed, iters, 1, batch, out, num_class_embeds=NULL_CLASS + 1)
+    card = {**_common_card("digits-vp-cond", seed, iters, secs), "prediction": "eps", "time_input": "timestep",
+            "schedule": {"type": "VPDiscrete", "diffusers": DDPM},
+            "class_labels": {"num_classes": 10, "null_class": NULL_CLASS, "label_dropout": LABEL_DROPOUT}}
+    card["unet"]["num_class_embeds"] = NULL_CLASS + 1
+    (out / "digits-vp-cond" / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 def train_flow(seed: int, iters: int, out: Path) -> None:
@@ -250,7 +281,8 @@ def train_sigma(seed: int, iters: int, out: Path) -> None:
     print(f"digits-sigma: held-out mean |class error| {err:.2f} of {SIGMA_LEVELS} ({time.time() - t0:.0f} s)")
 
 
-TRAINERS = {"classifier": (train_classifier, 1500), "digits-vp": (train_vp, 2800), "digits-flow": (train_flow, 2800),
+TRAINERS = {"classifier": (train_classifier, 1500), "digits-vp": (train_vp, 2800),
+            "digits-vp-cond": (train_vp_cond, 2800), "digits-flow": (train_flow, 2800),
             "digits-mr": (train_mr, 2800), "digits-sigma": (train_sigma, 3000)}
 
 

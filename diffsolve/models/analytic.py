@@ -57,8 +57,10 @@ class _OracleNet:
         self.schedule = schedule
         self.__name__ = type(oracle).__name__
 
-    def __call__(self, x: Tensor, t: Tensor, mu: Tensor | None = None) -> Tensor:
-        return self.oracle.denoise(x, t, self.schedule, mu)
+    def __call__(self, x: Tensor, t: Tensor, mu: Tensor | None = None, class_labels=None) -> Tensor:
+        if class_labels is None:
+            return self.oracle.denoise(x, t, self.schedule, mu)
+        return self.oracle.denoise(x, t, self.schedule, mu, class_labels=class_labels)
 
 
 class _Oracle:
@@ -76,9 +78,13 @@ class GaussianMixture(_Oracle):
     Parameters: ``means`` [K, D]; ``stds`` a scalar, [K] or [K, D]; ``weights`` [K] (default equal).
     Samples may carry any event shape whose size is D (e.g. images flattened to D pixels);
     ``event_shape`` sets the shape :meth:`sample` returns (default (D,)).
+
+    ``labels`` [K] (optional) gives each component a class: the model then takes ``class_labels``
+    (an int or [B]; -1 means unconditional) and is the exact conditional denoiser E[x_0 | x_t, y],
+    and :meth:`class_log_prob` is the exact noisy classifier log p(y | x_t).
     """
 
-    def __init__(self, means, stds=1.0, weights=None, event_shape: Sequence[int] | None = None):
+    def __init__(self, means, stds=1.0, weights=None, event_shape: Sequence[int] | None = None, labels=None):
         m = torch.as_tensor(means, dtype=torch.float64)
         if m.ndim == 1:
             m = m[None]
@@ -101,6 +107,9 @@ class GaussianMixture(_Oracle):
         self.stds = s.clone()
         self.weights = w / w.sum()
         self.event_shape = tuple(event_shape) if event_shape is not None else (d,)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.labels is not None and (self.labels.shape != (k,) or bool((self.labels < 0).any())):
+            raise ValueError(f"labels must be {k} non-negative class indices, one per component")
         if math.prod(self.event_shape) != d:
             raise ValueError(f"event_shape {self.event_shape} has {math.prod(self.event_shape)} elements, expected D={d}")
 
@@ -129,7 +138,17 @@ class GaussianMixture(_Oracle):
         a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
         mu_v = 0.0 if mu is None else torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
         return GaussianMixture(a * self.means + (1 - a) * mu_v, torch.sqrt(a * a * self.stds**2 + s * s),
-                               self.weights, self.event_shape)
+                               self.weights, self.event_shape, self.labels)
+
+    def conditional(self, label: int) -> "GaussianMixture":
+        """The data distribution of one class (a labelled mixture's components of that label)."""
+        if self.labels is None:
+            raise ValueError("this GaussianMixture has no component labels")
+        keep = self.labels == int(label)
+        if not bool(keep.any()):
+            raise ValueError(f"label must be one of {sorted(set(self.labels.tolist()))}, got {label!r}")
+        return GaussianMixture(self.means[keep], self.stds[keep], self.weights[keep], self.event_shape,
+                               self.labels[keep])
 
     # -------------------------------------------------------------------- exact denoiser
     def _components(self, x: Tensor, t, schedule: Schedule, mu):
@@ -144,9 +163,26 @@ class GaussianMixture(_Oracle):
         logp = torch.log(self.weights.to(x.device))[None] - 0.5 * ((diff * diff / var) + torch.log(2 * math.pi * var)).sum(-1)
         return xf, a, m, s2, var, diff, logp
 
-    def denoise(self, x: Tensor, t, schedule: Schedule, mu=None) -> Tensor:
-        """E[x_0 | x_t = x] under ``schedule`` (t scalar or [B])."""
+    def _restrict(self, logp: Tensor, class_labels) -> Tensor:
+        """Component log-weights restricted to each row's class (rows with label -1 keep all)."""
+        if self.labels is None:
+            raise ValueError("class_labels given, but this GaussianMixture has no component labels")
+        y = torch.as_tensor(class_labels, device=logp.device).reshape(-1).expand(logp.shape[0])
+        keep = (self.labels.to(logp.device)[None] == y[:, None]) | (y[:, None] < 0)
+        if not bool(keep.any(1).all()):
+            raise ValueError(f"class_labels must be -1 or one of {sorted(set(self.labels.tolist()))}")
+        return logp.masked_fill(~keep, -math.inf)
+
+    def class_log_prob(self, x: Tensor, t, schedule: Schedule, class_labels, mu=None) -> Tensor:
+        """log p(y | x_t = x), the exact noisy classifier of a labelled mixture ([B])."""
+        logp = self._components(x, t, schedule, mu)[-1]
+        return torch.logsumexp(self._restrict(logp, class_labels), 1) - torch.logsumexp(logp, 1)
+
+    def denoise(self, x: Tensor, t, schedule: Schedule, mu=None, class_labels=None) -> Tensor:
+        """E[x_0 | x_t = x] under ``schedule`` (t scalar or [B]); given ``class_labels``, E[x_0 | x_t, y]."""
         _, a, m, s2, var, diff, logp = self._components(x, t, schedule, mu)
+        if class_labels is not None:
+            logp = self._restrict(logp, class_labels)
         r = torch.softmax(logp, dim=1)[..., None]                       # [B,K,1]
         post = m + a * s2 / var * diff
         return (r * post).sum(1).reshape(x.shape).to(x.dtype)

@@ -73,6 +73,15 @@ class Prediction:
         self._x0_eps: tuple[Tensor, Tensor] | None = None
         self._coefs: Coefs | None = None
 
+    @classmethod
+    def from_pair(cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None) -> "Prediction":
+        """A prediction given by its (x0, eps) pair, which need not satisfy x = alpha x0 + sigma eps
+        (CFG++ and thresholding step with a data part and a noise part from different sources).
+        ``output`` is x0; every other parameterisation is derived from the pair."""
+        pred = cls(x, t, x0, "x0", schedule, mu)
+        pred._x0_eps = (x0, eps)
+        return pred
+
     @property
     def coefs(self) -> Coefs:
         if self._coefs is None:
@@ -202,6 +211,9 @@ class DiffusionModel:
             t_batch = tt.to(x.device)
         else:
             raise ValueError(f"t must be a scalar or a [B] tensor with B = {x.shape[0]}, got shape {tuple(tt.shape)}")
+        if "uncond" in cond:
+            raise TypeError("uncond= is for classifier-free guidance: wrap the model in "
+                            "diffsolve.guidance.ClassifierFreeGuidance")
         kwargs = dict(cond)
         if mu is not None:
             kwargs["mu"] = mu

@@ -12,6 +12,7 @@ from ..models.model import DiffusionModel, NFECounter, check_finite
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import reversible_sample
 from .base import Outcome, Solver, as_query, sub
+from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
 from .registry import get_solver, list_solvers, solver_info
 from .reversible import Reversible
@@ -73,6 +74,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
            progress: bool | None = None, return_trajectory: bool = False,
            num_inference_steps: int | None = None, latent: Latent | None = None, grad: bool = False,
+           uncond: Mapping[str, Any] | None = None, hooks: Sequence[StepHook] | None = None,
            **solver_options: Any) -> SampleResult:
     """Sample from ``model`` with a registered solver.
 
@@ -91,6 +93,10 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     t_max, t_min: the time range (default: the schedule's).
     mu: the condition of mean-reverting schedules (x_T is drawn around it).
     cond: keyword arguments passed to the network on every call (class labels, embeddings, ...).
+    uncond: the unconditional call's keyword arguments, for a classifier-free guided model
+        (:class:`diffsolve.guidance.ClassifierFreeGuidance`); overrides the wrapper's own.
+    hooks: step hooks (:mod:`diffsolve.guidance`: ``Inpaint``, ``Threshold``, ``EnKG``, or any
+        :class:`~diffsolve.samplers.hooks.StepHook`), run in order around every model call.
     noise: ``"gaussian"`` (fresh per-sample draws) or ``"brownian"`` (a per-sample Brownian tree);
         default: the solver's ``default_noise`` (gaussian, brownian for ``adaptive-sde``).
     device, dtype: where and in which precision to sample (default: x_T's, else cpu / float32).
@@ -114,6 +120,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
                              "for other solvers call sample() under autograd, which stores every step")
         if return_trajectory:
             raise ValueError("grad=True keeps no trajectory; give return_trajectory=False")
+        if hooks:
+            raise ValueError("grad=True runs no step hooks (they break the exact inverse steps)")
     if latent is not None:
         if not isinstance(latent, Latent):
             raise TypeError(f"latent must be a diffsolve Latent (from ds.invert), got {type(latent).__name__}")
@@ -143,6 +151,12 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     cond = dict(cond or {})
     for k, v in cond.items():
         _check_batch(f"cond[{k!r}]", v, b)
+    if uncond is not None:
+        if not isinstance(uncond, Mapping):
+            raise TypeError(f"uncond must be a dict of network keyword arguments, got {type(uncond).__name__}")
+        for k, v in uncond.items():
+            _check_batch(f"uncond[{k!r}]", v, b)
+    hooks = _check_hooks(hooks)
     if mu is not None:
         mu = torch.as_tensor(mu, device=device, dtype=dtype)
         _check_batch("mu", mu, b, shape)
@@ -167,21 +181,36 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
 
     aux = {"aux": latent.aux} if latent is not None and latent.aux is not None else {}
     if grad:
+        if uncond is not None:
+            cond = {**cond, "uncond": uncond}
         counter, start = NFECounter(b), time.perf_counter()
         out = Outcome(reversible_sample(model, slv, x, g, mu=mu, cond=cond, counter=counter, **aux))
         trajectory, wall = None, time.perf_counter() - start
     else:
         run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
         out, counter, trajectory, wall = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress,
-                                                 return_trajectory=return_trajectory)
+                                                 return_trajectory=return_trajectory, uncond=uncond, hooks=hooks,
+                                                 hook_noise=src.derived() if hooks else None)
     return SampleResult(samples=out.x, nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
                         solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
                         rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
 
 
+def _check_hooks(hooks) -> list:
+    if hooks is None:
+        return []
+    hooks = [hooks] if isinstance(hooks, StepHook) else list(hooks)
+    for h in hooks:
+        if not all(callable(getattr(h, m, None)) for m in ("before", "after", "finish")):
+            raise TypeError(f"hooks must be StepHook objects (before / after / finish), got {type(h).__name__}")
+    return hooks
+
+
 def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: int, *, mu=None, cond=None,
-            progress: bool | None = None, return_trajectory: bool = False):
-    """Pump a solver's generator ``run`` with model calls: every call counted and checked for NaN.
+            progress: bool | None = None, return_trajectory: bool = False, uncond=None, hooks=(),
+            hook_noise: NoiseSource | None = None):
+    """Pump a solver's generator ``run`` with model calls: every call counted and checked for NaN,
+    with the step hooks run around each call and at the end.
 
     Returns (Outcome, NFECounter, trajectory or None, wall seconds). Shared by sampling and inversion.
     """
@@ -194,19 +223,39 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
     n_steps = len(grid) - 1
     total = n_steps * (info.calls_per_step if info is not None else 1) if fixed_grid else None
     bar = tqdm(total=total, desc=slv.name, unit="nfe", disable=None if progress is None else not progress, leave=False)
+    of = f" of {n_steps}" if fixed_grid else ""
+
+    def caller(index, step):
+        kw = {k: sub(v, index) for k, v in cond.items()}
+        if uncond is not None:
+            kw["uncond"] = {k: sub(v, index) for k, v in uncond.items()}
+
+        def call(x, t):
+            pred = model(x, t, mu=sub(mu, index), counter=counter, index=index, **kw)
+            check_finite(pred.output, f"solver {slv.name!r}, step {step}{of} ({_describe_t(t)}), "
+                                      f"model call {counter.calls}")
+            return pred
+        return call
+
+    def context(index, step, call):
+        return HookContext(model.schedule, grid, step, index, sub(mu, index), call, hook_noise)
+
     start = time.perf_counter()
     try:
         item = next(run)
         while True:
             q = as_query(item)
-            if trajectory is not None:
-                trajectory.append((q.t, q.x.detach().clone()))
-            pred = model(q.x, q.t, mu=sub(mu, q.index), counter=counter, index=q.index,
-                         **{k: sub(v, q.index) for k, v in cond.items()})
             step = q.step if q.step is not None else _step_of(grid, q.t)
-            of = f" of {n_steps}" if fixed_grid else ""
-            check_finite(pred.output, f"solver {slv.name!r}, step {step}{of} ({_describe_t(q.t)}), "
-                                      f"model call {counter.calls}")
+            call = caller(q.index, step)
+            x = q.x
+            if hooks:
+                ctx = context(q.index, step, call)
+                x = run_hooks(hooks, "before", x, q.t, ctx)
+            if trajectory is not None:
+                trajectory.append((q.t, x.detach().clone()))
+            pred = call(x, q.t)
+            if hooks:
+                pred = run_hooks(hooks, "after", pred, ctx)
             bar.update(1)
             item = run.send(pred)
     except StopIteration as stop:
@@ -217,6 +266,8 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
     out = x if isinstance(x, Outcome) else Outcome(x)
     if not isinstance(out.x, Tensor):
         raise TypeError(f"solver {slv.name!r} returned {type(out.x).__name__}, expected a tensor")
+    if hooks:
+        out = out._replace(x=run_hooks(hooks, "finish", out.x, context(None, n_steps, caller(None, n_steps))))
     if trajectory is not None:
         trajectory.append((float(grid[-1]), out.x.detach().clone()))
     return out, counter, trajectory, time.perf_counter() - start

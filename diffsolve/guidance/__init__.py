@@ -1,0 +1,14 @@
+"""Guidance and inverse-problem hooks.
+
+Model wrappers (take a DiffusionModel, return one; every solver can use them):
+:class:`ClassifierFreeGuidance`, :class:`CFGPlusPlus`, :class:`ClassifierGuidance`, :class:`DPS`.
+
+Step hooks (act on the state between solver steps; pass a list to ``ds.sample(..., hooks=[...])``):
+:class:`EnKG`, :class:`Inpaint`, :class:`Threshold`.
+"""
+
+from .hooks import EnKG, HookContext, Inpaint, StepHook, Threshold
+from .wrappers import CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, DPS, GuidedModel
+
+__all__ = ["ClassifierFreeGuidance", "CFGPlusPlus", "ClassifierGuidance", "DPS", "GuidedModel", "StepHook",
+           "HookContext", "EnKG", "Inpaint", "Threshold"]

@@ -20,7 +20,8 @@ from .schedules import MeanReverting, RectifiedFlow, Schedule, VPDiscrete
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 #: shipped generators and the shape of one sample
-SHIPPED = {"digits-vp": (1, 16, 16), "digits-flow": (1, 16, 16), "digits-mr": (1, 16, 16)}
+SHIPPED = {"digits-vp": (1, 16, 16), "digits-vp-cond": (1, 16, 16), "digits-flow": (1, 16, 16),
+           "digits-mr": (1, 16, 16)}
 
 
 def path_of(name: str) -> Path:
@@ -79,8 +80,15 @@ def load_diffusers_ddpm(path: str | Path, device: str | torch.device = "cpu",
     return DiffusionModel(net, VPDiscrete.from_diffusers_config(cfg), prediction=kinds[pt], time_input="timestep")
 
 
+def classes(name: str) -> dict | None:
+    """For a class-conditional shipped model, {"num_classes", "null_class", "label_dropout"}; else None.
+    Its network takes ``class_labels`` (an int or [B]); the null class gives the unconditional model."""
+    return card(name).get("class_labels")
+
+
 def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """A shipped generator as a DiffusionModel (see :data:`SHIPPED`). digits-mr takes ``mu=``."""
+    """A shipped generator as a DiffusionModel (see :data:`SHIPPED`). digits-mr takes ``mu=``,
+    digits-vp-cond ``class_labels=`` (see :func:`classes`)."""
     path = path_of(name)
     if name not in SHIPPED:
         raise ValueError(f"{name!r} is not a generator; shipped generators: {', '.join(SHIPPED)}")
@@ -91,6 +99,14 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if c.get("condition"):
         def net(x, t, mu):
             return unet(torch.cat([x, mu.expand_as(x)], dim=1), t.to(x.dtype)).sample
+    elif c.get("class_labels"):
+        n = c["class_labels"]["num_classes"]
+
+        def net(x, t, class_labels):
+            y = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
+            if bool(((y < 0) | (y > n)).any()):
+                raise ValueError(f"class_labels must be in 0..{n - 1}, or {n} (the null class: unconditional)")
+            return unet(x, t.to(x.dtype), class_labels=y).sample
     else:
         def net(x, t):
             return unet(x, t.to(x.dtype)).sample

@@ -282,3 +282,30 @@ def test_enkg_reduces_a_nonlinear_residual_without_gradients():
           "NFE", res.nfe)
     assert resid(res.samples) < 0.5 * resid(plain)
     assert net.grad_calls == 0 and calls[0] > 0
+
+
+def test_threshold_parity_with_diffusers_ddim_thresholding():
+    """ddim + Threshold against diffusers' DDIMScheduler(thresholding=True) on the same eps network,
+    timesteps (plus the clean end) and initial state."""
+    from diffusers import DDIMScheduler
+
+    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
+
+    def net(x, t):  # its x0 leaves [-1.5, 1.5], so the threshold acts
+        return torch.tanh(x @ w + (t.to(torch.float64) / 1000.0)[:, None, None]) * 0.5 - 0.3 * x
+
+    ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    ref.set_timesteps(10)
+    x_T = 3 * torch.randn(6, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # [B, C, ...]
+    xd = x_T.clone()
+    for t in ref.timesteps:
+        xd = ref.step(net(xd, t.expand(6)), t, xd).prev_sample
+    sched = ds.schedules.VPDiscrete.from_diffusers_config(ref.config)
+    grid = [float(sched.t_of_timestep(float(t))) for t in ref.timesteps] + [0.0]
+    model = ds.DiffusionModel(net, sched, "eps")
+    ours = ds.sample(model, "ddim", grid=grid, x_T=x_T, hooks=[Threshold(0.9, 1.5)]).samples
+    plain = ds.sample(model, "ddim", grid=grid, x_T=x_T).samples
+    rel = float((ours - xd).abs().max() / xd.abs().max())
+    print("ddim + Threshold vs diffusers: relative difference", rel)
+    assert rel < 1e-6 and float((plain - xd).abs().max()) > 1e-2

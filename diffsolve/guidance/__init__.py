@@ -5,10 +5,14 @@ Model wrappers (take a DiffusionModel, return one; every solver can use them):
 
 Step hooks (act on the state between solver steps; pass a list to ``ds.sample(..., hooks=[...])``):
 :class:`EnKG`, :class:`Inpaint`, :class:`Threshold`.
+
+Inverse problems (:func:`inverse_problem`, :func:`restore`): inpainting and deblurring with DPS,
+EnKG or Inpaint, as ``diffsolve restore`` runs them.
 """
 
 from .hooks import EnKG, HookContext, Inpaint, StepHook, Threshold
+from .tasks import InverseProblem, inverse_problem, restore
 from .wrappers import CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, DPS, GuidedModel
 
 __all__ = ["ClassifierFreeGuidance", "CFGPlusPlus", "ClassifierGuidance", "DPS", "GuidedModel", "StepHook",
-           "HookContext", "EnKG", "Inpaint", "Threshold"]
+           "HookContext", "EnKG", "Inpaint", "Threshold", "InverseProblem", "inverse_problem", "restore"]

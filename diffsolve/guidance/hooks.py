@@ -120,18 +120,26 @@ class EnKG(StepHook):
     without any Jacobian. ``eta`` = ``guidance_scale`` (official: 2.0 Navier-Stokes, 3.5 black hole).
     The official code runs it on an 80-step EDM grid and trims the first and last steps; the window
     here is in noise level. The particles are coupled: results depend on the batch.
+
+    ``ensemble_size`` J splits the batch into consecutive groups of J particles, group g with its own
+    measurement y[g] (several problems in one run); default: the whole batch is one ensemble for one y.
     """
 
     def __init__(self, forward: Callable[[Tensor], Tensor], y: Tensor, guidance_scale: float = 2.0, *,
-                 num_updates: int = 1, inner_steps: int | None = None, window: tuple[float, float] | None = None):
+                 num_updates: int = 1, inner_steps: int | None = None, window: tuple[float, float] | None = None,
+                 ensemble_size: int | None = None):
         if not callable(forward):
             raise TypeError(f"forward must be callable as G(x0) -> y, got {type(forward).__name__}")
         if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 1:
             raise ValueError(f"num_updates must be an int >= 1, got {num_updates!r}")
         if inner_steps is not None and (isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1):
             raise ValueError(f"inner_steps must be None or an int >= 1, got {inner_steps!r}")
+        if ensemble_size is not None and (isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int)
+                                          or ensemble_size < 2):
+            raise ValueError(f"ensemble_size must be None or an int >= 2, got {ensemble_size!r}")
         self.forward, self.y, self.guidance_scale = forward, y, float(guidance_scale)
         self.num_updates, self.inner_steps, self.window = num_updates, inner_steps, window
+        self.ensemble_size = ensemble_size
 
     def _inside(self, t: float, schedule: Schedule) -> bool:
         if self.window is None:
@@ -154,15 +162,22 @@ class EnKG(StepHook):
 
     def update(self, x: Tensor, x0: Tensor) -> Tensor:
         """One ensemble update of the particles x given their denoised x0 (the formula above)."""
-        j = x.shape[0]
-        g = self.forward(x0).reshape(j, -1)
-        r = g - self.y.reshape(1, -1).to(g)
-        c = r @ (g - g.mean(0, keepdim=True)).T / j                      # [J, J]
-        dx = c @ (x - x.mean(0, keepdim=True)).reshape(j, -1)
-        return x - (self.guidance_scale / c.norm()) * dx.reshape(x.shape)
+        b = x.shape[0]
+        j = self.ensemble_size or b
+        if b % j:
+            raise ValueError(f"EnKG: a batch of {b} does not split into ensembles of {j}")
+        g = self.forward(x0).reshape(b // j, j, -1)
+        r = g - self.y.to(g).reshape(-1, 1, g.shape[-1])
+        c = r @ (g - g.mean(1, keepdim=True)).transpose(1, 2) / j       # [G, J, J]
+        xs = x.reshape(b // j, j, -1)
+        dx = c @ (xs - xs.mean(1, keepdim=True))
+        step = self.guidance_scale / c.flatten(1).norm(dim=1)[:, None, None]
+        return (xs - step * dx).reshape(x.shape)
 
     def before(self, x, t, ctx):
         t = _scalar_t(t)
+        if ctx.index is not None:
+            raise ValueError("EnKG couples the whole batch: use a solver that queries all rows at once")
         if not self._inside(t, ctx.schedule):
             return x
         n = len(ctx.grid) - 1

@@ -49,6 +49,7 @@ class _Run(threading.local):
     num_inference_steps: int | None = None
     step_index: int | None = None
     begin_index: int | None = None
+    init_noise_sigma: float = 1.0
     gen: Any = None
     pending: Any = None
 
@@ -97,13 +98,16 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             self.schedule = VPDiscrete.from_diffusers_config(dict(self.config))
             self.kind = PREDICTIONS[prediction_type]
         self.order = info.calls_per_step
-        self.init_noise_sigma = 1.0
         self._run = _Run()
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """As ConfigMixin.from_config; a flow-matching scheduler's config (FlowMatch*) sets ``flow``."""
-        name = str((config or {}).get("_class_name", "")) if hasattr(config, "get") else ""
+        """As ConfigMixin.from_config (a config or a scheduler). The source scheduler's class (its
+        config's ``_class_name``, or the scheduler's type) becomes ``source``; FlowMatch* sets ``flow``."""
+        if isinstance(config, ConfigMixin):
+            name, config = type(config).__name__, config.config
+        else:
+            name = str((config or {}).get("_class_name", "")) if hasattr(config, "get") else ""
         if "flow" not in kwargs and name.startswith("FlowMatch"):
             kwargs["flow"] = True
         if "source" not in kwargs and name and name != cls.__name__:
@@ -115,6 +119,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     sigmas = property(lambda self: self._run.sigmas)
     num_inference_steps = property(lambda self: self._run.num_inference_steps)
     step_index = property(lambda self: self._run.step_index)
+    init_noise_sigma = property(lambda self: self._run.init_noise_sigma)
     begin_index = property(lambda self: self._run.begin_index)
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -169,6 +174,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("set_timesteps needs num_inference_steps, timesteps or sigmas")
             num_inference_steps = len(given)
         n = int(num_inference_steps)
+        self._run.init_noise_sigma = 1.0
         placed = self._source_grid(n, device, timesteps, sigmas, mu)
         if placed is not None:
             self._set_grid(placed, n, device)
@@ -193,8 +199,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         ref_cls = getattr(diffusers, src, None) if src else None
         if self.config.steps_grid is not None or ref_cls is None:
             return None
-        keys = inspect.signature(ref_cls.__init__).parameters
-        ref = ref_cls.from_config({k: v for k, v in self.config.items() if k in keys})
+        keys = set(inspect.signature(ref_cls.__init__).parameters) - set(self.config.get("_use_default_values", []))
+        ref = ref_cls.from_config({k: v for k, v in self.config.items() if k in keys})  # the source's own defaults
         kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)) if v is not None}
         ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
         if self.config.flow:
@@ -202,6 +208,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             return sig if float(sig[-1]) == 0.0 or self.config.final != "zero" else torch.cat([sig, sig.new_zeros(1)])
         ts = torch.unique_consecutive(torch.as_tensor(ref.timesteps, dtype=torch.float64))
         t = self.schedule.t_of_timestep(ts)
+        # k-diffusion-style sources keep the latents as x / alpha and start them at init_noise_sigma z:
+        # the same start in x is alpha(t_0) init_noise_sigma z
+        init = float(getattr(ref, "init_noise_sigma", 1.0))
+        self._run.init_noise_sigma = init if init == 1.0 else init * float(self.schedule.alpha(t[0]))
         final_sigma = getattr(ref, "sigmas", None)
         clean = (float(final_sigma[-1]) == 0.0) if final_sigma is not None else \
             bool(getattr(ref.config, "set_alpha_to_one", True))

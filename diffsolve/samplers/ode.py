@@ -19,6 +19,28 @@ def _coef(schedule: Schedule, t: float) -> tuple[float, float]:
     return float(schedule.alpha(t)), float(schedule.sigma(t))
 
 
+SPACES = ("t", "sigma")
+
+
+def _check_space(space) -> str:
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    return space
+
+
+def _sigma_step(x, t: float, t_next: float, eps, schedule: Schedule, mu):
+    """Euler in the EDM / k-diffusion variables y = (x - mu)/alpha, s = sigma/alpha, where dy/ds = eps:
+    y' = y + (s' - s) eps (for this step it is the DDIM step)."""
+    a, s = _coef(schedule, t)
+    a1, s1 = _coef(schedule, t_next)
+    if a <= 0 or a1 <= 0:
+        raise ValueError("space='sigma' needs alpha > 0 on the grid; for rectified flow use space='t' "
+                         "(which is what diffusers' FlowMatch schedulers do)")
+    y = x if mu is None else x - mu
+    x1 = (a1 / a) * y + (a1 * (s1 / a1 - s / a)) * eps
+    return x1 if mu is None else x1 + mu
+
+
 def _check_nonneg(name: str, value) -> float:
     value = float(value)
     if not value >= 0:
@@ -30,18 +52,27 @@ def _check_nonneg(name: str, value) -> float:
           description="Euler on the probability-flow ODE, in t",
           reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)")
 class Euler(Solver):
-    """Explicit Euler on the probability-flow ODE in the schedule's own time t:
+    """Explicit Euler on the probability-flow ODE in the schedule's own time t (``space="t"``):
 
         x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i),    v = a' (x0 - mu) + s' eps = dx/dt.
 
+    ``space="sigma"`` steps in k-diffusion's variables instead (y = (x - mu)/alpha against
+    s = sigma/alpha, dy/ds = eps), as diffusers' EulerDiscreteScheduler and k-diffusion's
+    sample_euler do; for VP schedules that is DDIM. The two agree for rectified flow.
     One model call per step; global order 1.
     """
+
+    def __init__(self, space: str = "t"):
+        self.space = _check_space(space)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
             pred = yield x, t
-            x = pred.x + (t_next - t) * pred.velocity
+            if self.space == "t":
+                x = pred.x + (t_next - t) * pred.velocity
+            else:
+                x = _sigma_step(pred.x, t, t_next, pred.eps, schedule, mu)
         return x
 
 
@@ -64,9 +95,15 @@ class Heun(Solver):
     For the EDM schedule (alpha = 1, sigma = t) this is EDM's sampler exactly; s_churn = 0 gives the
     deterministic Algorithm 1. s_tmin and s_tmax are EDM noise levels (sigma/alpha). A step ending
     at sigma = 0 is an Euler step (as in EDM). Two model calls per step; order 2.
+
+    ``space="sigma"`` takes both stages in k-diffusion's variables (y = (x - mu)/alpha against
+    s = sigma/alpha, dy/ds = eps), as diffusers' HeunDiscreteScheduler and k-diffusion's sample_heun;
+    for EDM and rectified flow the two spaces coincide.
     """
 
-    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                 space: str = "t"):
+        self.space = _check_space(space)
         self.s_churn = _check_nonneg("s_churn", s_churn)
         self.s_tmin = _check_nonneg("s_tmin", s_tmin)
         self.s_tmax = float(s_tmax)
@@ -90,11 +127,19 @@ class Heun(Solver):
                 y = (a_hat / a) * y + (a_hat * math.sqrt(s_hat**2 - s**2) * self.s_noise) * noise.randn()
                 x = y if mu is None else y + mu
             pred = yield Query(x, t_hat, step=i + 1)
-            x_hat, d = pred.x, pred.velocity
-            x = x_hat + (t_next - t_hat) * d
+            x_hat = pred.x
+            if self.space == "t":
+                d = pred.velocity
+                x = x_hat + (t_next - t_hat) * d
+            else:
+                d = pred.eps
+                x = _sigma_step(x_hat, t_hat, t_next, d, schedule, mu)
             if float(schedule.sigma(t_next)) > 0:
                 pred2 = yield Query(x, t_next, step=i + 1)
-                x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
+                if self.space == "t":
+                    x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
+                else:
+                    x = _sigma_step(x_hat, t_hat, t_next, 0.5 * (d + pred2.eps), schedule, mu)
         return x
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..models.model import Prediction
@@ -71,6 +71,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
+    # diffusers schedulers whose config keys from_config drops silently (they are not ours)
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler",
+                                                                    "FlowMatchHeunDiscreteScheduler"]
 
     @register_to_config
     def __init__(self, solver: str = "dpmpp-2m", solver_options: dict | None = None, steps_grid: str | None = None,

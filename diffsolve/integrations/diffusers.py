@@ -312,3 +312,141 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
         """The flow forward process (SD3 / Flux img2img)."""
         return self.add_noise(sample, noise, timestep)
+
+
+# ------------------------------------------------------------------------------- driver mode
+@dataclass
+class PipelineOutput:
+    """What :func:`sample_pipeline` returns: decoded ``images``, the final ``latents`` and the run's
+    :class:`~diffsolve.SampleResult` (NFE = network calls, per sample, ...)."""
+
+    images: Any
+    latents: Tensor
+    result: Any
+
+
+def _schedule_and_kind(pipe):
+    cfg = pipe.scheduler.config
+    if type(pipe.scheduler).__name__.startswith("FlowMatch") or getattr(cfg, "flow", False):
+        raise NotImplementedError("driver mode for flow-matching pipelines (SD3, Flux) is not built yet")
+    pt = cfg.get("prediction_type", "epsilon")
+    if pt not in PREDICTIONS or pt == "flow_prediction":
+        raise ValueError(f"prediction_type {pt!r} of the pipeline's scheduler is not supported")
+    return VPDiscrete.from_diffusers_config(dict(cfg)), PREDICTIONS[pt]
+
+
+def pipeline_model(pipe, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
+                   guidance_scale: float | None = None, num_images_per_prompt: int = 1):
+    """The pipeline's denoiser as a DiffusionModel, with its conditioning.
+
+    Returns (model, cond, batch size, shape of one latent, decode). For text-to-image pipelines the
+    prompt is encoded with the pipeline's own ``encode_prompt`` and, when ``guidance_scale`` > 1,
+    the model is a :class:`~diffsolve.guidance.ClassifierFreeGuidance` holding the negative
+    embeddings. ``decode(latents, output_type)`` turns latents into the pipeline's images.
+    """
+    from ..guidance import ClassifierFreeGuidance
+    from ..models.model import DiffusionModel
+
+    schedule, kind = _schedule_and_kind(pipe)
+    unet = pipe.unet
+    device = unet.device
+    if hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
+        if prompt is None:
+            raise ValueError("this pipeline is text-to-image: give prompt=")
+        scale = 7.5 if guidance_scale is None else float(guidance_scale)
+        guided = scale > 1.0
+        pe, ne = pipe.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt)[:2]
+
+        def net(x, t, encoder_hidden_states):
+            return unet(x, t.to(x.dtype), encoder_hidden_states=encoder_hidden_states).sample
+
+        model = DiffusionModel(net, schedule, kind, time_input="timestep")
+        if guided:
+            model = ClassifierFreeGuidance(model, scale, uncond={"encoder_hidden_states": ne})
+        f = pipe.vae_scale_factor
+        size = unet.config.sample_size
+        shape = (unet.config.in_channels, size, size)
+
+        def decode(latents, output_type="pil"):
+            if output_type == "latent":
+                return latents
+            with torch.no_grad():
+                image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
+
+        return model, {"encoder_hidden_states": pe}, pe.shape[0], shape, decode
+    if prompt is not None or guidance_scale is not None:
+        raise ValueError(f"{type(pipe).__name__} takes no prompt or guidance_scale")
+
+    def net(x, t):
+        return unet(x, t.to(x.dtype)).sample
+
+    size = unet.config.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    def decode(latents, output_type="pil"):
+        if output_type == "latent":
+            return latents
+        image = (latents / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        return pipe.numpy_to_pil(image) if output_type == "pil" else image
+
+    model = DiffusionModel(net, schedule, kind, time_input="timestep")
+    return model, {}, num_images_per_prompt, (unet.config.in_channels, *size), decode
+
+
+def _per_sample_generators(generator, n: int):
+    """diffusers' generator argument (None, one, or a list) as one generator per sample."""
+    if generator is None or isinstance(generator, (list, tuple)):
+        return generator
+    seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    return [torch.Generator(generator.device).manual_seed(int(s)) for s in seeds]
+
+
+def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | None = None, *,
+                    num_inference_steps: int | None = 50, negative_prompt=None, guidance_scale: float | None = None,
+                    num_images_per_prompt: int = 1, generator=None, seed=None, latent=None, output_type: str = "pil",
+                    hooks=None, progress: bool | None = None, **solver_options) -> PipelineOutput:
+    """Driver mode: run any registered solver (adaptive, Denoising-MCMC and reversible included) on a
+    diffusers pipeline's denoiser and conditioning, then decode as the pipeline does.
+
+    ``num_inference_steps`` is ignored by adaptive solvers; ``latent`` (from :func:`invert_pipeline`)
+    starts from an inverted state. Every UNet call is one NFE of the returned result.
+    """
+    from ..samplers.driver import sample
+
+    model, cond, b, shape, decode = pipeline_model(pipe, prompt, negative_prompt=negative_prompt,
+                                                   guidance_scale=guidance_scale,
+                                                   num_images_per_prompt=num_images_per_prompt)
+    unet = pipe.unet
+    kw = dict(cond=cond, hooks=hooks, progress=progress, dtype=unet.dtype, device=unet.device)
+    info = solver_info(get_solver(solver, **solver_options).name)
+    if latent is not None:
+        res = sample(model, solver, latent=latent, **kw, **solver_options)
+    else:
+        steps = num_inference_steps if info.fixed_grid else None
+        res = sample(model, solver, steps, shape=(b, *shape), generator=_per_sample_generators(generator, b),
+                     seed=seed, **kw, **solver_options)
+    return PipelineOutput(decode(res.samples, output_type), res.samples, res)
+
+
+def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[str] | None = None, *,
+                    latents: Tensor | None = None, num_inference_steps: int = 50, negative_prompt=None,
+                    guidance_scale: float | None = None, progress: bool | None = None, **solver_options):
+    """Exact inversion of real images in latent space: encode ``image`` with the pipeline's VAE (its
+    posterior mean; or pass ``latents``) and run ``ds.invert`` with the pipeline's conditioning (and
+    CFG). Returns the :class:`~diffsolve.Latent`; ``sample_pipeline(pipe, solver, prompt, latent=...)``
+    reconstructs it (to round-off for reversible solvers)."""
+    from ..samplers.driver import invert
+
+    model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt,
+                                              guidance_scale=guidance_scale)
+    if latents is None:
+        if image is None:
+            raise ValueError("give image= (or latents=)")
+        if not hasattr(pipe, "vae"):
+            latents = image if isinstance(image, Tensor) else torch.as_tensor(image)
+        else:
+            x = pipe.image_processor.preprocess(image).to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+            with torch.no_grad():
+                latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)

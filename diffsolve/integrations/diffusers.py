@@ -68,6 +68,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         training noise level);
     seed: the base seed of stochastic solvers when the pipeline passes no generator (SD3 and Flux
         never do): sample i gets seed + i.
+    t_max: clip the grid's times to at most this (for flow matching the time is sigma). Flow
+        pipelines start at sigma = 1, where alpha = 0: solvers that need alpha > 0 there (the
+        reversible ones, SDE solvers) run with e.g. ``t_max=0.999``.
     """
 
     order = 1
@@ -78,6 +81,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, solver: str = "dpmpp-2m", solver_options: dict | None = None, steps_grid: str | None = None,
                  final: str = "zero", seed: int | None = None, flow: bool = False, source: str | None = None,
+                 t_max: float | None = None,
                  num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: Any = None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
@@ -191,7 +195,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("sigmas= is for flow-matching configs; give timesteps= for DDPM-style ones")
             g = self._vp_grid(n, timesteps)
         end = 0.0 if self.config.final == "zero" else float(self.schedule.t_of_timestep(0)) if not self.config.flow \
-            else float(g[-1]) / 2
+            else self._flow_sigma_min(g)
         self._set_grid(torch.cat([g.to(torch.float64), torch.tensor([end], dtype=torch.float64)]), n, device)
 
     def _source_grid(self, n, device, timesteps, sigmas, mu) -> Tensor | None:
@@ -208,7 +212,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
         if self.config.flow:
             sig = torch.unique_consecutive(torch.as_tensor(ref.sigmas, dtype=torch.float64))
-            return sig if float(sig[-1]) == 0.0 or self.config.final != "zero" else torch.cat([sig, sig.new_zeros(1)])
+            if float(sig[-1]) == 0.0:
+                sig = sig[:-1]
+            return torch.cat([sig, sig.new_tensor([0.0 if self.config.final == "zero" else self._flow_sigma_min(sig)])])
         ts = torch.unique_consecutive(torch.as_tensor(ref.timesteps, dtype=torch.float64))
         t = self.schedule.t_of_timestep(ts)
         # k-diffusion-style sources keep the latents as x / alpha and start them at init_noise_sigma z:
@@ -221,7 +227,13 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         end = 0.0 if clean and self.config.final == "zero" else float(self.schedule.t_of_timestep(0))
         return torch.cat([t, torch.tensor([end], dtype=torch.float64)])
 
+    def _flow_sigma_min(self, sigmas: Tensor) -> float:
+        """The smallest training noise level of a flow (1 / num_train_timesteps), below the last step."""
+        return min(1.0 / self.config.num_train_timesteps, float(sigmas[-1]) / 2)
+
     def _set_grid(self, grid: Tensor, n: int, device) -> None:
+        if self.config.t_max is not None:
+            grid = torch.unique_consecutive(grid.clamp(max=float(self.config.t_max)))
         query_t = self._query_times(grid)
         net_t = self.schedule.timestep(query_t) * (self.config.num_train_timesteps if self.config.flow else 1)
         r = self._run
@@ -325,37 +337,105 @@ class PipelineOutput:
     result: Any
 
 
-def _schedule_and_kind(pipe):
+def _vp_schedule_and_kind(pipe):
     cfg = pipe.scheduler.config
-    if type(pipe.scheduler).__name__.startswith("FlowMatch") or getattr(cfg, "flow", False):
-        raise NotImplementedError("driver mode for flow-matching pipelines (SD3, Flux) is not built yet")
     pt = cfg.get("prediction_type", "epsilon")
     if pt not in PREDICTIONS or pt == "flow_prediction":
         raise ValueError(f"prediction_type {pt!r} of the pipeline's scheduler is not supported")
     return VPDiscrete.from_diffusers_config(dict(cfg)), PREDICTIONS[pt]
 
 
+def _flow_schedule(pipe, image_seq_len: int) -> RectifiedFlow:
+    """The pipeline's flow-matching schedule: a static shift, or the dynamic one for this image size
+    (exponential time shift by mu = shift e^mu; linear: shift mu)."""
+    cfg = pipe.scheduler.config
+    if not cfg.get("use_dynamic_shifting", False):
+        return RectifiedFlow(shift=float(cfg.get("shift", 1.0)))
+    m = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (cfg.get("max_image_seq_len", 4096) -
+                                                                    cfg.get("base_image_seq_len", 256))
+    mu = image_seq_len * m + cfg.get("base_shift", 0.5) - m * cfg.get("base_image_seq_len", 256)
+    return RectifiedFlow(shift=math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu)
+
+
+def _decode_vae(pipe, unpack=None):
+    def decode(latents, output_type="pil"):
+        if output_type == "latent":
+            return latents
+        z = latents if unpack is None else unpack(latents)
+        z = z / pipe.vae.config.scaling_factor + (pipe.vae.config.get("shift_factor") or 0.0)
+        with torch.no_grad():
+            image = pipe.vae.decode(z, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+    return decode
+
+
 def pipeline_model(pipe, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
-                   guidance_scale: float | None = None, num_images_per_prompt: int = 1):
+                   guidance_scale: float | None = None, num_images_per_prompt: int = 1, height: int | None = None,
+                   width: int | None = None, max_sequence_length: int | None = None):
     """The pipeline's denoiser as a DiffusionModel, with its conditioning.
 
-    Returns (model, cond, batch size, shape of one latent, decode). For text-to-image pipelines the
-    prompt is encoded with the pipeline's own ``encode_prompt`` and, when ``guidance_scale`` > 1,
-    the model is a :class:`~diffsolve.guidance.ClassifierFreeGuidance` holding the negative
-    embeddings. ``decode(latents, output_type)`` turns latents into the pipeline's images.
+    Returns (model, cond, batch size, shape of one latent, decode). Supported: DDPMPipeline-style
+    (a UNet, no text), Stable Diffusion-style (``encode_prompt`` + UNet + VAE), SD3-style and
+    Flux-style (flow-matching transformers). The prompt is encoded with the pipeline's own
+    ``encode_prompt``; with ``guidance_scale`` > 1 the model is a
+    :class:`~diffsolve.guidance.ClassifierFreeGuidance` holding the negative embeddings (Flux's
+    ``guidance_scale`` is its distilled guidance embedding instead, as in the pipeline).
+    ``decode(latents, output_type)`` turns latents into the pipeline's images.
     """
     from ..guidance import ClassifierFreeGuidance
     from ..models.model import DiffusionModel
 
-    schedule, kind = _schedule_and_kind(pipe)
+    seq = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    if hasattr(pipe, "transformer") and hasattr(pipe, "_pack_latents"):  # Flux
+        tr, f = pipe.transformer, pipe.vae_scale_factor
+        height = height or 2 * f * 8
+        width = width or 2 * f * 8
+        h, w = 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
+        pe, ppe, txt_ids = pipe.encode_prompt(prompt, None, device=tr.device, num_images_per_prompt=num_images_per_prompt, **seq)
+        img_ids = pipe._prepare_latent_image_ids(pe.shape[0], h // 2, w // 2, tr.device, pe.dtype)
+        distilled = float(3.5 if guidance_scale is None else guidance_scale) if tr.config.guidance_embeds else None
+
+        def net(x, t, encoder_hidden_states, pooled_projections):
+            g = None if distilled is None else torch.full((x.shape[0],), distilled, device=x.device, dtype=torch.float32)
+            return tr(hidden_states=x, timestep=t.to(x.dtype), guidance=g, pooled_projections=pooled_projections,
+                      encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+        c = tr.config.in_channels // 4
+        model = DiffusionModel(net, _flow_schedule(pipe, (h // 2) * (w // 2)), "velocity", time_input="timestep")
+        decode = _decode_vae(pipe, lambda z: pipe._unpack_latents(z, height, width, f))
+        return model, {"encoder_hidden_states": pe, "pooled_projections": ppe}, pe.shape[0], \
+            ((h // 2) * (w // 2), c * 4), decode
+    if hasattr(pipe, "transformer"):  # SD3
+        tr, f = pipe.transformer, pipe.vae_scale_factor
+        height = height or tr.config.sample_size * f
+        width = width or tr.config.sample_size * f
+        scale = 7.0 if guidance_scale is None else float(guidance_scale)
+        guided = scale > 1.0
+        pe, ne, ppe, nppe = pipe.encode_prompt(prompt, None, None, device=tr.device,
+                                               num_images_per_prompt=num_images_per_prompt,
+                                               do_classifier_free_guidance=guided, negative_prompt=negative_prompt, **seq)
+
+        def net(x, t, encoder_hidden_states, pooled_projections):
+            return tr(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=pooled_projections, return_dict=False)[0]
+
+        patch = tr.config.patch_size
+        schedule = _flow_schedule(pipe, (int(height) // f // patch) * (int(width) // f // patch))
+        model = DiffusionModel(net, schedule, "velocity", time_input=lambda t: 1000.0 * schedule.sigma(t))
+        if guided:
+            model = ClassifierFreeGuidance(model, scale, uncond={"encoder_hidden_states": ne, "pooled_projections": nppe})
+        return model, {"encoder_hidden_states": pe, "pooled_projections": ppe}, pe.shape[0], \
+            (tr.config.in_channels, int(height) // f, int(width) // f), _decode_vae(pipe)
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        raise NotImplementedError(f"driver mode does not know {type(pipe).__name__} yet")
+    schedule, kind = _vp_schedule_and_kind(pipe)
     unet = pipe.unet
-    device = unet.device
-    if hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
+    if hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):  # Stable Diffusion
         if prompt is None:
             raise ValueError("this pipeline is text-to-image: give prompt=")
         scale = 7.5 if guidance_scale is None else float(guidance_scale)
         guided = scale > 1.0
-        pe, ne = pipe.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt)[:2]
+        pe, ne = pipe.encode_prompt(prompt, unet.device, num_images_per_prompt, guided, negative_prompt)[:2]
 
         def net(x, t, encoder_hidden_states):
             return unet(x, t.to(x.dtype), encoder_hidden_states=encoder_hidden_states).sample
@@ -364,17 +444,10 @@ def pipeline_model(pipe, prompt: str | list[str] | None = None, *, negative_prom
         if guided:
             model = ClassifierFreeGuidance(model, scale, uncond={"encoder_hidden_states": ne})
         f = pipe.vae_scale_factor
-        size = unet.config.sample_size
-        shape = (unet.config.in_channels, size, size)
-
-        def decode(latents, output_type="pil"):
-            if output_type == "latent":
-                return latents
-            with torch.no_grad():
-                image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            return pipe.image_processor.postprocess(image, output_type=output_type)
-
-        return model, {"encoder_hidden_states": pe}, pe.shape[0], shape, decode
+        height = height or unet.config.sample_size * f
+        width = width or unet.config.sample_size * f
+        return model, {"encoder_hidden_states": pe}, pe.shape[0], \
+            (unet.config.in_channels, int(height) // f, int(width) // f), _decode_vae(pipe)
     if prompt is not None or guidance_scale is not None:
         raise ValueError(f"{type(pipe).__name__} takes no prompt or guidance_scale")
 
@@ -405,41 +478,52 @@ def _per_sample_generators(generator, n: int):
 def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | None = None, *,
                     num_inference_steps: int | None = 50, negative_prompt=None, guidance_scale: float | None = None,
                     num_images_per_prompt: int = 1, generator=None, seed=None, latent=None, output_type: str = "pil",
-                    hooks=None, progress: bool | None = None, **solver_options) -> PipelineOutput:
+                    height: int | None = None, width: int | None = None, max_sequence_length: int | None = None,
+                    grid=None, t_max: float | None = None, t_min: float | None = None, hooks=None, progress: bool | None = None,
+                    **solver_options) -> PipelineOutput:
     """Driver mode: run any registered solver (adaptive, Denoising-MCMC and reversible included) on a
     diffusers pipeline's denoiser and conditioning, then decode as the pipeline does.
 
-    ``num_inference_steps`` is ignored by adaptive solvers; ``latent`` (from :func:`invert_pipeline`)
-    starts from an inverted state. Every UNet call is one NFE of the returned result.
+    ``num_inference_steps`` is ignored by adaptive solvers; ``grid``, ``t_max`` and ``t_min`` are as for
+    ``ds.sample`` (flow pipelines start at t = 1, where alpha = 0: reversible and SDE solvers need
+    e.g. ``t_max=0.999``; SDE solvers end at sigma > 0, e.g. ``t_min=1e-3``); ``latent`` (from :func:`invert_pipeline`) starts from an inverted state.
+    Every denoiser call is one NFE of the returned result.
     """
     from ..samplers.driver import sample
 
     model, cond, b, shape, decode = pipeline_model(pipe, prompt, negative_prompt=negative_prompt,
-                                                   guidance_scale=guidance_scale,
-                                                   num_images_per_prompt=num_images_per_prompt)
-    unet = pipe.unet
-    kw = dict(cond=cond, hooks=hooks, progress=progress, dtype=unet.dtype, device=unet.device)
+                                                   guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                                                   height=height, width=width, max_sequence_length=max_sequence_length)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    kw = dict(cond=cond, hooks=hooks, progress=progress, dtype=denoiser.dtype, device=denoiser.device)
     info = solver_info(get_solver(solver, **solver_options).name)
     if latent is not None:
         res = sample(model, solver, latent=latent, **kw, **solver_options)
     else:
         steps = num_inference_steps if info.fixed_grid else None
         res = sample(model, solver, steps, shape=(b, *shape), generator=_per_sample_generators(generator, b),
-                     seed=seed, **kw, **solver_options)
+                     seed=seed, grid=grid, t_max=t_max, t_min=t_min, **kw, **solver_options)
     return PipelineOutput(decode(res.samples, output_type), res.samples, res)
 
 
 def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[str] | None = None, *,
                     latents: Tensor | None = None, num_inference_steps: int = 50, negative_prompt=None,
-                    guidance_scale: float | None = None, progress: bool | None = None, **solver_options):
+                    guidance_scale: float | None = None, max_sequence_length: int | None = None,
+                    progress: bool | None = None, **solver_options):
     """Exact inversion of real images in latent space: encode ``image`` with the pipeline's VAE (its
     posterior mean; or pass ``latents``) and run ``ds.invert`` with the pipeline's conditioning (and
     CFG). Returns the :class:`~diffsolve.Latent`; ``sample_pipeline(pipe, solver, prompt, latent=...)``
     reconstructs it (to round-off for reversible solvers)."""
     from ..samplers.driver import invert
 
-    model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt,
-                                              guidance_scale=guidance_scale)
+    if latents is None and image is not None and hasattr(pipe, "_pack_latents"):
+        raise NotImplementedError("invert_pipeline of a Flux pipeline needs latents= (packed)")
+    size = {}
+    if latents is None and image is not None and hasattr(pipe, "vae"):
+        hw = pipe.image_processor.preprocess(image).shape[-2:]
+        size = {"height": int(hw[0]), "width": int(hw[1])}
+    model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                              max_sequence_length=max_sequence_length, **size)
     if latents is None:
         if image is None:
             raise ValueError("give image= (or latents=)")
@@ -448,5 +532,6 @@ def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[st
         else:
             x = pipe.image_processor.preprocess(image).to(device=pipe.vae.device, dtype=pipe.vae.dtype)
             with torch.no_grad():
-                latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+                z = pipe.vae.encode(x).latent_dist.mean
+            latents = (z - (pipe.vae.config.get("shift_factor") or 0.0)) * pipe.vae.config.scaling_factor
     return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)

@@ -38,11 +38,12 @@ def _drive(run, call: Callable) -> Any:
 
 def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: Tensor, *, mu: Tensor | None = None,
                       cond: Mapping[str, Any] | None = None, aux: Tensor | None = None, counter=None,
-                      params: Sequence[Tensor] | None = None) -> Tensor:
+                      params: Sequence[Tensor] | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Sample with ``slv`` from ``x`` (at grid[0]) so that the result back-propagates in constant memory.
 
     Gradients reach ``x`` (and ``aux``), ``mu``, the tensors in ``cond`` and ``params`` (default: the
-    parameters of ``model.net`` that require grad, when it is a ``torch.nn.Module``).
+    parameters of ``model.net`` that require grad, when it is a ``torch.nn.Module``). The model is
+    queried in ``dtype`` (default: x's); the states keep x's precision.
     """
     if not isinstance(slv, Reversible):
         raise ValueError(f"grad=True needs a reversible solver (family 'reversible'), got {slv.name!r}")
@@ -61,11 +62,13 @@ def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: T
 
     call = caller(mu, {k: cond[k] for k in keys}, counter)
     fr = slv.frame(grid, model.schedule, mu)
+    fr.dtype = dtype
     st = _drive(slv.start(fr, x, aux), call)  # differentiable, outside the reversible part
     m = len(st)
     ctx_args = (slv, fr, grid, model.schedule, caller, keys, m, counter)
     out = _Steps.apply(ctx_args, *st, mu, *[cond[k] for k in keys], *params)
-    return slv.sample_of(fr, out[:m])
+    y = slv.sample_of(fr, out[:m])
+    return y if dtype is None else y.to(dtype)
 
 
 class _Steps(torch.autograd.Function):
@@ -98,6 +101,7 @@ class _Steps(torch.autograd.Function):
         call_ng = caller(mu, dict(zip(keys, cond_in)))
         call_g = caller(mu_g, dict(zip(keys, cond_g)))
         fr_g = slv.frame(grid, schedule, mu_g)
+        fr_g.dtype = fr.dtype
         cot = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_st, st)]
         for k in reversed(range(slv.n_steps(fr))):
             with torch.no_grad():

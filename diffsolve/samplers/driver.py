@@ -132,6 +132,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
                              f"{slv.name!r} (sample with solver={latent.solver!r})")
         x_T = latent.x
         grid = latent.grid.tolist() if grid is None else grid
+        if dtype is None and latent.dtype is not None:
+            dtype = latent.dtype
     schedule = model.schedule
     dtype = _dtype(dtype)
 
@@ -176,15 +178,17 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
                       t_range=(float(g[-1]), float(g[0])))
     if x_T is None:
         x = schedule.prior(shape, mu, noise=src.randn(), t=float(g[0]))
+    elif latent is not None and latent.aux is not None:
+        x = x_T.to(device=device)  # a reversible latent keeps its precision; the model runs in dtype
     else:
         x = x_T.to(device=device, dtype=dtype)
 
-    aux = {"aux": latent.aux} if latent is not None and latent.aux is not None else {}
+    aux = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     if grad:
         if uncond is not None:
             cond = {**cond, "uncond": uncond}
         counter, start = NFECounter(b), time.perf_counter()
-        out = Outcome(reversible_sample(model, slv, x, g, mu=mu, cond=cond, counter=counter, **aux))
+        out = Outcome(reversible_sample(model, slv, x, g, mu=mu, cond=cond, counter=counter, dtype=dtype, **aux))
         trajectory, wall = None, time.perf_counter() - start
     else:
         run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
@@ -343,4 +347,4 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
         slv.run(x, g.flip(0), src, schedule=model.schedule, mu=mu)
     out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress)
     return Latent(x=out.x, aux=(out.stats or {}).get("aux"), grid=g, solver=slv.name, options=slv.options(),
-                  nfe=counter.calls)
+                  nfe=counter.calls, dtype=dtype)

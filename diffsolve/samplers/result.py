@@ -46,7 +46,9 @@ class Latent:
     ``x`` is the noise-side state; ``aux`` the second state of a reversible scheme (None for plain
     inversion, e.g. DDIM inversion); ``grid`` the descending time grid to sample on; ``solver`` and
     ``options`` what made it; ``nfe`` what the inversion cost. ``ds.sample(model, solver, latent=lat)``
-    reproduces the data: to round-off for reversible solvers, approximately otherwise.
+    reproduces the data: to round-off for reversible solvers, approximately otherwise. A reversible
+    latent keeps its states in float64 (as the solver carries them); ``dtype`` is the data's dtype,
+    the one the model is run in when sampling it back.
     """
 
     x: Tensor
@@ -55,6 +57,7 @@ class Latent:
     solver: str
     options: dict[str, Any] = field(default_factory=dict)
     nfe: int = 0
+    dtype: torch.dtype | None = None
 
     def __repr__(self) -> str:
         pair = ", with its second state" if self.aux is not None else ""

@@ -5,7 +5,7 @@ Most work in the noise form of the ODE (the variables in which DDIM is an Euler 
     y = (x - mu) / alpha,    s = sigma / alpha,    dy/ds = eps_hat(x, t),    x = alpha y + mu,
 
 and carry a second state, so that each step can be undone in closed form with forward model calls
-only. Every scheme is written as one interface (:class:`Reversible`): a state (a tuple of tensors),
+only. States are carried in float64 whatever the model's dtype (its queries are cast back). Every scheme is written as one interface (:class:`Reversible`): a state (a tuple of tensors),
 ``start``, ``step``, its exact inverse ``unstep``, and the conversions at either end. From it come
 sampling (``run``), exact inversion (``run_inverse``: :func:`diffsolve.invert` returns both states as a
 :class:`~diffsolve.Latent`, which samples back to the data to round-off) and the reversible adjoint
@@ -23,8 +23,21 @@ Tensor = torch.Tensor
 State = tuple  # a scheme's state: a tuple of tensors
 
 
+def _as(x: Tensor, dtype) -> Tensor:
+    return x if dtype is None else x.to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Reversible states are carried in float64 (the model still sees the run's dtype): the linear
+    algebra of a step then loses nothing, and a round trip is limited by the model alone."""
+    low = dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return torch.float64 if low and device.type != "mps" else dtype
+
+
 class _NoiseForm:
     """Conversions between x at grid point i and the noise-form state y, and the field eps_hat."""
+
+    dtype = None  # the dtype of model queries (None: the state's)
 
     def __init__(self, grid: Tensor, schedule, mu):
         g = grid.to(torch.float64)
@@ -45,7 +58,7 @@ class _NoiseForm:
 
     def field(self, y: Tensor, i: int, step: int):
         """Yields a query at grid point i; returns eps_hat there (a generator helper)."""
-        pred = yield Query(self.x(y, i), float(self.t[i]), step=step)
+        pred = yield Query(_as(self.x(y, i), self.dtype), float(self.t[i]), step=step)
         return pred.eps
 
     def ds(self, i: int, j: int) -> float:
@@ -85,16 +98,22 @@ class Reversible(Solver):
         raise NotImplementedError
 
     def run(self, x, grid, noise, *, schedule, mu=None, aux=None):
+        """Sample from x (and the latent's second state aux) at grid[0]; the model runs in the noise
+        source's dtype, the states in float64 (x and aux may already be, as a latent keeps them)."""
         fr = self.frame(grid, schedule, mu)
-        st = yield from self.start(fr, x, aux)
+        fr.dtype = noise.dtype if noise is not None else x.dtype
+        work = _work_dtype(fr.dtype, x.device)
+        st = yield from self.start(fr, x.to(work), None if aux is None else aux.to(work))
         for k in range(self.n_steps(fr)):
             st = yield from self.step(fr, st, k)
-        return self.sample_of(fr, st)
+        return self.sample_of(fr, st).to(fr.dtype)
 
     def run_inverse(self, x, grid, noise, *, schedule, mu=None):
-        """From data at grid[-1] back to the full state at grid[0]: Outcome(x_T, stats={"aux": ...})."""
+        """From data at grid[-1] back to the full state at grid[0]: Outcome(x_T, stats={"aux": ...}),
+        both states in the working precision (float64 for float32 data)."""
         fr = self.frame(grid, schedule, mu)
-        st = yield from self.end(fr, x)
+        fr.dtype = x.dtype
+        st = yield from self.end(fr, x.to(_work_dtype(x.dtype, x.device)))
         for k in reversed(range(self.n_steps(fr))):
             st = yield from self.unstep(fr, st, k)
         x_T, aux = self.latent_of(fr, st)
@@ -305,6 +324,8 @@ class EDICT(Reversible):
 class _DataForm:
     """Rex's variables: v = (x - mu) / sigma at time g = alpha / sigma, where dv/dg = x0_hat - mu."""
 
+    dtype = None  # the dtype of model queries (None: the state's)
+
     def __init__(self, grid: Tensor, schedule, mu):
         t = grid.to(torch.float64)
         alpha, self.sigma = schedule.alpha(t), schedule.sigma(t)
@@ -322,7 +343,7 @@ class _DataForm:
         """D(v, g) = x0_hat - mu at log-SNR log g (t: its time when known; a generator, one call)."""
         s = self.schedule
         t = float(s.t_of_log_snr(torch.tensor(g, dtype=torch.float64).log())) if t is None else t
-        pred = yield Query(self.x(v, float(s.sigma(torch.tensor(t, dtype=torch.float64)))), t, step=step)
+        pred = yield Query(_as(self.x(v, float(s.sigma(torch.tensor(t, dtype=torch.float64)))), self.dtype), t, step=step)
         return pred.x0 if self.mu is None else pred.x0 - self.mu
 
 

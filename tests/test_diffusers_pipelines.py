@@ -117,3 +117,21 @@ def test_exact_inversion_round_trip_with_cfg(sd, solver):
     err = float((back - x0).abs().max())
     print(solver, "round trip max error (float32, 50 steps, CFG 3)", err, "latent scale", float(x0.abs().max()))
     assert err < 1e-5
+
+
+def test_cli_samples_a_local_pipeline_folder(sd, tmp_path):
+    import json
+
+    from diffsolve.cli import main
+
+    folder = tmp_path / "tiny-sd"
+    sd.save_pretrained(folder)
+    out = tmp_path / "out"
+    argv = ["sample", "--pipeline", str(folder), "--prompt", "a cat", "--solver", "ode-dopri5", "-o", "rtol=0.01",
+            "--num-samples", "2", "--guidance-scale", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["pipeline_class"] == "StableDiffusionPipeline" and m["nfe"] > 0 and m["prompt"] == "a cat"
+    assert (out / "samples.png").exists()
+    assert main(argv) == 2  # no overwrite without --force
+    assert main(["sample", "--prompt", "a cat", "--out", str(tmp_path / "x")]) == 2

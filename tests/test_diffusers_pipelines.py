@@ -135,3 +135,33 @@ def test_cli_samples_a_local_pipeline_folder(sd, tmp_path):
     assert (out / "samples.png").exists()
     assert main(argv) == 2  # no overwrite without --force
     assert main(["sample", "--prompt", "a cat", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_forward_process_and_img2img(sd, tmp_path):
+    """add_noise / scale_noise equal diffusers' (img2img and inpainting use them), and an img2img
+    pipeline starts mid-way with set_begin_index."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ref = DDIMScheduler.from_config(sd.scheduler.config)
+    ours = DiffsolveScheduler.from_config(ref, solver="ddim")
+    t = torch.tensor([999, 250])
+    assert torch.allclose(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=0, atol=1e-5)
+    fref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    fref.set_timesteps(10)
+    fours = DiffsolveScheduler.from_config(fref, solver="euler")
+    ts = fref.timesteps[3:4]
+    assert torch.allclose(fours.scale_noise(x0, ts, noise), fref.scale_noise(x0, ts, noise), rtol=0, atol=1e-5)
+
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16)
+    out = {}
+    for name, sched in (("ref", ref), ("ours", ours)):
+        img2img.scheduler = sched
+        with CountCalls(sd.unet) as c:
+            out[name] = img2img("a cat", image=image, strength=0.5, num_inference_steps=10, guidance_scale=2.0,
+                                generator=torch.Generator().manual_seed(0), output_type="latent").images
+        out[name + "_calls"] = c.calls
+    assert out["ref_calls"] == out["ours_calls"] == 5
+    assert float((out["ref"] - out["ours"]).abs().max() / out["ref"].abs().max()) < 1e-4

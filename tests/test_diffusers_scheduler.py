@@ -126,3 +126,19 @@ def test_save_and_load_keep_the_solver_and_its_options(tmp_path, pipe):
     t = DiffsolveScheduler.from_pretrained(tmp_path)
     assert t.solver.name == "heun" and t.solver.s_churn == 1.0 and t.config.seed == 3
     assert t.config.source == "DDPMScheduler"
+
+
+@pytest.mark.parametrize("solver,opts", [("adaptive-sde", {"eps_rel": 0.2, "t_min": 1e-3}), ("dmcmc", {"t_min": 1e-3}),
+                                         ("edict", {})])
+def test_driver_mode_in_the_ddpm_pipeline(pipe, solver, opts):
+    from diffsolve.integrations.diffusers import sample_pipeline
+
+    counted = _Count(pipe.unet)
+    unet, pipe.unet = pipe.unet, counted
+    try:
+        out = sample_pipeline(pipe, solver, num_inference_steps=5, num_images_per_prompt=2,
+                              generator=torch.Generator().manual_seed(0), output_type="np", **opts)
+    finally:
+        pipe.unet = unet
+    assert out.images.shape == (2, 16, 16, 1) and np.isfinite(out.images).all()
+    assert counted.calls == out.result.nfe

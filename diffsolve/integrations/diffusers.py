@@ -497,12 +497,13 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     kw = dict(cond=cond, hooks=hooks, progress=progress, dtype=denoiser.dtype, device=denoiser.device)
     info = solver_info(get_solver(solver, **solver_options).name)
-    if latent is not None:
-        res = sample(model, solver, latent=latent, **kw, **solver_options)
-    else:
-        steps = num_inference_steps if info.fixed_grid else None
-        res = sample(model, solver, steps, shape=(b, *shape), generator=_per_sample_generators(generator, b),
-                     seed=seed, grid=grid, t_max=t_max, t_min=t_min, **kw, **solver_options)
+    with torch.no_grad():  # as the pipelines run (guidance that needs gradients enables them itself)
+        if latent is not None:
+            res = sample(model, solver, latent=latent, **kw, **solver_options)
+        else:
+            steps = num_inference_steps if info.fixed_grid else None
+            res = sample(model, solver, steps, shape=(b, *shape), generator=_per_sample_generators(generator, b),
+                         seed=seed, grid=grid, t_max=t_max, t_min=t_min, **kw, **solver_options)
     return PipelineOutput(decode(res.samples, output_type), res.samples, res)
 
 
@@ -534,4 +535,5 @@ def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[st
             with torch.no_grad():
                 z = pipe.vae.encode(x).latent_dist.mean
             latents = (z - (pipe.vae.config.get("shift_factor") or 0.0)) * pipe.vae.config.scaling_factor
-    return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)
+    with torch.no_grad():
+        return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)

@@ -1,6 +1,6 @@
 """Solver registry, driver and every solver (imports models, schedules)."""
 
-from . import adaptive, blackbox, dmcmc, exponential, ode, pc, reversible, sde  # noqa: F401  (registers the solvers)
+from . import adaptive, blackbox, dmcmc, exponential, exponential_adaptive, ode, pc, reversible, sde  # noqa: F401  (registers the solvers)
 from .base import Outcome, Query, Solver
 from .control import StepSizeController
 from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator

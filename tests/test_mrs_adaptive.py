@@ -61,3 +61,34 @@ def test_order_two_pair_and_errors():
         ds.get_solver("mrs-adaptive", order=1)
     with pytest.raises(ValueError, match="t_max < 1"):
         ds.sample(GAUSS.model(S.RectifiedFlow()), "mrs-adaptive", x_T=x_T)
+
+
+def test_pilot_grid_replayed_by_the_fixed_grid_solver_keeps_the_accuracy():
+    """mrs-adaptive chooses a grid on 8 pilot samples (batch mode); dpmpp-3s, the same step on a fixed
+    grid, replays it on 64 other samples: its error is within 2x of mrs-adaptive's own on them."""
+    for name in ("vp", "mean-reverting"):
+        sched, mu = SCHEDULES[name]
+        model = GAUSS.model(sched)
+        grid = ds.samplers.pilot_grid(model, (8, 4), seed=100, mu=mu, rtol=1e-4, atol=1e-4)
+        x_T = GAUSS.marginal(sched.t_max, sched, mu).sample(64, torch.Generator().manual_seed(0))
+        exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched, mu)
+        adaptive = ds.sample(model, "mrs-adaptive", x_T=x_T, mu=mu, rtol=1e-4, atol=1e-4)
+        replay = ds.sample(model, "dpmpp-3s", x_T=x_T, mu=mu, grid=grid.tolist())
+        e_a = float((adaptive.samples - exact).abs().max())
+        e_r = float((replay.samples - exact).abs().max())
+        print(name, "pilot grid of", len(grid) - 1, "steps: replay error", e_r, "adaptive error", e_a,
+              "NFE per sample", replay.nfe, float(adaptive.nfe_per_sample.double().mean()))
+        assert e_r <= 2 * e_a and replay.nfe == 3 * (len(grid) - 1)
+
+
+def test_dpmpp_3s_is_third_order():
+    sched = S.VPLinear()
+    model = GAUSS.model(sched)
+    x_T = GAUSS.marginal(sched.t_max, sched).sample(32, torch.Generator().manual_seed(0))
+    exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched)
+    errs = [float((ds.sample(model, "dpmpp-3s", n, x_T=x_T, grid="log-snr").samples - exact).abs().max())
+            for n in (20, 40, 80)]
+    import math
+    order = math.log2(errs[1] / errs[2])
+    print("dpmpp-3s errors", errs, "order", order)
+    assert order > 2.6

@@ -3,6 +3,7 @@
 from . import adaptive, blackbox, dmcmc, exponential, exponential_adaptive, ode, pc, reversible, sde  # noqa: F401  (registers the solvers)
 from .base import Outcome, Query, Solver
 from .control import StepSizeController
+from .exponential_adaptive import pilot_grid
 from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator
 from .driver import invert, sample
 from .noise import NoiseSource, resolve_seeds

@@ -46,6 +46,37 @@ def _phi2(h: Tensor) -> Tensor:
     return torch.expm1(-h) / h + 1.0
 
 
+def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it):
+    """One try from log-SNR ``ls`` by ``hr`` (per row): yields the model queries and returns
+    (the state the model saw, low-order y, high-order y, the end time). See the module docstring."""
+
+    def coefs(lm):
+        t = schedule.t_of_log_snr(lm)
+        return t, schedule.alpha(t), schedule.sigma(t)
+
+    ts, a_s, s_s = coefs(ls)
+    pred = yield Query(x, ts, index=rows, step=it)
+    xr = pred.x
+    y = xr if m is None else xr - m
+    q_s = pred.x0 if m is None else pred.x0 - m
+    tt, a_t, s_t = coefs(ls + hr)
+    y1 = col(s_t / s_s, y) * y - col(a_t * _phi1(hr), y) * q_s
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    t1, a1, s1 = coefs(ls + r1 * hr)
+    u1 = col(s1 / s_s, y) * y - col(a1 * _phi1(r1 * hr), y) * q_s
+    pred1 = yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it)
+    q_1 = pred1.x0 if m is None else pred1.x0 - m
+    y2 = y1 - col(a_t * _phi1(hr) / (2 * r1), y) * (q_1 - q_s)
+    if order == 2:
+        return xr, y1, y2, tt
+    r2 = 2.0 / 3.0
+    t2, a2, s2 = coefs(ls + r2 * hr)
+    u2 = col(s2 / s_s, y) * y - col(a2 * _phi1(r2 * hr), y) * q_s + col(a2 * (r2 / r1) * _phi2(r2 * hr), y) * (q_1 - q_s)
+    pred2 = yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it)
+    q_2 = pred2.x0 if m is None else pred2.x0 - m
+    return xr, y2, y1 + col(a_t * _phi2(hr) / r2, y) * (q_2 - q_s), tt
+
+
 @register("mrs-adaptive", family="adaptive", order=3, calls_per_step=3, deterministic=True, fixed_grid=False,
           description="adaptive MRS / DPM-Solver++ in log-SNR: embedded singlestep pairs, per-sample steps",
           reference="Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler); k-diffusion dpm_adaptive")
@@ -89,10 +120,6 @@ class MRSAdaptive(Solver):
         tiny = 1e-12 * (lam_end - lam_max)
         it = 0
 
-        def coefs(lm):
-            t = schedule.t_of_log_snr(lm)
-            return t, schedule.alpha(t), schedule.sigma(t)
-
         while bool((lam < lam_end).any()):
             it += 1
             rows = (lam < lam_end).nonzero().squeeze(1)
@@ -101,29 +128,7 @@ class MRSAdaptive(Solver):
                 raise RuntimeError(f"mrs-adaptive: the step size underflowed at log-SNR {float(ls.min()):.6g} "
                                    f"(rtol={self.rtol}, atol={self.atol}); loosen the tolerances")
             m = sub(mu, rows)
-            ts, a_s, s_s = coefs(ls)
-            pred = yield Query(x[rows], ts, index=rows, step=it)
-            xr = pred.x
-            y = xr if m is None else xr - m
-            q_s = pred.x0 if m is None else pred.x0 - m
-            tt, a_t, s_t = coefs(ls + hr)
-            y1 = col(s_t / s_s, y) * y - col(a_t * _phi1(hr), y) * q_s
-            r1 = 0.5 if self.order == 2 else 1.0 / 3.0
-            t1, a1, s1 = coefs(ls + r1 * hr)
-            u1 = col(s1 / s_s, y) * y - col(a1 * _phi1(r1 * hr), y) * q_s
-            pred1 = yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it)
-            q_1 = pred1.x0 if m is None else pred1.x0 - m
-            y2 = y1 - col(a_t * _phi1(hr) / (2 * r1), y) * (q_1 - q_s)
-            if self.order == 2:
-                low, high = y1, y2
-            else:
-                r2 = 2.0 / 3.0
-                t2, a2, s2 = coefs(ls + r2 * hr)
-                u2 = col(s2 / s_s, y) * y - col(a2 * _phi1(r2 * hr), y) * q_s \
-                    + col(a2 * (r2 / r1) * _phi2(r2 * hr), y) * (q_1 - q_s)
-                pred2 = yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it)
-                q_2 = pred2.x0 if m is None else pred2.x0 - m
-                low, high = y2, y1 + col(a_t * _phi2(hr) / r2, y) * (q_2 - q_s)
+            xr, low, high, tt = yield from _pair(x[rows], ls, hr, m, schedule, self.order, rows, it)
             x_low = low if m is None else low + m
             x_high = high if m is None else high + m
             err = self.controller.error_norm(high - low, x_prev[rows], x_low, self.atol, self.rtol)
@@ -149,3 +154,46 @@ class MRSAdaptive(Solver):
         if self.mode == "batch":
             stats["grid"] = torch.tensor(grids[0], dtype=f64)
         return Outcome(x, accepted=accepted, rejected=rejected, stats=stats)
+
+
+@register("dpmpp-3s", family="ode", order=3, calls_per_step=3, deterministic=True,
+          description="singlestep DPM-Solver++(3S) / MRS on a fixed grid (mrs-adaptive's step; replays a pilot grid)",
+          reference="Lu et al. 2023, DPM-Solver++ (singlestep); Li et al. 2025 (MR Sampler)")
+class SinglestepMRS(Solver):
+    """The higher-order solution of mrs-adaptive's pair (module docstring) on a fixed grid:
+    ``order=3`` is DPM-Solver++(3S) (3 calls per step), ``order=2`` DPM-Solver++(2S) with r = 1/2
+    (2 calls). A step that ends at sigma = 0 (infinite log-SNR) is first order: y = alpha_t x0_hat.
+    Replaying a grid chosen by mrs-adaptive (:func:`pilot_grid`) gives the adaptive accuracy.
+    """
+
+    def __init__(self, order: int = 3):
+        if order not in (2, 3):
+            raise ValueError(f"order must be 2 or 3, got {order!r}")
+        self.order = order
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        b = x.shape[0]
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
+            if lam_t == float("inf"):  # to the clean end: first order (DDIM), one call
+                pred = yield Query(x, t, step=i + 1)
+                x = pred.point(float(schedule.alpha(t_next)), 0.0)
+                continue
+            ls = torch.full((b,), lam_s, dtype=torch.float64, device=x.device)
+            hr = torch.full((b,), lam_t - lam_s, dtype=torch.float64, device=x.device)
+            _, _, high, _ = yield from _pair(x, ls, hr, mu, schedule, self.order, None, i + 1)
+            x = high if mu is None else high + mu
+        return x
+
+
+def pilot_grid(model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_max=None, t_min=None,
+               **options) -> Tensor:
+    """Run mrs-adaptive once in batch mode on a small batch of ``shape`` and return the times it
+    accepted: a grid for any fixed-grid solver (``dpmpp-3s`` replays the same steps) and for the
+    diffusers scheduler (``set_timesteps(timesteps=...)``)."""
+    from .driver import sample
+
+    res = sample(model, "mrs-adaptive", shape=shape, seed=seed, mu=mu, cond=cond, grid=grid, t_max=t_max,
+                 t_min=t_min, **{**options, "mode": "batch"})
+    return res.stats["grid"]

@@ -405,6 +405,26 @@ def _write_atomically(out: Path, write: Callable[[Path], list[str]]) -> list[str
 
 # -------------------------------------------------------------------------------------- commands
 
+def _write_bundle(tmp: Path, names: Sequence[str], tensors: dict, image, manifest: dict,
+                  metadata: dict | None = None) -> list[str]:
+    """Write ``names`` = (tensors file, png, manifest) into ``tmp`` (the png only if ``image``), every
+    file with the umask's mode (safetensors alone would create its file 0600)."""
+    from safetensors.torch import save_file
+
+    tensor_file, png, manifest_file = names
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / tensor_file), metadata=metadata)
+    written = [tensor_file]
+    if image is not None:
+        image.save(tmp / png, format="PNG")
+        written.append(png)
+    (tmp / manifest_file).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    written.append(manifest_file)
+    mode = (tmp / manifest_file).stat().st_mode & 0o777
+    for name in written:
+        os.chmod(tmp / name, mode)
+    return written
+
+
 def cmd_solvers(args: argparse.Namespace) -> int:
     table = ds.list_solvers(args.family)
     print(table.markdown() if args.markdown else table)
@@ -512,18 +532,8 @@ def cmd_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "wall_time": res.result.wall_time, "command": shlex.join([PROG, *argv]),
                 "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
     image = image_grid((images * 2 - 1).numpy())
-
-    def write(tmp: Path) -> list[str]:
-        from safetensors.torch import save_file
-
-        save_file({"images": images, "latents": res.latents.detach().float().cpu().contiguous()},
-                  str(tmp / OUTPUT_FILES[0]))
-        image.save(tmp / OUTPUT_FILES[1], format="PNG")
-        (tmp / OUTPUT_FILES[2]).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        os.chmod(tmp / OUTPUT_FILES[0], (tmp / OUTPUT_FILES[2]).stat().st_mode & 0o777)
-        return list(OUTPUT_FILES)
-
-    names = _write_atomically(out, write)
+    tensors = {"images": images, "latents": res.latents.detach().float().cpu()}
+    names = _write_atomically(out, lambda tmp: _write_bundle(tmp, OUTPUT_FILES, tensors, image, manifest))
     print(f"{solver_name}: {args.num_samples} images from {type(pipe).__name__} ({path.name}), NFE {res.result.nfe}, "
           f"{res.result.wall_time:.2f} s")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
@@ -636,23 +646,9 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         image = render_png(samples)
 
     def write(tmp: Path) -> list[str]:
-        from safetensors.torch import save_file
-
-        names = ["samples.safetensors"]
-        save_file({"samples": samples, "nfe_per_sample": nfe_per_sample}, str(tmp / "samples.safetensors"),
-                  metadata={"solver": solver_name, "model": args.model, "steps": str(args.steps),
-                            "seed": str(args.seed)})
-        if image is not None:
-            image.save(tmp / "samples.png", format="PNG")
-            names.append("samples.png")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        names.append("manifest.json")
-        # safetensors creates its file with mode 0600; give every file the umask's mode (as the
-        # manifest, written by Python, has).
-        mode = (tmp / "manifest.json").stat().st_mode & 0o777
-        for name in names:
-            os.chmod(tmp / name, mode)
-        return names
+        return _write_bundle(tmp, OUTPUT_FILES, {"samples": samples, "nfe_per_sample": nfe_per_sample}, image, manifest,
+                             metadata={"solver": solver_name, "model": args.model, "steps": str(args.steps),
+                                       "seed": str(args.seed)})
 
     # Re-check just before writing (another run may have written meanwhile).
     existing = _existing_outputs(out)
@@ -740,18 +736,8 @@ def cmd_restore(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "command": shlex.join([PROG, *argv]),
                 "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
 
-    def write(tmp: Path) -> list[str]:
-        from safetensors.torch import save_file
-
-        save_file({"restored": restored.contiguous(), "degraded": prob.display.contiguous(),
-                   "unguided": plain.contiguous(), "clean": clean.contiguous()}, str(tmp / RESTORE_FILES[0]))
-        image.save(tmp / RESTORE_FILES[1], format="PNG")
-        (tmp / RESTORE_FILES[2]).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        mode = (tmp / RESTORE_FILES[2]).stat().st_mode & 0o777
-        os.chmod(tmp / RESTORE_FILES[0], mode)
-        return list(RESTORE_FILES)
-
-    names = _write_atomically(out, write)
+    tensors = {"restored": restored, "degraded": prob.display, "unguided": plain, "clean": clean}
+    names = _write_atomically(out, lambda tmp: _write_bundle(tmp, RESTORE_FILES, tensors, image, manifest))
     print(f"{args.method} ({res.solver}, {args.steps} steps, NFE {res.nfe}): {args.task} of {len(clean)} held-out digits; "
           f"PSNR {psnr['restored']:.2f} dB (unguided {psnr['unguided']:.2f}, degraded {psnr['degraded']:.2f})")
     print(f"wrote {', '.join(str(out / n) for n in names)}")

@@ -22,13 +22,11 @@ from __future__ import annotations
 import torch
 
 from .base import Outcome, Query, Solver, col, sub
-from .control import StepSizeController
+from .control import StepSizeController, check_adaptive
 from .registry import register
 from .sde import reverse_sde_coefs
 
 Tensor = torch.Tensor
-
-MODES = ("per_sample", "batch")
 
 
 @register("adaptive-sde", family="adaptive", order=1, calls_per_step=2, deterministic=False, fixed_grid=False,
@@ -57,18 +55,12 @@ class GottaGoFast(Solver):
 
     def __init__(self, eps_rel: float = 0.01, eps_abs: float = 0.0078, mode: str = "per_sample",
                  h_init: float = 0.01, controller: StepSizeController | None = None, denoise: bool = True):
-        for name, v in (("eps_rel", eps_rel), ("eps_abs", eps_abs), ("h_init", h_init)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if controller is not None and not isinstance(controller, StepSizeController):
-            raise TypeError(f"controller must be a StepSizeController, got {type(controller).__name__}")
+        self.controller = check_adaptive(controller, StepSizeController(), mode, eps_rel=eps_rel, eps_abs=eps_abs,
+                                         h_init=h_init)
         if not isinstance(denoise, bool):
             raise TypeError(f"denoise must be True or False, got {denoise!r}")
         self.eps_rel, self.eps_abs, self.h_init = float(eps_rel), float(eps_abs), float(h_init)
         self.mode, self.denoise = mode, denoise
-        self.controller = controller if controller is not None else StepSizeController()
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_max, t_min = float(grid[0]), float(grid[-1])

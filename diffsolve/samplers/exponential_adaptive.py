@@ -30,12 +30,10 @@ from __future__ import annotations
 import torch
 
 from .base import Outcome, Query, Solver, col, sub
-from .control import StepSizeController
+from .control import StepSizeController, check_adaptive
 from .registry import register
 
 Tensor = torch.Tensor
-
-MODES = ("per_sample", "batch")
 
 
 def _phi1(h: Tensor) -> Tensor:
@@ -92,16 +90,9 @@ class MRSAdaptive(Solver):
                  mode: str = "per_sample", controller: StepSizeController | None = None):
         if order not in (2, 3):
             raise ValueError(f"order must be 2 or 3, got {order!r}")
-        for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if controller is not None and not isinstance(controller, StepSizeController):
-            raise TypeError(f"controller must be a StepSizeController, got {type(controller).__name__}")
+        default = StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0)
+        self.controller = check_adaptive(controller, default, mode, rtol=rtol, atol=atol, h_init=h_init)
         self.order, self.rtol, self.atol, self.h_init, self.mode = order, float(rtol), float(atol), float(h_init), mode
-        self.controller = controller if controller is not None else \
-            StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_max, t_min = float(grid[0]), float(grid[-1])

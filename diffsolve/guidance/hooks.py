@@ -15,6 +15,7 @@ from ..models.model import Prediction
 from ..samplers.hooks import HookContext, StepHook
 from ..schedules.base import Schedule
 from ..schedules.grids import make_grid
+from .wrappers import noise_level
 
 Tensor = torch.Tensor
 
@@ -141,11 +142,10 @@ class EnKG(StepHook):
         self.num_updates, self.inner_steps, self.window = num_updates, inner_steps, window
         self.ensemble_size = ensemble_size
 
-    def _inside(self, t: float, schedule: Schedule) -> bool:
+    def _inside(self, x: Tensor, t: float, schedule: Schedule) -> bool:
         if self.window is None:
             return True
-        tt = torch.tensor(t, dtype=torch.float64)
-        s = float(schedule.sigma(tt) / schedule.alpha(tt))
+        s = float(noise_level(schedule, t, x)[0])
         return self.window[0] < s <= self.window[1]
 
     def denoise(self, x: Tensor, t: float, steps: int, ctx: HookContext) -> Tensor:
@@ -178,7 +178,7 @@ class EnKG(StepHook):
         t = _scalar_t(t)
         if ctx.index is not None:
             raise ValueError("EnKG couples the whole batch: use a solver that queries all rows at once")
-        if not self._inside(t, ctx.schedule):
+        if not self._inside(x, t, ctx.schedule):
             return x
         n = len(ctx.grid) - 1
         steps = self.inner_steps or min(1 + (n - ctx.step + 1) // 4, 20)

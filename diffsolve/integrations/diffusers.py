@@ -61,8 +61,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     solver: a registered solver name; solver_options: its options (a dict);
     steps_grid: the time grid; None (default) places the steps exactly as the pipeline's own
         scheduler (``source``, the diffusers class whose config this was made from) does, or as
-        diffusers' DDIM (``timestep_spacing``) and FlowMatchEuler (shifted sigmas) do when there is
-        none; or one of diffsolve's grid kinds ("log-snr", "karras", ...);
+        diffusers' DDIMScheduler / FlowMatchEulerDiscreteScheduler do when the source is unknown;
+        or one of diffsolve's grid kinds ("log-snr", "karras", ...);
     final: where the last step ends: "zero" (the clean end, as DDIM with ``set_alpha_to_one`` and the
         Euler/DPM-Solver schedulers with ``final_sigmas_type="zero"``) or "sigma_min" (the smallest
         training noise level);
@@ -136,87 +136,66 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
     # --------------------------------------------------------------------------- the grid
-    def _vp_grid(self, n: int, timesteps: Sequence[float] | None) -> Tensor:
-        c, s = self.config, self.schedule
-        T = c.num_train_timesteps
-        if timesteps is not None:
-            ts = torch.as_tensor(timesteps, dtype=torch.float64)
-        elif self.config.steps_grid is not None:
-            return make_grid(s, n, self.config.steps_grid, t_min=float(s.t_of_timestep(0)))
-        elif c.timestep_spacing == "leading":
-            ts = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + c.steps_offset
-        elif c.timestep_spacing == "trailing":
-            ts = (torch.arange(T, 0, -T / n, dtype=torch.float64)).round() - 1
-        elif c.timestep_spacing == "linspace":
-            ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
-        else:
-            raise ValueError(f"timestep_spacing {c.timestep_spacing!r} is unknown; allowed: leading, trailing, linspace")
-        return s.t_of_timestep(ts)
-
-    def _flow_grid(self, n: int, sigmas: Sequence[float] | None, mu: float | None) -> Tensor:
-        c = self.config
-        if sigmas is None:
-            T = c.num_train_timesteps
-            sigmas = torch.linspace(1.0, 1.0 / T, n, dtype=torch.float64) if c.steps_grid is None else \
-                make_grid(RectifiedFlow(t_min=1.0 / T), n, c.steps_grid)
-        s = torch.as_tensor(sigmas, dtype=torch.float64)
-        if c.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("this flow scheduler uses dynamic shifting: set_timesteps needs mu")
-            if c.time_shift_type == "exponential":
-                s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
-            else:
-                s = mu / (mu + (1 / s - 1))
-        else:
-            s = c.shift * s / (1 + (c.shift - 1) * s)
-        return s
-
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, *,
                       timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
                       mu: float | None = None) -> None:
-        """Place the steps, list one timestep per model call, and reset the run state."""
+        """Place the steps, list one timestep per model call, and reset the run state.
+
+        Explicit ``timesteps`` of a DDPM-style config are used as given; otherwise the source
+        scheduler places the steps (DDIM's or FlowMatchEuler's placement when the source is unknown),
+        or ``steps_grid`` does."""
         if num_inference_steps is None:
             given = timesteps if timesteps is not None else sigmas
             if given is None:
                 raise ValueError("set_timesteps needs num_inference_steps, timesteps or sigmas")
             num_inference_steps = len(given)
         n = int(num_inference_steps)
+        if sigmas is not None and not self.config.flow:
+            raise ValueError("sigmas= is for flow-matching configs; give timesteps= for DDPM-style ones")
         self._run.init_noise_sigma = 1.0
-        placed = self._source_grid(n, device, timesteps, sigmas, mu)
-        if placed is not None:
-            self._set_grid(placed, n, device)
-            return
-        if self.config.flow:
-            if timesteps is not None:
-                sigmas = torch.as_tensor(timesteps, dtype=torch.float64) / self.config.num_train_timesteps
-            g = self._flow_grid(n, sigmas, mu)
+        if self.config.steps_grid is not None:
+            grid = self._own_grid(n, mu)
+        elif timesteps is not None and not self.config.flow:
+            grid = self._with_end(self.schedule.t_of_timestep(torch.as_tensor(timesteps, dtype=torch.float64)), True)
         else:
-            if sigmas is not None:
-                raise ValueError("sigmas= is for flow-matching configs; give timesteps= for DDPM-style ones")
-            g = self._vp_grid(n, timesteps)
-        end = 0.0 if self.config.final == "zero" else float(self.schedule.t_of_timestep(0)) if not self.config.flow \
-            else self._flow_sigma_min(g)
-        self._set_grid(torch.cat([g.to(torch.float64), torch.tensor([end], dtype=torch.float64)]), n, device)
+            grid = self._source_grid(n, timesteps, sigmas, mu)
+        self._set_grid(grid, n, device)
 
-    def _source_grid(self, n, device, timesteps, sigmas, mu) -> Tensor | None:
+    def _with_end(self, steps: Tensor, clean: bool) -> Tensor:
+        """``steps`` (descending times) and the final point: the clean end when ``clean`` and
+        final="zero", else the smallest training noise level."""
+        if clean and self.config.final == "zero":
+            end = 0.0
+        elif self.config.flow:
+            end = min(1.0 / self.config.num_train_timesteps, float(steps[-1]) / 2)
+        else:
+            end = float(self.schedule.t_of_timestep(0))
+        return torch.unique_consecutive(torch.cat([steps.to(torch.float64), steps.new_tensor([end], dtype=torch.float64)]))
+
+    def _own_grid(self, n: int, mu: float | None) -> Tensor:
+        """diffsolve's grid kind ``steps_grid``; for flows on the (statically or dynamically) shifted path."""
+        c = self.config
+        if not c.flow:
+            return self._with_end(make_grid(self.schedule, n, c.steps_grid, t_min=float(self.schedule.t_of_timestep(0))), True)
+        if c.use_dynamic_shifting and mu is None:
+            raise ValueError("this flow scheduler uses dynamic shifting: set_timesteps needs mu")
+        path = RectifiedFlow(shift=flow_shift(c, mu), t_min=1.0 / c.num_train_timesteps)
+        return self._with_end(path.sigma(make_grid(path, n, c.steps_grid)), True)
+
+    def _source_grid(self, n, timesteps, sigmas, mu) -> Tensor:
         """The grid the source diffusers scheduler places (its distinct steps plus its final point)."""
         import diffusers
 
-        src = self.config.source
-        ref_cls = getattr(diffusers, src, None) if src else None
-        if self.config.steps_grid is not None or ref_cls is None:
-            return None
+        default = "FlowMatchEulerDiscreteScheduler" if self.config.flow else "DDIMScheduler"
+        ref_cls = getattr(diffusers, self.config.source or default, None) or getattr(diffusers, default)
         keys = set(inspect.signature(ref_cls.__init__).parameters) - set(self.config.get("_use_default_values", []))
         ref = ref_cls.from_config({k: v for k, v in self.config.items() if k in keys})  # the source's own defaults
         kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)) if v is not None}
         ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
         if self.config.flow:
             sig = torch.unique_consecutive(torch.as_tensor(ref.sigmas, dtype=torch.float64))
-            if float(sig[-1]) == 0.0:
-                sig = sig[:-1]
-            return torch.cat([sig, sig.new_tensor([0.0 if self.config.final == "zero" else self._flow_sigma_min(sig)])])
-        ts = torch.unique_consecutive(torch.as_tensor(ref.timesteps, dtype=torch.float64))
-        t = self.schedule.t_of_timestep(ts)
+            return self._with_end(sig[:-1] if float(sig[-1]) == 0.0 else sig, True)
+        t = self.schedule.t_of_timestep(torch.unique_consecutive(torch.as_tensor(ref.timesteps, dtype=torch.float64)))
         # k-diffusion-style sources keep the latents as x / alpha and start them at init_noise_sigma z:
         # the same start in x is alpha(t_0) init_noise_sigma z
         init = float(getattr(ref, "init_noise_sigma", 1.0))
@@ -224,12 +203,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         final_sigma = getattr(ref, "sigmas", None)
         clean = (float(final_sigma[-1]) == 0.0) if final_sigma is not None else \
             bool(getattr(ref.config, "set_alpha_to_one", True))
-        end = 0.0 if clean and self.config.final == "zero" else float(self.schedule.t_of_timestep(0))
-        return torch.cat([t, torch.tensor([end], dtype=torch.float64)])
-
-    def _flow_sigma_min(self, sigmas: Tensor) -> float:
-        """The smallest training noise level of a flow (1 / num_train_timesteps), below the last step."""
-        return min(1.0 / self.config.num_train_timesteps, float(sigmas[-1]) / 2)
+        return self._with_end(t, clean)
 
     def _set_grid(self, grid: Tensor, n: int, device) -> None:
         if self.config.t_max is not None:
@@ -345,16 +319,22 @@ def _vp_schedule_and_kind(pipe):
     return VPDiscrete.from_diffusers_config(dict(cfg)), PREDICTIONS[pt]
 
 
-def _flow_schedule(pipe, image_seq_len: int) -> RectifiedFlow:
-    """The pipeline's flow-matching schedule: a static shift, or the dynamic one for this image size
-    (exponential time shift by mu = shift e^mu; linear: shift mu)."""
-    cfg = pipe.scheduler.config
+def flow_shift(cfg, mu: float | None = None) -> float:
+    """The shift of a flow-matching scheduler config as RectifiedFlow's ``shift``: the static one, or
+    for dynamic shifting with ``mu`` the time shift sigma = e^mu / (e^mu + 1/t - 1) (exponential),
+    which is RectifiedFlow's with shift e^mu (linear: shift mu)."""
     if not cfg.get("use_dynamic_shifting", False):
-        return RectifiedFlow(shift=float(cfg.get("shift", 1.0)))
+        return float(cfg.get("shift", 1.0))
+    return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else float(mu)
+
+
+def _flow_schedule(pipe, image_seq_len: int) -> RectifiedFlow:
+    """The pipeline's flow-matching schedule for this image size (the pipelines' calculate_shift)."""
+    cfg = pipe.scheduler.config
     m = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (cfg.get("max_image_seq_len", 4096) -
                                                                     cfg.get("base_image_seq_len", 256))
     mu = image_seq_len * m + cfg.get("base_shift", 0.5) - m * cfg.get("base_image_seq_len", 256)
-    return RectifiedFlow(shift=math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu)
+    return RectifiedFlow(shift=flow_shift(cfg, mu))
 
 
 def _decode_vae(pipe, unpack=None):

@@ -36,6 +36,16 @@ def _drive(run, call: Callable) -> Any:
         return stop.value
 
 
+def require_reversible(slv) -> None:
+    """Raise a clear error unless ``slv`` has exact inverse steps (what the adjoint needs)."""
+    if not isinstance(slv, Reversible):
+        from .registry import list_solvers
+
+        reversible = ", ".join(i.name for i in list_solvers("reversible"))
+        raise ValueError(f"grad=True needs a reversible solver ({reversible}), got {slv.name!r}; "
+                         "for other solvers call sample() under autograd, which stores every step")
+
+
 def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: Tensor, *, mu: Tensor | None = None,
                       cond: Mapping[str, Any] | None = None, aux: Tensor | None = None, counter=None,
                       params: Sequence[Tensor] | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -45,8 +55,7 @@ def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: T
     parameters of ``model.net`` that require grad, when it is a ``torch.nn.Module``). The model is
     queried in ``dtype`` (default: x's); the states keep x's precision.
     """
-    if not isinstance(slv, Reversible):
-        raise ValueError(f"grad=True needs a reversible solver (family 'reversible'), got {slv.name!r}")
+    require_reversible(slv)
     cond = dict(cond or {})
     if params is None:
         params = [p for p in model.net.parameters() if p.requires_grad] if isinstance(model.net, torch.nn.Module) else []

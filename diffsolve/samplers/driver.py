@@ -10,12 +10,11 @@ import torch
 
 from ..models.model import DiffusionModel, NFECounter, check_finite
 from ..schedules.grids import GridSpec, make_grid
-from .adjoint import reversible_sample
+from .adjoint import require_reversible, reversible_sample
 from .base import Outcome, Solver, as_query, sub
 from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
-from .registry import get_solver, list_solvers, solver_info
-from .reversible import Reversible
+from .registry import get_solver, solver_info
 from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
@@ -114,10 +113,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
     if grad:
-        if not isinstance(slv, Reversible):
-            reversible = ", ".join(i.name for i in list_solvers("reversible"))
-            raise ValueError(f"grad=True needs a reversible solver ({reversible}), got {slv.name!r}; "
-                             "for other solvers call sample() under autograd, which stores every step")
+        require_reversible(slv)
         if return_trajectory:
             raise ValueError("grad=True keeps no trajectory; give return_trajectory=False")
         if hooks:

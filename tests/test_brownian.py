@@ -40,3 +40,22 @@ def test_pure_function_of_seed_and_time():
     assert torch.allclose(z, bt.normal(0.2, 0.6)) and torch.allclose(z, (bt(0.6) - bt(0.2)) / 0.4**0.5)
     with pytest.raises(ValueError, match="outside its range"):
         bt(1.5)
+
+
+def test_time_changed_law():
+    """With variance v the path is B(v(s) - v(t0)): exact increment variances at any scale, including
+    where v changes by orders of magnitude within one tree interval (v = e^{2 lambda}, as the
+    log-SNR SDE solvers use it)."""
+    lo, hi = -8.0, 5.0
+    bt = BrownianTree(range(M), (2,), lo, hi, dtype=torch.float64, variance=lambda s: torch.exp(2 * (s - hi)))
+    v = lambda s: torch.exp(torch.tensor(2 * (s - hi), dtype=torch.float64))
+    assert torch.equal(bt(lo), torch.zeros(M, 2, dtype=torch.float64))
+    pts = (-7.9, -7.85, -3.0, 0.2, 4.9, 5.0)
+    w = {s: bt(s) for s in pts}
+    for s0, s1 in zip(pts, pts[1:]):
+        inc = w[s1] - w[s0]
+        assert abs(float(inc.var()) / float(v(s1) - v(s0)) - 1) < 0.03, (s0, s1)
+    a, b = w[-3.0] - w[-7.85], w[4.9] - w[-3.0]
+    assert abs(float((a * b).mean()) / float(((v(-3.0) - v(-7.85)) * (v(4.9) - v(-3.0))).sqrt())) < 0.02
+    fine = bt(-7.85 + 1e-7) - w[-7.85]
+    assert abs(float(fine.var()) / float(v(-7.85 + 1e-7) - v(-7.85)) - 1) < 0.05

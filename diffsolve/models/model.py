@@ -46,6 +46,44 @@ def check_finite(out: Tensor, where: str) -> None:
     )
 
 
+class FiniteGuard:
+    """The NaN / Inf checks of one run's model outputs.
+
+    On the CPU every output is checked when it arrives (``check_finite``), so a bad output stops the
+    run at once. On an accelerator that check would make the host wait for the device at every call,
+    so the verdict stays on the device (one flag per run, the index of the first bad call) and is
+    read once, at :meth:`finish`: the run ends, then raises :class:`NonFiniteError` naming the first
+    bad call's step and time all the same. ``where`` is a callable, built only for that message.
+    """
+
+    def __init__(self):
+        self._wheres: list = []
+        self._first: Tensor | None = None
+
+    @staticmethod
+    def eager(device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def check(self, out: Tensor, where) -> None:
+        if self.eager(out.device):
+            check_finite(out, where())
+            return
+        bad = ~torch.isfinite(out).all()
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=out.device)
+        self._first = torch.where((self._first < 0) & bad, len(self._wheres), self._first)
+        self._wheres.append(where)
+
+    def finish(self) -> None:
+        """Raise if a deferred check found a bad output (one host read for the whole run)."""
+        if self._first is None:
+            return
+        k = int(self._first)
+        if k >= 0:
+            raise NonFiniteError(f"{self._wheres[k]()}: the model returned non-finite values (on "
+                                 f"{self._first.device.type} the outputs are checked once, at the end of the run)")
+
+
 def _coef(value: Tensor, x: Tensor) -> Tensor:
     """Cast a float64 coefficient of shape [] or [B] to x's dtype and broadcast shape."""
     value = value.to(device=x.device, dtype=x.dtype)

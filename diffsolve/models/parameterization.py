@@ -59,7 +59,7 @@ def to_x0_eps(kind: str, out: Tensor, x: Tensor, c: Coefs, mu: Tensor | float = 
         # at sigma = 0 (the clean end) x_0 determines no eps: take its limit for data with a density,
         # E[eps | x_t] -> E[eps] = 0 (a masked division, so gradients stay finite)
         clean = s == 0
-        eps = (y - a * y0) / torch.where(clean, torch.ones_like(s), s) * ~clean if bool(clean.any()) else (y - a * y0) / s
+        eps = (y - a * y0) / torch.where(clean, torch.ones_like(s), s) * ~clean  # no host read of s
     elif kind == "v":
         r = torch.sqrt(a * a + s * s)
         at, st = a / r, s / r

@@ -10,7 +10,14 @@ summed in closed form as its Schauder series (one tent per level, no recursion),
 where every n is a standard normal vector fixed by (seed, node): a counter-based hash (splitmix64 of
 seed, node and element index, then Box-Muller), so no state is kept and any time can be queried in
 any order. The series stops after ``depth`` levels, i.e. the path is interpolated linearly inside
-intervals of width (t1 - t0) 2^-depth. So the path is the same at 20 steps and at 40, a rejected step
+intervals of width (t1 - t0) 2^-depth.
+
+With a time change v (increasing; ``variance=``) the tree gives B(v(s) - v(t0)) for a standard
+Brownian motion B: the same dyadic nodes in s, with the bridge of [a, b] at m drawn as
+
+    W(m) = W(a) + (v(m) - v(a)) / (v(b) - v(a)) (W(b) - W(a)) + sqrt((v(m)-v(a)) (v(b)-v(m)) / (v(b)-v(a))) n_node,
+
+so Var(W(s) - W(r)) = v(s) - v(r) exactly, at any resolution (the tents become linear in v). So the path is the same at 20 steps and at 40, a rejected step
 and its retry see one path, a reverse pass sees the forward pass's increments, and sample i's path
 does not depend on the batch it sits in. Cost: ``depth`` + 1 hashes of the event per query, no Python
 loop over rows or levels.
@@ -19,7 +26,7 @@ loop over rows or levels.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -60,12 +67,16 @@ def hashed_normal(seed: Tensor, node: Tensor, n: int, dtype: torch.dtype) -> Ten
 
 
 class BrownianTree:
-    """Brownian paths W_i on [t0, t1], one per seed (see the module docstring)."""
+    """Brownian paths W_i on [t0, t1], one per seed (see the module docstring). ``variance``: an
+    increasing function v on float64 tensors for the time-changed path B(v(s) - v(t0)) (default the
+    identity, a plain Brownian motion)."""
 
     def __init__(self, seeds: Sequence[int], event_shape: Sequence[int], t0: float, t1: float, *,
-                 depth: int = 30, device=None, dtype: torch.dtype = torch.float32):
+                 depth: int = 30, device=None, dtype: torch.dtype = torch.float32,
+                 variance: Callable[[Tensor], Tensor] | None = None):
         if not t1 > t0:
             raise ValueError(f"BrownianTree needs t0 < t1, got [{t0}, {t1}]")
+        self.variance = variance
         self.seeds = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=device)
         self.event_shape = tuple(event_shape)
         self.numel = math.prod(self.event_shape)
@@ -80,17 +91,25 @@ class BrownianTree:
         if bool(((s < self.t0 - 1e-12) | (s > self.t1 + 1e-12)).any()):
             raise ValueError(f"Brownian path queried at t outside its range [{self.t0}, {self.t1}]")
         span, depth, f64 = self.t1 - self.t0, self.depth, torch.float64
+        v = (lambda z: z) if self.variance is None else self.variance
         # Midpoint displacement written as its Schauder (Levy-Ciesielski) sum: at level j only the
-        # interval holding s contributes, a tent of height scale_j times that midpoint's normal.
+        # interval [a, b] holding s contributes, a tent (linear in v, 1 at the midpoint m) times the
+        # bridge std at m times that midpoint's normal.
         u = ((s - self.t0) / span).clamp(0.0, 1.0)
         k = (u * 2.0**depth).floor().long().clamp(max=2**depth - 1)  # s lies in leaf k
         j = torch.arange(depth, device=self.device)
         prefix = k[:, None] >> (depth - j)[None, :]  # [R, L]: index of the level-j interval holding s
         node = (1 << j)[None, :] + prefix  # heap index of that interval's midpoint
-        frac = u[:, None] * (2.0 ** j.double())[None, :] - prefix.double()  # position inside it, in [0, 1]
-        weight = (1.0 - (2.0 * frac - 1.0).abs()).clamp_min(0.0) * (0.5 * (span * 2.0 ** -j.double()).sqrt())
-        node = torch.cat([torch.zeros_like(k)[:, None], node], dim=1)  # node 0: W(t1) = sqrt(span) n_0
-        weight = torch.cat([(math.sqrt(span) * u)[:, None], weight], dim=1)
+        width = span * 2.0 ** -j.double()
+        a = self.t0 + prefix.double() * width
+        va, vm, vb = v(a), v(a + 0.5 * width), v(a + width)
+        vs = v(self.t0 + u * span)[:, None]
+        rise, fall = (vs - va) / (vm - va), (vb - vs) / (vb - vm)
+        tent = torch.where(vs <= vm, rise, fall).clamp(0.0, 1.0)
+        weight = tent * ((vm - va) * (vb - vm) / (vb - va)).sqrt()
+        node = torch.cat([torch.zeros_like(k)[:, None], node], dim=1)  # node 0: W(t1) = sqrt(V) n_0
+        v0, v1 = v(torch.tensor(self.t0, dtype=f64)), v(torch.tensor(self.t1, dtype=f64))
+        weight = torch.cat([((vs[:, 0] - v0) / (v1 - v0).sqrt())[:, None], weight], dim=1)
         n_lv = depth + 1
         w = torch.zeros(r, self.numel, dtype=f64, device=self.device)
         chunk = max(1, 2**18 // max(1, r * self.numel))  # levels hashed together (bounded memory)

@@ -55,9 +55,11 @@ class StepSizeController:
     def factor(self, err: Tensor, err_prev: Tensor | None = None) -> Tensor:
         """The factor h_next / h for error norms ``err`` ([B])."""
         with torch.no_grad():
-            f = self.safety * err.double().pow(-self.exponent)
+            # err^-a as exp(-a log err): Tensor.pow's vectorised and scalar paths differ in the last
+            # bit, which would make a row's step sizes depend on its batch
+            f = self.safety * torch.exp(-self.exponent * err.double().log())
             if self.exponent_prev and err_prev is not None:
-                f = f * err_prev.double().pow(self.exponent_prev)
+                f = f * torch.exp(self.exponent_prev * err_prev.double().log())
             return f.nan_to_num(nan=self.factor_max, posinf=self.factor_max).clamp(self.factor_min, self.factor_max)
 
 

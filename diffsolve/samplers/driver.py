@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..models.model import DiffusionModel, NFECounter, check_finite
+from ..models.model import DiffusionModel, FiniteGuard, NFECounter
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import require_reversible, reversible_sample
 from .base import Outcome, Solver, as_query, sub
@@ -232,14 +232,15 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
 
         def call(x, t):
             pred = model(x, t, mu=sub(mu, index), counter=counter, index=index, **kw)
-            check_finite(pred.output, f"solver {slv.name!r}, step {step}{of} ({_describe_t(t)}), "
-                                      f"model call {counter.calls}")
+            n = counter.calls
+            guard.check(pred.output, lambda: f"solver {slv.name!r}, step {step}{of} ({_describe_t(t)}), model call {n}")
             return pred
         return call
 
     def context(index, step, call):
         return HookContext(model.schedule, grid, step, index, sub(mu, index), call, hook_noise)
 
+    guard = FiniteGuard()
     start = time.perf_counter()
     try:
         item = next(run)
@@ -263,6 +264,7 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
     finally:
         bar.close()
         run.close()  # a run stopped by an error releases what it holds (e.g. a worker thread)
+    guard.finish()
     out = x if isinstance(x, Outcome) else Outcome(x)
     if not isinstance(out.x, Tensor):
         raise TypeError(f"solver {slv.name!r} returned {type(out.x).__name__}, expected a tensor")

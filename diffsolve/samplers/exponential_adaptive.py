@@ -12,13 +12,33 @@ lambda_s by h > 0 in log-SNR, with phi1(h) = e^{-h} - 1 and phi2(h) = phi1(h)/h 
                               + alpha_2 (r2/r1) phi2(r2 h) (q_1 - q_s),          q_2 = q(u2, lambda_s + r2 h)
                          y3 = y1 + alpha_t phi2(h) (q_2 - q_s) / r2
 
-(Lu et al. 2023, DPM-Solver++ singlestep; Li et al. 2025, MRS, for the mean-reverting form). Embedded
+(Lu et al. 2023, DPM-Solver++ singlestep; Li et al. 2025, MRS, for the mean-reverting form).
+``parameterization="noise"`` (q = eps; DPM-Solver's singlestep rules, Lu et al. 2022, which
+dpm_adaptive uses) has the same structure with y1 = (alpha_t/alpha_s) y_s - sigma_t (e^h - 1) q_s,
+the 2S correction -sigma_t (e^h - 1) (q_r - q_s) / (2 r) and the 3S weight -sigma_t ((e^h - 1)/h - 1)
+in place of alpha_t phi2 (and likewise at the inner points). Embedded
 pairs share their model evaluations, as k-diffusion's ``dpm_adaptive`` does:
 ``order=2``: y1 / 2S(r = 1/2), 2 calls per try; ``order=3`` (default): 2S(r = 1/3) / 3S, 3 calls.
+A retry after a rejection starts from the same state, so it reuses that first model call (as
+dpm_adaptive's eps cache does): NFE = calls per try x accepted + (calls - 1) x rejected.
 The local error estimate E = y_high - y_low goes to the shared :class:`StepSizeController` (scaled
 RMS norm with delta = max(atol, rtol max(|x_prev|, |x_low|)), accept when <= 1); the step continues
 from the higher-order solution. Default controller: I-control, safety 0.9, exponent 1/order, factor
 limits [0.2, 5] (``controller=`` replaces it, e.g. PI with ``exponent_prev``).
+
+SDE pair (``mrs-sde-adaptive``, SDE-DPM-Solver++ / MRS SDE in data form), with p1(h) = 1 - e^{-2h}
+and one Brownian path shared by both members and by every retry:
+
+    N(s -> t) = sigma_t e^{-lambda_t} (B(e^{2 lambda_t}) - B(e^{2 lambda_s}))        (~ sigma_t sqrt(p1(h)) z)
+    first order:  y1 = (sigma_t/sigma_s) e^{-h} y_s + alpha_t p1(h) q_s + N(s -> t)
+    2S, r = 1/2:  u = (sigma_r/sigma_s) e^{-rh} y_s + alpha_r p1(rh) q_s + N(s -> r),   q_r = q(u, lambda_s + r h)
+                  y2 = y1 + alpha_t (1 - p1(h)/(2h)) (q_r - q_s) / r
+
+N is the exact noise of the variation-of-constants solution: its integrand sigma_t sqrt(2)
+e^{-(lambda_t - lambda)} dW_lambda is a Brownian motion run on the clock e^{2 lambda}, so the two
+members' noises have their exact joint law and a retry on a shorter step sees the same path (the
+time-changed Brownian tree, :mod:`.brownian`). With ``noise="gaussian"`` every try draws its two
+normals afresh. A Tweedie step at t_min ends the run (``denoise``).
 
 ``mode="per_sample"``: each sample has its own lambda and h and leaves the batch when it reaches
 lambda(t_min); ``"batch"``: one h for all (the largest error norm decides). The result's ``stats``
@@ -31,74 +51,102 @@ import torch
 
 from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController, check_adaptive
+from .noise import NoiseSource
 from .registry import register
+
+PARAMS = ("data", "noise")
 
 Tensor = torch.Tensor
 
 
-def _phi1(h: Tensor) -> Tensor:
-    return torch.expm1(-h)
+def _coefs(param: str, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor, h: Tensor):
+    """(A, c1, c2) of a step by h in log-SNR ending at (alpha_t, sigma_t): y_t = A y_s + c1 q_s is
+    first order, c1 / (2 r) and c2 weigh the 2S and 3S corrections (module docstring)."""
+    if param == "data":  # phi1 = e^{-h} - 1, phi2 = phi1 / h + 1
+        phi1 = torch.expm1(-h)
+        return s_t / s_s, -a_t * phi1, a_t * (phi1 / h + 1.0)
+    e1 = torch.expm1(h)  # noise: e^h - 1
+    return a_t / a_s, -s_t * e1, -s_t * (e1 / h - 1.0)
 
 
-def _phi2(h: Tensor) -> Tensor:
-    return torch.expm1(-h) / h + 1.0
+def _first(x: Tensor, ts: Tensor, rows, it, q, cached):
+    """The model's q at the start of a try: ``cached`` = (q, fresh) reuses the q of rows whose last
+    try was rejected (their state and time are unchanged) and queries only the ``fresh`` rows.
+    Returns (the state the model saw, q)."""
+    if cached is None:
+        pred = yield Query(x, ts, index=rows, step=it)
+        return pred.x, q(pred)
+    q_old, fresh = cached
+    idx = fresh.nonzero().squeeze(1)
+    if len(idx) == 0:
+        return x, q_old
+    sel = rows[idx] if rows is not None else idx
+    pred = yield Query(x[idx], ts[idx], index=sel, step=it)
+    return x.index_copy(0, idx, pred.x), q_old.index_copy(0, idx, q(pred))
 
 
-def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it):
+def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, param: str = "data", cached=None):
     """One try from log-SNR ``ls`` by ``hr`` (per row): yields the model queries and returns
-    (the state the model saw, low-order y, high-order y, the end time). See the module docstring."""
+    (the state the model saw, the model output at the start, low-order y, high-order y, the end time). See the
+    module docstring; ``cached``: see :func:`_first`."""
 
-    def coefs(lm):
+    def at(lm):
         t = schedule.t_of_log_snr(lm)
         return t, schedule.alpha(t), schedule.sigma(t)
 
-    ts, a_s, s_s = coefs(ls)
-    pred = yield Query(x, ts, index=rows, step=it)
-    xr = pred.x
+    def out(pred):  # the model output the solver uses (cached raw: mu is per row)
+        return pred.eps if param == "noise" else pred.x0
+
+    def q(raw):
+        return raw if param == "noise" or m is None else raw - m
+
+    ts, a_s, s_s = at(ls)
+    xr, raw = yield from _first(x, ts, rows, it, out, cached)
+    q_s = q(raw)
     y = xr if m is None else xr - m
-    q_s = pred.x0 if m is None else pred.x0 - m
-    tt, a_t, s_t = coefs(ls + hr)
-    y1 = col(s_t / s_s, y) * y - col(a_t * _phi1(hr), y) * q_s
+    tt, a_t, s_t = at(ls + hr)
+    big_a, c1, c2 = _coefs(param, a_t, s_t, a_s, s_s, hr)
+    y1 = col(big_a, y) * y + col(c1, y) * q_s
     r1 = 0.5 if order == 2 else 1.0 / 3.0
-    t1, a1, s1 = coefs(ls + r1 * hr)
-    u1 = col(s1 / s_s, y) * y - col(a1 * _phi1(r1 * hr), y) * q_s
-    pred1 = yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it)
-    q_1 = pred1.x0 if m is None else pred1.x0 - m
-    y2 = y1 - col(a_t * _phi1(hr) / (2 * r1), y) * (q_1 - q_s)
+    t1, a1, s1 = at(ls + r1 * hr)
+    b1, d1, _ = _coefs(param, a1, s1, a_s, s_s, r1 * hr)
+    u1 = col(b1, y) * y + col(d1, y) * q_s
+    q_1 = q(out((yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it))))
+    y2 = y1 + col(c1 / (2 * r1), y) * (q_1 - q_s)
     if order == 2:
-        return xr, y1, y2, tt
+        return xr, raw, y1, y2, tt
     r2 = 2.0 / 3.0
-    t2, a2, s2 = coefs(ls + r2 * hr)
-    u2 = col(s2 / s_s, y) * y - col(a2 * _phi1(r2 * hr), y) * q_s + col(a2 * (r2 / r1) * _phi2(r2 * hr), y) * (q_1 - q_s)
-    pred2 = yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it)
-    q_2 = pred2.x0 if m is None else pred2.x0 - m
-    return xr, y2, y1 + col(a_t * _phi2(hr) / r2, y) * (q_2 - q_s), tt
+    t2, a2, s2 = at(ls + r2 * hr)
+    b2, d2, e2 = _coefs(param, a2, s2, a_s, s_s, r2 * hr)
+    u2 = col(b2, y) * y + col(d2, y) * q_s + col(e2 * (r2 / r1), y) * (q_1 - q_s)
+    q_2 = q(out((yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it))))
+    return xr, raw, y2, y1 + col(c2 / r2, y) * (q_2 - q_s), tt
 
 
-@register("mrs-adaptive", family="adaptive", order=3, calls_per_step=3, deterministic=True, fixed_grid=False,
-          description="adaptive MRS / DPM-Solver++ in log-SNR: embedded singlestep pairs, per-sample steps",
-          reference="Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler); k-diffusion dpm_adaptive")
-class MRSAdaptive(Solver):
-    """Adaptive probability-flow ODE solver; the update rule is in the module docstring.
+class _LogSNRAdaptive(Solver):
+    """The adaptive loop shared by mrs-adaptive and mrs-sde-adaptive: per-row log-SNR lambda and step
+    h, one embedded pair per try (``_pair``), the controller's accept / reject and next h, finished
+    rows leaving the batch. Subclasses give ``_pair`` and may give ``_path`` (their noise) and
+    ``_end`` (a final step at t_min)."""
 
-    Options: ``order`` (3: the 2/3 pair, 3 calls per try; 2: the 1/2 pair, 2 calls), ``rtol``
-    (0.05) and ``atol`` (0.0078, for data in [-1, 1]), ``h_init`` (0.05, in log-SNR), ``mode``
-    (``"per_sample"`` or ``"batch"``), ``controller``.
-    """
+    order: int
 
-    def __init__(self, order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
-                 mode: str = "per_sample", controller: StepSizeController | None = None):
-        if order not in (2, 3):
-            raise ValueError(f"order must be 2 or 3, got {order!r}")
-        default = StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0)
+    def _setup(self, order, rtol, atol, h_init, mode, controller, default):
         self.controller = check_adaptive(controller, default, mode, rtol=rtol, atol=atol, h_init=h_init)
         self.order, self.rtol, self.atol, self.h_init, self.mode = order, float(rtol), float(atol), float(h_init), mode
+
+    def _path(self, noise, lam_lo: float, lam_hi: float):
+        return None
+
+    def _end(self, x, t_min: float, it: int):
+        return x
+        yield  # a generator that makes no query
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_max, t_min = float(grid[0]), float(grid[-1])
         lam_max, lam_end = float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min))
         if not (abs(lam_max) < float("inf") and abs(lam_end) < float("inf")):
-            raise ValueError("mrs-adaptive steps in log-SNR, which must be finite at both ends: use t_min with "
+            raise ValueError(f"{self.name} steps in log-SNR, which must be finite at both ends: use t_min with "
                              "sigma > 0 (e.g. 1e-3) and, for rectified flow, t_max < 1 (e.g. 0.999)")
         b, dev, f64 = x.shape[0], x.device, torch.float64
         lam = torch.full((b,), lam_max, dtype=f64, device=dev)
@@ -109,6 +157,8 @@ class MRSAdaptive(Solver):
         grids = [[t_max] for _ in range(b)]
         x_prev = x.clone()
         tiny = 1e-12 * (lam_end - lam_max)
+        path = self._path(noise, lam_max, lam_end)
+        q_buf, fresh = None, torch.ones(b, dtype=torch.bool, device=dev)
         it = 0
 
         while bool((lam < lam_end).any()):
@@ -116,10 +166,14 @@ class MRSAdaptive(Solver):
             rows = (lam < lam_end).nonzero().squeeze(1)
             ls, hr = lam[rows], h[rows]
             if bool((hr < tiny).any()):
-                raise RuntimeError(f"mrs-adaptive: the step size underflowed at log-SNR {float(ls.min()):.6g} "
+                raise RuntimeError(f"{self.name}: the step size underflowed at log-SNR {float(ls.min()):.6g} "
                                    f"(rtol={self.rtol}, atol={self.atol}); loosen the tolerances")
             m = sub(mu, rows)
-            xr, low, high, tt = yield from _pair(x[rows], ls, hr, m, schedule, self.order, rows, it)
+            cached = None if q_buf is None else (q_buf[rows], fresh[rows])
+            xr, raw, low, high, tt = yield from self._pair(x[rows], ls, hr, m, schedule, rows, it, path, cached)
+            if q_buf is None:
+                q_buf = torch.zeros_like(x)
+            q_buf = q_buf.index_copy(0, rows, raw)
             x_low = low if m is None else low + m
             x_high = high if m is None else high + m
             err = self.controller.error_norm(high - low, x_prev[rows], x_low, self.atol, self.rtol)
@@ -137,14 +191,42 @@ class MRSAdaptive(Solver):
             lam, h = lam.index_copy(0, rows, lam_new), h.index_copy(0, rows, h_new)
             accepted[rows] += ok.long()
             rejected[rows] += (~ok).long()
+            fresh[rows] = ok  # a rejected row retries from the same state: its first q is reused
             t_acc = torch.where(last, torch.full_like(tt, t_min), tt)
             for j, i in enumerate(rows.tolist()):
                 if bool(ok[j]):
                     grids[i].append(float(t_acc[j]))
+        x = yield from self._end(x, t_min, it)
         stats = {"grids": grids}
         if self.mode == "batch":
             stats["grid"] = torch.tensor(grids[0], dtype=f64)
         return Outcome(x, accepted=accepted, rejected=rejected, stats=stats)
+
+
+@register("mrs-adaptive", family="adaptive", order=3, calls_per_step=3, deterministic=True, fixed_grid=False,
+          description="adaptive MRS / DPM-Solver++ in log-SNR: embedded singlestep pairs, per-sample steps",
+          reference="Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler); k-diffusion dpm_adaptive")
+class MRSAdaptive(_LogSNRAdaptive):
+    """Adaptive probability-flow ODE solver; the update rule is in the module docstring.
+
+    Options: ``order`` (3: the 2/3 pair, 3 calls per try; 2: the 1/2 pair, 2 calls), ``rtol``
+    (0.05) and ``atol`` (0.0078, for data in [-1, 1]), ``h_init`` (0.05, in log-SNR), ``mode``
+    (``"per_sample"`` or ``"batch"``), ``controller``, ``parameterization`` (``"data"``, the
+    default, or ``"noise"``).
+    """
+
+    def __init__(self, order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                 mode: str = "per_sample", controller: StepSizeController | None = None, parameterization: str = "data"):
+        if order not in (2, 3):
+            raise ValueError(f"order must be 2 or 3, got {order!r}")
+        if parameterization not in PARAMS:
+            raise ValueError(f"parameterization must be one of {', '.join(PARAMS)}, got {parameterization!r}")
+        self.parameterization = parameterization
+        default = StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0)
+        self._setup(order, rtol, atol, h_init, mode, controller, default)
+
+    def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
+        return (yield from _pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
 
 
 @register("dpmpp-3s", family="ode", order=3, calls_per_step=3, deterministic=True,
@@ -173,9 +255,78 @@ class SinglestepMRS(Solver):
                 continue
             ls = torch.full((b,), lam_s, dtype=torch.float64, device=x.device)
             hr = torch.full((b,), lam_t - lam_s, dtype=torch.float64, device=x.device)
-            _, _, high, _ = yield from _pair(x, ls, hr, mu, schedule, self.order, None, i + 1)
+            _, _, _, high, _ = yield from _pair(x, ls, hr, mu, schedule, self.order, None, i + 1)
             x = high if mu is None else high + mu
         return x
+
+
+@register("mrs-sde-adaptive", family="adaptive", order=1, calls_per_step=2, deterministic=False, fixed_grid=False,
+          description="adaptive SDE-DPM-Solver++ / MRS SDE in log-SNR: 1/2S pair on one Brownian path, per-sample steps",
+          reference="Lu et al. 2023 (SDE-DPM-Solver++); Li et al. 2025 (MR Sampler); Jolicoeur-Martineau et al. 2021")
+class MRSSDEAdaptive(_LogSNRAdaptive):
+    """Adaptive reverse-SDE solver; the SDE pair is in the module docstring.
+
+    The MRS SDE solvers have orders 1 and 2, so this is the 1/2 pair only (2 calls per try; its
+    difference is O(h^1.5) in the strong sense). Options: ``rtol`` (0.05), ``atol`` (0.0078),
+    ``h_init`` (0.05, in log-SNR), ``mode``, ``controller`` (default: I-control, safety 0.9,
+    exponent 0.9 as in Gotta Go Fast, factor limits [0.2, 5]), ``denoise`` (True: a Tweedie step
+    x0_hat(x, t_min) at the end, one more call). Noise defaults to ``"brownian"``.
+    """
+
+    default_noise = "brownian"
+
+    def __init__(self, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, mode: str = "per_sample",
+                 controller: StepSizeController | None = None, denoise: bool = True):
+        if not isinstance(denoise, bool):
+            raise TypeError(f"denoise must be True or False, got {denoise!r}")
+        default = StepSizeController(safety=0.9, exponent=0.9, factor_min=0.2, factor_max=5.0)
+        self._setup(2, rtol, atol, h_init, mode, controller, default)
+        self.denoise = denoise
+
+    def _path(self, noise, lam_lo, lam_hi):
+        if noise.kind == "gaussian":
+            return noise
+        return noise.time_changed(lam_lo, lam_hi, lambda lm: torch.exp(2.0 * (lm - lam_hi)))
+
+    @staticmethod
+    def _noises(path, ls, hr, r, rows, like):
+        """N(s -> s + r h) and N(s -> s + h) scaled to unit sigma: e^{-lambda} (B(v) - B(v_s)) in the
+        path's clock v = e^{2 (lambda - lambda_hi)}, i.e. with the factor e^{lambda_hi - lambda}."""
+        if isinstance(path, NoiseSource):  # fresh normals per try, same joint law
+            z1, z2 = path.randn(rows).to(like), path.randn(rows).to(like)
+            a = col((-torch.expm1(-2 * r * hr)).sqrt(), like) * z1
+            return a, col(torch.exp(-(1 - r) * hr), like) * a + col((-torch.expm1(-2 * (1 - r) * hr)).sqrt(), like) * z2
+        lr, lt = (ls + r * hr).clamp_max(path.t1), (ls + hr).clamp_max(path.t1)
+        b_s, b_r, b_t = path(ls, rows), path(lr, rows), path(lt, rows)
+        return (col(torch.exp(path.t1 - lr), like) * (b_r - b_s).to(like),
+                col(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like))
+
+    def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
+        def coefs(lm):
+            t = schedule.t_of_log_snr(lm)
+            return t, schedule.alpha(t), schedule.sigma(t)
+
+        r = 0.5
+        ts, a_s, s_s = coefs(ls)
+        xr, raw = yield from _first(x, ts, rows, it, lambda p: p.x0, cached)
+        q_s = raw if m is None else raw - m
+        y = xr if m is None else xr - m
+        n_r, n_t = self._noises(path, ls, hr, r, rows, y)
+        p1 = lambda z: -torch.expm1(-2.0 * z)
+        tt, a_t, s_t = coefs(ls + hr)
+        tr, a_r, s_r = coefs(ls + r * hr)
+        y1 = col(s_t / s_s * torch.exp(-hr), y) * y + col(a_t * p1(hr), y) * q_s + col(s_t, y) * n_t
+        u = col(s_r / s_s * torch.exp(-r * hr), y) * y + col(a_r * p1(r * hr), y) * q_s + col(s_r, y) * n_r
+        pred_r = yield Query(u if m is None else u + m, tr, index=rows, step=it)
+        q_r = pred_r.x0 if m is None else pred_r.x0 - m
+        y2 = y1 + col(a_t * (1.0 - p1(hr) / (2.0 * hr)) / r, y) * (q_r - q_s)
+        return xr, raw, y1, y2, tt
+
+    def _end(self, x, t_min, it):
+        if not self.denoise:
+            return x
+        pred = yield Query(x, t_min, step=it + 1)
+        return pred.point(pred.coefs.alpha, 0.0)
 
 
 def pilot_grid(model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_max=None, t_min=None,

@@ -102,6 +102,13 @@ class NoiseSource:
         return self.brownian().normal(t, t_next, index)
 
     # ------------------------------------------------------------------ Brownian
+    def time_changed(self, t0: float, t1: float, variance) -> BrownianTree:
+        """Brownian paths B(v(s) - v(t0)) on [t0, t1] for an increasing clock v, one per sample and
+        keyed by its seed (float64): for solvers whose exact noise integrals are Brownian increments
+        on another clock (e.g. e^{2 lambda} in log-SNR)."""
+        return BrownianTree(self.seeds, self.event_shape, t0, t1, device=self.device, dtype=torch.float64,
+                            variance=variance)
+
     def brownian(self) -> BrownianTree:
         """The per-sample Brownian paths of this run (built on first use, over ``t_range``)."""
         if self._brownian is None:

@@ -47,7 +47,7 @@ class RectifiedFlow(Schedule):
         return torch.log1p(-s) - torch.log(s)
 
     def t_of_log_snr(self, lam) -> Tensor:
-        s = torch.sigmoid(-as_time(lam))  # (1 - s)/s = e^lam
+        s = 1.0 / (1.0 + torch.exp(as_time(lam)))  # (1 - s)/s = e^lam (torch.sigmoid is not batch invariant)
         return s / (self.shift - (self.shift - 1.0) * s)
 
     def timestep(self, t) -> Tensor:

@@ -26,8 +26,10 @@ def _vp_t_of_log_alpha(log_alpha: Tensor, beta_min: float, beta_max: float) -> T
 
 
 def _log_alpha_of_log_snr_vp(lam: Tensor) -> Tensor:
-    # alpha^2 / (1 - alpha^2) = exp(2 lam)  =>  log alpha = -1/2 log(1 + exp(-2 lam))
-    return -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+    # alpha^2 / (1 - alpha^2) = exp(2 lam)  =>  log alpha = -1/2 log(1 + exp(-2 lam)), written with
+    # exp and log1p: torch.logaddexp's vectorised and scalar paths differ in the last bit, which
+    # would make a row's result depend on its batch
+    return -0.5 * (torch.log1p(torch.exp(-(2.0 * lam).abs())) + (-2.0 * lam).clamp_min(0.0))
 
 
 class _VPFromLogAlpha(Schedule):

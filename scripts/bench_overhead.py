@@ -16,6 +16,7 @@ Writes benchmarks/overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -53,12 +54,12 @@ def diffusers_per_call(net, cls, opts, x_T, steps):
     t0 = time.perf_counter()
     sched.set_timesteps(steps)
     x = x_T * sched.init_noise_sigma
-    g = torch.Generator().manual_seed(0)
+    kw = {"generator": torch.Generator().manual_seed(0)} if "generator" in inspect.signature(sched.step).parameters else {}
     calls = 0
     for t in sched.timesteps:
         out = net(sched.scale_model_input(x, t), t)
         calls += 1
-        x = sched.step(out, t, x, generator=g).prev_sample
+        x = sched.step(out, t, x, **kw).prev_sample
     return (time.perf_counter() - t0) / calls
 
 

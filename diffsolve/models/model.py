@@ -33,11 +33,22 @@ class NFECounter:
             self.per_sample[index.cpu()] += 1
 
 
-def check_finite(out: Tensor, where: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``where`` if ``out`` has a NaN or Inf."""
-    finite = torch.isfinite(out)
-    if bool(finite.all()):
+def all_finite(out: Tensor) -> Tensor:
+    """A 0-d bool tensor: no NaN or Inf in ``out``. One reduction pass: the float32 sum of a finite
+    tensor is finite unless the values are near float32's limit, which the exact test then settles."""
+    total = out.sum(dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+    return torch.isfinite(total)
+
+
+def check_finite(out: Tensor, where: str | Callable[[], str]) -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` (a string, or a callable built only on failure)
+    if ``out`` has a NaN or Inf."""
+    if bool(all_finite(out)):
         return
+    finite = torch.isfinite(out)
+    if bool(finite.all()):  # a finite tensor whose sum overflowed
+        return
+    where = where() if callable(where) else where
     bad_rows = (~finite).reshape(finite.shape[0], -1).any(dim=1) if out.ndim > 0 else (~finite).reshape(1)
     n_nan = int(torch.isnan(out).sum())
     raise NonFiniteError(
@@ -66,7 +77,7 @@ class FiniteGuard:
 
     def check(self, out: Tensor, where) -> None:
         if self.eager(out.device):
-            check_finite(out, where())
+            check_finite(out, where)
             return
         bad = ~torch.isfinite(out).all()
         if self._first is None:
@@ -90,6 +101,21 @@ def _coef(value: Tensor, x: Tensor) -> Tensor:
     if value.ndim == 0:
         return value
     return value.reshape(value.shape[0], *([1] * (x.ndim - 1)))
+
+
+def _grid_coefs(schedule: Schedule, t: float, x: Tensor) -> Coefs:
+    """Coefs at one time as 0-d tensors in x's dtype and device, memoised on the schedule (with
+    :meth:`Schedule.at`): one lookup per model call instead of several tensor evaluations."""
+    memo = schedule.__dict__.setdefault("_coefs_memo", {})
+    key = (t, x.dtype, x.device)
+    c = memo.get(key)
+    if c is None:
+        if len(memo) > 65536:
+            memo.clear()
+        a, sg = schedule.at(t)
+        c = memo[key] = Coefs(torch.tensor(a, dtype=x.dtype, device=x.device),
+                              torch.tensor(sg, dtype=x.dtype, device=x.device))
+    return c
 
 
 class Prediction:
@@ -125,7 +151,10 @@ class Prediction:
         if self._coefs is None:
             t = self.t
             s = self.schedule
-            self._coefs = Coefs(_coef(s.alpha(t), self.x), _coef(s.sigma(t), self.x))
+            if t.ndim == 0 and t.device.type == "cpu" and not t.requires_grad:  # a grid time: memoised
+                self._coefs = _grid_coefs(s, float(t), self.x)
+            else:
+                self._coefs = Coefs(_coef(s.alpha(t), self.x), _coef(s.sigma(t), self.x))
         return self._coefs
 
     def _coefs_with_dots(self) -> Coefs:

@@ -49,13 +49,14 @@ def _need_dots(c: Coefs) -> tuple[Tensor, Tensor]:
 
 def to_x0_eps(kind: str, out: Tensor, x: Tensor, c: Coefs, mu: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """(x_0, eps) from a network output ``out`` of parameterisation ``kind`` at state ``x``."""
-    y = x - mu
+    zero = _is_zero(mu)
+    y = x if zero else x - mu
     a, s = c.alpha, c.sigma
     if kind == "eps":
         eps = out
         y0 = (y - s * eps) / a
     elif kind == "x0":
-        y0 = out - mu
+        y0 = out if zero else out - mu
         # at sigma = 0 (the clean end) x_0 determines no eps: take its limit for data with a density,
         # E[eps | x_t] -> E[eps] = 0 (a masked division, so gradients stay finite)
         clean = s == 0
@@ -76,7 +77,12 @@ def to_x0_eps(kind: str, out: Tensor, x: Tensor, c: Coefs, mu: Tensor | float = 
     else:
         check_prediction(kind)
         raise AssertionError
-    return y0 + mu, eps
+    return (y0 if zero else y0 + mu), eps
+
+
+def _is_zero(mu) -> bool:
+    """mu is the scalar 0 (no mean reversion): its terms can be skipped, which saves passes over x."""
+    return isinstance(mu, (int, float)) and mu == 0
 
 
 def from_x0_eps(kind: str, x0: Tensor, eps: Tensor, c: Coefs, mu: Tensor | float = 0.0) -> Tensor:
@@ -101,4 +107,6 @@ def from_x0_eps(kind: str, x0: Tensor, eps: Tensor, c: Coefs, mu: Tensor | float
 
 def compose(x0: Tensor, eps: Tensor, alpha, sigma, mu: Tensor | float = 0.0) -> Tensor:
     """The forward-process point alpha x_0 + (1 - alpha) mu + sigma eps."""
+    if _is_zero(mu):
+        return alpha * x0 + sigma * eps
     return mu + alpha * (x0 - mu) + sigma * eps

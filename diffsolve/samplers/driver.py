@@ -233,7 +233,8 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
         def call(x, t):
             pred = model(x, t, mu=sub(mu, index), counter=counter, index=index, **kw)
             n = counter.calls
-            guard.check(pred.output, lambda: f"solver {slv.name!r}, step {step}{of} ({_describe_t(t)}), model call {n}")
+            guard.check(pred.output, lambda: f"solver {slv.name!r}, step {step() if callable(step) else step}{of} "
+                                             f"({_describe_t(t)}), model call {n}")
             return pred
         return call
 
@@ -246,11 +247,12 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
         item = next(run)
         while True:
             q = as_query(item)
-            step = q.step if q.step is not None else _step_of(grid, q.t)
+            # the step index is for messages and hooks: found lazily (a search per call otherwise)
+            step = q.step if q.step is not None else (lambda t=q.t: _step_of(grid, t))
             call = caller(q.index, step)
             x = q.x
             if hooks:
-                ctx = context(q.index, step, call)
+                ctx = context(q.index, step() if callable(step) else step, call)
                 x = run_hooks(hooks, "before", x, q.t, ctx)
             if trajectory is not None:
                 trajectory.append((q.t, x.detach().clone()))

@@ -16,7 +16,7 @@ from .renoise import ReNoise
 
 
 def _coef(schedule: Schedule, t: float) -> tuple[float, float]:
-    return float(schedule.alpha(t)), float(schedule.sigma(t))
+    return schedule.at(float(t))
 
 
 SPACES = ("t", "sigma")
@@ -117,10 +117,10 @@ class Heun(Solver):
         for i in range(n):
             t, t_next = float(grid[i]), float(grid[i + 1])
             t_hat = t
-            lam = float(schedule.log_snr(t))
-            s = math.exp(-lam)
+            a_t, s_t = _coef(schedule, t)
+            s = s_t / a_t if a_t > 0 else math.inf  # EDM sigma
             if gamma_max > 0 and self.s_tmin <= s <= self.s_tmax:
-                t_hat = float(schedule.t_of_log_snr(lam - math.log1p(gamma_max)))
+                t_hat = float(schedule.t_of_log_snr(-math.log(s) - math.log1p(gamma_max)))
                 s_hat = s * (1.0 + gamma_max)
                 a, a_hat = float(schedule.alpha(t)), float(schedule.alpha(t_hat))
                 y = x if mu is None else x - mu
@@ -134,7 +134,7 @@ class Heun(Solver):
             else:
                 d = pred.eps
                 x = _sigma_step(x_hat, t_hat, t_next, d, schedule, mu)
-            if float(schedule.sigma(t_next)) > 0:
+            if _coef(schedule, t_next)[1] > 0:
                 pred2 = yield Query(x, t_next, step=i + 1)
                 if self.space == "t":
                     x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
@@ -204,6 +204,7 @@ def ddim_step(pred, t: float, t_next: float, schedule: Schedule, eta: float):
     a_n, s_n = _coef(schedule, t_next)
     c = 0.0
     if eta > 0 and s_n > 0:
-        h = float(schedule.log_snr(t_next)) - float(schedule.log_snr(t))
+        a, s = _coef(schedule, t)
+        h = math.log(a_n / s_n) - math.log(a / s)
         c = eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
     return pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c

@@ -63,6 +63,19 @@ class Schedule:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- derived
+    def at(self, t: float) -> tuple[float, float]:
+        """(alpha, sigma) at one time, as Python floats, memoised per schedule: fixed-grid solvers
+        and the model wrapper ask for the same few grid times at every step, and a tensor evaluation
+        per ask is most of a step's cost outside the model."""
+        memo = self.__dict__.setdefault("_at_memo", {})
+        v = memo.get(t)
+        if v is None:
+            if len(memo) > 65536:
+                memo.clear()
+            tt = torch.tensor(float(t), dtype=torch.float64)
+            v = memo[t] = (float(self.alpha(tt)), float(self.sigma(tt)))
+        return v
+
     def _derivative(self, fn, t) -> Tensor:
         t = as_time(t).detach()
         shape = t.shape

@@ -32,6 +32,7 @@ import torch
 import diffsolve as ds
 
 PROG = "diffsolve"
+BENCH_NAMES = ("ode", "sde", "adaptive", "overhead", "inversion")  # = diffsolve.bench.NAMES (imported lazily)
 OUTPUT_FILES = ("samples.safetensors", "samples.png", "manifest.json")
 LATENT_FILES = ("latent.safetensors", "manifest.json")
 DTYPES = ("float32", "float64")
@@ -55,11 +56,11 @@ class Target:
         self.classes = classes  # class-conditional models: {"num_classes", "null_class"}
 
 
-def _gmm_2d() -> Target:
+def _gmm_2d(device="cpu", dtype=torch.float32) -> Target:
     return Target(ds.models.GaussianMixture.gmm_2d().model(ds.schedules.VPLinear()), (2,))
 
 
-def _digits_oracle() -> Target:
+def _digits_oracle(device="cpu", dtype=torch.float32) -> Target:
     return Target(ds.models.Empirical.digits().model(ds.schedules.VPLinear()), (1, 8, 8))
 
 
@@ -78,15 +79,16 @@ def _restoration_condition(card: dict):
 
 
 def _shipped(name: str) -> Callable[[], Target]:
-    def build() -> Target:
+    def build(device="cpu", dtype=torch.float32) -> Target:
         c = ds.pretrained.card(name)
         cond = _restoration_condition(c) if c.get("degradation") else None
-        return Target(ds.pretrained.load(name), ds.pretrained.SHIPPED[name], cond, ds.pretrained.classes(name))
+        return Target(ds.pretrained.load(name, device, dtype), ds.pretrained.SHIPPED[name], cond,
+                      ds.pretrained.classes(name))
 
     return build
 
 
-def _diffusers_folder(path: str) -> Target:
+def _diffusers_folder(path: str, device="cpu", dtype=torch.float32) -> Target:
     cfg_file = Path(path) / "unet" / "config.json"
     if not cfg_file.exists():
         raise CLIError(f"--model {path!r} is neither a known model ({', '.join(MODELS)}) nor a diffusers "
@@ -94,7 +96,7 @@ def _diffusers_folder(path: str) -> Target:
     cfg = json.loads(cfg_file.read_text())
     size = cfg.get("sample_size", 32)
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return Target(ds.pretrained.load_diffusers_ddpm(path), (cfg.get("in_channels", 3), *size))
+    return Target(ds.pretrained.load_diffusers_ddpm(path, device, dtype), (cfg.get("in_channels", 3), *size))
 
 
 MODELS: dict[str, Callable[[], Target]] = {
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-seed<seed>)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ... (default: cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (worth it for long runs on a GPU; the first call compiles)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default: float32")
     p.add_argument("--grid", type=_grid, default=None,
                    help=f"time grid: {', '.join(ds.schedules.GRID_KINDS)}, or comma-separated descending times "
@@ -248,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(enkg, default 16 / 2), resample (inpaint, default 1)")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+
+    p = sub.add_parser("bench", help="run the benchmarks: tables (Markdown, JSON) and plots",
+                       description="Run the benchmarks side by side in one process and write their tables and "
+                                   "plots: ode (accuracy against NFE, ours against diffusers' schedulers and "
+                                   "k-diffusion), sde (quality against NFE), adaptive (error at equal NFE), "
+                                   "overhead (time per step outside the model), inversion (round trips). "
+                                   "--quick runs a reduced set in minutes on a CPU.")
+    p.add_argument("--quick", action="store_true", help="the reduced benchmarks (default output benchmarks/quick)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated subset of: " + ", ".join(BENCH_NAMES))
+    p.add_argument("--out", default=None, help="output folder (default benchmarks, or benchmarks/quick with --quick)")
+    p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
 
     p = sub.add_parser("eval", help="digit sample quality: digits-FD and classifier confidence",
                        description="Score digit samples (a samples.safetensors file, or a folder holding one) "
@@ -565,7 +581,12 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, "
                        "or choose another --out")
 
-    target = MODELS[args.model]() if args.model in MODELS else _diffusers_folder(args.model)
+    # the network lives where the samples are drawn, in their precision
+    dtype = getattr(torch, args.dtype)
+    target = (MODELS[args.model](device, dtype) if args.model in MODELS
+              else _diffusers_folder(args.model, device, dtype))
+    if args.compile:
+        target.model = target.model.compile()
     model, labels, uncond, scale = _class_conditioning(target, args)
     rank, world = _distributed(device)
     if device.type == "cuda" and world > 1:
@@ -804,6 +825,23 @@ def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    names = list(BENCH_NAMES) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCH_NAMES]
+    if unknown or not names:
+        raise CLIError(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(BENCH_NAMES)}")
+    out = Path(args.out) if args.out else bench.default_out(args.quick)
+    try:
+        written = bench.run(names, out, quick=args.quick, force=args.force)
+    except FileExistsError as e:
+        raise CLIError(str(e)) from None
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
 
@@ -881,6 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_solvers(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "invert":
             return cmd_invert(args, argv)
         if args.command == "restore":

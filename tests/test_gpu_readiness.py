@@ -86,3 +86,47 @@ def test_no_synchronisation_on_cuda(solver):
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     print(solver, "synchronising calls at 4 / 12 steps:", counts)
     assert res.samples.device.type == "cuda" and counts[0] == counts[1], counts
+
+
+def test_compiled_model_gives_the_same_samples():
+    """DiffusionModel.compile wraps the network in torch.compile (here the "eager" backend, which
+    needs no compiler): same schedule and parameterisation, the same samples."""
+    sched = ds.schedules.VPLinear()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 8), torch.nn.Unflatten(1, (2, 4)))
+    model = ds.DiffusionModel(lambda x, t: net(x) * t.to(x.dtype)[:, None, None], sched, "eps")
+    fast = model.compile(backend="eager")
+    assert fast.schedule is model.schedule and fast.prediction == model.prediction and fast.net is not model.net
+    with torch.no_grad():
+        a = ds.sample(model, "dpmpp-2m", 6, shape=(3, 2, 4), seed=0).samples
+        b = ds.sample(fast, "dpmpp-2m", 6, shape=(3, 2, 4), seed=0).samples
+    assert torch.equal(a, b)
+
+
+def test_cuda_graph_sampler_refuses_what_it_cannot_replay():
+    model = ds.DiffusionModel(lambda x, t: 0.5 * x, ds.schedules.VPLinear(), "eps")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ds.samplers.CUDAGraphSampler(model, "ddim", 4, (2, 3), device="cpu")
+    if torch.cuda.is_available():
+        for solver, why in (("ddpm", "stochastic"), ("mrs-adaptive", "adaptive")):
+            with pytest.raises(ValueError, match=why):
+                ds.samplers.CUDAGraphSampler(model, solver, 4, (2, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp-2m", "dpmpp-3m"])
+def test_cuda_graph_replay_equals_eager_sampling(solver):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.SiLU(), torch.nn.Linear(32, 6)).cuda()
+    model = ds.DiffusionModel(lambda x, t: net(x) * t.to(x.dtype)[:, None], ds.schedules.VPLinear(), "eps")
+    graphed = ds.samplers.CUDAGraphSampler(model, solver, 10, (5, 6))
+    for seed in (0, 1):  # the second replay sees new inputs
+        x_T = torch.randn(5, 6, generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.no_grad():
+            eager = ds.sample(model, solver, 10, x_T=x_T).samples
+        assert torch.allclose(graphed(x_T), eager, rtol=1e-5, atol=1e-6)
+
+    def bad(x, t):  # finite on the zero warm-up input, NaN on large ones: the replay's check names the step
+        return torch.where(x.abs() > 10, torch.full_like(x, float("nan")), 0.5 * x)
+
+    graphed_bad = ds.samplers.CUDAGraphSampler(ds.DiffusionModel(bad, ds.schedules.VPLinear(), "eps"), solver, 10, (5, 6))
+    with pytest.raises(ds.models.NonFiniteError, match="step"):
+        graphed_bad(100 * torch.randn(5, 6).cuda())

@@ -85,9 +85,17 @@ class FiniteGuard:
         self._first = torch.where((self._first < 0) & bad, len(self._wheres), self._first)
         self._wheres.append(where)
 
+    #: guards whose run was captured into a CUDA graph (read after each replay instead)
+    captured: list["FiniteGuard"] = []
+
     def finish(self) -> None:
-        """Raise if a deferred check found a bad output (one host read for the whole run)."""
+        """Raise if a deferred check found a bad output (one host read for the whole run). During
+        CUDA-graph capture nothing may be read: the guard joins :attr:`captured` and is finished
+        after each replay (:class:`diffsolve.samplers.graphs.CUDAGraphSampler`)."""
         if self._first is None:
+            return
+        if self._first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            FiniteGuard.captured.append(self)
             return
         k = int(self._first)
         if k >= 0:
@@ -116,6 +124,18 @@ def _grid_coefs(schedule: Schedule, t: float, x: Tensor) -> Coefs:
         c = memo[key] = Coefs(torch.tensor(a, dtype=x.dtype, device=x.device),
                               torch.tensor(sg, dtype=x.dtype, device=x.device))
     return c
+
+
+def _device_time(schedule: Schedule, t: float, device: torch.device) -> Tensor:
+    """A grid time as a 0-d float64 tensor on ``device``, memoised on the schedule: no host-to-device
+    copy per model call (which CUDA-graph capture would also forbid)."""
+    memo = schedule.__dict__.setdefault("_time_memo", {})
+    v = memo.get((t, device))
+    if v is None:
+        if len(memo) > 65536:
+            memo.clear()
+        v = memo[(t, device)] = torch.tensor(t, dtype=torch.float64, device=device)
+    return v
 
 
 class Prediction:
@@ -184,10 +204,14 @@ class Prediction:
 
     @property
     def x0(self) -> Tensor:
+        if self._x0_eps is None and self.kind == "x0" and not isinstance(self.mu, Tensor):
+            return self.output  # no conversion pass when the network already predicts it
         return self._pair()[0]
 
     @property
     def eps(self) -> Tensor:
+        if self._x0_eps is None and self.kind == "eps":
+            return self.output
         return self._pair()[1]
 
     @property
@@ -272,7 +296,9 @@ class DiffusionModel:
         if x.ndim < 1:
             raise ValueError("x must have a batch dimension")
         tt = as_time(t, like=x)
-        if tt.ndim == 0:
+        if tt.ndim == 0 and tt.device.type == "cpu" and x.device.type != "cpu" and not tt.requires_grad:
+            t_batch = _device_time(self.schedule, float(tt), x.device).expand(x.shape[0])  # no copy per call
+        elif tt.ndim == 0:
             t_batch = tt.expand(x.shape[0]).to(x.device)
         elif tt.ndim == 1 and tt.shape[0] == x.shape[0]:
             t_batch = tt.to(x.device)
@@ -293,6 +319,17 @@ class DiffusionModel:
         if counter is not None:
             counter.add(index)
         return Prediction(x, tt, out, self.prediction, self.schedule, mu)
+
+    def compile(self, **options: Any) -> "DiffusionModel":
+        """A copy of this model whose network is ``torch.compile(net, **options)`` (same schedule and
+        parameterisation; the first call compiles). Options go to :func:`torch.compile`, e.g.
+        ``mode="reduce-overhead"`` (CUDA graphs of the network) or ``backend="eager"``."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.net = torch.compile(self.net, **options)
+        twin.nfe = 0
+        return twin
 
     def __repr__(self) -> str:
         return f"DiffusionModel({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"

@@ -4,6 +4,7 @@ from . import adaptive, blackbox, dmcmc, exponential, exponential_adaptive, ode,
 from .base import Outcome, Query, Solver
 from .control import StepSizeController
 from .exponential_adaptive import pilot_grid
+from .graphs import CUDAGraphSampler
 from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator
 from .driver import invert, sample
 from .noise import NoiseSource, resolve_seeds
@@ -14,5 +15,5 @@ from .result import Latent, SampleResult
 __all__ = [
     "sample", "invert", "Latent", "ReNoise", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
     "NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel",
-    "SampleResult", "NoiseSource", "resolve_seeds",
+    "SampleResult", "NoiseSource", "resolve_seeds", "CUDAGraphSampler", "pilot_grid",
 ]

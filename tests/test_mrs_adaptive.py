@@ -92,3 +92,27 @@ def test_dpmpp_3s_is_third_order():
     order = math.log2(errs[1] / errs[2])
     print("dpmpp-3s errors", errs, "order", order)
     assert order > 2.6
+
+
+def test_pilot_grid_replayed_by_the_diffusers_scheduler_adapter():
+    """The grid chosen on a pilot batch, as explicit timesteps of DiffsolveScheduler(dpmpp-3s) in a
+    diffusers-style loop, gives the driver's replay of the same grid."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    cfg = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    sd = S.VPDiscrete.from_diffusers_config(cfg)
+    model = GAUSS.model(sd)
+    grid = ds.samplers.pilot_grid(model, (8, 4), seed=3, rtol=1e-3, atol=1e-3)
+    assert float(grid[-1]) == sd.t_min  # ends at timestep 0
+    sched = DiffsolveScheduler.from_config({**cfg, "prediction_type": "epsilon"}, solver="dpmpp-3s",
+                                           final="sigma_min")
+    sched.set_timesteps(timesteps=sd.timestep(grid[:-1]).tolist())
+    x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x_T.clone()
+    for ts in sched.timesteps:
+        eps = model(x, sd.t_of_timestep(torch.as_tensor(ts, dtype=torch.float64))).eps
+        x = sched.step(eps, ts, x).prev_sample
+    want = ds.sample(model, "dpmpp-3s", x_T=x_T, grid=grid.tolist()).samples
+    print("pilot grid of", len(grid) - 1, "steps; scheduler vs driver", float((x - want).abs().max()))
+    assert len(sched.timesteps) == 3 * (len(grid) - 1)
+    assert torch.allclose(x, want, rtol=0, atol=1e-7)  # the loop queries the model at float32 timesteps

@@ -55,13 +55,13 @@ def test_converges_pathwise_on_one_brownian_path():
     and their retries see one Brownian path): distances to the tightest run shrink, far below the
     distance to another seed's."""
     model = GMM.model(S.VPLinear())
-    runs = {tol: ds.sample(model, "mrs-sde-adaptive", shape=(64, 2), seed=0, dtype=torch.float64, rtol=tol,
-                           atol=tol / 10).samples for tol in (0.1, 0.01, 1e-3, 1e-4)}
-    other = ds.sample(model, "mrs-sde-adaptive", shape=(64, 2), seed=500, dtype=torch.float64, rtol=1e-4,
-                      atol=1e-5).samples
-    dist = [float((runs[t] - runs[1e-4]).norm(dim=1).median()) for t in (0.1, 0.01, 1e-3)]
-    far = float((other - runs[1e-4]).norm(dim=1).median())
-    print("median distance to the 1e-4 run", dist, "another seed", far)
+    runs = {tol: ds.sample(model, "mrs-sde-adaptive", shape=(32, 2), seed=0, dtype=torch.float64, rtol=tol,
+                           atol=tol / 10).samples for tol in (0.1, 0.01, 1e-3, 2e-4)}
+    other = ds.sample(model, "mrs-sde-adaptive", shape=(32, 2), seed=500, dtype=torch.float64, rtol=2e-4,
+                      atol=2e-5).samples
+    dist = [float((runs[t] - runs[2e-4]).norm(dim=1).median()) for t in (0.1, 0.01, 1e-3)]
+    far = float((other - runs[2e-4]).norm(dim=1).median())
+    print("median distance to the 2e-4 run", dist, "another seed", far)
     assert dist[0] > dist[1] > dist[2] and dist[2] < 0.01 * far
 
 

@@ -195,6 +195,13 @@ def run(out: Path, quick: bool = False) -> None:
     write(results, ref_agreement, quick, out, 32 if quick else 128)
 
 
+def rewrite(out: Path) -> None:
+    """Rebuild ode.md and ode.png from ode.json (no sampling)."""
+    d = json.loads((out / "ode.json").read_text())
+    write(d["results"], d["reference_agreement_rms"], d.get("quick", False), out, d.get("samples", 128),
+          torch_version=d.get("torch"))
+
+
 def best(results, group, nfe):
     """(name, error) of the group's most accurate method at this NFE budget (calls <= budget)."""
     cands = [(p["rms_error"], n) for n, r in results.items() if r["group"] == group
@@ -203,7 +210,8 @@ def best(results, group, nfe):
     return n, e
 
 
-def write(results, ref_agreement, quick, out, n):
+def write(results, ref_agreement, quick, out, n, torch_version=None):
+    torch_version = torch_version or torch.__version__
     stem = "ode"
     headline = []
     for nfe in NFES:
@@ -216,13 +224,14 @@ def write(results, ref_agreement, quick, out, n):
         headline.append(row)
     write_text(out / f"{stem}.json", json.dumps({"headline": headline, "results": results,
                                                   "reference_agreement_rms": ref_agreement,
-                                                  "torch": torch.__version__, "samples": n}, indent=2) + "\n")
+                                                  "torch": torch_version, "samples": n, "quick": quick},
+                                                 indent=2) + "\n")
     lines = ["# Fixed-step ODE solvers: accuracy against NFE", "",
              f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/ode.py). 16-D "
              f"GaussianMixture oracle (exact denoiser) under Stable Diffusion's scaled-linear schedule, float64, "
              f"{n} samples, the same x_T for every method, from timestep 999 to sigma = 0. RMS error against a "
              f"{1000 if quick else 4000}-step dpmpp-3s reference (it agrees with half as many steps to "
-             f"{ref_agreement:.1e}). torch {torch.__version__}."
+             f"{ref_agreement:.1e}). torch {torch_version}."
              + ("" if any(r["group"] == "k-diffusion" for r in results.values())
                 else " k-diffusion was not importable in this run: its samplers are not in the tables."), "",
              "## Best of each library at each NFE budget", "",
@@ -252,16 +261,28 @@ def write(results, ref_agreement, quick, out, n):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for group, style in (("diffsolve", "-"), ("diffusers", "--"), ("k-diffusion", ":")):
-        names = [n for n, r in results.items() if r["group"] == group]
-        for n in names:
-            pts = sorted((p["nfe"], p["rms_error"]) for p in results[n]["points"].values())
-            ax.loglog(*zip(*pts), style, marker=".", alpha=0.7, label=f"{n}")
+    fig, (ax, ax_all) = plt.subplots(1, 2, figsize=(13, 5))
+    groups = [("diffsolve", "C0", "-"), ("diffusers", "C3", "--"), ("k-diffusion", "C2", ":")]
+    for group, color, style in groups:  # headline: the best method of each library at each budget
+        key = "ours" if group == "diffsolve" else group
+        if key not in headline[0]:
+            continue
+        err_key = "ours_error" if key == "ours" else f"{key}_error"
+        ax.loglog([r["nfe"] for r in headline], [r[err_key] for r in headline], style, color=color, marker="o",
+                  label=f"{group} (best at each NFE)")
     ax.set_xlabel("NFE")
     ax.set_ylabel("RMS error at sigma = 0")
-    ax.set_title("ODE solvers on a 16-D mixture oracle, SD schedule")
-    ax.legend(fontsize=5, ncol=2)
+    ax.set_title("Best fixed-step ODE solver of each library")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    for group, color, style in groups:
+        for n in [n for n, r in results.items() if r["group"] == group]:
+            pts = sorted((p["nfe"], p["rms_error"]) for p in results[n]["points"].values())
+            ax_all.loglog(*zip(*pts), style, color=color, alpha=0.35, lw=1)
+    ax_all.set_xlabel("NFE")
+    ax_all.set_title("Every method (blue: diffsolve, red: diffusers, green: k-diffusion)")
+    ax_all.grid(alpha=0.3, which="both")
+    fig.suptitle("16-D mixture oracle under the Stable Diffusion schedule, float64")
     fig.tight_layout()
     save_figure(fig, out / f"{stem}.png")
 

@@ -49,6 +49,19 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed (the plots
+    are then left out; the tables are written all the same)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def module(name: str):
     if name not in NAMES:
         raise ValueError(f"unknown benchmark {name!r}; allowed: {', '.join(NAMES)}")

@@ -21,7 +21,7 @@ import torch
 
 import diffsolve as ds
 
-from . import save_figure, write_text
+from . import pyplot, save_figure, write_text
 
 STEMS = ("inversion",)
 STEPS = (10, 20, 50, 100)
@@ -87,12 +87,8 @@ def run(out: Path, quick: bool = False) -> None:
             lines.append(f"| {label} | " + " | ".join(str(v) if key == "inversion_nfe" else f"{v:.2e}" for v in vals) + " |")
         lines.append("")
     write_text(out / "inversion.md", "\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key in zip(axes, ("round_trip", "latent_error", "sampling_error")):

@@ -37,7 +37,7 @@ import torch
 import diffsolve as ds
 from diffsolve.samplers.base import col
 
-from . import save_figure, write_text
+from . import pyplot, save_figure, write_text
 
 STEMS = ("ode",)
 NFES = (5, 8, 10, 15, 20, 50)
@@ -254,12 +254,8 @@ def write(results, ref_agreement, quick, out, n, torch_version=None):
         lines += ["", "ode-dopri5 (adaptive; NFE per sample, error): " + ", ".join(
             f"{k}: ({p['nfe']:.0f}, {p['rms_error']:.1e})" for k, p in dop["points"].items())]
     write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax, ax_all) = plt.subplots(1, 2, figsize=(13, 5))
     groups = [("diffsolve", "C0", "-"), ("diffusers", "C3", "--"), ("k-diffusion", "C2", ":")]

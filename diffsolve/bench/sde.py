@@ -27,7 +27,7 @@ import diffsolve as ds
 from diffsolve.metrics import mmd2, sliced_wasserstein
 from diffsolve.samplers import ClassifierNoiseLevel, ExactNoiseLevel
 
-from . import save_figure, write_text
+from . import pyplot, save_figure, write_text
 
 STEMS = ("sde",)
 
@@ -124,12 +124,8 @@ def write(rows: list[dict], seed: int, out: Path, quick: bool) -> None:
                          f"{r['calls']} | {r['seconds']} |")
         lines.append("")
     write_text(out / "sde.md", "\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (part, metric) in zip(axes, (("gmm", "mmd2"), ("digits", "digits_fd"))):

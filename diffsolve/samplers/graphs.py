@@ -40,15 +40,15 @@ class CUDAGraphSampler:
                  **options: Any):
         from .driver import resolve_solver, sample
 
-        device = torch.device(device)
-        if device.type != "cuda":
-            raise ValueError(f"CUDAGraphSampler needs a CUDA device, got device={str(device)!r}")
         slv = resolve_solver(solver, {k: v for k, v in options.items() if k not in _DRIVER_OPTIONS})
         info = solver_info(slv.name)
         if not info.fixed_grid or not info.deterministic:
             raise ValueError(f"CUDAGraphSampler replays fixed-grid deterministic solvers; {slv.name!r} is "
                              f"{'adaptive' if not info.fixed_grid else 'stochastic'} (its steps or its host-side "
                              "noise differ from run to run)")
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"CUDAGraphSampler needs a CUDA device, got device={str(device)!r}")
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         self.shape, self.device, self.dtype = tuple(int(s) for s in shape), device, dtype

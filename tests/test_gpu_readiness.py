@@ -13,7 +13,7 @@ import torch
 import diffsolve as ds
 from diffsolve.models.model import FiniteGuard
 
-READS = {"__bool__", "item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "nonzero", "any", "all"}
+READS = {"__bool__", "item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "nonzero"}
 
 
 class Tracked(torch.Tensor):
@@ -22,7 +22,7 @@ class Tracked(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in READS and name not in ("any", "all"):
+        if name in READS:
             Tracked.reads.append(name)
         return super().__torch_function__(func, types, args, kwargs or {})
 

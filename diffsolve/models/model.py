@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..schedules.base import Schedule, as_time
+from ..schedules.base import Schedule, as_time, memoised
 from .parameterization import Coefs, check_prediction, compose, from_x0_eps, to_x0_eps
 
 Tensor = torch.Tensor
@@ -114,28 +114,18 @@ def _coef(value: Tensor, x: Tensor) -> Tensor:
 def _grid_coefs(schedule: Schedule, t: float, x: Tensor) -> Coefs:
     """Coefs at one time as 0-d tensors in x's dtype and device, memoised on the schedule (with
     :meth:`Schedule.at`): one lookup per model call instead of several tensor evaluations."""
-    memo = schedule.__dict__.setdefault("_coefs_memo", {})
-    key = (t, x.dtype, x.device)
-    c = memo.get(key)
-    if c is None:
-        if len(memo) > 65536:
-            memo.clear()
+    def make():
         a, sg = schedule.at(t)
-        c = memo[key] = Coefs(torch.tensor(a, dtype=x.dtype, device=x.device),
-                              torch.tensor(sg, dtype=x.dtype, device=x.device))
-    return c
+        return Coefs(torch.tensor(a, dtype=x.dtype, device=x.device), torch.tensor(sg, dtype=x.dtype, device=x.device))
+
+    return memoised(schedule, "_coefs_memo", (t, x.dtype, x.device), make)
 
 
 def _device_time(schedule: Schedule, t: float, device: torch.device) -> Tensor:
     """A grid time as a 0-d float64 tensor on ``device``, memoised on the schedule: no host-to-device
     copy per model call (which CUDA-graph capture would also forbid)."""
-    memo = schedule.__dict__.setdefault("_time_memo", {})
-    v = memo.get((t, device))
-    if v is None:
-        if len(memo) > 65536:
-            memo.clear()
-        v = memo[(t, device)] = torch.tensor(t, dtype=torch.float64, device=device)
-    return v
+    return memoised(schedule, "_time_memo", (t, device),
+                    lambda: torch.tensor(t, dtype=torch.float64, device=device))
 
 
 class Prediction:

@@ -47,6 +47,8 @@ give each sample's accepted times (``"grids"``, and ``"grid"`` in batch mode).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from .base import Outcome, Query, Solver, col, sub
@@ -67,6 +69,12 @@ def _coefs(param: str, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor, h: Te
         return s_t / s_s, -a_t * phi1, a_t * (phi1 / h + 1.0)
     e1 = torch.expm1(h)  # noise: e^h - 1
     return a_t / a_s, -s_t * e1, -s_t * (e1 / h - 1.0)
+
+
+def _at(schedule, lm: Tensor):
+    """(t, alpha, sigma) at log-SNR ``lm`` (per row)."""
+    t = schedule.t_of_log_snr(lm)
+    return t, schedule.alpha(t), schedule.sigma(t)
 
 
 def _first(x: Tensor, ts: Tensor, rows, it, q, cached):
@@ -90,9 +98,7 @@ def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, 
     (the state the model saw, the model output at the start, low-order y, high-order y, the end time). See the
     module docstring; ``cached``: see :func:`_first`."""
 
-    def at(lm):
-        t = schedule.t_of_log_snr(lm)
-        return t, schedule.alpha(t), schedule.sigma(t)
+    at = partial(_at, schedule)
 
     def out(pred):  # the model output the solver uses (cached raw: mu is per row)
         return pred.eps if param == "noise" else pred.x0
@@ -302,10 +308,7 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
                 col(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like))
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
-        def coefs(lm):
-            t = schedule.t_of_log_snr(lm)
-            return t, schedule.alpha(t), schedule.sigma(t)
-
+        coefs = partial(_at, schedule)
         r = 0.5
         ts, a_s, s_s = coefs(ls)
         xr, raw = yield from _first(x, ts, rows, it, lambda p: p.x0, cached)

@@ -38,6 +38,18 @@ def as_time(t, like: Tensor | None = None) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64, device=device)
 
 
+def memoised(owner, table: str, key, make):
+    """``owner``'s cached value for ``key`` in its table ``table`` (made by ``make()`` on first use;
+    a table is cleared when it outgrows 65536 entries)."""
+    memo = owner.__dict__.setdefault(table, {})
+    v = memo.get(key)
+    if v is None:
+        if len(memo) > 65536:
+            memo.clear()
+        v = memo[key] = make()
+    return v
+
+
 class Schedule:
     """Base class of a forward process ``x_t = alpha x_0 + (1 - alpha) mu + sigma eps``.
 
@@ -67,14 +79,11 @@ class Schedule:
         """(alpha, sigma) at one time, as Python floats, memoised per schedule: fixed-grid solvers
         and the model wrapper ask for the same few grid times at every step, and a tensor evaluation
         per ask is most of a step's cost outside the model."""
-        memo = self.__dict__.setdefault("_at_memo", {})
-        v = memo.get(t)
-        if v is None:
-            if len(memo) > 65536:
-                memo.clear()
+        def make():
             tt = torch.tensor(float(t), dtype=torch.float64)
-            v = memo[t] = (float(self.alpha(tt)), float(self.sigma(tt)))
-        return v
+            return float(self.alpha(tt)), float(self.sigma(tt))
+
+        return memoised(self, "_at_memo", t, make)
 
     def _derivative(self, fn, t) -> Tensor:
         t = as_time(t).detach()

@@ -65,7 +65,7 @@ def test_deferred_check_still_names_the_step(deferred):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("solver", ["ddim", "euler", "heun", "ddpm", "dpmpp-2m", "dpmpp-3m", "mrs-ode", "dpmpp-3s"])
+@pytest.mark.parametrize("solver", ["ddim", "euler", "heun", "ddpm", "dpmpp-2m", "dpmpp-3m", "mrs-ode", "dpmpp-3s", "mrs-pc"])
 def test_no_synchronisation_on_cuda(solver):
     """torch's sync debug mode warns at every synchronising CUDA call: as many at 12 steps as at 4."""
     import warnings

@@ -1,5 +1,10 @@
-"""Adaptive exponential integrators: error-controlled singlestep MRS / DPM-Solver++ steps in log-SNR,
-with a step size per sample.
+"""Adaptive exponential integrators: error-controlled MRS / DPM-Solver++ steps in log-SNR, with a step
+size per sample.
+
+mrs-adaptive's default pair is multistep: the variable-step predictor (order k, from the last k
+model outputs) against the corrector that adds the output at the predicted point (order k + 1), one
+model call per try; the update rules are in :mod:`.exponential_pc`. ``method="singlestep"`` and the
+SDE pair use the singlestep rules below, as k-diffusion's ``dpm_adaptive`` does.
 
 With y = x - mu, q = x0_hat - mu (the data parameterisation of MRS, i.e. DPM-Solver++), a step from
 lambda_s by h > 0 in log-SNR, with phi1(h) = e^{-h} - 1 and phi2(h) = phi1(h)/h + 1, uses
@@ -54,6 +59,7 @@ import torch
 from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController, check_adaptive
 from .noise import NoiseSource
+from .exponential_pc import combine, pc_coefs, pc_output, pc_weights
 from .registry import register
 
 PARAMS = ("data", "noise")
@@ -131,18 +137,15 @@ def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, 
 
 class _LogSNRAdaptive(Solver):
     """The adaptive loop shared by mrs-adaptive and mrs-sde-adaptive: per-row log-SNR lambda and step
-    h, one embedded pair per try (``_pair``), the controller's accept / reject and next h, finished
-    rows leaving the batch. Subclasses give ``_pair`` and may give ``_path`` (their noise) and
-    ``_end`` (a final step at t_min)."""
+    h, one embedded pair per try, the controller's accept / reject and next h, finished rows leaving
+    the batch. A subclass gives ``_tries``: the per-run object of its kind of pair (singlestep or
+    multistep, below), and may give ``_end`` (a final step at t_min)."""
 
     order: int
 
     def _setup(self, order, rtol, atol, h_init, mode, controller, default):
         self.controller = check_adaptive(controller, default, mode, rtol=rtol, atol=atol, h_init=h_init)
         self.order, self.rtol, self.atol, self.h_init, self.mode = order, float(rtol), float(atol), float(h_init), mode
-
-    def _path(self, noise, lam_lo: float, lam_hi: float):
-        return None
 
     def _end(self, x, t_min: float, it: int):
         return x
@@ -161,10 +164,10 @@ class _LogSNRAdaptive(Solver):
         accepted = torch.zeros(b, dtype=torch.long, device=dev)
         rejected = torch.zeros(b, dtype=torch.long, device=dev)
         grids = [[t_max] for _ in range(b)]
-        x_prev = x.clone()
         tiny = 1e-12 * (lam_end - lam_max)
-        path = self._path(noise, lam_max, lam_end)
-        q_buf, fresh = None, torch.ones(b, dtype=torch.bool, device=dev)
+        tries = self._tries(noise, lam_max, lam_end, b, dev)
+        x = yield from tries.start(x, lam, schedule, mu)
+        x_prev = x.clone()
         it = 0
 
         while bool((lam < lam_end).any()):
@@ -175,11 +178,7 @@ class _LogSNRAdaptive(Solver):
                 raise RuntimeError(f"{self.name}: the step size underflowed at log-SNR {float(ls.min()):.6g} "
                                    f"(rtol={self.rtol}, atol={self.atol}); loosen the tolerances")
             m = sub(mu, rows)
-            cached = None if q_buf is None else (q_buf[rows], fresh[rows])
-            xr, raw, low, high, tt = yield from self._pair(x[rows], ls, hr, m, schedule, rows, it, path, cached)
-            if q_buf is None:
-                q_buf = torch.zeros_like(x)
-            q_buf = q_buf.index_copy(0, rows, raw)
+            xr, low, high, tt = yield from tries.attempt(x[rows], ls, hr, m, schedule, rows, it)
             x_low = low if m is None else low + m
             x_high = high if m is None else high + m
             err = self.controller.error_norm(high - low, x_prev[rows], x_low, self.atol, self.rtol)
@@ -197,7 +196,7 @@ class _LogSNRAdaptive(Solver):
             lam, h = lam.index_copy(0, rows, lam_new), h.index_copy(0, rows, h_new)
             accepted[rows] += ok.long()
             rejected[rows] += (~ok).long()
-            fresh[rows] = ok  # a rejected row retries from the same state: its first q is reused
+            tries.commit(rows, ok, lam_new)
             t_acc = torch.where(last, torch.full_like(tt, t_min), tt)
             for j, i in enumerate(rows.tolist()):
                 if bool(ok[j]):
@@ -209,27 +208,116 @@ class _LogSNRAdaptive(Solver):
         return Outcome(x, accepted=accepted, rejected=rejected, stats=stats)
 
 
-@register("mrs-adaptive", family="adaptive", order=3, calls_per_step=3, deterministic=True, fixed_grid=False,
-          description="adaptive MRS / DPM-Solver++ in log-SNR: embedded singlestep pairs, per-sample steps",
-          reference="Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler); k-diffusion dpm_adaptive")
-class MRSAdaptive(_LogSNRAdaptive):
-    """Adaptive probability-flow ODE solver; the update rule is in the module docstring.
+class _SinglestepTries:
+    """Singlestep pairs (a solver's ``_pair``): each try starts with a model call at its start, which a
+    retry after a rejection reuses (its state and time are unchanged)."""
 
-    Options: ``order`` (3: the 2/3 pair, 3 calls per try; 2: the 1/2 pair, 2 calls), ``rtol``
-    (0.05) and ``atol`` (0.0078, for data in [-1, 1]), ``h_init`` (0.05, in log-SNR), ``mode``
-    (``"per_sample"`` or ``"batch"``), ``controller``, ``parameterization`` (``"data"``, the
-    default, or ``"noise"``).
+    def __init__(self, pair, path, b: int, dev):
+        self.pair, self.path, self.q = pair, path, None
+        self.fresh = torch.ones(b, dtype=torch.bool, device=dev)
+
+    def start(self, x, lam, schedule, mu):
+        return x
+        yield  # no query before the first try
+
+    def attempt(self, x, ls, hr, m, schedule, rows, it):
+        cached = None if self.q is None else (self.q[rows], self.fresh[rows])
+        xr, raw, low, high, tt = yield from self.pair(x, ls, hr, m, schedule, rows, it, self.path, cached)
+        if self.q is None:
+            self.q = raw.new_zeros((len(self.fresh), *raw.shape[1:]))
+        self.q = self.q.index_copy(0, rows, raw)
+        return xr, low, high, tt
+
+    def commit(self, rows, ok, lam_new):
+        self.fresh[rows] = ok
+
+
+class _MultistepTries:
+    """Multistep predictor-corrector pairs (:mod:`.exponential_pc`): one model call before the first
+    try, then one per try, at the predicted point; an accepted try adds it to the row's history of
+    ``order - 1`` outputs."""
+
+    def __init__(self, order: int, param: str):
+        self.slots, self.param, self.data = order - 1, param, param == "data"
+
+    def start(self, x, lam, schedule, mu):
+        pred = yield Query(x, schedule.t_of_log_snr(lam), step=0)
+        self.hist = torch.zeros(self.slots, *x.shape, dtype=x.dtype, device=x.device)
+        self.hist[0] = pc_output(pred, mu, self.data)
+        # column 0 holds lambda; the others are placeholders (distinct, weighted by zero) until filled
+        self.lam = lam[:, None] - torch.arange(self.slots, dtype=lam.dtype, device=lam.device)
+        self.count = torch.ones_like(lam, dtype=torch.long)
+        return pred.x
+
+    def attempt(self, x, ls, hr, m, schedule, rows, it):
+        ts, a_s, s_s = _at(schedule, ls)
+        tt, a_t, s_t = _at(schedule, ls + hr)
+        hist = self.hist[:, rows]
+        w_pred, w_new, w_corr = pc_weights(self.lam[rows], self.count[rows], ls, hr, self.slots, self.param)
+        a, c = pc_coefs(self.param, a_t, s_t, a_s, s_s)
+        y = x if m is None else x - m
+        y_pred = combine(a, y, c, w_pred, hist)
+        pred = yield Query(y_pred if m is None else y_pred + m, tt, index=rows, step=it)
+        self.new = pc_output(pred, m, self.data)
+        return x, y_pred, combine(a, y, c, w_corr, hist) + col(c * w_new, y) * self.new, tt
+
+    def commit(self, rows, ok, lam_new):
+        idx = ok.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return
+        r = rows[idx]
+        self.hist[1:, r] = self.hist[:-1, r].clone()
+        self.hist[0, r] = self.new[idx]
+        self.lam[r, 1:] = self.lam[r, :-1].clone()
+        self.lam[r, 0] = lam_new[idx]
+        self.count[r] += 1
+
+
+@register("mrs-adaptive", family="adaptive", order=4, calls_per_step=1, deterministic=True, fixed_grid=False,
+          description="adaptive MRS / DPM-Solver++ in log-SNR: multistep predictor-corrector (or singlestep) pairs, per-sample steps",
+          reference="Lu et al. 2023 (DPM-Solver++); Zhao et al. 2023 (UniPC); Li et al. 2025 (MR Sampler); "
+                    "k-diffusion dpm_adaptive")
+class MRSAdaptive(_LogSNRAdaptive):
+    """Adaptive probability-flow ODE solver in log-SNR.
+
+    ``method="multistep"`` (default): the predictor-corrector pairs of :mod:`.exponential_pc`, one
+    model call per try (NFE = 1 + accepted + rejected); ``order`` is the corrector's (2, 3 or 4,
+    default 4: the third-order multistep predictor against the fourth-order corrector), and the
+    corrected solution continues. Default controller: I-control, safety 0.7, exponent 1/order,
+    factor limits [0.2, 2] (a multistep method wants no large jumps in step ratio).
+    ``method="singlestep"``: the embedded singlestep pairs of the module docstring, ``order`` 3 (the
+    2/3 pair, 3 calls per try, default) or 2 (1/2, 2 calls); a retry reuses its first call (NFE =
+    calls x accepted + (calls - 1) x rejected). Default controller: I-control, safety 0.9, exponent
+    1/order, limits [0.2, 5], as dpm_adaptive's.
+
+    Other options: ``rtol`` (0.05) and ``atol`` (0.0078, for data in [-1, 1]), ``h_init`` (0.05,
+    in log-SNR), ``mode`` (``"per_sample"`` or ``"batch"``), ``controller`` (a
+    :class:`StepSizeController` in place of the default), ``parameterization`` (``"data"``, the
+    default, or ``"noise"``). :func:`pilot_grid` gives a grid for ``mrs-pc`` (multistep) or
+    ``dpmpp-3s`` (singlestep) to replay.
     """
 
-    def __init__(self, order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
-                 mode: str = "per_sample", controller: StepSizeController | None = None, parameterization: str = "data"):
-        if order not in (2, 3):
-            raise ValueError(f"order must be 2 or 3, got {order!r}")
+    def __init__(self, order: int | None = None, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                 mode: str = "per_sample", controller: StepSizeController | None = None,
+                 parameterization: str = "data", method: str = "multistep"):
+        orders = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
+        if method not in orders:
+            raise ValueError(f"method must be one of {', '.join(orders)}, got {method!r}")
+        order = orders[method][-1] if order is None else order
+        if order not in orders[method]:
+            raise ValueError(f"order must be one of {orders[method]} for method={method!r}, got {order!r}")
         if parameterization not in PARAMS:
             raise ValueError(f"parameterization must be one of {', '.join(PARAMS)}, got {parameterization!r}")
-        self.parameterization = parameterization
-        default = StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0)
+        self.parameterization, self.method = parameterization, method
+        default = (StepSizeController(safety=0.7, exponent=1.0 / order, factor_min=0.2, factor_max=2.0)
+                   if method == "multistep" else
+                   StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0))
         self._setup(order, rtol, atol, h_init, mode, controller, default)
+
+    def _tries(self, noise, lam_lo, lam_hi, b, dev):
+        if self.method == "multistep":
+            return _MultistepTries(self.order, self.parameterization)
+        return _SinglestepTries(self._pair, None, b, dev)
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
         return (yield from _pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
@@ -290,9 +378,14 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         self.denoise = denoise
 
     def _path(self, noise, lam_lo, lam_hi):
+        """The noise of the run: the Brownian path on the clock e^{2 lambda}, or ``noise`` itself
+        (fresh normals per try)."""
         if noise.kind == "gaussian":
             return noise
         return noise.time_changed(lam_lo, lam_hi, lambda lm: torch.exp(2.0 * (lm - lam_hi)))
+
+    def _tries(self, noise, lam_lo, lam_hi, b, dev):
+        return _SinglestepTries(self._pair, self._path(noise, lam_lo, lam_hi), b, dev)
 
     @staticmethod
     def _noises(path, ls, hr, r, rows, like):
@@ -335,8 +428,9 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
 def pilot_grid(model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_max=None, t_min=None,
                **options) -> Tensor:
     """Run mrs-adaptive once in batch mode on a small batch of ``shape`` and return the times it
-    accepted: a grid for any fixed-grid solver (``dpmpp-3s`` replays the same steps) and for the
-    diffusers scheduler (``set_timesteps(timesteps=...)``)."""
+    accepted: a grid for any fixed-grid solver and for the diffusers scheduler
+    (``set_timesteps(timesteps=...)``). The same steps are ``mrs-pc`` with the same ``order`` and
+    ``parameterization`` (the default multistep method) or ``dpmpp-3s`` (``method="singlestep"``)."""
     from .driver import sample
 
     res = sample(model, "mrs-adaptive", shape=shape, seed=seed, mu=mu, cond=cond, grid=grid, t_max=t_max,

@@ -1,0 +1,172 @@
+"""Multistep exponential predictor-corrector pairs in log-SNR, on variable steps.
+
+With y = x - mu, q = x0_hat - mu (data parameterisation, as DPM-Solver++ / MRS) and lambda the
+half log-SNR log(alpha / sigma), the exact flow from lambda_s by h is
+
+    y_t = (sigma_t / sigma_s) y_s + alpha_t int_0^h e^{-(h - tau)} q(lambda_s + tau) dtau.
+
+A multistep method replaces q by the polynomial P through its values at the last k accepted times
+(lambda_s and the k - 1 before it) and integrates it exactly against the exponential weight:
+
+    predictor (order k):     y_t^P = (sigma_t / sigma_s) y_s + alpha_t sum_i w_i q_i
+    model call at y_t^P:     q_t = q(y_t^P, lambda_t)
+    corrector (order k + 1): y_t^C = (sigma_t / sigma_s) y_s + alpha_t (w_t^C q_t + sum_i w_i^C q_i)
+
+with w_i = int_0^h e^{-(h - tau)} l_i(tau) dtau for the Lagrange basis l_i of the nodes, i.e. in
+theta = tau / h, sum_j c_ij J_j with J_j = h j! phi_{j+1}(-h) and phi_{j+1}(z) = sum_m z^m / (m + j + 1)!.
+k = 1 gives DDIM and the second-order trapezoidal-type corrector; k = 2, 3 on a uniform grid are
+DPM-Solver++(2M) / (3M)-type predictors and UniPC-type correctors (Zhao et al. 2023, UniPC; Lu et al.
+2023, DPM-Solver++; Li et al. 2025, MRS for the mean-reverting form). The corrected y_t continues;
+q_t (the value at the predicted point, PEC) joins the history, so a step costs one model call.
+``noise`` (q = eps_hat) has the same structure with y_t = (alpha_t / alpha_s) y_s - sigma_t int_0^h
+e^{(h - tau)} q dtau, i.e. phi_{j+1}(+h) and the weight -sigma_t.
+
+The difference y^C - y^P = O(h^{k+1}) is the predictor's local error estimate, which the adaptive
+``mrs-adaptive`` controls; ``mrs-pc`` runs the same steps on a fixed grid (it replays a pilot grid).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Query, Solver, col
+from .registry import register
+
+Tensor = torch.Tensor
+
+PARAMS = ("data", "noise")
+
+
+def phi_integrals(h: Tensor, n: int, sign: float) -> list[Tensor]:
+    """J_j = int_0^h e^{sign (h - tau)} (tau / h)^j dtau = h j! phi_{j+1}(sign h), j = 0 .. n - 1
+    (per row, float64): the closed-form recursion for |h| >= 1/2, the power series below."""
+    z = sign * h
+    closed, p = [], torch.expm1(z) / z
+    for j in range(n):
+        closed.append(p)
+        p = (p - 1.0 / math.factorial(j + 1)) / z
+    out = []
+    for j in range(n):
+        s, term = torch.zeros_like(h), torch.full_like(h, 1.0 / math.factorial(j + 1))
+        for m in range(24):  # |z| < 1/2: the 24th term is below 1e-30
+            s = s + term
+            term = term * z / (m + j + 2)
+        out.append(h * math.factorial(j) * torch.where(h.abs() < 0.5, s, closed[j]))
+    return out
+
+
+def lagrange_weights(nodes: list[Tensor], big_j: list[Tensor]) -> list[Tensor]:
+    """Weights sum_j c_ij J_j of the Lagrange basis polynomials l_i(theta) = sum_j c_ij theta^j of the
+    (per-row) ``nodes``: element-wise only, so a row's weights do not depend on its batch."""
+    out = []
+    for i, ni in enumerate(nodes):
+        coef, den = [torch.ones_like(ni)], torch.ones_like(ni)
+        for j, nj in enumerate(nodes):
+            if j == i:
+                continue
+            coef = [(coef[k - 1] if k else 0.0) - (nj * coef[k] if k < len(coef) else 0.0)
+                    for k in range(len(coef) + 1)]
+            den = den * (ni - nj)
+        out.append(sum(c * jj for c, jj in zip(coef, big_j)) / den)
+    return out
+
+
+def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: int, param: str):
+    """Per-row weights of one predictor-corrector step from ``ls`` by ``h``.
+
+    ``lam_hist`` [R, slots]: the history's log-SNRs, newest (= ls) first; ``count`` [R]: how many are
+    filled (k = min(count, slots) are used). Returns (w_pred [R, slots], w_new [R], w_corr [R, slots]),
+    zero beyond k, to be multiplied by the step's scale (alpha_t for data, -sigma_t for noise)."""
+    big_j = phi_integrals(h, slots + 1, -1.0 if param == "data" else 1.0)
+    k_row = count.clamp_max(slots)
+    theta = [(lam_hist[:, i] - ls) / h for i in range(slots)]
+    zero = torch.zeros_like(h)
+    w_pred = [zero] * slots
+    w_corr = [zero] * slots
+    w_new = zero
+    for k in range(1, slots + 1):
+        use = k_row == k
+        wp = lagrange_weights(theta[:k], big_j[:k])
+        wc = lagrange_weights([torch.ones_like(h)] + theta[:k], big_j[:k + 1])
+        w_new = torch.where(use, wc[0], w_new)
+        for i in range(k):
+            w_pred[i] = torch.where(use, wp[i], w_pred[i])
+            w_corr[i] = torch.where(use, wc[i + 1], w_corr[i])
+    return torch.stack(w_pred, 1), w_new, torch.stack(w_corr, 1)
+
+
+def pc_coefs(param: str, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor):
+    """(A, c) with y_t = A y_s + c sum_i w_i q_i."""
+    return (s_t / s_s, a_t) if param == "data" else (a_t / a_s, -s_t)
+
+
+def combine(a: Tensor, y: Tensor, c: Tensor, w: Tensor, hist: Tensor) -> Tensor:
+    """A y + c sum_i w_i hist_i (per row), as a fixed sequence of element-wise operations."""
+    out = col(a, y) * y
+    for i in range(w.shape[1]):
+        out = out + col(c * w[:, i], y) * hist[i]
+    return out
+
+
+@register("mrs-pc", family="ode", order=4, calls_per_step=1, deterministic=True,
+          description="multistep MRS / DPM-Solver++ predictor-corrector (UniPC-type, PEC) on any grid; replays mrs-adaptive's pilot grid",
+          reference="Zhao et al. 2023 (UniPC); Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler)")
+class MultistepPC(Solver):
+    """The predictor-corrector steps of :mod:`.exponential_pc` (module docstring) on a fixed grid of
+    any spacing: the predictor uses the last ``order - 1`` model outputs, the corrector adds the
+    output at the predicted point, which the next step reuses, so N steps cost N + 1 calls. The
+    first steps ramp up from DDIM. ``order`` 2, 3 or 4 (default; the corrector's order);
+    ``parameterization`` ``"data"`` or ``"noise"``. A step to sigma = 0 is the first-order jump
+    x = alpha x0_hat from a fresh call at the last state.
+    """
+
+    def __init__(self, order: int = 4, parameterization: str = "data"):
+        if order not in (2, 3, 4):
+            raise ValueError(f"order must be 2, 3 or 4, got {order!r}")
+        if parameterization not in PARAMS:
+            raise ValueError(f"parameterization must be one of {', '.join(PARAMS)}, got {parameterization!r}")
+        self.order, self.parameterization = order, parameterization
+
+    def run(self, x, grid, noise, *, schedule, mu=None):
+        b, dev, f64 = x.shape[0], x.device, torch.float64
+        slots = self.order - 1
+        data = self.parameterization == "data"
+        lam_hist = torch.zeros(b, slots, dtype=f64, device=dev)
+        count = torch.zeros(b, dtype=torch.long, device=dev)
+        hist = None
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
+            if lam_t == float("inf"):  # to the clean end: the first-order jump from a fresh call
+                pred = yield Query(x, t, step=i + 1)
+                return pred.point(float(schedule.alpha(t_next)), 0.0)
+            if hist is None:
+                pred = yield Query(x, t, step=i + 1)
+                x = pred.x
+                hist = torch.zeros(slots, *x.shape, dtype=x.dtype, device=dev)
+                hist[0] = pc_output(pred, mu, data)
+                lam_hist[:, 0], count[:] = lam_s, 1
+            ls = torch.full((b,), lam_s, dtype=f64, device=dev)
+            hr = torch.full((b,), lam_t - lam_s, dtype=f64, device=dev)
+            y = x if mu is None else x - mu
+            a, c = pc_coefs(self.parameterization, schedule.alpha(t_next), schedule.sigma(t_next),
+                            schedule.alpha(t), schedule.sigma(t))
+            w_pred, w_new, w_corr = pc_weights(lam_hist, count, ls, hr, slots, self.parameterization)
+            y_pred = combine(a, y, c, w_pred, hist)
+            pred = yield Query(y_pred if mu is None else y_pred + mu, t_next, step=i + 1)
+            q_new = pc_output(pred, mu, data)
+            y = combine(a, y, c, w_corr, hist) + col(c * w_new, y) * q_new
+            x = y if mu is None else y + mu
+            hist = torch.cat([q_new[None], hist[:-1]])
+            lam_hist = torch.cat([torch.full((b, 1), lam_t, dtype=f64, device=dev), lam_hist[:, :-1]], 1)
+            count += 1
+        return x
+
+
+def pc_output(pred, mu, data: bool) -> Tensor:
+    """The model output the steps integrate: x0_hat - mu (data) or eps_hat (noise)."""
+    if not data:
+        return pred.eps
+    return pred.x0 if mu is None else pred.x0 - mu

@@ -43,10 +43,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from .base import Solver
+from .exponential_pc import lagrange_weights
 from .registry import register
 
 PARAMETERIZATIONS = ("data", "noise", "velocity")
@@ -66,13 +66,10 @@ def _step_orders(order: int, n: int, lower_order_final: bool, final_zero: bool) 
 
 def _ab_weights(nodes: list[float], a: float, b: float) -> list[float]:
     """Integrals over [a, b] of the Lagrange basis polynomials on ``nodes`` (Adams-Bashforth weights)."""
-    out = []
-    for j, xj in enumerate(nodes):
-        others = [xm for m, xm in enumerate(nodes) if m != j]
-        p = np.polyint(np.poly1d(np.poly(others)))  # antiderivative of prod_m (x - x_m)
-        denom = float(np.prod([xj - xm for xm in others]))
-        out.append(float((p(b) - p(a)) / denom))
-    return out
+    width = b - a
+    theta = [torch.tensor((x - a) / width, dtype=torch.float64) for x in nodes]
+    plain = [torch.tensor(width / (j + 1), dtype=torch.float64) for j in range(len(nodes))]  # int_a^b theta^j
+    return [float(w) for w in lagrange_weights(theta, plain)]
 
 
 class _Grid(NamedTuple):

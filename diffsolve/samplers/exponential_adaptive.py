@@ -59,6 +59,7 @@ import torch
 from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController, check_adaptive
 from .noise import NoiseSource
+from .exponential_pc import PARAMS as PC_PARAMS
 from .exponential_pc import combine, pc_coefs, pc_output, pc_weights
 from .registry import register
 
@@ -238,12 +239,12 @@ class _MultistepTries:
     ``order - 1`` outputs."""
 
     def __init__(self, order: int, param: str):
-        self.slots, self.param, self.data = order - 1, param, param == "data"
+        self.slots, self.param = order - 1, param
 
     def start(self, x, lam, schedule, mu):
         pred = yield Query(x, schedule.t_of_log_snr(lam), step=0)
         self.hist = torch.zeros(self.slots, *x.shape, dtype=x.dtype, device=x.device)
-        self.hist[0] = pc_output(pred, mu, self.data)
+        self.hist[0] = pc_output(pred, mu, self.param)
         # column 0 holds lambda; the others are placeholders (distinct, weighted by zero) until filled
         self.lam = lam[:, None] - torch.arange(self.slots, dtype=lam.dtype, device=lam.device)
         self.count = torch.ones_like(lam, dtype=torch.long)
@@ -258,7 +259,7 @@ class _MultistepTries:
         y = x if m is None else x - m
         y_pred = combine(a, y, c, w_pred, hist)
         pred = yield Query(y_pred if m is None else y_pred + m, tt, index=rows, step=it)
-        self.new = pc_output(pred, m, self.data)
+        self.new = pc_output(pred, m, self.param)
         return x, y_pred, combine(a, y, c, w_corr, hist) + col(c * w_new, y) * self.new, tt
 
     def commit(self, rows, ok, lam_new):
@@ -293,7 +294,7 @@ class MRSAdaptive(_LogSNRAdaptive):
     Other options: ``rtol`` (0.05) and ``atol`` (0.0078, for data in [-1, 1]), ``h_init`` (0.05,
     in log-SNR), ``mode`` (``"per_sample"`` or ``"batch"``), ``controller`` (a
     :class:`StepSizeController` in place of the default), ``parameterization`` (``"data"``, the
-    default, or ``"noise"``). :func:`pilot_grid` gives a grid for ``mrs-pc`` (multistep) or
+    default, ``"noise"``, or for the multistep method ``"velocity"``). :func:`pilot_grid` gives a grid for ``mrs-pc`` (multistep) or
     ``dpmpp-3s`` (singlestep) to replay.
     """
 
@@ -306,8 +307,10 @@ class MRSAdaptive(_LogSNRAdaptive):
         order = orders[method][-1] if order is None else order
         if order not in orders[method]:
             raise ValueError(f"order must be one of {orders[method]} for method={method!r}, got {order!r}")
-        if parameterization not in PARAMS:
-            raise ValueError(f"parameterization must be one of {', '.join(PARAMS)}, got {parameterization!r}")
+        params = PC_PARAMS if method == "multistep" else PARAMS
+        if parameterization not in params:
+            raise ValueError(f"parameterization must be one of {', '.join(params)} for method={method!r}, "
+                             f"got {parameterization!r}")
         self.parameterization, self.method = parameterization, method
         default = (StepSizeController(safety=0.7, exponent=1.0 / order, factor_min=0.2, factor_max=2.0)
                    if method == "multistep" else

@@ -19,7 +19,11 @@ DPM-Solver++(2M) / (3M)-type predictors and UniPC-type correctors (Zhao et al. 2
 2023, DPM-Solver++; Li et al. 2025, MRS for the mean-reverting form). The corrected y_t continues;
 q_t (the value at the predicted point, PEC) joins the history, so a step costs one model call.
 ``noise`` (q = eps_hat) has the same structure with y_t = (alpha_t / alpha_s) y_s - sigma_t int_0^h
-e^{(h - tau)} q dtau, i.e. phi_{j+1}(+h) and the weight -sigma_t.
+e^{(h - tau)} q dtau, i.e. phi_{j+1}(+h) and the weight -sigma_t. ``velocity`` (q = v_hat, as in
+mrs-ode): u = y / r with r = sqrt(alpha^2 + sigma^2) has du/dphi = v in phi = atan(sigma / alpha) =
+atan(e^{-lambda}), so y_t = (r_t / r_s) y_s + r_t int_{phi_s}^{phi_t} P(phi) dphi: the same
+Lagrange weights with nodes in phi and plain integrals J_j = H / (j + 1), H = phi_t - phi_s (the
+Adams-Bashforth-Moulton pair in phi).
 
 The difference y^C - y^P = O(h^{k+1}) is the predictor's local error estimate, which the adaptive
 ``mrs-adaptive`` controls; ``mrs-pc`` runs the same steps on a fixed grid (it replays a pilot grid).
@@ -36,7 +40,7 @@ from .registry import register
 
 Tensor = torch.Tensor
 
-PARAMS = ("data", "noise")
+PARAMS = ("data", "noise", "velocity")
 
 
 def phi_integrals(h: Tensor, n: int, sign: float) -> list[Tensor]:
@@ -79,9 +83,15 @@ def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: in
     ``lam_hist`` [R, slots]: the history's log-SNRs, newest (= ls) first; ``count`` [R]: how many are
     filled (k = min(count, slots) are used). Returns (w_pred [R, slots], w_new [R], w_corr [R, slots]),
     zero beyond k, to be multiplied by the step's scale (alpha_t for data, -sigma_t for noise)."""
-    big_j = phi_integrals(h, slots + 1, -1.0 if param == "data" else 1.0)
+    if param == "velocity":  # nodes and step in phi = atan(e^{-lambda}), plain integrals
+        phi_s = _phi(ls)
+        step = _phi(ls + h) - phi_s
+        big_j = [step / (j + 1) for j in range(slots + 1)]
+        theta = [(_phi(lam_hist[:, i]) - phi_s) / step for i in range(slots)]
+    else:
+        big_j = phi_integrals(h, slots + 1, -1.0 if param == "data" else 1.0)
+        theta = [(lam_hist[:, i] - ls) / h for i in range(slots)]
     k_row = count.clamp_max(slots)
-    theta = [(lam_hist[:, i] - ls) / h for i in range(slots)]
     zero = torch.zeros_like(h)
     w_pred = [zero] * slots
     w_corr = [zero] * slots
@@ -97,9 +107,19 @@ def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: in
     return torch.stack(w_pred, 1), w_new, torch.stack(w_corr, 1)
 
 
-def pc_coefs(param: str, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor):
+def _phi(lam: Tensor) -> Tensor:
+    """phi = atan(sigma / alpha) at half log-SNR ``lam``."""
+    return torch.atan(torch.exp(-lam))
+
+
+def pc_coefs(param: str, a_t, s_t, a_s, s_s):
     """(A, c) with y_t = A y_s + c sum_i w_i q_i."""
-    return (s_t / s_s, a_t) if param == "data" else (a_t / a_s, -s_t)
+    if param == "data":
+        return s_t / s_s, a_t
+    if param == "noise":
+        return a_t / a_s, -s_t
+    r_t = (a_t * a_t + s_t * s_t) ** 0.5
+    return r_t / (a_s * a_s + s_s * s_s) ** 0.5, r_t
 
 
 def combine(a: Tensor, y: Tensor, c: Tensor, w: Tensor, hist: Tensor) -> Tensor:
@@ -118,7 +138,7 @@ class MultistepPC(Solver):
     any spacing: the predictor uses the last ``order - 1`` model outputs, the corrector adds the
     output at the predicted point, which the next step reuses, so N steps cost N + 1 calls. The
     first steps ramp up from DDIM. ``order`` 2, 3 or 4 (default; the corrector's order);
-    ``parameterization`` ``"data"`` or ``"noise"``. A step to sigma = 0 is the first-order jump
+    ``parameterization`` ``"data"`` (default), ``"noise"`` or ``"velocity"``. A step to sigma = 0 is the first-order jump
     x = alpha x0_hat from a fresh call at the last state.
     """
 
@@ -132,7 +152,6 @@ class MultistepPC(Solver):
     def run(self, x, grid, noise, *, schedule, mu=None):
         b, dev, f64 = x.shape[0], x.device, torch.float64
         slots = self.order - 1
-        data = self.parameterization == "data"
         lam_hist = torch.zeros(b, slots, dtype=f64, device=dev)
         count = torch.zeros(b, dtype=torch.long, device=dev)
         hist = None
@@ -146,7 +165,7 @@ class MultistepPC(Solver):
                 pred = yield Query(x, t, step=i + 1)
                 x = pred.x
                 hist = torch.zeros(slots, *x.shape, dtype=x.dtype, device=dev)
-                hist[0] = pc_output(pred, mu, data)
+                hist[0] = pc_output(pred, mu, self.parameterization)
                 lam_hist[:, 0], count[:] = lam_s, 1
             ls = torch.full((b,), lam_s, dtype=f64, device=dev)
             hr = torch.full((b,), lam_t - lam_s, dtype=f64, device=dev)
@@ -156,7 +175,7 @@ class MultistepPC(Solver):
             w_pred, w_new, w_corr = pc_weights(lam_hist, count, ls, hr, slots, self.parameterization)
             y_pred = combine(a, y, c, w_pred, hist)
             pred = yield Query(y_pred if mu is None else y_pred + mu, t_next, step=i + 1)
-            q_new = pc_output(pred, mu, data)
+            q_new = pc_output(pred, mu, self.parameterization)
             y = combine(a, y, c, w_corr, hist) + col(c * w_new, y) * q_new
             x = y if mu is None else y + mu
             hist = torch.cat([q_new[None], hist[:-1]])
@@ -165,8 +184,10 @@ class MultistepPC(Solver):
         return x
 
 
-def pc_output(pred, mu, data: bool) -> Tensor:
-    """The model output the steps integrate: x0_hat - mu (data) or eps_hat (noise)."""
-    if not data:
+def pc_output(pred, mu, param: str) -> Tensor:
+    """The model output the steps integrate: x0_hat - mu (data), eps_hat (noise) or v_hat (velocity)."""
+    if param == "noise":
         return pred.eps
+    if param == "velocity":
+        return pred.v
     return pred.x0 if mu is None else pred.x0 - mu

@@ -32,6 +32,49 @@ def test_controller_by_hand():
         StepSizeController(safety=1.5)
 
 
+def test_pid_controller_limiter_accept_and_history_by_hand():
+    """PID in k-diffusion's coefficients, its smooth atan limiter, the accept threshold, and the
+    (err_prev, err_prev2) record that accepted tries shift in."""
+    pid = StepSizeController.pid(3, pcoeff=0.1, icoeff=0.3, dcoeff=0.05, safety=1.0, limiter="atan", accept=1.5)
+    b1, b2, b3 = (0.1 + 0.3 + 0.05) / 3, -(0.1 + 2 * 0.05) / 3, 0.05 / 3
+    err = torch.tensor([0.5, 1.2, 2.0], dtype=torch.float64)
+    hist = torch.tensor([[0.7, 0.9], [1.1, 0.3], [1.0, 1.0]], dtype=torch.float64)
+    raw = (1 / err) ** b1 * (1 / hist[:, 0]) ** b2 * (1 / hist[:, 1]) ** b3
+    assert torch.allclose(pid.factor(err, hist), 1 + torch.atan(raw - 1))
+    assert pid.accepts(err).tolist() == [True, True, False]
+    h0 = StepSizeController.history(3)
+    assert torch.equal(h0, torch.ones(3, 2, dtype=torch.float64))
+    h1 = StepSizeController.push(hist, err, pid.accepts(err))
+    assert torch.equal(h1, torch.tensor([[0.5, 0.7], [1.2, 1.1], [1.0, 1.0]], dtype=torch.float64))
+    # a rejected try shrinks even where the D term alone would grow it (else it retries for ever)
+    d = StepSizeController(safety=0.9, exponent=0.9, exponent_prev2=0.1)
+    grow = d.factor(torch.tensor([0.95, 1.2]), torch.tensor([[1.0, 0.05], [1.0, 0.05]]))
+    assert float(grow[0]) > 1 and float(grow[1]) == pytest.approx(0.9 * 1.2**-0.9)
+    for bad, match in (({"limiter": "tanh"}, "limiter must be one of clip, atan"), ({"accept": 0.0}, "accept"),
+                       ({"exponent_prev2": -1.0}, "exponent_prev2")):
+        with pytest.raises(ValueError, match=match):
+            StepSizeController(**bad)
+
+
+@pytest.mark.parametrize("solver,order,opts", [("adaptive-sde", 1 / 0.9, {"eps_rel": 0.05}),
+                                               ("mrs-adaptive", 4, {"rtol": 1e-3}),
+                                               ("mrs-sde-adaptive", 1 / 0.9, {"rtol": 0.05})])
+def test_one_controller_object_drives_every_adaptive_solver(solver, order, opts):
+    """A PID controller with the atan limiter passed to each adaptive solver is the one they use: a
+    looser accept threshold accepts more and rejects less on the same problem."""
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = GMM.model(VP)
+    res = {}
+    for accept in (1.0, 4.0):
+        c = StepSizeController.pid(order, pcoeff=0.0, icoeff=1.0, dcoeff=0.2, safety=0.9, factor_min=0.2,
+                                   factor_max=5.0, limiter="atan", accept=accept)
+        r = ds.sample(model, solver, x_T=x_T, seed=0, controller=c, **opts)
+        assert torch.isfinite(r.samples).all()
+        res[accept] = (int(r.rejected.sum()), float(r.nfe_per_sample.double().mean()))
+    print(solver, "rejected, NFE per sample at accept 1 / 4:", res)
+    assert res[4.0][0] < res[1.0][0] and res[4.0][1] < res[1.0][1]
+
+
 def test_one_step_by_hand_shared_noise():
     """With a zero score under VE, K2 - K1 = (g(t - h) - g(t)) sqrt(h) z: the error is pure diffusion
     change, and both stages use the same z. Checks K1, K2, the error norm, accept/reject and h."""

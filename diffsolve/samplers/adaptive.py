@@ -71,6 +71,7 @@ class GottaGoFast(Solver):
         t = torch.full((b,), t_max, dtype=f64, device=dev)
         h = torch.full((b,), min(self.h_init, t_max - t_min), dtype=f64, device=dev)
         x_prev = x.clone()
+        err_hist = self.controller.history(b, dev)
         accepted = torch.zeros(b, dtype=torch.long, device=dev)
         rejected = torch.zeros(b, dtype=torch.long, device=dev)
         tiny = 1e-13 * (t_max - t_min)
@@ -100,9 +101,10 @@ class GottaGoFast(Solver):
             err = self.controller.error_norm(0.5 * (k2 - k1), xp, x_em, self.eps_abs, self.eps_rel)
             if self.mode == "batch":
                 err = err.max().expand_as(err)
-            ok = err <= 1
+            ok = self.controller.accepts(err)
             t_new = torch.where(ok, torch.where(hr >= tr - t_min - tiny, torch.full_like(tr, t_min), tr - hr), tr)
-            h_new = torch.minimum(hr * self.controller.factor(err), t_new - t_min)
+            h_new = torch.minimum(hr * self.controller.factor(err, err_hist[rows]), t_new - t_min)
+            err_hist = err_hist.index_copy(0, rows, self.controller.push(err_hist[rows], err, ok))
             okx = col(ok, xr).bool()
             x = x.index_copy(0, rows, torch.where(okx, x_heun, xr))
             x_prev = x_prev.index_copy(0, rows, torch.where(okx, x_em, xp))

@@ -15,36 +15,61 @@ import torch
 Tensor = torch.Tensor
 
 
+LIMITERS = ("clip", "atan")
+
+
 @dataclass(frozen=True)
 class StepSizeController:
-    """I / PI step-size control on a mixed-tolerance scaled RMS error norm.
+    """I / PI / PID step-size control on a mixed-tolerance scaled RMS error norm.
 
     error norm   err = sqrt( mean_over_dims( (E / delta)^2 ) ),
                  delta = max(atol, rtol * max(|x_prev|, |x_new|))     (element-wise)
-    accept       err <= 1
-    next step    h_next = h * clamp(safety * err^(-exponent) * err_prev^(exponent_prev), factor_min, factor_max)
+    accept       err <= accept
+    next step    f = safety * err^(-exponent) * err_prev^(exponent_prev) * err_prev2^(-exponent_prev2)
+                 h_next = h * clamp(limiter(f), factor_min, factor_max)
 
+    err_prev, err_prev2 are the norms of the last two accepted steps (1 before there are any).
+    ``exponent_prev = exponent_prev2 = 0`` is I-control; ``exponent_prev > 0`` PI (Gustafsson 1991);
+    ``exponent_prev2 > 0`` PID (Soderlind 2003; :meth:`pid` takes k-diffusion's p / i / d
+    coefficients). ``limiter``: ``"clip"`` (f itself) or ``"atan"`` (the smooth limiter
+    1 + atan(f - 1), Soderlind & Wang 2006, as k-diffusion's). ``accept`` > 1 accepts steps a little
+    over the tolerance (k-diffusion's accept_safety 0.81 on the factor is accept = 0.81^(-order)).
     The defaults are Gotta Go Fast's (Jolicoeur-Martineau et al. 2021): safety 0.9, exponent 0.9, no
-    PI term and no limits on the factor (its code caps h only by the time left). With ``err = 0`` the
-    factor is ``factor_max``; ``exponent_prev > 0`` gives PI control (Gustafsson 1991, with err_prev
-    the norm of the last accepted step).
+    PI term, no limits on the factor (its code caps h only by the time left), accept at err <= 1.
+    With ``err = 0`` the factor is ``factor_max``. A rejected step always shrinks: its factor is at
+    most safety * (accept / err)^exponent < 1 (as diffrax caps it on rejections).
     """
 
     safety: float = 0.9
     exponent: float = 0.9
     exponent_prev: float = 0.0
+    exponent_prev2: float = 0.0
     factor_min: float = 0.0
     factor_max: float = math.inf
+    limiter: str = "clip"
+    accept: float = 1.0
 
     def __post_init__(self):
         if not 0 < self.safety <= 1:
             raise ValueError(f"safety must be in (0, 1], got {self.safety}")
         if not self.exponent > 0:
             raise ValueError(f"exponent must be > 0, got {self.exponent}")
-        if self.exponent_prev < 0:
-            raise ValueError(f"exponent_prev must be >= 0, got {self.exponent_prev}")
+        if self.exponent_prev < 0 or self.exponent_prev2 < 0:
+            raise ValueError(f"exponent_prev and exponent_prev2 must be >= 0, got {self.exponent_prev}, "
+                             f"{self.exponent_prev2}")
         if not 0 <= self.factor_min < 1 < self.factor_max:
             raise ValueError(f"need 0 <= factor_min < 1 < factor_max, got {self.factor_min}, {self.factor_max}")
+        if self.limiter not in LIMITERS:
+            raise ValueError(f"limiter must be one of {', '.join(LIMITERS)}, got {self.limiter!r}")
+        if not self.accept > 0:
+            raise ValueError(f"accept must be > 0, got {self.accept}")
+
+    @classmethod
+    def pid(cls, order: float, pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, **options):
+        """k-diffusion's parameterisation: f = err^-b1 err_prev^-b2 err_prev2^-b3 with
+        b1 = (p + i + d) / order, b2 = -(p + 2 d) / order, b3 = d / order."""
+        return cls(exponent=(pcoeff + icoeff + dcoeff) / order, exponent_prev=(pcoeff + 2 * dcoeff) / order,
+                   exponent_prev2=dcoeff / order, **options)
 
     @staticmethod
     def error_norm(err: Tensor, x_prev: Tensor, x_new: Tensor, atol: float, rtol: float) -> Tensor:
@@ -52,14 +77,40 @@ class StepSizeController:
         delta = torch.maximum(x_prev.abs(), x_new.abs()).mul(rtol).clamp_min(atol)
         return (err / delta).double().flatten(1).pow(2).mean(dim=1).sqrt()
 
-    def factor(self, err: Tensor, err_prev: Tensor | None = None) -> Tensor:
-        """The factor h_next / h for error norms ``err`` ([B])."""
+    def accepts(self, err: Tensor) -> Tensor:
+        """Which rows' steps are accepted ([B] bool)."""
+        return err <= self.accept
+
+    @staticmethod
+    def history(n: int, device=None) -> Tensor:
+        """A fresh [n, 2] record of (err_prev, err_prev2)."""
+        return torch.ones(n, 2, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def push(history: Tensor, err: Tensor, ok: Tensor) -> Tensor:
+        """``history`` after the tries with norms ``err``: accepted rows shift ``err`` in."""
+        new = torch.stack([err.double().clamp_min(1e-10), history[:, 0]], 1)
+        return torch.where(ok[:, None], new, history)
+
+    def factor(self, err: Tensor, history: Tensor | None = None) -> Tensor:
+        """The factor h_next / h for error norms ``err`` ([B]); ``history``: the rows' [B, 2]
+        (err_prev, err_prev2), or their [B] err_prev, or None (I-control)."""
         with torch.no_grad():
             # err^-a as exp(-a log err): Tensor.pow's vectorised and scalar paths differ in the last
             # bit, which would make a row's step sizes depend on its batch
             f = self.safety * torch.exp(-self.exponent * err.double().log())
-            if self.exponent_prev and err_prev is not None:
-                f = f * torch.exp(self.exponent_prev * err_prev.double().log())
+            if history is not None:
+                hist = history.double().reshape(len(err), -1)
+                if self.exponent_prev:
+                    f = f * torch.exp(self.exponent_prev * hist[:, 0].log())
+                if self.exponent_prev2 and hist.shape[1] > 1:
+                    f = f * torch.exp(-self.exponent_prev2 * hist[:, 1].log())
+            if self.limiter == "atan":
+                f = 1.0 + torch.atan(f - 1.0)
+            # a rejected try must shrink (the PI / PID terms, or accept < 1, could say otherwise and
+            # retry the same step for ever): at most the I-part's factor towards err = accept
+            shrink = self.safety * torch.exp(-self.exponent * (err.double() / self.accept).log())
+            f = torch.where(self.accepts(err), f, torch.minimum(f, shrink))
             return f.nan_to_num(nan=self.factor_max, posinf=self.factor_max).clamp(self.factor_min, self.factor_max)
 
 

@@ -27,9 +27,9 @@ pairs share their model evaluations, as k-diffusion's ``dpm_adaptive`` does:
 A retry after a rejection starts from the same state, so it reuses that first model call (as
 dpm_adaptive's eps cache does): NFE = calls per try x accepted + (calls - 1) x rejected.
 The local error estimate E = y_high - y_low goes to the shared :class:`StepSizeController` (scaled
-RMS norm with delta = max(atol, rtol max(|x_prev|, |x_low|)), accept when <= 1); the step continues
+RMS norm with delta = max(atol, rtol max(|x_prev|, |x_low|)), accept when <= 1 by default); the step continues
 from the higher-order solution. Default controller: I-control, safety 0.9, exponent 1/order, factor
-limits [0.2, 5] (``controller=`` replaces it, e.g. PI with ``exponent_prev``).
+limits [0.2, 5] (``controller=`` replaces it, e.g. PI / PID with ``exponent_prev`` / ``exponent_prev2``).
 
 SDE pair (``mrs-sde-adaptive``, SDE-DPM-Solver++ / MRS SDE in data form), with p1(h) = 1 - e^{-2h}
 and one Brownian path shared by both members and by every retry:
@@ -161,7 +161,7 @@ class _LogSNRAdaptive(Solver):
         b, dev, f64 = x.shape[0], x.device, torch.float64
         lam = torch.full((b,), lam_max, dtype=f64, device=dev)
         h = torch.full((b,), min(self.h_init, lam_end - lam_max), dtype=f64, device=dev)
-        err_prev = torch.ones(b, dtype=f64, device=dev)
+        err_hist = self.controller.history(b, dev)
         accepted = torch.zeros(b, dtype=torch.long, device=dev)
         rejected = torch.zeros(b, dtype=torch.long, device=dev)
         grids = [[t_max] for _ in range(b)]
@@ -185,15 +185,15 @@ class _LogSNRAdaptive(Solver):
             err = self.controller.error_norm(high - low, x_prev[rows], x_low, self.atol, self.rtol)
             if self.mode == "batch":
                 err = err.max().expand_as(err)
-            ok = err <= 1
+            ok = self.controller.accepts(err)
             last = hr >= lam_end - ls - tiny
             lam_new = torch.where(ok, torch.where(last, torch.full_like(ls, lam_end), ls + hr), ls)
-            h_new = torch.minimum(hr * self.controller.factor(err, err_prev[rows]), lam_end - lam_new)
+            h_new = torch.minimum(hr * self.controller.factor(err, err_hist[rows]), lam_end - lam_new)
             h_new = torch.where(lam_new >= lam_end, hr, h_new)
             okx = col(ok, xr).bool()
             x = x.index_copy(0, rows, torch.where(okx, x_high, xr))
             x_prev = x_prev.index_copy(0, rows, torch.where(okx, x_high, x_prev[rows]))
-            err_prev = err_prev.index_copy(0, rows, torch.where(ok, err.clamp_min(1e-10), err_prev[rows]))
+            err_hist = err_hist.index_copy(0, rows, self.controller.push(err_hist[rows], err, ok))
             lam, h = lam.index_copy(0, rows, lam_new), h.index_copy(0, rows, h_new)
             accepted[rows] += ok.long()
             rejected[rows] += (~ok).long()

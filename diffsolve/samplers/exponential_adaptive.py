@@ -253,7 +253,8 @@ class _MultistepTries:
     def attempt(self, x, ls, hr, m, schedule, rows, it):
         ts, a_s, s_s = _at(schedule, ls)
         tt, a_t, s_t = _at(schedule, ls + hr)
-        hist = self.hist[:, rows]
+        every = len(rows) == len(self.count)  # all rows active: no gather of the history
+        hist = self.hist if every else self.hist[:, rows]
         w_pred, w_new, w_corr = pc_weights(self.lam[rows], self.count[rows], ls, hr, self.slots, self.param)
         a, c = pc_coefs(self.param, a_t, s_t, a_s, s_s)
         y = x if m is None else x - m
@@ -267,8 +268,11 @@ class _MultistepTries:
         if len(idx) == 0:
             return
         r = rows[idx]
-        self.hist[1:, r] = self.hist[:-1, r].clone()
-        self.hist[0, r] = self.new[idx]
+        if len(r) == len(self.count):  # every row accepted: shift the whole history at once
+            self.hist = torch.cat([self.new[None], self.hist[:-1]])
+        else:
+            self.hist[1:, r] = self.hist[:-1, r].clone()
+            self.hist[0, r] = self.new[idx]
         self.lam[r, 1:] = self.lam[r, :-1].clone()
         self.lam[r, 0] = lam_new[idx]
         self.count[r] += 1

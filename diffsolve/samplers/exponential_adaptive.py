@@ -58,9 +58,8 @@ import torch
 
 from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController, check_adaptive
+from .exponential_pc import PARAMS as PC_PARAMS, combine, pc_coefs, pc_output, pc_weights
 from .noise import NoiseSource
-from .exponential_pc import PARAMS as PC_PARAMS
-from .exponential_pc import combine, pc_coefs, pc_output, pc_weights
 from .registry import register
 
 PARAMS = ("data", "noise")

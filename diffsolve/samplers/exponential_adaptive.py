@@ -58,7 +58,7 @@ import torch
 
 from .base import Outcome, Query, Solver, col, sub
 from .control import StepSizeController, check_adaptive
-from .exponential_pc import PARAMS as PC_PARAMS, combine, pc_coefs, pc_output, pc_weights
+from .exponential_pc import PARAMS as PC_PARAMS, pc_output, pc_step
 from .noise import NoiseSource
 from .registry import register
 
@@ -254,13 +254,10 @@ class _MultistepTries:
         tt, a_t, s_t = _at(schedule, ls + hr)
         every = len(rows) == len(self.count)  # all rows active: no gather of the history
         hist = self.hist if every else self.hist[:, rows]
-        w_pred, w_new, w_corr = pc_weights(self.lam[rows], self.count[rows], ls, hr, self.slots, self.param)
-        a, c = pc_coefs(self.param, a_t, s_t, a_s, s_s)
-        y = x if m is None else x - m
-        y_pred = combine(a, y, c, w_pred, hist)
-        pred = yield Query(y_pred if m is None else y_pred + m, tt, index=rows, step=it)
-        self.new = pc_output(pred, m, self.param)
-        return x, y_pred, combine(a, y, c, w_corr, hist) + col(c * w_new, y) * self.new, tt
+        y_pred, y_corr, self.new = yield from pc_step(
+            x, m, hist, self.lam[rows], self.count[rows], ls, hr, (a_t, s_t, a_s, s_s), self.param,
+            lambda xp: Query(xp, tt, index=rows, step=it))
+        return x, y_pred, y_corr, tt
 
     def commit(self, rows, ok, lam_new):
         idx = ok.nonzero().squeeze(1)

@@ -130,6 +130,19 @@ def combine(a: Tensor, y: Tensor, c: Tensor, w: Tensor, hist: Tensor) -> Tensor:
     return out
 
 
+def pc_step(x: Tensor, m, hist: Tensor, lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, coefs, param: str,
+            ask):
+    """One predictor-corrector step of x (at ``ls``, per row) by ``h``: ``coefs`` = (alpha_t, sigma_t,
+    alpha_s, sigma_s); ``ask(x_pred)`` is the query at the predicted point, which this generator
+    yields. Returns (y_pred, y_corr, q_new), with y = x - m."""
+    w_pred, w_new, w_corr = pc_weights(lam_hist, count, ls, h, hist.shape[0], param)
+    a, c = pc_coefs(param, *coefs)
+    y = x if m is None else x - m
+    y_pred = combine(a, y, c, w_pred, hist)
+    q_new = pc_output((yield ask(y_pred if m is None else y_pred + m)), m, param)
+    return y_pred, combine(a, y, c, w_corr, hist) + col(c * w_new, y) * q_new, q_new
+
+
 @register("mrs-pc", family="ode", order=4, calls_per_step=1, deterministic=True,
           description="multistep MRS / DPM-Solver++ predictor-corrector (UniPC-type, PEC) on any grid; replays mrs-adaptive's pilot grid",
           reference="Zhao et al. 2023 (UniPC); Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler)")
@@ -169,14 +182,9 @@ class MultistepPC(Solver):
                 lam_hist[:, 0], count[:] = lam_s, 1
             ls = torch.full((b,), lam_s, dtype=f64, device=dev)
             hr = torch.full((b,), lam_t - lam_s, dtype=f64, device=dev)
-            y = x if mu is None else x - mu
-            a, c = pc_coefs(self.parameterization, schedule.alpha(t_next), schedule.sigma(t_next),
-                            schedule.alpha(t), schedule.sigma(t))
-            w_pred, w_new, w_corr = pc_weights(lam_hist, count, ls, hr, slots, self.parameterization)
-            y_pred = combine(a, y, c, w_pred, hist)
-            pred = yield Query(y_pred if mu is None else y_pred + mu, t_next, step=i + 1)
-            q_new = pc_output(pred, mu, self.parameterization)
-            y = combine(a, y, c, w_corr, hist) + col(c * w_new, y) * q_new
+            coefs = (schedule.alpha(t_next), schedule.sigma(t_next), schedule.alpha(t), schedule.sigma(t))
+            _, y, q_new = yield from pc_step(x, mu, hist, lam_hist, count, ls, hr, coefs, self.parameterization,
+                                             lambda xp, t=t_next, i=i: Query(xp, t, step=i + 1))
             x = y if mu is None else y + mu
             hist = torch.cat([q_new[None], hist[:-1]])
             lam_hist = torch.cat([torch.full((b, 1), lam_t, dtype=f64, device=dev), lam_hist[:, :-1]], 1)

@@ -28,17 +28,30 @@ def _check_space(space) -> str:
     return space
 
 
-def _sigma_step(x, t: float, t_next: float, eps, schedule: Schedule, mu):
-    """Euler in the EDM / k-diffusion variables y = (x - mu)/alpha, s = sigma/alpha, where dy/ds = eps:
-    y' = y + (s' - s) eps (for this step it is the DDIM step)."""
-    a, s = _coef(schedule, t)
-    a1, s1 = _coef(schedule, t_next)
-    if a <= 0 or a1 <= 0:
-        raise ValueError("space='sigma' needs alpha > 0 on the grid; for rectified flow use space='t' "
-                         "(which is what diffusers' FlowMatch schedulers do)")
+def _sigma_step(x, t: float, t_next: float, d, schedule: Schedule, mu):
+    """Euler in k-diffusion's variables y = (x - mu)/c against s = sigma/c (c = the schedule's
+    ``sampling_scale``: alpha, or 1 for rectified flow): y' = y + (s' - s) d, with d = dy/ds from
+    :func:`_sigma_derivative`. For diffusion schedules this is the DDIM step."""
+    c, c1 = schedule.sampling_scale(t), schedule.sampling_scale(t_next)
+    if c <= 0 or c1 <= 0:
+        raise ValueError("space='sigma' needs alpha > 0 on the grid; use space='t', or t_max below the schedule's end")
+    s, s1 = _coef(schedule, t)[1] / c, _coef(schedule, t_next)[1] / c1
     y = x if mu is None else x - mu
-    x1 = (a1 / a) * y + (a1 * (s1 / a1 - s / a)) * eps
+    x1 = (c1 / c) * y + (c1 * (s1 - s)) * d
     return x1 if mu is None else x1 + mu
+
+
+def _sigma_derivative(pred, t: float, schedule: Schedule):
+    """dy/ds of k-diffusion's variables at a prediction: with x - mu = alpha (x0 - mu) + sigma eps,
+    d = eps + ((alpha/c - 1)/s) (x0 - mu); eps for diffusion schedules (c = alpha), eps - x0 (the
+    flow velocity) for rectified flow (c = 1, s = t)."""
+    c = schedule.sampling_scale(t)
+    a, sig = _coef(schedule, t)
+    k = (a / c - 1.0) / (sig / c)
+    if k == 0.0:
+        return pred.eps
+    x0 = pred.x0 if pred.mu is None else pred.x0 - pred.mu
+    return pred.eps + k * x0
 
 
 def _check_nonneg(name: str, value) -> float:
@@ -49,20 +62,24 @@ def _check_nonneg(name: str, value) -> float:
 
 
 @register("euler", family="ode", order=1, calls_per_step=1, deterministic=True,
-          description="Euler on the probability-flow ODE, in t",
+          description="Euler (k-diffusion / diffusers: x/alpha against sigma/alpha; space='t': in t)",
           reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)")
 class Euler(Solver):
-    """Explicit Euler on the probability-flow ODE in the schedule's own time t (``space="t"``):
+    """Euler, as diffusers' EulerDiscreteScheduler, k-diffusion's sample_euler and EDM step
+    (``space="sigma"``, the default): in k-diffusion's variables y = (x - mu)/c against
+    s = sigma/c, with c = alpha (c = 1 for rectified flow, as diffusers' FlowMatchEulerDiscrete),
+
+        y_{i+1} = y_i + (s_{i+1} - s_i) d_i,    d = dy/ds (eps for diffusion schedules).
+
+    For diffusion schedules this is the DDIM step. ``space="t"`` is explicit Euler on the
+    probability-flow ODE in the schedule's own time instead:
 
         x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i),    v = a' (x0 - mu) + s' eps = dx/dt.
 
-    ``space="sigma"`` steps in k-diffusion's variables instead (y = (x - mu)/alpha against
-    s = sigma/alpha, dy/ds = eps), as diffusers' EulerDiscreteScheduler and k-diffusion's
-    sample_euler do; for VP schedules that is DDIM. The two agree for rectified flow.
-    One model call per step; global order 1.
+    The two agree for rectified flow. One model call per step; global order 1.
     """
 
-    def __init__(self, space: str = "t"):
+    def __init__(self, space: str = "sigma"):
         self.space = _check_space(space)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
@@ -72,17 +89,20 @@ class Euler(Solver):
             if self.space == "t":
                 x = pred.x + (t_next - t) * pred.velocity
             else:
-                x = _sigma_step(pred.x, t, t_next, pred.eps, schedule, mu)
+                x = _sigma_step(pred.x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
         return x
 
 
 @register("heun", family="ode", order=2, calls_per_step=2, deterministic=True,
-          description="EDM Heun (Algorithm 1; Algorithm 2 with s_churn > 0)",
+          description="EDM Heun (Algorithm 1; Algorithm 2 with s_churn > 0), in k-diffusion's variables",
           reference="Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models")
 class Heun(Solver):
-    """Heun's second-order method of EDM (Karras et al. 2022, Algorithms 1 and 2), in time t.
+    """Heun's second-order method of EDM (Karras et al. 2022, Algorithms 1 and 2).
 
-    With the EDM noise level s(t) = sigma/alpha = exp(-lambda), for each step t_i -> t_{i+1}:
+    By default (``space="sigma"``) both stages step in k-diffusion's variables y = (x - mu)/c against
+    s = sigma/c (c = alpha; 1 for rectified flow), as diffusers' HeunDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler and k-diffusion's sample_heun. ``space="t"`` steps in the
+    schedule's own time t, which the formulas below write. With the EDM noise level s(t) = sigma/alpha = exp(-lambda), for each step t_i -> t_{i+1}:
 
         gamma_i = min(s_churn / N, sqrt(2) - 1)  if s_tmin <= s(t_i) <= s_tmax  else 0
         t_hat:  s(t_hat) = (1 + gamma_i) s(t_i)          (noise level raised, t_hat >= t_i)
@@ -96,13 +116,11 @@ class Heun(Solver):
     deterministic Algorithm 1. s_tmin and s_tmax are EDM noise levels (sigma/alpha). A step ending
     at sigma = 0 is an Euler step (as in EDM). Two model calls per step; order 2.
 
-    ``space="sigma"`` takes both stages in k-diffusion's variables (y = (x - mu)/alpha against
-    s = sigma/alpha, dy/ds = eps), as diffusers' HeunDiscreteScheduler and k-diffusion's sample_heun;
-    for EDM and rectified flow the two spaces coincide.
+    For EDM and rectified flow the two spaces coincide.
     """
 
     def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                 space: str = "t"):
+                 space: str = "sigma"):
         self.space = _check_space(space)
         self.s_churn = _check_nonneg("s_churn", s_churn)
         self.s_tmin = _check_nonneg("s_tmin", s_tmin)
@@ -132,14 +150,15 @@ class Heun(Solver):
                 d = pred.velocity
                 x = x_hat + (t_next - t_hat) * d
             else:
-                d = pred.eps
+                d = _sigma_derivative(pred, t_hat, schedule)
                 x = _sigma_step(x_hat, t_hat, t_next, d, schedule, mu)
             if _coef(schedule, t_next)[1] > 0:
                 pred2 = yield Query(x, t_next, step=i + 1)
                 if self.space == "t":
                     x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
                 else:
-                    x = _sigma_step(x_hat, t_hat, t_next, 0.5 * (d + pred2.eps), schedule, mu)
+                    x = _sigma_step(x_hat, t_hat, t_next, 0.5 * (d + _sigma_derivative(pred2, t_next, schedule)),
+                                    schedule, mu)
         return x
 
 

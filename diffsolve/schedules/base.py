@@ -151,6 +151,13 @@ class Schedule:
         x = float(self.sigma(self.t_max if t is None else t)) * noise
         return x if mu is None else x + mu
 
+    def sampling_scale(self, t: float) -> float:
+        """The scale c(t) of the variable y = (x - mu)/c in which k-diffusion-style samplers step
+        against the noise level sigma/c: alpha for diffusion schedules (EDM's and diffusers' x/alpha
+        against sigma/alpha), 1 for rectified flow (diffusers' FlowMatch schedulers step x against
+        sigma = t)."""
+        return self.at(t)[0]
+
     # ----------------------------------------------------------------- network time
     def timestep(self, t) -> Tensor:
         """The time value a network trained on this schedule was conditioned on (default: t)."""

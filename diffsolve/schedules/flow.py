@@ -50,6 +50,9 @@ class RectifiedFlow(Schedule):
         s = 1.0 / (1.0 + torch.exp(as_time(lam)))  # (1 - s)/s = e^lam (torch.sigmoid is not batch invariant)
         return s / (self.shift - (self.shift - 1.0) * s)
 
+    def sampling_scale(self, t: float) -> float:
+        return 1.0
+
     def timestep(self, t) -> Tensor:
         return self.sigma(t)
 

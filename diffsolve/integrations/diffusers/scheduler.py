@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -23,11 +23,12 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ...models.model import Prediction
-from ...samplers.base import as_query
+from ...samplers.base import Outcome, as_query
 from ...samplers.noise import NoiseSource
 from ...samplers.registry import get_solver, solver_info
-from ...schedules import RectifiedFlow, VPDiscrete, make_grid
-from .config import PREDICTIONS, flow_shift
+from ...schedules import RectifiedFlow, make_grid
+from .config import flow_shift
+from .sources import Placement, make_source, source_class
 
 Tensor = torch.Tensor
 
@@ -44,26 +45,38 @@ class _Run(threading.local):
     timesteps: Tensor | None = None
     sigmas: Tensor | None = None
     grid: Tensor | None = None
+    listed_t: list | None = None  # the time of each listed model call
+    by_timestep: dict | None = None  # listed network timestep -> time
+    identity_last: bool = False
     num_inference_steps: int | None = None
     step_index: int | None = None
     begin_index: int | None = None
     init_noise_sigma: float = 1.0
+    started: bool = False
     gen: Any = None
     pending: Any = None
+    dtype: Any = None
 
 
 class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler hosting any fixed-grid diffsolve solver.
 
-    Parameters (besides diffusers' usual config keys, read from the pipeline's scheduler config):
+    Made from the pipeline's scheduler config, ``DiffsolveScheduler.from_config(pipe.scheduler.config,
+    solver=...)`` (a config dict or the scheduler itself), it reads the schedule the way the scheduler
+    it replaces (``source``) does (:mod:`.sources`: DDPM-style betas with eps / sample / v
+    prediction, flow matching, EDM preconditioning), places the steps where that scheduler places
+    them, calls the network at that scheduler's timesteps, and ends where it ends; N inference steps
+    of a one-call-per-step solver are N model calls.
+
+    Parameters (besides the source's config, kept whole in ``source_config``):
     solver: a registered solver name; solver_options: its options (a dict);
-    steps_grid: the time grid; None (default) places the steps exactly as the pipeline's own
-        scheduler (``source``, the diffusers class whose config this was made from) does, or as
-        diffusers' DDIMScheduler / FlowMatchEulerDiscreteScheduler do when the source is unknown;
-        or one of diffsolve's grid kinds ("log-snr", "karras", ...);
-    final: where the last step ends: "zero" (the clean end, as DDIM with ``set_alpha_to_one`` and the
-        Euler/DPM-Solver schedulers with ``final_sigmas_type="zero"``) or "sigma_min" (the smallest
-        training noise level);
+    steps_grid: None (default) places the steps as ``source`` does (DDIM's or FlowMatchEuler's
+        placement when the config names no class); or one of diffsolve's grid kinds ("log-snr",
+        "karras", ...) from the schedule's largest to its smallest training noise level, the last of
+        the N steps jumping to the clean end (``final="zero"``);
+    final: where the last step ends: None (default) where the source ends (diffsolve's grids: the
+        clean end); "zero": the clean end; "sigma_min": the smallest training noise level (solvers
+        that work in x/sigma, rex, need it). The number of model calls stays the same;
     seed: the base seed of stochastic solvers when the pipeline passes no generator (SD3 and Flux
         never do): sample i gets seed + i.
     t_max: clip the grid's times to at most this (for flow matching the time is sigma). Flow
@@ -78,8 +91,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, solver: str = "dpmpp-2m", solver_options: dict | None = None, steps_grid: str | None = None,
-                 final: str = "zero", seed: int | None = None, flow: bool = False, source: str | None = None,
-                 t_max: float | None = None,
+                 final: str | None = None, seed: int | None = None, flow: bool = False, source: str | None = None,
+                 source_config: dict | None = None, t_max: float | None = None,
                  num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: Any = None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
@@ -91,33 +104,36 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if not info.fixed_grid:
             raise ValueError(f"solver {self.solver.name!r} chooses its own steps; a diffusers pipeline needs a "
                              "fixed list of timesteps: use diffsolve.integrations.diffusers.sample_pipeline")
-        if final not in ("zero", "sigma_min"):
-            raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
-        if flow:
-            self.schedule = RectifiedFlow()
-            self.kind = "velocity"
-        else:
-            if prediction_type not in PREDICTIONS or prediction_type == "flow_prediction":
-                raise ValueError(f"prediction_type {prediction_type!r} is not supported; allowed: epsilon, sample, "
-                                 "v_prediction (flow-matching configs are recognised by their class name)")
-            self.schedule = VPDiscrete.from_diffusers_config(dict(self.config))
-            self.kind = PREDICTIONS[prediction_type]
+        if final not in (None, "zero", "sigma_min"):
+            raise ValueError(f"final must be None, 'zero' or 'sigma_min', got {final!r}")
+        if source_config is None:  # made from keyword arguments: a DDPM-style or flow config of its own
+            keys = set(inspect.signature(DiffsolveScheduler.__init__).parameters) - {
+                "self", "solver", "solver_options", "steps_grid", "final", "seed", "flow", "source", "source_config",
+                "t_max"}
+            source_config = {k: v for k, v in self.config.items() if k in keys}
+            if flow:
+                source_config.pop("prediction_type", None)
+        self.source = make_source(source_config, source, flow)
+        self.schedule = self.source.schedule
         self.order = info.calls_per_step
         self._run = _Run()
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """As ConfigMixin.from_config (a config or a scheduler). The source scheduler's class (its
-        config's ``_class_name``, or the scheduler's type) becomes ``source``; FlowMatch* sets ``flow``."""
+        """As ConfigMixin.from_config, from a scheduler config (a dict, as ``pipe.scheduler.config``) or
+        a scheduler. The config is kept whole (``source_config``) and its class (``_class_name``, the
+        scheduler's type, or the class whose options are exactly the config's keys) is the ``source``."""
         if isinstance(config, ConfigMixin):
-            name, config = type(config).__name__, config.config
+            name, cfg = type(config).__name__, dict(config.config)
         else:
-            name = str((config or {}).get("_class_name", "")) if hasattr(config, "get") else ""
-        if "flow" not in kwargs and name.startswith("FlowMatch"):
-            kwargs["flow"] = True
-        if "source" not in kwargs and name and name != cls.__name__:
-            kwargs["source"] = name
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+            cfg = dict(config or {})
+            name = None
+        if cfg.get("_class_name") != cls.__name__ and "source_config" not in kwargs:
+            name = name or source_class(cfg)
+            kwargs.setdefault("source", name)
+            kwargs["source_config"] = {k: v for k, v in cfg.items()
+                                       if not k.startswith("_") or k == "_use_default_values"}
+        return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --------------------------------------------------------------------------- run state
     timesteps = property(lambda self: self._run.timesteps)
@@ -131,7 +147,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._run.begin_index = begin_index
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return int(self.source.config.get("num_train_timesteps", 1000))
 
     # --------------------------------------------------------------------------- the grid
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, *,
@@ -139,84 +155,77 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                       mu: float | None = None) -> None:
         """Place the steps, list one timestep per model call, and reset the run state.
 
-        Explicit ``timesteps`` of a DDPM-style config are used as given; otherwise the source
-        scheduler places the steps (DDIM's or FlowMatchEuler's placement when the source is unknown),
-        or ``steps_grid`` does."""
+        By default the source scheduler places the steps (explicit ``timesteps`` or ``sigmas`` are
+        passed to it); with ``steps_grid`` diffsolve's grid does."""
         if num_inference_steps is None:
             given = timesteps if timesteps is not None else sigmas
             if given is None:
                 raise ValueError("set_timesteps needs num_inference_steps, timesteps or sigmas")
             num_inference_steps = len(given)
         n = int(num_inference_steps)
-        if sigmas is not None and not self.config.flow:
-            raise ValueError("sigmas= is for flow-matching configs; give timesteps= for DDPM-style ones")
-        self._run.init_noise_sigma = 1.0
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if self.config.steps_grid is not None:
             grid = self._own_grid(n, mu)
-        elif timesteps is not None and not self.config.flow:
-            grid = self._with_end(self.schedule.t_of_timestep(torch.as_tensor(timesteps, dtype=torch.float64)), True)
+            place = Placement(grid, {}, self.source.prior_scale(float(grid[0])))
         else:
-            grid = self._source_grid(n, timesteps, sigmas, mu)
-        self._set_grid(grid, n, device)
+            place = self._with_final(self.source.place(n, timesteps, sigmas, mu))
+        self._set_grid(place, n, device)
 
-    def _with_end(self, steps: Tensor, clean: bool) -> Tensor:
-        """``steps`` (descending times) and the final point: the clean end when ``clean`` and
-        final="zero", else the smallest training noise level."""
-        if clean and self.config.final == "zero":
-            end = 0.0
-        elif self.config.flow:
-            end = min(1.0 / self.config.num_train_timesteps, float(steps[-1]) / 2)
-        else:
-            end = float(self.schedule.t_of_timestep(0))
-        return torch.unique_consecutive(torch.cat([steps.to(torch.float64), steps.new_tensor([end], dtype=torch.float64)]))
+    def _with_final(self, place: Placement) -> Placement:
+        """The source's placement with its end moved to ``final`` (same number of calls)."""
+        g, lo = place.grid, self.source.t_min
+        if self.config.final == "zero" and float(g[-1]) != 0.0:
+            if place.identity_last:
+                return replace(place, grid=torch.cat([g, g.new_zeros(1)]), identity_last=False)
+            return replace(place, grid=torch.cat([g[:-1], g.new_zeros(1)]))
+        if self.config.final == "sigma_min" and float(g[-1]) == 0.0:
+            if float(g[-2]) <= lo:
+                return replace(place, grid=g[:-1], identity_last=True)
+            return replace(place, grid=torch.cat([g[:-1], g.new_tensor([lo])]))
+        return place
 
     def _own_grid(self, n: int, mu: float | None) -> Tensor:
-        """diffsolve's grid kind ``steps_grid``; for flows on the (statically or dynamically) shifted path."""
-        c = self.config
-        if not c.flow:
-            return self._with_end(make_grid(self.schedule, n, c.steps_grid, t_min=float(self.schedule.t_of_timestep(0))), True)
-        if c.use_dynamic_shifting and mu is None:
-            raise ValueError("this flow scheduler uses dynamic shifting: set_timesteps needs mu")
-        path = RectifiedFlow(shift=flow_shift(c, mu), t_min=1.0 / c.num_train_timesteps)
-        return self._with_end(path.sigma(make_grid(path, n, c.steps_grid)), True)
+        """diffsolve's grid kind ``steps_grid`` for n model calls of a one-call solver: n - 1 steps
+        from the largest to the smallest training noise level, then the jump to the clean end
+        (``final="zero"``); or n steps ending at the smallest level (``final="sigma_min"``). Flows
+        step on the (statically or dynamically) shifted path."""
+        c, s = self.config, self.schedule
+        zero = c.final != "sigma_min"
+        if self.source.flow:
+            sc = self.source.config
+            if sc.get("use_dynamic_shifting", False) and mu is None:
+                raise ValueError("this flow scheduler uses dynamic shifting: set_timesteps needs mu")
+            path = RectifiedFlow(shift=flow_shift(sc, mu), t_min=1.0 / len(self))
+            if not zero:
+                return path.sigma(make_grid(path, n, c.steps_grid))
+            g = make_grid(path, n - 1, c.steps_grid) if n > 1 else torch.tensor([path.t_max], dtype=torch.float64)
+            sig = path.sigma(g).to(torch.float64)
+            return torch.cat([sig, sig.new_zeros(1)])
+        lo = self.source.t_min
+        if not zero:
+            return make_grid(s, n, c.steps_grid, t_min=lo)
+        g = make_grid(s, n - 1, c.steps_grid, t_min=lo) if n > 1 else torch.tensor([s.t_max], dtype=torch.float64)
+        return torch.cat([g, g.new_zeros(1)])
 
-    def _source_grid(self, n, timesteps, sigmas, mu) -> Tensor:
-        """The grid the source diffusers scheduler places (its distinct steps plus its final point)."""
-        import diffusers
-
-        default = "FlowMatchEulerDiscreteScheduler" if self.config.flow else "DDIMScheduler"
-        ref_cls = getattr(diffusers, self.config.source or default, None) or getattr(diffusers, default)
-        keys = set(inspect.signature(ref_cls.__init__).parameters) - set(self.config.get("_use_default_values", []))
-        ref = ref_cls.from_config({k: v for k, v in self.config.items() if k in keys})  # the source's own defaults
-        kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)) if v is not None}
-        ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
-        if self.config.flow:
-            sig = torch.unique_consecutive(torch.as_tensor(ref.sigmas, dtype=torch.float64))
-            return self._with_end(sig[:-1] if float(sig[-1]) == 0.0 else sig, True)
-        t = self.schedule.t_of_timestep(torch.unique_consecutive(torch.as_tensor(ref.timesteps, dtype=torch.float64)))
-        # k-diffusion-style sources keep the latents as x / alpha and start them at init_noise_sigma z:
-        # the same start in x is alpha(t_0) init_noise_sigma z
-        init = float(getattr(ref, "init_noise_sigma", 1.0))
-        self._run.init_noise_sigma = init if init == 1.0 else init * float(self.schedule.alpha(t[0]))
-        final_sigma = getattr(ref, "sigmas", None)
-        clean = (float(final_sigma[-1]) == 0.0) if final_sigma is not None else \
-            bool(getattr(ref.config, "set_alpha_to_one", True))
-        return self._with_end(t, clean)
-
-    def _set_grid(self, grid: Tensor, n: int, device) -> None:
+    def _set_grid(self, place: Placement, n: int, device) -> None:
+        grid = place.grid
         if self.config.t_max is not None:
             grid = torch.unique_consecutive(grid.clamp(max=float(self.config.t_max)))
-        query_t = self._query_times(grid)
-        net_t = self.schedule.timestep(query_t) * (self.config.num_train_timesteps if self.config.flow else 1)
+        listed = self._query_times(grid) if len(grid) > 1 else []
+        if place.identity_last:
+            listed.append(float(grid[-1]))
+        net = [place.timesteps.get(t, None) for t in listed]
+        net = [self.source.net_timestep(t) if k is None else k for t, k in zip(listed, net)]
         r = self._run
-        r.grid, r.num_inference_steps = grid, n
-        r.timesteps = net_t.to(device=device, dtype=torch.float32)
-        r.sigmas = (self.schedule.sigma(torch.cat([query_t, grid[-1:]])) /
-                    self.schedule.alpha(torch.cat([query_t, grid[-1:]])).clamp_min(1e-12)).to(torch.float32) \
-            if not self.config.flow else torch.cat([query_t, grid[-1:]]).to(torch.float32)
-        r.step_index, r.begin_index, r.gen, r.pending = None, None, None, None
+        r.grid, r.num_inference_steps, r.listed_t, r.identity_last = grid, n, listed, place.identity_last
+        r.by_timestep = dict(zip(net, listed))
+        r.timesteps = torch.tensor(net, dtype=torch.float32, device=device)
+        r.sigmas = torch.tensor([self.source.listed_sigma(t) for t in [*listed, float(grid[-1])]], dtype=torch.float32)
+        r.init_noise_sigma = place.init_noise_sigma
+        r.step_index, r.begin_index, r.started, r.gen, r.pending = None, None, False, None, None
 
-    def _query_times(self, grid: Tensor) -> Tensor:
+    def _query_times(self, grid: Tensor) -> list[float]:
         """The times of the solver's model calls on ``grid`` (a dry run on a one-element state)."""
         x = torch.zeros(1, 1, dtype=torch.float64)
         run = self.solver.run(x, grid, NoiseSource((1, 1), seeds=[0], dtype=torch.float64), schedule=self.schedule)
@@ -229,35 +238,50 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 item = run.send(Prediction(q.x, q.t, torch.zeros_like(q.x), "eps", self.schedule))
         except StopIteration:
             pass
-        return torch.tensor(times, dtype=torch.float64)
+        return times
 
     # --------------------------------------------------------------------------- the loop
+    def _current_time(self) -> float:
+        r = self._run
+        if r.listed_t is None:
+            raise RuntimeError("call set_timesteps first")
+        i = r.step_index if r.step_index is not None else (r.begin_index or 0)
+        return r.listed_t[min(i, len(r.listed_t) - 1)]
+
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
-        return sample
+        """The latents are the state x itself; only EDM-preconditioned sources scale the input."""
+        c = self.source.c_in(self._current_time()) if self._run.listed_t else 1.0
+        return sample if c == 1.0 else sample * c
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator=None,
-             return_dict: bool = True) -> DiffsolveSchedulerOutput | tuple:
+             return_dict: bool = True, **kwargs: Any) -> DiffsolveSchedulerOutput | tuple:
         """Answer the solver's pending query with ``model_output`` (at ``sample``) and return its next
-        query point (or the final samples) as ``prev_sample``."""
+        query point (or the final samples) as ``prev_sample``. Other schedulers' keyword arguments
+        (``prev_timestep``, ...) are accepted and ignored."""
         r = self._run
         if r.grid is None:
             raise RuntimeError("call set_timesteps before step")
-        if r.gen is None:
+        if not r.started:
             self._start(sample, generator)
-        q = r.pending
-        pred = Prediction(sample.to(q.x.dtype), q.t, model_output.to(q.x.dtype), self.kind, self.schedule)
-        try:
-            r.pending = as_query(r.gen.send(pred))
-            prev = r.pending.x
-        except StopIteration as stop:
-            out = stop.value
-            prev = out.x if hasattr(out, "accepted") else out
-            r.gen, r.pending = None, None
+        x, out = sample.to(r.dtype), model_output.to(r.dtype)
+        if r.pending is not None:
+            pred = self.source.prediction(x, r.pending.t, out)
+            try:
+                r.pending = as_query(r.gen.send(pred))
+                prev = r.pending.x
+            except StopIteration as stop:
+                prev = stop.value.x if isinstance(stop.value, Outcome) else stop.value
+                r.gen, r.pending = None, None
+        else:  # the source's last call steps from a noise level to itself: the sample stays
+            pred = self.source.prediction(x, r.listed_t[-1], out)
+            prev = x
         r.step_index = (r.step_index or 0) + 1
-        prev = prev.to(sample.dtype)
+        if r.step_index >= len(r.listed_t):
+            r.started = False
+        prev, x0 = prev.to(sample.dtype), pred.x0.to(sample.dtype)
         if not return_dict:
-            return (prev, pred.x0.to(sample.dtype))
-        return DiffsolveSchedulerOutput(prev_sample=prev, pred_original_sample=pred.x0.to(sample.dtype))
+            return (prev, x0)
+        return DiffsolveSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def _start(self, sample: Tensor, generator) -> None:
         r = self._run
@@ -267,12 +291,16 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if generator is None:
             base = self.config.seed if self.config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             seeds = [base + i for i in range(sample.shape[0])]
-        dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
-        src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=dtype)
+        # the solver's arithmetic in float32 or better, as diffusers' schedulers upcast half samples
+        r.dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+        src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=r.dtype)
         grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step():]
-        r.gen = self.solver.run(sample.to(dtype), grid, src, schedule=self.schedule)
-        r.pending = as_query(next(r.gen))
+        r.gen, r.pending = None, None
+        if len(grid) > 1:
+            r.gen = self.solver.run(sample.to(r.dtype), grid, src, schedule=self.schedule)
+            r.pending = as_query(next(r.gen))
         r.step_index = r.begin_index or 0
+        r.started = True
 
     def _begin_step(self) -> int:
         """The grid index a begin index (counted in model calls, as img2img sets it) starts from."""
@@ -280,10 +308,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     # --------------------------------------------------------------------------- forward process
     def _time_of(self, timesteps: Tensor) -> Tensor:
-        t = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
-        if self.config.flow:
-            return t / self.config.num_train_timesteps
-        return self.schedule.t_of_timestep(t)
+        """The times of network timesteps: those this run lists, else the source's own map."""
+        ks = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(-1)
+        table = self._run.by_timestep or {}
+        return torch.tensor([table[k] if k in table else self.source.t_of_net(k) for k in ks.tolist()],
+                            dtype=torch.float64)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t = alpha x0 + sigma noise at the pipeline's timesteps (img2img, inpainting)."""

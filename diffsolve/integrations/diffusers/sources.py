@@ -1,0 +1,386 @@
+"""What the diffusers scheduler being replaced does: its schedule, where it places the steps and what
+the network sees.
+
+A published scheduler config names its class (``_class_name``) and its options. A :class:`Source`
+reads them once and answers what :class:`~diffsolve.integrations.diffusers.DiffsolveScheduler` needs
+to be a drop-in replacement:
+
+- ``schedule``: the forward process as a diffsolve schedule (VPDiscrete from the betas, RectifiedFlow
+  for flow matching, EDM for the EDM-preconditioned schedulers);
+- :meth:`Source.place`: the source's own steps for N inference steps, as a descending grid of
+  diffsolve times (ending where the source ends) and the network timestep the source lists at each
+  of them. The steps are computed by the source class itself (every sigma option of diffusers:
+  Karras, exponential, beta, Lu lambdas, flow sigmas and shifts, ``final_sigmas_type``,
+  ``timestep_spacing``, ``steps_offset``, zero terminal SNR), and the solver steps on exactly the
+  source's sigmas while the network is called at exactly the source's (possibly rounded) timesteps;
+- :meth:`Source.net_timestep`: the network timestep of a query between grid points (the source's
+  own map from noise level to timestep);
+- :meth:`Source.c_in` and :meth:`Source.prediction`: the input scaling and the output's meaning
+  (EDM preconditioning, learned-variance channels, ``clip_sample`` and ``thresholding``).
+
+Options that diffsolve cannot honour are refused with an error that names the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ...models.model import Prediction
+from ...schedules import EDM, RectifiedFlow, VPDiscrete
+from ...schedules.base import Schedule
+from .config import PREDICTIONS
+
+Tensor = torch.Tensor
+
+# the diffusers schedulers whose steps diffsolve reproduces, by family
+VP_SOURCES = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler",
+              "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+              "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+              "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+              "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler", "LCMScheduler",
+              "TCDScheduler", "UnCLIPScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+FLOW_SOURCES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+EDM_SOURCES = {"EDMEulerScheduler": "edm", "EDMDPMSolverMultistepScheduler": "edm",
+               "CosineDPMSolverMultistepScheduler": "cosine"}
+REFUSED = {"DDPMWuerstchenScheduler": "its continuous cosine schedule with network time r in [0, 1] is not a "
+                                      "DDPM-style or flow schedule diffsolve reads (Stable Cascade)"}
+# sources whose last step returns the clean estimate whatever set_alpha_to_one says
+_CLEAN_END = ("DDPMScheduler", "DDPMParallelScheduler", "LCMScheduler", "TCDScheduler", "UnCLIPScheduler")
+
+
+def source_class(config: Mapping[str, Any]) -> str | None:
+    """The diffusers scheduler class a config belongs to: its ``_class_name``, or else the one class
+    whose options are exactly the config's keys (a scheduler made in code has no ``_class_name``);
+    None when neither tells."""
+    name = config.get("_class_name")
+    if name:
+        return str(name)
+    import diffusers
+
+    keys = {k for k in config if not k.startswith("_")}
+    found = [n for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
+             if keys and keys == set(_params(getattr(diffusers, n, None)))]
+    return found[0] if len(found) == 1 else None
+
+
+def _params(cls) -> list[str]:
+    if cls is None:
+        return []
+    return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "kwargs")]
+
+
+@dataclass
+class Placement:
+    """A source's steps: ``grid`` (descending diffsolve times, the final point included),
+    ``timesteps`` (grid time -> the network timestep the source lists there), ``init_noise_sigma``
+    (the scale of the pipeline's initial noise) and ``identity_last`` (the source's last listed call
+    steps from a noise level to itself, DDIM with ``set_alpha_to_one=False`` ending at timestep 0: a
+    call whose step leaves the sample unchanged)."""
+
+    grid: Tensor
+    timesteps: dict[float, float]
+    init_noise_sigma: float = 1.0
+    identity_last: bool = False
+
+
+class Source:
+    """A scheduler config as diffsolve reads it (see the module docstring)."""
+
+    schedule: Schedule
+    kind: str
+    flow: bool = False
+
+    def __init__(self, config: Mapping[str, Any], name: str | None):
+        self.config, self.name = dict(config), name
+        self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+        self.threshold = (float(config.get("dynamic_thresholding_ratio", 0.995)),
+                          float(config.get("sample_max_value", 1.0))) if config.get("thresholding", False) else None
+        self.learned_variance = config.get("variance_type") in ("learned", "learned_range")
+
+    # -- the source's steps
+    def reference(self):
+        """The source scheduler itself, built from the config (its own defaults for absent keys)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.name)
+        keys = set(_params(cls)) - set(self.config.get("_use_default_values", []))
+        return cls.from_config({k: v for k, v in self.config.items() if k in keys})
+
+    def place(self, n: int, timesteps=None, sigmas=None, mu: float | None = None) -> Placement:
+        raise NotImplementedError
+
+    def net_timestep(self, t: float) -> float:
+        raise NotImplementedError
+
+    @property
+    def t_min(self) -> float:
+        """The smallest training noise level, as a time."""
+        raise NotImplementedError
+
+    def prior_scale(self, t0: float) -> float:
+        """The scale of the initial noise at time t0 on diffsolve's own grids."""
+        return 1.0
+
+    def listed_sigma(self, t: float) -> float:
+        """The noise level the source lists in ``sigmas`` at time t (sigma/alpha)."""
+        a, s = self.schedule.at(t)
+        return 0.0 if s == 0 else s / a
+
+    def t_of_net(self, k: float) -> float:
+        """The time of a network timestep (the inverse of :meth:`net_timestep`)."""
+        raise NotImplementedError
+
+    def c_in(self, t: float) -> float:
+        """The factor of the source's ``scale_model_input`` at time t (the latents here are x)."""
+        return 1.0
+
+    # -- the network's answer
+    def prediction(self, x: Tensor, t, output: Tensor) -> Prediction:
+        """The model output of the pipeline at (x, t) as a diffsolve Prediction, with the source's
+        post-processing of x0 (``clip_sample``, ``thresholding``); learned-variance channels are
+        dropped, as diffusers' deterministic schedulers do."""
+        if self.learned_variance and output.shape[1] == 2 * x.shape[1]:
+            output = output[:, : x.shape[1]]
+        pred = self._raw(x, t, output)
+        if self.clip is None and self.threshold is None:
+            return pred
+        x0 = pred.x0
+        if self.threshold is not None:
+            ratio, top = self.threshold
+            flat = x0.reshape(x0.shape[0], -1).abs().float()
+            s = torch.quantile(flat, ratio, dim=1).to(x0.dtype).clamp(1.0, top).reshape(-1, *([1] * (x0.ndim - 1)))
+            x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return Prediction.from_pair(x, t, x0, pred.eps, self.schedule)
+
+    def _raw(self, x: Tensor, t, output: Tensor) -> Prediction:
+        return Prediction(x, t, output, self.kind, self.schedule)
+
+
+def _unique_desc(values: Tensor) -> Tensor:
+    return torch.unique_consecutive(values.to(torch.float64))
+
+
+class VPSource(Source):
+    """DDPM-style configs (betas): VPDiscrete, eps / x0 / v prediction. k-diffusion-style sources
+    (Euler, Heun, DPM-Solver, ...) list sigma = sigma/alpha; DDIM-style ones (DDIM, PNDM, DDPM) list
+    integer timesteps."""
+
+    def __init__(self, config, name):
+        super().__init__(config, name)
+        pt = config.get("prediction_type", "epsilon")
+        if pt not in PREDICTIONS or pt == "flow_prediction":
+            raise ValueError(f"prediction_type {pt!r} is not supported with this config; allowed: epsilon, sample, "
+                             "v_prediction (flow_prediction needs use_flow_sigmas=True)")
+        self.kind = PREDICTIONS[pt]
+        tt = config.get("timestep_type", "discrete")
+        if tt not in ("discrete", "continuous"):
+            raise ValueError(f"timestep_type {tt!r} is not supported; allowed: 'discrete', 'continuous'")
+        self.continuous = tt == "continuous"
+        self.schedule = vp_schedule(config, name)
+        acp = self.schedule.alphas_cumprod
+        self._log_sigmas = (0.5 * torch.log((1 - acp) / acp)).numpy()  # ascending in the timestep
+
+    def place(self, n, timesteps=None, sigmas=None, mu=None):
+        ref = self.reference()
+        kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+        ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
+        ts = torch.as_tensor(ref.timesteps, dtype=torch.float64).cpu()
+        ref_sigmas = getattr(ref, "sigmas", None)
+        s = self.schedule
+        if ref_sigmas is not None and len(ref_sigmas) > len(_unique_desc(ts)):  # k-diffusion style: sigma/alpha
+            sig = torch.as_tensor(ref_sigmas, dtype=torch.float64).cpu()
+            t_of = {float(v): (0.0 if v == 0 else float(s.t_of_log_snr(-torch.log(v)))) for v in _unique_desc(sig)}
+            grid = torch.tensor(list(t_of.values()), dtype=torch.float64)
+            net = {t_of[float(v)]: float(k) for v, k in zip(sig, ts)}
+            init = float(getattr(ref, "init_noise_sigma", 1.0))
+            init = init if init == 1.0 else init * float(s.alpha(grid[0]))  # latents x/alpha -> x
+            return Placement(grid, net, init)
+        t = s.t_of_timestep(_unique_desc(ts))
+        net = {float(a): float(k) for a, k in zip(t, _unique_desc(ts))}
+        clean = self.name in _CLEAN_END or bool(self.config.get("set_alpha_to_one", True)) or \
+            "set_alpha_to_one" not in _params(type(ref))
+        end = 0.0 if clean else float(s.t_of_timestep(0))
+        identity_last = end == float(t[-1])
+        grid = t if identity_last else torch.cat([t, t.new_tensor([end])])
+        return Placement(grid, net, 1.0, identity_last)
+
+    def net_timestep(self, t):
+        lam = float(self.schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+        if self.continuous:
+            return 0.25 * -lam  # 0.25 log sigma, as EulerDiscreteScheduler's continuous timesteps
+        return float(np.interp(-lam, self._log_sigmas, np.arange(len(self._log_sigmas))))
+
+    @property
+    def t_min(self):
+        return float(self.schedule.t_of_timestep(0))
+
+    def t_of_net(self, k):
+        log_s = 4.0 * k if self.continuous else float(np.interp(k, np.arange(len(self._log_sigmas)), self._log_sigmas))
+        return float(self.schedule.t_of_log_snr(torch.tensor(-log_s, dtype=torch.float64)))
+
+
+def vp_schedule(config: Mapping[str, Any], name: str | None = None) -> VPDiscrete:
+    """The VPDiscrete of a DDPM-style config: diffusers' betas (zero terminal SNR included), and
+    CogVideoX's SNR shift (``snr_shift_scale``) for its schedulers."""
+    if name is not None and name.startswith("CogVideoX"):
+        from ...schedules.vp import _diffusers_betas
+
+        acp = torch.cumprod(1.0 - _diffusers_betas(config), dim=0)
+        k = float(config.get("snr_shift_scale", 3.0))
+        acp = acp / (k + (1 - k) * acp)
+        if config.get("rescale_betas_zero_snr", False):
+            sq = acp.sqrt()
+            sq = (sq - sq[-1]) * sq[0] / (sq[0] - sq[-1])
+            acp = sq**2
+        return VPDiscrete(alphas_cumprod=acp)
+    return VPDiscrete.from_diffusers_config(config)
+
+
+class FlowSource(Source):
+    """Flow matching (FlowMatch* schedulers, and DPM-Solver / UniPC with ``flow_prediction`` and
+    ``use_flow_sigmas``): RectifiedFlow with t = sigma; the network timestep is the source's (sigma
+    times ``num_train_timesteps``). Mochi's ``invert_sigmas`` lists 1 - sigma and wants minus the
+    velocity."""
+
+    kind = "velocity"
+    flow = True
+
+    def __init__(self, config, name):
+        super().__init__(config, name)
+        pt = config.get("prediction_type", "flow_prediction")
+        if pt != "flow_prediction":
+            raise ValueError(f"prediction_type {pt!r} is not supported for flow matching; allowed: flow_prediction")
+        self.schedule = RectifiedFlow()
+        self.inverted = bool(config.get("invert_sigmas", False))
+        self.n_train = int(config.get("num_train_timesteps", 1000))
+
+    def place(self, n, timesteps=None, sigmas=None, mu=None):
+        ref = self.reference()
+        kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)) if v is not None}
+        if self.config.get("use_dynamic_shifting", False) and mu is None:
+            raise ValueError("this flow scheduler uses dynamic shifting (use_dynamic_shifting): set_timesteps needs mu")
+        ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
+        sig = torch.as_tensor(ref.sigmas, dtype=torch.float64).cpu()
+        ts = torch.as_tensor(ref.timesteps, dtype=torch.float64).cpu()
+        t_all = 1.0 - sig if self.inverted else sig
+        grid = _unique_desc(t_all)
+        net = {float(a): float(k) for a, k in zip(t_all, ts)}
+        return Placement(grid, net, float(getattr(ref, "init_noise_sigma", 1.0)))
+
+    def net_timestep(self, t):
+        return (1.0 - t if self.inverted else t) * self.n_train
+
+    @property
+    def t_min(self):
+        return 1.0 / self.n_train
+
+    def listed_sigma(self, t):
+        return 1.0 - t if self.inverted else t
+
+    def t_of_net(self, k):
+        return 1.0 - k / self.n_train if self.inverted else k / self.n_train
+
+    def _raw(self, x, t, output):
+        return Prediction(x, t, -output if self.inverted else output, "velocity", self.schedule)
+
+
+class EDMSource(Source):
+    """EDM-preconditioned schedulers (EDMEuler, EDMDPMSolverMultistep; CosineDPMSolverMultistep with
+    its cosine noise conditioning): the EDM schedule (alpha = 1, sigma = t) and
+
+        c_in = 1/sqrt(s^2 + sd^2),  x0 = sd^2/(s^2 + sd^2) x + c_out F,  c_out = +-s sd/sqrt(s^2 + sd^2)
+
+    (+ for epsilon, - for v_prediction), network time c_noise = log(s)/4 (cosine: 2 atan(s)/pi).
+    The steps are Karras' (``sigma_schedule="karras"``, ``rho``) or exponential, placed here as the
+    source places them (CosineDPMSolverMultistep cannot be built without torchsde)."""
+
+    kind = "x0"
+
+    def __init__(self, config, name):
+        super().__init__(config, name)
+        pt = config.get("prediction_type", "epsilon")
+        if pt not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {pt!r} is not supported with EDM preconditioning; allowed: epsilon, "
+                             "v_prediction")
+        self.sign = 1.0 if pt == "epsilon" else -1.0
+        self.noise = EDM_SOURCES[name]
+        defaults = {"edm": (0.002, 80.0, 0.5), "cosine": (0.3, 500.0, 1.0)}[self.noise]
+        self.s_min = float(config.get("sigma_min", defaults[0]))
+        self.s_max = float(config.get("sigma_max", defaults[1]))
+        self.sd = float(config.get("sigma_data", defaults[2]))
+        self.rho = float(config.get("rho", 7.0))
+        self.kind_of_sigmas = config.get("sigma_schedule", "karras" if self.noise == "edm" else "exponential")
+        if self.kind_of_sigmas not in ("karras", "exponential"):
+            raise ValueError(f"sigma_schedule {self.kind_of_sigmas!r} is not supported; allowed: karras, exponential")
+        self.final = config.get("final_sigmas_type", "zero")
+        if self.final not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type {self.final!r} is not supported; allowed: zero, sigma_min")
+        self.schedule = EDM(self.s_min, self.s_max)
+
+    def place(self, n, timesteps=None, sigmas=None, mu=None):
+        if timesteps is not None:
+            raise ValueError(f"{self.name} takes no explicit timesteps")
+        if sigmas is not None:
+            sig = torch.as_tensor(sigmas, dtype=torch.float32)
+        else:
+            ramp = torch.linspace(0, 1, n, dtype=torch.float32)
+            if self.kind_of_sigmas == "karras":
+                lo, hi = self.s_min ** (1 / self.rho), self.s_max ** (1 / self.rho)
+                sig = (hi + ramp * (lo - hi)) ** self.rho
+            else:
+                sig = torch.linspace(math.log(self.s_min), math.log(self.s_max), n).exp().flip(0)
+        sig = sig.to(torch.float32)
+        last = 0.0 if self.final == "zero" else float(sig[-1])
+        grid = _unique_desc(torch.cat([sig.to(torch.float64), torch.tensor([last], dtype=torch.float64)]))
+        net = {float(v): self._c_noise(float(v), torch.float32) for v in sig.to(torch.float64)}
+        return Placement(grid, net, (self.s_max**2 + 1) ** 0.5)
+
+    def _c_noise(self, s: float, dtype=torch.float64) -> float:
+        v = torch.tensor(s, dtype=dtype)
+        return float(0.25 * torch.log(v) if self.noise == "edm" else v.atan() / math.pi * 2)
+
+    def net_timestep(self, t):
+        return self._c_noise(t)
+
+    @property
+    def t_min(self):
+        return self.s_min
+
+    def prior_scale(self, t0):
+        return (t0 * t0 + 1) ** 0.5
+
+    def t_of_net(self, k):
+        return math.exp(4.0 * k) if self.noise == "edm" else math.tan(k * math.pi / 2)
+
+    def c_in(self, t):
+        return 1.0 / math.sqrt(t * t + self.sd**2)
+
+    def _raw(self, x, t, output):
+        s = float(t)
+        d = s * s + self.sd**2
+        x0 = (self.sd**2 / d) * x + (self.sign * s * self.sd / math.sqrt(d)) * output
+        return Prediction(x, t, x0, "x0", self.schedule)
+
+
+def make_source(config: Mapping[str, Any], name: str | None, flow: bool = False) -> Source:
+    """The :class:`Source` of a scheduler config (``name``: its class; None: DDIM's placement, or
+    FlowMatchEuler's when ``flow``)."""
+    if name in REFUSED:
+        raise ValueError(f"_class_name {name!r} is not supported: {REFUSED[name]}")
+    if name in EDM_SOURCES:
+        return EDMSource(config, name)
+    if flow or name in FLOW_SOURCES or (config.get("prediction_type") == "flow_prediction"
+                                         and config.get("use_flow_sigmas", False)):
+        return FlowSource(config, name or "FlowMatchEulerDiscreteScheduler")
+    if name is not None and name not in VP_SOURCES:
+        known = ", ".join(sorted((*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)))
+        raise ValueError(f"_class_name {name!r} is not a scheduler DiffsolveScheduler knows; known: {known}")
+    return VPSource(config, name or "DDIMScheduler")

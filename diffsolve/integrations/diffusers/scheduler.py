@@ -291,8 +291,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if generator is None:
             base = self.config.seed if self.config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             seeds = [base + i for i in range(sample.shape[0])]
-        # the solver's arithmetic in float32 or better, as diffusers' schedulers upcast half samples
-        r.dtype = torch.float32 if sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+        # the solver's arithmetic in float64 (float32 where the device has no float64): diffusers'
+        # schedulers upcast half samples to float32, and a float32 sample loses 1e-5 to rounding
+        # over a run at noise levels far from 1 (SVD's sigma_max = 700)
+        r.dtype = torch.float32 if sample.device.type == "mps" else torch.float64
         src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=r.dtype)
         grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step():]
         r.gen, r.pending = None, None

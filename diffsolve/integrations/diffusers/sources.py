@@ -164,6 +164,14 @@ class Source:
         return Prediction(x, t, output, self.kind, self.schedule)
 
 
+def _place_with(ref, n: int, kw: dict) -> None:
+    """The source's own set_timesteps; where it fails (UnCLIP at one step), a ValueError saying so."""
+    try:
+        ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
+    except (ZeroDivisionError, IndexError) as e:
+        raise ValueError(f"{type(ref).__name__} cannot place num_inference_steps={n} ({type(e).__name__}: {e})") from e
+
+
 def _unique_desc(values: Tensor) -> Tensor:
     return torch.unique_consecutive(values.to(torch.float64))
 
@@ -191,7 +199,7 @@ class VPSource(Source):
     def place(self, n, timesteps=None, sigmas=None, mu=None):
         ref = self.reference()
         kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
-        ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
+        _place_with(ref, n, kw)
         ts = torch.as_tensor(ref.timesteps, dtype=torch.float64).cpu()
         ref_sigmas = getattr(ref, "sigmas", None)
         s = self.schedule
@@ -213,7 +221,8 @@ class VPSource(Source):
         return Placement(grid, net, 1.0, identity_last)
 
     def net_timestep(self, t):
-        lam = float(self.schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+        # at the clean end (t = 0, queried by no step that uses the answer) the smallest training level
+        lam = float(self.schedule.log_snr(torch.tensor(max(t, self.t_min), dtype=torch.float64)))
         if self.continuous:
             return 0.25 * -lam  # 0.25 log sigma, as EulerDiscreteScheduler's continuous timesteps
         return float(np.interp(-lam, self._log_sigmas, np.arange(len(self._log_sigmas))))
@@ -267,7 +276,7 @@ class FlowSource(Source):
         kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)) if v is not None}
         if self.config.get("use_dynamic_shifting", False) and mu is None:
             raise ValueError("this flow scheduler uses dynamic shifting (use_dynamic_shifting): set_timesteps needs mu")
-        ref.set_timesteps(n, **kw) if kw else ref.set_timesteps(n)
+        _place_with(ref, n, kw)
         sig = torch.as_tensor(ref.sigmas, dtype=torch.float64).cpu()
         ts = torch.as_tensor(ref.timesteps, dtype=torch.float64).cpu()
         t_all = 1.0 - sig if self.inverted else sig
@@ -348,7 +357,7 @@ class EDMSource(Source):
         return float(0.25 * torch.log(v) if self.noise == "edm" else v.atan() / math.pi * 2)
 
     def net_timestep(self, t):
-        return self._c_noise(t)
+        return self._c_noise(max(t, self.s_min))  # the clean end: c_out = 0 there
 
     @property
     def t_min(self):
@@ -364,9 +373,10 @@ class EDMSource(Source):
         return 1.0 / math.sqrt(t * t + self.sd**2)
 
     def _raw(self, x, t, output):
-        s = float(t)
+        s = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        s = s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim else s
         d = s * s + self.sd**2
-        x0 = (self.sd**2 / d) * x + (self.sign * s * self.sd / math.sqrt(d)) * output
+        x0 = (self.sd**2 / d) * x + (self.sign * self.sd) * (s / d.sqrt()) * output
         return Prediction(x, t, x0, "x0", self.schedule)
 
 

@@ -218,6 +218,16 @@ def test_2_ddim_without_alpha_to_one_makes_every_requested_call():
     assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+def test_ddim_steps_by_its_stride_and_reads_the_next_listed_timestep(spacing):
+    """DDIMScheduler steps to t - 1000 // N; at 12 steps trailing and linspace timesteps are not that
+    far apart (833 -> 750, then a call at 749)."""
+    cfg = {**load("sd21.json"), "timestep_spacing": spacing}
+    a, ca = loop(reference(cfg), 12, cfg)
+    b, cb = loop(DiffsolveScheduler.from_config(cfg, solver="ddim"), 12, cfg)
+    assert ca == cb == 12 and rel(a, b) < 1e-5, rel(a, b)
+
+
 def test_5_euler_and_heun_mean_the_diffusers_samplers():
     """euler / heun with no options reproduce EulerDiscrete / HeunDiscrete; space='t' is an option
     that differs on a VP schedule (and agrees on rectified flow)."""

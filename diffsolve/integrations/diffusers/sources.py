@@ -50,6 +50,8 @@ EDM_SOURCES = {"EDMEulerScheduler": "edm", "EDMDPMSolverMultistepScheduler": "ed
                "CosineDPMSolverMultistepScheduler": "cosine"}
 REFUSED = {"DDPMWuerstchenScheduler": "its continuous cosine schedule with network time r in [0, 1] is not a "
                                       "DDPM-style or flow schedule diffsolve reads (Stable Cascade)"}
+# sources that step from a timestep to it minus num_train_timesteps // N
+_STRIDE_STEP = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler", "PNDMScheduler")
 # sources whose last step returns the clean estimate whatever set_alpha_to_one says
 _CLEAN_END = ("DDPMScheduler", "DDPMParallelScheduler", "LCMScheduler", "TCDScheduler", "UnCLIPScheduler")
 
@@ -87,6 +89,7 @@ class Placement:
     timesteps: dict[float, float]
     init_noise_sigma: float = 1.0
     identity_last: bool = False
+    call_times: dict[float, float] | None = None  # grid time -> the time the source reads the call's output at
 
 
 class Source:
@@ -141,13 +144,18 @@ class Source:
         return 1.0
 
     # -- the network's answer
-    def prediction(self, x: Tensor, t, output: Tensor) -> Prediction:
+    def prediction(self, x: Tensor, t, output: Tensor, t_call: float | None = None) -> Prediction:
         """The model output of the pipeline at (x, t) as a diffsolve Prediction, with the source's
         post-processing of x0 (``clip_sample``, ``thresholding``); learned-variance channels are
-        dropped, as diffusers' deterministic schedulers do."""
+        dropped, as diffusers' deterministic schedulers do. ``t_call``: the time the source reads
+        the output at, when it differs from t (:class:`Placement`)."""
         if self.learned_variance and output.shape[1] == 2 * x.shape[1]:
             output = output[:, : x.shape[1]]
-        pred = self._raw(x, t, output)
+        if t_call is not None:  # read at the source's time of the call, handed to the solver at t
+            read = self._raw(x, t_call, output)
+            pred = Prediction.from_pair(x, t, read.x0, read.eps, self.schedule)
+        else:
+            pred = self._raw(x, t, output)
         if self.clip is None and self.threshold is None:
             return pred
         x0 = pred.x0
@@ -211,14 +219,21 @@ class VPSource(Source):
             init = float(getattr(ref, "init_noise_sigma", 1.0))
             init = init if init == 1.0 else init * float(s.alpha(grid[0]))  # latents x/alpha -> x
             return Placement(grid, net, init)
-        t = s.t_of_timestep(_unique_desc(ts))
-        net = {float(a): float(k) for a, k in zip(t, _unique_desc(ts))}
+        listed = _unique_desc(ts)
         clean = self.name in _CLEAN_END or bool(self.config.get("set_alpha_to_one", True)) or \
             "set_alpha_to_one" not in _params(type(ref))
         end = 0.0 if clean else float(s.t_of_timestep(0))
-        identity_last = end == float(t[-1])
-        grid = t if identity_last else torch.cat([t, t.new_tensor([end])])
-        return Placement(grid, net, 1.0, identity_last)
+        # DDIM-style sources step from each listed timestep to it minus 1000 // N, then read the next
+        # call at the next listed timestep (the two differ by one with trailing / linspace spacing)
+        stride = len(self.schedule.alphas_cumprod) // n if self.name in _STRIDE_STEP else None
+        ends = listed[1:] if stride is None else (listed[:-1] - stride).clamp_min(-1)
+        state_t = torch.cat([s.t_of_timestep(listed[:1]), s.t_of_timestep(ends)])
+        call_t = s.t_of_timestep(listed)
+        net = {float(a): float(k) for a, k in zip(state_t, listed)}
+        calls = {float(a): float(c) for a, c in zip(state_t, call_t) if float(a) != float(c)}
+        identity_last = end == float(state_t[-1])
+        grid = state_t if identity_last else torch.cat([state_t, state_t.new_tensor([end])])
+        return Placement(grid, net, 1.0, identity_last, calls or None)
 
     def net_timestep(self, t):
         # at the clean end (t = 0, queried by no step that uses the answer) the smallest training level

@@ -18,10 +18,11 @@ import diffsolve as ds  # noqa: E402
 from diffsolve.integrations.diffusers import (DiffsolveScheduler, invert_pipeline, pipeline_model,  # noqa: E402
                                               sample_pipeline)
 from tiny_pipelines import (SCHEDULER_CONFIGS, CountCalls, pixart_sigma, playground_v25,  # noqa: E402
-                            stable_diffusion_img2img, stable_diffusion_inpaint, stable_diffusion_xl)
+                            stable_diffusion_img2img, stable_diffusion_inpaint, stable_diffusion_xl,
+                            stable_diffusion_xl_img2img)
 
 BUILD = {"sdxl": stable_diffusion_xl, "edm": playground_v25, "pixart": pixart_sigma, "img2img": stable_diffusion_img2img,
-         "inpaint": stable_diffusion_inpaint}
+         "inpaint": stable_diffusion_inpaint, "sdxl_img2img": stable_diffusion_xl_img2img}
 FIXTURES = Path("/work/shared/fixtures/scheduler_configs")
 
 
@@ -38,11 +39,11 @@ def _mask():
 def _call(kind):
     """The pipeline call's arguments besides the prompt (and sample_pipeline's, but for the pipeline-only ones)."""
     kw = {"guidance_scale": 3.0}
-    if kind != "img2img":
+    if "img2img" not in kind:
         kw.update(height=16, width=16)
     if kind == "pixart":
         kw.update(max_sequence_length=8, use_resolution_binning=False, clean_caption=False)
-    if kind == "img2img":
+    if "img2img" in kind:
         kw.update(image=_image(), strength=0.5)
     if kind == "inpaint":
         kw.update(image=_image(), mask_image=_mask())
@@ -115,6 +116,7 @@ PARITY = [  # (pipeline, reference scheduler: None = the pipeline's own, solver,
     ("inpaint", None, "ddim", {}, {"strength": 0.6}),
     ("inpaint", DPMSolverMultistepScheduler, "dpmpp-2m", {}, {"strength": 0.6}),
     ("pixart", None, "dpmpp-2m", {}, {}),
+    ("sdxl_img2img", None, "euler", {"space": "sigma"}, {}),
 ]
 
 
@@ -126,7 +128,7 @@ def test_scheduler_parity(pipes, kind, ref_cls, solver, opts, extra):
     strength 0.5 run 5)."""
     p = pipes(kind)
     ref = p.scheduler if ref_cls is None else ref_cls.from_config(p.scheduler.config)
-    n = 10 if kind in ("img2img", "inpaint") else 6
+    n = 10 if kind in ("img2img", "inpaint", "sdxl_img2img") else 6
     a, ca = _latents(p, ref, n, **extra)
     b, cb = _latents(p, DiffsolveScheduler.from_config(ref, solver=solver, solver_options=opts), n, **extra)
     rel = _rel(a, b)
@@ -168,7 +170,7 @@ def test_driver_mode_runs_every_kind_of_solver(pipes, kind):
         assert c.calls == out.result.nfe, (kind, solver, c.calls, out.result.nfe)
         info = ds.samplers.registry.solver_info(solver)
         if info.fixed_grid:
-            steps = 2 if kind == "img2img" else 4
+            steps = 2 if "img2img" in kind else 4
             assert len(out.result.grid) - 1 == steps, (kind, solver)
             assert out.result.nfe == 2 * steps * info.calls_per_step, (kind, solver)  # CFG: two calls
 
@@ -279,5 +281,45 @@ def test_exact_inversion_round_trip_sdxl(pipes, kind):
 
     x0 = _encode_vae(p, p.image_processor.preprocess(image))
     err = float((back - x0).abs().max())
-    print(kind, "o-belm round trip max error", err, "latent scale", float(x0.abs().max()))
-    assert err < 1e-4
+    print(kind, "o-belm round trip max error", err, "latent scale", float(x0.abs().max()), "inverted scale",
+          float(lat.x.abs().max()))
+    assert err < 1e-4 and float((lat.x - x0).abs().max()) > 10 * float(x0.abs().max())  # it went to noise and back
+
+
+def test_driver_inpainting_unet_inputs(pipes):
+    """The 9-channel UNet sees the latents, the mask at latent size and the masked image's latents,
+    as the pipeline concatenates them."""
+    from diffsolve.integrations.diffusers.pipelines import _encode_vae
+
+    p = pipes("inpaint")
+    model, cond, b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, image=_image(), mask_image=_mask())
+    assert shape == (4, 8, 8) and cond["inpaint"].shape == (1, 5, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    masked = _encode_vae(p, p.image_processor.preprocess(_image()) * (1 - p.mask_processor.preprocess(_mask())))
+    x = torch.randn(1, *shape)
+    with torch.no_grad():
+        eps = p.unet(torch.cat([x, mask, masked], 1), torch.tensor([500.0]), cond["encoder_hidden_states"]).sample
+        assert torch.allclose(model(x, model.schedule.t_of_timestep(500.0), **cond).eps, eps, atol=1e-6)
+    with pytest.raises(ValueError, match="mask_image"):
+        pipeline_model(p, "a cat", image=_image())
+
+
+def test_driver_inpainting_with_a_4_channel_unet(pipes):
+    """A 4-channel UNet in the inpainting pipeline inpaints by replacement (diffsolve.guidance.Inpaint):
+    the known latents (mask 0) end as the image's latents."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from diffsolve.integrations.diffusers.pipelines import _encode_vae
+
+    p = StableDiffusionInpaintPipeline(**pipes("img2img").components)
+    p.set_progress_bar_config(disable=True)
+    with CountCalls(p.unet) as c:
+        out = sample_pipeline(p, "ddim", "a cat", num_inference_steps=4, guidance_scale=3.0, image=_image(),
+                              mask_image=_mask(), generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert c.calls == out.result.nfe == 8
+    known = torch.ones(1, 1, 8, 8)
+    known[..., 2:6, 2:6] = 0.0
+    y = _encode_vae(p, p.image_processor.preprocess(_image()))
+    assert torch.allclose(out.latents * known, y * known, atol=1e-6)
+    assert not torch.allclose(out.latents * (1 - known), y * (1 - known), atol=1e-2)

@@ -184,6 +184,15 @@ def stable_diffusion_xl(tmp: Path, scheduler: str = "sdxl_base", **vae_extra):
     return pipe
 
 
+def stable_diffusion_xl_img2img(tmp: Path):
+    """SDXL's img2img pipeline on the tiny SDXL components."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(**stable_diffusion_xl(tmp).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def playground_v25(tmp: Path):
     """An EDM-style SDXL (Playground v2.5): EDMDPMSolverMultistepScheduler with the published config
     (EDM preconditioning, sigma_data 0.5; the UNet gets c_noise = log(sigma) / 4) and a VAE with

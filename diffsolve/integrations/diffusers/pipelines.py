@@ -135,6 +135,23 @@ def _inpaint_inputs(pipe, image, mask_image, height: int, width: int, b: int):
     return _batch(mask, b), _batch(masked, b)
 
 
+def _sdxl_time_ids(pipe, proj: int, original_size, crops, target_size):
+    """SDXL's added time ids (conditional, negative) as its pipelines make them: original size, crop
+    corner and target size; for a refiner (``requires_aesthetics_score``) the aesthetic scores 6 and
+    2.5 in place of the target size."""
+    if pipe.config.get("requires_aesthetics_score", False):
+        ids, neg = [*original_size, *crops, 6.0], [*original_size, *crops, 2.5]
+    else:
+        ids = neg = [*original_size, *crops, *target_size]
+    unet = pipe.unet
+    want = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
+    if want is not None and unet.config.addition_time_embed_dim * len(ids) + proj != want.in_features:
+        raise ValueError(f"{type(pipe).__name__}'s UNet expects added embeddings of length {want.in_features}, but "
+                         f"{len(ids)} time ids and pooled text embeddings of {proj} give "
+                         f"{unet.config.addition_time_embed_dim * len(ids) + proj} (requires_aesthetics_score?)")
+    return [float(v) for v in ids], [float(v) for v in neg]
+
+
 def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width, image, mask_image,
                 original_size, crops_coords_top_left, target_size):
     """Stable Diffusion-style pipelines (SD, SDXL, img2img, inpainting) and their EDM-style variants."""
@@ -155,11 +172,11 @@ def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_pr
                                                do_classifier_free_guidance=guided, negative_prompt=negative_prompt)
         te2 = getattr(pipe, "text_encoder_2", None)
         proj = int(ppe.shape[-1]) if te2 is None else te2.config.projection_dim
-        ids = pipe._get_add_time_ids(tuple(original_size or (height, width)), tuple(crops_coords_top_left),
-                                     tuple(target_size or (height, width)), dtype=pe.dtype,
-                                     text_encoder_projection_dim=proj).to(unet.device).repeat(pe.shape[0], 1)
+        ids, neg_ids = _sdxl_time_ids(pipe, proj, tuple(original_size or (height, width)), tuple(crops_coords_top_left),
+                                      tuple(target_size or (height, width)))
+        ids, neg_ids = (torch.tensor([v], dtype=pe.dtype, device=unet.device).repeat(pe.shape[0], 1) for v in (ids, neg_ids))
         cond = {"encoder_hidden_states": pe, "text_embeds": ppe, "time_ids": ids}
-        uncond = {"encoder_hidden_states": ne, "text_embeds": nppe, "time_ids": ids} if guided else None
+        uncond = {"encoder_hidden_states": ne, "text_embeds": nppe, "time_ids": neg_ids} if guided else None
     else:
         pe, ne = pipe.encode_prompt(prompt, unet.device, num_images_per_prompt, guided, negative_prompt)[:2]
         cond, uncond = {"encoder_hidden_states": pe}, ({"encoder_hidden_states": ne} if guided else None)

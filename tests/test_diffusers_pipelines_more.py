@@ -198,6 +198,23 @@ def test_driver_mode_img2img_starts_where_the_pipeline_does(pipes):
     assert not torch.allclose(runs["ddim", 1].latents, runs["ddim", 0].latents)
     with pytest.raises(ValueError, match="no step"):
         sample_pipeline(p, "ddim", "a cat", num_inference_steps=4, image=_image(), strength=0.2)
+    with pytest.raises(ValueError, match="image="):
+        sample_pipeline(p, "ddim", "a cat", num_inference_steps=4, strength=0.5)
+    wide = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))  # latents of the image's size
+    out = sample_pipeline(p, "ddim", "a cat", num_inference_steps=4, image=wide, strength=0.5, output_type="np")
+    assert out.latents.shape == (1, 4, 8, 12) and out.images.shape == (1, 16, 24, 3)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "inpaint"])
+def test_driver_mode_per_sample_steps_on_a_batch(pipes, kind):
+    """adaptive-sde takes its own steps per sample (row subsets of every condition: time ids, pooled
+    embeddings, inpainting inputs): two images per prompt, NFE = denoiser calls, per-sample counts."""
+    p = pipes(kind)
+    with CountCalls(_denoiser(p)) as c:
+        out = sample_pipeline(p, "adaptive-sde", "a cat", num_images_per_prompt=2, eps_rel=0.2, t_min=1e-3,
+                              generator=torch.Generator().manual_seed(0), output_type="latent", **_driver_call(kind))
+    assert out.latents.shape == (2, 4, 8, 8) and torch.isfinite(out.latents).all()
+    assert c.calls == out.result.nfe and out.result.nfe_per_sample.shape == (2,)
 
 
 def test_driver_dpmpp_2m_matches_the_sdxl_pipeline(pipes):

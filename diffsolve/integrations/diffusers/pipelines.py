@@ -406,13 +406,18 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
     ``num_inference_steps`` steps would start (its scheduler's timestep ``num_inference_steps -
     int(num_inference_steps strength)``), x = alpha x0 + sigma z; a fixed-grid solver then runs the
     ``int(num_inference_steps strength)`` steps left, on its grid from there; an adaptive one starts there.
-    Inpainting: ``image`` and ``mask_image`` (white = repaint); ``strength`` defaults to 1 (from
-    noise, as the inpainting pipeline); below 1 the start is the noised image as for img2img.
+    Without ``height`` / ``width`` the latents have the image's size. Inpainting: ``image`` and
+    ``mask_image`` (white = repaint); ``strength`` defaults to 1 (from noise, as the inpainting
+    pipeline); below 1 the start is the noised image as for img2img.
     Every denoiser call is one NFE of the returned result.
     """
     from ...samplers.driver import sample
     from ...samplers.noise import NoiseSource
 
+    if strength is not None and image is None:
+        raise ValueError("strength is for img2img and inpainting: give image= too")
+    if image is not None and mask_image is None and height is None and width is None and hasattr(pipe, "image_processor"):
+        height, width = (int(v) for v in pipe.image_processor.preprocess(image).shape[-2:])  # img2img: the image's size
     model, cond, b, shape, decode, extra_hooks = pipeline_model(
         pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
         num_images_per_prompt=num_images_per_prompt, height=height, width=width,

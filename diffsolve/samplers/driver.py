@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import operator
 import time
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..models.model import DiffusionModel, FiniteGuard, NFECounter
+from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import require_reversible, reversible_sample
 from .base import Outcome, Solver, as_query, sub
@@ -72,13 +74,17 @@ def _run_dtype(model: DiffusionModel, dtype, like: Tensor | None, name: str) -> 
 
 
 def _check_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints (batch first); numpy ints and 0-d integer tensors count."""
+    what = "shape must be a tuple of positive ints (batch first)"
     try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise TypeError(f"shape must be a tuple of positive ints (batch first), got {shape!r}") from None
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be a non-empty tuple of positive ints (batch first), got {shape}")
-    return shape
+        if isinstance(shape, (str, bytes)) or any(isinstance(s, bool) for s in shape):
+            raise TypeError
+        dims = tuple(operator.index(s) for s in shape)  # no floats: 1.5 is no size
+    except TypeError:
+        raise TypeError(f"{what}, got {shape!r}") from None
+    if len(dims) < 1 or any(s < 1 for s in dims):
+        raise ValueError(f"{what}, got {dims}")
+    return dims
 
 
 def _check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) -> None:
@@ -197,11 +203,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         _check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
-    if steps is None and (grid is None or isinstance(grid, str)):
-        if fixed_grid:
-            raise ValueError("steps is required (or pass an explicit grid of times)")
-        steps = 1  # an adaptive solver only uses the grid's ends
-    g = make_grid(schedule, steps, grid, t_max=t_max, t_min=t_min)
+    g = _grid(schedule, steps, grid, t_max, t_min, fixed_grid)
 
     if isinstance(generator, torch.Generator):
         generator = [generator]
@@ -231,6 +233,24 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     return SampleResult(samples=out.x.to(dtype), nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
                         solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
                         rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
+
+
+def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool) -> Tensor:
+    """The run's time grid (:func:`make_grid`), with t_max / t_min checked: numbers, and with an
+    explicit grid only as its own ends."""
+    ends = {k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))}
+    explicit = grid is not None and not isinstance(grid, str)
+    if steps is None and not explicit:
+        if fixed_grid:
+            raise ValueError("steps is required (or pass an explicit grid of times)")
+        steps = 1  # an adaptive solver only uses the grid's ends
+    g = make_grid(schedule, steps, grid, **ends)
+    if explicit:
+        for (k, v), end in zip(ends.items(), (g[0], g[-1])):
+            if v is not None and v != float(end):
+                raise ValueError(f"{k}={v} is not the explicit grid's end ({float(end):.6g}); an explicit grid "
+                                 "sets the time range: leave t_max / t_min out, or give a grid kind")
+    return g
 
 
 def _check_hooks(hooks) -> list:
@@ -380,11 +400,7 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
         mu = torch.as_tensor(mu, device=x.device, dtype=work)
         _check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)
-    if steps is None and (grid is None or isinstance(grid, str)):
-        if fixed_grid:
-            raise ValueError("steps is required (or pass an explicit grid of times)")
-        steps = 1
-    g = make_grid(model.schedule, steps, grid, t_max=t_max, t_min=t_min)
+    g = _grid(model.schedule, steps, grid, t_max, t_min, fixed_grid)
     src = NoiseSource(shape, seeds=0, device=x.device, dtype=work, t_range=(float(g[-1]), float(g[0])))
     inverse = getattr(slv, "run_inverse", None)
     run = inverse(x, g, src, schedule=model.schedule, mu=mu) if inverse is not None else \

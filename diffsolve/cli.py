@@ -2,7 +2,7 @@
 
     diffsolve solvers [--markdown] [--family FAMILY]
     diffsolve sample [--model gmm-2d|digits-oracle] [--solver NAME] [--steps N] [--seed S]
-                     [--num-samples K] [--out DIR] [--device DEV] [--dtype float32|float64]
+                     [--num-samples K] [--out DIR] [--device DEV] [--dtype float32|float64|float16|bfloat16]
                      [--grid KIND] [-o key=value ...] [--force] [--no-progress]
     diffsolve restore [--task inpaint|deblur] [--method dps|enkg|inpaint] [--model digits-vp] ...
     diffsolve --version
@@ -35,7 +35,9 @@ PROG = "diffsolve"
 BENCH_NAMES = ("ode", "sde", "adaptive", "overhead", "inversion")  # = diffsolve.bench.NAMES (imported lazily)
 OUTPUT_FILES = ("samples.safetensors", "samples.png", "manifest.json")
 LATENT_FILES = ("latent.safetensors", "manifest.json")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPE_HELP = ("precision of the network and of the samples: float32, float64, or float16 / bfloat16 (the network "
+              "in half precision, the solver's arithmetic in float32) (default: float32)")
 
 
 class CLIError(Exception):
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ... (default: cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (worth it for long runs on a GPU; the first call compiles)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default: float32")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--grid", type=_grid, default=None,
                    help=f"time grid: {', '.join(ds.schedules.GRID_KINDS)}, or comma-separated descending times "
                         "(default: the schedule's)")
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=50, help="number of steps (default: 50)")
     p.add_argument("--grid", type=_grid, default=None, help="grid kind or explicit times (as for sample)")
     p.add_argument("--out", default=None, help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-latent)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="default: float32")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a solver option, repeatable")
     p.add_argument("--force", action="store_true", help="overwrite an existing latent in --out")
@@ -533,7 +535,8 @@ def cmd_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
     existing = _existing_outputs(out)
     if existing and not args.force:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose another --out")
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True).to(device)
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True,
+                                             torch_dtype=getattr(torch, args.dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator(device).manual_seed(args.seed + i) for i in range(args.num_samples)]
     kw = {"prompt": args.prompt} if args.prompt is not None else {}
@@ -799,10 +802,12 @@ def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
     existing = _existing_outputs(out, LATENT_FILES)
     if existing and not args.force:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose another --out")
-    target = MODELS[args.model]() if args.model in MODELS else _diffusers_folder(args.model)
+    dtype = getattr(torch, args.dtype)
+    cpu = torch.device("cpu")
+    target = MODELS[args.model](cpu, dtype) if args.model in MODELS else _diffusers_folder(args.model, cpu, dtype)
     if target.condition is not None:
         raise CLIError(f"--model {args.model}: inverting a conditional (restoration) model is not supported here")
-    x0 = tensors["samples"].to(getattr(torch, args.dtype))
+    x0 = tensors["samples"].to(dtype)
     lat = ds.invert(target.model, args.solver, x0, args.steps, grid=args.grid, progress=not args.no_progress, **options)
     meta = {"solver": lat.solver, "options": json.dumps(_jsonable(lat.options)), "model": args.model,
             "nfe": str(lat.nfe), "input": str(src)}

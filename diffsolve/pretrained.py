@@ -50,20 +50,41 @@ def schedule_from_card(spec: dict) -> Schedule:
     raise ValueError(f"schedule type {kind!r} in a model card is unknown; allowed: VPDiscrete, RectifiedFlow, MeanReverting")
 
 
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _unet(path: Path, device, dtype):
+    """The UNet2DModel in ``path`` on ``device`` in ``dtype`` (None: torch's default device / dtype)."""
     from diffusers import UNet2DModel
 
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(map(str, _DTYPES))}")
+    device = torch.get_default_device() if device is None else device
     unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype).to(device).eval()
     unet.requires_grad_(False)
     return unet
 
 
-def load_diffusers_ddpm(path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> DiffusionModel:
+def _time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The UNet's timestep: in x's dtype, but at least float32 (diffusers embeds it in float32; a
+    bfloat16 timestep would round 999 to 1000)."""
+    return t.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _model(net, unet, schedule: Schedule, prediction: str, time_input: str) -> DiffusionModel:
+    """The DiffusionModel over a UNet closure ``net``, declaring the UNet's dtype and device."""
+    return DiffusionModel(net, schedule, prediction=prediction, time_input=time_input, dtype=unet.dtype,
+                          device=unet.device)
+
+
+def load_diffusers_ddpm(path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> DiffusionModel:
     """A diffusers DDPM-style folder (``unet/`` + ``scheduler/``) as a DiffusionModel.
 
     The schedule is :class:`VPDiscrete` built from the scheduler config, the network time the
     diffusers timestep, the prediction from ``prediction_type`` (epsilon, sample or v_prediction).
+    The UNet is loaded on ``device`` in ``dtype`` (default: torch's default device and dtype).
     """
     path = Path(path)
     cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -74,10 +95,10 @@ def load_diffusers_ddpm(path: str | Path, device: str | torch.device = "cpu",
     unet = _unet(path / "unet", device, dtype)
 
     def net(x, t):
-        return unet(x, t.to(x.dtype)).sample
+        return unet(x, _time(t, x)).sample
 
     net.__name__ = f"UNet2DModel[{path.name}]"
-    return DiffusionModel(net, VPDiscrete.from_diffusers_config(cfg), prediction=kinds[pt], time_input="timestep")
+    return _model(net, unet, VPDiscrete.from_diffusers_config(cfg), kinds[pt], "timestep")
 
 
 def classes(name: str) -> dict | None:
@@ -86,9 +107,10 @@ def classes(name: str) -> dict | None:
     return card(name).get("class_labels")
 
 
-def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
+def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
     """A shipped generator as a DiffusionModel (see :data:`SHIPPED`). digits-mr takes ``mu=``,
-    digits-vp-cond ``class_labels=`` (see :func:`classes`)."""
+    digits-vp-cond ``class_labels=`` (see :func:`classes`). The UNet is loaded on ``device`` in
+    ``dtype`` (default: torch's default device and dtype); runs sample in that dtype."""
     path = path_of(name)
     if name not in SHIPPED:
         raise ValueError(f"{name!r} is not a generator; shipped generators: {', '.join(SHIPPED)}")
@@ -98,7 +120,7 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     unet = _unet(path / "unet", device, dtype)
     if c.get("condition"):
         def net(x, t, mu):
-            return unet(torch.cat([x, mu.expand_as(x)], dim=1), t.to(x.dtype)).sample
+            return unet(torch.cat([x, mu.to(x.dtype).expand_as(x)], dim=1), _time(t, x)).sample
     elif c.get("class_labels"):
         n = c["class_labels"]["num_classes"]
 
@@ -106,12 +128,12 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
             y = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
             if bool(((y < 0) | (y > n)).any()):
                 raise ValueError(f"class_labels must be in 0..{n - 1}, or {n} (the null class: unconditional)")
-            return unet(x, t.to(x.dtype), class_labels=y).sample
+            return unet(x, _time(t, x), class_labels=y).sample
     else:
         def net(x, t):
-            return unet(x, t.to(x.dtype)).sample
+            return unet(x, _time(t, x)).sample
     net.__name__ = f"UNet2DModel[{name}]"
-    return DiffusionModel(net, schedule_from_card(c["schedule"]), prediction=c["prediction"], time_input=c["time_input"])
+    return _model(net, unet, schedule_from_card(c["schedule"]), c["prediction"], c["time_input"])
 
 
 def load_noise_classifier(name: str = "digits-sigma"):

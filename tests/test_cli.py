@@ -181,7 +181,7 @@ def test_grid_dtype_and_device_options(tmp_path, capsys):
     assert tensors["samples"].dtype == torch.float64 and m["dtype"] == "float64"
     assert m["grid"] == pytest.approx(torch.linspace(m["grid"][0], m["grid"][-1], 5).tolist())
 
-    assert sample(tmp_path / "d1", "--dtype", "float16") == 2
+    assert sample(tmp_path / "d1", "--dtype", "float8") == 2
     assert sample(tmp_path / "d2", "--device", "no-such-device") == 2
     assert "diffsolve: error:" in capsys.readouterr().err
     assert sample(tmp_path / "d3", "--grid", "nope") == 2

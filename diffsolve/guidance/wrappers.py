@@ -32,6 +32,14 @@ class GuidedModel(DiffusionModel):
     def nfe(self) -> int:
         return self.inner.nfe
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.inner.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.inner.device
+
     def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
                  index: Tensor | None = None, **cond: Any) -> Prediction:
         raise NotImplementedError

@@ -58,6 +58,10 @@ class _OracleNet:
         self.__name__ = type(oracle).__name__
 
     def __call__(self, x: Tensor, t: Tensor, mu: Tensor | None = None, class_labels=None) -> Tensor:
+        event = tuple(self.oracle.event_shape)
+        if math.prod(x.shape[1:]) != math.prod(event):
+            raise ValueError(f"shape: the {self.__name__} oracle's samples have shape {event}, got states of "
+                             f"shape {tuple(x.shape)} (batch first)")
         if class_labels is None:
             return self.oracle.denoise(x, t, self.schedule, mu)
         return self.oracle.denoise(x, t, self.schedule, mu, class_labels=class_labels)

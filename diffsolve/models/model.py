@@ -145,6 +145,7 @@ class Prediction:
         self.schedule = schedule
         self.mu = mu
         self._x0_eps: tuple[Tensor, Tensor] | None = None
+        self._pair_given = False  # _x0_eps given by from_pair (not derived from output)
         self._coefs: Coefs | None = None
 
     @classmethod
@@ -154,7 +155,17 @@ class Prediction:
         ``output`` is x0; every other parameterisation is derived from the pair."""
         pred = cls(x, t, x0, "x0", schedule, mu)
         pred._x0_eps = (x0, eps)
+        pred._pair_given = True
         return pred
+
+    def rebased(self, x: Tensor, mu: Tensor | None = None) -> "Prediction":
+        """The same answer for the state ``x``, the state the model saw in another precision (a
+        half-precision network answering for a float32 state): the output (and the (x0, eps) pair of
+        :meth:`from_pair`) cast to x's dtype; every other form is derived afresh in that dtype."""
+        if self._pair_given:
+            x0, eps = self._x0_eps
+            return Prediction.from_pair(x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu)
+        return Prediction(x, self.t, self.output.to(x.dtype), self.kind, self.schedule, mu)
 
     @property
     def coefs(self) -> Coefs:
@@ -243,12 +254,18 @@ class DiffusionModel:
         (the schedule's own, e.g. diffusers' discrete timestep for :class:`VPDiscrete`, sigma for
         rectified flow), ``"sigma"``, ``"c_noise"`` (EDM's log(sigma/alpha)/4), ``"log_snr"``, or a
         callable ``t -> t_net``. Default: ``"timestep"``.
+    dtype, device:
+        the network's precision and device, when ``net`` is not a ``torch.nn.Module`` (for a module
+        they are read from its parameters); None: unknown (e.g. an analytic model). A run's dtype
+        must be the network's (:func:`diffsolve.sample` refuses another); without ``dtype=`` a run
+        samples in it, and on its device.
 
     Calling the model returns a :class:`Prediction`. ``t`` is a scalar or a per-sample ``[B]`` tensor.
     """
 
     def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: str = "eps",
-                 time_input: str | Callable[[Tensor], Tensor] | None = None):
+                 time_input: str | Callable[[Tensor], Tensor] | None = None, *,
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None):
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
         if not isinstance(schedule, Schedule):
@@ -260,7 +277,33 @@ class DiffusionModel:
         if not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input {time_input!r} is unknown; allowed: {', '.join(TIME_INPUTS)} or a callable")
         self.time_input = time_input
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        self._dtype = dtype
+        self._device = None if device is None else torch.device(device)
         self.nfe = 0  # network calls over this object's lifetime (a run's own count lives in its NFECounter)
+
+    def _parameter(self) -> Tensor | None:
+        """The network's first floating-point parameter (None when it is not a module or has none)."""
+        if not isinstance(self.net, torch.nn.Module):
+            return None
+        return next((p for p in self.net.parameters() if p.is_floating_point()), None)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The network's dtype: as declared, else its parameters' (a module), else None (unknown)."""
+        if getattr(self, "_dtype", None) is not None:
+            return self._dtype
+        p = self._parameter()
+        return None if p is None else p.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        """The network's device: as declared, else its parameters' (a module), else None (unknown)."""
+        if getattr(self, "_device", None) is not None:
+            return self._device
+        p = self._parameter()
+        return None if p is None else p.device
 
     def net_time(self, t: Tensor) -> Tensor:
         """The network's time input for continuous times ``t``."""

@@ -148,7 +148,7 @@ class _CountingDrift:
         self.drift, self.accepted, self.rejected = drift, 0, 0
 
     def __call__(self, t, y):
-        return self.drift(float(t), y)
+        return self.drift(float(t.detach()) if isinstance(t, torch.Tensor) else float(t), y)
 
     def callback_accept_step(self, t0, y0, dt):
         self.accepted += 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import operator
 import time
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..models.model import DiffusionModel, FiniteGuard, NFECounter
+from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import require_reversible, reversible_sample
 from .base import Outcome, Solver, as_query, sub
@@ -31,22 +33,58 @@ def resolve_solver(solver: str | Solver, options: Mapping[str, Any]) -> Solver:
     return get_solver(solver, **options)
 
 
-def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
+def _dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """A dtype argument as a torch.dtype (None stays None): a name in ``_DTYPES`` or one of their dtypes."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is unknown; allowed: {', '.join(_DTYPES)} or a torch.dtype")
+    raise ValueError(f"{name} {dtype!r} is not supported; allowed: {', '.join(_DTYPES)} (names or torch dtypes)")
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of a run's state and solver arithmetic for the run's ``dtype``: float32 for the
+    half types (the network alone runs in half precision, as diffusers' schedulers upcast the
+    sample in ``step``), else ``dtype`` itself."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _run_dtype(model: DiffusionModel, dtype, like: Tensor | None, name: str) -> torch.dtype:
+    """The run's dtype: ``dtype``, else ``like``'s (x_T, x0), else the network's, else torch's default.
+    Refuses one the network's weights are not in (``name`` says where the dtype came from)."""
+    net = model.dtype
+    if dtype is not None:
+        dtype, source = _dtype(dtype), "dtype"
+    elif like is not None:
+        dtype, source = _dtype(like.dtype, name), name
+    else:
+        dtype, source = (net, "the network's dtype") if net is not None else (torch.get_default_dtype(), "default dtype")
+        dtype = _dtype(dtype, source)
+    if net is not None and net != dtype:
+        raise ValueError(f"dtype: the run's dtype is {dtype} ({source}) but the network's weights are {net}; "
+                         f"pass dtype={net}, or convert the network to {dtype} (e.g. net.to({dtype}), "
+                         f"ds.pretrained.load(name, dtype={dtype}))")
+    return dtype
 
 
 def _check_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints (batch first); numpy ints and 0-d integer tensors count."""
+    what = "shape must be a tuple of positive ints (batch first)"
     try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise TypeError(f"shape must be a tuple of positive ints (batch first), got {shape!r}") from None
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be a non-empty tuple of positive ints (batch first), got {shape}")
-    return shape
+        if isinstance(shape, (str, bytes)) or any(isinstance(s, bool) for s in shape):
+            raise TypeError
+        dims = tuple(operator.index(s) for s in shape)  # no floats: 1.5 is no size
+    except TypeError:
+        raise TypeError(f"{what}, got {shape!r}") from None
+    if len(dims) < 1 or any(s < 1 for s in dims):
+        raise ValueError(f"{what}, got {dims}")
+    return dims
 
 
 def _check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) -> None:
@@ -98,7 +136,11 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         :class:`~diffsolve.samplers.hooks.StepHook`), run in order around every model call.
     noise: ``"gaussian"`` (fresh per-sample draws) or ``"brownian"`` (a per-sample Brownian tree);
         default: the solver's ``default_noise`` (gaussian, brownian for ``adaptive-sde``).
-    device, dtype: where and in which precision to sample (default: x_T's, else cpu / float32).
+    device, dtype: where and in which precision to sample (default: x_T's, else the network's when
+        the model knows it (:attr:`DiffusionModel.dtype`), else torch's default device and dtype). The
+        network runs in ``dtype``, which must be its weights' dtype. For ``float16`` and ``bfloat16``
+        the state and the solver's arithmetic stay in float32 (the network's inputs are cast to
+        ``dtype``, its outputs back); samples are returned in ``dtype``.
     progress: show a progress bar (default: only when stderr is a terminal).
     return_trajectory: keep (t, x) of every model query.
     grad: back-propagate through a reversible solver in constant memory (the reversible adjoint,
@@ -131,20 +173,21 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         if dtype is None and latent.dtype is not None:
             dtype = latent.dtype
     schedule = model.schedule
-    dtype = _dtype(dtype)
 
     if x_T is not None:
+        if not isinstance(x_T, Tensor):
+            raise TypeError(f"x_T must be a torch.Tensor (the starting state, batch first), got {type(x_T).__name__}")
         if shape is not None and tuple(shape) != tuple(x_T.shape):
             raise ValueError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}")
         shape = _check_shape(x_T.shape)
         device = x_T.device if device is None else torch.device(device)
-        dtype = x_T.dtype if dtype is None else dtype
     elif shape is None:
         raise ValueError("give shape (the batch shape to sample, batch first) or x_T (the starting state)")
     else:
         shape = _check_shape(shape)
-        device = torch.device("cpu") if device is None else torch.device(device)
-        dtype = torch.float32 if dtype is None else dtype
+        device = torch.device(device) if device is not None else model.device or torch.get_default_device()
+    dtype = _run_dtype(model, dtype, x_T, "x_T's dtype")
+    work = state_dtype(dtype)
     b = shape[0]
     cond = dict(cond or {})
     for k, v in cond.items():
@@ -156,28 +199,24 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
             _check_batch(f"uncond[{k!r}]", v, b)
     hooks = _check_hooks(hooks)
     if mu is not None:
-        mu = torch.as_tensor(mu, device=device, dtype=dtype)
+        mu = torch.as_tensor(mu, device=device, dtype=work)
         _check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
-    if steps is None and (grid is None or isinstance(grid, str)):
-        if fixed_grid:
-            raise ValueError("steps is required (or pass an explicit grid of times)")
-        steps = 1  # an adaptive solver only uses the grid's ends
-    g = make_grid(schedule, steps, grid, t_max=t_max, t_min=t_min)
+    g = _grid(schedule, steps, grid, t_max, t_min, fixed_grid)
 
     if isinstance(generator, torch.Generator):
         generator = [generator]
     if generator is not None and seed is not None:
         raise ValueError("give seed or generator, not both")
-    src = NoiseSource(shape, seeds=seed, generators=generator, device=device, dtype=dtype, kind=noise,
+    src = NoiseSource(shape, seeds=seed, generators=generator, device=device, dtype=work, kind=noise,
                       t_range=(float(g[-1]), float(g[0])))
     if x_T is None:
         x = schedule.prior(shape, mu, noise=src.randn(), t=float(g[0]))
     elif latent is not None and latent.aux is not None:
         x = x_T.to(device=device)  # a reversible latent keeps its precision; the model runs in dtype
     else:
-        x = x_T.to(device=device, dtype=dtype)
+        x = x_T.to(device=device, dtype=work)
 
     aux = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     if grad:
@@ -190,10 +229,28 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
         out, counter, trajectory, wall = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress,
                                                  return_trajectory=return_trajectory, uncond=uncond, hooks=hooks,
-                                                 hook_noise=src.derived() if hooks else None)
-    return SampleResult(samples=out.x, nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
+                                                 hook_noise=src.derived() if hooks else None, net_dtype=dtype)
+    return SampleResult(samples=out.x.to(dtype), nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
                         solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
                         rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
+
+
+def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool) -> Tensor:
+    """The run's time grid (:func:`make_grid`), with t_max / t_min checked: numbers, and with an
+    explicit grid only as its own ends."""
+    ends = {k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))}
+    explicit = grid is not None and not isinstance(grid, str)
+    if steps is None and not explicit:
+        if fixed_grid:
+            raise ValueError("steps is required (or pass an explicit grid of times)")
+        steps = 1  # an adaptive solver only uses the grid's ends
+    g = make_grid(schedule, steps, grid, **ends)
+    if explicit:
+        for (k, v), end in zip(ends.items(), (g[0], g[-1])):
+            if v is not None and v != float(end):
+                raise ValueError(f"{k}={v} is not the explicit grid's end ({float(end):.6g}); an explicit grid "
+                                 "sets the time range: leave t_max / t_min out, or give a grid kind")
+    return g
 
 
 def _check_hooks(hooks) -> list:
@@ -208,9 +265,10 @@ def _check_hooks(hooks) -> list:
 
 def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: int, *, mu=None, cond=None,
             progress: bool | None = None, return_trajectory: bool = False, uncond=None, hooks=(),
-            hook_noise: NoiseSource | None = None):
+            hook_noise: NoiseSource | None = None, net_dtype: torch.dtype | None = None):
     """Pump a solver's generator ``run`` with model calls: every call counted and checked for NaN,
-    with the step hooks run around each call and at the end.
+    with the step hooks run around each call and at the end. With ``net_dtype`` (a half-precision
+    run) the model gets x and mu in that dtype and its answer comes back for the state's precision.
 
     Returns (Outcome, NFECounter, trajectory or None, wall seconds). Shared by sampling and inversion.
     """
@@ -231,7 +289,12 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
             kw["uncond"] = {k: sub(v, index) for k, v in uncond.items()}
 
         def call(x, t):
-            pred = model(x, t, mu=sub(mu, index), counter=counter, index=index, **kw)
+            m = sub(mu, index)
+            if net_dtype is None or x.dtype == net_dtype:
+                pred = model(x, t, mu=m, counter=counter, index=index, **kw)
+            else:
+                pred = model(x.to(net_dtype), t, mu=None if m is None else m.to(net_dtype), counter=counter,
+                             index=index, **kw).rebased(x, m)
             n = counter.calls
             guard.check(pred.output, lambda: f"solver {slv.name!r}, step {step() if callable(step) else step}{of} "
                                              f"({_describe_t(t)}), model call {n}")
@@ -326,25 +389,22 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
         raise ValueError(f"solver {slv.name!r} is stochastic; invert needs a deterministic solver "
                          "(e.g. ddim, heun, dpmpp-2m, or a reversible one such as rev-heun)")
     shape = _check_shape(x0.shape)
-    dtype = x0.dtype if dtype is None else _dtype(dtype)
-    x = x0.to(dtype=dtype)
+    dtype = _run_dtype(model, dtype, x0, "x0's dtype")
+    work = state_dtype(dtype)
+    x = x0.to(dtype=work)
     b = shape[0]
     cond = dict(cond or {})
     for k, v in cond.items():
         _check_batch(f"cond[{k!r}]", v, b)
     if mu is not None:
-        mu = torch.as_tensor(mu, device=x.device, dtype=dtype)
+        mu = torch.as_tensor(mu, device=x.device, dtype=work)
         _check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)
-    if steps is None and (grid is None or isinstance(grid, str)):
-        if fixed_grid:
-            raise ValueError("steps is required (or pass an explicit grid of times)")
-        steps = 1
-    g = make_grid(model.schedule, steps, grid, t_max=t_max, t_min=t_min)
-    src = NoiseSource(shape, seeds=0, device=x.device, dtype=dtype, t_range=(float(g[-1]), float(g[0])))
+    g = _grid(model.schedule, steps, grid, t_max, t_min, fixed_grid)
+    src = NoiseSource(shape, seeds=0, device=x.device, dtype=work, t_range=(float(g[-1]), float(g[0])))
     inverse = getattr(slv, "run_inverse", None)
     run = inverse(x, g, src, schedule=model.schedule, mu=mu) if inverse is not None else \
         slv.run(x, g.flip(0), src, schedule=model.schedule, mu=mu)
-    out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress)
+    out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress, net_dtype=dtype)
     return Latent(x=out.x, aux=(out.stats or {}).get("aux"), grid=g, solver=slv.name, options=slv.options(),
                   nfe=counter.calls, dtype=dtype)

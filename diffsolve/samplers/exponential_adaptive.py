@@ -52,6 +52,7 @@ give each sample's accepted times (``"grids"``, and ``"grid"`` in batch mode).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -332,7 +333,8 @@ class MRSAdaptive(_LogSNRAdaptive):
 class SinglestepMRS(Solver):
     """The higher-order solution of mrs-adaptive's pair (module docstring) on a fixed grid:
     ``order=3`` is DPM-Solver++(3S) (3 calls per step), ``order=2`` DPM-Solver++(2S) with r = 1/2
-    (2 calls). A step that ends at sigma = 0 (infinite log-SNR) is first order: y = alpha_t x0_hat.
+    (2 calls). A step from alpha = 0 or to sigma = 0 (an infinite log-SNR: no midpoints in log-SNR)
+    is first order, a DDIM step: x_t = alpha_t x0_hat + sigma_t eps_hat (+ (1 - alpha_t) mu).
     Replaying a grid chosen by mrs-adaptive (:func:`pilot_grid`) gives the adaptive accuracy.
     """
 
@@ -346,9 +348,9 @@ class SinglestepMRS(Solver):
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
             lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
-            if lam_t == float("inf"):  # to the clean end: first order (DDIM), one call
+            if not (math.isfinite(lam_s) and math.isfinite(lam_t)):  # from alpha = 0 or to sigma = 0: DDIM, one call
                 pred = yield Query(x, t, step=i + 1)
-                x = pred.point(float(schedule.alpha(t_next)), 0.0)
+                x = pred.point(*schedule.at(t_next))
                 continue
             ls = torch.full((b,), lam_s, dtype=torch.float64, device=x.device)
             hr = torch.full((b,), lam_t - lam_s, dtype=torch.float64, device=x.device)

@@ -152,7 +152,8 @@ class MultistepPC(Solver):
     output at the predicted point, which the next step reuses, so N steps cost N + 1 calls. The
     first steps ramp up from DDIM. ``order`` 2, 3 or 4 (default; the corrector's order);
     ``parameterization`` ``"data"`` (default), ``"noise"`` or ``"velocity"``. A step to sigma = 0 is the first-order jump
-    x = alpha x0_hat from a fresh call at the last state.
+    x = alpha x0_hat from a fresh call at the last state; a step from alpha = 0 (t = 1 of rectified flow)
+    is a DDIM step, x = alpha_t x0_hat + sigma_t eps_hat, and the multistep history starts after it.
     """
 
     def __init__(self, order: int = 4, parameterization: str = "data"):
@@ -174,6 +175,10 @@ class MultistepPC(Solver):
             if lam_t == float("inf"):  # to the clean end: the first-order jump from a fresh call
                 pred = yield Query(x, t, step=i + 1)
                 return pred.point(float(schedule.alpha(t_next)), 0.0)
+            if lam_s == -float("inf"):  # from alpha = 0: a DDIM step (the history needs finite log-SNRs)
+                pred = yield Query(x, t, step=i + 1)
+                x = pred.point(*schedule.at(t_next))
+                continue
             if hist is None:
                 pred = yield Query(x, t, step=i + 1)
                 x = pred.x

@@ -10,6 +10,7 @@ fixed function of time, the same at 20 and at 40 steps and consistent for reject
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -26,17 +27,25 @@ def resolve_seeds(batch_size: int, seed: int | Sequence[int] | None = None) -> l
     base seed from torch's global generator (so ``torch.manual_seed`` makes it reproducible)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or a sequence of ints, got {seed!r}")
-    if isinstance(seed, int):
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        return [seed + i for i in range(batch_size)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch_size:
-        raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch_size} samples")
+    what = "seed must be an int >= 0 or a sequence of them (one per sample)"
+    if isinstance(seed, (bool, str, bytes)):
+        raise TypeError(f"{what}, got {seed!r}")
+    try:
+        seeds = [operator.index(seed) + i for i in range(batch_size)]
+        base = True
+    except TypeError:
+        base = False
+    if not base:
+        try:
+            if any(isinstance(s, bool) for s in seed):
+                raise TypeError
+            seeds = [operator.index(s) for s in seed]
+        except TypeError:
+            raise TypeError(f"{what}, got {seed!r}") from None
+        if len(seeds) != batch_size:
+            raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch_size} samples")
     if any(s < 0 for s in seeds):
-        raise ValueError("seed: seeds must be >= 0")
+        raise ValueError(f"{what}, got {seed!r}")
     return seeds
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import torch
 
 FAMILIES = ("ode", "sde", "pc", "adaptive", "mcmc", "reversible")
 
@@ -94,9 +98,23 @@ def get_solver(name: str, **options: Any):
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             opts = ", ".join(f"{o}={d!r}" for o, d in allowed.items()) or "none"
             raise TypeError(f"solver {info.name!r} has no option {k!r}{hint}; its options are: {opts}")
+        else:
+            _check_number(info.name, k, v, allowed[k])
     solver = info.cls(**{**options, **info.fixed})
     solver.name = info.name
     return solver
+
+
+def _check_number(solver: str, key: str, value: Any, default: Any) -> None:
+    """A numeric option (one whose default is a number) takes a real number, never NaN (the solver
+    checks its range)."""
+    if isinstance(default, bool) or not isinstance(default, numbers.Real):
+        return
+    scalar = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex()
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar):
+        raise TypeError(f"solver {solver!r}: option {key} must be a number (default {default!r}), got {value!r}")
+    if math.isnan(float(value)):
+        raise ValueError(f"solver {solver!r}: option {key} must be a number, got NaN")
 
 
 def registered() -> list[SolverInfo]:

@@ -17,6 +17,7 @@ Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing time
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence, Union
 
 import torch
@@ -29,22 +30,32 @@ GridSpec = Union[str, Sequence[float], torch.Tensor]
 
 
 def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    """``steps`` as a positive int (an integral float such as 20.0 is accepted; strings and bools are not)."""
+    if isinstance(steps, (bool, str, bytes)):
+        raise TypeError(f"steps must be a positive integer, got {steps!r}")
+    try:
+        n = operator.index(steps)
+    except TypeError:
         try:
-            if float(steps) != int(steps):
-                raise ValueError
-            steps = int(steps)
-        except (TypeError, ValueError):
+            n = int(steps)
+            ok = float(steps) == n
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
             raise TypeError(f"steps must be a positive integer, got {steps!r}") from None
-    if steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    return steps
+    if n < 1:
+        raise ValueError(f"steps must be a positive integer, got {n}")
+    return n
 
 
 def check_grid(grid) -> torch.Tensor:
     """Validate an explicit grid and return it as a float64 CPU tensor."""
-    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().reshape(-1) if not isinstance(grid, torch.Tensor) \
-        else grid.detach().to("cpu", torch.float64)
+    try:
+        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu() if not isinstance(grid, torch.Tensor) \
+            else grid.detach().to("cpu", torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"grid must be a grid kind ({', '.join(GRID_KINDS)}) or a 1-D sequence of times, "
+                        f"got {grid!r}") from None
     if g.ndim != 1 or len(g) < 2:
         raise ValueError(f"grid must be a 1-D sequence of at least 2 times, got shape {tuple(g.shape)}")
     if not bool(torch.isfinite(g).all()):
@@ -52,6 +63,19 @@ def check_grid(grid) -> torch.Tensor:
     if not bool((g[1:] < g[:-1]).all()):
         raise ValueError("grid must be strictly decreasing (from t_max down to t_min)")
     return g
+
+
+def check_times_in(schedule: Schedule, times: torch.Tensor, names: Sequence[str]) -> None:
+    """Raise a ValueError naming ``names[i]`` (``names[-1]`` for times past the list) unless every time
+    lies in the schedule's domain: t >= 0 with finite alpha(t) >= 0 and sigma(t) >= 0."""
+    t = times.reshape(-1).to(torch.float64)
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    bad = (t < 0) | ~torch.isfinite(a) | ~torch.isfinite(s) | (a < 0) | (s < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{names[min(i, len(names) - 1)]}: t={float(t[i]):.6g} is outside the range of {schedule!r} "
+                         f"(alpha={float(a[i]):.4g}, sigma={float(s[i]):.4g}; times must be >= 0 with finite "
+                         "alpha, sigma >= 0)")
 
 
 def make_grid(schedule: Schedule, steps: int | None = None, kind: GridSpec | None = None, *,
@@ -68,6 +92,7 @@ def make_grid(schedule: Schedule, steps: int | None = None, kind: GridSpec | Non
         g = check_grid(kind)
         if steps is not None and _check_steps(steps) != len(g) - 1:
             raise ValueError(f"steps={steps} does not match the explicit grid of {len(g)} times ({len(g) - 1} steps)")
+        check_times_in(schedule, g, ["grid"])
         return g
     if kind not in GRID_KINDS:
         raise ValueError(f"grid kind {kind!r} is unknown; allowed: {', '.join(GRID_KINDS)} or an explicit list of times")
@@ -78,6 +103,7 @@ def make_grid(schedule: Schedule, steps: int | None = None, kind: GridSpec | Non
     t_min = schedule.t_min if t_min is None else float(t_min)
     if not t_min < t_max:
         raise ValueError(f"t_min must be < t_max, got t_min={t_min}, t_max={t_max}")
+    check_times_in(schedule, torch.tensor([t_max, t_min], dtype=torch.float64), ["t_max", "t_min"])
     u = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)  # 0 at t_max, 1 at t_min
 
     if kind == "uniform":

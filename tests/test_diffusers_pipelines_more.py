@@ -138,9 +138,6 @@ def test_scheduler_parity(pipes, kind, ref_cls, solver, opts, extra):
     assert rel < 1e-5
 
 
-@pytest.mark.xfail(strict=False, reason="scheduler mode does not read EDM configs yet (sigma_min/sigma_max/"
-                                        "sigma_data; today's DiffsolveScheduler builds a VP schedule from the "
-                                        "default betas and gives NaN latents)")
 def test_scheduler_parity_edm_playground(pipes):
     p = pipes("edm")
     assert isinstance(p.scheduler, EDMDPMSolverMultistepScheduler)

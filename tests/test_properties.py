@@ -54,8 +54,9 @@ def tagged(ok=None, maybe=None, bad=None):
     return pick
 
 
-def option_values(default):
-    """Tagged values for a solver option with this default (None: the option is left alone)."""
+def option_values(default, tiny: bool = True):
+    """Tagged values for a solver option with this default (None: the option is left alone); without
+    ``tiny`` no 1e-9 (an adaptive solver's tolerance of 1e-9 takes minutes)."""
     if isinstance(default, bool):
         return tagged(st.sampled_from([True, False]), st.sampled_from([0, 1]), st.sampled_from(["no", [1]]))
     if isinstance(default, int):
@@ -64,7 +65,8 @@ def option_values(default):
         if not math.isfinite(default):
             return None
         near = st.floats(0.5, 2.0).map(lambda f: default * f) if default else st.floats(0.0, 1.0)
-        return tagged(st.just(default), near | st.sampled_from([0.0, -0.5, 1e6, 1e-9, math.inf]),
+        extremes = [0.0, -0.5, 1e6, math.inf] + [1e-9] * tiny
+        return tagged(st.just(default), near | st.sampled_from(extremes),
                       st.sampled_from([math.nan, "x", None]))
     if isinstance(default, str):
         return tagged(st.just(default), None, st.sampled_from(["no-such-choice", 3]))
@@ -76,11 +78,12 @@ def solver_options(draw, name: str, corrupt: bool):
     """(options, {option: tag}) for solver ``name``: a few of its options perturbed (one made bad when
     ``corrupt``: a bad value, or an unknown option)."""
     defaults = solver_info(name).options  # the settable ones (a variant's fixed options excluded)
+    tiny = solver_info(name).fixed_grid
     names = [k for k, v in defaults.items() if option_values(v) is not None]
     chosen = draw(st.lists(st.sampled_from(names), unique=True, min_size=int(corrupt), max_size=2)) if names else []
     opts, tags = {}, {}
     for j, k in enumerate(chosen):
-        opts[k], tags[k] = draw(option_values(defaults[k])(corrupt and j == 0))
+        opts[k], tags[k] = draw(option_values(defaults[k], tiny)(corrupt and j == 0))
     if corrupt and not chosen:
         opts["no_such_option"], tags["no_such_option"] = 1.0, "bad"
     return opts, tags

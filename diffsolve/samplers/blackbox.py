@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import torch
 
+from ..models.model import all_finite
 from .base import Outcome, Solver
 from .registry import register
 
@@ -57,6 +58,7 @@ class _BlackBox(Solver):
             except BaseException as e:  # handed to the caller's thread
                 requests.put(("error", e, None))
 
+        t_end = float(grid[-1])
         threading.Thread(target=work, daemon=True, name=f"diffsolve-{self.name}").start()
         try:
             while True:
@@ -67,8 +69,15 @@ class _BlackBox(Solver):
                     return Outcome(y, *counts)
                 if kind == "error":
                     raise a
+                if abs(b - t_end) <= 1e-12 * max(1.0, abs(t_end)):
+                    b = t_end  # torchdiffeq looks just past the last step's end (step_t): the drift there is t_end's
                 pred = yield a, b
-                replies.put(pred.velocity)
+                v = pred.velocity
+                if not bool(all_finite(v)) and bool(all_finite(pred.output)):
+                    raise ValueError(f"{self.name}: the probability-flow drift is not finite at t={b:.6g}: a "
+                                     f"{pred.kind} prediction gives no velocity where sigma is (nearly) 0, and the "
+                                     "integrator evaluates it at t_min; integrate to t_min > 0 (e.g. t_min=1e-3)")
+                replies.put(v)
         finally:
             if kind == "query":  # stopped early (an error in the driver): release the worker
                 replies.put(_STOP)

@@ -46,7 +46,7 @@ class _Run(threading.local):
     sigmas: Tensor | None = None
     grid: Tensor | None = None
     listed_t: list | None = None  # the time of each listed model call
-    call_times: dict | None = None  # grid time -> the time the source reads the output at
+    reads: dict | None = None  # grid time -> the source's timestep the output is read at
     by_timestep: dict | None = None  # listed network timestep -> time
     identity_last: bool = False
     num_inference_steps: int | None = None
@@ -224,7 +224,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         r.timesteps = torch.tensor(net, dtype=torch.float32, device=device)
         r.sigmas = torch.tensor([self.source.listed_sigma(t) for t in [*listed, float(grid[-1])]], dtype=torch.float32)
         r.init_noise_sigma = place.init_noise_sigma
-        r.call_times = place.call_times or {}
+        r.reads = place.reads or {}
         r.step_index, r.begin_index, r.started, r.gen, r.pending = None, None, False, None, None
 
     def _query_times(self, grid: Tensor) -> list[float]:
@@ -268,8 +268,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         x, out = sample.to(r.dtype), model_output.to(r.dtype)
         if r.pending is not None:
             t = r.pending.t
-            t_call = r.call_times.get(float(t)) if r.call_times and torch.as_tensor(t).ndim == 0 else None
-            pred = self.source.prediction(x, t, out, t_call)
+            read = r.reads.get(float(t)) if r.reads and torch.as_tensor(t).ndim == 0 else None
+            pred = self.source.prediction(x, t, out, read)
             try:
                 r.pending = as_query(r.gen.send(pred))
                 prev = r.pending.x
@@ -277,7 +277,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 prev = stop.value.x if isinstance(stop.value, Outcome) else stop.value
                 r.gen, r.pending = None, None
         else:  # the source's last call steps from a noise level to itself: the sample stays
-            pred = self.source.prediction(x, r.listed_t[-1], out, r.call_times.get(r.listed_t[-1]))
+            pred = self.source.prediction(x, r.listed_t[-1], out, r.reads.get(r.listed_t[-1]))
             prev = x
         r.step_index = (r.step_index or 0) + 1
         if r.step_index >= len(r.listed_t):
@@ -299,7 +299,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         # schedulers upcast half samples to float32, and a float32 sample loses 1e-5 to rounding
         # over a run at noise levels far from 1 (SVD's sigma_max = 700)
         r.dtype = torch.float32 if sample.device.type == "mps" else torch.float64
-        src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=r.dtype)
+        # noise drawn in the pipeline's dtype, from its generator(s), as diffusers' schedulers draw it
+        src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=sample.dtype)
         grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step():]
         r.gen, r.pending = None, None
         if len(grid) > 1:

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 
 from ...models.model import Prediction
+from ...models.parameterization import Coefs, to_x0_eps
 from ...schedules import EDM, RectifiedFlow, VPDiscrete
 from ...schedules.base import Schedule
+from ...schedules.vp import _diffusers_betas, _rescale_zero_terminal_snr
 from .config import PREDICTIONS
 
 Tensor = torch.Tensor
@@ -89,7 +91,7 @@ class Placement:
     timesteps: dict[float, float]
     init_noise_sigma: float = 1.0
     identity_last: bool = False
-    call_times: dict[float, float] | None = None  # grid time -> the time the source reads the call's output at
+    reads: dict[float, float] | None = None  # grid time -> the source's timestep the call's output is read at
 
 
 class Source:
@@ -144,16 +146,16 @@ class Source:
         return 1.0
 
     # -- the network's answer
-    def prediction(self, x: Tensor, t, output: Tensor, t_call: float | None = None) -> Prediction:
+    def prediction(self, x: Tensor, t, output: Tensor, read: float | None = None) -> Prediction:
         """The model output of the pipeline at (x, t) as a diffsolve Prediction, with the source's
         post-processing of x0 (``clip_sample``, ``thresholding``); learned-variance channels are
-        dropped, as diffusers' deterministic schedulers do. ``t_call``: the time the source reads
-        the output at, when it differs from t (:class:`Placement`)."""
+        dropped, as diffusers' deterministic schedulers do. ``read``: the source's timestep the
+        output is read at (:class:`Placement`), handed to the solver as an (x0, eps) pair at t."""
         if self.learned_variance and output.shape[1] == 2 * x.shape[1]:
             output = output[:, : x.shape[1]]
-        if t_call is not None:  # read at the source's time of the call, handed to the solver at t
-            read = self._raw(x, t_call, output)
-            pred = Prediction.from_pair(x, t, read.x0, read.eps, self.schedule)
+        if read is not None:
+            x0, eps = self._read_at(x, read, output)
+            pred = Prediction.from_pair(x, t, x0, eps, self.schedule)
         else:
             pred = self._raw(x, t, output)
         if self.clip is None and self.threshold is None:
@@ -170,6 +172,9 @@ class Source:
 
     def _raw(self, x: Tensor, t, output: Tensor) -> Prediction:
         return Prediction(x, t, output, self.kind, self.schedule)
+
+    def _read_at(self, x: Tensor, k: float, output: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
 
 
 def _place_with(ref, n: int, kw: dict) -> None:
@@ -200,7 +205,8 @@ class VPSource(Source):
         if tt not in ("discrete", "continuous"):
             raise ValueError(f"timestep_type {tt!r} is not supported; allowed: 'discrete', 'continuous'")
         self.continuous = tt == "continuous"
-        self.schedule = vp_schedule(config, name)
+        self.acp = vp_alphas_cumprod(config, name)  # as the source holds them (float32; 0 at zero SNR)
+        self.schedule = VPDiscrete(alphas_cumprod=self.acp)
         acp = self.schedule.alphas_cumprod
         self._log_sigmas = (0.5 * torch.log((1 - acp) / acp)).numpy()  # ascending in the timestep
 
@@ -228,12 +234,10 @@ class VPSource(Source):
         stride = len(self.schedule.alphas_cumprod) // n if self.name in _STRIDE_STEP else None
         ends = listed[1:] if stride is None else (listed[:-1] - stride).clamp_min(-1)
         state_t = torch.cat([s.t_of_timestep(listed[:1]), s.t_of_timestep(ends)])
-        call_t = s.t_of_timestep(listed)
         net = {float(a): float(k) for a, k in zip(state_t, listed)}
-        calls = {float(a): float(c) for a, c in zip(state_t, call_t) if float(a) != float(c)}
         identity_last = end == float(state_t[-1])
         grid = state_t if identity_last else torch.cat([state_t, state_t.new_tensor([end])])
-        return Placement(grid, net, 1.0, identity_last, calls or None)
+        return Placement(grid, net, 1.0, identity_last, dict(net))
 
     def net_timestep(self, t):
         # at the clean end (t = 0, queried by no step that uses the answer) the smallest training level
@@ -246,26 +250,32 @@ class VPSource(Source):
     def t_min(self):
         return float(self.schedule.t_of_timestep(0))
 
+    def _read_at(self, x, k, output):
+        a2 = self.acp[int(k)].to(torch.float64)
+        c = Coefs(a2.sqrt().to(x), (1 - a2).sqrt().to(x))
+        return to_x0_eps(self.kind, output, x, c)
+
     def t_of_net(self, k):
         log_s = 4.0 * k if self.continuous else float(np.interp(k, np.arange(len(self._log_sigmas)), self._log_sigmas))
         return float(self.schedule.t_of_log_snr(torch.tensor(-log_s, dtype=torch.float64)))
 
 
-def vp_schedule(config: Mapping[str, Any], name: str | None = None) -> VPDiscrete:
-    """The VPDiscrete of a DDPM-style config: diffusers' betas (zero terminal SNR included), and
-    CogVideoX's SNR shift (``snr_shift_scale``) for its schedulers."""
+def vp_alphas_cumprod(config: Mapping[str, Any], name: str | None = None) -> Tensor:
+    """The alphas_cumprod of a DDPM-style config as diffusers builds them (float32): its betas, zero
+    terminal SNR, and CogVideoX's SNR shift (``snr_shift_scale``) for its schedulers."""
+    betas = _diffusers_betas(config)
     if name is not None and name.startswith("CogVideoX"):
-        from ...schedules.vp import _diffusers_betas
-
-        acp = torch.cumprod(1.0 - _diffusers_betas(config), dim=0)
+        acp = torch.cumprod(1.0 - betas, dim=0)
         k = float(config.get("snr_shift_scale", 3.0))
         acp = acp / (k + (1 - k) * acp)
         if config.get("rescale_betas_zero_snr", False):
             sq = acp.sqrt()
             sq = (sq - sq[-1]) * sq[0] / (sq[0] - sq[-1])
             acp = sq**2
-        return VPDiscrete(alphas_cumprod=acp)
-    return VPDiscrete.from_diffusers_config(config)
+        return acp
+    if config.get("rescale_betas_zero_snr", False):
+        betas = _rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
 
 
 class FlowSource(Source):

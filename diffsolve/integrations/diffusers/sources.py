@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from ...models.model import Prediction
@@ -207,12 +206,15 @@ class VPSource(Source):
         self.continuous = tt == "continuous"
         self.acp = vp_alphas_cumprod(config, name)  # as the source holds them (float32; 0 at zero SNR)
         self.schedule = VPDiscrete(alphas_cumprod=self.acp)
-        acp = self.schedule.alphas_cumprod
-        self._log_sigmas = (0.5 * torch.log((1 - acp) / acp)).numpy()  # ascending in the timestep
 
     def place(self, n, timesteps=None, sigmas=None, mu=None):
         ref = self.reference()
         kw = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+        takes = inspect.signature(ref.set_timesteps).parameters
+        if sigmas is not None and "sigmas" not in takes:
+            raise ValueError(f"sigmas: {self.name} takes no explicit sigmas; give timesteps= or num_inference_steps")
+        if timesteps is not None and "timesteps" not in takes:
+            return self._given(ref, timesteps)
         _place_with(ref, n, kw)
         ts = torch.as_tensor(ref.timesteps, dtype=torch.float64).cpu()
         ref_sigmas = getattr(ref, "sigmas", None)
@@ -226,9 +228,7 @@ class VPSource(Source):
             init = init if init == 1.0 else init * float(s.alpha(grid[0]))  # latents x/alpha -> x
             return Placement(grid, net, init)
         listed = _unique_desc(ts)
-        clean = self.name in _CLEAN_END or bool(self.config.get("set_alpha_to_one", True)) or \
-            "set_alpha_to_one" not in _params(type(ref))
-        end = 0.0 if clean else float(s.t_of_timestep(0))
+        end = 0.0 if self._clean_end(ref) else float(s.t_of_timestep(0))
         # DDIM-style sources step from each listed timestep to it minus 1000 // N, then read the next
         # call at the next listed timestep (the two differ by one with trailing / linspace spacing)
         stride = len(self.schedule.alphas_cumprod) // n if self.name in _STRIDE_STEP else None
@@ -239,12 +239,29 @@ class VPSource(Source):
         grid = state_t if identity_last else torch.cat([state_t, state_t.new_tensor([end])])
         return Placement(grid, net, 1.0, identity_last, dict(net))
 
+    def _given(self, ref, timesteps) -> Placement:
+        """Explicit timesteps for a source that takes none (DDIM, PNDM): used as given, each a
+        network timestep at diffsolve's time t = (k + 1) / N, ending where the source ends."""
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(-1)
+        if len(ts) < 1 or not bool((ts[1:] < ts[:-1]).all()) or not bool(torch.isfinite(ts).all()):
+            raise ValueError(f"timesteps must be finite and strictly decreasing, got {ts.tolist()}")
+        t = self.schedule.t_of_timestep(ts)
+        end = 0.0 if self._clean_end(ref) else self.t_min
+        grid = t if float(t[-1]) == end else torch.cat([t, t.new_tensor([end])])
+        return Placement(grid, {float(a): float(k) for a, k in zip(t, ts)}, 1.0, float(t[-1]) == end)
+
+    def _clean_end(self, ref) -> bool:
+        return self.name in _CLEAN_END or bool(self.config.get("set_alpha_to_one", True)) or \
+            "set_alpha_to_one" not in _params(type(ref))
+
     def net_timestep(self, t):
-        # at the clean end (t = 0, queried by no step that uses the answer) the smallest training level
+        """Between the source's listed points, diffsolve's own map: timestep N t - 1 for discrete
+        networks (as driver mode calls them), 0.25 log sigma for continuous ones."""
+        if not self.continuous:
+            return float(self.schedule.timestep(t))
+        # at the clean end (queried by no step that uses the answer) the smallest training level
         lam = float(self.schedule.log_snr(torch.tensor(max(t, self.t_min), dtype=torch.float64)))
-        if self.continuous:
-            return 0.25 * -lam  # 0.25 log sigma, as EulerDiscreteScheduler's continuous timesteps
-        return float(np.interp(-lam, self._log_sigmas, np.arange(len(self._log_sigmas))))
+        return 0.25 * -lam
 
     @property
     def t_min(self):
@@ -256,8 +273,9 @@ class VPSource(Source):
         return to_x0_eps(self.kind, output, x, c)
 
     def t_of_net(self, k):
-        log_s = 4.0 * k if self.continuous else float(np.interp(k, np.arange(len(self._log_sigmas)), self._log_sigmas))
-        return float(self.schedule.t_of_log_snr(torch.tensor(-log_s, dtype=torch.float64)))
+        if not self.continuous:
+            return float(self.schedule.t_of_timestep(k))
+        return float(self.schedule.t_of_log_snr(torch.tensor(-4.0 * k, dtype=torch.float64)))
 
 
 def vp_alphas_cumprod(config: Mapping[str, Any], name: str | None = None) -> Tensor:

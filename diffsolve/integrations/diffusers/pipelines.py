@@ -155,9 +155,7 @@ def _sdxl_time_ids(pipe, proj: int, original_size, crops, target_size):
 def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width, image, mask_image,
                 original_size, crops_coords_top_left, target_size):
     """Stable Diffusion-style pipelines (SD, SDXL, img2img, inpainting) and their EDM-style variants."""
-    from ...guidance import ClassifierFreeGuidance
     from ...guidance.hooks import Inpaint
-    from ...models.model import DiffusionModel
 
     if prompt is None:
         raise ValueError("this pipeline is text-to-image: give prompt=")
@@ -201,22 +199,31 @@ def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_pr
         return unet(x, t.to(x.dtype), encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
                     return_dict=False)[0]
 
-    if _is_edm(pipe):
-        model = _edm_model(pipe, network)
-    else:
-        schedule, kind = _vp_schedule_and_kind(pipe)
-        model = DiffusionModel(network, schedule, kind, time_input="timestep")
-    if guided:
-        model = ClassifierFreeGuidance(model, scale, uncond=uncond)
+    model = _guided(_unet_model(pipe, network), guided, scale, uncond)
     return model, cond, b, (channels, height // f, width // f), _decode_vae(pipe), hooks
+
+
+def _unet_model(pipe, network):
+    """The denoiser ``network(x, t, **cond)`` of a DDPM-style or EDM-preconditioned pipeline as a
+    DiffusionModel on the pipeline's schedule."""
+    from ...models.model import DiffusionModel
+
+    if _is_edm(pipe):
+        return _edm_model(pipe, network)
+    schedule, kind = _vp_schedule_and_kind(pipe)
+    return DiffusionModel(network, schedule, kind, time_input="timestep")
+
+
+def _guided(model, guided: bool, scale: float, uncond):
+    from ...guidance import ClassifierFreeGuidance
+
+    return ClassifierFreeGuidance(model, scale, uncond=uncond) if guided else model
 
 
 def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width, seq):
     """PixArt-style pipelines: a PixArtTransformer2DModel on T5 embeddings; a learned-sigma output
     (2 C channels) is split and its first half (eps) kept, as the pipelines do. Resolution binning
     is off: the latents have the size asked for."""
-    from ...guidance import ClassifierFreeGuidance
-    from ...models.model import DiffusionModel
 
     if prompt is None:
         raise ValueError("this pipeline is text-to-image: give prompt=")
@@ -245,13 +252,7 @@ def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_
                  return_dict=False)[0]
         return out.chunk(2, dim=1)[0] if split else out  # learned sigma: keep the prediction
 
-    if _is_edm(pipe):
-        model = _edm_model(pipe, network)
-    else:
-        schedule, kind = _vp_schedule_and_kind(pipe)
-        model = DiffusionModel(network, schedule, kind, time_input="timestep")
-    if guided:
-        model = ClassifierFreeGuidance(model, scale, uncond=uncond)
+    model = _guided(_unet_model(pipe, network), guided, scale, uncond)
     return model, cond, b, (c, height // f, width // f), _decode_vae(pipe)
 
 

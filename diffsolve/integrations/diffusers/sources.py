@@ -49,8 +49,9 @@ VP_SOURCES = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMPa
 FLOW_SOURCES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
 EDM_SOURCES = {"EDMEulerScheduler": "edm", "EDMDPMSolverMultistepScheduler": "edm",
                "CosineDPMSolverMultistepScheduler": "cosine"}
-REFUSED = {"DDPMWuerstchenScheduler": "its continuous cosine schedule with network time r in [0, 1] is not a "
-                                      "DDPM-style or flow schedule diffsolve reads (Stable Cascade)"}
+REFUSED = {"DDPMWuerstchenScheduler": "Stable Cascade's pipelines condition the network on r in [0, 1] only "
+                                      "for this class (found by isinstance) and compute r from the betas of any "
+                                      "other scheduler; no drop-in reproduces that (use it as it is)"}
 # sources that step from a timestep to it minus num_train_timesteps // N
 _STRIDE_STEP = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler", "PNDMScheduler")
 # sources whose last step returns the clean estimate whatever set_alpha_to_one says

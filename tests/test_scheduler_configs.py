@@ -4,6 +4,7 @@ the same timesteps and sigmas as the scheduler it replaces, parity in a plain di
 diffsolve has that scheduler's algorithm (every sigma option too), every fixed-grid solver in every
 config, clear errors for what cannot be honoured, and the points of issue 17 each with its test."""
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -56,10 +57,10 @@ def net(x, t):
     return torch.tanh(0.7 * x) * math.cos(t / 700.0 + 0.3) + 0.2 * math.sin(t / 300.0 + 0.1)
 
 
-def loop(sched, n, cfg, shape=(2, 4, 8, 8), seed=0, **kw):
+def loop(sched, n, cfg, shape=(2, 4, 8, 8), seed=0, dtype=torch.float32, **kw):
     """A plain diffusers sampling loop (as the pipelines run it): (final latents, model calls)."""
     set_steps(sched, n, cfg)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * getattr(sched, "init_noise_sigma", 1.0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype) * getattr(sched, "init_noise_sigma", 1.0)
     calls = 0
     for t in sched.timesteps:
         out = net(getattr(sched, "scale_model_input", lambda x, t: x)(x, t), t)
@@ -153,7 +154,7 @@ SIGMA_OPTIONS = [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, 
                  {"use_lu_lambdas": True}, {"final_sigmas_type": "sigma_min"}, {"timestep_spacing": "leading"},
                  {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"},
                  {"timestep_spacing": "leading", "steps_offset": 1},
-                 {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}]
+                 {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}]
 
 
 @pytest.mark.parametrize("options", SIGMA_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
@@ -161,18 +162,23 @@ SIGMA_OPTIONS = [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, 
                                         ("HeunDiscreteScheduler", "heun"), ("DDIMScheduler", "ddim")])
 def test_parity_under_every_sigma_option(cls, solver, options):
     klass = getattr(diffusers, cls)
-    params = set(klass.__init__.__code__.co_varnames)
+    params = set(inspect.signature(klass.__init__).parameters)
     if not set(options) <= params:
         pytest.skip(f"{cls} has no {sorted(set(options) - params)}")
     if cls == "HeunDiscreteScheduler" and "rescale_betas_zero_snr" in options:
         pytest.skip("HeunDiscreteScheduler has no zero-terminal-SNR rescaling")
     base = {k: v for k, v in load("sdxl_base.json").items() if k != "_class_name"}
     cfg = dict(klass.from_config({**base, **options}).config)
+    # at zero terminal SNR the k-diffusion-style schedulers start at sigma = 4096, where their own
+    # float32 arithmetic is 7e-5 from float64: compare with their float64 run (diffsolve's 1.1e-5 / 6e-7
+    # at 5 / 12 steps)
+    zero_snr = cls != "DDIMScheduler" and options.get("rescale_betas_zero_snr", False)
+    dtype, tol = (torch.float64, 2e-5) if zero_snr else (torch.float32, 1e-5)
     for n in (5, 12):
-        a, ca = loop(klass.from_config(cfg), n, cfg)
+        a, ca = loop(klass.from_config(cfg), n, cfg, dtype=dtype)
         b, cb = loop(DiffsolveScheduler.from_config(cfg, solver=solver), n, cfg)
         assert ca == cb, (ca, cb)
-        assert rel(a, b) < 1e-5, (cls, options, n, rel(a, b))
+        assert rel(a.to(b.dtype), b) < tol, (cls, options, n, rel(a.to(b.dtype), b))
 
 
 @pytest.mark.parametrize("options", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
@@ -181,7 +187,7 @@ def test_parity_under_every_sigma_option(cls, solver, options):
                                         ("FlowMatchHeunDiscreteScheduler", "heun")])
 def test_flow_parity_under_sigma_options(cls, solver, options):
     klass = getattr(diffusers, cls)
-    if not set(options) <= set(klass.__init__.__code__.co_varnames):
+    if not set(options) <= set(inspect.signature(klass.__init__).parameters):
         pytest.skip(f"{cls} has no {sorted(options)}")
     cfg = dict(klass.from_config({"shift": 3.0, **options}).config)
     a, ca = loop(klass.from_config(cfg), 10, cfg)

@@ -47,9 +47,10 @@ def _sigma_derivative(pred, t: float, schedule: Schedule):
     flow velocity) for rectified flow (c = 1, s = t)."""
     c = schedule.sampling_scale(t)
     a, sig = _coef(schedule, t)
-    k = (a / c - 1.0) / (sig / c)
-    if k == 0.0:
+    if a == c:
         return pred.eps
+    # at sigma = 0 (an inversion's start) the limit, for a constant scale (rectified flow): alpha'/sigma'
+    k = (a / c - 1.0) / (sig / c) if sig > 0 else float(schedule.alpha_dot(t)) / float(schedule.sigma_dot(t))
     x0 = pred.x0 if pred.mu is None else pred.x0 - pred.mu
     return pred.eps + k * x0
 

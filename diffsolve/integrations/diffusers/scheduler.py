@@ -47,6 +47,7 @@ class _Run(threading.local):
     grid: Tensor | None = None
     listed_t: list | None = None  # the time of each listed model call
     reads: dict | None = None  # grid time -> the source's timestep the output is read at
+    final_scale: float = 1.0  # the final latents are this times x (the source's latent space)
     by_timestep: dict | None = None  # listed network timestep -> time
     identity_last: bool = False
     num_inference_steps: int | None = None
@@ -225,6 +226,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         r.sigmas = torch.tensor([self.source.listed_sigma(t) for t in [*listed, float(grid[-1])]], dtype=torch.float32)
         r.init_noise_sigma = place.init_noise_sigma
         r.reads = place.reads or {}
+        r.final_scale = 1.0 / float(self.schedule.alpha(grid[-1])) if place.over_alpha else 1.0
         r.step_index, r.begin_index, r.started, r.gen, r.pending = None, None, False, None, None
 
     def _query_times(self, grid: Tensor) -> list[float]:
@@ -282,6 +284,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         r.step_index = (r.step_index or 0) + 1
         if r.step_index >= len(r.listed_t):
             r.started = False
+            if r.final_scale != 1.0:  # k-diffusion-style sources end in x/alpha (1 at the clean end)
+                prev = prev * r.final_scale
         prev, x0 = prev.to(sample.dtype), pred.x0.to(sample.dtype)
         if not return_dict:
             return (prev, x0)

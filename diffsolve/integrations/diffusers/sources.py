@@ -59,18 +59,23 @@ _CLEAN_END = ("DDPMScheduler", "DDPMParallelScheduler", "LCMScheduler", "TCDSche
 
 
 def source_class(config: Mapping[str, Any]) -> str | None:
-    """The diffusers scheduler class a config belongs to: its ``_class_name``, or else the one class
-    whose options are exactly the config's keys (a scheduler made in code has no ``_class_name``);
-    None when neither tells."""
+    """The diffusers scheduler class a config belongs to: its ``_class_name``, or else (a scheduler
+    made in code has none) the class with the most options that are all among the config's keys
+    (a config made from another scheduler's keeps that one's keys too); None when that is not one
+    class."""
     name = config.get("_class_name")
     if name:
         return str(name)
     import diffusers
 
     keys = {k for k in config if not k.startswith("_")}
-    found = [n for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
-             if keys and keys == set(_params(getattr(diffusers, n, None)))]
-    return found[0] if len(found) == 1 else None
+    fits = {n: len(p) for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
+            if (p := set(_params(getattr(diffusers, n, None)))) and p <= keys}
+    if not fits:
+        return None
+    most = max(fits.values())
+    best = [n for n, k in fits.items() if k == most]
+    return best[0] if len(best) == 1 else None
 
 
 def _params(cls) -> list[str]:
@@ -92,6 +97,7 @@ class Placement:
     init_noise_sigma: float = 1.0
     identity_last: bool = False
     reads: dict[float, float] | None = None  # grid time -> the source's timestep the call's output is read at
+    over_alpha: bool = False  # the source's latents are x/alpha (k-diffusion style), not x
 
 
 class Source:
@@ -226,8 +232,10 @@ class VPSource(Source):
             grid = torch.tensor(list(t_of.values()), dtype=torch.float64)
             net = {t_of[float(v)]: float(k) for v, k in zip(sig, ts)}
             init = float(getattr(ref, "init_noise_sigma", 1.0))
-            init = init if init == 1.0 else init * float(s.alpha(grid[0]))  # latents x/alpha -> x
-            return Placement(grid, net, init)
+            if init == 1.0:  # the latents are x
+                return Placement(grid, net, init)
+            # k-diffusion style: the latents are x/alpha; the run starts at x and ends back in x/alpha
+            return Placement(grid, net, init * float(s.alpha(grid[0])), over_alpha=True)
         listed = _unique_desc(ts)
         end = 0.0 if self._clean_end(ref) else float(s.t_of_timestep(0))
         # DDIM-style sources step from each listed timestep to it minus 1000 // N, then read the next

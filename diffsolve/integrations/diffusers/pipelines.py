@@ -199,11 +199,11 @@ def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_pr
         return unet(x, t.to(x.dtype), encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
                     return_dict=False)[0]
 
-    model = _guided(_unet_model(pipe, network), guided, scale, uncond)
+    model = _guided(_denoiser(pipe, network), guided, scale, uncond)
     return model, cond, b, (channels, height // f, width // f), _decode_vae(pipe), hooks
 
 
-def _unet_model(pipe, network):
+def _denoiser(pipe, network):
     """The denoiser ``network(x, t, **cond)`` of a DDPM-style or EDM-preconditioned pipeline as a
     DiffusionModel on the pipeline's schedule."""
     from ...models.model import DiffusionModel
@@ -252,7 +252,7 @@ def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_
                  return_dict=False)[0]
         return out.chunk(2, dim=1)[0] if split else out  # learned sigma: keep the prediction
 
-    model = _guided(_unet_model(pipe, network), guided, scale, uncond)
+    model = _guided(_denoiser(pipe, network), guided, scale, uncond)
     return model, cond, b, (c, height // f, width // f), _decode_vae(pipe)
 
 

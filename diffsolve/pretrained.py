@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .models.model import DiffusionModel
+from .models.model import DiffusionModel, timestep_input
 from .schedules import MeanReverting, RectifiedFlow, Schedule, VPDiscrete
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -66,12 +66,6 @@ def _unet(path: Path, device, dtype):
     return unet
 
 
-def _time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The UNet's timestep: in x's dtype, but at least float32 (diffusers embeds it in float32; a
-    bfloat16 timestep would round 999 to 1000)."""
-    return t.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _model(net, unet, schedule: Schedule, prediction: str, time_input: str) -> DiffusionModel:
     """The DiffusionModel over a UNet closure ``net``, declaring the UNet's dtype and device."""
     return DiffusionModel(net, schedule, prediction=prediction, time_input=time_input, dtype=unet.dtype,
@@ -95,7 +89,7 @@ def load_diffusers_ddpm(path: str | Path, device: str | torch.device | None = No
     unet = _unet(path / "unet", device, dtype)
 
     def net(x, t):
-        return unet(x, _time(t, x)).sample
+        return unet(x, timestep_input(t, x)).sample
 
     net.__name__ = f"UNet2DModel[{path.name}]"
     return _model(net, unet, VPDiscrete.from_diffusers_config(cfg), kinds[pt], "timestep")
@@ -120,7 +114,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     unet = _unet(path / "unet", device, dtype)
     if c.get("condition"):
         def net(x, t, mu):
-            return unet(torch.cat([x, mu.to(x.dtype).expand_as(x)], dim=1), _time(t, x)).sample
+            return unet(torch.cat([x, mu.to(x.dtype).expand_as(x)], dim=1), timestep_input(t, x)).sample
     elif c.get("class_labels"):
         n = c["class_labels"]["num_classes"]
 
@@ -128,10 +122,10 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
             y = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
             if bool(((y < 0) | (y > n)).any()):
                 raise ValueError(f"class_labels must be in 0..{n - 1}, or {n} (the null class: unconditional)")
-            return unet(x, _time(t, x), class_labels=y).sample
+            return unet(x, timestep_input(t, x), class_labels=y).sample
     else:
         def net(x, t):
-            return unet(x, _time(t, x)).sample
+            return unet(x, timestep_input(t, x)).sample
     net.__name__ = f"UNet2DModel[{name}]"
     return _model(net, unet, schedule_from_card(c["schedule"]), c["prediction"], c["time_input"])
 

@@ -128,6 +128,12 @@ def _device_time(schedule: Schedule, t: float, device: torch.device) -> Tensor:
                     lambda: torch.tensor(t, dtype=torch.float64, device=device))
 
 
+def timestep_input(t: Tensor, x: Tensor) -> Tensor:
+    """A network's timestep for input x: in x's dtype, but at least float32 (diffusers embeds it in
+    float32; a bfloat16 timestep would round 999 to 1000)."""
+    return t.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class Prediction:
     """One model answer at (x, t), from which every parameterisation is derived.
 

@@ -225,6 +225,9 @@ def ddim_step(pred, t: float, t_next: float, schedule: Schedule, eta: float):
     c = 0.0
     if eta > 0 and s_n > 0:
         a, s = _coef(schedule, t)
-        h = math.log(a_n / s_n) - math.log(a / s)
-        c = eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
+        if a > 0:
+            h = math.log(a_n / s_n) - math.log(a / s)
+            c = eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
+        else:  # from alpha = 0 (rectified flow's t = 1): h = infinity
+            c = eta * s_n
     return pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ...models.model import timestep_input
 from ...samplers.registry import get_solver, solver_info
 from ...schedules import EDM, RectifiedFlow, VPDiscrete, check_grid, make_grid
 from .config import PREDICTIONS, flow_shift
@@ -196,7 +197,7 @@ def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_pr
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         if inpaint is not None:
             x = torch.cat([x, inpaint.to(x.dtype)], dim=1)
-        return unet(x, t.to(x.dtype), encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+        return unet(x, timestep_input(t, x), encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
                     return_dict=False)[0]
 
     model = _guided(_denoiser(pipe, network), guided, scale, uncond)
@@ -248,7 +249,7 @@ def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_
 
     def network(x, t, encoder_hidden_states, encoder_attention_mask, resolution=None, aspect_ratio=None):
         out = tr(x, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                 timestep=t.to(x.dtype), added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
+                 timestep=timestep_input(t, x), added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
                  return_dict=False)[0]
         return out.chunk(2, dim=1)[0] if split else out  # learned sigma: keep the prediction
 
@@ -307,7 +308,7 @@ def _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_pe
 
         def net(x, t, encoder_hidden_states, pooled_projections):
             g = None if distilled is None else torch.full((x.shape[0],), distilled, device=x.device, dtype=torch.float32)
-            return tr(hidden_states=x, timestep=t.to(x.dtype), guidance=g, pooled_projections=pooled_projections,
+            return tr(hidden_states=x, timestep=timestep_input(t, x), guidance=g, pooled_projections=pooled_projections,
                       encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
         c = tr.config.in_channels // 4
@@ -326,7 +327,7 @@ def _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_pe
                                                do_classifier_free_guidance=guided, negative_prompt=negative_prompt, **seq)
 
         def net(x, t, encoder_hidden_states, pooled_projections):
-            return tr(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=encoder_hidden_states,
+            return tr(hidden_states=x, timestep=timestep_input(t, x), encoder_hidden_states=encoder_hidden_states,
                       pooled_projections=pooled_projections, return_dict=False)[0]
 
         patch = tr.config.patch_size
@@ -347,7 +348,7 @@ def _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_pe
         raise ValueError(f"{type(pipe).__name__} takes no prompt or guidance_scale")
 
     def net(x, t):
-        return unet(x, t.to(x.dtype)).sample
+        return unet(x, timestep_input(t, x)).sample
 
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

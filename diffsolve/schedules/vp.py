@@ -164,7 +164,7 @@ class VPDiscrete(_VPFromLogAlpha):
 
     def __init__(self, betas: Sequence[float] | Tensor | None = None,
                  alphas_cumprod: Sequence[float] | Tensor | None = None,
-                 t_min: float | None = None, t_max: float = 1.0):
+                 t_min: float | None = None, t_max: float = 1.0, zero_snr_floor: float = 2.0**-24):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("VPDiscrete: pass exactly one of `betas` or `alphas_cumprod`")
         if betas is not None:
@@ -179,8 +179,9 @@ class VPDiscrete(_VPFromLogAlpha):
             if acp.ndim != 1 or len(acp) < 2:
                 raise ValueError(f"alphas_cumprod must be a 1-D sequence of length >= 2, got shape {tuple(acp.shape)}")
         acp = acp.to(torch.float64)
-        # zero terminal SNR: diffusers' schedulers use 2**-24 in place of alphas_cumprod[-1] = 0
-        acp = acp.clamp(min=2.0**-24)
+        # zero terminal SNR: alphas_cumprod[-1] = 0 becomes ``zero_snr_floor`` (2**-24 as diffusers'
+        # k-diffusion-style schedulers; smaller to approach DDIM's and DDPM's exact 0)
+        acp = acp.clamp(min=check_range("zero_snr_floor", zero_snr_floor, 0.0, 2.0**-24, strict_low=True))
         if not bool(((acp > 0) & (acp <= 1)).all()) or not bool((acp[1:] <= acp[:-1]).all()):
             raise ValueError("alphas_cumprod must be non-increasing and lie in (0, 1]")
         if bool((acp == 1).any()):

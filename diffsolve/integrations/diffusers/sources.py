@@ -212,7 +212,11 @@ class VPSource(Source):
             raise ValueError(f"timestep_type {tt!r} is not supported; allowed: 'discrete', 'continuous'")
         self.continuous = tt == "continuous"
         self.acp = vp_alphas_cumprod(config, name)  # as the source holds them (float32; 0 at zero SNR)
-        self.schedule = VPDiscrete(alphas_cumprod=self.acp)
+        # at zero terminal SNR, sources that list sigmas (k-diffusion style) hold alphas_cumprod at
+        # 2**-24; DDIM-style ones (DDIM, DDPM, ...) step from exactly 0, which 1e-20 approaches to
+        # within their float32 rounding
+        k_style = getattr(self.reference(), "sigmas", None) is not None
+        self.schedule = VPDiscrete(alphas_cumprod=self.acp, zero_snr_floor=2.0**-24 if k_style else 1e-20)
 
     def place(self, n, timesteps=None, sigmas=None, mu=None):
         ref = self.reference()

@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 
 import diffsolve as ds  # noqa: E402
 from diffsolve.integrations.diffusers import DiffsolveScheduler, invert_pipeline, sample_pipeline  # noqa: E402
-from tiny_pipelines import CountCalls, flux, stable_diffusion, stable_diffusion_3  # noqa: E402
+from tiny_pipelines import CountCalls, denoiser, flux, run_latents, stable_diffusion, stable_diffusion_3  # noqa: E402
 
 BUILD = {"sd": stable_diffusion, "sd3": stable_diffusion_3, "flux": flux}
 CALL = {"sd": dict(guidance_scale=3.0), "sd3": dict(guidance_scale=3.0, height=16, width=16),
@@ -31,19 +31,8 @@ def sd(tmp_path_factory):
     return stable_diffusion(tmp_path_factory.mktemp("sd"))
 
 
-def _denoiser(p):
-    return p.transformer if hasattr(p, "transformer") else p.unet
-
-
 def _latents(p, scheduler, n=6):
-    base, p.scheduler = p.scheduler, scheduler
-    try:
-        with CountCalls(_denoiser(p)) as c:
-            out = p("a cat", num_inference_steps=n, generator=torch.Generator().manual_seed(0), output_type="latent",
-                    **CALL[p.kind]).images
-    finally:
-        p.scheduler = base
-    return out, c.calls
+    return run_latents(p, scheduler, n, **CALL[p.kind])
 
 
 @pytest.mark.parametrize("ref_cls,solver,opts", [(DDIMScheduler, "ddim", {}),
@@ -98,7 +87,7 @@ def test_driver_mode_runs_any_solver_and_counts_denoiser_calls(pipe, solver, opt
         kw["t_max"] = 0.999  # alpha = 0 at t = 1 of a flow
     if solver in ("adaptive-sde", "dmcmc"):
         kw["t_min"] = 1e-3  # the score is infinite at sigma = 0
-    with CountCalls(_denoiser(pipe)) as c:
+    with CountCalls(denoiser(pipe)) as c:
         out = sample_pipeline(pipe, solver, "a cat", num_inference_steps=5, generator=torch.Generator().manual_seed(0),
                               output_type="np", **kw, **opts)
     assert np.isfinite(out.images).all() and out.images.shape[-1] == 3

@@ -17,7 +17,7 @@ from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepSchedule
 import diffsolve as ds  # noqa: E402
 from diffsolve.integrations.diffusers import (DiffsolveScheduler, invert_pipeline, pipeline_model,  # noqa: E402
                                               sample_pipeline)
-from tiny_pipelines import (SCHEDULER_CONFIGS, CountCalls, pixart_sigma, playground_v25,  # noqa: E402
+from tiny_pipelines import (SCHEDULER_CONFIGS, CountCalls, denoiser, run_latents, pixart_sigma, playground_v25,  # noqa: E402
                             stable_diffusion_img2img, stable_diffusion_inpaint, stable_diffusion_xl,
                             stable_diffusion_xl_img2img)
 
@@ -76,19 +76,8 @@ def pipes(tmp_path_factory):
     return get
 
 
-def _denoiser(p):
-    return p.transformer if hasattr(p, "transformer") else p.unet
-
-
 def _latents(p, scheduler, n, **extra):
-    base, p.scheduler = p.scheduler, scheduler
-    try:
-        with CountCalls(_denoiser(p)) as c:
-            out = p("a cat", num_inference_steps=n, generator=torch.Generator().manual_seed(0), output_type="latent",
-                    **{**_call(p.kind), **extra}).images
-    finally:
-        p.scheduler = base
-    return out, c.calls
+    return run_latents(p, scheduler, n, **{**_call(p.kind), **extra})
 
 
 def _rel(a, b):
@@ -160,7 +149,7 @@ def test_driver_mode_runs_every_kind_of_solver(pipes, kind):
     p = pipes(kind)
     kw = _driver_call(kind)
     for solver, opts in DRIVER:
-        with CountCalls(_denoiser(p)) as c:
+        with CountCalls(denoiser(p)) as c:
             out = sample_pipeline(p, solver, "a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                                   output_type="np", **kw, **opts)
         assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all(), (kind, solver)
@@ -207,7 +196,7 @@ def test_driver_mode_per_sample_steps_on_a_batch(pipes, kind):
     """adaptive-sde takes its own steps per sample (row subsets of every condition: time ids, pooled
     embeddings, inpainting inputs): two images per prompt, NFE = denoiser calls, per-sample counts."""
     p = pipes(kind)
-    with CountCalls(_denoiser(p)) as c:
+    with CountCalls(denoiser(p)) as c:
         out = sample_pipeline(p, "adaptive-sde", "a cat", num_images_per_prompt=2, eps_rel=0.2, t_min=1e-3,
                               generator=torch.Generator().manual_seed(0), output_type="latent", **_driver_call(kind))
     assert out.latents.shape == (2, 4, 8, 8) and torch.isfinite(out.latents).all()

@@ -281,11 +281,15 @@ def test_6_own_grids_cost_the_calls_asked_for(grid, solver):
 @pytest.mark.parametrize("name,solver", [("sana_1600m_512px.json", "dpmpp-2m"), ("wan21_vace_14b.json", "dpmpp-2m"),
                                          ("mochi_1_preview.json", "euler")])
 def test_7_flow_prediction_and_inverted_sigmas_are_read(name, solver):
+    """Read as flow matching: the network timestep is 1000 times the listed sigma (whole numbers for
+    DPM-Solver and UniPC, which truncate), also where Mochi lists 1 - sigma."""
     cfg = load(name)
     s = DiffsolveScheduler.from_config(cfg, solver=solver)
     assert s.source.flow
     x, calls = loop(s, 10, cfg)
     assert calls == 10 and torch.isfinite(x).all()
+    assert torch.allclose(s.timesteps, 1000 * s.sigmas[:-1], atol=1.0), (s.timesteps, s.sigmas)
+    assert float(s.sigmas[0]) == pytest.approx(0.0 if s.source.inverted else 1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("cls,solver", [("DPMSolverMultistepScheduler", "dpmpp-2m"), ("EulerDiscreteScheduler", "euler")])

@@ -249,3 +249,20 @@ class CountCalls:
 
     def __exit__(self, *exc):
         self.module.forward = self._forward
+
+
+def denoiser(pipe):
+    """The pipeline's denoising network (a transformer or a UNet)."""
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
+def run_latents(pipe, scheduler, n, **call):
+    """The pipeline's output latents with ``scheduler`` in place, and its denoiser calls."""
+    base, pipe.scheduler = pipe.scheduler, scheduler
+    try:
+        with CountCalls(denoiser(pipe)) as c:
+            out = pipe("a cat", num_inference_steps=n, generator=torch.Generator().manual_seed(0),
+                       output_type="latent", **call).images
+    finally:
+        pipe.scheduler = base
+    return out, c.calls

@@ -97,13 +97,18 @@ class Threshold(StepHook):
         self.ratio, self.max_value = float(ratio), float(max_value)
 
     def after(self, pred, ctx):
-        x0 = pred.x0
-        flat = x0.reshape(x0.shape[0], -1).abs()
-        flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile's dtypes
-        s = torch.quantile(flat, self.ratio, dim=1).to(x0.dtype).clamp(1.0, self.max_value)
-        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
-        return Prediction.from_pair(pred.x, pred.t, torch.maximum(torch.minimum(x0, s), -s) / s, pred.eps,
+        return Prediction.from_pair(pred.x, pred.t, dynamic_threshold(pred.x0, self.ratio, self.max_value), pred.eps,
                                     ctx.schedule, pred.mu)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding of x0: per sample s = clamp(quantile(|x0|, ratio), 1, max_value),
+    then clamp(x0, -s, s) / s (also what diffusers' ``thresholding`` does)."""
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile's dtypes
+    s = torch.quantile(flat, ratio, dim=1).to(x0.dtype).clamp(1.0, max_value)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 class EnKG(StepHook):

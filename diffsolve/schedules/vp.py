@@ -139,14 +139,28 @@ def _diffusers_betas(cfg: Mapping[str, Any]) -> torch.Tensor:
     )
 
 
-def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alphas_cumprod) so the last one is 0."""
-    sq = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    sq = alphas_cumprod.sqrt()
     first, last = sq[0].clone(), sq[-1].clone()
     sq = (sq - last) * first / (first - last)
-    acp = sq**2
+    return sq**2
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """The betas of :func:`rescale_zero_terminal_snr`'s alphas_cumprod."""
+    acp = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
     alphas = torch.cat([acp[0:1], acp[1:] / acp[:-1]])
     return 1.0 - alphas
+
+
+def diffusers_alphas_cumprod(config: Mapping[str, Any]) -> torch.Tensor:
+    """alphas_cumprod of a DDPM-style diffusers config, in float32 exactly as diffusers builds them
+    (betas, then zero terminal SNR if ``rescale_betas_zero_snr``)."""
+    betas = _diffusers_betas(config)
+    if config.get("rescale_betas_zero_snr", False):
+        betas = _rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
 
 
 class VPDiscrete(_VPFromLogAlpha):
@@ -206,11 +220,7 @@ class VPDiscrete(_VPFromLogAlpha):
         cfg = getattr(config, "config", config)
         if not isinstance(cfg, Mapping):
             raise TypeError(f"from_diffusers_config expects a mapping or a scheduler, got {type(config).__name__}")
-        betas = _diffusers_betas(cfg)
-        if cfg.get("rescale_betas_zero_snr", False):
-            betas = _rescale_zero_terminal_snr(betas)
-        acp = torch.cumprod(1.0 - betas, dim=0)
-        return cls(alphas_cumprod=acp, **kwargs)
+        return cls(alphas_cumprod=diffusers_alphas_cumprod(cfg), **kwargs)
 
     @staticmethod
     def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

@@ -49,10 +49,9 @@ class _Run(threading.local):
     sigmas: Tensor | None = None
     grid: Tensor | None = None
     listed_t: list | None = None  # the time of each listed model call
-    reads: dict | None = None  # grid time -> the source's timestep the output is read at
+    reads: dict | None = None  # grid time -> the source's timestep the output is read at (or empty)
     final_scale: float = 1.0  # the final latents are this times x (the source's latent space)
     by_timestep: dict | None = None  # listed network timestep -> time
-    identity_last: bool = False
     num_inference_steps: int | None = None
     step_index: int | None = None
     begin_index: int | None = None
@@ -195,22 +194,20 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         from the largest to the smallest training noise level, then the jump to the clean end
         (``final="zero"``); or n steps ending at the smallest level (``final="sigma_min"``). Flows
         step on the (statically or dynamically) shifted path."""
-        c, s = self.config, self.schedule
-        zero = c.final != "sigma_min"
-        if self.source.flow:
+        kind = self.config.steps_grid
+        if self.source.flow:  # on the shifted path, whose times map to the source's sigmas
             sc = self.source.config
             if sc.get("use_dynamic_shifting", False) and mu is None:
                 raise ValueError("this flow scheduler uses dynamic shifting: set_timesteps needs mu")
-            path = RectifiedFlow(shift=flow_shift(sc, mu), t_min=1.0 / len(self))
-            if not zero:
-                return path.sigma(make_grid(path, n, c.steps_grid))
-            g = make_grid(path, n - 1, c.steps_grid) if n > 1 else torch.tensor([path.t_max], dtype=torch.float64)
-            sig = path.sigma(g).to(torch.float64)
-            return torch.cat([sig, sig.new_zeros(1)])
-        lo = self.source.t_min
-        if not zero:
-            return make_grid(s, n, c.steps_grid, t_min=lo)
-        g = make_grid(s, n - 1, c.steps_grid, t_min=lo) if n > 1 else torch.tensor([s.t_max], dtype=torch.float64)
+            schedule = RectifiedFlow(shift=flow_shift(sc, mu), t_min=1.0 / len(self))
+            t_min, to_time = None, schedule.sigma
+        else:
+            schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
+        if self.config.final == "sigma_min":
+            return to_time(make_grid(schedule, n, kind, t_min=t_min)).to(torch.float64)
+        g = make_grid(schedule, n - 1, kind, t_min=t_min) if n > 1 else \
+            torch.tensor([schedule.t_max], dtype=torch.float64)
+        g = to_time(g).to(torch.float64)
         return torch.cat([g, g.new_zeros(1)])
 
     def _set_grid(self, place: Placement, n: int, device) -> None:
@@ -223,12 +220,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         net = [place.timesteps.get(t, None) for t in listed]
         net = [self.source.net_timestep(t) if k is None else k for t, k in zip(listed, net)]
         r = self._run
-        r.grid, r.num_inference_steps, r.listed_t, r.identity_last = grid, n, listed, place.identity_last
+        r.grid, r.num_inference_steps, r.listed_t = grid, n, listed
         r.by_timestep = dict(zip(net, listed))
         r.timesteps = torch.tensor(net, dtype=torch.float32, device=device)
         r.sigmas = torch.tensor([self.source.listed_sigma(t) for t in [*listed, float(grid[-1])]], dtype=torch.float32)
         r.init_noise_sigma = place.init_noise_sigma
-        r.reads = place.reads or {}
+        r.reads = place.timesteps if place.read_listed else {}
         r.final_scale = 1.0 / float(self.schedule.alpha(grid[-1])) if place.over_alpha else 1.0
         r.step_index, r.begin_index, r.started, r.gen, r.pending = None, None, False, None, None
 

@@ -30,11 +30,16 @@ from typing import Any, Mapping
 
 import torch
 
+from ...guidance.hooks import dynamic_threshold
 from ...models.model import Prediction
 from ...models.parameterization import Coefs, to_x0_eps
 from ...schedules import EDM, RectifiedFlow, VPDiscrete
 from ...schedules.base import Schedule
-from ...schedules.vp import _diffusers_betas, _rescale_zero_terminal_snr
+from ...schedules.vp import (
+    _diffusers_betas,
+    diffusers_alphas_cumprod,
+    rescale_zero_terminal_snr,
+)
 from .config import PREDICTIONS
 
 Tensor = torch.Tensor
@@ -96,7 +101,7 @@ class Placement:
     timesteps: dict[float, float]
     init_noise_sigma: float = 1.0
     identity_last: bool = False
-    reads: dict[float, float] | None = None  # grid time -> the source's timestep the call's output is read at
+    read_listed: bool = False  # the source reads each output at its own noise level of the listed timestep
     over_alpha: bool = False  # the source's latents are x/alpha (k-diffusion style), not x
 
 
@@ -156,7 +161,7 @@ class Source:
         """The model output of the pipeline at (x, t) as a diffsolve Prediction, with the source's
         post-processing of x0 (``clip_sample``, ``thresholding``); learned-variance channels are
         dropped, as diffusers' deterministic schedulers do. ``read``: the source's timestep the
-        output is read at (:class:`Placement`), handed to the solver as an (x0, eps) pair at t."""
+        output is read at (``Placement.read_listed``), handed to the solver as an (x0, eps) pair at t."""
         if self.learned_variance and output.shape[1] == 2 * x.shape[1]:
             output = output[:, : x.shape[1]]
         if read is not None:
@@ -168,10 +173,7 @@ class Source:
             return pred
         x0 = pred.x0
         if self.threshold is not None:
-            ratio, top = self.threshold
-            flat = x0.reshape(x0.shape[0], -1).abs().float()
-            s = torch.quantile(flat, ratio, dim=1).to(x0.dtype).clamp(1.0, top).reshape(-1, *([1] * (x0.ndim - 1)))
-            x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+            x0 = dynamic_threshold(x0, *self.threshold)
         if self.clip is not None:
             x0 = x0.clamp(-self.clip, self.clip)
         return Prediction.from_pair(x, t, x0, pred.eps, self.schedule)
@@ -250,7 +252,7 @@ class VPSource(Source):
         net = {float(a): float(k) for a, k in zip(state_t, listed)}
         identity_last = end == float(state_t[-1])
         grid = state_t if identity_last else torch.cat([state_t, state_t.new_tensor([end])])
-        return Placement(grid, net, 1.0, identity_last, dict(net))
+        return Placement(grid, net, 1.0, identity_last, read_listed=True)
 
     def _given(self, ref, timesteps) -> Placement:
         """Explicit timesteps for a source that takes none (DDIM, PNDM): used as given, each a
@@ -294,19 +296,12 @@ class VPSource(Source):
 def vp_alphas_cumprod(config: Mapping[str, Any], name: str | None = None) -> Tensor:
     """The alphas_cumprod of a DDPM-style config as diffusers builds them (float32): its betas, zero
     terminal SNR, and CogVideoX's SNR shift (``snr_shift_scale``) for its schedulers."""
-    betas = _diffusers_betas(config)
-    if name is not None and name.startswith("CogVideoX"):
-        acp = torch.cumprod(1.0 - betas, dim=0)
-        k = float(config.get("snr_shift_scale", 3.0))
-        acp = acp / (k + (1 - k) * acp)
-        if config.get("rescale_betas_zero_snr", False):
-            sq = acp.sqrt()
-            sq = (sq - sq[-1]) * sq[0] / (sq[0] - sq[-1])
-            acp = sq**2
-        return acp
-    if config.get("rescale_betas_zero_snr", False):
-        betas = _rescale_zero_terminal_snr(betas)
-    return torch.cumprod(1.0 - betas, dim=0)
+    if name is None or not name.startswith("CogVideoX"):
+        return diffusers_alphas_cumprod(config)
+    acp = torch.cumprod(1.0 - _diffusers_betas(config), dim=0)
+    k = float(config.get("snr_shift_scale", 3.0))
+    acp = acp / (k + (1 - k) * acp)  # the SNR shift, before the rescaling
+    return rescale_zero_terminal_snr(acp) if config.get("rescale_betas_zero_snr", False) else acp
 
 
 class FlowSource(Source):

@@ -3,18 +3,27 @@
     diffsolve solvers [--markdown] [--family FAMILY]
     diffsolve sample [--model gmm-2d|digits-oracle] [--solver NAME] [--steps N] [--seed S]
                      [--num-samples K] [--out DIR] [--device DEV] [--dtype float32|float64|float16|bfloat16]
-                     [--grid KIND] [-o key=value ...] [--force] [--no-progress]
+                     [--grid KIND] [--t-max T] [--t-min T] [-o key=value ...] [--latent DIR] [--force]
+                     [--no-progress]
+    diffsolve invert --input DIR [--model M] [--solver NAME] [--steps N] [--t-max T] [--t-min T] ...
     diffsolve restore [--task inpaint|deblur] [--method dps|enkg|inpaint] [--model digits-vp] ...
+    diffsolve eval DIR [--tensor NAME] [--json]
+    diffsolve bench [--quick] [--only NAMES]
     diffsolve --version
 
 ``sample`` writes ``samples.safetensors``, ``samples.png`` and ``manifest.json`` into the output
-directory, atomically, and never overwrites earlier results unless ``--force`` is given.
+directory, atomically, and never overwrites earlier results unless ``--force`` is given. The default
+output folder is named by the model, solver, steps and seed, plus a short hash of every other setting
+that changes the result (solver options, dtype, grid, time range, sample count, latent, class).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -23,8 +32,10 @@ import shlex
 import shutil
 import sys
 import tempfile
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +48,10 @@ OUTPUT_FILES = ("samples.safetensors", "samples.png", "manifest.json")
 LATENT_FILES = ("latent.safetensors", "manifest.json")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DTYPE_HELP = ("precision of the network and of the samples: float32, float64, or float16 / bfloat16 (the network "
-              "in half precision, the solver's arithmetic in float32) (default: float32)")
+              "in half precision, the solver's arithmetic in float32) (default: float32")
+DEFAULT_STEPS = 20
+DEFAULT_NUM_SAMPLES = 64
+DEFAULT_GUIDANCE = 3.0
 
 
 class CLIError(Exception):
@@ -128,6 +142,20 @@ _positive_int = _int_at_least(1, "positive")
 _nonneg_int = _int_at_least(0, "non-negative")
 
 
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+TIME_RANGE_HELP = ("the time range: sampling starts at t_max and ends at t_min (default: the schedule's; flow models "
+                   "need e.g. --t-max 0.999 for SDE, adaptive and reversible solvers)")
+
+
 def _option(text: str) -> tuple[str, Any]:
     """``key=value`` with the value parsed as YAML (numbers, bools, null, lists)."""
     import yaml
@@ -175,26 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample from a built-in model and save the results",
                        description="Sample from a built-in model with a registered solver; writes "
                                    + ", ".join(OUTPUT_FILES) + " into --out.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"{', '.join(MODELS)}, or a path to a diffusers DDPM-style folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"{', '.join(MODELS)}, or a path to a diffusers DDPM-style folder (default: {DEFAULT_MODEL}, "
+                        "or the latent's model with --latent)")
     p.add_argument("--solver", default=None,
                    help="a registered solver name (see `diffsolve solvers`); default: dpmpp-2m, or the "
                         "latent's solver with --latent")
-    p.add_argument("--steps", type=_positive_int, default=20, help="number of steps (default: 20)")
-    p.add_argument("--latent", default=None, metavar="FILE",
-                   help="start from a latent written by `diffsolve invert` (its grid and samples; "
-                        "--steps, --num-samples and --seed do not apply)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"number of steps (default: {DEFAULT_STEPS}; adaptive solvers choose their own)")
+    p.add_argument("--latent", default=None, metavar="DIR",
+                   help="start from a latent written by `diffsolve invert` (a folder or its latent.safetensors): "
+                        "its samples, grid, model, solver, options and dtype unless given; --steps, "
+                        "--num-samples, --t-max and --t-min do not apply")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="base seed; sample i uses seed + i (default: 0)")
-    p.add_argument("--num-samples", type=_positive_int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES,
+                   help=f"number of samples (default: {DEFAULT_NUM_SAMPLES})")
     p.add_argument("--out", default=None,
-                   help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-seed<seed>)")
+                   help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-seed<seed>, plus "
+                        "-<hash> of any other setting that changes the result; 'adaptive' for the steps of "
+                        "adaptive solvers)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ... (default: cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (worth it for long runs on a GPU; the first call compiles)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP + ", or the latent's with --latent)")
     p.add_argument("--grid", type=_grid, default=None,
                    help=f"time grid: {', '.join(ds.schedules.GRID_KINDS)}, or comma-separated descending times "
                         "(default: the schedule's)")
+    p.add_argument("--t-max", type=_finite_float, default=None, metavar="T", help=TIME_RANGE_HELP)
+    p.add_argument("--t-min", type=_finite_float, default=None, metavar="T", help="see --t-max")
     p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a solver option, value parsed as YAML (repeatable), e.g. -o s_churn=10")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
@@ -215,19 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "conditional model, no unconditional calls)")
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="a saved run configuration (keys: the long options above, with '_' for '-', and "
-                        "'options' for solver options); flags given on the command line win")
+                        "'options' for solver options; flags take true or false); options given on the "
+                        "command line win")
 
     p = sub.add_parser("invert", help="map data to latents with a deterministic or reversible solver",
                        description="Invert data (samples.safetensors, as `diffsolve sample` writes) to the "
                                    "latent at t_max; `diffsolve sample --latent DIR/latent.safetensors` "
                                    "samples it back (exactly, for reversible solvers).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"as for sample (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"as for sample (default: the model recorded with --input, else {DEFAULT_MODEL})")
     p.add_argument("--solver", default="rev-heun", help="a deterministic solver (default: rev-heun)")
     p.add_argument("--input", required=True, metavar="FILE", help="samples.safetensors, or a directory holding it")
-    p.add_argument("--steps", type=_positive_int, default=50, help="number of steps (default: 50)")
+    p.add_argument("--steps", type=_positive_int, default=50,
+                   help="number of steps (default: 50; adaptive solvers choose their own)")
     p.add_argument("--grid", type=_grid, default=None, help="grid kind or explicit times (as for sample)")
-    p.add_argument("--out", default=None, help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-latent)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--t-max", type=_finite_float, default=None, metavar="T",
+                   help="the time range: the latent is at t_max, the data at t_min (default: the schedule's)")
+    p.add_argument("--t-min", type=_finite_float, default=None, metavar="T", help="see --t-max")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: diffsolve-out/<model>-<solver>-<steps>steps-latent-<hash of "
+                        "the input and settings>)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP + ")")
     p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a solver option, repeatable")
     p.add_argument("--force", action="store_true", help="overwrite an existing latent in --out")
@@ -248,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=50, help="number of steps (default: 50)")
     p.add_argument("--num-samples", type=_positive_int, default=16, help="digits to restore (default: 16)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="base seed (default: 0)")
-    p.add_argument("--out", default=None, help="output directory (default: diffsolve-out/restore-<task>-<method>)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: diffsolve-out/restore-<task>-<method>, plus -<hash> of any "
+                        "other setting not at its default)")
     p.add_argument("-o", "--option", dest="options", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable: zeta (dps, default 4), particles / guidance_scale "
                         "(enkg, default 16 / 2), resample (inpaint, default 1)")
@@ -268,10 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
 
     p = sub.add_parser("eval", help="digit sample quality: digits-FD and classifier confidence",
-                       description="Score digit samples (a samples.safetensors file, or a folder holding one) "
-                                   "with the shipped digit classifier: Frechet distance of its features to "
-                                   "the held-out digits (digits-FD) and mean confidence.")
-    p.add_argument("samples", help="samples.safetensors, or a directory containing it")
+                       description="Score digit samples (what `diffsolve sample`, `sample --pipeline` and "
+                                   "`restore` write: a folder, or its .safetensors file) with the shipped digit "
+                                   "classifier: Frechet distance of its features to the 300 held-out digits "
+                                   "(digits-FD) and mean confidence. digits-FD depends on the sample count: "
+                                   "compare scores of equally many samples.")
+    p.add_argument("samples", help="a folder holding samples.safetensors or restored.safetensors, or the file")
+    p.add_argument("--tensor", default=None, metavar="NAME",
+                   help="the tensor to score (default: samples, restored or images, whichever is there; "
+                        "e.g. unguided or degraded in restore's output)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -291,8 +342,17 @@ def _check_device(name: str) -> torch.device:
     return dev
 
 
+def _option_classes() -> dict[str, type]:
+    """The non-JSON solver option values the CLI writes as {"class": name, "init": {...}} and rebuilds."""
+    return {"StepSizeController": ds.samplers.StepSizeController}
+
+
 def _jsonable(v: Any) -> Any:
-    """Strict-JSON version of ``v`` (non-finite floats become strings, tensors lists)."""
+    """Strict-JSON version of ``v`` (non-finite floats become strings, tensors lists, the option objects of
+    :func:`_option_classes` {"class": name, "init": their fields}, which :func:`_decode_option` rebuilds)."""
+    if isinstance(v, tuple(_option_classes().values())):
+        return {"class": type(v).__name__,
+                "init": {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}}
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu().tolist()
     elif isinstance(v, np.ndarray):
@@ -312,6 +372,94 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
+def _decode_option(v: Any) -> Any:
+    """A solver option value from its JSON form (:func:`_jsonable`): {"class", "init"} objects rebuilt,
+    "inf" / "-inf" / "nan" as floats; older files' ``repr`` of an option object is parsed back too."""
+    classes = _option_classes()
+    if isinstance(v, dict) and set(v) == {"class", "init"} and isinstance(v["init"], dict):
+        cls = classes.get(v["class"])
+        if cls is None:
+            raise CLIError(f"cannot rebuild an option of class {v['class']!r}; known: {', '.join(classes)}")
+        try:
+            return cls(**{k: _decode_option(x) for k, x in v["init"].items()})
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"cannot rebuild {v['class']} from {v['init']}: {e}") from None
+    if isinstance(v, dict):
+        return {k: _decode_option(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode_option(x) for x in v]
+    if isinstance(v, str):
+        if v in ("inf", "-inf", "nan"):
+            return float(v)
+        rebuilt = _from_repr(v, classes)
+        return v if rebuilt is None else rebuilt
+    return v
+
+
+def _from_repr(text: str, classes: dict[str, type]) -> Any:
+    """``Name(key=value, ...)`` (a dataclass repr, as older manifests hold) as the object, else None."""
+    name = text.partition("(")[0]
+    if name not in classes or not text.endswith(")"):
+        return None
+    try:
+        call = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(call, ast.Call) or call.args:
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Name) and node.id in ("inf", "nan"):
+            return float(node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        return ast.literal_eval(node)
+
+    try:
+        return classes[name](**{kw.arg: value(kw.value) for kw in call.keywords})
+    except (TypeError, ValueError):
+        return None
+
+
+def _decode_options(options: dict) -> dict:
+    return {k: _decode_option(v) for k, v in options.items()}
+
+
+def _non_default_options(solver: str, options: dict) -> dict:
+    """The options of ``solver`` (as it resolves them) that differ from its defaults."""
+    resolved, default = ds.get_solver(solver, **options).options(), ds.get_solver(solver).options()
+    return {k: v for k, v in resolved.items() if _jsonable(v) != _jsonable(default.get(k))}
+
+
+def _digest(value: Any) -> str:
+    """A short hash of a JSON-able value."""
+    return hashlib.sha256(json.dumps(_jsonable(value), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _default_out(stem: str, settings: dict) -> Path:
+    """diffsolve-out/<stem>, plus -<hash> of the settings that are not None (those at their defaults are
+    left None, so the plain runs keep plain names)."""
+    settings = {k: v for k, v in settings.items() if v is not None and v != {}}
+    return Path("diffsolve-out") / (f"{stem}-{_digest(settings)}" if settings else stem)
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """The options given on the command line or in --config (set by main; empty otherwise)."""
+    return getattr(args, "given", set())
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     x = np.nan_to_num(x.astype(np.float64), nan=-1.0, posinf=1.0, neginf=-1.0)
     return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
@@ -326,8 +474,18 @@ def image_scale(h: int, w: int) -> int:
     return max(1, 32 // max(h, w))
 
 
-def image_grid(samples: np.ndarray, per_row: int = GRID_PER_ROW, pad: int = GRID_PAD):
-    """A PIL image of samples [K, C, H, W] (C in 1, 3) or [K, H, W], values in [-1, 1]."""
+def grid_columns(k: int, rows_per_sample: int = 1, least: int = GRID_PER_ROW) -> int:
+    """Columns of a near-square picture of ``k`` samples (each ``rows_per_sample`` tiles tall, as in the
+    restoration panels); at least ``least`` (or ``k``)."""
+    return min(k, max(least, math.ceil(math.sqrt(k * rows_per_sample))))
+
+
+def image_grid(samples: np.ndarray, per_row: int | None = None, pad: int = GRID_PAD,
+               row_labels: Sequence[str] | None = None, blank: np.ndarray | None = None):
+    """A PIL image of samples [K, C, H, W] (C in 1, 3) or [K, H, W], values in [-1, 1]: ``per_row`` a row
+    (default: a near-square grid, at least 8 a row); ``row_labels`` name the rows in a left margin, in
+    turn (rows of a restoration panel: degraded / restored / clean); tiles where ``blank`` is True are
+    left empty."""
     from PIL import Image
 
     if samples.ndim == 3:
@@ -337,14 +495,58 @@ def image_grid(samples: np.ndarray, per_row: int = GRID_PER_ROW, pad: int = GRID
     imgs = _to_uint8(samples).transpose(0, 2, 3, 1)  # K, H, W, C
     imgs = imgs.repeat(s, axis=1).repeat(s, axis=2)
     th, tw = h * s, w * s
-    cols = min(per_row, k)
+    cols = grid_columns(k) if per_row is None else min(per_row, k)
     rows = math.ceil(k / cols)
     canvas = np.full((rows * th + (rows + 1) * pad, cols * tw + (cols + 1) * pad, c), 64, dtype=np.uint8)
     for i in range(k):
+        if blank is not None and blank[i]:
+            continue
         r, q = divmod(i, cols)
         y, x = pad + r * (th + pad), pad + q * (tw + pad)
         canvas[y:y + th, x:x + tw] = imgs[i]
-    return Image.fromarray(np.ascontiguousarray(canvas[..., 0] if c == 1 else canvas))
+    image = Image.fromarray(np.ascontiguousarray(canvas[..., 0] if c == 1 else canvas))
+    if row_labels:
+        image = _label_rows(image, [row_labels[r % len(row_labels)] for r in range(rows)], th, pad)
+    return image
+
+
+def _label_rows(image, labels: Sequence[str], tile: int, pad: int):
+    """``image`` with a left margin holding ``labels[r]`` beside tile row r, in Pillow's built-in bitmap
+    font (no font file needed); without a usable font the image is returned as it is (the manifest
+    names the rows too)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") \
+            else ImageFont.load_default()
+        boxes = [ImageDraw.Draw(image).textbbox((0, 0), t, font=font) for t in labels]
+    except (OSError, ImportError, AttributeError):
+        return image
+    margin = max(b[2] for b in boxes) + 3 * pad + 4
+    out = Image.new(image.mode, (image.width + margin, image.height), 64 if image.mode == "L" else (64, 64, 64))
+    out.paste(image, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    white = 255 if image.mode == "L" else (255, 255, 255)
+    for r, (text, box) in enumerate(zip(labels, boxes)):
+        y = pad + r * (tile + pad) + (tile - (box[3] - box[1])) // 2 - box[1]
+        draw.text((2 * pad + 2, y), text, fill=white, font=font)
+    return out
+
+
+def panel_image(rows: Sequence[tuple[str, torch.Tensor]]) -> tuple[Any, int]:
+    """A near-square labelled picture of paired image rows (e.g. degraded / restored / clean): every
+    band holds the next ``cols`` digits of each row. Returns (image, cols)."""
+    k = len(rows[0][1])
+    cols = grid_columns(k, len(rows))
+    tiles, blank = [], []
+    for i in range(0, k, cols):
+        for _, x in rows:  # a short last band: its rows padded with blank tiles
+            part = x[i:i + cols].detach().to("cpu", torch.float64)
+            tiles += [part, part.new_zeros((cols - len(part), *part.shape[1:]))]
+            blank += [False] * len(part) + [True] * (cols - len(part))
+    image = image_grid(torch.cat(tiles).numpy(), per_row=cols, row_labels=[name for name, _ in rows],
+                       blank=np.array(blank))
+    return image, cols
 
 
 SCATTER_SIZE = 512
@@ -518,37 +720,72 @@ def _load_shards(shard_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, l
     return torch.cat(samples), torch.cat(nfe), metas
 
 
+def _adaptive(solver_name: str) -> bool:
+    return not ds.samplers.solver_info(solver_name).fixed_grid
+
+
+def _steps_label(steps: int | None) -> str:
+    return "adaptive" if steps is None else f"{steps}steps"
+
+
+def _run_steps(args: argparse.Namespace, solver_name: str) -> int | None:
+    """The steps a run takes: ``args.steps``, or None for an adaptive solver (which chooses its own;
+    a warning says so when --steps was given)."""
+    if not _adaptive(solver_name):
+        return args.steps
+    if "steps" in _given(args):
+        _warn(f"--steps is ignored: {solver_name} is adaptive and chooses its own steps from t_max to t_min")
+    return None
+
+
 def cmd_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """`diffsolve sample --pipeline PATH`: driver mode on a local diffusers pipeline."""
+    if args.latent is not None:
+        raise CLIError("--latent does not apply with --pipeline (invert a pipeline's latents in Python with "
+                       "ds.integrations.diffusers.invert_pipeline)")
+    ignored = [n for n in ("model", "label", "shard_size", "compile") if n in _given(args)]
+    if ignored:
+        _warn(f"{_flags(ignored)} ignored: not used with --pipeline")
     from diffusers import DiffusionPipeline
 
     from diffsolve.integrations.diffusers import sample_pipeline
 
-    options = dict(args.options)
+    options = _decode_options(dict(args.options))
     solver = args.solver or "dpmpp-2m"
     solver_name = ds.get_solver(solver, **options).name
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    steps = _run_steps(args, solver_name)
+    dtype = args.dtype or "float32"
     device = _check_device(args.device)
     path = Path(args.pipeline)
     if not (path / "model_index.json").exists():
         raise CLIError(f"--pipeline {args.pipeline!r} is not a diffusers pipeline folder (no model_index.json)")
-    out = Path(args.out) if args.out else Path("diffsolve-out") / f"{path.name}-{solver_name}-{args.steps}steps-seed{args.seed}"
+    settings = {"pipeline": str(path.resolve()), "prompt": args.prompt, "guidance_scale": args.guidance_scale,
+                "num_samples": None if args.num_samples == DEFAULT_NUM_SAMPLES else args.num_samples,
+                "options": _non_default_options(solver_name, options), "dtype": None if dtype == "float32" else dtype,
+                "grid": args.grid, "t_max": args.t_max, "t_min": args.t_min}
+    out = Path(args.out) if args.out else \
+        _default_out(f"{path.name}-{solver_name}-{_steps_label(steps)}-seed{args.seed}", settings)
     existing = _existing_outputs(out)
     if existing and not args.force:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose another --out")
     pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True,
-                                             torch_dtype=getattr(torch, args.dtype)).to(device)
+                                             torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator(device).manual_seed(args.seed + i) for i in range(args.num_samples)]
     kw = {"prompt": args.prompt} if args.prompt is not None else {}
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     res = sample_pipeline(pipe, solver, num_inference_steps=args.steps, num_images_per_prompt=args.num_samples,
-                          generator=gens, output_type="np", progress=not args.no_progress, **kw, **options)
+                          generator=gens, output_type="np", progress=not args.no_progress, grid=args.grid,
+                          t_max=args.t_max, t_min=args.t_min, **kw, **options)
     images = torch.from_numpy(np.asarray(res.images)).permute(0, 3, 1, 2).contiguous()
     manifest = {"pipeline": str(path), "pipeline_class": type(pipe).__name__, "prompt": args.prompt,
                 "guidance_scale": args.guidance_scale, "solver": solver_name, "options": _jsonable(options),
-                "steps": args.steps, "seed": args.seed, "num_samples": args.num_samples, "nfe": res.result.nfe,
-                "wall_time": res.result.wall_time, "command": shlex.join([PROG, *argv]),
+                "steps": steps, "seed": args.seed, "num_samples": args.num_samples, "dtype": dtype,
+                "grid_kind": _grid_kind(args.grid), "t_max": args.t_max, "t_min": args.t_min, "nfe": res.result.nfe,
+                "wall_time": res.result.wall_time, "images": "in [0, 1], [N, C, H, W]",
+                "command": shlex.join([PROG, *argv]),
                 "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
     image = image_grid((images * 2 - 1).numpy())
     tensors = {"images": images, "latents": res.latents.detach().float().cpu()}
@@ -559,24 +796,74 @@ def cmd_pipeline(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _grid_kind(grid) -> str:
+    return grid if isinstance(grid, str) else ("explicit" if grid else "default")
+
+
+def _latent_defaults(args: argparse.Namespace, latent: ds.Latent, meta: dict) -> None:
+    """Fill in what --latent decides: its model, solver and dtype unless given; its sample count and
+    steps always (with a warning where --steps / --num-samples were given)."""
+    for name in ("t_max", "t_min"):
+        if getattr(args, name) is not None:
+            raise CLIError(f"{_flags([name])} does not apply with --latent: the latent's grid sets the time range "
+                           f"({float(latent.grid[0]):.6g} to {float(latent.grid[-1]):.6g})")
+    ignored = [n for n in ("steps", "num_samples") if n in _given(args)]
+    if ignored:
+        _warn(f"{_flags(ignored)} ignored: the latent sets the steps (its grid) and the number of samples")
+    recorded = meta.get("model")
+    if args.model is None:
+        args.model = recorded or DEFAULT_MODEL
+    elif recorded and args.model != recorded:
+        _warn(f"the latent was made with --model {recorded}; sampling it with --model {args.model}")
+    args.solver = args.solver or latent.solver
+    args.dtype = args.dtype or meta.get("dtype") or "float32"
+    args.num_samples, args.steps = latent.x.shape[0], len(latent.grid) - 1
+
+
+def _after_failure(out: Path, shard_dir: Path, out_existed: bool) -> int:
+    """A run stopped (an error, Ctrl-C): with no shard saved, remove its shard folder (and ``out`` if this
+    run made it and it is empty), so that a corrected command is not refused. Returns the shards saved."""
+    saved = len(list(shard_dir.glob("shard-*.safetensors"))) if shard_dir.is_dir() else 0
+    if not saved:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        if not out_existed:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+    return saved
+
+
 def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.pipeline is not None:
         return cmd_pipeline(args, argv)
     if args.prompt is not None:
         raise CLIError("--prompt needs --pipeline (a text-to-image diffusers pipeline folder)")
-    options = dict(args.options)
-    latent = load_latent(args.latent) if args.latent else None
-    if args.solver is None:
-        args.solver = latent.solver if latent is not None else "dpmpp-2m"
-    if latent is not None:
-        args.num_samples, args.steps = latent.x.shape[0], len(latent.grid) - 1
-        options = {**latent.options, **options}
+    options = _decode_options(dict(args.options))
+    latent = latent_file = None
+    if args.latent:
+        latent, meta, latent_file = load_latent(args.latent)
+        _latent_defaults(args, latent, meta)
+        if ds.samplers.solver_info(args.solver).name == latent.solver:
+            options = {**latent.options, **options}
+    args.model = args.model or DEFAULT_MODEL
+    args.solver = args.solver or "dpmpp-2m"
+    args.dtype = args.dtype or "float32"
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     # Validate the cheap things first: solver name and options, device, output directory.
     solver_name = ds.get_solver(args.solver, **options).name
+    steps = (None if _adaptive(solver_name) else args.steps) if latent is not None else _run_steps(args, solver_name)
     device = _check_device(args.device)
     model_label = args.model if args.model in MODELS else Path(args.model).name
+    settings = {"model_path": None if args.model in MODELS else str(Path(args.model).resolve()),
+                "num_samples": None if latent is not None or args.num_samples == DEFAULT_NUM_SAMPLES else args.num_samples,
+                "options": _non_default_options(solver_name, options),
+                "dtype": None if args.dtype == "float32" else args.dtype, "grid": args.grid,
+                "t_max": args.t_max, "t_min": args.t_min,
+                "latent": None if latent_file is None else _file_digest(latent_file), "class": args.label,
+                "guidance_scale": None if args.guidance_scale in (None, DEFAULT_GUIDANCE) else args.guidance_scale}
     out = Path(args.out) if args.out else \
-        Path("diffsolve-out") / f"{model_label}-{solver_name}-{args.steps}steps-seed{args.seed}"
+        _default_out(f"{model_label}-{solver_name}-{_steps_label(steps)}-seed{args.seed}", settings)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} exists and is not a directory")
     existing = _existing_outputs(out)
@@ -588,6 +875,9 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     dtype = getattr(torch, args.dtype)
     target = (MODELS[args.model](device, dtype) if args.model in MODELS
               else _diffusers_folder(args.model, device, dtype))
+    if latent is not None and tuple(latent.x.shape[1:]) != target.event_shape:
+        raise CLIError(f"--latent {args.latent!r} holds samples of shape {tuple(latent.x.shape[1:])} (made with "
+                       f"--model {meta.get('model', '?')}); --model {args.model} samples {target.event_shape}")
     if args.compile:
         target.model = target.model.compile()
     model, labels, uncond, scale = _class_conditioning(target, args)
@@ -601,32 +891,44 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if target.condition is not None:
         mu, clean = target.condition(k, args.seed)
     shard_dir = out / SHARD_DIR
-    spec = {"model": args.model, "solver": solver_name, "options": _jsonable(options), "steps": args.steps,
+    spec = {"model": args.model, "solver": solver_name, "options": _jsonable(options), "steps": steps,
             "latent": args.latent,
             "seed": args.seed, "num_samples": k, "shard_size": size, "grid": _jsonable(args.grid),
+            "t_max": args.t_max, "t_min": args.t_min,
             "dtype": args.dtype, "device": device.type, "class": args.label, "guidance_scale": scale}
+    out_existed = out.exists()
     if rank == 0:
         done = _prepare_shards(shard_dir, spec, args.force)
         if done:
             print(f"resuming {out}: {done} of {n_shards} shards already done")
     _barrier(world)
 
-    for j in range(rank, n_shards, world):
-        path = shard_dir / f"shard-{j:05d}.safetensors"
-        if path.exists():
-            continue
-        lo, hi = j * size, min(k, (j + 1) * size)
-        if latent is not None:
-            start = {"latent": ds.Latent(latent.x[lo:hi].to(device), None if latent.aux is None else
-                                         latent.aux[lo:hi].to(device), latent.grid, latent.solver)}
-        else:
-            start = {"steps": args.steps, "shape": (hi - lo, *target.event_shape), "grid": args.grid,
-                     "seed": [args.seed + i for i in range(lo, hi)]}
-        if labels is not None:
-            start["cond"], start["uncond"] = {"class_labels": labels[lo:hi].to(device)}, uncond
-        result = ds.sample(model, args.solver, device=device, dtype=args.dtype, progress=not args.no_progress,
-                           mu=None if mu is None else mu[lo:hi], **start, **options)
-        _save_shard(path, result)
+    try:
+        for j in range(rank, n_shards, world):
+            path = shard_dir / f"shard-{j:05d}.safetensors"
+            if path.exists():
+                continue
+            lo, hi = j * size, min(k, (j + 1) * size)
+            start = {"seed": [args.seed + i for i in range(lo, hi)]}
+            if latent is not None:
+                start["latent"] = ds.Latent(latent.x[lo:hi].to(device), None if latent.aux is None else
+                                            latent.aux[lo:hi].to(device), latent.grid, latent.solver)
+            else:
+                start.update(steps=steps, shape=(hi - lo, *target.event_shape), grid=args.grid, t_max=args.t_max,
+                             t_min=args.t_min)
+            if labels is not None:
+                start["cond"], start["uncond"] = {"class_labels": labels[lo:hi].to(device)}, uncond
+            result = ds.sample(model, args.solver, device=device, dtype=args.dtype, progress=not args.no_progress,
+                               mu=None if mu is None else mu[lo:hi], **start, **options)
+            _save_shard(path, result)
+    except BaseException as e:
+        if rank == 0:
+            saved = _after_failure(out, shard_dir, out_existed)
+            if isinstance(e, KeyboardInterrupt):
+                raise KeyboardInterrupt(
+                    f"{saved} of {n_shards} shards are saved in {shard_dir}; rerun the same command to resume" if saved
+                    else "no shard was finished, nothing is saved") from None
+        raise
     _barrier(world)
     if rank != 0:
         return 0
@@ -638,13 +940,15 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "solver": solver_name,
         "options": json.loads(metas[0]["options"]),
         "model": args.model,
-        "steps": args.steps,
+        "steps": steps,
         "seed": args.seed,
-        "seeds": k,
         "num_samples": k,
         "shape": list(samples.shape),
         "grid": json.loads(metas[0]["grid"]),
-        "grid_kind": args.grid if isinstance(args.grid, str) else ("explicit" if args.grid else "default"),
+        "grid_kind": _grid_kind(args.grid),
+        "t_max": args.t_max,
+        "t_min": args.t_min,
+        **({"latent": args.latent} if latent is not None else {}),
         "nfe": nfe,
         "nfe_total": int(nfe_per_sample.sum()),
         "wall_time": wall,
@@ -660,19 +964,18 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "command": shlex.join([PROG, *argv]),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if mu is not None:  # restoration: rows of degraded / restored / clean, 8 digits at a time
-        panels = [torch.cat([mu[i:i + 8], samples[i:i + 8].to(mu.dtype), clean[i:i + 8]])
-                  for i in range(0, len(samples), 8)]
-        image = image_grid(torch.cat(panels).numpy(), per_row=min(8, len(samples)))
-        manifest["restoration"] = {"png_rows": "degraded / restored / clean, repeated per 8 digits",
+    if mu is not None:  # restoration: labelled rows of degraded / restored / clean digits
+        rows = [("degraded", mu), (f"restored ({solver_name})", samples), ("clean", clean)]
+        image, cols = panel_image(rows)
+        manifest["restoration"] = {"png_rows": [name for name, _ in rows], "png_columns": cols,
                                    "psnr_db": _psnr(samples, clean), "psnr_degraded_db": _psnr(mu, clean)}
     else:
         image = render_png(samples)
 
     def write(tmp: Path) -> list[str]:
         return _write_bundle(tmp, OUTPUT_FILES, {"samples": samples, "nfe_per_sample": nfe_per_sample}, image, manifest,
-                             metadata={"solver": solver_name, "model": args.model, "steps": str(args.steps),
-                                       "seed": str(args.seed)})
+                             metadata={"solver": solver_name, "model": args.model, "steps": str(steps),
+                                       "seed": str(args.seed), "dtype": args.dtype})
 
     # Re-check just before writing (another run may have written meanwhile).
     existing = _existing_outputs(out)
@@ -682,7 +985,7 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     names = _write_atomically(out, write)
     shutil.rmtree(shard_dir, ignore_errors=True)
 
-    how = f"in {args.steps} steps" if ds.samplers.solver_info(solver_name).fixed_grid else "(adaptive steps)"
+    how = f"in {steps} steps" if steps is not None else "(adaptive steps)"
     print(f"{solver_name}: {k} samples of {args.model} {how}, "
           f"NFE {nfe}, {wall:.2f} s ({device}, {args.dtype}, {n_shards} shard(s), {world} process(es))")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
@@ -703,7 +1006,7 @@ def _class_conditioning(target: Target, args: argparse.Namespace):
     n, null = target.classes["num_classes"], target.classes["null_class"]
     if args.label is not None and args.label >= n:
         raise CLIError(f"--class must be in 0..{n - 1}, got {args.label}")
-    scale = 3.0 if args.guidance_scale is None else args.guidance_scale
+    scale = DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale
     if not math.isfinite(scale):
         raise CLIError(f"--guidance-scale must be a finite number, got {scale}")
     k = args.num_samples
@@ -723,7 +1026,10 @@ def cmd_restore(args: argparse.Namespace, argv: Sequence[str]) -> int:
     options = dict(args.options)
     if args.solver is not None:
         ds.get_solver(args.solver)
-    out = Path(args.out) if args.out else Path("diffsolve-out") / f"restore-{args.task}-{args.method}"
+    defaults = getattr(args, "defaults", {})
+    settings = {n: getattr(args, n) for n in ("model", "solver", "steps", "num_samples", "seed")
+                if getattr(args, n) != defaults.get(n, getattr(args, n))}
+    out = Path(args.out) if args.out else _default_out(f"restore-{args.task}-{args.method}", {**settings, "options": options})
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} exists and is not a directory")
     existing = _existing_outputs(out, RESTORE_FILES)
@@ -746,17 +1052,17 @@ def cmd_restore(args: argparse.Namespace, argv: Sequence[str]) -> int:
     prob = inverse_problem(args.task, clean, seed=args.seed)
     restored, res = restore(target.model, prob, args.method, steps=args.steps, solver=args.solver, seed=args.seed,
                             progress=not args.no_progress, **options)
-    plain, _ = restore(target.model, prob, "none", steps=args.steps, solver=args.solver or DEFAULTS[args.method][0],
-                       seed=args.seed, progress=False)
+    plain_solver = args.solver or DEFAULTS[args.method][0]
+    plain, _ = restore(target.model, prob, "none", steps=args.steps, solver=plain_solver, seed=args.seed, progress=False)
     restored, plain = restored.clamp(-1, 1), plain.clamp(-1, 1)
     psnr = {"restored": _psnr(restored, clean), "unguided": _psnr(plain, clean), "degraded": _psnr(prob.display, clean)}
-    panels = [torch.cat([prob.display[i:i + 8], restored[i:i + 8], plain[i:i + 8], clean[i:i + 8]])
-              for i in range(0, len(clean), 8)]
-    image = image_grid(torch.cat(panels).numpy(), per_row=min(8, len(clean)))
+    rows = [("degraded", prob.display), (f"{args.method} ({res.solver})", restored),
+            (f"unguided ({plain_solver})", plain), ("clean", clean)]
+    image, cols = panel_image(rows)
     manifest = {"task": args.task, "method": args.method, "model": args.model, "solver": res.solver,
                 "options": _jsonable(options), "steps": args.steps, "seed": args.seed, "num_samples": len(clean),
                 "nfe": res.nfe, "wall_time": res.wall_time, "psnr_db": psnr,
-                "png_rows": "degraded / restored / unguided / clean, repeated per 8 digits",
+                "png_rows": [name for name, _ in rows], "png_columns": cols,
                 "command": shlex.join([PROG, *argv]),
                 "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
 
@@ -768,8 +1074,9 @@ def cmd_restore(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def load_latent(path: str) -> ds.Latent:
-    """A latent written by `diffsolve invert` (a latent.safetensors file or a directory holding one)."""
+def load_latent(path: str) -> tuple[ds.Latent, dict, Path]:
+    """A latent written by `diffsolve invert` (a latent.safetensors file or a directory holding one):
+    (the latent, with its solver options rebuilt; its metadata: model, dtype, ...; its file)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -781,24 +1088,37 @@ def load_latent(path: str) -> ds.Latent:
         if not {"x", "grid"} <= keys or "solver" not in meta:
             raise CLIError(f"--latent {path!r} is not a latent written by `diffsolve invert`")
         t = {k: f.get_tensor(k) for k in keys}
-    return ds.Latent(t["x"], t.get("aux"), t["grid"], meta["solver"], json.loads(meta.get("options", "{}")),
-                     int(meta.get("nfe", 0)))
+    try:
+        options = json.loads(meta.get("options", "{}"))
+        nfe = int(meta.get("nfe", 0))
+    except ValueError:
+        raise CLIError(f"--latent {path!r}: its options or nfe are unreadable ({meta.get('options')!r})") from None
+    lat = ds.Latent(t["x"], t.get("aux"), t["grid"], meta["solver"], _decode_options(options), nfe)
+    return lat, meta, p
 
 
 def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    options = dict(args.options)
+    options = _decode_options(dict(args.options))
     solver_name = ds.get_solver(args.solver, **options).name
+    steps = _run_steps(args, solver_name)
     src = Path(args.input)
     src = src / OUTPUT_FILES[0] if src.is_dir() else src
     if not src.exists():
         raise CLIError(f"--input {args.input!r}: no such file")
-    tensors = load_file(str(src))
-    if "samples" not in tensors:
-        raise CLIError(f"--input {args.input!r} holds no 'samples' tensor (write one with `diffsolve sample`)")
+    with safe_open(str(src), framework="pt") as f:
+        if "samples" not in set(f.keys()):
+            raise CLIError(f"--input {args.input!r} holds no 'samples' tensor (write one with `diffsolve sample`)")
+        x0, recorded = f.get_tensor("samples"), (f.metadata() or {}).get("model")
+    args.model = args.model or recorded or DEFAULT_MODEL
     model_label = args.model if args.model in MODELS else Path(args.model).name
-    out = Path(args.out) if args.out else Path("diffsolve-out") / f"{model_label}-{solver_name}-{args.steps}steps-latent"
+    settings = {"input": _file_digest(src), "model_path": None if args.model in MODELS else str(Path(args.model).resolve()),
+                "options": _non_default_options(solver_name, options),
+                "dtype": None if args.dtype == "float32" else args.dtype, "grid": args.grid,
+                "t_max": args.t_max, "t_min": args.t_min}
+    out = Path(args.out) if args.out else _default_out(f"{model_label}-{solver_name}-{_steps_label(steps)}-latent", settings)
     existing = _existing_outputs(out, LATENT_FILES)
     if existing and not args.force:
         raise CLIError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose another --out")
@@ -807,11 +1127,16 @@ def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
     target = MODELS[args.model](cpu, dtype) if args.model in MODELS else _diffusers_folder(args.model, cpu, dtype)
     if target.condition is not None:
         raise CLIError(f"--model {args.model}: inverting a conditional (restoration) model is not supported here")
-    x0 = tensors["samples"].to(dtype)
-    lat = ds.invert(target.model, args.solver, x0, args.steps, grid=args.grid, progress=not args.no_progress, **options)
+    if tuple(x0.shape[1:]) != target.event_shape:
+        raise CLIError(f"--input {args.input!r} holds samples of shape {tuple(x0.shape[1:])} (made with --model "
+                       f"{recorded or '?'}); --model {args.model} samples {target.event_shape}")
+    x0 = x0.to(dtype)
+    lat = ds.invert(target.model, args.solver, x0, steps, grid=args.grid, t_max=args.t_max, t_min=args.t_min,
+                    progress=not args.no_progress, **options)
     meta = {"solver": lat.solver, "options": json.dumps(_jsonable(lat.options)), "model": args.model,
-            "nfe": str(lat.nfe), "input": str(src)}
-    manifest = {**meta, "options": _jsonable(lat.options), "nfe": lat.nfe, "steps": args.steps,
+            "nfe": str(lat.nfe), "input": str(src), "dtype": args.dtype}
+    manifest = {**meta, "options": _jsonable(lat.options), "nfe": lat.nfe, "steps": steps,
+                "grid_kind": _grid_kind(args.grid), "t_max": args.t_max, "t_min": args.t_min,
                 "shape": list(lat.x.shape), "exact": lat.aux is not None, "command": shlex.join([PROG, *argv]),
                 "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
 
@@ -825,7 +1150,8 @@ def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     names = _write_atomically(out, write)
     kind = "an exact latent (two states)" if lat.aux is not None else "a latent (approximate inversion)"
-    print(f"{lat.solver}: {kind} for {len(x0)} samples in {args.steps} steps, NFE {lat.nfe}")
+    how = f"in {steps} steps" if steps is not None else "(adaptive steps)"
+    print(f"{lat.solver}: {kind} for {len(x0)} samples {how}, NFE {lat.nfe}")
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     return 0
 
@@ -838,13 +1164,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown or not names:
         raise CLIError(f"--only: unknown benchmark(s) {unknown}; choose from {', '.join(BENCH_NAMES)}")
     out = Path(args.out) if args.out else bench.default_out(args.quick)
-    try:
-        written = bench.run(names, out, quick=args.quick, force=args.force)
-    except FileExistsError as e:
-        raise CLIError(str(e)) from None
+    if not args.force:
+        existing = [p for n in names for p in bench.outputs(n, out) if p.exists()]
+        if existing:
+            raise CLIError(f"{len(existing)} result files exist already in {out} (e.g. {existing[0]}); "
+                           "pass --force to overwrite them")
+    if bench.pyplot() is None:
+        _warn("matplotlib is not installed: the plots (.png) are left out, the tables are written "
+              "(pip install matplotlib, then rerun with --force for the plots)")
+    written: list[Path] = []
+    for i, n in enumerate(names):
+        try:
+            written += bench.run([n], out, quick=args.quick, force=True)
+        except KeyboardInterrupt:
+            rest = ",".join(names[i:])
+            again = " ".join(["diffsolve bench", *(["--quick"] if args.quick else []), "--only", rest,
+                              *(["--out", str(out)] if args.out else []), *(["--force"] if args.force else [])])
+            finished = f"{', '.join(names[:i])} finished (in {out}); " if i else ""
+            raise KeyboardInterrupt(f"{finished}a rerun does not resume the benchmarks; run the rest with "
+                                    f"`{again}`") from None
     for path in written:
         print(path)
     return 0
+
+
+EVAL_FILES = ("samples.safetensors", "restored.safetensors")
+EVAL_TENSORS = ("samples", "restored", "images")  # sample, restore, sample --pipeline (images in [0, 1])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -852,25 +1197,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.samples)
     if path.is_dir():
-        path = path / "samples.safetensors"
+        found = [path / n for n in EVAL_FILES if (path / n).exists()]
+        if not found:
+            raise CLIError(f"{path} holds none of {', '.join(EVAL_FILES)} (written by `diffsolve sample` and "
+                           "`diffsolve restore`)")
+        path = found[0]
     if not path.exists():
         raise CLIError(f"no samples at {path}")
-    samples = load_file(str(path)).get("samples")
-    if samples is None:
-        raise CLIError(f"{path} holds no tensor named 'samples'")
+    tensors = load_file(str(path))
+    key = args.tensor or next((n for n in EVAL_TENSORS if n in tensors), None)
+    if key not in tensors:
+        raise CLIError(f"{path} holds {', '.join(sorted(tensors))}; choose one with --tensor"
+                       if key else f"{path} holds none of {', '.join(EVAL_TENSORS)} (it has {', '.join(sorted(tensors))})")
+    samples = tensors[key]
+    if key == "images":
+        samples = samples * 2 - 1
     res = ds.quality.evaluate(samples)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps({**res, "file": str(path), "tensor": key}, indent=2), flush=True)
     else:
-        print(f"{path}: {res['num_samples']} samples")
+        print(f"{path} [{key}]: {res['num_samples']} samples")
         print(f"digits-FD   {res['digits_fd']:.3f}   (vs held-out real digits; lower is better)")
         print(f"confidence  {res['confidence']:.3f}   (mean max class probability)")
-        print(f"classes     {res['class_histogram']}")
+        print(f"classes     {res['class_histogram']}", flush=True)
+    print("note: digits-FD depends on the sample count (digits-vp, dpmpp-2m, 20 steps: 327 from 64 samples, 94 "
+          "from 2048); compare scores of equally many samples (benchmarks/digits_fd.md uses 300)", file=sys.stderr)
     return 0
 
 
-CONFIG_KEYS = ("model", "solver", "steps", "seed", "num_samples", "out", "device", "dtype", "grid", "shard_size",
-               "options")
+FLAG_NAMES = {"label": "class"}  # dests whose option is named otherwise
+
+
+def _flags(names: Sequence[str]) -> str:
+    return ", ".join("--" + FLAG_NAMES.get(n, n).replace("_", "-") for n in names)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def config_keys() -> dict[str, argparse.Action]:
+    """The keys of a --config file: sample's long options with '_' for '-' (and 'options' for -o)."""
+    keys = {}
+    for action in _subcommands(build_parser())["sample"]._actions:
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is not None and long not in ("--help", "--config", "--option"):
+            keys[long[2:].replace("-", "_")] = action
+    return keys
 
 
 def load_config(path: str) -> list[str]:
@@ -885,21 +1258,55 @@ def load_config(path: str) -> list[str]:
         raise CLIError(f"--config {path!r} is not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise CLIError(f"--config {path!r} must hold a mapping of option names to values")
-    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    keys = config_keys()
+    allowed = [*keys, "options"]
+    unknown = sorted(set(cfg) - set(allowed), key=str)
     if unknown:
-        raise CLIError(f"--config {path!r}: unknown keys {unknown}; allowed: {', '.join(CONFIG_KEYS)}")
+        raise CLIError(f"--config {path!r}: unknown keys {unknown}; allowed: {', '.join(allowed)}")
     args: list[str] = []
     for key, value in cfg.items():
+        flag = f"--{key.replace('_', '-')}"
         if key == "options":
             if not isinstance(value, dict):
                 raise CLIError(f"--config {path!r}: 'options' must be a mapping of solver options")
             for k, v in value.items():
                 args += ["-o", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+        elif keys[key].nargs == 0:  # a flag: true or false
+            if not isinstance(value, bool):
+                raise CLIError(f"--config {path!r}: {key} is a flag, give true or false (got {value!r})")
+            args += [flag] if value else []
+        elif value is None:
+            continue
         elif key == "grid" and isinstance(value, list):
             args += ["--grid", ",".join(str(v) for v in value)]
         else:
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            args += [flag, str(value)]
     return args
+
+
+def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str], command: str) -> tuple[set[str], dict]:
+    """(the options given in ``argv``, the command's defaults): ``argv`` parsed again with no defaults."""
+    defaults = {a.dest: a.default for a in _subcommands(parser)[command]._actions}
+    bare = build_parser()
+    for action in _subcommands(bare)[command]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv))) - {"command"}, defaults
+
+
+def _user_error(e: BaseException) -> bool:
+    """Whether ``e`` is a deliberate check (a ``raise`` statement in diffsolve's own code, or a missing
+    file) rather than a bug (an error inside an expression, or raised by another library)."""
+    if isinstance(e, FileNotFoundError):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return True
+    last = frames[-1]
+    try:
+        ours = Path(last.filename).resolve().is_relative_to(Path(ds.__file__).resolve().parent)
+    except (OSError, ValueError):
+        ours = False
+    return ours and (last.line or "").lstrip().startswith("raise")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -910,7 +1317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "config", None):
             # the config's values go first, so flags given on the command line override them
             cfg_args = load_config(args.config)
-            args = parser.parse_args([argv[0], *cfg_args, *argv[1:]])
+            argv = [argv[0], *cfg_args, *argv[1:]]
+            args = parser.parse_args(argv)
+        if args.command is not None:
+            args.given, args.defaults = _explicit(parser, argv, args.command)
     except SystemExit as e:  # argparse: --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except CLIError as e:
@@ -931,14 +1341,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "restore":
             return cmd_restore(args, argv)
         return cmd_sample(args, argv)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as e:
+    except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if not _user_error(e):  # a bug: not a usage error, keep the traceback
+            print(f"{PROG}: internal error (a bug in diffsolve or a library it calls; please report it with "
+                  "the traceback below)", file=sys.stderr)
+            raise
+        hint = " (on the command line: --t-max / --t-min)" if "t_max" in str(e) or "t_min" in str(e) else ""
+        print(f"{PROG}: error: {e}{hint}", file=sys.stderr)
         return 2
     except ds.models.NonFiniteError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{PROG}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

@@ -55,7 +55,7 @@ def test_gmm_files_written_and_loadable(tmp_path, capsys):
     assert torch.isfinite(tensors["samples"]).all()
     assert tensors["nfe_per_sample"].tolist() == [6] * 10
     assert m["solver"] == "heun" and m["model"] == "gmm-2d"
-    assert m["steps"] == 3 and m["seed"] == 5 and m["seeds"] == 10 and m["num_samples"] == 10
+    assert m["steps"] == 3 and m["seed"] == 5 and m["num_samples"] == 10
     assert m["nfe"] == 2 * 3  # heun: 2 calls per step
     assert len(m["grid"]) == 4 and m["grid"] == sorted(m["grid"], reverse=True)
     assert m["options"]["s_churn"] == 0.0
@@ -74,7 +74,8 @@ def test_gmm_files_written_and_loadable(tmp_path, capsys):
 def test_default_model_writes_image_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run("sample", "--num-samples", "3", "--steps", "2", "--no-progress") == 0
-    out = tmp_path / "diffsolve-out" / "digits-vp-dpmpp-2m-2steps-seed0"
+    # 3 samples, not the default 64: a short hash of that setting follows the name
+    [out] = (tmp_path / "diffsolve-out").glob("digits-vp-dpmpp-2m-2steps-seed0-*")
     tensors, m, image = read_outputs(out)
     assert tensors["samples"].shape == (3, 1, 16, 16)
     assert m["model"] == "digits-vp" and m["solver"] == "dpmpp-2m" and m["nfe"] == 2
@@ -256,7 +257,10 @@ def test_restoration_model_writes_before_after_clean(tmp_path):
     assert tensors["samples"].shape == (4, 1, 16, 16)
     r = m["restoration"]
     assert r["psnr_db"] > 0 and r["psnr_degraded_db"] > 0
-    assert image.size == digits_grid_size(12, per_row=4)  # degraded / restored / clean rows of 4
+    # degraded / restored / clean rows of 4, named in a margin on the left
+    width, height = digits_grid_size(12, per_row=4)
+    assert image.size[1] == height and image.size[0] > width
+    assert r["png_rows"] == ["degraded", "restored (euler-maruyama)", "clean"]
 
 
 def test_invert_and_sample_back_from_the_latent(tmp_path, capsys):

@@ -2,10 +2,10 @@
 
 from . import metrics, models, pretrained, quality, samplers, schedules
 from .models import DiffusionModel
-from .samplers import Latent, SampleResult, get_solver, invert, list_solvers, sample
+from .samplers import Latent, SampleResult, UnstableError, get_solver, invert, list_solvers, sample
 from . import guidance  # noqa: E402  (imports samplers)
 
 __version__ = "0.1.0"
 
-__all__ = ["sample", "invert", "Latent", "get_solver", "list_solvers", "DiffusionModel", "SampleResult", "schedules", "models", "guidance",
+__all__ = ["sample", "invert", "Latent", "get_solver", "list_solvers", "DiffusionModel", "SampleResult", "UnstableError", "schedules", "models", "guidance",
            "samplers", "pretrained", "quality", "metrics", "__version__"]

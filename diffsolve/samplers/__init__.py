@@ -11,9 +11,10 @@ from .noise import NoiseSource, resolve_seeds
 from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
 from .renoise import ReNoise
 from .result import Latent, SampleResult
+from .reversible import UnstableError
 
 __all__ = [
     "sample", "invert", "Latent", "ReNoise", "get_solver", "list_solvers", "register", "solver_info", "SolverInfo", "Solver", "Query", "Outcome", "StepSizeController",
     "NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel",
-    "SampleResult", "NoiseSource", "resolve_seeds", "CUDAGraphSampler", "pilot_grid",
+    "SampleResult", "UnstableError", "NoiseSource", "resolve_seeds", "CUDAGraphSampler", "pilot_grid",
 ]

@@ -61,6 +61,12 @@ class Solver:
             mu: Tensor | None = None) -> Run:
         raise NotImplementedError
 
+    def time_range(self, schedule: Schedule) -> dict[str, float]:
+        """Ends of the schedule's range this solver cannot reach (a singular end of its variables),
+        with the ends it takes instead: ``{"t_max": ...}`` and / or ``{"t_min": ...}``. The driver uses
+        them, and says so, when the caller gives neither that end nor an explicit grid. Default: none."""
+        return {}
+
     def options(self) -> dict[str, Any]:
         """The hyperparameters this solver was built with."""
         sig = inspect.signature(type(self).__init__)

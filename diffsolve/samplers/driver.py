@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -203,7 +204,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         _check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
-    g = _grid(schedule, steps, grid, t_max, t_min, fixed_grid)
+    g = _grid(schedule, steps, grid, t_max, t_min, fixed_grid, slv)
 
     if isinstance(generator, torch.Generator):
         generator = [generator]
@@ -235,11 +236,19 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
                         rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
 
 
-def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool) -> Tensor:
+def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) -> Tensor:
     """The run's time grid (:func:`make_grid`), with t_max / t_min checked: numbers, and with an
-    explicit grid only as its own ends."""
+    explicit grid only as its own ends. An end the caller leaves open and the solver cannot reach
+    (:meth:`Solver.time_range`) is moved, with a warning that says where."""
     ends = {k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))}
     explicit = grid is not None and not isinstance(grid, str)
+    if not explicit:
+        for k, v in slv.time_range(schedule).items():
+            if ends[k] is None:
+                ends[k] = v
+                warnings.warn(f"solver {slv.name!r} cannot reach {type(schedule).__name__}'s {k}="
+                              f"{getattr(schedule, k):.6g} (a singular end of its variables): the run uses "
+                              f"{k}={v:.6g}; pass {k} to choose", stacklevel=3)
     if steps is None and not explicit:
         if fixed_grid:
             raise ValueError("steps is required (or pass an explicit grid of times)")
@@ -400,7 +409,7 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
         mu = torch.as_tensor(mu, device=x.device, dtype=work)
         _check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)
-    g = _grid(model.schedule, steps, grid, t_max, t_min, fixed_grid)
+    g = _grid(model.schedule, steps, grid, t_max, t_min, fixed_grid, slv)
     src = NoiseSource(shape, seeds=0, device=x.device, dtype=work, t_range=(float(g[-1]), float(g[0])))
     inverse = getattr(slv, "run_inverse", None)
     run = inverse(x, g, src, schedule=model.schedule, mu=mu) if inverse is not None else \

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .models.model import DiffusionModel, timestep_input
+from .models.model import DiffusionModel, as_dtype, timestep_input
 from .schedules import MeanReverting, RectifiedFlow, Schedule, VPDiscrete
+
+Tensor = torch.Tensor
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -50,35 +52,52 @@ def schedule_from_card(spec: dict) -> Schedule:
     raise ValueError(f"schedule type {kind!r} in a model card is unknown; allowed: VPDiscrete, RectifiedFlow, MeanReverting")
 
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _unet(path: Path, device, dtype):
     """The UNet2DModel in ``path`` on ``device`` in ``dtype`` (None: torch's default device / dtype)."""
     from diffusers import UNet2DModel
 
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(map(str, _DTYPES))}")
+    dtype = torch.get_default_dtype() if dtype is None else as_dtype(dtype)
     device = torch.get_default_device() if device is None else device
     unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=dtype).to(device).eval()
     unet.requires_grad_(False)
     return unet
 
 
-def _model(net, unet, schedule: Schedule, prediction: str, time_input: str) -> DiffusionModel:
-    """The DiffusionModel over a UNet closure ``net``, declaring the UNet's dtype and device."""
-    return DiffusionModel(net, schedule, prediction=prediction, time_input=time_input, dtype=unet.dtype,
-                          device=unet.device)
+class UNetNetwork(torch.nn.Module):
+    """A shipped UNet as a DiffusionModel's network, ``net(x, t)``: a module, so the model reads its
+    dtype and device from the UNet and :meth:`DiffusionModel.to` converts it. ``inputs`` names what
+    it needs besides (x, t): ``"mu"`` (the degraded image, concatenated to its input) or
+    ``"class_labels"`` (``num_classes`` digits and the null class ``num_classes``)."""
+
+    def __init__(self, unet, name: str, inputs: tuple[str, ...] = (), num_classes: int | None = None):
+        super().__init__()
+        self.unet, self.inputs, self.num_classes = unet, inputs, num_classes
+        self.__name__ = f"UNet2DModel[{name}]"
+
+    def forward(self, x: Tensor, t: Tensor, **inputs) -> Tensor:
+        missing = set(self.inputs) - set(inputs)
+        if missing or set(inputs) - set(self.inputs):
+            raise TypeError(f"{self.__name__} takes (x, t) and {', '.join(self.inputs) or 'no other inputs'}; "
+                            f"got {', '.join(inputs) or 'none'}")
+        kw = {}
+        x_in = torch.cat([x, inputs["mu"].to(x.dtype).expand_as(x)], dim=1) if "mu" in inputs else x
+        if "class_labels" in inputs:
+            n = self.num_classes
+            y = torch.as_tensor(inputs["class_labels"], device=x.device).long().reshape(-1).expand(x.shape[0])
+            if bool(((y < 0) | (y > n)).any()):
+                raise ValueError(f"class_labels must be in 0..{n - 1}, or {n} (the null class: unconditional)")
+            kw["class_labels"] = y
+        return self.unet(x_in, timestep_input(t, x), **kw).sample
 
 
 def load_diffusers_ddpm(path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> DiffusionModel:
+                        dtype: str | torch.dtype | None = None) -> DiffusionModel:
     """A diffusers DDPM-style folder (``unet/`` + ``scheduler/``) as a DiffusionModel.
 
     The schedule is :class:`VPDiscrete` built from the scheduler config, the network time the
     diffusers timestep, the prediction from ``prediction_type`` (epsilon, sample or v_prediction).
-    The UNet is loaded on ``device`` in ``dtype`` (default: torch's default device and dtype).
+    The UNet is loaded on ``device`` in ``dtype`` (a name such as ``"float64"`` or a torch dtype;
+    default: torch's default device and dtype).
     """
     path = Path(path)
     cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -86,13 +105,8 @@ def load_diffusers_ddpm(path: str | Path, device: str | torch.device | None = No
     pt = cfg.get("prediction_type", "epsilon")
     if pt not in kinds:
         raise ValueError(f"prediction_type {pt!r} in {path} is not supported; allowed: {', '.join(kinds)}")
-    unet = _unet(path / "unet", device, dtype)
-
-    def net(x, t):
-        return unet(x, timestep_input(t, x)).sample
-
-    net.__name__ = f"UNet2DModel[{path.name}]"
-    return _model(net, unet, VPDiscrete.from_diffusers_config(cfg), kinds[pt], "timestep")
+    net = UNetNetwork(_unet(path / "unet", device, dtype), path.name)
+    return DiffusionModel(net, VPDiscrete.from_diffusers_config(cfg), kinds[pt], time_input="timestep")
 
 
 def classes(name: str) -> dict | None:
@@ -101,33 +115,23 @@ def classes(name: str) -> dict | None:
     return card(name).get("class_labels")
 
 
-def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
-    """A shipped generator as a DiffusionModel (see :data:`SHIPPED`). digits-mr takes ``mu=``,
-    digits-vp-cond ``class_labels=`` (see :func:`classes`). The UNet is loaded on ``device`` in
-    ``dtype`` (default: torch's default device and dtype); runs sample in that dtype."""
+def load(name: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> DiffusionModel:
+    """A shipped generator as a DiffusionModel (see :data:`SHIPPED`). digits-mr needs ``mu=``,
+    digits-vp-cond ``cond={"class_labels": ...}`` (see :func:`classes`); runs without them are refused
+    (:attr:`DiffusionModel.requires`). The UNet is loaded on ``device`` in ``dtype`` (``"float32"``,
+    ``"float64"``, ``"float16"``, ``"bfloat16"`` or the torch dtypes; default: torch's default device
+    and dtype); runs sample in that dtype and on that device, and ``model.to(...)`` converts it later."""
     path = path_of(name)
     if name not in SHIPPED:
         raise ValueError(f"{name!r} is not a generator; shipped generators: {', '.join(SHIPPED)}")
     c = card(name)
     if (path / "scheduler").exists():
         return load_diffusers_ddpm(path, device, dtype)
-    unet = _unet(path / "unet", device, dtype)
-    if c.get("condition"):
-        def net(x, t, mu):
-            return unet(torch.cat([x, mu.to(x.dtype).expand_as(x)], dim=1), timestep_input(t, x)).sample
-    elif c.get("class_labels"):
-        n = c["class_labels"]["num_classes"]
-
-        def net(x, t, class_labels):
-            y = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
-            if bool(((y < 0) | (y > n)).any()):
-                raise ValueError(f"class_labels must be in 0..{n - 1}, or {n} (the null class: unconditional)")
-            return unet(x, timestep_input(t, x), class_labels=y).sample
-    else:
-        def net(x, t):
-            return unet(x, timestep_input(t, x)).sample
-    net.__name__ = f"UNet2DModel[{name}]"
-    return _model(net, unet, schedule_from_card(c["schedule"]), c["prediction"], c["time_input"])
+    labels = c.get("class_labels")
+    inputs = ("mu",) if c.get("condition") else ("class_labels",) if labels else ()
+    net = UNetNetwork(_unet(path / "unet", device, dtype), name, inputs, labels["num_classes"] if labels else None)
+    return DiffusionModel(net, schedule_from_card(c["schedule"]), c["prediction"], time_input=c["time_input"],
+                          requires=inputs)
 
 
 def load_noise_classifier(name: str = "digits-sigma"):

@@ -187,3 +187,168 @@ def test_every_solver_on_every_schedule_at_defaults(name):
     for sname in SCHEDULES if name in FIXED else ["vp"]:
         kw = {"solver": name, "shape": (2, 2), "steps": 3, "seed": 0}
         check_call(MODELS[(sname, (2,))], kw, dict.fromkeys(kw, "ok"), (2, 2), torch.float32)
+
+
+# ------------------------------------------------------------------ ds.invert, guidance wrappers, hooks
+# The same property for the other entry points: a result of the right shape and finite, or a
+# ValueError / TypeError naming one of the drawn arguments (the wrapper's and hook's included).
+DETERMINISTIC = sorted(i.name for i in registered() if i.deterministic and i.fixed_grid)
+FEW = max(1, EXAMPLES // 10)
+
+
+def _check(run, tags: dict, suspects: list[str], validate) -> str:
+    """Run ``run()``: its ValueError / TypeError must name one of ``suspects``; its result passes
+    ``validate`` and no argument tagged bad was accepted."""
+    try:
+        out = run()
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        assert any(_names(msg, k) for k in suspects), f"{type(e).__name__} names none of {suspects}: {msg}"
+        return f"{type(e).__name__}: {msg[:50]}"
+    assert not [k for k, t in tags.items() if t == "bad"], f"accepted bad arguments {tags}"
+    validate(out)
+    return "ok"
+
+
+@st.composite
+def invert_calls(draw):
+    """(model, kwargs, tags, data shape, expected latent dtype) for one ds.invert call."""
+    sname = draw(st.sampled_from(sorted(SCHEDULES)))
+    sched, event = SCHEDULES[sname], draw(st.sampled_from(EVENTS))
+    corrupt = draw(st.sampled_from([None] * 10 + ["solver", "x0", "steps", "dtype", "grid", "options"]))
+    kw, tags = {}, {}
+
+    def arg(key, pick):
+        value, tag = draw(pick(corrupt == key))
+        if value is not _OMIT:
+            kw[key] = value
+        tags[key] = tag
+        return value
+
+    name = arg("solver", tagged(st.sampled_from(DETERMINISTIC), None, st.sampled_from(["ddpm", "no-such-solver"])))
+    b = draw(st.integers(1, 3))
+    x = torch.randn(b, *event, generator=torch.Generator().manual_seed(b))
+    arg("x0", tagged(st.sampled_from([x, x.double(), x.numpy()]), None,
+                     st.sampled_from(["x0", x.long(), torch.zeros(0, *event), [[0.0] * math.prod(event)]])))
+    arg("steps", tagged(st.integers(1, 5), None, st.sampled_from([0, 2.5, "3"])))
+    arg("dtype", tagged(st.sampled_from([_OMIT, torch.float32, torch.float64, "float64"]), None,
+                        st.sampled_from([torch.int32, "float8"])))
+    lo, hi = sched.t_min, sched.t_max
+    inside = st.floats(1e-6, 1.0).map(lambda u: lo + u * (hi - lo))
+    arg("grid", tagged(st.sampled_from([_OMIT, *ds.schedules.GRID_KINDS]), None,
+                       st.sampled_from(["no-such-grid", [0.5], [2 * hi + 10, lo], [hi, math.nan]])))
+    arg("t_max", tagged(st.just(_OMIT), inside, None))
+    if name in DETERMINISTIC:
+        opts, otags = draw(solver_options(name, corrupt == "options"))
+        kw.update(opts)
+        tags.update(otags)
+    x0 = kw.get("x0")
+    if isinstance(x0, torch.Tensor) and not x0.is_floating_point() and "dtype" in kw:
+        tags["x0"] = "maybe"  # an integer x0 is converted to an explicit dtype
+    dtype = kw.get("dtype", x0.dtype if isinstance(x0, torch.Tensor) else torch.float32)
+    return MODELS[(sname, event)], kw, tags, (b, *event), getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+
+
+@settings(max_examples=FEW, **SETTINGS)
+@given(invert_calls())
+def test_invert(call):
+    model, kw, tags, shape, dtype = call
+    kw = dict(kw)
+    solver, x0 = kw.pop("solver"), kw.pop("x0")
+
+    def validate(lat):
+        assert isinstance(lat, ds.Latent) and tuple(lat.x.shape) == shape and lat.dtype == dtype
+        assert bool(torch.isfinite(lat.x).all()), "non-finite latent"
+
+    event(_check(lambda: ds.invert(model, solver, x0, progress=False, **kw), tags, [*tags, "shape", "t_min"], validate))
+
+
+def _finite(shape, dtype):
+    def validate(res):
+        assert tuple(res.samples.shape) == shape and res.samples.dtype == dtype, (tuple(res.samples.shape), res.samples.dtype)
+        assert bool(torch.isfinite(res.samples).all()), "non-finite samples"
+    return validate
+
+
+@st.composite
+def guided_calls(draw):
+    """A ds.sample call (as :func:`calls`) on the model wrapped in a guidance wrapper with drawn arguments."""
+    model, kw, tags, shape, dtype = draw(calls(FIXED))
+    kind = draw(st.sampled_from(["cfg", "dps", "classifier"]))
+    corrupt = draw(st.booleans()) and draw(st.booleans())
+    wkw, wtags = {}, {}
+
+    def arg(key, pick):
+        value, tag = draw(pick(corrupt and draw(st.booleans())))
+        if value is not _OMIT:
+            wkw[key] = value
+        wtags[key] = tag
+
+    number = st.floats(0.0, 4.0)
+    if kind == "cfg":
+        arg("guidance_scale", tagged(number, None, st.sampled_from([math.nan, "x", math.inf])))
+        arg("guidance_rescale", tagged(st.sampled_from([_OMIT, 0.0, 0.7]), None, st.sampled_from([-1.0, 2.0])))
+        arg("interval", tagged(st.sampled_from([_OMIT, (0.1, 10.0)]), None, st.sampled_from([(5.0, 1.0), "x"])))
+        wrap = lambda m: ds.guidance.ClassifierFreeGuidance(m, uncond={}, **wkw)
+    elif kind == "dps":
+        arg("zeta", tagged(st.floats(0.0, 2.0), None, st.sampled_from([math.nan, "x"])))
+        arg("norm", tagged(st.sampled_from([_OMIT, "sample", "batch"]), None, st.just("l1")))
+        y = torch.zeros(shape)
+        wrap = lambda m: ds.guidance.DPS(m, lambda x0: x0, y, **wkw)
+    else:
+        arg("scale", tagged(number, None, st.sampled_from([math.inf, None])))
+        kw = {**kw, "cond": {"class_labels": torch.zeros(shape[0], dtype=torch.long)}}
+        wrap = lambda m: ds.guidance.ClassifierGuidance(
+            m, lambda x, t: x.flatten(1)[:, :1] * torch.tensor([1.0, 0.0, -1.0]).to(x), **wkw)
+    return model, wrap, kw, {**tags, **wtags}, shape, dtype
+
+
+@settings(max_examples=FEW, **SETTINGS)
+@given(guided_calls())
+def test_sample_guided_models(call):
+    model, wrap, kw, tags, shape, dtype = call
+    kw = dict(kw)
+    solver = kw.pop("solver")
+    event(_check(lambda: ds.sample(wrap(model), solver, progress=False, **kw), tags,
+                 [*tags, "t_max", "t_min", "grid"], _finite(shape, dtype)))
+
+
+@st.composite
+def hooked_calls(draw):
+    """A ds.sample call (as :func:`calls`) with step hooks of drawn arguments (Inpaint, Threshold)."""
+    model, kw, tags, shape, dtype = draw(calls(FIXED))
+    b, event_shape = shape[0], shape[1:]
+    corrupt = draw(st.booleans()) and draw(st.booleans())
+    htags, hooks = {}, []
+
+    def arg(key, pick):
+        value, tag = draw(pick(corrupt and draw(st.booleans())))
+        htags[key] = tag
+        return value
+
+    if draw(st.booleans()):
+        ok_shapes = st.sampled_from([(1, *event_shape), (b, *event_shape)])
+        bad_shapes = st.sampled_from([(b + 1, *event_shape), (b, *event_shape, 2)])
+        mask = arg("mask", tagged(ok_shapes, None, bad_shapes))
+        y = arg("y", tagged(ok_shapes, None, bad_shapes))
+        resample = arg("resample", tagged(st.sampled_from([1, 2]), None, st.sampled_from([0, 1.5, "2"])))
+        hooks.append(lambda: ds.guidance.Inpaint((torch.arange(math.prod(mask)) % 2).reshape(mask).float(),
+                                                 torch.zeros(y), resample=resample))
+    if draw(st.booleans()):
+        ratio = arg("ratio", tagged(st.sampled_from([0.9, 0.995, 1.0]), None, st.sampled_from([0.0, 1.5])))
+        max_value = arg("max_value", tagged(st.sampled_from([1.0, 2.0]), None, st.just(0.5)))
+        hooks.append(lambda: ds.guidance.Threshold(ratio, max_value))
+    if draw(st.integers(0, 9)) == 0:
+        hooks.append(lambda: "not a hook")
+        htags["hooks"] = "bad"
+    return model, hooks, kw, {**tags, **htags}, shape, dtype
+
+
+@settings(max_examples=FEW, **SETTINGS)
+@given(hooked_calls())
+def test_sample_with_hooks(call):
+    model, hooks, kw, tags, shape, dtype = call
+    kw = dict(kw)
+    solver = kw.pop("solver")
+    event(_check(lambda: ds.sample(model, solver, progress=False, hooks=[h() for h in hooks], **kw), tags,
+                 [*tags, "hooks", "t_max", "t_min", "grid"], _finite(shape, dtype)))

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..models.model import Prediction
+from ..samplers.base import check_batch
 from ..samplers.hooks import HookContext, StepHook
 from ..schedules.base import Schedule
 from ..schedules.grids import make_grid
@@ -53,6 +54,11 @@ class Inpaint(StepHook):
         if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
             raise ValueError(f"resample must be an int >= 1, got {resample!r}")
         self.mask, self.y, self.resample = mask, y, resample
+
+    def check(self, shape):
+        """mask and y must have batch 1 or the run's, and broadcast to the samples' shape."""
+        for name, v in (("mask", self.mask), ("y", self.y)):
+            check_batch(f"Inpaint {name}", v, shape[0], shape)
 
     def _known(self, x: Tensor, t: float, ctx: HookContext) -> Tensor:
         m = self.mask.to(x)

@@ -40,6 +40,16 @@ class GuidedModel(DiffusionModel):
     def device(self) -> torch.device | None:
         return self.inner.device
 
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The inputs the wrapped network needs (see :class:`~diffsolve.DiffusionModel`)."""
+        return self.inner.requires
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> GuidedModel:
+        """Convert the wrapped model (:meth:`DiffusionModel.to`), in place; returns this wrapper."""
+        self.inner.to(device=device, dtype=dtype)
+        return self
+
     def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
                  index: Tensor | None = None, **cond: Any) -> Prediction:
         raise NotImplementedError
@@ -99,6 +109,8 @@ class ClassifierFreeGuidance(GuidedModel):
         if uncond is not None and not isinstance(uncond, Mapping):
             raise TypeError(f"uncond must be a dict of network keyword arguments, got {type(uncond).__name__}")
         self.uncond = None if uncond is None else dict(uncond)
+        if self.uncond is not None:
+            model.check_cond(self.uncond, "uncond")  # the unconditional call needs them too
 
     def skips_uncond(self) -> bool:
         """Whether the guided prediction is the conditional one everywhere."""
@@ -182,6 +194,7 @@ class ClassifierGuidance(GuidedModel):
     """Classifier guidance (Dhariwal & Nichol 2021) with a classifier on noisy inputs:
 
         eps <- eps - s sigma grad_x log p(y | x_t)      (score <- score + s grad_x log p(y | x_t))
+        x0  <- x0 + s (sigma^2 / alpha) grad_x log p(y | x_t)      (x0 unchanged where alpha = 0)
 
     ``classifier(x, t)`` returns logits [B, C] at the continuous time t ([B]); the labels y are
     ``cond[label_key]`` (taken out of the wrapped model's inputs). One classifier gradient per call.
@@ -205,8 +218,12 @@ class ClassifierGuidance(GuidedModel):
             xg = x.detach().requires_grad_(True)
             logp = torch.log_softmax(self.classifier(xg, tt), dim=1).gather(1, y[:, None].long()).sum()
             grad = torch.autograd.grad(logp, xg)[0]
-        sigma = pred.coefs.sigma
-        return Prediction(x, t, pred.eps - self.scale * sigma * grad, "eps", self.schedule, mu)
+        # score + s grad: eps moves by -s sigma grad and x0 by s sigma^2 / alpha grad, a consistent pair;
+        # where alpha = 0 (a flow's t = 1) x_t holds nothing of x0 and x0 stays (not 0 / 0)
+        alpha, sigma = pred.coefs.alpha, pred.coefs.sigma
+        shift = torch.where(alpha > 0, sigma * sigma / torch.where(alpha > 0, alpha, 1.0), 0.0)
+        return Prediction.from_pair(x, t, pred.x0 + self.scale * shift * grad, pred.eps - self.scale * sigma * grad,
+                                    self.schedule, mu)
 
 
 class DPS(GuidedModel):
@@ -246,7 +263,7 @@ class DPS(GuidedModel):
             xg = x.detach().requires_grad_(True)
             pred = self.inner(xg, t, mu=mu, counter=counter, index=index, **cond)
             norms = self.residual(pred.x0, index)
-            loss = norms.sum() if self.norm == "sample" else norms.pow(2).sum().sqrt()
+            loss = norms.sum() if self.norm == "sample" else torch.linalg.vector_norm(norms)  # (0 at a zero residual)
             grad = torch.autograd.grad(loss, xg)[0]
         x0 = pred.x0.detach() - self.zeta * grad
         return Prediction(x, t, x0, "x0", self.schedule, mu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,27 @@ from .parameterization import Coefs, check_prediction, compose, from_x0_eps, to_
 Tensor = torch.Tensor
 
 TIME_INPUTS = ("t", "1000t", "timestep", "sigma", "c_noise", "log_snr")
+
+#: the dtypes a network and a run may have, by name (``dtype=`` takes the names or the torch dtypes)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_dtype(dtype: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:
+    """A dtype argument as a torch.dtype (None stays None): a name in :data:`DTYPES` or one of their
+    dtypes; anything else is refused with a ValueError naming ``name``. The one place dtype names are read."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"{name} {dtype!r} is not supported; allowed: {', '.join(DTYPES)} (names or torch dtypes)")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same (a device without an index, e.g. ``cuda``, matches any of its type)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 class NonFiniteError(FloatingPointError):
@@ -263,15 +285,20 @@ class DiffusionModel:
     dtype, device:
         the network's precision and device, when ``net`` is not a ``torch.nn.Module`` (for a module
         they are read from its parameters); None: unknown (e.g. an analytic model). A run's dtype
-        must be the network's (:func:`diffsolve.sample` refuses another); without ``dtype=`` a run
-        samples in it, and on its device.
+        and device must be the network's (:func:`diffsolve.sample` refuses others; :meth:`to`
+        converts the model); without ``dtype=`` / ``device=`` a run samples in them.
+    requires:
+        the inputs every network call needs: ``"mu"`` (the condition of a mean-reverting model) and
+        keys of ``cond`` (e.g. ``"class_labels"``). :func:`diffsolve.sample` and
+        :func:`diffsolve.invert` refuse a run without them before the first call.
 
     Calling the model returns a :class:`Prediction`. ``t`` is a scalar or a per-sample ``[B]`` tensor.
     """
 
     def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: str = "eps",
                  time_input: str | Callable[[Tensor], Tensor] | None = None, *,
-                 dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                 requires: Sequence[str] = ()):
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
         if not isinstance(schedule, Schedule):
@@ -287,6 +314,10 @@ class DiffusionModel:
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         self._dtype = dtype
         self._device = None if device is None else torch.device(device)
+        if isinstance(requires, str) or not all(isinstance(k, str) for k in requires):
+            raise TypeError(f"requires must be a sequence of input names (e.g. ('mu',) or ('class_labels',)), "
+                            f"got {requires!r}")
+        self.requires = tuple(requires)
         self.nfe = 0  # network calls over this object's lifetime (a run's own count lives in its NFECounter)
 
     def _parameter(self) -> Tensor | None:
@@ -310,6 +341,52 @@ class DiffusionModel:
             return self._device
         p = self._parameter()
         return None if p is None else p.device
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> DiffusionModel:
+        """Move the network to ``device`` and cast it to ``dtype`` (a name such as ``"float64"`` or a
+        torch dtype), in place, and return this model, as :meth:`torch.nn.Module.to` does. A network
+        that is a ``torch.nn.Module`` is converted (its parameters and buffers); a plain callable of
+        unknown dtype / device (an analytic oracle, which computes in its input's) takes them as
+        declared; a plain callable declared in another dtype or device cannot be converted (TypeError).
+        Runs then sample in the new dtype and on the new device by default."""
+        dtype = as_dtype(dtype)
+        device = None if device is None else torch.device(device)
+        module = isinstance(self.net, torch.nn.Module)
+        if module:
+            self.net.to(device=device, dtype=dtype)
+        else:
+            for name, new, old in (("dtype", dtype, self._dtype), ("device", device, self._device)):
+                if new is not None and old is not None and not (new == old if name == "dtype" else same_device(new, old)):
+                    raise TypeError(f"{name}: the network ({self._net_name()}) is a plain callable declared with "
+                                    f"{name} {old}; DiffusionModel.to cannot convert it to {new}: convert it "
+                                    "yourself and wrap it again, or make it a torch.nn.Module")
+        # a declaration follows the conversion (a module's own dtype / device are read from it)
+        if dtype is not None and (self._dtype is not None or not module):
+            self._dtype = dtype
+        if device is not None and (self._device is not None or not module):
+            self._device = device
+        return self
+
+    def check_inputs(self, mu: Tensor | None = None, cond: Any = None, uncond: Any = None) -> None:
+        """Refuse a run that lacks an input the network needs (:attr:`requires`), with a ValueError
+        naming the argument: ``mu``, or a key missing from ``cond`` (or from ``uncond``, when given)."""
+        if "mu" in self.requires and mu is None:
+            raise ValueError(f"mu: the network ({self._net_name()}) needs mu=, the condition of its "
+                             "mean-reverting schedule (e.g. the degraded image, batch first)")
+        self.check_cond(cond, "cond")
+        if uncond is not None:
+            self.check_cond(uncond, "uncond")
+
+    def check_cond(self, inputs: Any, name: str = "cond") -> None:
+        """Refuse network keyword arguments ``inputs`` (named ``name`` in the message) that lack a key
+        the network needs (:attr:`requires`, ``mu`` aside)."""
+        missing = [k for k in self.requires if k != "mu" and k not in (inputs or {})]
+        if missing:
+            raise ValueError(f"{name}: the network ({self._net_name()}) needs {name}={{{missing[0]!r}: ...}} on "
+                             f"every call; missing {', '.join(map(repr, missing))}")
+
+    def _net_name(self) -> str:
+        return getattr(self.net, "__name__", type(self.net).__name__)
 
     def net_time(self, t: Tensor) -> Tensor:
         """The network's time input for continuous times ``t``."""
@@ -371,5 +448,5 @@ class DiffusionModel:
         return twin
 
     def __repr__(self) -> str:
-        return f"DiffusionModel({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"
+        return f"DiffusionModel({self._net_name()}, {self.schedule!r}, prediction={self.prediction!r})"
 

@@ -67,6 +67,12 @@ class Solver:
         them, and says so, when the caller gives neither that end nor an explicit grid. Default: none."""
         return {}
 
+    def noise_options(self) -> dict[str, Any]:
+        """The options that make this instance draw noise although its registry entry is deterministic
+        (ddim's ``eta`` > 0, heun's ``s_churn`` > 0); empty when it is deterministic as built.
+        :func:`diffsolve.invert` refuses a solver that draws noise, naming them."""
+        return {}
+
     def options(self) -> dict[str, Any]:
         """The hyperparameters this solver was built with."""
         sig = inspect.signature(type(self).__init__)
@@ -97,3 +103,15 @@ def col(v, like: Tensor) -> Tensor:
     against it ([R, 1, ..., 1])."""
     v = torch.as_tensor(v).to(device=like.device, dtype=like.dtype)
     return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim else v
+
+
+def check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) -> None:
+    """Refuse a per-sample tensor ``value`` (named ``name`` in the message) whose batch is neither 1 nor
+    the run's ``b`` or, given the samples' ``shape``, that does not broadcast to it (non-tensors pass)."""
+    if isinstance(value, Tensor) and value.ndim >= (len(shape) if shape else 1) and value.shape[0] not in (1, b):
+        raise ValueError(f"{name} has batch size {value.shape[0]}, but the run has {b} samples")
+    if shape is not None and isinstance(value, Tensor):
+        try:
+            torch.broadcast_shapes(value.shape, shape)
+        except RuntimeError:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the samples' shape {shape}") from None

@@ -8,22 +8,26 @@ import time
 import warnings
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from ..models.model import DiffusionModel, FiniteGuard, NFECounter
+from ..models.model import (
+    DiffusionModel,
+    FiniteGuard,
+    NFECounter,
+    as_dtype,
+    same_device,
+)
 from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import require_reversible, reversible_sample
-from .base import Outcome, Solver, as_query, sub
+from .base import Outcome, Solver, as_query, check_batch, sub
 from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
 from .registry import get_solver, solver_info
 from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def resolve_solver(solver: str | Solver, options: Mapping[str, Any]) -> Solver:
     if isinstance(solver, Solver):
@@ -32,18 +36,6 @@ def resolve_solver(solver: str | Solver, options: Mapping[str, Any]) -> Solver:
                             "pass a solver name instead, or build the instance with them")
         return solver
     return get_solver(solver, **options)
-
-
-def _dtype(dtype, name: str = "dtype") -> torch.dtype | None:
-    """A dtype argument as a torch.dtype (None stays None): a name in ``_DTYPES`` or one of their dtypes."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"{name} {dtype!r} is not supported; allowed: {', '.join(_DTYPES)} (names or torch dtypes)")
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -61,17 +53,46 @@ def _run_dtype(model: DiffusionModel, dtype, like: Tensor | None, name: str) -> 
     Refuses one the network's weights are not in (``name`` says where the dtype came from)."""
     net = model.dtype
     if dtype is not None:
-        dtype, source = _dtype(dtype), "dtype"
+        dtype, source = as_dtype(dtype), "dtype"
     elif like is not None:
-        dtype, source = _dtype(like.dtype, name), name
+        dtype, source = as_dtype(like.dtype, name), name
     else:
         dtype, source = (net, "the network's dtype") if net is not None else (torch.get_default_dtype(), "default dtype")
-        dtype = _dtype(dtype, source)
+        dtype = as_dtype(dtype, source)
     if net is not None and net != dtype:
         raise ValueError(f"dtype: the run's dtype is {dtype} ({source}) but the network's weights are {net}; "
-                         f"pass dtype={net}, or convert the network to {dtype} (e.g. net.to({dtype}), "
-                         f"ds.pretrained.load(name, dtype={dtype}))")
+                         f"pass dtype={net}, or convert the model first: model.to(dtype={dtype}) "
+                         f"(ds.pretrained.load(name, dtype={dtype}) loads it so)")
     return dtype
+
+
+def _run_device(model: DiffusionModel, device, like: Tensor | None, name: str) -> torch.device:
+    """The run's device: ``device``, else ``like``'s (x_T, x0), else the network's, else torch's
+    default. Refuses one the network is not on (``name`` says where the device came from)."""
+    net = model.device
+    if device is not None:
+        try:
+            device, source = torch.device(device), "device"
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    elif like is not None:
+        device, source = like.device, name
+    else:
+        device, source = (net, "the network's device") if net is not None else (torch.get_default_device(), "default device")
+    if net is not None and not same_device(net, device):
+        raise ValueError(f"device: the run's device is {device} ({source}) but the network is on {net}; "
+                         f"pass device={str(net)!r}, or move the model first: model.to({str(device)!r})")
+    return device
+
+
+def _state_arg(value, name: str) -> tuple[Tensor, Tensor | None]:
+    """A state argument (x_T, x0) as a tensor, and the tensor whose dtype and device the run follows
+    (None for a numpy array: it is converted to the run's, its float64 default chooses nothing)."""
+    if isinstance(value, Tensor):
+        return value, value
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value), None
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array (batch first), got {type(value).__name__}")
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -86,16 +107,6 @@ def _check_shape(shape) -> tuple[int, ...]:
     if len(dims) < 1 or any(s < 1 for s in dims):
         raise ValueError(f"{what}, got {dims}")
     return dims
-
-
-def _check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) -> None:
-    if isinstance(value, Tensor) and value.ndim >= (len(shape) if shape else 1) and value.shape[0] not in (1, b):
-        raise ValueError(f"{name} has batch size {value.shape[0]}, but the run has {b} samples")
-    if shape is not None and isinstance(value, Tensor):
-        try:
-            torch.broadcast_shapes(value.shape, shape)
-        except RuntimeError:
-            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the samples' shape {shape}") from None
 
 
 def _describe_t(t) -> str:
@@ -122,15 +133,21 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     solver: a registered name (see :func:`list_solvers`) or a solver instance.
     steps: number of steps of the time grid (alias ``num_inference_steps``); adaptive solvers
         (``fixed_grid=False`` in the registry) need none: they run from t_max to t_min.
-    shape: the batch shape to sample (batch first); or give ``x_T``, the starting state.
-    seed: an int (sample i uses seed + i) or one seed per sample; ``generator``: a torch.Generator
+    shape: the batch shape to sample (batch first); or give ``x_T``, the starting state (a tensor, or
+        a numpy array, which is converted to the run's dtype and device).
+    seed: an int (sample i uses seed + i) or one seed per sample (Python or numpy integers; floats
+        are refused); ``generator``: a torch.Generator
         per sample (or one, for a batch of one). Same seed, device and dtype: the same samples,
         whatever the batch size.
     grid: a grid kind (``"uniform"``, ``"log-snr"``, ``"karras"``, ``"quadratic"``, ``"flow-shift"``)
-        or an explicit descending list of times; default: the schedule's ``default_grid``.
+        or an explicit descending list of times in the schedule's :attr:`~Schedule.time_range`
+        (diffusers' integer timesteps are refused: convert them, or use ``DiffsolveScheduler``);
+        default: the schedule's ``default_grid``.
     t_max, t_min: the time range (default: the schedule's).
     mu: the condition of mean-reverting schedules (x_T is drawn around it).
     cond: keyword arguments passed to the network on every call (class labels, embeddings, ...).
+        A run without an input the model needs (:attr:`DiffusionModel.requires`: digits-mr's ``mu``,
+        digits-vp-cond's ``class_labels``) is refused before the first call.
     uncond: the unconditional call's keyword arguments, for a classifier-free guided model
         (:class:`diffsolve.guidance.ClassifierFreeGuidance`); overrides the wrapper's own.
     hooks: step hooks (:mod:`diffsolve.guidance`: ``Inpaint``, ``Threshold``, ``EnKG``, or any
@@ -138,8 +155,10 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     noise: ``"gaussian"`` (fresh per-sample draws) or ``"brownian"`` (a per-sample Brownian tree);
         default: the solver's ``default_noise`` (gaussian, brownian for ``adaptive-sde``).
     device, dtype: where and in which precision to sample (default: x_T's, else the network's when
-        the model knows it (:attr:`DiffusionModel.dtype`), else torch's default device and dtype). The
-        network runs in ``dtype``, which must be its weights' dtype. For ``float16`` and ``bfloat16``
+        the model knows it (:attr:`DiffusionModel.dtype`, :attr:`DiffusionModel.device`), else torch's
+        default device and dtype). They must be the network's: another is refused, naming ``dtype`` or
+        ``device`` (convert the model with :meth:`DiffusionModel.to`); x_T is converted to them when
+        they are given. For ``float16`` and ``bfloat16``
         the state and the solver's arithmetic stay in float32 (the network's inputs are cast to
         ``dtype``, its outputs back); samples are returned in ``dtype``.
     progress: show a progress bar (default: only when stderr is a terminal).
@@ -149,10 +168,13 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         states step by step instead of storing them, and gradients reach x_T (or the latent), mu, the
         tensors in ``cond`` and the parameters of ``model.net``. Without it, autograd through
         ``sample`` also works, storing every step.
-    latent: a :class:`Latent` from :func:`invert`: the run starts from it, on its grid (for reversible
-        solvers from its full state, which reproduces the inverted data to round-off).
+    latent: a :class:`Latent` from :func:`invert` (or :meth:`Latent.load`): the run starts from it, on
+        its grid (for reversible solvers from its full state, which reproduces the inverted data to
+        round-off), with its solver's options unless given again.
     **solver_options: the solver's options, e.g. ``eta=1.0`` for ddim.
     """
+    if isinstance(latent, Latent) and isinstance(solver, str) and solver_info(solver).name == latent.solver:
+        solver_options = {**latent.options, **solver_options}  # the options it was made with
     slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
     if grad:
@@ -175,33 +197,28 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
             dtype = latent.dtype
     schedule = model.schedule
 
+    like = None
     if x_T is not None:
-        if not isinstance(x_T, Tensor):
-            raise TypeError(f"x_T must be a torch.Tensor (the starting state, batch first), got {type(x_T).__name__}")
+        x_T, like = _state_arg(x_T, "x_T")
         if shape is not None and tuple(shape) != tuple(x_T.shape):
             raise ValueError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}")
         shape = _check_shape(x_T.shape)
-        device = x_T.device if device is None else torch.device(device)
     elif shape is None:
         raise ValueError("give shape (the batch shape to sample, batch first) or x_T (the starting state)")
     else:
         shape = _check_shape(shape)
-        device = torch.device(device) if device is not None else model.device or torch.get_default_device()
-    dtype = _run_dtype(model, dtype, x_T, "x_T's dtype")
+    device = _run_device(model, device, like, "x_T's device")
+    dtype = _run_dtype(model, dtype, like, "x_T's dtype")
     work = state_dtype(dtype)
     b = shape[0]
-    cond = dict(cond or {})
-    for k, v in cond.items():
-        _check_batch(f"cond[{k!r}]", v, b)
+    cond = _check_cond(cond, "cond", b)
     if uncond is not None:
-        if not isinstance(uncond, Mapping):
-            raise TypeError(f"uncond must be a dict of network keyword arguments, got {type(uncond).__name__}")
-        for k, v in uncond.items():
-            _check_batch(f"uncond[{k!r}]", v, b)
-    hooks = _check_hooks(hooks)
+        uncond = _check_cond(uncond, "uncond", b)
+    model.check_inputs(mu, cond, uncond)
+    hooks = _check_hooks(hooks, shape)
     if mu is not None:
         mu = torch.as_tensor(mu, device=device, dtype=work)
-        _check_batch("mu", mu, b, shape)
+        check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
     g = _grid(schedule, steps, grid, t_max, t_min, fixed_grid, slv)
@@ -262,13 +279,28 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
     return g
 
 
-def _check_hooks(hooks) -> list:
+def _check_cond(cond, name: str, b: int) -> dict:
+    """``cond`` / ``uncond`` as a dict of network keyword arguments whose tensors have batch 1 or ``b``."""
+    if cond is None:
+        return {}
+    if not isinstance(cond, Mapping):
+        raise TypeError(f"{name} must be a dict of network keyword arguments, got {type(cond).__name__}")
+    for k, v in cond.items():
+        check_batch(f"{name}[{k!r}]", v, b)
+    return dict(cond)
+
+
+def _check_hooks(hooks, shape: tuple[int, ...]) -> list:
+    """``hooks`` as a list of step hooks, each checked against the samples' ``shape`` (its ``check``)."""
     if hooks is None:
         return []
     hooks = [hooks] if isinstance(hooks, StepHook) else list(hooks)
     for h in hooks:
         if not all(callable(getattr(h, m, None)) for m in ("before", "after", "finish")):
             raise TypeError(f"hooks must be StepHook objects (before / after / finish), got {type(h).__name__}")
+        check = getattr(h, "check", None)
+        if callable(check):
+            check(shape)
     return hooks
 
 
@@ -299,11 +331,15 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
 
         def call(x, t):
             m = sub(mu, index)
-            if net_dtype is None or x.dtype == net_dtype:
-                pred = model(x, t, mu=m, counter=counter, index=index, **kw)
-            else:
-                pred = model(x.to(net_dtype), t, mu=None if m is None else m.to(net_dtype), counter=counter,
-                             index=index, **kw).rebased(x, m)
+            try:
+                if net_dtype is None or x.dtype == net_dtype:
+                    pred = model(x, t, mu=m, counter=counter, index=index, **kw)
+                else:
+                    pred = model(x.to(net_dtype), t, mu=None if m is None else m.to(net_dtype), counter=counter,
+                                 index=index, **kw).rebased(x, m)
+            except RuntimeError as e:
+                _first_call_error(e, counter, x)
+                raise
             n = counter.calls
             guard.check(pred.output, lambda: f"solver {slv.name!r}, step {step() if callable(step) else step}{of} "
                                              f"({_describe_t(t)}), model call {n}")
@@ -349,6 +385,15 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
     return out, counter, trajectory, time.perf_counter() - start
 
 
+def _first_call_error(e: RuntimeError, counter: NFECounter, x: Tensor) -> None:
+    """A plain RuntimeError from the run's first model call (the network cannot take the input: a wrong
+    shape, channel count ...) re-raised as a ValueError naming ``shape``, the original chained."""
+    if counter.calls == 0 and type(e) is RuntimeError:
+        raise ValueError(f"shape: the network failed on its first call, for states of shape {tuple(x.shape)} "
+                         f"({x.dtype}, {x.device}); check the samples' shape (shape=, x_T or x0) against what "
+                         f"the network takes. The network said: {e}") from e
+
+
 def _start(model, solver, steps, num_inference_steps, solver_options):
     """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps)."""
     if not isinstance(model, DiffusionModel):
@@ -378,9 +423,10 @@ def _step_of(grid: Tensor, t) -> int:
     return max(1, min(len(grid) - 1, int((grid > tv + 1e-12 * max(1.0, abs(tv))).sum()) + 1))
 
 
-def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | None = None, steps: int | None = None, *,
-           grid: GridSpec | None = None, t_max: float | None = None, t_min: float | None = None,
-           mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, dtype: str | torch.dtype | None = None,
+def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | np.ndarray | None = None,
+           steps: int | None = None, *, grid: GridSpec | None = None, t_max: float | None = None,
+           t_min: float | None = None, mu: Tensor | None = None, cond: Mapping[str, Any] | None = None,
+           dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
            progress: bool | None = None, num_inference_steps: int | None = None, **solver_options: Any) -> Latent:
     """Map data ``x0`` (the state at t_min) to a :class:`Latent` at t_max with a deterministic solver.
 
@@ -390,24 +436,30 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | No
     count grows. ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
     A solver may define its own inversion (``run_inverse``): ``ddim`` with ``renoise=True`` refines
     DDIM inversion by ReNoise's fixed-point iteration.
+
+    The other arguments are :func:`sample`'s: dtype and device follow the same rule (x0's, else the
+    network's, and they must be the network's), a numpy ``x0`` is converted to them, and a run
+    without an input the model needs (``mu``, a ``cond`` key) is refused. ``Latent.save`` writes the
+    result to disk.
     """
-    if not isinstance(x0, Tensor):
-        raise TypeError(f"x0 must be a torch.Tensor of data (batch first), got {type(x0).__name__}")
+    x0, like = _state_arg(x0, "x0")
     slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
-    if info is not None and not info.deterministic:
-        raise ValueError(f"solver {slv.name!r} is stochastic; invert needs a deterministic solver "
-                         "(e.g. ddim, heun, dpmpp-2m, or a reversible one such as rev-heun)")
+    noisy = slv.noise_options()
+    if (info is not None and not info.deterministic) or noisy:
+        how = f" with {', '.join(f'{k}={v!r}' for k, v in noisy.items())}" if noisy else ""
+        raise ValueError(f"solver {slv.name!r}{how} is stochastic; invert needs a deterministic solver "
+                         "(e.g. ddim with eta=0, heun, dpmpp-2m, or a reversible one such as rev-heun)")
     shape = _check_shape(x0.shape)
-    dtype = _run_dtype(model, dtype, x0, "x0's dtype")
+    device = _run_device(model, device, like, "x0's device")
+    dtype = _run_dtype(model, dtype, like, "x0's dtype")
     work = state_dtype(dtype)
-    x = x0.to(dtype=work)
+    x = x0.to(device=device, dtype=work)
     b = shape[0]
-    cond = dict(cond or {})
-    for k, v in cond.items():
-        _check_batch(f"cond[{k!r}]", v, b)
+    cond = _check_cond(cond, "cond", b)
+    model.check_inputs(mu, cond)
     if mu is not None:
         mu = torch.as_tensor(mu, device=x.device, dtype=work)
-        _check_batch("mu", mu, b, shape)
+        check_batch("mu", mu, b, shape)
         mu = mu.expand(shape)
     g = _grid(model.schedule, steps, grid, t_max, t_min, fixed_grid, slv)
     src = NoiseSource(shape, seeds=0, device=x.device, dtype=work, t_range=(float(g[-1]), float(g[0])))

@@ -169,6 +169,9 @@ class MultistepPC(Solver):
         lam_hist = torch.zeros(b, slots, dtype=f64, device=dev)
         count = torch.zeros(b, dtype=torch.long, device=dev)
         hist = None
+        if schedule.at(float(grid[0]))[1] <= 0:  # as mrs-ode: inversion from the clean end
+            raise ValueError(f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
+                             "to invert, start from t_min > 0")
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
             lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))

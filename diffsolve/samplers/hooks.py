@@ -1,6 +1,8 @@
 """The step-hook protocol: hooks act on the state between solver steps and compose (a list runs in order).
 
-The driver gives every hook three chances per run, through a :class:`HookContext`:
+Before a run the driver calls ``check(shape)`` (the samples' shape, batch first), where a hook may
+refuse inputs that do not fit, naming them. Then it gives every hook three chances per run, through
+a :class:`HookContext`:
 
     before(x, t, ctx) -> x        the state the model is about to see (the solver continues from it)
     after(pred, ctx) -> pred      the prediction the solver receives
@@ -48,6 +50,9 @@ class HookContext:
 
 class StepHook:
     """Base class: every method passes its input through unchanged."""
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Refuse (ValueError naming the argument) what cannot work on samples of ``shape``."""
 
     def before(self, x: Tensor, t, ctx: HookContext) -> Tensor:
         return x

@@ -41,7 +41,7 @@ def resolve_seeds(batch_size: int, seed: int | Sequence[int] | None = None) -> l
                 raise TypeError
             seeds = [operator.index(s) for s in seed]
         except TypeError:
-            raise TypeError(f"{what}, got {seed!r}") from None
+            raise TypeError(f"{what} (Python or numpy integers; floats such as 3.0 are refused), got {seed!r}") from None
         if len(seeds) != batch_size:
             raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch_size} samples")
     if any(s < 0 for s in seeds):

@@ -130,6 +130,9 @@ class Heun(Solver):
             raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={s_tmin}, s_tmax={s_tmax}")
         self.s_noise = _check_nonneg("s_noise", s_noise)
 
+    def noise_options(self):
+        return {"s_churn": self.s_churn} if self.s_churn > 0 else {}
+
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
         gamma_max = min(self.s_churn / n, math.sqrt(2.0) - 1.0)
@@ -138,7 +141,7 @@ class Heun(Solver):
             t_hat = t
             a_t, s_t = _coef(schedule, t)
             s = s_t / a_t if a_t > 0 else math.inf  # EDM sigma
-            if gamma_max > 0 and self.s_tmin <= s <= self.s_tmax:
+            if gamma_max > 0 and math.isfinite(s) and self.s_tmin <= s <= self.s_tmax:  # no churn at alpha = 0
                 t_hat = float(schedule.t_of_log_snr(-math.log(s) - math.log1p(gamma_max)))
                 s_hat = s * (1.0 + gamma_max)
                 a, a_hat = float(schedule.alpha(t)), float(schedule.alpha(t_hat))
@@ -201,6 +204,9 @@ class DDIM(Solver):
         if renoise is not False and eta != 0:
             raise ValueError(f"renoise refines the inversion of deterministic DDIM: it needs eta = 0, got {eta}")
         self.eta, self.renoise = eta, renoise
+
+    def noise_options(self):
+        return {"eta": self.eta} if self.eta > 0 else {}
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         for i in range(len(grid) - 1):

@@ -44,6 +44,9 @@ class ReNoise:
         """A generator: inverts data x at grid[-1] to grid[0] (grid descending); returns Outcome(x_T)."""
         g = grid.to(torch.float64)
         alpha = schedule.alpha(g)
+        if not bool((alpha > 0).all()):
+            raise ValueError("t_max: ReNoise works in y = x / alpha: every grid time needs alpha > 0 "
+                             "(lower t_max, e.g. t_max=0.999 for rectified flow)")
         s = schedule.sigma(g) / alpha
         n = len(g) - 1
         span = float(g[0] - g[-1])

@@ -130,6 +130,12 @@ class Schedule:
             hi = torch.where(above, hi, mid)
         return 0.5 * (lo + hi)
 
+    @property
+    def time_range(self) -> tuple[float, float]:
+        """The times a run may use, [0, t_max]: grids and ``t_max`` / ``t_min`` outside it are refused
+        (build the schedule with a larger ``t_max`` to start later)."""
+        return 0.0, float(self.t_max)
+
     def _t_lo(self) -> float:
         return self.t_min
 

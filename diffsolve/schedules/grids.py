@@ -65,10 +65,29 @@ def check_grid(grid) -> torch.Tensor:
     return g
 
 
+def _timestep_hint(schedule: Schedule, t: torch.Tensor) -> str:
+    """A hint for times that look like diffusers' integer timesteps (999, 979, ..., 0)."""
+    if not (float(t.max()) >= 10 and bool((t == t.round()).all())):
+        return ""
+    how = "schedule.t_of_timestep(timesteps)" if hasattr(schedule, "t_of_timestep") else \
+        "timesteps / num_train_timesteps"
+    lo, hi = schedule.time_range
+    return (f". These look like diffusers timesteps; diffsolve grids are times in the schedule's range "
+            f"[{lo:g}, {hi:g}]: convert them ({how}), or step on a pipeline's own timesteps with "
+            "diffsolve.integrations.diffusers.DiffsolveScheduler")
+
+
 def check_times_in(schedule: Schedule, times: torch.Tensor, names: Sequence[str]) -> None:
     """Raise a ValueError naming ``names[i]`` (``names[-1]`` for times past the list) unless every time
-    lies in the schedule's domain: t >= 0 with finite alpha(t) >= 0 and sigma(t) >= 0."""
+    lies in the schedule's :attr:`~Schedule.time_range` (0 to its t_max) and its domain: finite
+    alpha(t) >= 0 and sigma(t) >= 0."""
     t = times.reshape(-1).to(torch.float64)
+    lo, hi = schedule.time_range
+    out = (t < lo) | (t > hi + 1e-12 * max(1.0, abs(hi)))
+    if bool(out.any()):
+        i = int(out.nonzero()[0])
+        raise ValueError(f"{names[min(i, len(names) - 1)]}: t={float(t[i]):.6g} is outside the times of "
+                         f"{schedule!r}, [{lo:g}, {hi:.6g}]{_timestep_hint(schedule, t)}")
     a, s = schedule.alpha(t), schedule.sigma(t)
     bad = (t < 0) | ~torch.isfinite(a) | ~torch.isfinite(s) | (a < 0) | (s < 0)
     if bool(bad.any()):

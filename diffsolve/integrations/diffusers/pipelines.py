@@ -420,6 +420,8 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
         raise ValueError("strength is for img2img and inpainting: give image= too")
     if image is not None and mask_image is None and height is None and width is None and hasattr(pipe, "image_processor"):
         height, width = (int(v) for v in pipe.image_processor.preprocess(image).shape[-2:])  # img2img: the image's size
+    if latent is not None and num_images_per_prompt == 1 and isinstance(getattr(latent, "x", None), Tensor):
+        num_images_per_prompt = _images_per_prompt(prompt, latent.x.shape[0])  # a latent of several images
     model, cond, b, shape, decode, extra_hooks = pipeline_model(
         pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
         num_images_per_prompt=num_images_per_prompt, height=height, width=width,
@@ -464,6 +466,28 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
     return PipelineOutput(decode(res.samples, output_type), res.samples, res)
 
 
+def _image_batch(image) -> Tensor:
+    """Images for a pipeline without a VAE as one batch: a tensor or array [B, C, H, W], or a list of
+    [C, H, W] or [1, C, H, W] ones (stacked)."""
+    if not isinstance(image, (list, tuple)):
+        return image if isinstance(image, Tensor) else torch.as_tensor(image)
+    try:
+        parts = [torch.as_tensor(i) for i in image]
+        return torch.cat([i if i.ndim == 4 else i[None] for i in parts])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"image: a list of images must hold tensors or arrays of one shape, [C, H, W] or "
+                         f"[1, C, H, W]; {e}") from None
+
+
+def _images_per_prompt(prompt, n: int) -> int:
+    """How many of ``n`` images each prompt conditions: all of them for one prompt, one for one per image."""
+    if prompt is None or isinstance(prompt, str):
+        return n
+    if len(prompt) == n:
+        return 1
+    raise ValueError(f"prompt: {len(prompt)} prompts for {n} images; give one prompt, or one per image")
+
+
 def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[str] | None = None, *,
                     latents: Tensor | None = None, num_inference_steps: int = 50, negative_prompt=None,
                     guidance_scale: float | None = None, max_sequence_length: int | None = None,
@@ -472,7 +496,11 @@ def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[st
     posterior mean; or pass ``latents``) and run ``ds.invert`` with the pipeline's conditioning (and
     CFG). Returns the :class:`~diffsolve.Latent`; ``sample_pipeline(pipe, solver, prompt, latent=...)``
     reconstructs it (to round-off for reversible solvers). An inpainting UNet also needs
-    ``mask_image`` (and ``image``, its conditioning)."""
+    ``mask_image`` (and ``image``, its conditioning).
+
+    ``image`` is what the pipeline's image processor takes (a PIL image, an array or tensor, or a list
+    of them: a batch); without a VAE, a tensor or array [B, C, H, W] or a list of [C, H, W] / [1, C, H,
+    W] ones, stacked. One prompt serves every image; a list of prompts needs one per image."""
     from ...samplers.driver import invert
 
     if latents is None and image is not None and hasattr(pipe, "_pack_latents"):
@@ -481,15 +509,17 @@ def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[st
     if image is not None and hasattr(pipe, "vae"):
         hw = pipe.image_processor.preprocess(image).shape[-2:]
         size = {"height": int(hw[0]), "width": int(hw[1])}
-    inpaint = {"image": image, "mask_image": mask_image} if mask_image is not None else {}
-    model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                                              max_sequence_length=max_sequence_length, **size, **inpaint)
     if latents is None:
         if image is None:
             raise ValueError("give image= (or latents=)")
         if not hasattr(pipe, "vae"):
-            latents = image if isinstance(image, Tensor) else torch.as_tensor(image)
+            latents = _image_batch(image)
         else:
             latents = _encode_vae(pipe, pipe.image_processor.preprocess(image))
+    per_prompt = _images_per_prompt(prompt, latents.shape[0])
+    inpaint = {"image": image, "mask_image": mask_image} if mask_image is not None else {}
+    model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                              num_images_per_prompt=per_prompt, max_sequence_length=max_sequence_length,
+                                              **size, **inpaint)
     with torch.no_grad():
         return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)

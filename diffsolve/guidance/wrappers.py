@@ -7,6 +7,7 @@ call; per-sample solvers may call with a subset of rows (``index``), and wrapper
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -221,6 +222,12 @@ class DPS(GuidedModel):
     each of 1000 DDPM steps; in the denoiser form the correction scales with the step the solver takes,
     so the same ``zeta`` behaves alike across solvers and step counts (it is not the paper's zeta).
     One network call with a graph, and its VJP, per model call.
+
+    Per-sample solvers (``adaptive-sde``, ``mrs-adaptive``, ``mrs-sde-adaptive``) query only the rows
+    still running. The ``measurement`` ([B, ...] or one row for all) is subset to them here; an
+    ``operator`` that holds per-sample tensors must subset them too: if its signature has a ``rows``
+    parameter it is called as ``operator(x0, rows=index)`` (the query's rows in the full batch, None
+    for all), e.g. :class:`Masked`. A plain ``operator(x0)`` sees x0 of the query's rows only.
     """
 
     NORMS = ("sample", "batch")
@@ -235,10 +242,26 @@ class DPS(GuidedModel):
         if norm not in self.NORMS:
             raise ValueError(f"norm must be one of {', '.join(self.NORMS)}, got {norm!r}")
         self.operator, self.measurement, self.zeta, self.norm = operator, measurement, _finite("zeta", zeta), norm
+        self.operator_takes_rows = takes_rows(operator)
+
+    def apply(self, x0: Tensor, index: Tensor | None = None) -> Tensor:
+        """A(x0) for x0 of the batch rows ``index`` (None: all)."""
+        if self.operator_takes_rows:
+            return self.operator(x0, rows=index)
+        if index is None:
+            return self.operator(x0)
+        try:
+            return self.operator(x0)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"DPS: operator(x0) failed on a query of {x0.shape[0]} rows of the batch ({e}). Per-sample "
+                "solvers query only the rows still running; an operator holding per-sample tensors must "
+                "take them: give it a `rows` parameter (operator(x0, rows): rows are the query's indices "
+                "in the batch, None for all) or use ds.guidance.Masked(mask)") from e
 
     def residual(self, x0: Tensor, index: Tensor | None = None) -> Tensor:
-        """Per-sample residual norms ||y - A(x0)|| ([B])."""
-        r = sub(self.measurement, index) - self.operator(x0)
+        """Per-sample residual norms ||y - A(x0)|| ([B]) of x0 on the batch rows ``index`` (None: all)."""
+        r = sub(self.measurement, index) - self.apply(x0, index)
         return r.reshape(r.shape[0], -1).norm(dim=1)
 
     def __call__(self, x, t, *, mu=None, counter=None, index=None, **cond):
@@ -250,3 +273,29 @@ class DPS(GuidedModel):
             grad = torch.autograd.grad(loss, xg)[0]
         x0 = pred.x0.detach() - self.zeta * grad
         return Prediction(x, t, x0, "x0", self.schedule, mu)
+
+
+def takes_rows(fn: Callable) -> bool:
+    """Whether ``fn``'s signature has a ``rows`` parameter (an operator that subsets what it holds)."""
+    try:
+        return "rows" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+
+
+class Masked:
+    """The masking operator A(x) = mask * x for :class:`DPS` (inpainting). ``mask`` holds one row per
+    sample ([B, ...], the samples' dimensions) or broadcasts to every row (fewer dimensions, or
+    batch size 1). Called with ``rows`` (as DPS does) it uses the mask of those rows, so a
+    per-sample mask works with every solver, including the per-sample adaptive ones."""
+
+    def __init__(self, mask: Tensor):
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor (1 where the measurement is known), got {type(mask).__name__}")
+        self.mask = mask
+
+    def __call__(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        return x * sub(self.mask, rows, x.ndim).to(x)
+
+    def __repr__(self) -> str:
+        return f"Masked(mask of shape {tuple(self.mask.shape)})"

@@ -15,6 +15,7 @@ import torch
 
 from ..models.model import DiffusionModel, NFECounter, Prediction
 from ..samplers.base import sub
+from ..samplers.registry import registered
 
 Tensor = torch.Tensor
 
@@ -44,6 +45,13 @@ class GuidedModel(DiffusionModel):
     def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
                  index: Tensor | None = None, **cond: Any) -> Prediction:
         raise NotImplementedError
+
+    def check_solver(self, solver) -> None:
+        """Raise if this wrapper (or a model it wraps) cannot be sampled with ``solver`` (a Solver);
+        :func:`diffsolve.sample` and :func:`diffsolve.invert` ask before the run. Default: any solver."""
+        check = getattr(self.inner, "check_solver", None)
+        if check is not None:
+            check(solver)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
@@ -158,10 +166,12 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
         x0 = (x - sigma eps_lambda) / alpha   (the guided x0),    eps = eps_uncond
 
-    so a DDIM step alpha' x0 + sigma' eps is the paper's CFG++ DDIM step, and an Euler step in EDM
-    form is its k-diffusion variant. The pair is deliberately inconsistent (x != alpha x0 + sigma eps):
-    this is a solver-aware variant, exact only with solvers that step with x0 and eps separately
-    (``ddim``, ``ddpm``); other solvers see a different guided field. lambda = 0 is unconditional DDIM.
+    so a DDIM step alpha' x0 + sigma' eps is the paper's CFG++ DDIM step (with eta > 0, or ``ddpm``,
+    its ancestral form). The pair is deliberately inconsistent (x != alpha x0 + sigma eps), so only
+    solvers that step with x0 and eps as separate terms (``steps_with_pair``: ``ddim``, ``ddpm``,
+    ``irsde-posterior``) take it as meant; the others are refused before the run (a solver stepping
+    from x and x0, such as ``dpmpp-2m``, would see CFG at scale lambda <= 1; one stepping from x and
+    eps, such as ``euler`` or ``heun``, the unconditional model). lambda = 0 is unconditional DDIM.
     """
 
     def __init__(self, model: DiffusionModel, guidance_scale: float = 0.6, *, uncond: Mapping[str, Any] | None = None,
@@ -172,6 +182,14 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
     def skips_uncond(self) -> bool:
         return False
+
+    def check_solver(self, solver) -> None:
+        if not getattr(solver, "steps_with_pair", False):
+            ok = ", ".join(i.name for i in registered() if getattr(i.cls, "steps_with_pair", False))
+            raise ValueError(f"CFGPlusPlus does not work with solver {solver.name!r}: it does not step with x0 and "
+                             f"eps as separate terms, so CFG++'s (guided x0, unconditional eps) pair would not "
+                             f"be stepped as meant; use one of: {ok}")
+        super().check_solver(solver)
 
     def combine(self, c, u, rows):
         g = super().combine(c, u, rows)

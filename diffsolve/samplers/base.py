@@ -56,6 +56,9 @@ class Solver:
 
     name: str = "solver"
     default_noise: str = "gaussian"  # the driver's noise kind when the caller names none
+    #: True for solvers whose step is alpha' x0 + sigma' eps (+ noise) with the prediction's own x0 and
+    #: eps, so a pair that is not consistent with x (``Prediction.from_pair``: CFG++) is stepped as given
+    steps_with_pair: bool = False
 
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:

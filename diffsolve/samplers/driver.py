@@ -341,7 +341,8 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
 
 
 def _start(model, solver, steps, num_inference_steps, solver_options):
-    """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps)."""
+    """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps).
+    A model with a ``check_solver(solver)`` method (the guidance wrappers) may refuse the solver."""
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
     if num_inference_steps is not None:
@@ -349,6 +350,9 @@ def _start(model, solver, steps, num_inference_steps, solver_options):
             raise ValueError("give steps or num_inference_steps, not both")
         steps = num_inference_steps
     slv = resolve_solver(solver, solver_options)
+    check = getattr(model, "check_solver", None)
+    if check is not None:
+        check(slv)
     return (slv, *_info(slv), steps)
 
 

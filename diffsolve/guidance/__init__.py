@@ -1,6 +1,6 @@
 """Guidance and inverse-problem hooks.
 
-Model wrappers (take a DiffusionModel, return one; every solver can use them):
+Model wrappers (take a DiffusionModel, return one; every solver can use them, except CFG++: ddim / ddpm):
 :class:`ClassifierFreeGuidance`, :class:`CFGPlusPlus`, :class:`ClassifierGuidance`, :class:`DPS` (with
 :class:`Masked`, an inpainting operator that subsets a per-sample mask to the rows it is given).
 

@@ -81,5 +81,6 @@ def in_row_blocks(model: DiffusionModel, size: int) -> DiffusionModel:
 
 
 def count_back(model: DiffusionModel, twin: DiffusionModel) -> None:
-    """Add the model calls ``twin`` (from :func:`in_row_blocks`) made to ``model``'s lifetime count."""
+    """Carry the model calls ``twin`` (from :func:`in_row_blocks`) made over to ``model``'s lifetime
+    count (the twin's count started from it)."""
     _innermost(model).nfe = _innermost(twin).nfe

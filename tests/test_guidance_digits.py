@@ -8,7 +8,12 @@ import torch
 import diffsolve as ds
 from diffsolve.cli import main
 from diffsolve.data import digits16
-from diffsolve.guidance import ClassifierFreeGuidance, inverse_problem, restore
+from diffsolve.guidance import (
+    CFGPlusPlus,
+    ClassifierFreeGuidance,
+    inverse_problem,
+    restore,
+)
 from diffsolve.quality import load_classifier
 
 
@@ -31,6 +36,29 @@ def test_cfg_samples_are_the_requested_class():
     print("class accuracy: conditional (scale 1)", acc[1.0], "CFG scale 3", acc[3.0])
     assert acc[3.0] >= 0.95
     assert acc[3.0] >= acc[1.0]
+
+
+def test_cfgpp_gives_the_requested_classes_with_ddim_and_ddpm_and_other_solvers_refuse_it():
+    """CFG++ steps a (guided x0, unconditional eps) pair: ddim / ddpm step with both and give the
+    requested classes; a solver stepping from x and x0 (dpmpp-2m: CFG at scale lambda) or x and eps
+    (euler, heun: the unconditional model) would not, so it is refused before the run."""
+    model = ds.pretrained.load("digits-vp-cond")
+    null = ds.pretrained.classes("digits-vp-cond")["null_class"]
+    labels = torch.arange(20) % 10
+    classifier = load_classifier()
+    cfgpp = CFGPlusPlus(model, 0.6, uncond={"class_labels": torch.tensor(null)})
+    kw = {"shape": (20, 1, 16, 16), "seed": 0, "cond": {"class_labels": labels}}
+    for solver in ("ddim", "ddpm"):
+        x = ds.sample(cfgpp, solver, 10, **kw).samples
+        with torch.no_grad():
+            acc = float((classifier(x).argmax(1) == labels).float().mean())
+        print(f"CFG++ (lambda 0.6) with {solver}, 10 steps: class accuracy {acc}")
+        assert acc >= 0.9, solver
+    for solver in ("dpmpp-2m", "euler", "heun", "mrs-adaptive"):
+        with pytest.raises(ValueError, match=f"solver '{solver}'.*use one of: ddim, ddpm"):
+            ds.sample(cfgpp, solver, 10, **kw)
+    with pytest.raises(ValueError, match="solver 'dpmpp-2m'"):
+        ds.invert(cfgpp, "dpmpp-2m", torch.zeros(2, 1, 16, 16), 10, cond={"class_labels": labels[:2]})
 
 
 @pytest.mark.parametrize("method,opts", [("dps", {}), ("inpaint", {})])

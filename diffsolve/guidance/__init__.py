@@ -1,7 +1,8 @@
 """Guidance and inverse-problem hooks.
 
-Model wrappers (take a DiffusionModel, return one; every solver can use them):
-:class:`ClassifierFreeGuidance`, :class:`CFGPlusPlus`, :class:`ClassifierGuidance`, :class:`DPS`.
+Model wrappers (take a DiffusionModel, return one; every solver can use them, except CFG++: ddim / ddpm):
+:class:`ClassifierFreeGuidance`, :class:`CFGPlusPlus`, :class:`ClassifierGuidance`, :class:`DPS` (with
+:class:`Masked`, an inpainting operator that subsets a per-sample mask to the rows it is given).
 
 Step hooks (act on the state between solver steps; pass a list to ``ds.sample(..., hooks=[...])``):
 :class:`EnKG`, :class:`Inpaint`, :class:`Threshold`.
@@ -12,7 +13,7 @@ EnKG or Inpaint, as ``diffsolve restore`` runs them.
 
 from .hooks import EnKG, HookContext, Inpaint, StepHook, Threshold
 from .tasks import InverseProblem, inverse_problem, restore
-from .wrappers import CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, DPS, GuidedModel
+from .wrappers import CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, DPS, GuidedModel, Masked
 
-__all__ = ["ClassifierFreeGuidance", "CFGPlusPlus", "ClassifierGuidance", "DPS", "GuidedModel", "StepHook",
+__all__ = ["ClassifierFreeGuidance", "CFGPlusPlus", "ClassifierGuidance", "DPS", "GuidedModel", "Masked", "StepHook",
            "HookContext", "EnKG", "Inpaint", "Threshold", "InverseProblem", "inverse_problem", "restore"]

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..models.model import Prediction
-from ..samplers.base import check_batch
+from ..samplers.base import check_batch, sub
 from ..samplers.hooks import HookContext, StepHook
 from ..schedules.base import Schedule
 from ..schedules.grids import make_grid
@@ -40,7 +40,8 @@ class Inpaint(StepHook):
     """Inpainting by replacement (RePaint's known-region step, Lugmayr et al. 2022): before every
     model call the known pixels (``mask`` = 1) are replaced by the observation ``y`` noised forward
     to the query time, x <- m (alpha_t y + (1 - alpha_t) mu + sigma_t z) + (1 - m) x; at the end they
-    are set to y.
+    are set to y. ``mask`` and ``y`` hold one row per sample ([B, ...]) or broadcast to every row; a
+    query on some rows of the batch (``ctx.index``) uses theirs.
 
     ``resample`` U > 1 adds RePaint's resampling: before each model call, U - 1 times, take a DDPM
     step to the next grid time (one extra model call), replace the known pixels there, and noise the
@@ -60,9 +61,12 @@ class Inpaint(StepHook):
         for name, v in (("mask", self.mask), ("y", self.y)):
             check_batch(f"Inpaint {name}", v, shape[0], shape)
 
+    def _parts(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(mask, y) on the rows ``index`` the query holds (either may be per sample or shared)."""
+        return sub(self.mask, index, x.ndim).to(x), sub(self.y, index, x.ndim).to(x)
+
     def _known(self, x: Tensor, t: float, ctx: HookContext) -> Tensor:
-        m = self.mask.to(x)
-        y = _rows(self.y, ctx.index).to(x)
+        m, y = self._parts(x, ctx.index)
         return m * _forward_noised(y, t, ctx.schedule, ctx.mu, ctx.randn()) + (1 - m) * x
 
     def before(self, x, t, ctx):
@@ -85,8 +89,8 @@ class Inpaint(StepHook):
         return x
 
     def finish(self, x, ctx):
-        m = self.mask.to(x)
-        return m * _rows(self.y, ctx.index).to(x) + (1 - m) * x
+        m, y = self._parts(x, ctx.index)
+        return m * y + (1 - m) * x
 
 
 class Threshold(StepHook):
@@ -197,9 +201,3 @@ class EnKG(StepHook):
             for _ in range(self.num_updates):
                 x = self.update(x, self.denoise(x, t, steps, ctx))
         return x
-
-
-def _rows(v: Tensor, index: Tensor | None) -> Tensor:
-    if index is None or v.ndim == 0 or v.shape[0] == 1:
-        return v
-    return v[index]

@@ -17,7 +17,7 @@ from ..models.model import DiffusionModel
 from ..samplers.driver import sample
 from ..samplers.result import SampleResult
 from .hooks import EnKG, Inpaint
-from .wrappers import DPS
+from .wrappers import DPS, Masked
 
 Tensor = torch.Tensor
 
@@ -49,7 +49,7 @@ def inverse_problem(task: str, clean: Tensor, *, seed: int = 0, blur_sigma: floa
         mask = torch.zeros(clean.shape[1:], dtype=clean.dtype)
         mask[..., : h // 2, :] = 1.0
         y = clean * mask
-        return InverseProblem(task, lambda x: x * mask.to(x), y, y, mask)
+        return InverseProblem(task, Masked(mask), y, y, mask)
     if task == "deblur":
         from ..data import gaussian_blur
 

@@ -7,6 +7,7 @@ call; per-sample solvers may call with a subset of rows (``index``), and wrapper
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -14,6 +15,7 @@ import torch
 
 from ..models.model import DiffusionModel, NFECounter, Prediction
 from ..samplers.base import sub
+from ..samplers.registry import registered
 
 Tensor = torch.Tensor
 
@@ -53,6 +55,13 @@ class GuidedModel(DiffusionModel):
     def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
                  index: Tensor | None = None, **cond: Any) -> Prediction:
         raise NotImplementedError
+
+    def check_solver(self, solver) -> None:
+        """Raise if this wrapper (or a model it wraps) cannot be sampled with ``solver`` (a Solver);
+        :func:`diffsolve.sample` and :func:`diffsolve.invert` ask before the run. Default: any solver."""
+        check = getattr(self.inner, "check_solver", None)
+        if check is not None:
+            check(solver)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
@@ -169,10 +178,12 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
         x0 = (x - sigma eps_lambda) / alpha   (the guided x0),    eps = eps_uncond
 
-    so a DDIM step alpha' x0 + sigma' eps is the paper's CFG++ DDIM step, and an Euler step in EDM
-    form is its k-diffusion variant. The pair is deliberately inconsistent (x != alpha x0 + sigma eps):
-    this is a solver-aware variant, exact only with solvers that step with x0 and eps separately
-    (``ddim``, ``ddpm``); other solvers see a different guided field. lambda = 0 is unconditional DDIM.
+    so a DDIM step alpha' x0 + sigma' eps is the paper's CFG++ DDIM step (with eta > 0, or ``ddpm``,
+    its ancestral form). The pair is deliberately inconsistent (x != alpha x0 + sigma eps), so only
+    solvers that step with x0 and eps as separate terms (``steps_with_pair``: ``ddim``, ``ddpm``,
+    ``irsde-posterior``) take it as meant; the others are refused before the run (a solver stepping
+    from x and x0, such as ``dpmpp-2m``, would see CFG at scale lambda <= 1; one stepping from x and
+    eps, such as ``euler`` or ``heun``, the unconditional model). lambda = 0 is unconditional DDIM.
     """
 
     def __init__(self, model: DiffusionModel, guidance_scale: float = 0.6, *, uncond: Mapping[str, Any] | None = None,
@@ -183,6 +194,14 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
     def skips_uncond(self) -> bool:
         return False
+
+    def check_solver(self, solver) -> None:
+        if not getattr(solver, "steps_with_pair", False):
+            ok = ", ".join(i.name for i in registered() if getattr(i.cls, "steps_with_pair", False))
+            raise ValueError(f"CFGPlusPlus does not work with solver {solver.name!r}: it does not step with x0 and "
+                             f"eps as separate terms, so CFG++'s (guided x0, unconditional eps) pair would not "
+                             f"be stepped as meant; use one of: {ok}")
+        super().check_solver(solver)
 
     def combine(self, c, u, rows):
         g = super().combine(c, u, rows)
@@ -238,6 +257,12 @@ class DPS(GuidedModel):
     each of 1000 DDPM steps; in the denoiser form the correction scales with the step the solver takes,
     so the same ``zeta`` behaves alike across solvers and step counts (it is not the paper's zeta).
     One network call with a graph, and its VJP, per model call.
+
+    Per-sample solvers (``adaptive-sde``, ``mrs-adaptive``, ``mrs-sde-adaptive``) query only the rows
+    still running. The ``measurement`` ([B, ...] or one row for all) is subset to them here; an
+    ``operator`` that holds per-sample tensors must subset them too: if its signature has a ``rows``
+    parameter it is called as ``operator(x0, rows=index)`` (the query's rows in the full batch, None
+    for all), e.g. :class:`Masked`. A plain ``operator(x0)`` sees x0 of the query's rows only.
     """
 
     NORMS = ("sample", "batch")
@@ -252,10 +277,26 @@ class DPS(GuidedModel):
         if norm not in self.NORMS:
             raise ValueError(f"norm must be one of {', '.join(self.NORMS)}, got {norm!r}")
         self.operator, self.measurement, self.zeta, self.norm = operator, measurement, _finite("zeta", zeta), norm
+        self.operator_takes_rows = takes_rows(operator)
+
+    def apply(self, x0: Tensor, index: Tensor | None = None) -> Tensor:
+        """A(x0) for x0 of the batch rows ``index`` (None: all)."""
+        if self.operator_takes_rows:
+            return self.operator(x0, rows=index)
+        if index is None:
+            return self.operator(x0)
+        try:
+            return self.operator(x0)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"DPS: operator(x0) failed on a query of {x0.shape[0]} rows of the batch ({e}). Per-sample "
+                "solvers query only the rows still running; an operator holding per-sample tensors must "
+                "take them: give it a `rows` parameter (operator(x0, rows): rows are the query's indices "
+                "in the batch, None for all) or use ds.guidance.Masked(mask)") from e
 
     def residual(self, x0: Tensor, index: Tensor | None = None) -> Tensor:
-        """Per-sample residual norms ||y - A(x0)|| ([B])."""
-        r = sub(self.measurement, index) - self.operator(x0)
+        """Per-sample residual norms ||y - A(x0)|| ([B]) of x0 on the batch rows ``index`` (None: all)."""
+        r = sub(self.measurement, index) - self.apply(x0, index)
         return r.reshape(r.shape[0], -1).norm(dim=1)
 
     def __call__(self, x, t, *, mu=None, counter=None, index=None, **cond):
@@ -267,3 +308,29 @@ class DPS(GuidedModel):
             grad = torch.autograd.grad(loss, xg)[0]
         x0 = pred.x0.detach() - self.zeta * grad
         return Prediction(x, t, x0, "x0", self.schedule, mu)
+
+
+def takes_rows(fn: Callable) -> bool:
+    """Whether ``fn``'s signature has a ``rows`` parameter (an operator that subsets what it holds)."""
+    try:
+        return "rows" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+
+
+class Masked:
+    """The masking operator A(x) = mask * x for :class:`DPS` (inpainting). ``mask`` holds one row per
+    sample ([B, ...], the samples' dimensions) or broadcasts to every row (fewer dimensions, or
+    batch size 1). Called with ``rows`` (as DPS does) it uses the mask of those rows, so a
+    per-sample mask works with every solver, including the per-sample adaptive ones."""
+
+    def __init__(self, mask: Tensor):
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor (1 where the measurement is known), got {type(mask).__name__}")
+        self.mask = mask
+
+    def __call__(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        return x * sub(self.mask, rows, x.ndim).to(x)
+
+    def __repr__(self) -> str:
+        return f"Masked(mask of shape {tuple(self.mask.shape)})"

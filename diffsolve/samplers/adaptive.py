@@ -39,7 +39,8 @@ class GottaGoFast(Solver):
       ``eps_rel`` (0.01; the paper sweeps 0.01, 0.02, 0.05, 0.1), ``eps_abs`` (0.0078, the paper's for
       data in [-1, 1]; 0.0039 for [0, 1]);
       ``mode``: ``"per_sample"`` (each sample has its own time and step size; a finished sample leaves
-      the batch, so its row costs no more model calls; batch invariant) or ``"batch"`` (one step size
+      the batch, so its row costs no more model calls; batch invariant where the network's rows are,
+      e.g. with ``ds.sample(..., row_block=k)``) or ``"batch"`` (one step size
       for the batch, accepted when every sample's error norm is <= 1, as in the paper's algorithm;
       the samples then depend on their batch);
       ``h_init`` (0.01, the first step size in time units), ``controller`` (the

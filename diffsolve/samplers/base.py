@@ -56,6 +56,9 @@ class Solver:
 
     name: str = "solver"
     default_noise: str = "gaussian"  # the driver's noise kind when the caller names none
+    #: True for solvers whose step is alpha' x0 + sigma' eps (+ noise) with the prediction's own x0 and
+    #: eps, so a pair that is not consistent with x (``Prediction.from_pair``: CFG++) is stepped as given
+    steps_with_pair: bool = False
 
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:
@@ -91,9 +94,15 @@ def as_query(item) -> Query:
     raise TypeError(f"a solver must yield (x, t) or a Query, got {type(item).__name__}")
 
 
-def sub(mu: Tensor | float | None, index: Tensor | None):
-    """Rows ``index`` of a per-sample tensor (mu, a condition); scalars and None pass through."""
+def sub(mu: Tensor | float | None, index: Tensor | None, ndim: int | None = None):
+    """Rows ``index`` (a query's rows in the full batch; None: all) of a per-sample tensor (mu, a
+    condition, a measurement, a mask): the one helper with which the driver, the guidance wrappers and
+    the step hooks subset what they hold to the rows they are given. Scalars, None and tensors with
+    batch size 1 pass through; with ``ndim`` (the state's), so does a tensor of fewer dimensions,
+    which broadcasts against every row (e.g. one [H, W] mask for a [B, C, H, W] batch)."""
     if index is None or not isinstance(mu, Tensor) or mu.ndim == 0 or mu.shape[0] == 1:
+        return mu
+    if ndim is not None and mu.ndim < ndim:
         return mu
     return mu[index]
 

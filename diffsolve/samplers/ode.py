@@ -195,6 +195,8 @@ class DDIM(Solver):
     refines it with ReNoise's fixed-point iteration. Sampling ignores ``renoise``.
     """
 
+    steps_with_pair = True  # the step above uses the prediction's own (x0, eps), so CFG++'s pair acts as given
+
     def __init__(self, eta: float = 0.0, renoise: bool | ReNoise = False):
         eta = _check_nonneg("eta", eta)
         if eta > 1:

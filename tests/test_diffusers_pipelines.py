@@ -2,17 +2,34 @@
 parity with diffusers' own schedulers, every fixed-grid solver inside each pipeline, driver mode for
 every other kind of solver (denoiser calls = NFE), exact inversion with CFG."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
-                       HeunDiscreteScheduler)
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
+from tiny_pipelines import (  # noqa: E402
+    CountCalls,
+    denoiser,
+    flux,
+    run_latents,
+    stable_diffusion,
+    stable_diffusion_3,
+)
 
 import diffsolve as ds  # noqa: E402
-from diffsolve.integrations.diffusers import DiffsolveScheduler, invert_pipeline, sample_pipeline  # noqa: E402
-from tiny_pipelines import CountCalls, denoiser, flux, run_latents, stable_diffusion, stable_diffusion_3  # noqa: E402
+from diffsolve.integrations.diffusers import (  # noqa: E402
+    DiffsolveScheduler,
+    invert_pipeline,
+    sample_pipeline,
+)
 
 BUILD = {"sd": stable_diffusion, "sd3": stable_diffusion_3, "flux": flux}
 CALL = {"sd": dict(guidance_scale=3.0), "sd3": dict(guidance_scale=3.0, height=16, width=16),
@@ -63,19 +80,24 @@ def test_flow_match_euler_parity_in_sd3_and_flux(pipe):
 
 def test_every_fixed_grid_solver_runs_inside_the_pipeline(pipe):
     """Flow pipelines start at sigma = 1 (alpha = 0); solvers that need alpha > 0 say so, and run
-    with t_max=0.999."""
-    names = [i.name for i in ds.list_solvers() if i.fixed_grid]
+    with t_max=0.999. Reversible solvers move the end they cannot reach themselves, and warn."""
+    infos = [i for i in ds.list_solvers() if i.fixed_grid]
     flow = pipe.kind != "sd"
-    for name in names:
-        opts = {"seed": 0, "final": "sigma_min" if name == "rex" else "zero"}
-        if flow:
+    for info in infos:
+        name, reversible = info.name, info.family == "reversible"
+        opts = {"seed": 0} if reversible else {"seed": 0, "final": "zero"}
+        if flow and not reversible:
             opts["t_max"] = 0.999
-        s = DiffsolveScheduler.from_config(pipe.scheduler, solver=name, **opts)
-        out, calls = _latents(pipe, s, n=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = DiffsolveScheduler.from_config(pipe.scheduler, solver=name, **opts)
+            out, calls = _latents(pipe, s, n=4)
         assert torch.isfinite(out).all(), name
         assert calls == len(s.timesteps), (name, calls, len(s.timesteps))
     if flow:
         with pytest.raises(ValueError, match="t_max"):
+            _latents(pipe, DiffsolveScheduler.from_config(pipe.scheduler, solver="euler-maruyama"), n=4)
+        with pytest.warns(UserWarning, match="'rev-heun' cannot reach the clean end"):
             _latents(pipe, DiffsolveScheduler.from_config(pipe.scheduler, solver="rev-heun"), n=4)
 
 
@@ -129,7 +151,10 @@ def test_cli_samples_a_local_pipeline_folder(sd, tmp_path):
 def test_forward_process_and_img2img(sd, tmp_path):
     """add_noise / scale_noise equal diffusers' (img2img and inpainting use them), and an img2img
     pipeline starts mid-way with set_begin_index."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusionImg2ImgPipeline,
+    )
 
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ref = DDIMScheduler.from_config(sd.scheduler.config)

@@ -48,7 +48,9 @@ def test_no_host_reads_per_step(solver, deferred):
         assert isinstance(res.samples, Tracked)
         counts.append(list(Tracked.reads))
     print(solver, "host reads at 4 / 12 steps:", counts)
-    assert len(counts[0]) == len(counts[1]) <= 1, counts  # at most the one deferred finite check
+    # at most the one deferred finite check, and the reversible solvers' one parasitic-mode check
+    once = 2 if ds.samplers.solver_info(solver).family == "reversible" else 1
+    assert len(counts[0]) == len(counts[1]) <= once, counts
 
 
 def test_deferred_check_still_names_the_step(deferred):

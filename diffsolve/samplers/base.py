@@ -64,10 +64,11 @@ class Solver:
             mu: Tensor | None = None) -> Run:
         raise NotImplementedError
 
-    def time_range(self, schedule: Schedule) -> dict[str, float]:
-        """Ends of the schedule's range this solver cannot reach (a singular end of its variables),
-        with the ends it takes instead: ``{"t_max": ...}`` and / or ``{"t_min": ...}``. The driver uses
-        them, and says so, when the caller gives neither that end nor an explicit grid. Default: none."""
+    def replace_ends(self, schedule: Schedule, t_max: float, t_min: float) -> dict[str, float]:
+        """Of a run's ends ``t_max`` and ``t_min``, those this solver cannot reach (a singular end of its
+        variables), with the ends it takes instead: ``{"t_max": ...}`` and / or ``{"t_min": ...}``. The
+        driver and the diffusers scheduler use them, and say so, where the caller gives neither that
+        end nor an explicit grid. Default: none."""
         return {}
 
     def noise_options(self) -> dict[str, Any]:

@@ -275,11 +275,13 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
 def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) -> Tensor:
     """The run's time grid (:func:`make_grid`), with t_max / t_min checked: numbers, and with an
     explicit grid only as its own ends. An end the caller leaves open and the solver cannot reach
-    (:meth:`Solver.time_range`) is moved, with a warning that says where."""
+    (:meth:`Solver.replace_ends`) is moved, with a warning that says where."""
     ends = {k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))}
     explicit = grid is not None and not isinstance(grid, str)
     if not explicit:
-        for k, v in slv.time_range(schedule).items():
+        lo = schedule.t_min if ends["t_min"] is None else ends["t_min"]
+        hi = schedule.t_max if ends["t_max"] is None else ends["t_max"]
+        for k, v in slv.replace_ends(schedule, hi, lo).items():
             if ends[k] is None:
                 ends[k] = v
                 warnings.warn(f"solver {slv.name!r} cannot reach {type(schedule).__name__}'s {k}="

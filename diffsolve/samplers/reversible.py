@@ -131,19 +131,19 @@ class _Watch:
     def gap(self, gap: Tensor, u: Tensor, step: int) -> None:
         def rms(v):
             return v.detach().flatten(1).to(torch.float32).pow(2).mean(1).sqrt()
-        self.ratios.append((rms(gap) / rms(u)).max())
+        self.ratios.append((rms(gap) / rms(u).clamp_min(torch.finfo(torch.float32).tiny)).max())
         self.steps.append(step)
 
     def check(self, solver, n_steps: int) -> None:
         if not self.ratios:
             return
-        r = torch.stack(self.ratios).cpu()
+        r = torch.stack(self.ratios)
         bad = ((r > self.limit) & (r > self.growth * r[0])) | ~torch.isfinite(r)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
+        i = int(torch.where(bad.any(), bad.to(torch.int8).argmax(), -1))  # the run's one host read
+        if i >= 0:
             opts = ", ".join(f"{k}={v!r}" for k, v in solver.options().items())
             what = (f"its parasitic mode reached {float(r[i]):.3g} times the state (above {self.limit}), so the "
-                    "samples would be noise" if torch.isfinite(r[i]) else "its state is no longer finite")
+                    "samples would be noise" if bool(torch.isfinite(r[i])) else "its state is no longer finite")
             raise UnstableError(f"solver {solver.name!r} ({opts}) went unstable at step {self.steps[i]} of "
                                 f"{n_steps}: {what}. {solver.remedy}")
 
@@ -181,15 +181,14 @@ class Reversible(Solver):
     #: where a singular end is replaced: sigma / alpha = 0.002 (EDM's sigma_min) and its inverse
     END_RATIO = 0.002
 
-    def time_range(self, schedule) -> dict[str, float]:
+    def replace_ends(self, schedule, t_max: float, t_min: float) -> dict[str, float]:
         """The data form divides by sigma: where sigma(t_min) = 0 (rectified flow) the run ends where
         sigma / alpha = 0.002; the noise form divides by alpha: where alpha(t_max) = 0 it starts where
         alpha / sigma = 0.002."""
-        ends = torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)
         lam = -math.log(self.END_RATIO)  # log(alpha / sigma) where the ratio is reached
-        if self.form == "data" and float(schedule.sigma(ends[0])) == 0:
+        if self.form == "data" and float(schedule.sigma(torch.tensor(t_min, dtype=torch.float64))) == 0:
             return {"t_min": float(schedule.t_of_log_snr(torch.tensor(lam, dtype=torch.float64)))}
-        if self.form == "noise" and float(schedule.alpha(ends[1])) == 0:
+        if self.form == "noise" and float(schedule.alpha(torch.tensor(t_max, dtype=torch.float64))) == 0:
             return {"t_max": float(schedule.t_of_log_snr(torch.tensor(-lam, dtype=torch.float64)))}
         return {}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -176,14 +177,36 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             place = self._with_final(self.source.place(n, timesteps, sigmas, mu))
         self._set_grid(place, n, device)
 
+    def _final(self, grid: Tensor) -> str | None:
+        """``final``, or ``"sigma_min"`` where ``grid`` ends at the clean end and the solver cannot
+        reach it (:meth:`~diffsolve.samplers.base.Solver.replace_ends`: the data-form reversible solvers
+        and rex divide by sigma), with a warning."""
+        final = self.config.final
+        if final is None and "t_min" in self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1])):
+            warnings.warn(f"solver {self.solver.name!r} cannot reach the clean end (sigma = 0): its last step "
+                          "ends at the smallest training noise level instead (final='sigma_min'; pass final= "
+                          "to choose)", stacklevel=3)
+            return "sigma_min"
+        return final
+
+    def _t_max(self, grid: Tensor) -> float | None:
+        """``t_max``, or the solver's own where it cannot start where ``grid`` does (alpha = 0 there:
+        flow pipelines for the noise-form reversible solvers), with a warning."""
+        t_max = self.config.t_max
+        if t_max is None and "t_max" in (ends := self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1]))):
+            t_max = ends["t_max"]
+            warnings.warn(f"solver {self.solver.name!r} cannot start where alpha = 0: the grid is clipped to "
+                          f"t_max={t_max:.6g} (pass t_max= to choose)", stacklevel=3)
+        return t_max
+
     def _with_final(self, place: Placement) -> Placement:
         """The source's placement with its end moved to ``final`` (same number of calls)."""
-        g, lo = place.grid, self.source.t_min
-        if self.config.final == "zero" and float(g[-1]) != 0.0:
+        g, lo, final = place.grid, self.source.t_min, self._final(place.grid)
+        if final == "zero" and float(g[-1]) != 0.0:
             if place.identity_last:
                 return replace(place, grid=torch.cat([g, g.new_zeros(1)]), identity_last=False)
             return replace(place, grid=torch.cat([g[:-1], g.new_zeros(1)]))
-        if self.config.final == "sigma_min" and float(g[-1]) == 0.0:
+        if final == "sigma_min" and float(g[-1]) == 0.0:
             if float(g[-2]) <= lo:
                 return replace(place, grid=g[:-1], identity_last=True)
             return replace(place, grid=torch.cat([g[:-1], g.new_tensor([lo])]))
@@ -203,7 +226,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             t_min, to_time = None, schedule.sigma
         else:
             schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
-        if self.config.final == "sigma_min":
+        if self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min":
             return to_time(make_grid(schedule, n, kind, t_min=t_min)).to(torch.float64)
         g = make_grid(schedule, n - 1, kind, t_min=t_min) if n > 1 else \
             torch.tensor([schedule.t_max], dtype=torch.float64)
@@ -211,9 +234,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         return torch.cat([g, g.new_zeros(1)])
 
     def _set_grid(self, place: Placement, n: int, device) -> None:
-        grid = place.grid
-        if self.config.t_max is not None:
-            grid = torch.unique_consecutive(grid.clamp(max=float(self.config.t_max)))
+        grid, t_max = place.grid, self._t_max(place.grid)
+        if t_max is not None:
+            grid = torch.unique_consecutive(grid.clamp(max=float(t_max)))
         listed = self._query_times(grid) if len(grid) > 1 else []
         if place.identity_last:
             listed.append(float(grid[-1]))
@@ -239,7 +262,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             while True:
                 q = as_query(item)
                 times.append(float(q.t))
-                item = run.send(Prediction(q.x, q.t, torch.zeros_like(q.x), "eps", self.schedule))
+                zero = torch.zeros_like(q.x)  # x = 0 is x0 = 0 and eps = 0 at every time, alpha = 0 included
+                item = run.send(Prediction.from_pair(q.x, q.t, zero, zero, self.schedule))
         except StopIteration:
             pass
         return times

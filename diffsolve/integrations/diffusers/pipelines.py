@@ -399,8 +399,9 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
     diffusers pipeline's denoiser and conditioning, then decode as the pipeline does.
 
     ``num_inference_steps`` is ignored by adaptive solvers; ``grid``, ``t_max`` and ``t_min`` are as for
-    ``ds.sample`` (flow pipelines start at t = 1, where alpha = 0: reversible and SDE solvers need
-    e.g. ``t_max=0.999``; SDE solvers end at sigma > 0, e.g. ``t_min=1e-3``); ``latent`` (from :func:`invert_pipeline`) starts from an inverted state.
+    ``ds.sample`` (flow pipelines start at t = 1, where alpha = 0: SDE solvers need e.g.
+    ``t_max=0.999`` and end at sigma > 0, e.g. ``t_min=1e-3``; reversible solvers move an end they
+    cannot reach themselves and warn); ``latent`` (from :func:`invert_pipeline`) starts from an inverted state.
     ``x_T`` starts from a given state (at the grid's first time).
 
     img2img: with ``image`` (and ``strength``, default 0.8 as in the img2img pipelines) the run starts

@@ -56,6 +56,11 @@ class Solver:
 
     name: str = "solver"
     default_noise: str = "gaussian"  # the driver's noise kind when the caller names none
+    #: whether ``run`` also steps on an ascending grid (from t_min to t_max): what
+    #: :func:`diffsolve.invert` does with a deterministic solver that has no ``run_inverse``. False
+    #: for solvers whose loop only goes down in time (an adaptive one that steps until it reaches
+    #: the grid's lower end); ``invert`` refuses those, naming them.
+    runs_backward: bool = True
 
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "samples it back (exactly, for reversible solvers).")
     p.add_argument("--model", default=None,
                    help=f"as for sample (default: the model recorded with --input, else {DEFAULT_MODEL})")
-    p.add_argument("--solver", default="rev-heun", help="a deterministic solver (default: rev-heun)")
+    p.add_argument("--solver", default=ds.samplers.DEFAULT_INVERSION_SOLVER,
+                   help=f"a deterministic solver that can invert (default: {ds.samplers.DEFAULT_INVERSION_SOLVER})")
     p.add_argument("--input", required=True, metavar="FILE", help="samples.safetensors, or a directory holding it")
     p.add_argument("--steps", type=_positive_int, default=50,
                    help="number of steps (default: 50; adaptive solvers choose their own)")
@@ -628,7 +629,7 @@ def _write_atomically(out: Path, write: Callable[[Path], list[str]]) -> list[str
 def _write_bundle(tmp: Path, names: Sequence[str], tensors: dict, image, manifest: dict,
                   metadata: dict | None = None) -> list[str]:
     """Write ``names`` = (tensors file, png, manifest) into ``tmp`` (the png only if ``image``), every
-    file with the umask's mode (safetensors alone would create its file 0600)."""
+    file with the umask's mode."""
     from safetensors.torch import save_file
 
     tensor_file, png, manifest_file = names
@@ -639,10 +640,16 @@ def _write_bundle(tmp: Path, names: Sequence[str], tensors: dict, image, manifes
         written.append(png)
     (tmp / manifest_file).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     written.append(manifest_file)
-    mode = (tmp / manifest_file).stat().st_mode & 0o777
-    for name in written:
-        os.chmod(tmp / name, mode)
+    _umask_mode(tmp, *written)
     return written
+
+
+def _umask_mode(folder: Path, *names: str) -> None:
+    """Give the files ``names`` in ``folder`` the mode of the last one, a text file written as the
+    umask says (safetensors alone would create its file 0600)."""
+    mode = (folder / names[-1]).stat().st_mode & 0o777
+    for name in names[:-1]:
+        os.chmod(folder / name, mode)
 
 
 def cmd_solvers(args: argparse.Namespace) -> int:
@@ -651,14 +658,29 @@ def cmd_solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_device(name: str) -> str:
+    """The device this process runs on: under torchrun with several processes, a CUDA device is the
+    process's own GPU, cuda:LOCAL_RANK (chosen before the model is loaded onto it); else ``name``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return name
+    try:
+        cuda = torch.device(name).type == "cuda"
+    except (RuntimeError, ValueError, TypeError):
+        return name  # _check_device names the error
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}" if cuda else name
+
+
 def _distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); under torchrun, joins the process group (gloo on CPU, nccl on CUDA)."""
+    """(rank, world size); under torchrun, joins the process group (gloo on CPU, nccl on CUDA, with
+    ``device``, the process's GPU, made current first)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -853,7 +875,7 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Validate the cheap things first: solver name and options, device, output directory.
     solver_name = ds.get_solver(args.solver, **options).name
     steps = (None if _adaptive(solver_name) else args.steps) if latent is not None else _run_steps(args, solver_name)
-    device = _check_device(args.device)
+    device = _check_device(_rank_device(args.device))
     model_label = args.model if args.model in MODELS else Path(args.model).name
     settings = {"model_path": None if args.model in MODELS else str(Path(args.model).resolve()),
                 "num_samples": None if latent is not None or args.num_samples == DEFAULT_NUM_SAMPLES else args.num_samples,
@@ -882,8 +904,6 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
         target.model = target.model.compile()
     model, labels, uncond, scale = _class_conditioning(target, args)
     rank, world = _distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     k = args.num_samples
     size = min(k, args.shard_size)
     n_shards = math.ceil(k / size)
@@ -911,8 +931,8 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str]) -> int:
             lo, hi = j * size, min(k, (j + 1) * size)
             start = {"seed": [args.seed + i for i in range(lo, hi)]}
             if latent is not None:
-                start["latent"] = ds.Latent(latent.x[lo:hi].to(device), None if latent.aux is None else
-                                            latent.aux[lo:hi].to(device), latent.grid, latent.solver)
+                start["latent"] = dataclasses.replace(latent, x=latent.x[lo:hi].to(device), aux=None if latent.aux is None
+                                                      else latent.aux[lo:hi].to(device))
             else:
                 start.update(steps=steps, shape=(hi - lo, *target.event_shape), grid=args.grid, t_max=args.t_max,
                              t_min=args.t_min)
@@ -1075,34 +1095,40 @@ def cmd_restore(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def load_latent(path: str) -> tuple[ds.Latent, dict, Path]:
-    """A latent written by `diffsolve invert` (a latent.safetensors file or a directory holding one):
-    (the latent, with its solver options rebuilt; its metadata: model, dtype, ...; its file)."""
-    from safetensors import safe_open
+    """A latent written by `diffsolve invert` or ``Latent.save`` (a latent.safetensors file or the folder
+    holding it with its manifest.json), read by :meth:`ds.Latent.load`: (the latent, with its options
+    and dtype; its manifest, with ``dtype`` by name; its tensors file). Latents from older versions
+    load too: their option objects, saved in the CLI's JSON form or as a repr, are rebuilt, and a dtype
+    saved by name becomes the torch dtype."""
+    from safetensors import SafetensorError
 
     p = Path(path)
     p = p / LATENT_FILES[0] if p.is_dir() else p
     if not p.exists():
         raise CLIError(f"--latent {path!r}: no such file (expected {LATENT_FILES[0]} from `diffsolve invert`)")
-    with safe_open(str(p), framework="pt") as f:
-        meta, keys = f.metadata() or {}, set(f.keys())
-        if not {"x", "grid"} <= keys or "solver" not in meta:
-            raise CLIError(f"--latent {path!r} is not a latent written by `diffsolve invert`")
-        t = {k: f.get_tensor(k) for k in keys}
     try:
-        options = json.loads(meta.get("options", "{}"))
-        nfe = int(meta.get("nfe", 0))
-    except ValueError:
-        raise CLIError(f"--latent {path!r}: its options or nfe are unreadable ({meta.get('options')!r})") from None
-    lat = ds.Latent(t["x"], t.get("aux"), t["grid"], meta["solver"], _decode_options(options), nfe)
+        lat = ds.Latent.load(p)
+        meta = json.loads((p.parent / LATENT_FILES[1]).read_text())
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise CLIError(f"--latent {path!r} is not a latent written by `diffsolve invert` or Latent.save "
+                       f"({type(e).__name__}: {e})") from None
+    dtype = lat.dtype
+    if isinstance(dtype, str):  # older latents name it
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise CLIError(f"--latent {path!r}: unknown dtype {lat.dtype!r}")
+    lat = dataclasses.replace(lat, options=_decode_options(lat.options), dtype=dtype)
+    meta["dtype"] = None if dtype is None else str(dtype).removeprefix("torch.")
     return lat, meta, p
 
 
 def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     options = _decode_options(dict(args.options))
-    solver_name = ds.get_solver(args.solver, **options).name
+    solver = ds.get_solver(args.solver, **options)
+    ds.samplers.check_invertible(solver)  # before any file is read or model loaded
+    solver_name = solver.name
     steps = _run_steps(args, solver_name)
     src = Path(args.input)
     src = src / OUTPUT_FILES[0] if src.is_dir() else src
@@ -1133,19 +1159,15 @@ def cmd_invert(args: argparse.Namespace, argv: Sequence[str]) -> int:
     x0 = x0.to(dtype)
     lat = ds.invert(target.model, args.solver, x0, steps, grid=args.grid, t_max=args.t_max, t_min=args.t_min,
                     progress=not args.no_progress, **options)
-    meta = {"solver": lat.solver, "options": json.dumps(_jsonable(lat.options)), "model": args.model,
-            "nfe": str(lat.nfe), "input": str(src), "dtype": args.dtype}
-    manifest = {**meta, "options": _jsonable(lat.options), "nfe": lat.nfe, "steps": steps,
-                "grid_kind": _grid_kind(args.grid), "t_max": args.t_max, "t_min": args.t_min,
-                "shape": list(lat.x.shape), "exact": lat.aux is not None, "command": shlex.join([PROG, *argv]),
-                "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
+    # Latent.save writes the latent's own fields (x, aux, grid, solver, options, nfe, dtype); the rest
+    # of the run goes into its manifest beside them
+    extra = {"model": args.model, "input": str(src), "steps": steps, "grid_kind": _grid_kind(args.grid),
+             "t_max": args.t_max, "t_min": args.t_min, "shape": list(lat.x.shape), "exact": lat.aux is not None,
+             "command": shlex.join([PROG, *argv]), "versions": {"diffsolve": ds.__version__, "torch": torch.__version__}}
 
     def write(tmp: Path) -> list[str]:
-        t = {"x": lat.x.contiguous(), "grid": lat.grid.contiguous()}
-        if lat.aux is not None:
-            t["aux"] = lat.aux.contiguous()
-        save_file(t, str(tmp / LATENT_FILES[0]), metadata=meta)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        lat.save(tmp, manifest=extra)
+        _umask_mode(tmp, LATENT_FILES[0], LATENT_FILES[1])
         return list(LATENT_FILES)
 
     names = _write_atomically(out, write)

@@ -119,7 +119,8 @@ def test_latent_with_object_options_and_the_cli_reader(tmp_path):
     back = ds.Latent.load(lat.save(tmp_path / "lat"))
     assert back.options["renoise"] == renoise and back.options["eta"] == 0.0
     assert torch.equal(ds.sample(ORACLE, "ddim", latent=back).samples, ds.sample(ORACLE, "ddim", latent=lat).samples)
-    assert torch.equal(load_latent(str(tmp_path / "lat")).x, lat.x)
+    read = load_latent(str(tmp_path / "lat"))[0]  # (latent, manifest, file)
+    assert torch.equal(read.x, lat.x) and read.options["renoise"] == renoise and read.dtype == lat.dtype
     bad = ds.Latent(lat.x, None, lat.grid, "ddim", {"renoise": object()})
     with pytest.raises(TypeError, match="options.renoise: a object cannot be saved"):
         bad.save(tmp_path / "bad")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffsolve as ds
@@ -50,14 +49,20 @@ def restored(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------- 2: latent options round trip
 
+def _start_latent(x: torch.Tensor, solver: str = "mrs-adaptive") -> ds.Latent:
+    """A latent that only starts a run (mrs-adaptive cannot invert, issue 18 point 2): x at VPLinear's
+    t_max, sampled to its t_min with the solver's options."""
+    sched = ds.schedules.VPLinear()
+    return ds.Latent(x=x, aux=None, grid=torch.tensor([sched.t_max, sched.t_min], dtype=torch.float64), solver=solver,
+                     options=ds.get_solver(solver).options(), dtype=x.dtype)
+
+
 def test_controller_option_round_trips_through_a_latent(tmp_path, gmm_data):
-    lat = tmp_path / "lat"
-    assert run("invert", "--model", "gmm-2d", "--solver", "mrs-adaptive", "--input", str(gmm_data), "--out", str(lat),
-               "--dtype", "float64", "--no-progress") == 0
-    saved = manifest(lat)["options"]["controller"]
-    assert saved["class"] == "StepSizeController" and saved["init"]["safety"] == 0.7
+    lat = _start_latent(samples(gmm_data)).save(tmp_path / "lat", manifest={"model": "gmm-2d"})
+    assert manifest(lat)["options"]["controller"]["$object"].endswith(".StepSizeController")
     assert run("sample", *GMM, "--latent", str(lat), "--out", str(tmp_path / "back")) == 0
-    assert manifest(tmp_path / "back")["options"]["controller"] == saved
+    saved = manifest(tmp_path / "back")["options"]["controller"]
+    assert saved["class"] == "StepSizeController" and saved["init"]["safety"] == 0.7
 
     # a controller given as an option, and the JSON form rebuilt
     c = ds.samplers.StepSizeController(safety=0.8, factor_max=math.inf)
@@ -67,21 +72,24 @@ def test_controller_option_round_trips_through_a_latent(tmp_path, gmm_data):
     assert manifest(tmp_path / "o")["options"]["controller"]["init"]["safety"] == 0.8
 
 
-def test_latents_written_before_the_fix_still_load(tmp_path, gmm_data):
-    """Older latents hold the controller's repr; it is parsed back."""
-    lat = tmp_path / "lat"
-    assert run("invert", "--model", "gmm-2d", "--solver", "mrs-adaptive", "--input", str(gmm_data), "--out", str(lat),
-               "--dtype", "float64", "--no-progress") == 0
-    f = lat / "latent.safetensors"
-    with safe_open(str(f), framework="pt") as h:
-        meta, tensors = dict(h.metadata()), {k: h.get_tensor(k) for k in set(h.keys())}
-    opts = json.loads(meta["options"])
-    opts["controller"] = repr(ds.samplers.StepSizeController(safety=0.7, exponent=0.25, factor_min=0.2,
-                                                            factor_max=2.0))
-    meta["options"] = json.dumps(opts)
-    meta.pop("dtype", None)
-    save_file(tensors, str(f), metadata=meta)
-    assert run("sample", *GMM, "--latent", str(lat), "--dtype", "float64", "--out", str(tmp_path / "back")) == 0
+@pytest.mark.parametrize("form", ["repr", "json"])
+def test_latents_written_before_the_fix_still_load(tmp_path, gmm_data, form):
+    """Latents that `diffsolve invert` wrote before it used Latent.save: the options in the header and
+    the manifest, a controller as its repr (older) or as {"class", "init"}, the dtype by name or not
+    at all. They load, with the controller rebuilt."""
+    c = ds.samplers.StepSizeController(safety=0.7, exponent=0.25, factor_min=0.2, factor_max=2.0)
+    opts = {"controller": repr(c) if form == "repr" else cli._jsonable(c)}
+    lat = _start_latent(samples(gmm_data))
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    meta = {"solver": "mrs-adaptive", "options": json.dumps(opts), "model": "gmm-2d", "nfe": "1"}
+    save_file({"x": lat.x, "grid": lat.grid}, str(folder / "latent.safetensors"), metadata=meta)
+    old = {**meta, "options": opts, "nfe": 1, **({"dtype": "float64"} if form == "json" else {})}
+    (folder / "manifest.json").write_text(json.dumps(old))
+    read, info, _ = cli.load_latent(str(folder))
+    assert read.options == {"controller": c} and info["model"] == "gmm-2d"
+    assert read.dtype == (torch.float64 if form == "json" else None)
+    assert run("sample", *GMM, "--latent", str(folder), "--dtype", "float64", "--out", str(tmp_path / "back")) == 0
 
 
 # ----------------------------------------------------------------------------- 8: --t-max, --t-min

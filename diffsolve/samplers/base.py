@@ -59,6 +59,11 @@ class Solver:
     #: True for solvers whose step is alpha' x0 + sigma' eps (+ noise) with the prediction's own x0 and
     #: eps, so a pair that is not consistent with x (``Prediction.from_pair``: CFG++) is stepped as given
     steps_with_pair: bool = False
+    #: whether ``run`` also steps on an ascending grid (from t_min to t_max): what
+    #: :func:`diffsolve.invert` does with a deterministic solver that has no ``run_inverse``. False
+    #: for solvers whose loop only goes down in time (an adaptive one that steps until it reaches
+    #: the grid's lower end); ``invert`` refuses those, naming them.
+    runs_backward: bool = True
 
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:

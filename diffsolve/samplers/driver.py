@@ -25,7 +25,7 @@ from .base import Outcome, Solver, as_query, check_batch, sub
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
-from .registry import get_solver, solver_info
+from .registry import get_solver, registered, solver_info
 from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
@@ -448,17 +448,44 @@ def _step_of(grid: Tensor, t) -> int:
     return max(1, min(len(grid) - 1, int((grid > tv + 1e-12 * max(1.0, abs(tv))).sum()) + 1))
 
 
-def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | np.ndarray | None = None,
+#: the solver :func:`invert`, ``invert_pipeline`` and ``diffsolve invert`` use when none is named:
+#: reversible Heun, whose latent samples back to the data to round-off at one model call per step
+DEFAULT_INVERSION_SOLVER = "rev-heun"
+
+
+def check_invertible(slv: Solver) -> None:
+    """Refuse (ValueError naming it) a solver :func:`invert` cannot run: one that draws noise, and one
+    with no inverse of its own (``run_inverse``) whose steps cannot run on the ascending grid
+    (:attr:`Solver.runs_backward` False, e.g. ``mrs-adaptive``)."""
+    info, _ = _info(slv)
+    noisy = slv.noise_options()
+    if (info is not None and not info.deterministic) or noisy:
+        how = f" with {', '.join(f'{k}={v!r}' for k, v in noisy.items())}" if noisy else ""
+        raise ValueError(f"solver {slv.name!r}{how} is stochastic; invert needs a deterministic solver "
+                         "(e.g. ddim with eta=0, heun, dpmpp-2m, or a reversible one such as "
+                         f"{DEFAULT_INVERSION_SOLVER})")
+    if getattr(slv, "run_inverse", None) is None and not slv.runs_backward:
+        exact = ", ".join(i.name for i in registered() if i.invertible)
+        raise ValueError(f"solver {slv.name!r} cannot invert: its steps only run down in time, from t_max to "
+                         f"t_min, not on the ascending grid an inversion runs. Use a reversible solver, which "
+                         f"inverts exactly ({exact}; the default is {DEFAULT_INVERSION_SOLVER!r}), or a fixed-grid "
+                         "one run backwards (ddim, dpmpp-2m, mrs-pc ...)")
+
+
+def invert(model: DiffusionModel, solver: str | Solver = DEFAULT_INVERSION_SOLVER, x0: Tensor | np.ndarray | None = None,
            steps: int | None = None, *, grid: GridSpec | None = None, t_max: float | None = None,
            t_min: float | None = None, mu: Tensor | None = None, cond: Mapping[str, Any] | None = None,
            dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
            progress: bool | None = None, num_inference_steps: int | None = None, **solver_options: Any) -> Latent:
     """Map data ``x0`` (the state at t_min) to a :class:`Latent` at t_max with a deterministic solver.
 
-    Reversible solvers (``invertible`` in the registry) run their exact inverse and return their full
-    state, which samples back to ``x0`` to round-off. Every other deterministic solver runs its own
-    steps on the grid backwards (``ddim`` gives DDIM inversion), which is exact only as the step
-    count grows. ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
+    ``solver`` defaults to :data:`DEFAULT_INVERSION_SOLVER` (``"rev-heun"``). Reversible solvers
+    (``invertible`` in the registry) run their exact inverse and return their full state, which
+    samples back to ``x0`` to round-off. Every other deterministic solver runs its own steps on the
+    grid backwards (``ddim`` gives DDIM inversion), which is exact only as the step count grows;
+    stochastic solvers, and those whose steps cannot run backwards (``mrs-adaptive``:
+    :attr:`Solver.runs_backward`), are refused with a ValueError naming them (:func:`check_invertible`).
+    ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
     A solver may define its own inversion (``run_inverse``): ``ddim`` with ``renoise=True`` refines
     DDIM inversion by ReNoise's fixed-point iteration.
 
@@ -468,12 +495,8 @@ def invert(model: DiffusionModel, solver: str | Solver = "ddim", x0: Tensor | np
     result to disk.
     """
     x0, like = _state_arg(x0, "x0")
-    slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
-    noisy = slv.noise_options()
-    if (info is not None and not info.deterministic) or noisy:
-        how = f" with {', '.join(f'{k}={v!r}' for k, v in noisy.items())}" if noisy else ""
-        raise ValueError(f"solver {slv.name!r}{how} is stochastic; invert needs a deterministic solver "
-                         "(e.g. ddim with eta=0, heun, dpmpp-2m, or a reversible one such as rev-heun)")
+    slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    check_invertible(slv)
     shape = _check_shape(x0.shape)
     device = _run_device(model, device, like, "x0's device")
     dtype = _run_dtype(model, dtype, like, "x0's dtype")

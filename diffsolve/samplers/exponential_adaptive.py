@@ -143,6 +143,9 @@ class _LogSNRAdaptive(Solver):
     multistep, below), and may give ``_end`` (a final step at t_min)."""
 
     order: int
+    # the loop steps up in log-SNR until it reaches the grid's last time: on an inversion's ascending
+    # grid that end is already behind it (one model call, the data handed back as the latent)
+    runs_backward = False
 
     def _setup(self, order, rtol, atol, h_init, mode, controller, default):
         self.controller = check_adaptive(controller, default, mode, rtol=rtol, atol=atol, h_init=h_init)

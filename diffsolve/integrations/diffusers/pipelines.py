@@ -8,6 +8,11 @@ from typing import Any
 import torch
 
 from ...models.model import timestep_input
+from ...samplers.driver import (
+    DEFAULT_INVERSION_SOLVER,
+    check_invertible,
+    resolve_solver,
+)
 from ...samplers.registry import get_solver, solver_info
 from ...schedules import EDM, RectifiedFlow, VPDiscrete, check_grid, make_grid
 from .config import PREDICTIONS, flow_shift
@@ -489,7 +494,7 @@ def _images_per_prompt(prompt, n: int) -> int:
     raise ValueError(f"prompt: {len(prompt)} prompts for {n} images; give one prompt, or one per image")
 
 
-def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[str] | None = None, *,
+def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, prompt: str | list[str] | None = None, *,
                     latents: Tensor | None = None, num_inference_steps: int = 50, negative_prompt=None,
                     guidance_scale: float | None = None, max_sequence_length: int | None = None,
                     mask_image=None, progress: bool | None = None, **solver_options):
@@ -501,9 +506,13 @@ def invert_pipeline(pipe, image=None, solver: str = "rex", prompt: str | list[st
 
     ``image`` is what the pipeline's image processor takes (a PIL image, an array or tensor, or a list
     of them: a batch); without a VAE, a tensor or array [B, C, H, W] or a list of [C, H, W] / [1, C, H,
-    W] ones, stacked. One prompt serves every image; a list of prompts needs one per image."""
+    W] ones, stacked. One prompt serves every image; a list of prompts needs one per image.
+
+    ``solver`` defaults to ``"rev-heun"`` (``ds.invert``'s default); a solver that cannot invert
+    (a stochastic one, ``mrs-adaptive``) is refused before anything is encoded."""
     from ...samplers.driver import invert
 
+    check_invertible(resolve_solver(solver, solver_options))
     if latents is None and image is not None and hasattr(pipe, "_pack_latents"):
         raise NotImplementedError("invert_pipeline of a Flux pipeline needs latents= (packed)")
     size = {}

@@ -44,9 +44,10 @@ def test_reversible_samples_match_a_non_reversible_solver_at_equal_calls(models,
     """Before the data form, rev-heun, bdia and edict gave values to +-7 (rev-heun, 50 steps) and
     +-110 (bdia, 10 steps) on digits-vp. At 10 steps the second-order ones are compared with dpmpp-2m
     and edict (first order, 2 calls per step) with ddim, at equal calls. Measured RMS distances to the
-    reference (the comparison's in brackets): digits-vp rev-heun 0.038 (0.026), bdia and o-belm 0.038
-    (0.026), edict 0.017 (ddim 0.031); digits-flow 0.016 to 0.022 (0.017 to 0.020); CFG 0.043 (0.029 to 0.039).
-    Bound: twice the comparison's, plus 0.01."""
+    reference (the comparison's in brackets): digits-vp rev-heun 0.038 (0.020 at 11 calls), bdia and
+    o-belm 0.038 (0.026), edict 0.017 (ddim 0.036); digits-flow 0.016 to 0.021 (0.016 to 0.020), edict
+    0.011 (0.020); CFG 0.043 (0.029 to 0.039), edict 0.021 (0.044). Bound: twice the comparison's,
+    plus 0.01."""
     model, cond = (models[name], None) if name != "digits-vp-cond" else _cfg(models)
     kw = {} if cond is None else {"cond": cond}
     per_call = 2 if cond is not None else 1

@@ -113,15 +113,21 @@ def test_documented_instabilities():
     ("bdia", "data", 2), ("bdia", "noise", 2), ("edict", "noise", 1), ("edict", "data", 2)])
 def test_sampling_order_on_the_closed_form_gaussian(solver, form, order):
     """Orders in both forms. EDICT is first order in general; in the data form on a single Gaussian
-    (a field linear in u) it superconverges to 2 (measured 1.9, 2.3)."""
+    (a field linear in u) it superconverges to 2 (measured 1.9, 2.3). EDICT's noise form at 20 steps
+    parts its chains by 1.15 times the state mid-run and is refused (UnstableError): from 40 steps,
+    where it converges at least at first order (measured 1.8 between 80 and 160 steps)."""
     sched = ds.schedules.VPLinear()
     x_T = GAUSS.marginal(sched.t_max, sched).sample(64, torch.Generator().manual_seed(0))
     exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched)
+    counts = (40, 80, 160) if (solver, form) == ("edict", "noise") else (20, 40, 80)
     errs = [float((ds.sample(GAUSS.model(sched), solver, n, x_T=x_T, form=form).samples - exact).abs().max())
-            for n in (20, 40, 80)]
+            for n in counts]
     orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
     print(solver, "errors", errs, "orders", orders)
-    assert abs(orders[-1] - order) < 0.3
+    if solver == "edict":
+        assert orders[-1] > order - 0.3
+    else:
+        assert abs(orders[-1] - order) < 0.3
 
 
 @pytest.mark.parametrize("base,order", [("euler", 1), ("midpoint", 2)])

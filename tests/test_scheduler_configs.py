@@ -200,7 +200,9 @@ FIXED = [i.name for i in ds.list_solvers() if i.fixed_grid and i.family != "mcmc
 
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c not in REFUSED])
 def test_every_fixed_grid_solver_runs_in_every_config(name):
-    """One listed timestep per model call: the loop's last call ends the solver's run."""
+    """One listed timestep per model call: the loop's last call ends the solver's run. A reversible
+    solver may refuse a grid this coarse (4 steps) with UnstableError, naming the step: so edict on
+    Stable Audio's sigmas from 500, whose chains part by 2 times the state at the last step."""
     cfg = load(name)
     flow = DiffsolveScheduler.from_config(cfg).source.flow
     for solver in FIXED:
@@ -209,7 +211,11 @@ def test_every_fixed_grid_solver_runs_in_every_config(name):
         with warnings.catch_warnings():  # reversible solvers move an end they cannot reach, and warn
             warnings.simplefilter("ignore")
             s = DiffsolveScheduler.from_config(cfg, solver=solver, seed=0, **kw)
-        x, calls = loop(s, 4, cfg, shape=(2, 3, 4, 4))
+        try:
+            x, calls = loop(s, 4, cfg, shape=(2, 3, 4, 4))
+        except ds.UnstableError as e:
+            assert reversible and f"solver {solver!r}" in str(e), (name, solver, e)
+            continue
         assert torch.isfinite(x).all(), (name, solver)
         assert calls == len(s.timesteps) and s._run.pending is None, (name, solver, calls)
 

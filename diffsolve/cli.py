@@ -43,7 +43,7 @@ import torch
 import diffsolve as ds
 
 PROG = "diffsolve"
-BENCH_NAMES = ("ode", "sde", "adaptive", "overhead", "inversion")  # = diffsolve.bench.NAMES (imported lazily)
+BENCH_NAMES = ("ode", "sde", "adaptive", "overhead", "inversion", "reversible")  # = diffsolve.bench.NAMES (imported lazily)
 OUTPUT_FILES = ("samples.safetensors", "samples.png", "manifest.json")
 LATENT_FILES = ("latent.safetensors", "manifest.json")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the benchmarks side by side in one process and write their tables and "
                                    "plots: ode (accuracy against NFE, ours against diffusers' schedulers and "
                                    "k-diffusion), sde (quality against NFE), adaptive (error at equal NFE), "
-                                   "overhead (time per step outside the model), inversion (round trips). "
+                                   "overhead (time per step outside the model), inversion (round trips), reversible (reversible "
+                                   "solvers against non-reversible ones at equal calls, on the digit models). "
                                    "--quick runs a reduced set in minutes on a CPU.")
     p.add_argument("--quick", action="store_true", help="the reduced benchmarks (default output benchmarks/quick)")
     p.add_argument("--only", default=None, metavar="NAMES",

@@ -3,15 +3,18 @@
 Each module measures one thing side by side in one run and writes a Markdown table, a JSON file and,
 with matplotlib, a plot into an output folder:
 
-=============  =====================================================================================
-``ode``        accuracy against NFE of fixed-step ODE solvers: ours, diffusers' schedulers, k-diffusion
-``sde``        sample quality against NFE of the SDE solvers (two-sample distance; digits-FD)
-``adaptive``   adaptive solvers: error at equal NFE and NFE at equal error, against dopri5 and
-               k-diffusion's dpm_adaptive
-``overhead``   time per step outside the model, ours against diffusers' ``step()``; share of the time
-               spent outside the digits-vp UNet
-``inversion``  round trip, latent error and NFE of every inversion method
-=============  =====================================================================================
+==============  =====================================================================================
+``ode``         accuracy against NFE of fixed-step ODE solvers: ours, diffusers' schedulers, k-diffusion
+``sde``         sample quality against NFE of the SDE solvers (two-sample distance; digits-FD)
+``adaptive``    adaptive solvers: error at equal NFE and NFE at equal error, against dopri5 and
+                k-diffusion's dpm_adaptive
+``overhead``    time per step outside the model, ours against diffusers' ``step()``; share of the time
+                spent outside the digits-vp UNet
+``inversion``   round trip, latent error and NFE of every inversion method; round trip against steps
+                of every invertible solver on digits-vp
+``reversible``  reversible solvers on the trained digit models: quality against a non-reversible
+                solver of the same order at equal model calls; exact round trip in float32 / float64
+==============  =====================================================================================
 
 ``quick=True`` runs a reduced version of each (the whole set in minutes on a CPU). k-diffusion is an
 optional peer: where it is not importable its rows are left out and the tables say so.
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-NAMES = ("ode", "sde", "adaptive", "overhead", "inversion")
+NAMES = ("ode", "sde", "adaptive", "overhead", "inversion", "reversible")
 
 
 def default_out(quick: bool) -> Path:

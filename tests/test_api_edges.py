@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_dtype_device import TinyNet  # a one-layer eps network on 2-d points
 
 import diffsolve as ds
 from diffsolve.guidance import ClassifierFreeGuidance, Inpaint
@@ -23,17 +24,6 @@ DIGIT = (1, 16, 16)
 def digits():
     """digits-vp in float32, shared by the tests that do not convert it."""
     return ds.pretrained.load("digits-vp")
-
-
-class TinyNet(torch.nn.Module):
-    """A one-layer eps network on 2-d points."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(3, 2)
-
-    def forward(self, x, t):
-        return 0.1 * self.lin(torch.cat([x, t[:, None].to(x.dtype) / 1000], dim=1))
 
 
 # ------------------------------------------------------------------ 6: dtype and device, one rule

@@ -121,8 +121,8 @@ class _Watch:
 
     limit = 1.0
 
-    def __init__(self, limit: float | None = None):
-        self.limit = type(self).limit if limit is None else limit
+    def __init__(self, limit: float = limit):
+        self.limit = limit
         self.ratios: list[Tensor] = []
         self.steps: list[int] = []
 
@@ -164,7 +164,6 @@ class Reversible(Solver):
     """
 
     form: str = "data"
-    watch_limit = _Watch.limit  # the parasitic mode's size, relative to the state, that stops a run
 
     @property
     def remedy(self) -> str:
@@ -222,7 +221,7 @@ class Reversible(Solver):
         fr.dtype = noise.dtype if noise is not None else x.dtype
         # from an inverted state (aux) the run retraces the inversion exactly, whatever its parasitic
         # mode (the inverse lets it grow, as the sampling direction damps it): only overflow counts
-        fr.watch = _Watch(math.inf if aux is not None else self.watch_limit)
+        fr.watch = _Watch(math.inf) if aux is not None else _Watch()
         work = _work_dtype(fr.dtype, x.device)
         st = yield from self.start(fr, x.to(work), None if aux is None else aux.to(work))
         for k in range(self.n_steps(fr)):

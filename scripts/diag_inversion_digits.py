@@ -24,10 +24,10 @@ import time
 import torch
 
 import diffsolve as ds
-import diffsolve.samplers.exponential as ex
+import diffsolve.solvers.exponential.multistep as ex
 from diffsolve.data import digits16
-from diffsolve.samplers.driver import execute
-from diffsolve.samplers.noise import NoiseSource
+from diffsolve.core.driver import execute
+from diffsolve.core.noise import NoiseSource
 
 FLIP = 0.5
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffsolve.samplers.brownian import BrownianTree, hashed_normal
+from diffsolve.core.brownian import BrownianTree, hashed_normal
 
 M = 20000
 

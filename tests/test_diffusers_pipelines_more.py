@@ -154,7 +154,7 @@ def test_driver_mode_runs_every_kind_of_solver(pipes, kind):
                                   output_type="np", **kw, **opts)
         assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all(), (kind, solver)
         assert c.calls == out.result.nfe, (kind, solver, c.calls, out.result.nfe)
-        info = ds.samplers.registry.solver_info(solver)
+        info = ds.core.registry.solver_info(solver)
         if info.fixed_grid:
             steps = 2 if "img2img" in kind else 4
             assert len(out.result.grid) - 1 == steps, (kind, solver)

@@ -8,8 +8,8 @@ import torch
 
 import diffsolve as ds
 from diffsolve.samplers import ExactNoiseLevel
-from diffsolve.samplers.driver import state_dtype
-from diffsolve.samplers.registry import registered
+from diffsolve.core.driver import state_dtype
+from diffsolve.core.registry import registered
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -89,7 +89,7 @@ def test_inpaint_subsets_a_per_sample_mask_to_the_query_rows():
     grid = torch.tensor([0.5, 0.0], dtype=torch.float64)
 
     def ctx(index):  # fresh per-sample noise for each call: the same draws for a row, whichever rows are asked
-        noise = ds.samplers.noise.NoiseSource((6, 4), seeds=list(range(6)), dtype=torch.float64)
+        noise = ds.core.noise.NoiseSource((6, 4), seeds=list(range(6)), dtype=torch.float64)
         return HookContext(VP, grid, 1, index, None, None, noise)
 
     full, part = hook.before(x, 0.5, ctx(None)), hook.before(x[rows], 0.5, ctx(rows))

@@ -15,7 +15,7 @@ import torch
 import diffsolve as ds
 from diffsolve import cli
 from diffsolve.data import digits16
-from diffsolve.samplers.registry import registered
+from diffsolve.core.registry import registered
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -8,7 +8,7 @@ import torch
 import diffsolve as ds
 from diffsolve.metrics import mmd2
 from diffsolve.samplers import NoiseSource
-from diffsolve.samplers.exponential_adaptive import MRSSDEAdaptive
+from diffsolve.solvers.exponential.adaptive import MRSSDEAdaptive
 
 N = 1500  # = conftest.GMM_N (the threshold and reference fixtures)
 GMM = ds.models.GaussianMixture.gmm_2d()

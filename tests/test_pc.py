@@ -5,7 +5,7 @@ import torch
 
 import diffsolve as ds
 from diffsolve.metrics import mmd2, sliced_wasserstein
-from diffsolve.samplers.pc import langevin_step_size
+from diffsolve.solvers.sde.pc import langevin_step_size
 
 GAUSS = ds.models.GaussianMixture([[1.0] * 16], 0.5)
 

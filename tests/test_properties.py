@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import diffsolve as ds
-from diffsolve.samplers.registry import registered, solver_info
+from diffsolve.core.registry import registered, solver_info
 
 SCHEDULES = {"vp": ds.schedules.VPLinear(), "cosine": ds.schedules.VPCosine(), "ve": ds.schedules.VE(),
              "edm": ds.schedules.EDM(), "flow": ds.schedules.RectifiedFlow()}

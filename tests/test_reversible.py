@@ -30,7 +30,7 @@ def test_one_step_is_algebraically_reversible_with_a_random_mlp(solver):
     model = ds.DiffusionModel(lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1)), ds.schedules.VPLinear(),
                               "eps", time_input="t")
     x0 = torch.randn(32, 4, dtype=torch.float64)
-    info = ds.samplers.registry.solver_info(solver)
+    info = ds.core.registry.solver_info(solver)
     with torch.no_grad():
         for steps in (1, 2, 7):
             lat = ds.invert(model, solver, x0, steps, grid="uniform")

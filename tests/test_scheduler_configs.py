@@ -217,7 +217,7 @@ def test_every_fixed_grid_solver_runs_in_every_config(name):
             assert reversible and f"solver {solver!r}" in str(e), (name, solver, e)
             continue
         assert torch.isfinite(x).all(), (name, solver)
-        assert calls == len(s.timesteps) and s._run.pending is None, (name, solver, calls)
+        assert calls == len(s.timesteps) and s._run.pump is None, (name, solver, calls)
 
 
 # ------------------------------------------------------------------------------- issue 17's points

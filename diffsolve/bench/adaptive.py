@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import diffsolve as ds
-from diffsolve.samplers.base import col
+from diffsolve.core.protocol import col
 
 from . import write_text
 

@@ -1,7 +1,7 @@
 """Step hooks for guidance and inverse problems: inpainting, thresholding, ensemble Kalman guidance.
 
 The protocol (``before`` / ``after`` / ``finish`` with a :class:`HookContext`) is in
-:mod:`diffsolve.samplers.hooks`.
+:mod:`diffsolve.core.hooks`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from ..models.model import Prediction
-from ..samplers.base import check_batch, sub
-from ..samplers.hooks import HookContext, StepHook
+from ..core.protocol import check_batch, sub
+from ..core.hooks import HookContext, StepHook
 from ..schedules.base import Schedule
 from ..schedules.grids import make_grid
 from .wrappers import noise_level
@@ -74,7 +74,7 @@ class Inpaint(StepHook):
         x = self._known(x, t, ctx)
         t_next = ctx.t_next
         if self.resample > 1 and t_next < t:
-            from ..samplers.ode import ddim_step
+            from ..solvers.ode.ddim import ddim_step
 
             s = ctx.schedule
             a, sg = (float(f(torch.tensor(t, dtype=torch.float64))) for f in (s.alpha, s.sigma))
@@ -165,7 +165,7 @@ class EnKG(StepHook):
 
     def denoise(self, x: Tensor, t: float, steps: int, ctx: HookContext) -> Tensor:
         """x0 of each particle: ``steps`` model calls of DDIM from t towards the grid's end."""
-        from ..samplers.ode import ddim_step
+        from ..solvers.ode.ddim import ddim_step
 
         inner = make_grid(ctx.schedule, steps, None, t_max=t, t_min=float(ctx.grid[-1]))
         for k in range(steps):

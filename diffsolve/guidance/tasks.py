@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from ..models.model import DiffusionModel
-from ..samplers.driver import sample
-from ..samplers.result import SampleResult
+from ..core.driver import sample
+from ..core.result import SampleResult
 from .hooks import EnKG, Inpaint
 from .wrappers import DPS, Masked
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..models.model import DiffusionModel, NFECounter, Prediction
-from ..samplers.base import sub
-from ..samplers.registry import registered
+from ..core.protocol import sub
+from ..core.registry import registered
 
 Tensor = torch.Tensor
 

@@ -113,7 +113,7 @@ class FiniteGuard:
     def finish(self) -> None:
         """Raise if a deferred check found a bad output (one host read for the whole run). During
         CUDA-graph capture nothing may be read: the guard joins :attr:`captured` and is finished
-        after each replay (:class:`diffsolve.samplers.graphs.CUDAGraphSampler`)."""
+        after each replay (:class:`diffsolve.core.graphs.CUDAGraphSampler`)."""
         if self._first is None:
             return
         if self._first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -194,6 +194,16 @@ class Prediction:
             x0, eps = self._x0_eps
             return Prediction.from_pair(x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu)
         return Prediction(x, self.t, self.output.to(x.dtype), self.kind, self.schedule, mu)
+
+    def rows(self, index: Tensor | slice) -> "Prediction":
+        """This answer for the rows ``index`` of the batch (a (x0, eps) pair of :meth:`from_pair`
+        kept as given)."""
+        t = self.t if self.t.ndim == 0 else self.t[index]
+        mu = self.mu[index] if isinstance(self.mu, Tensor) and self.mu.ndim > 0 and self.mu.shape[0] > 1 else self.mu
+        if self._pair_given:
+            x0, eps = self._x0_eps
+            return Prediction.from_pair(self.x[index], t, x0[index], eps[index], self.schedule, mu)
+        return Prediction(self.x[index], t, self.output[index], self.kind, self.schedule, mu)
 
     @property
     def coefs(self) -> Coefs:

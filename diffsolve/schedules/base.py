@@ -151,7 +151,7 @@ class Schedule:
         given, is checked against it.
         """
         if noise is None:
-            raise ValueError("prior(): pass `noise`, a standard normal tensor (see diffsolve.samplers.noise)")
+            raise ValueError("prior(): pass `noise`, a standard normal tensor (see diffsolve.core.noise)")
         if shape is not None and tuple(noise.shape) != tuple(shape):
             raise ValueError(f"prior(): noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
         x = float(self.sigma(self.t_max if t is None else t)) * noise

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 
 from ...models.model import timestep_input
-from ...samplers.driver import (
+from ...core.driver import (
     DEFAULT_INVERSION_SOLVER,
     check_invertible,
     resolve_solver,
 )
-from ...samplers.registry import get_solver, solver_info
+from ...core.registry import get_solver, solver_info
 from ...schedules import EDM, RectifiedFlow, VPDiscrete, check_grid, make_grid
 from .config import PREDICTIONS, flow_shift
 
@@ -419,8 +419,8 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
     pipeline); below 1 the start is the noised image as for img2img.
     Every denoiser call is one NFE of the returned result.
     """
-    from ...samplers.driver import sample
-    from ...samplers.noise import NoiseSource
+    from ...core.driver import sample
+    from ...core.noise import NoiseSource
 
     if strength is not None and image is None:
         raise ValueError("strength is for img2img and inpainting: give image= too")
@@ -510,7 +510,7 @@ def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, pr
 
     ``solver`` defaults to ``"rev-heun"`` (``ds.invert``'s default); a solver that cannot invert
     (a stochastic one, ``mrs-adaptive``) is refused before anything is encoded."""
-    from ...samplers.driver import invert
+    from ...core.driver import invert
 
     check_invertible(resolve_solver(solver, solver_options))
     if latents is None and image is not None and hasattr(pipe, "_pack_latents"):

@@ -5,7 +5,7 @@
 :class:`DiffsolveScheduler` reads the pipeline's schedule from its scheduler config (DDPM-style
 betas with eps / sample / v prediction, or flow matching with a static or dynamic shift), lists
 one timestep per model call (so solvers with several calls per step, heun or pc, get them), and in
-``step`` pumps the solver's generator (``diffsolve.samplers.base``): the pipeline's model output
+``step`` pumps the solver's generator (``diffsolve.core.protocol``): the pipeline's model output
 answers the solver's last query and the next query point is returned as ``prev_sample``. No solver
 is written twice. A run's state is per thread, so one pipeline may be called from two threads.
 """
@@ -27,9 +27,9 @@ from diffusers.schedulers.scheduling_utils import (
 from diffusers.utils import BaseOutput
 
 from ...models.model import Prediction
-from ...samplers.base import Outcome, as_query
-from ...samplers.noise import NoiseSource
-from ...samplers.registry import get_solver, solver_info
+from ...core.protocol import Pump, as_outcome, drive
+from ...core.noise import NoiseSource
+from ...core.registry import get_solver, solver_info
 from ...schedules import RectifiedFlow, make_grid
 from .config import flow_shift
 from .sources import Placement, make_source, source_class
@@ -58,8 +58,7 @@ class _Run(threading.local):
     begin_index: int | None = None
     init_noise_sigma: float = 1.0
     started: bool = False
-    gen: Any = None
-    pending: Any = None
+    pump: Any = None  # the solver's run (a Pump), waiting for the next model output
     dtype: Any = None
 
 
@@ -179,7 +178,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     def _final(self, grid: Tensor) -> str | None:
         """``final``, or ``"sigma_min"`` where ``grid`` ends at the clean end and the solver cannot
-        reach it (:meth:`~diffsolve.samplers.base.Solver.replace_ends`: the data-form reversible solvers
+        reach it (:meth:`~diffsolve.core.protocol.Solver.replace_ends`: the data-form reversible solvers
         and rex divide by sigma), with a warning."""
         final = self.config.final
         if final is None and "t_min" in self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1])):
@@ -250,22 +249,20 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         r.init_noise_sigma = place.init_noise_sigma
         r.reads = place.timesteps if place.read_listed else {}
         r.final_scale = 1.0 / float(self.schedule.alpha(grid[-1])) if place.over_alpha else 1.0
-        r.step_index, r.begin_index, r.started, r.gen, r.pending = None, None, False, None, None
+        r.step_index, r.begin_index, r.started, r.pump = None, None, False, None
 
     def _query_times(self, grid: Tensor) -> list[float]:
         """The times of the solver's model calls on ``grid`` (a dry run on a one-element state)."""
         x = torch.zeros(1, 1, dtype=torch.float64)
         run = self.solver.run(x, grid, NoiseSource((1, 1), seeds=[0], dtype=torch.float64), schedule=self.schedule)
         times = []
-        try:
-            item = next(run)
-            while True:
-                q = as_query(item)
-                times.append(float(q.t))
-                zero = torch.zeros_like(q.x)  # x = 0 is x0 = 0 and eps = 0 at every time, alpha = 0 included
-                item = run.send(Prediction.from_pair(q.x, q.t, zero, zero, self.schedule))
-        except StopIteration:
-            pass
+
+        def answer(q):
+            times.append(float(q.t))
+            zero = torch.zeros_like(q.x)  # x = 0 is x0 = 0 and eps = 0 at every time, alpha = 0 included
+            return Prediction.from_pair(q.x, q.t, zero, zero, self.schedule)
+
+        drive(run, answer)
         return times
 
     # --------------------------------------------------------------------------- the loop
@@ -292,16 +289,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if not r.started:
             self._start(sample, generator)
         x, out = sample.to(r.dtype), model_output.to(r.dtype)
-        if r.pending is not None:
-            t = r.pending.t
+        if r.pump is not None:
+            t = r.pump.query.t
             read = r.reads.get(float(t)) if r.reads and torch.as_tensor(t).ndim == 0 else None
             pred = self.source.prediction(x, t, out, read)
-            try:
-                r.pending = as_query(r.gen.send(pred))
-                prev = r.pending.x
-            except StopIteration as stop:
-                prev = stop.value.x if isinstance(stop.value, Outcome) else stop.value
-                r.gen, r.pending = None, None
+            r.pump.answer(pred)
+            if r.pump.done:
+                prev, r.pump = as_outcome(r.pump.value, self.solver.name).x, None
+            else:
+                prev = r.pump.query.x
         else:  # the source's last call steps from a noise level to itself: the sample stays
             pred = self.source.prediction(x, r.listed_t[-1], out, r.reads.get(r.listed_t[-1]))
             prev = x
@@ -330,10 +326,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         # noise drawn in the pipeline's dtype, from its generator(s), as diffusers' schedulers draw it
         src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=sample.dtype)
         grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step():]
-        r.gen, r.pending = None, None
+        r.pump = None
         if len(grid) > 1:
-            r.gen = self.solver.run(sample.to(r.dtype), grid, src, schedule=self.schedule)
-            r.pending = as_query(next(r.gen))
+            r.pump = Pump(self.solver.run(sample.to(r.dtype), grid, src, schedule=self.schedule))
         r.step_index = r.begin_index or 0
         r.started = True
 

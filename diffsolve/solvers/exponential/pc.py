@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from .base import Query, Solver, col
-from .registry import register
+from ...core.protocol import Query, Solver, col
+from ...core.registry import register
 
 Tensor = torch.Tensor
 

@@ -30,10 +30,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..models.model import Prediction
-from ..schedules.grids import make_grid
-from .base import Outcome, Query, Solver, as_query, col, sub
-from .registry import get_solver, register
+from ...schedules.grids import make_grid
+from ...core.protocol import Outcome, Pump, Query, Solver, as_outcome, col, sub
+from ...core.registry import get_solver, register
 
 Tensor = torch.Tensor
 
@@ -82,7 +81,7 @@ class ClassifierNoiseLevel(NoiseLevelEstimator):
     @classmethod
     def shipped(cls, name: str = "digits-sigma") -> "ClassifierNoiseLevel":
         """The shipped noise-level classifier of digits-vp."""
-        from ..pretrained import load_noise_classifier
+        from ...pretrained import load_noise_classifier
 
         return cls(*load_noise_classifier(name))
 
@@ -221,32 +220,27 @@ class DenoisingMCMC(Solver):
             run = self._integrator.run(x[sel], g, noise.subset(rows[sel]), schedule=schedule, mu=sub(mu, rows[sel]))
             runs.append(run)
             slots.append(sel)
-        pending, calls = {}, torch.zeros(len(x), dtype=torch.long)  # model calls per row
-        for i, run in enumerate(runs):
-            _advance(run, None, i, pending, out, slots)
-        while pending:
-            order = sorted(pending)
-            qs = [pending[i] for i in order]
-            local = [slots[i] if q.index is None else slots[i][q.index] for i, q in zip(order, qs)]
-            tt = torch.cat([torch.as_tensor(q.t, dtype=torch.float64).expand(len(l)) for q, l in zip(qs, local)])
-            idx = torch.cat(local)
-            pred = yield Query(torch.cat([q.x for q in qs]), tt, index=rows[idx])
-            calls[idx.cpu()] += 1
-            pending.clear()
-            start = 0
-            for i, l in zip(order, local):
-                part = slice(start, start + len(l))
-                start += len(l)
-                piece = Prediction(pred.x[part], pred.t[part], pred.output[part], pred.kind, pred.schedule,
-                                   None if pred.mu is None else pred.mu[part])
-                _advance(runs[i], piece, i, pending, out, slots)
+        calls = torch.zeros(len(x), dtype=torch.long)  # model calls per row
+        pumps = [Pump(run) for run in runs]
+        try:
+            while True:
+                live = [i for i, p in enumerate(pumps) if p.query is not None]
+                if not live:
+                    break
+                qs = [pumps[i].query for i in live]
+                local = [slots[i] if q.index is None else slots[i][q.index] for i, q in zip(live, qs)]
+                tt = torch.cat([torch.as_tensor(q.t, dtype=torch.float64).expand(len(l)) for q, l in zip(qs, local)])
+                idx = torch.cat(local)
+                pred = yield Query(torch.cat([q.x for q in qs]), tt, index=rows[idx])
+                calls[idx.cpu()] += 1
+                start = 0
+                for i, l in zip(live, local):
+                    pumps[i].answer(pred.rows(slice(start, start + len(l))))
+                    start += len(l)
+        finally:
+            for p in pumps:
+                p.close()
+        for p, sel in zip(pumps, slots):
+            out[sel] = as_outcome(p.value, self.integrator).x
         return out, calls
 
-
-def _advance(run, value, i, pending, out, slots):
-    """Send ``value`` to sub-run i; file its next query in ``pending`` or its result in ``out``."""
-    try:
-        pending[i] = as_query(next(run) if value is None else run.send(value))
-    except StopIteration as stop:
-        res = stop.value.x if isinstance(stop.value, Outcome) else stop.value
-        out[slots[i]] = res

@@ -45,9 +45,9 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Solver
-from .exponential_pc import lagrange_weights
-from .registry import register
+from ...core.protocol import Solver
+from .pc import lagrange_weights
+from ...core.registry import register
 
 PARAMETERIZATIONS = ("data", "noise", "velocity")
 SOLVER_TYPES = ("taylor", "midpoint")

@@ -12,7 +12,7 @@ A hook may call the model itself (``ctx.call``: counted in the NFE, with the run
 draw its own noise (``ctx.randn``: per-sample seeds derived from the run's, so results stay
 independent of the batch size and the solver's own noise is untouched). Per-sample solvers query
 some rows of the batch (``ctx.index``); a hook holding per-sample tensors takes their rows with
-:func:`diffsolve.samplers.base.sub`. Concrete hooks live in :mod:`diffsolve.guidance`.
+:func:`diffsolve.core.protocol.sub`. Concrete hooks live in :mod:`diffsolve.guidance`.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .base import Solver
-from .registry import register
+from ...core.protocol import Solver
+from ...core.registry import register
 
 
 @register("euler-maruyama", family="sde", order=1, calls_per_step=1, deterministic=False,

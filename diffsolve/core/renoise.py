@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Outcome, Query
+from .protocol import Outcome, Query
 
 
 @dataclass(frozen=True)

@@ -57,11 +57,11 @@ from functools import partial
 
 import torch
 
-from .base import Outcome, Query, Solver, col, sub
-from .control import StepSizeController, check_adaptive
-from .exponential_pc import PARAMS as PC_PARAMS, pc_output, pc_step
-from .noise import NoiseSource
-from .registry import register
+from ...core.protocol import Outcome, Query, Solver, col, sub
+from ...core.control import StepSizeController, check_adaptive
+from .pc import PARAMS as PC_PARAMS, pc_output, pc_step
+from ...core.noise import NoiseSource
+from ...core.registry import register
 
 PARAMS = ("data", "noise")
 
@@ -439,7 +439,7 @@ def pilot_grid(model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_
     accepted: a grid for any fixed-grid solver and for the diffusers scheduler
     (``set_timesteps(timesteps=...)``). The same steps are ``mrs-pc`` with the same ``order`` and
     ``parameterization`` (the default multistep method) or ``dpmpp-3s`` (``method="singlestep"``)."""
-    from .driver import sample
+    from ...core.driver import sample
 
     res = sample(model, "mrs-adaptive", shape=shape, seed=seed, mu=mu, cond=cond, grid=grid, t_max=t_max,
                  t_min=t_min, **{**options, "mode": "batch"})

@@ -14,9 +14,9 @@ import threading
 import numpy as np
 import torch
 
-from ..models.model import all_finite
-from .base import Outcome, Solver
-from .registry import register
+from ...models.model import all_finite
+from ...core.protocol import Outcome, Solver
+from ...core.registry import register
 
 _STOP = object()
 

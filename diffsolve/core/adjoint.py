@@ -1,6 +1,7 @@
 """Exact gradients through a reversible sampler in constant memory (the reversible adjoint).
 
-``ds.sample(model, solver, ..., grad=True)`` with a reversible solver (:mod:`.reversible`) runs the
+``ds.sample(model, solver, ..., grad=True)`` with a reversible solver (one with an exact inverse step,
+:class:`~diffsolve.core.protocol.ExactInverse`: :mod:`diffsolve.solvers.reversible`) runs the
 steps without storing the trajectory. The backward pass walks them in reverse: it rebuilds state S_k
 from S_{k+1} with the solver's exact inverse step (``unstep``), re-runs that one step with a graph and
 back-propagates the cotangent of S_{k+1} through it, to S_k, the conditioning, mu and the network's
@@ -15,30 +16,19 @@ two-level scheme its second state) and the final conversion are ordinary differe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..models.model import DiffusionModel, check_finite
-from .base import as_query
-from .reversible import Reversible
+from .protocol import ExactInverse, drive
 
 Tensor = torch.Tensor
 
 
-def _drive(run, call: Callable) -> Any:
-    """Answer a solver generator's queries with ``call(query)``; returns what the generator returns."""
-    try:
-        item = next(run)
-        while True:
-            item = run.send(call(as_query(item)))
-    except StopIteration as stop:
-        return stop.value
-
-
 def require_reversible(slv) -> None:
     """Raise a clear error unless ``slv`` has exact inverse steps (what the adjoint needs)."""
-    if not isinstance(slv, Reversible):
+    if not isinstance(slv, ExactInverse):
         from .registry import list_solvers
 
         reversible = ", ".join(i.name for i in list_solvers("reversible"))
@@ -46,7 +36,7 @@ def require_reversible(slv) -> None:
                          "for other solvers call sample() under autograd, which stores every step")
 
 
-def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: Tensor, *, mu: Tensor | None = None,
+def reversible_sample(model: DiffusionModel, slv: ExactInverse, x: Tensor, grid: Tensor, *, mu: Tensor | None = None,
                       cond: Mapping[str, Any] | None = None, aux: Tensor | None = None, counter=None,
                       params: Sequence[Tensor] | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Sample with ``slv`` from ``x`` (at grid[0]) so that the result back-propagates in constant memory.
@@ -72,7 +62,7 @@ def reversible_sample(model: DiffusionModel, slv: Reversible, x: Tensor, grid: T
     call = caller(mu, {k: cond[k] for k in keys}, counter)
     fr = slv.frame(grid, model.schedule, mu)
     fr.dtype = dtype
-    st = _drive(slv.start(fr, x, aux), call)  # differentiable, outside the reversible part
+    st = drive(slv.start(fr, x, aux), call)  # differentiable, outside the reversible part
     m = len(st)
     ctx_args = (slv, fr, grid, model.schedule, caller, keys, m, counter)
     out = _Steps.apply(ctx_args, *st, mu, *[cond[k] for k in keys], *params)
@@ -89,7 +79,7 @@ class _Steps(torch.autograd.Function):
         st, mu, cond_in = inputs[:m], inputs[m], inputs[m + 1: m + 1 + len(keys)]
         call = caller(mu, dict(zip(keys, cond_in)), counter)
         for k in range(slv.n_steps(fr)):
-            st = _drive(slv.step(fr, st, k), call)
+            st = drive(slv.step(fr, st, k), call)
         st = tuple(s.clone() if any(s is i for i in inputs[:m]) else s for s in st)
         ctx.args = args
         ctx.save_for_backward(*st, *inputs[m:])
@@ -114,10 +104,10 @@ class _Steps(torch.autograd.Function):
         cot = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_st, st)]
         for k in reversed(range(slv.n_steps(fr))):
             with torch.no_grad():
-                prev = _drive(slv.unstep(fr, st, k), call_ng)
+                prev = drive(slv.unstep(fr, st, k), call_ng)
             with torch.enable_grad():
                 inp = [p.detach().requires_grad_(True) for p in prev]
-                out = _drive(slv.step(fr_g, tuple(inp), k), call_g)
+                out = drive(slv.step(fr_g, tuple(inp), k), call_g)
                 pairs = [(o, c) for o, c in zip(out, cot) if o.requires_grad]
                 grads = torch.autograd.grad([o for o, _ in pairs], [*inp, *wrt], [c for _, c in pairs],
                                             allow_unused=True)

@@ -34,8 +34,8 @@ import math
 
 import torch
 
-from .base import Outcome, Query, Solver
-from .registry import register
+from ...core.protocol import ExactInverse, Outcome, Query, UnstableError
+from ...core.registry import register
 
 Tensor = torch.Tensor
 State = tuple  # a scheme's state: a tuple of tensors
@@ -104,10 +104,6 @@ class _Form:
         return float(self.s[j] - self.s[i])
 
 
-class UnstableError(RuntimeError):
-    """A reversible scheme's parasitic mode grew until the samples are noise (see :class:`_Watch`)."""
-
-
 class _Watch:
     """Detects a run gone unstable from the scheme's parasitic mode (one host read, at the end).
 
@@ -156,11 +152,10 @@ class _Idle(_Watch):
 _Form.watch = _Idle()
 
 
-class Reversible(Solver):
-    """A reversible scheme: ``n_steps(frame)`` maps between states S_0 (the noise end) and S_m (the data
-    end) with ``step(frame, S_k, k) -> S_{k+1}`` and its exact inverse ``unstep(frame, S_{k+1}, k) -> S_k``
-    (generators yielding model queries). ``start`` builds S_0 from x_T (and the latent's second state),
-    ``end`` builds S_m from data; ``sample_of`` and ``latent_of`` read x (and the second state) back.
+class Reversible(ExactInverse):
+    """A reversible scheme (the :class:`~diffsolve.core.protocol.ExactInverse` protocol: ``start``,
+    ``step``, ``unstep``, ``sample_of``), plus the inversion's side: ``end`` builds S_m from data and
+    ``latent_of`` reads x_T and the second state back from S_0.
     """
 
     form: str = "data"
@@ -195,18 +190,6 @@ class Reversible(Solver):
 
     def n_steps(self, fr) -> int:
         return len(fr.t) - 1
-
-    def start(self, fr, x: Tensor, aux: Tensor | None):
-        raise NotImplementedError
-
-    def step(self, fr, st: State, k: int):
-        raise NotImplementedError
-
-    def unstep(self, fr, st: State, k: int):
-        raise NotImplementedError
-
-    def sample_of(self, fr, st: State) -> Tensor:
-        raise NotImplementedError
 
     def end(self, fr, x: Tensor):
         raise NotImplementedError

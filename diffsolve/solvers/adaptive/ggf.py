@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Outcome, Query, Solver, col, sub
-from .control import StepSizeController, check_adaptive
-from .registry import register
-from .sde import reverse_sde_coefs
+from ...core.protocol import Outcome, Query, Solver, col, sub
+from ...core.control import StepSizeController, check_adaptive
+from ...core.registry import register
+from ..sde.euler_maruyama import reverse_sde_coefs
 
 Tensor = torch.Tensor
 

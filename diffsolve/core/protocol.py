@@ -18,7 +18,8 @@ hook may have changed it) and the solver continues from that. Solvers keep no st
 from __future__ import annotations
 
 import inspect
-from typing import Any, Generator, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Callable, Generator, NamedTuple
 
 import torch
 
@@ -59,8 +60,8 @@ class Solver:
     #: True for solvers whose step is alpha' x0 + sigma' eps (+ noise) with the prediction's own x0 and
     #: eps, so a pair that is not consistent with x (``Prediction.from_pair``: CFG++) is stepped as given
     steps_with_pair: bool = False
-    #: whether ``run`` also steps on an ascending grid (from t_min to t_max): what
-    #: :func:`diffsolve.invert` does with a deterministic solver that has no ``run_inverse``. False
+    #: whether ``run`` also steps on an ascending grid (from t_min to t_max): what the default
+    #: :meth:`run_inverse` (and so :func:`diffsolve.invert`) does. False
     #: for solvers whose loop only goes down in time (an adaptive one that steps until it reaches
     #: the grid's lower end); ``invert`` refuses those, naming them.
     runs_backward: bool = True
@@ -68,6 +69,14 @@ class Solver:
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:
         raise NotImplementedError
+
+    def run_inverse(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
+                    mu: Tensor | None = None) -> Run:
+        """Map data ``x`` at grid[-1] to grid[0] (``grid`` descending, as :meth:`run`'s), what
+        :func:`diffsolve.invert` runs. Default: :meth:`run` on the ascending grid (DDIM inversion for
+        ``ddim``), for solvers whose steps run backwards (:attr:`runs_backward`). Reversible solvers
+        override it with their exact inverse, ``ddim`` with ReNoise's refinement when asked."""
+        return self.run(x, grid.flip(0), noise, schedule=schedule, mu=mu)
 
     def replace_ends(self, schedule: Schedule, t_max: float, t_min: float) -> dict[str, float]:
         """Of a run's ends ``t_max`` and ``t_min``, those this solver cannot reach (a singular end of its
@@ -92,6 +101,43 @@ class Solver:
         return f"{type(self).__name__}[{self.name}]({opts})"
 
 
+class ExactInverse(Solver):
+    """The protocol of a solver with an exact inverse step, which the reversible adjoint
+    (``ds.sample(..., grad=True)``, :mod:`diffsolve.core.adjoint`) needs. A run is a map between
+    states S_0 (the noise end) and S_m (the data end), each a tuple of tensors, in a frame (the
+    grid in the solver's own variables) that ``frame`` builds; every method but ``frame``, ``n_steps``
+    and ``sample_of`` is a generator of model queries, as :meth:`Solver.run`:
+
+    - ``start(frame, x, aux)``: S_0 from the starting sample (and a latent's second state);
+    - ``step(frame, S_k, k)`` -> S_{k+1} and ``unstep(frame, S_{k+1}, k)`` -> S_k, its exact inverse;
+    - ``sample_of(frame, S_m)``: the samples.
+    """
+
+    def frame(self, grid: Tensor, schedule: Schedule, mu: Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def n_steps(self, frame: Any) -> int:
+        raise NotImplementedError
+
+    def start(self, frame: Any, x: Tensor, aux: Tensor | None) -> Generator[Any, Prediction, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def step(self, frame: Any, state: tuple[Tensor, ...], k: int) -> Generator[Any, Prediction, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def unstep(self, frame: Any, state: tuple[Tensor, ...], k: int) -> Generator[Any, Prediction, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def sample_of(self, frame: Any, state: tuple[Tensor, ...]) -> Tensor:
+        raise NotImplementedError
+
+
+class UnstableError(RuntimeError):
+    """A run whose scheme went unstable, so that its samples would be noise: raised instead of
+    returning them, naming the solver, the step and the remedy (a reversible scheme's parasitic mode:
+    :mod:`diffsolve.solvers.reversible`)."""
+
+
 def as_query(item) -> Query:
     if isinstance(item, Query):
         return item
@@ -106,6 +152,8 @@ def sub(mu: Tensor | float | None, index: Tensor | None, ndim: int | None = None
     the step hooks subset what they hold to the rows they are given. Scalars, None and tensors with
     batch size 1 pass through; with ``ndim`` (the state's), so does a tensor of fewer dimensions,
     which broadcasts against every row (e.g. one [H, W] mask for a [B, C, H, W] batch)."""
+    if isinstance(mu, Mapping):  # a dict of them (classifier-free guidance's ``uncond``)
+        return {k: sub(v, index, ndim) for k, v in mu.items()}
     if index is None or not isinstance(mu, Tensor) or mu.ndim == 0 or mu.shape[0] == 1:
         return mu
     if ndim is not None and mu.ndim < ndim:
@@ -130,3 +178,58 @@ def check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) 
             torch.broadcast_shapes(value.shape, shape)
         except RuntimeError:
             raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the samples' shape {shape}") from None
+
+
+def as_outcome(value: Any, solver: str) -> Outcome:
+    """A run's return value as an :class:`Outcome` (a solver may return a bare tensor)."""
+    out = value if isinstance(value, Outcome) else Outcome(value)
+    if not isinstance(out.x, Tensor):
+        raise TypeError(f"solver {solver!r} returned {type(out.x).__name__}, expected a tensor")
+    return out
+
+
+class Pump:
+    """Steps a solver's generator one model answer at a time: the one place a run's queries are read
+    and its answers sent. ``query`` is the pending :class:`Query` (None once the run has ended, when
+    ``value`` holds what it returned). The driver, the adjoint, dmcmc's sub-runs and the diffusers
+    scheduler (which gets one answer per ``step`` call) all use it; :func:`drive` is its loop."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.query: Query | None = None
+        self.value: Any = None
+        self._advance(None)
+
+    def _advance(self, answer: Prediction | None) -> None:
+        try:
+            item = next(self.run) if answer is None else self.run.send(answer)
+        except StopIteration as stop:
+            self.query, self.value = None, stop.value
+        else:
+            self.query = as_query(item)
+
+    def answer(self, pred: Prediction) -> None:
+        """Send the model's answer to the pending query; the run moves on to its next query or ends."""
+        if self.query is None:
+            raise RuntimeError("the run has ended; there is no query to answer")
+        self._advance(pred)
+
+    @property
+    def done(self) -> bool:
+        return self.query is None
+
+    def close(self) -> None:
+        """Stop the run (a run stopped by an error releases what it holds, e.g. a worker thread)."""
+        self.run.close()
+
+
+def drive(run: Run, call: Callable[[Query], Prediction]) -> Any:
+    """Run a solver's generator to its end, answering each query with ``call(query)``; returns what
+    the generator returns."""
+    pump = Pump(run)
+    try:
+        while pump.query is not None:
+            pump.answer(call(pump.query))
+    finally:
+        pump.close()
+    return pump.value

@@ -29,8 +29,11 @@ Tensor = torch.Tensor
 MANIFEST = "manifest.json"
 
 #: objects that may be saved as solver options: their class (by module path) and init arguments
-SAVABLE = ("diffsolve.samplers.control.StepSizeController", "diffsolve.samplers.renoise.ReNoise",
-           "diffsolve.samplers.dmcmc.DenoiserNoiseLevel")
+SAVABLE = ("diffsolve.core.control.StepSizeController", "diffsolve.core.renoise.ReNoise",
+           "diffsolve.solvers.mcmc.dmcmc.DenoiserNoiseLevel")
+#: where files written before the core / solvers split name those classes
+MOVED = {"diffsolve.samplers.control.StepSizeController": SAVABLE[0], "diffsolve.samplers.renoise.ReNoise": SAVABLE[1],
+         "diffsolve.samplers.dmcmc.DenoiserNoiseLevel": SAVABLE[2]}
 
 
 def _init_kwargs(obj) -> dict:
@@ -93,7 +96,7 @@ def _decode(v: Any, tensors: Mapping[str, Tensor]) -> Any:
     if "$repr" in v:
         return v["$repr"]
     if "$object" in v:
-        path = v["$object"]
+        path = MOVED.get(v["$object"], v["$object"])
         if path not in SAVABLE:
             raise ValueError(f"the manifest holds an object of class {path!r}; only {', '.join(SAVABLE)} are loaded")
         module, name = path.rsplit(".", 1)

@@ -32,10 +32,10 @@ import math
 
 import torch
 
-from .base import Query, Solver
-from .ode import ddim_step
-from .registry import register
-from .sde import euler_maruyama_step
+from ...core.protocol import Query, Solver
+from ..ode.ddim import ddim_step
+from ...core.registry import register
+from .euler_maruyama import euler_maruyama_step
 
 PREDICTORS = ("euler-maruyama", "reverse-diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "ald", "none")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from ..schedules.base import Schedule
-from .base import Query, Solver
-from .registry import register
-from .renoise import ReNoise
+from ...schedules.base import Schedule
+from ...core.protocol import Query, Solver
+from ...core.registry import register
+from ...core.renoise import ReNoise
 
 
 def _coef(schedule: Schedule, t: float) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from ..models.model import (
 from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import require_reversible, reversible_sample
-from .base import Outcome, Solver, as_query, check_batch, sub
+from .protocol import Outcome, Pump, Solver, as_outcome, check_batch, sub
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
@@ -153,7 +153,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     uncond: the unconditional call's keyword arguments, for a classifier-free guided model
         (:class:`diffsolve.guidance.ClassifierFreeGuidance`); overrides the wrapper's own.
     hooks: step hooks (:mod:`diffsolve.guidance`: ``Inpaint``, ``Threshold``, ``EnKG``, or any
-        :class:`~diffsolve.samplers.hooks.StepHook`), run in order around every model call.
+        :class:`~diffsolve.core.hooks.StepHook`), run in order around every model call.
     noise: ``"gaussian"`` (fresh per-sample draws) or ``"brownian"`` (a per-sample Brownian tree);
         default: the solver's ``default_noise`` (gaussian, brownian for ``adaptive-sde``).
     device, dtype: where and in which precision to sample (default: x_T's, else the network's when
@@ -166,7 +166,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     progress: show a progress bar (default: only when stderr is a terminal).
     return_trajectory: keep (t, x) of every model query.
     grad: back-propagate through a reversible solver in constant memory (the reversible adjoint,
-        :mod:`diffsolve.samplers.adjoint`): ``samples`` then carry a graph whose backward rebuilds the
+        :mod:`diffsolve.core.adjoint`): ``samples`` then carry a graph whose backward rebuilds the
         states step by step instead of storing them, and gradients reach x_T (or the latent), mu, the
         tensors in ``cond`` and the parameters of ``model.net``. Without it, autograd through
         ``sample`` also works, storing every step.
@@ -174,7 +174,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         its grid (for reversible solvers from its full state, which reproduces the inverted data to
         round-off), with its solver's options unless given again.
     row_block: call the network on blocks of exactly this many rows (the last one padded,
-        :class:`~diffsolve.samplers.blocks.RowBlocks`), so a row's output, and with it each sample,
+        :class:`~diffsolve.core.blocks.RowBlocks`), so a row's output, and with it each sample,
         is bitwise the same whatever the batch size and whichever rows a per-sample solver still
         queries. A trained network's rows otherwise differ in the last bits between batch sizes,
         which the accept / reject decisions of per-sample adaptive solvers amplify (on digits-vp up
@@ -251,10 +251,10 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
 
     aux = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     run_model = model if row_block is None else in_row_blocks(model, row_block)
+    if uncond is not None:
+        cond = {**cond, "uncond": uncond}  # classifier-free guidance's second call: a condition like any other
     try:
         if grad:
-            if uncond is not None:
-                cond = {**cond, "uncond": uncond}
             counter, start = NFECounter(b), time.perf_counter()
             out = Outcome(reversible_sample(run_model, slv, x, g, mu=mu, cond=cond, counter=counter, dtype=dtype,
                                             **aux))
@@ -262,7 +262,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         else:
             run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
             out, counter, trajectory, wall = execute(run, slv, run_model, g, b, mu=mu, cond=cond, progress=progress,
-                                                     return_trajectory=return_trajectory, uncond=uncond, hooks=hooks,
+                                                     return_trajectory=return_trajectory, hooks=hooks,
                                                      hook_noise=src.derived() if hooks else None, net_dtype=dtype)
     finally:
         if run_model is not model:
@@ -326,7 +326,7 @@ def _check_hooks(hooks, shape: tuple[int, ...]) -> list:
 
 
 def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: int, *, mu=None, cond=None,
-            progress: bool | None = None, return_trajectory: bool = False, uncond=None, hooks=(),
+            progress: bool | None = None, return_trajectory: bool = False, hooks=(),
             hook_noise: NoiseSource | None = None, net_dtype: torch.dtype | None = None):
     """Pump a solver's generator ``run`` with model calls: every call counted and checked for NaN,
     with the step hooks run around each call and at the end. With ``net_dtype`` (a half-precision
@@ -347,8 +347,6 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
 
     def caller(index, step):
         kw = {k: sub(v, index) for k, v in cond.items()}
-        if uncond is not None:
-            kw["uncond"] = {k: sub(v, index) for k, v in uncond.items()}
 
         def call(x, t):
             m = sub(mu, index)
@@ -372,10 +370,11 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
 
     guard = FiniteGuard()
     start = time.perf_counter()
+    pump = None
     try:
-        item = next(run)
-        while True:
-            q = as_query(item)
+        pump = Pump(run)
+        while pump.query is not None:
+            q = pump.query
             # the step index is for messages and hooks: found lazily (a search per call otherwise)
             step = q.step if q.step is not None else (lambda t=q.t: _step_of(grid, t))
             call = caller(q.index, step)
@@ -389,16 +388,12 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
             if hooks:
                 pred = run_hooks(hooks, "after", pred, ctx)
             bar.update(1)
-            item = run.send(pred)
-    except StopIteration as stop:
-        x = stop.value
+            pump.answer(pred)
     finally:
         bar.close()
         run.close()  # a run stopped by an error releases what it holds (e.g. a worker thread)
     guard.finish()
-    out = x if isinstance(x, Outcome) else Outcome(x)
-    if not isinstance(out.x, Tensor):
-        raise TypeError(f"solver {slv.name!r} returned {type(out.x).__name__}, expected a tensor")
+    out = as_outcome(pump.value, slv.name)
     if hooks:
         out = out._replace(x=run_hooks(hooks, "finish", out.x, context(None, n_steps, caller(None, n_steps))))
     if trajectory is not None:
@@ -455,7 +450,7 @@ DEFAULT_INVERSION_SOLVER = "rev-heun"
 
 def check_invertible(slv: Solver) -> None:
     """Refuse (ValueError naming it) a solver :func:`invert` cannot run: one that draws noise, and one
-    with no inverse of its own (``run_inverse``) whose steps cannot run on the ascending grid
+    whose steps cannot run on the ascending grid the default :meth:`Solver.run_inverse` runs
     (:attr:`Solver.runs_backward` False, e.g. ``mrs-adaptive``)."""
     info, _ = _info(slv)
     noisy = slv.noise_options()
@@ -464,7 +459,7 @@ def check_invertible(slv: Solver) -> None:
         raise ValueError(f"solver {slv.name!r}{how} is stochastic; invert needs a deterministic solver "
                          "(e.g. ddim with eta=0, heun, dpmpp-2m, or a reversible one such as "
                          f"{DEFAULT_INVERSION_SOLVER})")
-    if getattr(slv, "run_inverse", None) is None and not slv.runs_backward:
+    if not slv.runs_backward:
         exact = ", ".join(i.name for i in registered() if i.invertible)
         raise ValueError(f"solver {slv.name!r} cannot invert: its steps only run down in time, from t_max to "
                          f"t_min, not on the ascending grid an inversion runs. Use a reversible solver, which "
@@ -486,7 +481,7 @@ def invert(model: DiffusionModel, solver: str | Solver = DEFAULT_INVERSION_SOLVE
     stochastic solvers, and those whose steps cannot run backwards (``mrs-adaptive``:
     :attr:`Solver.runs_backward`), are refused with a ValueError naming them (:func:`check_invertible`).
     ``ds.sample(model, solver, latent=lat)`` samples back on the same grid.
-    A solver may define its own inversion (``run_inverse``): ``ddim`` with ``renoise=True`` refines
+    A solver may define its own inversion (:meth:`Solver.run_inverse`): ``ddim`` with ``renoise=True`` refines
     DDIM inversion by ReNoise's fixed-point iteration.
 
     The other arguments are :func:`sample`'s: dtype and device follow the same rule (x0's, else the
@@ -511,9 +506,7 @@ def invert(model: DiffusionModel, solver: str | Solver = DEFAULT_INVERSION_SOLVE
         mu = mu.expand(shape)
     g = _grid(model.schedule, steps, grid, t_max, t_min, fixed_grid, slv)
     src = NoiseSource(shape, seeds=0, device=x.device, dtype=work, t_range=(float(g[-1]), float(g[0])))
-    inverse = getattr(slv, "run_inverse", None)
-    run = inverse(x, g, src, schedule=model.schedule, mu=mu) if inverse is not None else \
-        slv.run(x, g.flip(0), src, schedule=model.schedule, mu=mu)
+    run = slv.run_inverse(x, g, src, schedule=model.schedule, mu=mu)
     out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress, net_dtype=dtype)
     return Latent(x=out.x, aux=(out.stats or {}).get("aux"), grid=g, solver=slv.name, options=slv.options(),
                   nfe=counter.calls, dtype=dtype)

@@ -1,0 +1,16 @@
+"""The machinery every solver runs in: the solver protocol, the registry, the driver (``sample`` /
+``invert``), noise and the Brownian tree, the step-size controller, the reversible adjoint, step hooks,
+CUDA graphs and the result types. Nothing here knows a particular solver (those are in
+:mod:`diffsolve.solvers`)."""
+
+from .control import StepSizeController
+from .driver import DEFAULT_INVERSION_SOLVER, check_invertible, invert, sample
+from .noise import NoiseSource, resolve_seeds
+from .protocol import ExactInverse, Outcome, Pump, Query, Solver, UnstableError, drive
+from .registry import SolverInfo, get_solver, list_solvers, register, solver_info
+from .renoise import ReNoise
+from .result import Latent, SampleResult
+
+__all__ = ["sample", "invert", "DEFAULT_INVERSION_SOLVER", "check_invertible", "StepSizeController", "NoiseSource",
+           "resolve_seeds", "Solver", "ExactInverse", "Query", "Outcome", "Pump", "drive", "UnstableError",
+           "SolverInfo", "get_solver", "list_solvers", "register", "solver_info", "ReNoise", "Latent", "SampleResult"]

@@ -37,7 +37,7 @@ def configs(part: str, estimator, quick: bool = False) -> list[tuple[str, str, d
     if quick:
         em, pc, heun = (20, 100), (10, 50), (5, 10)
         eps = {"per_sample": (0.1,), "batch": (0.2,)}
-        mc = [dict(integrator_steps=3, n_skip=3, eta=0.1 if part == "gmm" else 0.03, rounds=1)]
+        mc = [dict(integrator_steps=3, n_skip=3, langevin_step=0.1 if part == "gmm" else 0.03, rounds=1)]
     elif part == "gmm":
         em, pc, heun = (10, 20, 50, 100, 200, 500, 1000), (5, 10, 25, 50, 100), (3, 5, 10, 20)
         eps = {"per_sample": (0.01, 0.02, 0.05, 0.1, 0.2), "batch": (0.01, 0.02, 0.05, 0.1, 0.2)}

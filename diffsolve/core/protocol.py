@@ -26,6 +26,7 @@ import torch
 from ..models.model import Prediction
 from ..schedules.base import Schedule
 from .noise import NoiseSource
+from .options import declared, resolve
 
 Tensor = torch.Tensor
 
@@ -66,6 +67,16 @@ class Solver:
     #: the grid's lower end); ``invert`` refuses those, naming them.
     runs_backward: bool = True
 
+    def __init__(self, **options: Any):
+        """Takes the options the class declares (:class:`~diffsolve.core.options.Option` class
+        attributes), each checked, converted and set as an attribute; then :meth:`check_options`."""
+        for k, v in resolve(type(self), self.name, options).items():
+            setattr(self, k, v)
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Checks that involve several options, and what the options imply (override; default none)."""
+
     def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
             mu: Tensor | None = None) -> Run:
         raise NotImplementedError
@@ -93,7 +104,10 @@ class Solver:
 
     def options(self) -> dict[str, Any]:
         """The hyperparameters this solver was built with."""
-        sig = inspect.signature(type(self).__init__)
+        specs = declared(type(self))
+        if specs:
+            return {k: getattr(self, k) for k, s in specs.items() if s.alias_of is None}
+        sig = inspect.signature(type(self).__init__)  # a solver with an __init__ of its own
         return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
 
     def __repr__(self) -> str:

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from .options import declared
+
 FAMILIES = ("ode", "sde", "pc", "adaptive", "mcmc", "reversible")
 
 _REGISTRY: dict[str, "SolverInfo"] = {}
@@ -42,9 +44,19 @@ class SolverInfo:
     @property
     def options(self) -> dict[str, Any]:
         """The options the solver takes, with their defaults (fixed options excluded)."""
-        sig = inspect.signature(self.cls.__init__)
+        specs = declared(self.cls)
+        if specs:
+            return {k: s.default for k, s in specs.items() if s.alias_of is None and k not in self.fixed}
+        sig = inspect.signature(self.cls.__init__)  # a solver with an __init__ of its own
         return {k: p.default for k, p in sig.parameters.items()
                 if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k not in self.fixed}
+
+    def option_help(self) -> list[str]:
+        """One line per option: allowed values, default and meaning (``diffsolve solvers --options``)."""
+        specs = declared(self.cls)
+        if not specs:
+            return [f"{k} (default {v!r})" for k, v in self.options.items()]
+        return [s.describe() for k, s in specs.items() if k not in self.fixed]
 
 
 def register(name: str, *, family: str, order: float, calls_per_step: int, deterministic: bool,
@@ -61,7 +73,7 @@ def register(name: str, *, family: str, order: float, calls_per_step: int, deter
             raise ValueError(f"a solver named {name!r} is already registered ({_REGISTRY[name].cls.__name__})")
         info = SolverInfo(name, cls, family, order, calls_per_step, deterministic, invertible, fixed_grid,
                           description, reference, dict(fixed or {}))
-        unknown = set(info.fixed) - set(inspect.signature(cls.__init__).parameters)
+        unknown = set(info.fixed) - set(declared(cls) or inspect.signature(cls.__init__).parameters)
         if unknown:
             raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
         _REGISTRY[name] = info
@@ -88,17 +100,18 @@ def get_solver(name: str, **options: Any):
     """Instantiate the solver ``name`` with ``options``; bad option names get a clear error."""
     info = solver_info(name)
     allowed = info.options
+    aliases = {k for k, s in declared(info.cls).items() if s.alias_of is not None}
     for k, v in options.items():
         if k in info.fixed:
             if v != info.fixed[k]:
                 raise ValueError(f"solver {info.name!r} fixes {k}={info.fixed[k]!r}; got {k}={v!r} "
                                  f"(use {info.cls.name!r} to set it)")
-        elif k not in allowed:
+        elif k not in allowed and k not in aliases:
             close = difflib.get_close_matches(k, list(allowed), n=2)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             opts = ", ".join(f"{o}={d!r}" for o, d in allowed.items()) or "none"
             raise TypeError(f"solver {info.name!r} has no option {k!r}{hint}; its options are: {opts}")
-        else:
+        elif k in allowed and not declared(info.cls):
             _check_number(info.name, k, v, allowed[k])
     solver = info.cls(**{**options, **info.fixed})
     solver.name = info.name

@@ -16,6 +16,7 @@ import torch
 
 from ...models.model import all_finite
 from ...core.protocol import Outcome, Solver
+from ...core.options import Option
 from ...core.registry import register
 
 _STOP = object()
@@ -31,13 +32,8 @@ class _BlackBox(Solver):
 
     METHODS: tuple[str, ...] = ()
 
-    def __init__(self, rtol: float, atol: float, method: str):
-        for name, value in (("rtol", rtol), ("atol", atol)):
-            if not float(value) > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if method not in self.METHODS:
-            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {method!r}")
-        self.rtol, self.atol, self.method = float(rtol), float(atol), method
+    rtol = Option(1e-5, "the relative tolerance", low=0.0, low_open=True)
+    atol = Option(1e-5, "the absolute tolerance", low=0.0, low_open=True)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         requests: queue.Queue = queue.Queue(maxsize=1)
@@ -96,8 +92,7 @@ class TorchdiffeqODE(_BlackBox):
 
     METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5"):
-        super().__init__(rtol, atol, method)
+    method = Option("dopri5", "torchdiffeq's adaptive method", choices=METHODS)
 
     def _integrate(self, drift, x, t0, t1):
         from torchdiffeq import odeint
@@ -122,8 +117,7 @@ class ScipyODE(_BlackBox):
 
     METHODS = ("RK45", "RK23", "DOP853")
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45"):
-        super().__init__(rtol, atol, method)
+    method = Option("RK45", "scipy's solve_ivp method", choices=METHODS)
 
     def _integrate(self, drift, x, t0, t1):
         import scipy.integrate

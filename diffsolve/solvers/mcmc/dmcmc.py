@@ -32,6 +32,7 @@ import torch
 
 from ...schedules.grids import make_grid
 from ...core.protocol import Outcome, Pump, Query, Solver, as_outcome, col, sub
+from ...core.options import Option
 from ...core.registry import get_solver, register
 
 Tensor = torch.Tensor
@@ -105,6 +106,18 @@ class DenoiserNoiseLevel(NoiseLevelEstimator):
 
 
 # ---------------------------------------------------------------------------------------------- solver
+def _estimator(v) -> "NoiseLevelEstimator":
+    """The ``estimator`` option: None (the denoiser's), a NoiseLevelEstimator, or one by name."""
+    if v is None:
+        return DenoiserNoiseLevel()
+    if isinstance(v, str):  # by name, for the command line
+        if v not in ("denoiser", *SHIPPED_CLASSIFIERS):
+            raise ValueError(f"estimator {v!r} is unknown; allowed names: 'denoiser', "
+                             f"{', '.join(repr(c) for c in SHIPPED_CLASSIFIERS)} (or a NoiseLevelEstimator)")
+        return DenoiserNoiseLevel() if v == "denoiser" else ClassifierNoiseLevel.shipped(v)
+    return v
+
+
 @register("dmcmc", family="mcmc", order=1, calls_per_step=1, deterministic=False, fixed_grid=False,
           description="Denoising MCMC: Langevin-Gibbs chain over (x, noise level), then any solver per sample",
           reference="Kim & Ye 2023, Denoising MCMC for Accelerating Diffusion-Based Generative Models (ICML)")
@@ -115,7 +128,7 @@ class DenoisingMCMC(Solver):
     ``integrator_options`` (a dict), ``estimator`` (a :class:`NoiseLevelEstimator`, or by name
     ``"denoiser"`` or a shipped classifier such as ``"digits-sigma"``; default the training-free
     :class:`DenoiserNoiseLevel`), ``levels`` (K = 1000 when the estimator fixes none),
-    ``eta`` (the Langevin step, in x's units: 0.01), ``n_skip`` (3), ``rounds`` (outputs per chain: 1),
+    ``langevin_step`` (the Langevin step eta, in x's units: 0.01; ``eta`` is another name for it), ``n_skip`` (3), ``rounds`` (outputs per chain: 1),
     ``burn_in_steps`` (integrator steps of the initial sample: 10), ``renoise_sigma`` (the chain
     starts from that sample noised to the level with sigma/alpha nearest this: 0.5, the paper's
     x + 0.5 z), ``burn_in`` (Gibbs iterations before the first round: 20), ``denoise`` (the Tweedie
@@ -129,33 +142,29 @@ class DenoisingMCMC(Solver):
     ``nfe_per_sample`` too) and ``chains``.
     """
 
-    def __init__(self, integrator: str = "heun", integrator_steps: int = 3, integrator_options: dict | None = None,
-                 estimator: NoiseLevelEstimator | None = None, levels: int = 1000, eta: float = 0.01,
-                 n_skip: int = 3, rounds: int = 1, burn_in_steps: int = 10, renoise_sigma: float = 0.5,
-                 burn_in: int = 20, denoise: bool = True):
-        for name, v, lo in (("integrator_steps", integrator_steps, 1), ("levels", levels, 2), ("n_skip", n_skip, 0),
-                            ("rounds", rounds, 1), ("burn_in_steps", burn_in_steps, 1), ("burn_in", burn_in, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        for name, v in (("eta", eta), ("renoise_sigma", renoise_sigma)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        if isinstance(estimator, str):  # by name, for the command line
-            if estimator not in ("denoiser", *SHIPPED_CLASSIFIERS):
-                raise ValueError(f"estimator {estimator!r} is unknown; allowed names: 'denoiser', "
-                                 f"{', '.join(repr(c) for c in SHIPPED_CLASSIFIERS)} (or a NoiseLevelEstimator)")
-            estimator = DenoiserNoiseLevel() if estimator == "denoiser" else ClassifierNoiseLevel.shipped(estimator)
-        if estimator is not None and not isinstance(estimator, NoiseLevelEstimator):
-            raise TypeError(f"estimator must be a NoiseLevelEstimator, 'denoiser' or a shipped classifier's name, "
-                            f"got {type(estimator).__name__}")
-        if not isinstance(denoise, bool):
-            raise TypeError(f"denoise must be True or False, got {denoise!r}")
-        self.integrator, self.integrator_steps = integrator, integrator_steps
-        self.integrator_options = dict(integrator_options or {})
-        self._integrator = get_solver(integrator, **self.integrator_options)  # checks the name and options
-        self.estimator = estimator if estimator is not None else DenoiserNoiseLevel()
-        self.levels, self.eta, self.n_skip, self.rounds = levels, float(eta), n_skip, rounds
-        self.burn_in_steps, self.renoise_sigma, self.burn_in, self.denoise = burn_in_steps, float(renoise_sigma), burn_in, denoise
+    integrator = Option("heun", "the registered solver that integrates from each chain's level to t_min",
+                        kind=str)
+    integrator_steps = Option(3, "the integrator's steps", low=1)
+    integrator_options = Option(None, "the integrator's options (a dict)", types=(dict,), what="a dict",
+                                convert=lambda v: dict(v or {}))
+    estimator = Option(None, "the noise-level estimator: a NoiseLevelEstimator, or by name 'denoiser' or a "
+                             "shipped classifier such as 'digits-sigma' (default: the training-free denoiser's)",
+                       types=(str, NoiseLevelEstimator),
+                       what="a NoiseLevelEstimator, 'denoiser' or a shipped classifier's name",
+                       convert=lambda v: _estimator(v))
+    levels = Option(1000, "the number of noise levels K (when the estimator fixes none)", low=2)
+    langevin_step = Option(0.01, "the Langevin step eta, in x's units", low=0.0, low_open=True)
+    eta = Option(None, alias_of="langevin_step")
+    n_skip = Option(3, "Gibbs steps between outputs", low=0)
+    rounds = Option(1, "outputs per chain", low=1)
+    burn_in_steps = Option(10, "integrator steps of the initial sample", low=1)
+    renoise_sigma = Option(0.5, "the chain starts from the initial sample noised to the level with sigma/alpha "
+                                "nearest this (the paper's x + 0.5 z)", low=0.0, low_open=True)
+    burn_in = Option(20, "Gibbs iterations before the first round", low=0)
+    denoise = Option(True, "the final Tweedie step")
+
+    def check_options(self):
+        self._integrator = get_solver(self.integrator, **self.integrator_options)  # checks the name and options
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         b, r_per = x.shape[0], self.rounds
@@ -204,7 +213,7 @@ class DenoisingMCMC(Solver):
         """One Langevin step at each chain's level, then the level update."""
         t = times[k].to(x.device)
         pred = yield Query(x, t, index=rows)
-        x_new = pred.x + (0.5 * self.eta) * pred.score + math.sqrt(self.eta) * noise.randn(rows)
+        x_new = pred.x + (0.5 * self.langevin_step) * pred.score + math.sqrt(self.langevin_step) * noise.randn(rows)
         return x_new, self.estimator.levels(x_new, pred, times, schedule, sub(mu, rows)).to(k.device)
 
     def _integrate(self, x, t0, t_min, steps, rows, noise, schedule, mu):

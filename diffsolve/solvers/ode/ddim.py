@@ -11,6 +11,7 @@ import math
 
 from ...schedules.base import Schedule
 from ...core.protocol import Query, Solver
+from ...core.options import Option
 from ...core.registry import register
 from ...core.renoise import ReNoise
 
@@ -20,13 +21,9 @@ def _coef(schedule: Schedule, t: float) -> tuple[float, float]:
 
 
 SPACES = ("t", "sigma")
-
-
-def _check_space(space) -> str:
-    if space not in SPACES:
-        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
-    return space
-
+#: the ``space`` option of Euler and Heun
+SPACE = Option("sigma", "the variables stepped in: k-diffusion's y = (x - mu)/c against sigma/c ('sigma'), or "
+                        "the schedule's own time ('t')", choices=SPACES)
 
 def _sigma_step(x, t: float, t_next: float, d, schedule: Schedule, mu):
     """Euler in k-diffusion's variables y = (x - mu)/c against s = sigma/c (c = the schedule's
@@ -55,13 +52,6 @@ def _sigma_derivative(pred, t: float, schedule: Schedule):
     return pred.eps + k * x0
 
 
-def _check_nonneg(name: str, value) -> float:
-    value = float(value)
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
 @register("euler", family="ode", order=1, calls_per_step=1, deterministic=True,
           description="Euler (k-diffusion / diffusers: x/alpha against sigma/alpha; space='t': in t)",
           reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)")
@@ -80,8 +70,7 @@ class Euler(Solver):
     The two agree for rectified flow. One model call per step; global order 1.
     """
 
-    def __init__(self, space: str = "sigma"):
-        self.space = _check_space(space)
+    space = SPACE
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         for i in range(len(grid) - 1):
@@ -120,15 +109,15 @@ class Heun(Solver):
     For EDM and rectified flow the two spaces coincide.
     """
 
-    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                 space: str = "sigma"):
-        self.space = _check_space(space)
-        self.s_churn = _check_nonneg("s_churn", s_churn)
-        self.s_tmin = _check_nonneg("s_tmin", s_tmin)
-        self.s_tmax = float(s_tmax)
+    s_churn = Option(0.0, "EDM's churn S_churn (0: deterministic Algorithm 1)", low=0.0)
+    s_tmin = Option(0.0, "the lowest noise level sigma/alpha that is churned", low=0.0)
+    s_tmax = Option(float("inf"), "the highest noise level sigma/alpha that is churned")
+    s_noise = Option(1.0, "EDM's S_noise, the scale of the churn noise", low=0.0)
+    space = SPACE
+
+    def check_options(self):
         if not self.s_tmax >= self.s_tmin:
-            raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={s_tmin}, s_tmax={s_tmax}")
-        self.s_noise = _check_nonneg("s_noise", s_noise)
+            raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={self.s_tmin}, s_tmax={self.s_tmax}")
 
     def noise_options(self):
         return {"s_churn": self.s_churn} if self.s_churn > 0 else {}
@@ -169,12 +158,6 @@ class Heun(Solver):
 @register("ddim", family="ode", order=1, calls_per_step=1, deterministic=True,
           description="DDIM (eta = 0: deterministic; eta = 1: DDPM)",
           reference="Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models")
-@register("ddpm", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"eta": 1.0},
-          description="DDPM ancestral sampling (DDIM with eta = 1)",
-          reference="Ho, Jain & Abbeel 2020, Denoising Diffusion Probabilistic Models")
-@register("irsde-posterior", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"eta": 1.0},
-          description="IR-SDE optimal-reverse-path posterior step, jump-aware (DDIM with eta = 1 on x - mu)",
-          reference="Luo et al. 2023, Image Restoration with Mean-Reverting SDEs; Luo et al. 2024 (DA-CLIP posterior)")
 class DDIM(Solver):
     """DDIM (Song et al. 2021, eq. 12) in the general schedule form. With h = lambda_{i+1} - lambda_i:
 
@@ -183,7 +166,7 @@ class DDIM(Solver):
 
     eta = 0 is the deterministic DDIM (the first-order exponential integrator, DPM-Solver-1);
     eta = 1 draws from the DDPM posterior q(x_{i+1} | x_i, x0) (Ho et al. 2020), registered as
-    ``ddpm``, and on a mean-reverting schedule it is IR-SDE's posterior sampling step
+    ``ddpm`` (:mod:`diffsolve.solvers.sde.ddpm`), and on a mean-reverting schedule it is IR-SDE's posterior sampling step
     x*_{i+1} + lam sqrt((1 - A^2)(1 - C^2)/(1 - B^2)) z (A = alpha_{i+1}/alpha_i, B = alpha_i,
     C = alpha_{i+1}) generalised to a jump of any length, registered as ``irsde-posterior``
     (IR-SDE's own code applies the one-index transition even when the grid skips indices). For a
@@ -197,15 +180,14 @@ class DDIM(Solver):
 
     steps_with_pair = True  # the step above uses the prediction's own (x0, eps), so CFG++'s pair acts as given
 
-    def __init__(self, eta: float = 0.0, renoise: bool | ReNoise = False):
-        eta = _check_nonneg("eta", eta)
-        if eta > 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if not isinstance(renoise, (bool, ReNoise)):
-            raise TypeError(f"renoise must be True, False or a ReNoise, got {type(renoise).__name__}")
-        if renoise is not False and eta != 0:
-            raise ValueError(f"renoise refines the inversion of deterministic DDIM: it needs eta = 0, got {eta}")
-        self.eta, self.renoise = eta, renoise
+    eta = Option(0.0, "the fraction of the posterior's noise drawn: 0 is deterministic DDIM, 1 is DDPM",
+                 low=0.0, high=1.0)
+    renoise = Option(False, "inversion only: refine DDIM inversion by ReNoise's fixed-point iteration (True, or "
+                            "a ReNoise with other settings)", types=(bool, ReNoise), what="True, False or a ReNoise")
+
+    def check_options(self):
+        if self.renoise is not False and self.eta != 0:
+            raise ValueError(f"renoise refines the inversion of deterministic DDIM: it needs eta = 0, got {self.eta}")
 
     def noise_options(self):
         return {"eta": self.eta} if self.eta > 0 else {}

@@ -29,12 +29,12 @@ inversion (``run_inverse``: :func:`diffsolve.invert` returns both states as a
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
 from ...core.protocol import ExactInverse, Outcome, Query, UnstableError
+from ...core.options import Option, declared
 from ...core.registry import register
 
 Tensor = torch.Tensor
@@ -45,10 +45,10 @@ def _as(x: Tensor, dtype) -> Tensor:
     return x if dtype is None else x.to(dtype)
 
 
-def _check_form(form: str) -> str:
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
-    return form
+def _form_option(default: str) -> Option:
+    return Option(default, "the variables stepped in: 'data' (u = (x - mu)/sigma against alpha/sigma, field "
+                           "x0_hat - mu) or 'noise' (u = (x - mu)/alpha against sigma/alpha, field eps_hat)",
+                  choices=FORMS)
 
 
 def _work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -163,8 +163,8 @@ class Reversible(ExactInverse):
     @property
     def remedy(self) -> str:
         """What to do when :class:`_Watch` finds a run unstable (the error's last sentence)."""
-        param = inspect.signature(type(self).__init__).parameters.get("form")
-        default = None if param is None else param.default
+        option = declared(type(self)).get("form")
+        default = None if option is None else option.default
         if default is not None and default != self.form:
             return (f"Its default, form={default!r}, is stable on this kind of model; or use more steps, "
                     "or another solver")
@@ -241,8 +241,7 @@ class ReversibleHeun(Reversible):
     which the data form avoids (see the module docstring).
     """
 
-    def __init__(self, form: str = "data"):
-        self.form = _check_form(form)
+    form = _form_option("data")
 
     def start(self, fr, x, aux):
         y = fr.y(x, 0)
@@ -349,10 +348,9 @@ class BDIA(_TwoLevel):
     noise level falls fast. Here the correction is taken in u, with gamma as given.)
     """
 
-    def __init__(self, gamma: float = 1.0, form: str = "data"):
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
-        self.gamma, self.form = float(gamma), _check_form(form)
+    gamma = Option(1.0, "the weight of the backward DDIM step (1: the exactly invertible BDIA)",
+                   low=0.0, high=1.0, low_open=True)
+    form = _form_option("data")
 
     def coefs(self, s_prev, s, s_next):
         g = self.gamma
@@ -374,8 +372,7 @@ class OBELM(_TwoLevel):
     there) and amplifies by the same factor in inversion.
     """
 
-    def __init__(self, form: str = "noise"):
-        self.form = _check_form(form)
+    form = _form_option("noise")
 
     def coefs(self, s_prev, s, s_next):
         a, b = s_prev - s, s - s_next
@@ -401,10 +398,8 @@ class EDICT(Reversible):
     the reference code runs in float64.
     """
 
-    def __init__(self, p: float = 0.93, form: str = "data"):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
-            raise ValueError(f"p must be in (0, 1), got {p!r}")
-        self.p, self.form = float(p), _check_form(form)
+    p = Option(0.93, "the mixing weight of the two chains", low=0.0, high=1.0, low_open=True, high_open=True)
+    form = _form_option("data")
 
     def start(self, fr, x, aux):
         a = fr.y(x, 0)
@@ -492,12 +487,8 @@ class Rex(Reversible):
 
     BASES = ("euler", "midpoint")
 
-    def __init__(self, base: str = "midpoint", coupling: float = 0.999):
-        if base not in self.BASES:
-            raise ValueError(f"base must be one of {', '.join(self.BASES)}, got {base!r}")
-        if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0 < coupling <= 1:
-            raise ValueError(f"coupling must be in (0, 1], got {coupling!r}")
-        self.base, self.coupling = base, float(coupling)
+    base = Option("midpoint", "the base Runge-Kutta scheme", choices=BASES)
+    coupling = Option(0.999, "the coupling weight of the two states", low=0.0, high=1.0, low_open=True)
 
     def frame(self, grid, schedule, mu):
         return _DataForm(grid, schedule, mu)

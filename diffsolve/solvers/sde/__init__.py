@@ -1,4 +1,5 @@
-"""Stochastic fixed-grid solvers: Euler-Maruyama (:mod:`.euler_maruyama`) and Score-SDE's predictor-corrector
+"""Stochastic fixed-grid solvers: Euler-Maruyama (:mod:`.euler_maruyama`), DDPM and IR-SDE posterior
+sampling (:mod:`.ddpm`) and Score-SDE's predictor-corrector
 (:mod:`.pc`)."""
 
-from . import euler_maruyama, pc  # noqa: F401
+from . import ddpm, euler_maruyama, pc  # noqa: F401

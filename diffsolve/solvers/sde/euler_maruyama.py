@@ -12,6 +12,7 @@ import math
 import torch
 
 from ...core.protocol import Solver
+from ...core.options import Option
 from ...core.registry import register
 
 
@@ -37,10 +38,7 @@ class EulerMaruyama(Solver):
     every step, as IR-SDE does).
     """
 
-    def __init__(self, denoise: bool = True):
-        if not isinstance(denoise, bool):
-            raise TypeError(f"denoise must be True or False, got {denoise!r}")
-        self.denoise = denoise
+    denoise = Option(True, "the last step is the noiseless mean (Tweedie's denoising step)")
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1

@@ -34,6 +34,7 @@ import torch
 
 from ...core.protocol import Query, Solver
 from ..ode.ddim import ddim_step
+from ...core.options import Option
 from ...core.registry import register
 from .euler_maruyama import euler_maruyama_step
 
@@ -66,25 +67,17 @@ class PredictorCorrector(Solver):
     ``predictor="reverse-diffusion", corrector="ald", snr=0.5`` on the OUVE schedule.
     """
 
-    def __init__(self, predictor: str = "reverse-diffusion", corrector: str = "langevin", snr: float = 0.16,
-                 n_corrector_steps: int = 1, denoise: bool = True, langevin_norm: str = "batch"):
-        if predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
-        if corrector not in CORRECTORS:
-            raise ValueError(f"corrector must be one of {', '.join(CORRECTORS)}, got {corrector!r}")
-        if not float(snr) > 0:
-            raise ValueError(f"snr must be > 0, got {snr}")
-        if isinstance(n_corrector_steps, bool) or not isinstance(n_corrector_steps, int) or n_corrector_steps < 0:
-            raise ValueError(f"n_corrector_steps must be an integer >= 0, got {n_corrector_steps!r}")
-        if predictor == "none" and (corrector == "none" or n_corrector_steps == 0):
+    predictor = Option("reverse-diffusion", "the predictor step", choices=PREDICTORS)
+    corrector = Option("langevin", "the corrector step", choices=CORRECTORS)
+    snr = Option(0.16, "the corrector's signal-to-noise ratio r (its step size)", low=0.0, low_open=True)
+    n_corrector_steps = Option(1, "corrector steps per predictor step", low=0)
+    denoise = Option(True, "the last step is the noiseless mean (Tweedie's denoising step)")
+    langevin_norm = Option("batch", "the Langevin step size from the batch's mean gradient norm ('batch', as "
+                                     "Score-SDE's code) or each sample's own ('sample')", choices=("batch", "sample"))
+
+    def check_options(self):
+        if self.predictor == "none" and (self.corrector == "none" or self.n_corrector_steps == 0):
             raise ValueError("predictor='none' needs a corrector with n_corrector_steps >= 1")
-        if not isinstance(denoise, bool):
-            raise TypeError(f"denoise must be True or False, got {denoise!r}")
-        if langevin_norm not in ("batch", "sample"):
-            raise ValueError(f"langevin_norm must be 'batch' or 'sample', got {langevin_norm!r}")
-        self.langevin_norm = langevin_norm
-        self.predictor, self.corrector = predictor, corrector
-        self.snr, self.n_corrector_steps, self.denoise = float(snr), n_corrector_steps, denoise
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1

@@ -324,3 +324,47 @@ def test_library_bugs_are_not_reported_as_usage_errors(tmp_path, monkeypatch, ca
     monkeypatch.undo()
     assert run("sample", *GMM, "--steps", "2", "--num-samples", "2", "--grid", "1,0.5,0.7",
                "--out", str(tmp_path / "p")) == 2
+
+
+def test_an_error_raised_inside_a_run_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only what checks the user's input becomes a usage error: a ValueError from inside sampling (here
+    ds.sample itself, then a check of the library's raised from a solver's step) propagates, the
+    unfinished run is cleaned up as after any failure, and a bad --solver is still a usage error."""
+    def boom(*a, **k):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(ds, "sample", boom)
+    with pytest.raises(ValueError, match="boom"):
+        run("sample", *GMM, "--steps", "2", "--num-samples", "2", "--out", str(tmp_path / "o"))
+    assert "diffsolve: error:" not in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
+
+    def broken_run(self, x, grid, noise, *, schedule, mu=None):  # a bug: a check of the library's, misused
+        yield from ()
+        ds.schedules.check_grid([float(grid[0])])
+
+    monkeypatch.setattr(ds.samplers.solver_info("euler").cls, "run", broken_run)
+    with pytest.raises(ValueError, match="at least 2 times"):
+        run("sample", *GMM, "--solver", "euler", "--steps", "2", "--num-samples", "2", "--out", str(tmp_path / "s"))
+    assert "bug" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    assert run("sample", *GMM, "--solver", "nosuch", "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffsolve: error:") and "'nosuch'" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_settings_the_library_checks_during_a_run_are_usage_errors(tmp_path, capsys):
+    """A run refuses some settings only when it meets them: a method option's value (restore), a
+    time range a solver cannot start from (sample); both name the setting and exit 2."""
+    assert run("restore", "--method", "inpaint", "--steps", "2", "--num-samples", "1", "-o", "resample=0",
+               "--out", str(tmp_path / "r"), "--no-progress") == 2
+    assert "resample" in capsys.readouterr().err
+    assert run("restore", "--method", "dps", "-o", "particles=3", "--out", str(tmp_path / "p")) == 2
+    assert "particles" in capsys.readouterr().err
+    assert run("sample", *GMM, "--solver", "mrs-adaptive", "--num-samples", "2", "--t-min", "0",
+               "--out", str(tmp_path / "t")) == 2
+    assert "t_min" in capsys.readouterr().err
+    assert not (tmp_path / "t" / cli.SHARD_DIR).exists()

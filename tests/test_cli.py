@@ -287,3 +287,19 @@ def test_invert_and_sample_back_from_the_latent(tmp_path, capsys):
     assert "stochastic" in capsys.readouterr().err
     assert run("sample", "--latent", str(tmp_path / "missing"), "--out", str(tmp_path / "y")) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_solvers_options(capsys):
+    """`diffsolve solvers --options NAME` prints each option's allowed values, default and meaning,
+    from the solver's declared options; an alias's fixed options are named and left out."""
+    assert run("solvers", "--options", "heun") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("heun: ") and "s_churn (a number >= 0; default 0.0): EDM's churn" in out
+    assert "space (one of 't', 'sigma'; default 'sigma')" in out
+    assert run("solvers", "--options", "ddpm") == 0
+    out = capsys.readouterr().out
+    assert "fixes eta=1.0" in out and "\n  eta (" not in out and "renoise (" in out
+    assert run("solvers", "--options", "dmcmc") == 0
+    assert "eta: another name for langevin_step" in capsys.readouterr().out
+    assert run("solvers", "--options", "nosuch") == 2
+    assert "unknown solver 'nosuch'" in capsys.readouterr().err

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("solvers", help="list the registered solvers", description="List the registered solvers.")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--family", default=None, help="only solvers of this family (ode, sde, ...)")
+    p.add_argument("--options", default=None, metavar="NAME",
+                   help="print the options of solver NAME (allowed values, default, meaning) instead of the table")
 
     p = sub.add_parser("sample", help="sample from a built-in model and save the results",
                        description="Sample from a built-in model with a registered solver; writes "

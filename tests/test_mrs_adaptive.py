@@ -185,7 +185,7 @@ def test_exponential_quadrature_weights_are_exact_on_polynomials():
     degree below the number of nodes (both branches of phi: power series below h = 1/2)."""
     from scipy.integrate import quad
 
-    from diffsolve.solvers.exponential.pc import lagrange_weights, phi_integrals
+    from diffsolve.solvers.exponential.maths import lagrange_weights, phi_integrals
 
     h = torch.tensor([0.05, 0.49, 0.51, 1.7], dtype=torch.float64)
     nodes = [torch.zeros_like(h), -0.8 * torch.ones_like(h), -1.9 * torch.ones_like(h), torch.ones_like(h)]

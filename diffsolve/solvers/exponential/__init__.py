@@ -1,8 +1,9 @@
-"""Exponential integrators: DPM-Solver++ / MR Sampler multistep (:mod:`.multistep`), the UniPC-type
-predictor-corrector (:mod:`.pc`), and the adaptive log-SNR solvers with the fixed-grid singlestep one
-(:mod:`.adaptive`)."""
+"""Exponential integrators: the shared maths (:mod:`.maths`: parameterisations, first-order and
+multistep weights, phi functions), DPM-Solver++ / MR Sampler multistep (:mod:`.multistep`), the
+UniPC-type predictor-corrector (:mod:`.pc`), the adaptive log-SNR solvers (:mod:`.adaptive`) and the
+fixed-grid singlestep one (:mod:`.singlestep`)."""
 
-from . import adaptive, multistep, pc  # noqa: F401
+from . import adaptive, maths, multistep, pc, singlestep  # noqa: F401
 from .adaptive import pilot_grid
 
 __all__ = ["pilot_grid"]

@@ -52,36 +52,27 @@ give each sample's accepted times (``"grids"``, and ``"grid"`` in batch mode).
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
 
-from ...core.protocol import Outcome, Query, Solver, col, sub
 from ...core.control import StepSizeController, check_adaptive
-from .pc import PARAMS as PC_PARAMS, pc_output, pc_step
 from ...core.noise import NoiseSource
+from ...core.protocol import Outcome, Query, Solver, col, sub
 from ...core.registry import register
-
-PARAMS = ("data", "noise")
+from .maths import (
+    at_log_snr,
+    check_parameterization,
+    fresh_variance,
+    model_output,
+    ode_weights_expm1,
+    raw_output,
+    sde_weights,
+    shift_output,
+)
+from .pc import pc_step
 
 Tensor = torch.Tensor
-
-
-def _coefs(param: str, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor, h: Tensor):
-    """(A, c1, c2) of a step by h in log-SNR ending at (alpha_t, sigma_t): y_t = A y_s + c1 q_s is
-    first order, c1 / (2 r) and c2 weigh the 2S and 3S corrections (module docstring)."""
-    if param == "data":  # phi1 = e^{-h} - 1, phi2 = phi1 / h + 1
-        phi1 = torch.expm1(-h)
-        return s_t / s_s, -a_t * phi1, a_t * (phi1 / h + 1.0)
-    e1 = torch.expm1(h)  # noise: e^h - 1
-    return a_t / a_s, -s_t * e1, -s_t * (e1 / h - 1.0)
-
-
-def _at(schedule, lm: Tensor):
-    """(t, alpha, sigma) at log-SNR ``lm`` (per row)."""
-    t = schedule.t_of_log_snr(lm)
-    return t, schedule.alpha(t), schedule.sigma(t)
 
 
 def _first(x: Tensor, ts: Tensor, rows, it, q, cached):
@@ -105,35 +96,30 @@ def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, 
     (the state the model saw, the model output at the start, low-order y, high-order y, the end time). See the
     module docstring; ``cached``: see :func:`_first`."""
 
-    at = partial(_at, schedule)
-
-    def out(pred):  # the model output the solver uses (cached raw: mu is per row)
-        return pred.eps if param == "noise" else pred.x0
-
-    def q(raw):
-        return raw if param == "noise" or m is None else raw - m
+    at = partial(at_log_snr, schedule)
+    out = partial(raw_output, param=param)  # the model output the solver uses (cached raw: mu is per row)
 
     ts, a_s, s_s = at(ls)
     xr, raw = yield from _first(x, ts, rows, it, out, cached)
-    q_s = q(raw)
+    q_s = shift_output(raw, m, param)
     y = xr if m is None else xr - m
     tt, a_t, s_t = at(ls + hr)
-    big_a, c1, c2 = _coefs(param, a_t, s_t, a_s, s_s, hr)
-    y1 = col(big_a, y) * y + col(c1, y) * q_s
+    w = ode_weights_expm1(param, a_t, s_t, a_s, s_s, hr)  # y_t = decay y_s + w0 q_s + w1 D1
+    y1 = col(w.decay, y) * y + col(w.w0, y) * q_s
     r1 = 0.5 if order == 2 else 1.0 / 3.0
     t1, a1, s1 = at(ls + r1 * hr)
-    b1, d1, _ = _coefs(param, a1, s1, a_s, s_s, r1 * hr)
-    u1 = col(b1, y) * y + col(d1, y) * q_s
-    q_1 = q(out((yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it))))
-    y2 = y1 + col(c1 / (2 * r1), y) * (q_1 - q_s)
+    w_1 = ode_weights_expm1(param, a1, s1, a_s, s_s, r1 * hr)
+    u1 = col(w_1.decay, y) * y + col(w_1.w0, y) * q_s
+    q_1 = model_output((yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it)), m, param)
+    y2 = y1 + col(w.w0 / (2 * r1), y) * (q_1 - q_s)
     if order == 2:
         return xr, raw, y1, y2, tt
     r2 = 2.0 / 3.0
     t2, a2, s2 = at(ls + r2 * hr)
-    b2, d2, e2 = _coefs(param, a2, s2, a_s, s_s, r2 * hr)
-    u2 = col(b2, y) * y + col(d2, y) * q_s + col(e2 * (r2 / r1), y) * (q_1 - q_s)
-    q_2 = q(out((yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it))))
-    return xr, raw, y2, y1 + col(c2 / r2, y) * (q_2 - q_s), tt
+    w_2 = ode_weights_expm1(param, a2, s2, a_s, s_s, r2 * hr)
+    u2 = col(w_2.decay, y) * y + col(w_2.w0, y) * q_s + col(w_2.w1 * (r2 / r1), y) * (q_1 - q_s)
+    q_2 = model_output((yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it)), m, param)
+    return xr, raw, y2, y1 + col(w.w1 / r2, y) * (q_2 - q_s), tt
 
 
 class _LogSNRAdaptive(Solver):
@@ -247,15 +233,15 @@ class _MultistepTries:
     def start(self, x, lam, schedule, mu):
         pred = yield Query(x, schedule.t_of_log_snr(lam), step=0)
         self.hist = torch.zeros(self.slots, *x.shape, dtype=x.dtype, device=x.device)
-        self.hist[0] = pc_output(pred, mu, self.param)
+        self.hist[0] = model_output(pred, mu, self.param)
         # column 0 holds lambda; the others are placeholders (distinct, weighted by zero) until filled
         self.lam = lam[:, None] - torch.arange(self.slots, dtype=lam.dtype, device=lam.device)
         self.count = torch.ones_like(lam, dtype=torch.long)
         return pred.x
 
     def attempt(self, x, ls, hr, m, schedule, rows, it):
-        ts, a_s, s_s = _at(schedule, ls)
-        tt, a_t, s_t = _at(schedule, ls + hr)
+        _, a_s, s_s = at_log_snr(schedule, ls)
+        tt, a_t, s_t = at_log_snr(schedule, ls + hr)
         every = len(rows) == len(self.count)  # all rows active: no gather of the history
         hist = self.hist if every else self.hist[:, rows]
         y_pred, y_corr, self.new = yield from pc_step(
@@ -311,10 +297,7 @@ class MRSAdaptive(_LogSNRAdaptive):
         order = orders[method][-1] if order is None else order
         if order not in orders[method]:
             raise ValueError(f"order must be one of {orders[method]} for method={method!r}, got {order!r}")
-        params = PC_PARAMS if method == "multistep" else PARAMS
-        if parameterization not in params:
-            raise ValueError(f"parameterization must be one of {', '.join(params)} for method={method!r}, "
-                             f"got {parameterization!r}")
+        check_parameterization(parameterization, velocity=method == "multistep", where=f" for method={method!r}")
         self.parameterization, self.method = parameterization, method
         default = (StepSizeController(safety=0.7, exponent=1.0 / order, factor_min=0.2, factor_max=2.0)
                    if method == "multistep" else
@@ -328,38 +311,6 @@ class MRSAdaptive(_LogSNRAdaptive):
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
         return (yield from _pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
-
-
-@register("dpmpp-3s", family="ode", order=3, calls_per_step=3, deterministic=True,
-          description="singlestep DPM-Solver++(3S) / MRS on a fixed grid (mrs-adaptive's step; replays a pilot grid)",
-          reference="Lu et al. 2023, DPM-Solver++ (singlestep); Li et al. 2025 (MR Sampler)")
-class SinglestepMRS(Solver):
-    """The higher-order solution of mrs-adaptive's pair (module docstring) on a fixed grid:
-    ``order=3`` is DPM-Solver++(3S) (3 calls per step), ``order=2`` DPM-Solver++(2S) with r = 1/2
-    (2 calls). A step from alpha = 0 or to sigma = 0 (an infinite log-SNR: no midpoints in log-SNR)
-    is first order, a DDIM step: x_t = alpha_t x0_hat + sigma_t eps_hat (+ (1 - alpha_t) mu).
-    Replaying a grid chosen by mrs-adaptive (:func:`pilot_grid`) gives the adaptive accuracy.
-    """
-
-    def __init__(self, order: int = 3):
-        if order not in (2, 3):
-            raise ValueError(f"order must be 2 or 3, got {order!r}")
-        self.order = order
-
-    def run(self, x, grid, noise, *, schedule, mu=None):
-        b = x.shape[0]
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
-            if not (math.isfinite(lam_s) and math.isfinite(lam_t)):  # from alpha = 0 or to sigma = 0: DDIM, one call
-                pred = yield Query(x, t, step=i + 1)
-                x = pred.point(*schedule.at(t_next))
-                continue
-            ls = torch.full((b,), lam_s, dtype=torch.float64, device=x.device)
-            hr = torch.full((b,), lam_t - lam_s, dtype=torch.float64, device=x.device)
-            _, _, _, high, _ = yield from _pair(x, ls, hr, mu, schedule, self.order, None, i + 1)
-            x = high if mu is None else high + mu
-        return x
 
 
 @register("mrs-sde-adaptive", family="adaptive", order=1, calls_per_step=2, deterministic=False, fixed_grid=False,
@@ -401,29 +352,29 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         path's clock v = e^{2 (lambda - lambda_hi)}, i.e. with the factor e^{lambda_hi - lambda}."""
         if isinstance(path, NoiseSource):  # fresh normals per try, same joint law
             z1, z2 = path.randn(rows).to(like), path.randn(rows).to(like)
-            a = col((-torch.expm1(-2 * r * hr)).sqrt(), like) * z1
-            return a, col(torch.exp(-(1 - r) * hr), like) * a + col((-torch.expm1(-2 * (1 - r) * hr)).sqrt(), like) * z2
+            a = col(fresh_variance(r * hr).sqrt(), like) * z1
+            return a, col(torch.exp(-(1 - r) * hr), like) * a + col(fresh_variance((1 - r) * hr).sqrt(), like) * z2
         lr, lt = (ls + r * hr).clamp_max(path.t1), (ls + hr).clamp_max(path.t1)
         b_s, b_r, b_t = path(ls, rows), path(lr, rows), path(lt, rows)
         return (col(torch.exp(path.t1 - lr), like) * (b_r - b_s).to(like),
                 col(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like))
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
-        coefs = partial(_at, schedule)
+        coefs = partial(at_log_snr, schedule)
         r = 0.5
         ts, a_s, s_s = coefs(ls)
-        xr, raw = yield from _first(x, ts, rows, it, lambda p: p.x0, cached)
-        q_s = raw if m is None else raw - m
+        xr, raw = yield from _first(x, ts, rows, it, partial(raw_output, param="data"), cached)
+        q_s = shift_output(raw, m, "data")
         y = xr if m is None else xr - m
         n_r, n_t = self._noises(path, ls, hr, r, rows, y)
-        p1 = lambda z: -torch.expm1(-2.0 * z)
         tt, a_t, s_t = coefs(ls + hr)
         tr, a_r, s_r = coefs(ls + r * hr)
-        y1 = col(s_t / s_s * torch.exp(-hr), y) * y + col(a_t * p1(hr), y) * q_s + col(s_t, y) * n_t
-        u = col(s_r / s_s * torch.exp(-r * hr), y) * y + col(a_r * p1(r * hr), y) * q_s + col(s_r, y) * n_r
-        pred_r = yield Query(u if m is None else u + m, tr, index=rows, step=it)
-        q_r = pred_r.x0 if m is None else pred_r.x0 - m
-        y2 = y1 + col(a_t * (1.0 - p1(hr) / (2.0 * hr)) / r, y) * (q_r - q_s)
+        w = sde_weights("data", a_t, s_t, a_s, s_s, hr)
+        v = sde_weights("data", a_r, s_r, a_s, s_s, r * hr, order=1)
+        y1 = col(w.decay, y) * y + col(w.w0, y) * q_s + col(s_t, y) * n_t
+        u = col(v.decay, y) * y + col(v.w0, y) * q_s + col(s_r, y) * n_r
+        q_r = model_output((yield Query(u if m is None else u + m, tr, index=rows, step=it)), m, "data")
+        y2 = y1 + col(w.w1 / r, y) * (q_r - q_s)
         return xr, raw, y1, y2, tt
 
     def _end(self, x, t_min, it):

@@ -16,6 +16,9 @@ q'' (lambda - lambda_s)^2 / 2 exactly gives 2 alpha_t phi3 D2 (resp. 2 sigma_t p
 reference code, diffusers, k-diffusion and the MRS code use phi3 D2 without the 2, which leaves a
 local error O(h^3) and so a globally second-order "3M" method; with the 2 the measured order is 3
 (tests/test_exponential.py). Orders 1 and 2 are exactly the published rules.
+The weights (decay, w0, w1, w2) of y_t = decay y_s + w0 q_s + w1 D1 + w2 D2 come from
+:func:`.maths.ode_weights` and :func:`.maths.sde_weights`; the module docstring of :mod:`.maths`
+derives them from the variation-of-constants formula.
 ODE, velocity (q = v, our form): with r = sqrt(alpha^2 + sigma^2) and tan(phi) = sigma/alpha, the
     normalised state u = y/r = cos(phi) y_0 + sin(phi) eps has du/dphi = v, integrated by variable-step
     Adams-Bashforth in phi: u_t = u_s + sum_j w_j v_j (w_j integrate the Lagrange basis over [phi_s, phi_t]).
@@ -40,16 +43,26 @@ that ends at sigma = 0 is always first order (diffusers' ``final_sigmas_type="ze
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from ...core.protocol import Solver
-from .pc import lagrange_weights
 from ...core.registry import register
+from .maths import (
+    ab_weights,
+    alpha_sigma,
+    check_parameterization,
+    half_log_snr,
+    midpoint_weight,
+    model_output,
+    ode_weights,
+    sde_noise_std,
+    sde_weights,
+    velocity_angle,
+    velocity_radius,
+)
 
-PARAMETERIZATIONS = ("data", "noise", "velocity")
 SOLVER_TYPES = ("taylor", "midpoint")
 
 
@@ -64,14 +77,6 @@ def _step_orders(order: int, n: int, lower_order_final: bool, final_zero: bool) 
     return orders
 
 
-def _ab_weights(nodes: list[float], a: float, b: float) -> list[float]:
-    """Integrals over [a, b] of the Lagrange basis polynomials on ``nodes`` (Adams-Bashforth weights)."""
-    width = b - a
-    theta = [torch.tensor((x - a) / width, dtype=torch.float64) for x in nodes]
-    plain = [torch.tensor(width / (j + 1), dtype=torch.float64) for j in range(len(nodes))]  # int_a^b theta^j
-    return [float(w) for w in lagrange_weights(theta, plain)]
-
-
 class _Grid(NamedTuple):
     """Per-grid-point floats: times, alpha, sigma and lambda (inf where sigma = 0)."""
 
@@ -82,14 +87,16 @@ class _Grid(NamedTuple):
 
 
 class _Multistep(Solver):
-    """Shared machinery of the multistep exponential integrators (see the module docstring)."""
+    """Shared machinery of the multistep exponential integrators (see the module docstring).
+    ``VELOCITY``: whether the subclass integrates the velocity parameterisation too."""
+
+    VELOCITY = True
 
     def __init__(self, order: int = 2, parameterization: str = "data", lower_order_final: bool = True,
                  solver_type: str = "taylor"):
         if order not in self.ORDERS:
             raise ValueError(f"order must be one of {self.ORDERS}, got {order!r}")
-        if parameterization not in self.PARAMS:
-            raise ValueError(f"parameterization must be one of {', '.join(self.PARAMS)}, got {parameterization!r}")
+        check_parameterization(parameterization, velocity=self.VELOCITY)
         if solver_type not in SOLVER_TYPES:
             raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {solver_type!r}")
         if not isinstance(lower_order_final, bool):
@@ -99,19 +106,12 @@ class _Multistep(Solver):
         self.lower_order_final = lower_order_final
         self.solver_type = solver_type
 
-    def _output(self, pred, mu):
-        if self.parameterization == "data":
-            return pred.x0 if mu is None else pred.x0 - mu
-        if self.parameterization == "noise":
-            return pred.eps
-        return pred.v
-
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
         ts = [float(t) for t in grid]
-        alpha = [schedule.at(t)[0] for t in ts]
-        sigma = [max(schedule.at(t)[1], 0.0) for t in ts]
-        lam = [math.log(a / s) if a > 0 and s > 0 else (math.inf if s == 0 else -math.inf) for a, s in zip(alpha, sigma)]
+        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
+        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
+        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
         if self.parameterization == "noise" and alpha[0] <= 0:
             raise ValueError("parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
                              "use 'data' or 'velocity', or a grid with t_max < 1")
@@ -124,7 +124,7 @@ class _Multistep(Solver):
         for i in range(n):
             pred = yield x, ts[i]
             y = pred.x if mu is None else pred.x - mu
-            hist = (hist + [self._output(pred, mu)])[-3:]
+            hist = (hist + [model_output(pred, mu, self.parameterization)])[-3:]
             y = self._step(y, hist, i, orders[i], g, noise)
             x = y if mu is None else y + mu
         return x
@@ -172,41 +172,28 @@ class MRSODE(_Multistep):
     """
 
     ORDERS = (1, 2, 3)
-    PARAMS = PARAMETERIZATIONS
 
     def _step(self, y, q, i, k, g, noise):
         if self.parameterization == "velocity":
             return self._velocity_step(y, q, i, k, g)
-        a_s, a_t, s_s, s_t = g.alpha[i], g.alpha[i + 1], g.sigma[i], g.sigma[i + 1]
         h = g.lam[i + 1] - g.lam[i]
+        w = ode_weights(self.parameterization, g.alpha[i + 1], g.sigma[i + 1], g.alpha[i], g.sigma[i], h)
         qs, d1, d2 = self._differences(q, i, k, g.lam)
-        mid = self.solver_type == "midpoint"
         # y is rebuilt in place (fused multiply-adds: fewer passes over the state)
-        if self.parameterization == "data":
-            c1 = a_s * s_t / s_s - a_t            # alpha_t phi1 (finite at sigma_t = 0)
-            c2 = c1 / h + a_t                      # alpha_t phi2
-            y = torch.mul(y, s_t / s_s).add_(qs, alpha=-c1)
-            if d1 is not None:
-                y.add_(d1, alpha=-0.5 * c1 if (mid and d2 is None) else c2)
-            if d2 is not None:
-                y.add_(d2, alpha=-(2.0 * c2 / h - a_t))
-            return y
-        c1 = a_t * s_s / a_s - s_t                 # sigma_t phi1 (noise form)
-        c2 = c1 / h - s_t                          # sigma_t phi2
-        y = torch.mul(y, a_t / a_s).add_(qs, alpha=-c1)
+        y = torch.mul(y, w.decay).add_(qs, alpha=w.w0)
         if d1 is not None:
-            y.add_(d1, alpha=-0.5 * c1 if (mid and d2 is None) else -c2)
+            y.add_(d1, alpha=midpoint_weight(w.w0) if (self.solver_type == "midpoint" and d2 is None) else w.w1)
         if d2 is not None:
-            y.add_(d2, alpha=-(2.0 * c2 / h - s_t))
+            y.add_(d2, alpha=w.w2)
         return y
 
     @staticmethod
     def _velocity_step(y, q, i, k, g):
-        phi = [math.atan2(g.sigma[j], g.alpha[j]) for j in range(i - k + 1, i + 2)]  # oldest .. t
-        r_s = math.hypot(g.alpha[i], g.sigma[i])
-        r_t = math.hypot(g.alpha[i + 1], g.sigma[i + 1])
+        phi = [velocity_angle(g.alpha[j], g.sigma[j]) for j in range(i - k + 1, i + 2)]  # oldest .. t
+        r_s = velocity_radius(g.alpha[i], g.sigma[i])
+        r_t = velocity_radius(g.alpha[i + 1], g.sigma[i + 1])
         nodes = [phi[k - 1 - j] for j in range(k)]  # phi_s, phi_{s-1}, ... (newest first)
-        w = _ab_weights(nodes, phi[k - 1], phi[k])
+        w = ab_weights(nodes, phi[k - 1], phi[k])
         u = y / r_s
         for j in range(k):
             u = u + w[j] * q[-1 - j]
@@ -229,25 +216,16 @@ class MRSSDE(_Multistep):
     """
 
     ORDERS = (1, 2)
-    PARAMS = ("data", "noise")
+    VELOCITY = False
 
     def _step(self, y, q, i, k, g, noise):
-        a_s, a_t, s_s, s_t = g.alpha[i], g.alpha[i + 1], g.sigma[i], g.sigma[i + 1]
-        h = g.lam[i + 1] - g.lam[i]
+        coefs = (self.parameterization, g.alpha[i + 1], g.sigma[i + 1], g.alpha[i], g.sigma[i], g.lam[i + 1] - g.lam[i])
         qs, d1, _ = self._differences(q, i, k, g.lam)
-        mid = self.solver_type == "midpoint"
-        if self.parameterization == "data":
-            p1 = -math.expm1(-2.0 * h)
-            y = ((s_t / s_s) * math.exp(-h)) * y + (a_t * p1) * qs
-            if d1 is not None:
-                y = y + (0.5 * a_t * p1 if mid else a_t * (1.0 - p1 / (2.0 * h))) * d1
-            std = s_t * math.sqrt(p1)
-        else:
-            c1 = a_t * s_s / a_s - s_t
-            y = (a_t / a_s) * y - (2.0 * c1) * qs
-            if d1 is not None:
-                y = y - (c1 if mid else 2.0 * (c1 / h - s_t)) * d1
-            std = math.sqrt(max((a_t * s_s / a_s) ** 2 - s_t**2, 0.0))
+        w = sde_weights(*coefs, order=1 if d1 is None else 2)
+        y = w.decay * y + w.w0 * qs
+        if d1 is not None:
+            y = y + (midpoint_weight(w.w0) if self.solver_type == "midpoint" else w.w1) * d1
+        std = sde_noise_std(*coefs)
         if std > 0:
             y = y + std * noise.step(g.t[i], g.t[i + 1])
         return y

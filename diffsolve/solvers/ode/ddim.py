@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import math
 
-from ...schedules.base import Schedule
 from ...core.protocol import Query, Solver
 from ...core.options import Option
 from ...core.registry import register
 from ...core.renoise import ReNoise
-
-
-def _coef(schedule: Schedule, t: float) -> tuple[float, float]:
-    return schedule.at(float(t))
-
+from ...schedules.base import Schedule
+from ..exponential.maths import alpha_sigma, half_log_snr, model_output, posterior_std
 
 SPACES = ("t", "sigma")
 #: the ``space`` option of Euler and Heun
@@ -32,7 +28,7 @@ def _sigma_step(x, t: float, t_next: float, d, schedule: Schedule, mu):
     c, c1 = schedule.sampling_scale(t), schedule.sampling_scale(t_next)
     if c <= 0 or c1 <= 0:
         raise ValueError("space='sigma' needs alpha > 0 on the grid; use space='t', or t_max below the schedule's end")
-    s, s1 = _coef(schedule, t)[1] / c, _coef(schedule, t_next)[1] / c1
+    s, s1 = alpha_sigma(schedule, t)[1] / c, alpha_sigma(schedule, t_next)[1] / c1
     y = x if mu is None else x - mu
     x1 = (c1 / c) * y + (c1 * (s1 - s)) * d
     return x1 if mu is None else x1 + mu
@@ -43,13 +39,12 @@ def _sigma_derivative(pred, t: float, schedule: Schedule):
     d = eps + ((alpha/c - 1)/s) (x0 - mu); eps for diffusion schedules (c = alpha), eps - x0 (the
     flow velocity) for rectified flow (c = 1, s = t)."""
     c = schedule.sampling_scale(t)
-    a, sig = _coef(schedule, t)
+    a, sig = alpha_sigma(schedule, t)
     if a == c:
         return pred.eps
     # at sigma = 0 (an inversion's start) the limit, for a constant scale (rectified flow): alpha'/sigma'
     k = (a / c - 1.0) / (sig / c) if sig > 0 else float(schedule.alpha_dot(t)) / float(schedule.sigma_dot(t))
-    x0 = pred.x0 if pred.mu is None else pred.x0 - pred.mu
-    return pred.eps + k * x0
+    return pred.eps + k * model_output(pred, pred.mu, "data")
 
 
 @register("euler", family="ode", order=1, calls_per_step=1, deterministic=True,
@@ -128,7 +123,7 @@ class Heun(Solver):
         for i in range(n):
             t, t_next = float(grid[i]), float(grid[i + 1])
             t_hat = t
-            a_t, s_t = _coef(schedule, t)
+            a_t, s_t = alpha_sigma(schedule, t)
             s = s_t / a_t if a_t > 0 else math.inf  # EDM sigma
             if gamma_max > 0 and math.isfinite(s) and self.s_tmin <= s <= self.s_tmax:  # no churn at alpha = 0
                 t_hat = float(schedule.t_of_log_snr(-math.log(s) - math.log1p(gamma_max)))
@@ -145,7 +140,7 @@ class Heun(Solver):
             else:
                 d = _sigma_derivative(pred, t_hat, schedule)
                 x = _sigma_step(x_hat, t_hat, t_next, d, schedule, mu)
-            if _coef(schedule, t_next)[1] > 0:
+            if alpha_sigma(schedule, t_next)[1] > 0:
                 pred2 = yield Query(x, t_next, step=i + 1)
                 if self.space == "t":
                     x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
@@ -210,14 +205,15 @@ class DDIM(Solver):
 
 
 def ddim_step(pred, t: float, t_next: float, schedule: Schedule, eta: float):
-    """(x_mean, c) of DDIM's step t -> t_next (DDIM docstring): x_{i+1} = x_mean + c z."""
-    a_n, s_n = _coef(schedule, t_next)
+    """(x_mean, c) of DDIM's step t -> t_next (DDIM docstring): x_{i+1} = x_mean + c z, with
+    c = eta sigma_{i+1} sqrt(1 - e^{-2h}) (:func:`~diffsolve.solvers.exponential.maths.posterior_std`)."""
+    a_n, s_n = alpha_sigma(schedule, t_next)
     c = 0.0
     if eta > 0 and s_n > 0:
-        a, s = _coef(schedule, t)
+        a, s = alpha_sigma(schedule, t)
         if a > 0:
-            h = math.log(a_n / s_n) - math.log(a / s)
-            c = eta * s_n * math.sqrt(-math.expm1(-2.0 * h))
+            h = half_log_snr(a_n, s_n) - half_log_snr(a, s)
+            c = posterior_std(eta * s_n, h)
         else:  # from alpha = 0 (rectified flow's t = 1): h = infinity
             c = eta * s_n
     return pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c

@@ -36,6 +36,7 @@ import torch
 from ...core.protocol import ExactInverse, Outcome, Query, UnstableError
 from ...core.options import Option, declared
 from ...core.registry import register
+from ..exponential.maths import model_output
 
 Tensor = torch.Tensor
 State = tuple  # a scheme's state: a tuple of tensors
@@ -96,9 +97,7 @@ class _Form:
     def field(self, y: Tensor, i: int, step: int):
         """Yields a query at grid point i; returns du/ds there (a generator helper)."""
         pred = yield Query(_as(self.x(y, i), self.dtype), float(self.t[i]), step=step)
-        if not self.data:
-            return pred.eps
-        return pred.x0 if self.mu is None else pred.x0 - self.mu
+        return model_output(pred, self.mu, "data" if self.data else "noise")
 
     def ds(self, i: int, j: int) -> float:
         return float(self.s[j] - self.s[i])
@@ -459,7 +458,7 @@ class _DataForm:
         s = self.schedule
         t = float(s.t_of_log_snr(torch.tensor(g, dtype=torch.float64).log())) if t is None else t
         pred = yield Query(_as(self.x(v, float(s.sigma(torch.tensor(t, dtype=torch.float64)))), self.dtype), t, step=step)
-        return pred.x0 if self.mu is None else pred.x0 - self.mu
+        return model_output(pred, self.mu, "data")
 
 
 @register("rex", family="reversible", order=2, calls_per_step=4, deterministic=True, invertible=True,

@@ -1,0 +1,349 @@
+"""The maths of the exponential integrators: one home for the formulas every exponential solver
+(:mod:`.multistep`, :mod:`.pc`, :mod:`.adaptive`, :mod:`.singlestep`), DDIM and the reversible
+solvers' fields use.
+
+Notation. A schedule gives x_t = alpha_t x_0 + (1 - alpha_t) mu + sigma_t eps (mu = 0 unless
+mean-reverting), so y = x - mu reads y_t = alpha_t y_0 + sigma_t eps. lambda = log(alpha / sigma) is
+the half log-SNR (decreasing in t; +inf where sigma = 0, -inf where alpha = 0). A step goes from s
+to t with h = lambda_t - lambda_s (> 0 when sampling).
+
+Parameterisations (:data:`PARAMETERIZATIONS`): the model output q the integrator integrates is
+``"data"``: q = x0_hat - mu, ``"noise"``: q = eps_hat, or ``"velocity"``: q = v_hat (below).
+
+Variation of constants. In lambda the probability-flow ODE is linear in y plus a model term, and
+its exact solution from s is (Lu et al. 2022, DPM-Solver; Lu et al. 2022/2023, DPM-Solver++; Li et
+al. 2025, MR Sampler for y = x - mu)
+
+    data:   y_t = (sigma_t / sigma_s) y_s + alpha_t int_0^h e^{-(h - tau)} q(lambda_s + tau) dtau
+    noise:  y_t = (alpha_t / alpha_s) y_s - sigma_t int_0^h e^{+(h - tau)} q(lambda_s + tau) dtau
+
+i.e. y_t = A y_s + C int_0^h e^{kappa (h - tau)} q dtau with (A, C, kappa) = (sigma_t / sigma_s,
+alpha_t, -1) for data and (alpha_t / alpha_s, -sigma_t, +1) for noise (:func:`vc_factors`,
+:func:`kernel_sign`). ``velocity``: with r = sqrt(alpha^2 + sigma^2) and phi = atan(sigma / alpha)
+= atan(e^{-lambda}), u = y / r = cos(phi) y_0 + sin(phi) eps has du/dphi = v, so y_t = (r_t / r_s)
+y_s + r_t int_{phi_s}^{phi_t} q dphi: A = r_t / r_s, C = r_t and a constant kernel, in phi.
+
+phi functions. phi_0(z) = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z = sum_m z^m / (m + k + 1)!
+(phi_k(0) = 1/k!), and
+
+    J_j = int_0^h e^{z (1 - tau/h)} (tau/h)^j dtau = h j! phi_{j+1}(z),    z = kappa h.
+
+Taylor-expanding q about lambda_s, q(lambda_s + tau) = sum_k q^(k) tau^k / k!, gives
+y_t = A y_s + C sum_k h^{k+1} phi_{k+1}(kappa h) q^(k). With D1 = h q' and D2 = h^2 q'' / 2, in
+DPM-Solver's notation phi1 = e^{-h} - 1, phi2 = phi1/h + 1, phi3 = phi2/h - 1/2 (data) and
+phi1 = e^h - 1, phi2 = phi1/h - 1, phi3 = phi2/h - 1/2 (noise):
+
+    data:   y_t = (sigma_t/sigma_s) y_s - alpha_t phi1 q_s + alpha_t phi2 D1 - 2 alpha_t phi3 D2
+    noise:  y_t = (alpha_t/alpha_s) y_s - sigma_t phi1 q_s - sigma_t phi2 D1 - 2 sigma_t phi3 D2
+
+which this module writes y_t = decay y_s + w0 q_s + w1 D1 + w2 D2 (:class:`Weights`,
+:func:`ode_weights`). The first-order step (w0 only) is DDIM (Song et al. 2021) = DPM-Solver-1 =
+DPM-Solver++(1); at sigma_t = 0 the data form's is the jump y_t = alpha_t q_s.
+
+SDE (Lu et al. 2023, SDE-DPM-Solver++; the reverse SDE's variation of constants), with
+p1 = 1 - e^{-2h} (:func:`fresh_variance`) and z ~ N(0, I):
+
+    data:   y_t = (sigma_t/sigma_s) e^{-h} y_s + alpha_t p1 q_s + alpha_t (1 - p1/(2h)) D1 + sigma_t sqrt(p1) z
+    noise:  y_t = (alpha_t/alpha_s) y_s - 2 sigma_t (phi1 q_s + phi2 D1) + sigma_t sqrt(e^{2h} - 1) z
+
+(:func:`sde_weights`, :func:`sde_noise_std`); sigma_t sqrt(p1) is also DDIM's eta = 1 (DDPM
+posterior) noise (:func:`posterior_std`).
+
+Multistep on nonuniform nodes. Replacing q by the polynomial through its values at nodes theta_i =
+(lambda_i - lambda_s) / h, with Lagrange basis l_i(theta) = sum_j c_ij theta^j, integrates exactly
+to the weights w_i = sum_j c_ij J_j (:func:`phi_integrals`, :func:`lagrange_weights`): the
+variable-step Adams-Bashforth-type predictor on the last k outputs and the UniPC-type corrector that
+adds the output at theta = 1 (:func:`pc_weights`; Zhao et al. 2023, UniPC). With plain integrals
+J_j = (b - a) / (j + 1) the same weights are Adams-Bashforth's (:func:`ab_weights`, the velocity form).
+
+Building on it: DEIS's rhoAB (Zhang & Chen 2023) is :func:`ab_weights` in rho = sigma / alpha on eps;
+SA-Solver (Xue et al. 2023) with a constant tau has the data-form kernel e^{-(1 + tau^2)(h - tau')}
+and weight (1 + tau^2) alpha_t, i.e. :func:`phi_integrals` with ``sign = -(1 + tau^2)``, decay
+(sigma_t/sigma_s) e^{-tau^2 h} and noise sigma_t sqrt(1 - e^{-2 tau^2 h}).
+
+Rounding. Some weights exist in two evaluations that agree to rounding: :func:`ode_weights` from the
+ratio e^{-h} = alpha_s sigma_t / (alpha_t sigma_s) (Python floats, exact at sigma_t = 0 where
+h = inf: the fixed-grid multistep solvers) and :func:`ode_weights_expm1` from expm1(h) (accurate at
+small h; per-row tensors: the adaptive singlestep pairs). Each caller keeps its own, so that results
+stay bitwise as they were. Helpers taking ``float | Tensor`` use :mod:`math` on floats and torch on
+tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+Scalar = Any  # a Python float or a (per-row) tensor
+
+#: the model outputs an exponential integrator can integrate (see the module docstring)
+PARAMETERIZATIONS = ("data", "noise", "velocity")
+
+
+# ----------------------------------------------------------------------------- parameterisations
+def check_parameterization(value, *, velocity: bool = True, where: str = "") -> str:
+    """``value`` if it is one of :data:`PARAMETERIZATIONS` (without ``"velocity"`` when
+    ``velocity=False``), else a ValueError naming the argument, the allowed values and ``where``
+    (e.g. ``" for method='singlestep'"``)."""
+    allowed = PARAMETERIZATIONS if velocity else tuple(p for p in PARAMETERIZATIONS if p != "velocity")
+    if value not in allowed:
+        raise ValueError(f"parameterization must be one of {', '.join(allowed)}{where}, got {value!r}")
+    return value
+
+
+def raw_output(pred, param: str) -> Tensor:
+    """The prediction's output for ``param`` before the shift by mu: x0_hat (data), eps_hat (noise)
+    or v_hat (velocity)."""
+    if param == "noise":
+        return pred.eps
+    if param == "velocity":
+        return pred.v
+    return pred.x0
+
+
+def shift_output(raw: Tensor, mu, param: str) -> Tensor:
+    """q from :func:`raw_output`: x0_hat - mu for data (y = x - mu has y_0 = x0 - mu); eps_hat and
+    v_hat as they are."""
+    return raw if param != "data" or mu is None else raw - mu
+
+
+def model_output(pred, mu, param: str) -> Tensor:
+    """The model output q the steps integrate: x0_hat - mu (data), eps_hat (noise) or v_hat (velocity)."""
+    return shift_output(raw_output(pred, param), mu, param)
+
+
+# ----------------------------------------------------------------------------- log-SNR and angles
+def alpha_sigma(schedule, t) -> tuple[float, float]:
+    """(alpha_t, sigma_t) at one time, as Python floats (the schedule's memoised :meth:`at`)."""
+    return schedule.at(float(t))
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), +inf where sigma = 0 and -inf where alpha = 0."""
+    if alpha > 0 and sigma > 0:
+        return math.log(alpha / sigma)
+    return math.inf if sigma == 0 else -math.inf
+
+
+def at_log_snr(schedule, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, alpha_t, sigma_t) at half log-SNR ``lam`` (per row)."""
+    t = schedule.t_of_log_snr(lam)
+    return t, schedule.alpha(t), schedule.sigma(t)
+
+
+def velocity_angle(alpha: float, sigma: float) -> float:
+    """phi = atan(sigma / alpha), the velocity form's time (atan2: phi = pi/2 at alpha = 0)."""
+    return math.atan2(sigma, alpha)
+
+
+def angle_of_log_snr(lam: Tensor) -> Tensor:
+    """phi = atan(sigma / alpha) = atan(e^{-lambda}) at half log-SNR ``lam``."""
+    return torch.atan(torch.exp(-lam))
+
+
+def velocity_radius(alpha: Scalar, sigma: Scalar) -> Scalar:
+    """r = sqrt(alpha^2 + sigma^2), the velocity form's scale (math.hypot on floats)."""
+    if isinstance(alpha, Tensor) or isinstance(sigma, Tensor):
+        return (alpha * alpha + sigma * sigma) ** 0.5
+    return math.hypot(alpha, sigma)
+
+
+# ----------------------------------------------------------------------------- first-order factors
+def vc_factors(param: str, a_t: Scalar, s_t: Scalar, a_s: Scalar, s_s: Scalar) -> tuple[Scalar, Scalar]:
+    """(A, C) of the variation-of-constants formula y_t = A y_s + C int K q: (sigma_t / sigma_s,
+    alpha_t) for data, (alpha_t / alpha_s, -sigma_t) for noise, (r_t / r_s, r_t) for velocity."""
+    if param == "data":
+        return s_t / s_s, a_t
+    if param == "noise":
+        return a_t / a_s, -s_t
+    r_t = velocity_radius(a_t, s_t)
+    return r_t / velocity_radius(a_s, s_s), r_t
+
+
+def kernel_sign(param: str) -> float:
+    """kappa of the kernel e^{kappa (h - tau)}: -1 for data, +1 for noise."""
+    return -1.0 if param == "data" else 1.0
+
+
+class Weights(NamedTuple):
+    """One exponential-integrator step y_t = decay y_s + w0 q_s + w1 D1 + w2 D2 (module docstring);
+    ``w2`` is None where a form gives no third-order term."""
+
+    decay: Scalar
+    w0: Scalar
+    w1: Scalar
+    w2: Scalar = None
+
+
+def ode_weights(param: str, a_t: float, s_t: float, a_s: float, s_s: float, h: float) -> Weights:
+    """The ODE step's weights (data or noise) from the ratio e^{-h} = alpha_s sigma_t / (alpha_t sigma_s):
+
+        data:  w0 = -alpha_t phi1,  alpha_t phi1 = alpha_s sigma_t / sigma_s - alpha_t,
+               w1 = alpha_t phi2 = alpha_t phi1 / h + alpha_t,  w2 = -2 alpha_t phi3 = -(2 w1 / h - alpha_t)
+        noise: w0 = -sigma_t phi1,  sigma_t phi1 = alpha_t sigma_s / alpha_s - sigma_t,
+               w1 = -sigma_t phi2 = -(sigma_t phi1 / h - sigma_t),  w2 = -(2 sigma_t phi2 / h - sigma_t)
+
+    (DPM-Solver++ / DPM-Solver, Lu et al. 2022/2023). Finite at sigma_t = 0 (h = inf: the data form
+    is the jump y_t = alpha_t q_s); the mrs-ode / dpmpp-*m weights."""
+    decay, _ = vc_factors(param, a_t, s_t, a_s, s_s)
+    if param == "data":
+        c1 = a_s * s_t / s_s - a_t  # alpha_t phi1
+        c2 = c1 / h + a_t  # alpha_t phi2
+        return Weights(decay, -c1, c2, -(2.0 * c2 / h - a_t))
+    c1 = a_t * s_s / a_s - s_t  # sigma_t phi1
+    c2 = c1 / h - s_t  # sigma_t phi2
+    return Weights(decay, -c1, -c2, -(2.0 * c2 / h - s_t))
+
+
+def ode_weights_expm1(param: str, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor, h: Tensor) -> Weights:
+    """The ODE step's (decay, w0, w1) (data or noise, per row) from expm1:
+
+        data:  phi1 = expm1(-h),  w0 = -alpha_t phi1,  w1 = alpha_t (phi1 / h + 1)
+        noise: e1 = expm1(h),     w0 = -sigma_t e1,    w1 = -sigma_t (e1 / h - 1)
+
+    the same weights as :func:`ode_weights`, accurate at small h; the singlestep pairs' (w2 = None)."""
+    decay, _ = vc_factors(param, a_t, s_t, a_s, s_s)
+    if param == "data":  # phi1 = e^{-h} - 1, phi2 = phi1 / h + 1
+        phi1 = torch.expm1(-h)
+        return Weights(decay, -a_t * phi1, a_t * (phi1 / h + 1.0))
+    e1 = torch.expm1(h)  # noise: e^h - 1
+    return Weights(decay, -s_t * e1, -s_t * (e1 / h - 1.0))
+
+
+def midpoint_weight(w0: Scalar) -> Scalar:
+    """w1 of the second-order "midpoint" rule: w0 / 2 (the ODE's -alpha_t phi1 D1 / 2 and
+    -sigma_t phi1 D1 / 2, the SDE's alpha_t p1 D1 / 2 and -sigma_t phi1 D1): k-diffusion's and
+    diffusers' default DPM-Solver++(2M)."""
+    return 0.5 * w0
+
+
+def _exp(z: Scalar) -> Scalar:
+    return torch.exp(z) if isinstance(z, Tensor) else math.exp(z)
+
+
+def _expm1(z: Scalar) -> Scalar:
+    return torch.expm1(z) if isinstance(z, Tensor) else math.expm1(z)
+
+
+def _sqrt(z: Scalar) -> Scalar:
+    return z.sqrt() if isinstance(z, Tensor) else math.sqrt(z)
+
+
+def fresh_variance(h: Scalar) -> Scalar:
+    """p1(h) = 1 - e^{-2h}: the fraction of sigma_t^2 that the data-form SDE step (and DDPM's
+    posterior) draws afresh."""
+    return -_expm1(-2.0 * h)
+
+
+def posterior_std(scale: Scalar, h: Scalar) -> Scalar:
+    """scale sqrt(1 - e^{-2h}): the data-form SDE step's noise std for scale = sigma_t, DDIM's
+    eta-noise for scale = eta sigma_t."""
+    return scale * _sqrt(fresh_variance(h))
+
+
+def sde_weights(param: str, a_t: Scalar, s_t: Scalar, a_s: Scalar, s_s: Scalar, h: Scalar,
+                order: int = 2) -> Weights:
+    """The reverse-SDE step's (decay, w0, w1) (module docstring; w1 only for ``order`` 2, else None):
+
+        data:  decay = (sigma_t / sigma_s) e^{-h},  w0 = alpha_t p1,  w1 = alpha_t (1 - p1 / (2h))
+        noise: decay = alpha_t / alpha_s,  w0 = -2 sigma_t phi1,  w1 = -2 sigma_t phi2
+
+    with p1 = 1 - e^{-2h} and (noise) sigma_t phi1 = alpha_t sigma_s / alpha_s - sigma_t,
+    sigma_t phi2 = sigma_t phi1 / h - sigma_t (SDE-DPM-Solver++ / SDE-DPM-Solver, Lu et al. 2023)."""
+    decay, _ = vc_factors(param, a_t, s_t, a_s, s_s)
+    if param == "data":
+        p1 = fresh_variance(h)
+        w1 = a_t * (1.0 - p1 / (2.0 * h)) if order >= 2 else None
+        return Weights(decay * _exp(-h), a_t * p1, w1)
+    c1 = a_t * s_s / a_s - s_t  # sigma_t phi1
+    return Weights(decay, -(2.0 * c1), -(2.0 * (c1 / h - s_t)) if order >= 2 else None)
+
+
+def sde_noise_std(param: str, a_t: float, s_t: float, a_s: float, s_s: float, h: float) -> float:
+    """The reverse-SDE step's noise std: sigma_t sqrt(1 - e^{-2h}) (data), sigma_t sqrt(e^{2h} - 1)
+    = sqrt((alpha_t sigma_s / alpha_s)^2 - sigma_t^2) (noise)."""
+    if param == "data":
+        return posterior_std(s_t, h)
+    return math.sqrt(max((a_t * s_s / a_s) ** 2 - s_t**2, 0.0))
+
+
+# ----------------------------------------------------------------------------- phi functions, polynomial weights
+def phi_functions(z: Tensor, n: int) -> list[Tensor]:
+    """phi_1(z) .. phi_n(z) (per row, float64): the closed-form recursion phi_{k+1} = (phi_k - 1/k!) / z
+    from phi_1 = expm1(z) / z where |z| >= 1/2, the power series sum_m z^m / (m + k)! below."""
+    closed, p = [], torch.expm1(z) / z
+    for j in range(n):
+        closed.append(p)
+        p = (p - 1.0 / math.factorial(j + 1)) / z
+    out = []
+    for j in range(n):
+        s, term = torch.zeros_like(z), torch.full_like(z, 1.0 / math.factorial(j + 1))
+        for m in range(16):  # |z| < 1/2: the 16th term is below 1e-19 of the first
+            s = s + term
+            term = term * z / (m + j + 2)
+        out.append(torch.where(z.abs() < 0.5, s, closed[j]))
+    return out
+
+
+def phi_integrals(h: Tensor, n: int, sign: float) -> list[Tensor]:
+    """J_j = int_0^h e^{sign (h - tau)} (tau / h)^j dtau = h j! phi_{j+1}(sign h), j = 0 .. n - 1
+    (per row, float64); ``sign`` is the kernel's kappa (:func:`kernel_sign`), or any real rate."""
+    return [h * math.factorial(j) * phi for j, phi in enumerate(phi_functions(sign * h, n))]
+
+
+def lagrange_weights(nodes: list[Tensor], big_j: list[Tensor]) -> list[Tensor]:
+    """Weights sum_j c_ij J_j of the Lagrange basis polynomials l_i(theta) = sum_j c_ij theta^j of the
+    (per-row) ``nodes``: element-wise only, so a row's weights do not depend on its batch."""
+    out = []
+    for i, ni in enumerate(nodes):
+        coef, den = [torch.ones_like(ni)], torch.ones_like(ni)
+        for j, nj in enumerate(nodes):
+            if j == i:
+                continue
+            coef = [(coef[k - 1] if k else 0.0) - (nj * coef[k] if k < len(coef) else 0.0)
+                    for k in range(len(coef) + 1)]
+            den = den * (ni - nj)
+        out.append(sum(c * jj for c, jj in zip(coef, big_j)) / den)
+    return out
+
+
+def ab_weights(nodes: list[float], a: float, b: float) -> list[float]:
+    """Integrals over [a, b] of the Lagrange basis polynomials on ``nodes`` (Adams-Bashforth weights
+    on nonuniform nodes: :func:`lagrange_weights` with J_j = (b - a) / (j + 1))."""
+    width = b - a
+    theta = [torch.tensor((x - a) / width, dtype=torch.float64) for x in nodes]
+    plain = [torch.tensor(width / (j + 1), dtype=torch.float64) for j in range(len(nodes))]  # int_a^b theta^j
+    return [float(w) for w in lagrange_weights(theta, plain)]
+
+
+def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: int, param: str):
+    """Per-row weights of one predictor-corrector step from ``ls`` by ``h`` (UniPC-type, Zhao et al. 2023).
+
+    ``lam_hist`` [R, slots]: the history's log-SNRs, newest (= ls) first; ``count`` [R]: how many are
+    filled (k = min(count, slots) are used). Returns (w_pred [R, slots], w_new [R], w_corr [R, slots]),
+    zero beyond k, to be multiplied by the step's C (:func:`vc_factors`)."""
+    if param == "velocity":  # nodes and step in phi = atan(e^{-lambda}), plain integrals
+        phi_s = angle_of_log_snr(ls)
+        step = angle_of_log_snr(ls + h) - phi_s
+        big_j = [step / (j + 1) for j in range(slots + 1)]
+        theta = [(angle_of_log_snr(lam_hist[:, i]) - phi_s) / step for i in range(slots)]
+    else:
+        big_j = phi_integrals(h, slots + 1, kernel_sign(param))
+        theta = [(lam_hist[:, i] - ls) / h for i in range(slots)]
+    k_row = count.clamp_max(slots)
+    zero = torch.zeros_like(h)
+    w_pred = [zero] * slots
+    w_corr = [zero] * slots
+    w_new = zero
+    for k in range(1, slots + 1):
+        use = k_row == k
+        wp = lagrange_weights(theta[:k], big_j[:k])
+        wc = lagrange_weights([torch.ones_like(h)] + theta[:k], big_j[:k + 1])
+        w_new = torch.where(use, wc[0], w_new)
+        for i in range(k):
+            w_pred[i] = torch.where(use, wp[i], w_pred[i])
+            w_corr[i] = torch.where(use, wc[i + 1], w_corr[i])
+    return torch.stack(w_pred, 1), w_new, torch.stack(w_corr, 1)

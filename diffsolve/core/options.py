@@ -126,12 +126,12 @@ class Option:
 
 
 def declared(cls: type) -> dict[str, Option]:
-    """The options of a class and its bases, in declaration order (bases first)."""
+    """The options of a class and its bases, in declaration order (bases first; an option a subclass
+    declares again keeps its base's place)."""
     out: dict[str, Option] = {}
     for klass in reversed(cls.__mro__):
         for k, v in vars(klass).items():
             if isinstance(v, Option):
-                out.pop(k, None)
                 out[k] = v
     return out
 

@@ -47,12 +47,13 @@ from typing import NamedTuple
 
 import torch
 
+from ...core.options import Option
 from ...core.protocol import Solver
 from ...core.registry import register
 from .maths import (
+    PARAMETERIZATIONS,
     ab_weights,
     alpha_sigma,
-    check_parameterization,
     half_log_snr,
     midpoint_weight,
     model_output,
@@ -87,24 +88,14 @@ class _Grid(NamedTuple):
 
 
 class _Multistep(Solver):
-    """Shared machinery of the multistep exponential integrators (see the module docstring).
-    ``VELOCITY``: whether the subclass integrates the velocity parameterisation too."""
+    """Shared machinery of the multistep exponential integrators (see the module docstring)."""
 
-    VELOCITY = True
-
-    def __init__(self, order: int = 2, parameterization: str = "data", lower_order_final: bool = True,
-                 solver_type: str = "taylor"):
-        if order not in self.ORDERS:
-            raise ValueError(f"order must be one of {self.ORDERS}, got {order!r}")
-        check_parameterization(parameterization, velocity=self.VELOCITY)
-        if solver_type not in SOLVER_TYPES:
-            raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {solver_type!r}")
-        if not isinstance(lower_order_final, bool):
-            raise TypeError(f"lower_order_final must be True or False, got {lower_order_final!r}")
-        self.order = order
-        self.parameterization = parameterization
-        self.lower_order_final = lower_order_final
-        self.solver_type = solver_type
+    order = Option(2, "the order of the multistep update (history length)", choices=(1, 2, 3))
+    parameterization = Option("data", "the model output integrated: 'data' (x0, DPM-Solver++), 'noise' (eps, "
+                                      "DPM-Solver) or 'velocity'", choices=PARAMETERIZATIONS)
+    lower_order_final = Option(True, "lower the order at the last steps (stabler at few steps, as diffusers)")
+    solver_type = Option("taylor", "the second-order term: 'taylor' (MR Sampler / DPM-Solver's Taylor "
+                                   "coefficient) or 'midpoint' (DPM-Solver++(2M)'s)", choices=SOLVER_TYPES)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
@@ -171,7 +162,6 @@ class MRSODE(_Multistep):
     MRS(x; mu) = mu + DPM-Solver(x - mu).
     """
 
-    ORDERS = (1, 2, 3)
 
     def _step(self, y, q, i, k, g, noise):
         if self.parameterization == "velocity":
@@ -215,8 +205,9 @@ class MRSSDE(_Multistep):
     sigma = 0). Order 1 with data prediction is the jump-aware IR-SDE posterior step (DDPM on x - mu).
     """
 
-    ORDERS = (1, 2)
-    VELOCITY = False
+    order = Option(2, "the order of the multistep update (history length)", choices=(1, 2))
+    parameterization = Option("data", "the model output integrated: 'data' (x0, SDE-DPM-Solver++) or 'noise' "
+                                      "(eps)", choices=("data", "noise"))
 
     def _step(self, y, q, i, k, g, noise):
         coefs = (self.parameterization, g.alpha[i + 1], g.sigma[i + 1], g.alpha[i], g.sigma[i], g.lam[i + 1] - g.lam[i])

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import torch
 
+from ...core.options import Option
 from ...core.protocol import Query, Solver, col
 from ...core.registry import register
-from .maths import check_parameterization, model_output, pc_weights, vc_factors
+from .maths import PARAMETERIZATIONS, model_output, pc_weights, vc_factors
 
 Tensor = torch.Tensor
 
@@ -78,10 +79,9 @@ class MultistepPC(Solver):
     starts after it.
     """
 
-    def __init__(self, order: int = 4, parameterization: str = "data"):
-        if order not in (2, 3, 4):
-            raise ValueError(f"order must be 2, 3 or 4, got {order!r}")
-        self.order, self.parameterization = order, check_parameterization(parameterization)
+    order = Option(4, "the order of the predictor-corrector pair (history length + 1)", choices=(2, 3, 4))
+    parameterization = Option("data", "the model output integrated: 'data' (x0), 'noise' (eps) or 'velocity'",
+                              choices=PARAMETERIZATIONS)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         b, dev, f64 = x.shape[0], x.device, torch.float64

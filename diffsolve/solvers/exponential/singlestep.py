@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from .adaptive import _pair
@@ -29,10 +30,7 @@ class SinglestepMRS(Solver):
     Replaying a grid chosen by mrs-adaptive (:func:`~.adaptive.pilot_grid`) gives the adaptive accuracy.
     """
 
-    def __init__(self, order: int = 3):
-        if order not in (2, 3):
-            raise ValueError(f"order must be 2 or 3, got {order!r}")
-        self.order = order
+    order = Option(3, "the order of the singlestep update", choices=(2, 3))
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         b = x.shape[0]

@@ -27,7 +27,13 @@ def mmd2(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] | None = None) -> f
     if bandwidths is None:
         med = d2[torch.triu_indices(len(z), len(z), 1).unbind()].median().sqrt().item()
         bandwidths = tuple(f * med for f in (0.5, 1.0, 2.0))
-    k = sum(torch.exp(-d2 / (2 * b * b)) for b in bandwidths)
+    widths = iter(bandwidths)
+    first = next(widths, None)
+    if first is None:
+        raise ValueError("bandwidths must hold at least one bandwidth")
+    k = torch.exp(-d2 / (2 * first * first))
+    for b in widths:
+        k = k + torch.exp(-d2 / (2 * b * b))
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
     syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))

@@ -83,6 +83,8 @@ class UNetNetwork(torch.nn.Module):
         x_in = torch.cat([x, inputs["mu"].to(x.dtype).expand_as(x)], dim=1) if "mu" in inputs else x
         if "class_labels" in inputs:
             n = self.num_classes
+            if n is None:
+                raise ValueError(f"{self.__name__} takes class_labels but has no num_classes")
             y = torch.as_tensor(inputs["class_labels"], device=x.device).long().reshape(-1).expand(x.shape[0])
             if bool(((y < 0) | (y > n)).any()):
                 raise ValueError(f"class_labels must be in 0..{n - 1}, or {n} (the null class: unconditional)")

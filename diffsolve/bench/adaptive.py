@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +96,15 @@ def run(out: Path, quick: bool = False) -> None:
                         f"{_fmt_nfe(r[n]['nfe_for_same_error'])} |" for n in peers)
         lines.append(f"| {r['tol']:.0e} | {r['method']} | {r['mode']} | {r['nfe']} | {r['rms_error']:.2e} |{cells}")
     lines.append("")
-    for n, pts in peers.items():
-        lines.append(f"{n} sweep (NFE per sample, RMS error): " + ", ".join(f"({a:.0f}, {e:.1e})" for a, e in pts))
+    for peer, pts in peers.items():
+        lines.append(f"{peer} sweep (NFE per sample, RMS error): " + ", ".join(f"({a:.0f}, {e:.1e})" for a, e in pts))
         lines.append("")
     write_text(out / "adaptive_exp.md", "\n".join(lines))
 
 
-def _front(pts):
+def _front(pts: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     """The Pareto front of (NFE, error) points: increasing NFE, strictly decreasing error."""
-    front = []
+    front: list[tuple[float, float]] = []
     for n, e in sorted(pts):
         if not front or e < front[-1][1]:
             front.append((n, e))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from . import pyplot, save_figure, write_text
 
 STEMS = ("inversion",)
 STEPS = (10, 20, 50, 100)
-METHODS = {  # label -> (solver, options, invert options)
+METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {  # label -> (solver, options, invert options)
     "ddim inversion": ("ddim", {}, {}),
     "ddim + renoise": ("ddim", {}, {"renoise": True}),
     "heun (grid backwards)": ("heun", {}, {}),
@@ -46,7 +47,7 @@ METHODS = {  # label -> (solver, options, invert options)
 }
 
 # digits-vp: every deterministic solver ds.invert accepts (mrs-adaptive is left out: it refuses inversion)
-DIGITS_FIXED = {  # label -> (solver, options)
+DIGITS_FIXED: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (solver, options)
     "ddim": ("ddim", {}),
     "euler": ("euler", {}),
     "heun": ("heun", {}),
@@ -128,7 +129,8 @@ def _digits_rows(quick: bool, log) -> dict:
     count, steps, rtols = (8, (10, 20), (1e-3,)) if quick else (DIGITS_COUNT, STEPS, DIGITS_RTOLS)
     model = ds.pretrained.load("digits-vp")
     x0 = digits16("heldout")[0][:count]
-    runs = [(label, solver, opts, k) for label, (solver, opts) in DIGITS_FIXED.items() for k in steps]
+    runs: list[tuple[str, str, dict[str, Any], int | None]] = [
+        (label, solver, opts, k) for label, (solver, opts) in DIGITS_FIXED.items() for k in steps]
     runs += [(f"{solver} rtol {rtol:g}", solver, {"rtol": rtol}, None) for solver in DIGITS_ADAPTIVE for rtol in rtols]
     rows = []
     for label, solver, opts, k in runs:

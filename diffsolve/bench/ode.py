@@ -30,6 +30,7 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +43,10 @@ from . import pyplot, save_figure, write_text
 STEMS = ("ode",)
 NFES = (5, 8, 10, 15, 20, 50)
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
-OURS = {"euler": ("euler", {}, 1), "heun": ("heun", {}, 2), "ddim": ("ddim", {}, 1), "dpmpp-2m": ("dpmpp-2m", {}, 1),
-        "dpmpp-3m": ("dpmpp-3m", {}, 1), "mrs-ode (order 3)": ("mrs-ode", {"order": 3}, 1),
-        "dpmpp-3s": ("dpmpp-3s", {}, 3)}
+OURS: dict[str, tuple[str, dict[str, Any], int]] = {  # name -> (solver, options, calls per step)
+    "euler": ("euler", {}, 1), "heun": ("heun", {}, 2), "ddim": ("ddim", {}, 1), "dpmpp-2m": ("dpmpp-2m", {}, 1),
+    "dpmpp-3m": ("dpmpp-3m", {}, 1), "mrs-ode (order 3)": ("mrs-ode", {"order": 3}, 1),
+    "dpmpp-3s": ("dpmpp-3s", {}, 3)}
 
 
 def problem(n: int = 128):
@@ -79,10 +81,16 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------- diffusers
 def diffusers_methods():
-    from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler, UniPCMultistepScheduler)
+    # from the defining modules: mypy reads diffusers' top-level names as its dummy placeholder classes
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from diffusers.schedulers.scheduling_deis_multistep import DEISMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteScheduler
+    from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    m = {"DDIM": (DDIMScheduler, {"set_alpha_to_one": True}),
+    m: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {"DDIM": (DDIMScheduler, {"set_alpha_to_one": True}),
          "Euler": (EulerDiscreteScheduler, {}),
          "Euler (Karras)": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
          "Heun": (HeunDiscreteScheduler, {}),

@@ -19,6 +19,7 @@ import inspect
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ def unet_rows(steps, repeats, batch):
     x_T = torch.randn(batch, u["in_channels"], u["sample_size"], u["sample_size"], generator=torch.Generator().manual_seed(0))
     rows = []
     for solver in ("ddim", "heun", "dpmpp-2m", "dpmpp-3m", "mrs-ode"):
-        best = None
+        best: dict[str, Any] | None = None
         for _ in range(repeats):
             spent = [0.0]
 

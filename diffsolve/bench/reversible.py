@@ -71,6 +71,7 @@ class _Setup:
         base = ds.pretrained.load(name)
         self.kw: dict = {"shape": (n, 1, 16, 16), "seed": SEED}
         self.labels = None
+        self.model: ds.DiffusionModel
         if name == "digits-vp-cond":
             self.labels = torch.arange(n) % 10
             self.model = ds.guidance.ClassifierFreeGuidance(base, CFG_SCALE, uncond={"class_labels": torch.full((n,), 10)})

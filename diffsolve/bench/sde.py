@@ -20,20 +20,32 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import diffsolve as ds
 from diffsolve.metrics import mmd2, sliced_wasserstein
-from diffsolve.samplers import ClassifierNoiseLevel, ExactNoiseLevel
+from diffsolve.samplers import (
+    ClassifierNoiseLevel,
+    ExactNoiseLevel,
+    NoiseLevelEstimator,
+)
 
 from . import pyplot, save_figure, write_text
 
 STEMS = ("sde",)
+#: (method, solver, options, steps); steps None for the solvers that choose their own
+Config = tuple[str, str, dict[str, Any], int | None]
 
 
-def configs(part: str, estimator, quick: bool = False) -> list[tuple[str, str, dict, int | None]]:
+def configs(part: str, estimator: NoiseLevelEstimator, quick: bool = False) -> list[Config]:
     """(method, solver, options, steps) rows of one part."""
+    em: tuple[int, ...]
+    pc: tuple[int, ...]
+    heun: tuple[int, ...]
+    eps: dict[str, tuple[float, ...]]
+    mc: list[dict[str, Any]]
     if quick:
         em, pc, heun = (20, 100), (10, 50), (5, 10)
         eps = {"per_sample": (0.1,), "batch": (0.2,)}
@@ -46,7 +58,7 @@ def configs(part: str, estimator, quick: bool = False) -> list[tuple[str, str, d
         em, pc, heun = (20, 50, 100), (10, 25, 50), (5, 10, 20)
         eps = {"per_sample": (0.1, 0.2), "batch": (0.2,)}
         mc = [dict(integrator_steps=s, n_skip=3, eta=0.03, rounds=r) for s, r in ((2, 1), (3, 1), (3, 5))]
-    rows = [("euler-maruyama", "euler-maruyama", {"grid": "uniform"}, n) for n in em]
+    rows: list[Config] = [("euler-maruyama", "euler-maruyama", {"grid": "uniform"}, n) for n in em]
     rows += [("pc (reverse-diffusion + langevin)", "pc", {"grid": "uniform"}, n) for n in pc]
     rows += [(f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None)
              for mode in eps for e in eps[mode]]
@@ -62,7 +74,9 @@ def configs(part: str, estimator, quick: bool = False) -> list[tuple[str, str, d
     return rows
 
 
-def run_part(part: str, seed: int, quick: bool = False) -> list[dict]:
+def run_part(part: str, seed: int, quick: bool = False) -> list[dict[str, Any]]:
+    estimator: NoiseLevelEstimator
+    shape: tuple[int, ...]
     if part == "gmm":
         gmm = ds.models.GaussianMixture.gmm_2d()
         sched = ds.schedules.VPLinear()
@@ -82,7 +96,7 @@ def run_part(part: str, seed: int, quick: bool = False) -> list[dict]:
         def score(x):
             return {"digits_fd": evaluate(x)["digits_fd"]}
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for method, solver, opts, steps in configs(part, estimator, quick):
         t0 = time.time()
         res = ds.sample(model, solver, steps, shape=shape, seed=seed, dtype=dtype, **opts)
@@ -91,7 +105,10 @@ def run_part(part: str, seed: int, quick: bool = False) -> list[dict]:
                "nfe": float(res.nfe_per_sample.double().mean()), "calls": res.nfe, **score(res.samples),
                "seconds": round(time.time() - t0, 2)}
         if solver in ("adaptive-sde", "mrs-sde-adaptive"):
-            row["rejected_fraction"] = float(res.rejected.sum() / (res.accepted + res.rejected).sum())
+            accepted, rejected = res.accepted, res.rejected
+            if accepted is None or rejected is None:
+                raise RuntimeError(f"{solver} returned no step counts")
+            row["rejected_fraction"] = float(rejected.sum() / (accepted + rejected).sum())
         if solver == "dmcmc":
             row["nfe_paper"] = float(res.stats["nfe_per_output"].double().mean())
             row["estimator"] = type(opts["estimator"]).__name__

@@ -8,13 +8,15 @@ Used by ``diffsolve restore`` and its tests; the digits are the shipped example.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
 from ..models.model import DiffusionModel
 from ..core.driver import sample
+from ..core.hooks import StepHook
 from ..core.result import SampleResult
 from .hooks import EnKG, Inpaint
 from .wrappers import DPS, Masked
@@ -24,8 +26,9 @@ Tensor = torch.Tensor
 TASKS = ("inpaint", "deblur")
 METHODS = ("dps", "enkg", "inpaint", "none")
 #: per method: (default solver, default options); zeta 4 was the best of 0.5 / 1 / 2 / 4 on the digits
-DEFAULTS = {"dps": ("ddim", {"zeta": 4.0}), "enkg": ("ddim", {"guidance_scale": 2.0, "particles": 16}),
-            "inpaint": ("ddpm", {"resample": 1}), "none": ("ddim", {})}
+DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dps": ("ddim", {"zeta": 4.0}), "enkg": ("ddim", {"guidance_scale": 2.0, "particles": 16}),
+    "inpaint": ("ddpm", {"resample": 1}), "none": ("ddim", {})}
 
 
 @dataclass
@@ -60,7 +63,8 @@ def inverse_problem(task: str, clean: Tensor, *, seed: int = 0, blur_sigma: floa
 
 
 def restore(model: DiffusionModel, problem: InverseProblem, method: str, *, steps: int = 50,
-            solver: str | None = None, seed: int = 0, progress: bool | None = None, **options) -> tuple[Tensor, SampleResult]:
+            solver: str | None = None, seed: int = 0, progress: bool | None = None,
+            **options: Any) -> tuple[Tensor, SampleResult]:
     """Restore ``problem.measurement`` (one image per row) with ``method``:
 
     - ``dps``: the :class:`DPS` model wrapper (option ``zeta``, ``norm``);
@@ -80,24 +84,28 @@ def restore(model: DiffusionModel, problem: InverseProblem, method: str, *, step
         raise ValueError(f"options {sorted(unknown)} are not options of method {method!r}; allowed: "
                          f"{sorted(set(defaults) | ({'norm'} if method == 'dps' else set()))}")
     opts = {**defaults, **options}
-    solver = solver or default_solver
+    name = solver or default_solver
     y = problem.measurement
     k = y.shape[0]
-    seeds = [seed + i for i in range(k)]
-    kw = dict(steps=steps, shape=tuple(y.shape), seed=seeds, dtype=y.dtype, progress=progress)
+
+    def run(m: DiffusionModel, hooks: Sequence[StepHook] | None = None, per_image: int = 1) -> SampleResult:
+        # one seed per row: seed, seed + 1, ... (``per_image`` rows per measured image)
+        return sample(m, name, steps, shape=(k * per_image, *y.shape[1:]),
+                      seed=[seed + i for i in range(k * per_image)], dtype=y.dtype, progress=progress,
+                      hooks=hooks)
+
     if method == "dps":
-        res = sample(DPS(model, problem.operator, y, **opts), solver, **kw)
+        res = run(DPS(model, problem.operator, y, **opts))
         return res.samples, res
     if method == "inpaint":
         if problem.mask is None:
             raise ValueError(f"method 'inpaint' needs an inpainting problem, got task {problem.task!r}")
-        res = sample(model, solver, hooks=[Inpaint(problem.mask, y, resample=opts["resample"])], **kw)
+        res = run(model, hooks=[Inpaint(problem.mask, y, resample=opts["resample"])])
         return res.samples, res
     if method == "none":
-        res = sample(model, solver, **kw)
+        res = run(model)
         return res.samples, res
     j = int(opts.pop("particles"))
     hook = EnKG(problem.operator, y, ensemble_size=j, **opts)
-    res = sample(model, solver, **{**kw, "shape": (k * j, *y.shape[1:]),
-                                   "seed": [seed + i for i in range(k * j)]}, hooks=[hook])
+    res = run(model, hooks=[hook], per_image=j)
     return res.samples[::j], res

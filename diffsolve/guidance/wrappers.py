@@ -7,6 +7,7 @@ call; per-sample solvers may call with a subset of rows (``index``), and wrapper
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from typing import Any, Callable, Mapping
@@ -18,6 +19,9 @@ from ..core.protocol import sub
 from ..core.registry import registered
 
 Tensor = torch.Tensor
+#: an operator A of an inverse problem: ``A(x0) -> y``, or ``A(x0, rows=index) -> y`` when its
+#: signature has a ``rows`` parameter (:func:`takes_rows`)
+Operator = Callable[..., Tensor]
 
 
 class GuidedModel(DiffusionModel):
@@ -32,7 +36,12 @@ class GuidedModel(DiffusionModel):
 
     @property
     def nfe(self) -> int:
+        """The wrapped model's network calls (a wrapper's calls are its inner model's)."""
         return self.inner.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self.inner.nfe = value
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -47,10 +56,22 @@ class GuidedModel(DiffusionModel):
         """The inputs the wrapped network needs (see :class:`~diffsolve.DiffusionModel`)."""
         return self.inner.requires
 
+    @requires.setter
+    def requires(self, value: tuple[str, ...]) -> None:
+        self.inner.requires = value
+
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> GuidedModel:
         """Convert the wrapped model (:meth:`DiffusionModel.to`), in place; returns this wrapper."""
         self.inner.to(device=device, dtype=dtype)
         return self
+
+    def compile(self, **options: Any) -> GuidedModel:
+        """A copy of this wrapper over ``inner.compile(**options)`` (:meth:`DiffusionModel.compile`):
+        the wrapped model's network is the one compiled, and the copy's count starts at 0."""
+        twin = copy.copy(self)
+        twin.inner = self.inner.compile(**options)
+        twin.net = twin.inner.net
+        return twin
 
     def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
                  index: Tensor | None = None, **cond: Any) -> Prediction:
@@ -267,7 +288,7 @@ class DPS(GuidedModel):
 
     NORMS = ("sample", "batch")
 
-    def __init__(self, model: DiffusionModel, operator: Callable[[Tensor], Tensor], measurement: Tensor,
+    def __init__(self, model: DiffusionModel, operator: Operator, measurement: Tensor,
                  zeta: float = 1.0, *, norm: str = "sample"):
         super().__init__(model)
         if not callable(operator):

@@ -89,15 +89,15 @@ class FiniteGuard:
     bad call's step and time all the same. ``where`` is a callable, built only for that message.
     """
 
-    def __init__(self):
-        self._wheres: list = []
+    def __init__(self) -> None:
+        self._wheres: list[Callable[[], str]] = []
         self._first: Tensor | None = None
 
     @staticmethod
     def eager(device: torch.device) -> bool:
         return device.type == "cpu"
 
-    def check(self, out: Tensor, where) -> None:
+    def check(self, out: Tensor, where: Callable[[], str]) -> None:
         if self.eager(out.device):
             check_finite(out, where)
             return
@@ -191,7 +191,7 @@ class Prediction:
         half-precision network answering for a float32 state): the output (and the (x0, eps) pair of
         :meth:`from_pair`) cast to x's dtype; every other form is derived afresh in that dtype."""
         if self._pair_given:
-            x0, eps = self._x0_eps
+            x0, eps = self._pair()  # the pair as given
             return Prediction.from_pair(x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu)
         return Prediction(x, self.t, self.output.to(x.dtype), self.kind, self.schedule, mu)
 
@@ -201,7 +201,7 @@ class Prediction:
         t = self.t if self.t.ndim == 0 else self.t[index]
         mu = self.mu[index] if isinstance(self.mu, Tensor) and self.mu.ndim > 0 and self.mu.shape[0] > 1 else self.mu
         if self._pair_given:
-            x0, eps = self._x0_eps
+            x0, eps = self._pair()  # the pair as given
             return Prediction.from_pair(self.x[index], t, x0[index], eps[index], self.schedule, mu)
         return Prediction(self.x[index], t, self.output[index], self.kind, self.schedule, mu)
 
@@ -362,14 +362,18 @@ class DiffusionModel:
         dtype = as_dtype(dtype)
         device = None if device is None else torch.device(device)
         module = isinstance(self.net, torch.nn.Module)
-        if module:
+        if isinstance(self.net, torch.nn.Module):
             self.net.to(device=device, dtype=dtype)
         else:
-            for name, new, old in (("dtype", dtype, self._dtype), ("device", device, self._device)):
-                if new is not None and old is not None and not (new == old if name == "dtype" else same_device(new, old)):
-                    raise TypeError(f"{name}: the network ({self._net_name()}) is a plain callable declared with "
-                                    f"{name} {old}; DiffusionModel.to cannot convert it to {new}: convert it "
-                                    "yourself and wrap it again, or make it a torch.nn.Module")
+            def refuse(name: str, new: object, old: object) -> TypeError:
+                return TypeError(f"{name}: the network ({self._net_name()}) is a plain callable declared with "
+                                 f"{name} {old}; DiffusionModel.to cannot convert it to {new}: convert it "
+                                 "yourself and wrap it again, or make it a torch.nn.Module")
+
+            if dtype is not None and self._dtype is not None and dtype != self._dtype:
+                raise refuse("dtype", dtype, self._dtype)
+            if device is not None and self._device is not None and not same_device(device, self._device):
+                raise refuse("device", device, self._device)
         # a declaration follows the conversion (a module's own dtype / device are read from it)
         if dtype is not None and (self._dtype is not None or not module):
             self._dtype = dtype

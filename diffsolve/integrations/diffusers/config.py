@@ -13,4 +13,6 @@ def flow_shift(cfg, mu: float | None = None) -> float:
     which is RectifiedFlow's with shift e^mu (linear: shift mu)."""
     if not cfg.get("use_dynamic_shifting", False):
         return float(cfg.get("shift", 1.0))
+    if mu is None:
+        raise ValueError("this flow scheduler config uses dynamic shifting: its shift needs mu")
     return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else float(mu)

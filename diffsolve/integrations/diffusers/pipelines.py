@@ -247,7 +247,7 @@ def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_
         size = {"resolution": torch.tensor([[float(height), float(width)]]).repeat(b, 1).to(tr.device, pe.dtype),
                 "aspect_ratio": torch.tensor([[height / width]]).repeat(b, 1).to(tr.device, pe.dtype)}
         cond.update(size)
-        if guided:
+        if uncond is not None:  # (guided)
             uncond.update(size)
     c = tr.config.in_channels
     split = tr.config.out_channels is not None and tr.config.out_channels // 2 == c
@@ -347,6 +347,13 @@ def _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_pe
     if hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):  # Stable Diffusion, SDXL, img2img, inpainting
         return _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width, image,
                            mask_image, original_size, crops_coords_top_left, target_size)
+    return _ddpm_model(pipe, prompt, guidance_scale, num_images_per_prompt)
+
+
+def _ddpm_model(pipe, prompt, guidance_scale, num_images_per_prompt):
+    """A DDPMPipeline-style pipeline (a UNet, no text): its model, cond, batch size, latent shape, decode."""
+    from ...models.model import DiffusionModel
+
     schedule, kind = _vp_schedule_and_kind(pipe)
     unet = pipe.unet
     if prompt is not None or guidance_scale is not None:
@@ -515,10 +522,10 @@ def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, pr
     check_invertible(resolve_solver(solver, solver_options))
     if latents is None and image is not None and hasattr(pipe, "_pack_latents"):
         raise NotImplementedError("invert_pipeline of a Flux pipeline needs latents= (packed)")
-    size = {}
+    height = width = None
     if image is not None and hasattr(pipe, "vae"):
         hw = pipe.image_processor.preprocess(image).shape[-2:]
-        size = {"height": int(hw[0]), "width": int(hw[1])}
+        height, width = int(hw[0]), int(hw[1])
     if latents is None:
         if image is None:
             raise ValueError("give image= (or latents=)")
@@ -527,9 +534,9 @@ def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, pr
         else:
             latents = _encode_vae(pipe, pipe.image_processor.preprocess(image))
     per_prompt = _images_per_prompt(prompt, latents.shape[0])
-    inpaint = {"image": image, "mask_image": mask_image} if mask_image is not None else {}
     model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                                               num_images_per_prompt=per_prompt, max_sequence_length=max_sequence_length,
-                                              **size, **inpaint)
+                                              height=height, width=width,
+                                              image=image if mask_image is not None else None, mask_image=mask_image)
     with torch.no_grad():
         return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)

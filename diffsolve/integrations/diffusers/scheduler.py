@@ -15,8 +15,9 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -31,6 +32,7 @@ from ...core.protocol import Pump, as_outcome, drive
 from ...core.noise import NoiseSource
 from ...core.registry import get_solver, solver_info
 from ...schedules import RectifiedFlow, make_grid
+from ...schedules.base import Schedule
 from .config import flow_shift
 from .sources import Placement, make_source, source_class
 
@@ -49,10 +51,10 @@ class _Run(threading.local):
     timesteps: Tensor | None = None
     sigmas: Tensor | None = None
     grid: Tensor | None = None
-    listed_t: list | None = None  # the time of each listed model call
-    reads: dict | None = None  # grid time -> the source's timestep the output is read at (or empty)
+    listed_t: list[float] | None = None  # the time of each listed model call
+    reads: dict[float, float] | None = None  # grid time -> the source's timestep the output is read at (or empty)
     final_scale: float = 1.0  # the final latents are this times x (the source's latent space)
-    by_timestep: dict | None = None  # listed network timestep -> time
+    by_timestep: dict[float, float] | None = None  # listed network timestep -> time
     num_inference_steps: int | None = None
     step_index: int | None = None
     begin_index: int | None = None
@@ -62,7 +64,8 @@ class _Run(threading.local):
     dtype: Any = None
 
 
-class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
+# (ignore: diffusers types config_name as str in SchedulerMixin and None in ConfigMixin, as in all its schedulers)
+class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     """A diffusers scheduler hosting any fixed-grid diffsolve solver.
 
     Made from the pipeline's scheduler config, ``DiffsolveScheduler.from_config(pipe.scheduler.config,
@@ -169,7 +172,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         n = int(num_inference_steps)
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if self.config.steps_grid is not None:
+        if self.config["steps_grid"] is not None:
             grid = self._own_grid(n, mu)
             place = Placement(grid, {}, self.source.prior_scale(float(grid[0])))
         else:
@@ -180,7 +183,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         """``final``, or ``"sigma_min"`` where ``grid`` ends at the clean end and the solver cannot
         reach it (:meth:`~diffsolve.core.protocol.Solver.replace_ends`: the data-form reversible solvers
         and rex divide by sigma), with a warning."""
-        final = self.config.final
+        final = self.config["final"]
         if final is None and "t_min" in self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1])):
             warnings.warn(f"solver {self.solver.name!r} cannot reach the clean end (sigma = 0): its last step "
                           "ends at the smallest training noise level instead (final='sigma_min'; pass final= "
@@ -191,7 +194,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     def _t_max(self, grid: Tensor) -> float | None:
         """``t_max``, or the solver's own where it cannot start where ``grid`` does (alpha = 0 there:
         flow pipelines for the noise-form reversible solvers), with a warning."""
-        t_max = self.config.t_max
+        t_max = self.config["t_max"]
         if t_max is None and "t_max" in (ends := self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1]))):
             t_max = ends["t_max"]
             warnings.warn(f"solver {self.solver.name!r} cannot start where alpha = 0: the grid is clipped to "
@@ -216,13 +219,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         from the largest to the smallest training noise level, then the jump to the clean end
         (``final="zero"``); or n steps ending at the smallest level (``final="sigma_min"``). Flows
         step on the (statically or dynamically) shifted path."""
-        kind = self.config.steps_grid
+        kind = self.config["steps_grid"]
         if self.source.flow:  # on the shifted path, whose times map to the source's sigmas
             sc = self.source.config
             if sc.get("use_dynamic_shifting", False) and mu is None:
                 raise ValueError("this flow scheduler uses dynamic shifting: set_timesteps needs mu")
-            schedule = RectifiedFlow(shift=flow_shift(sc, mu), t_min=1.0 / len(self))
-            t_min, to_time = None, schedule.sigma
+            schedule: Schedule = RectifiedFlow(shift=flow_shift(sc, mu), t_min=1.0 / len(self))
+            t_min: float | None = None
+            to_time: Callable[[Tensor], Tensor] = schedule.sigma
         else:
             schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
         if self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min":
@@ -239,8 +243,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         listed = self._query_times(grid) if len(grid) > 1 else []
         if place.identity_last:
             listed.append(float(grid[-1]))
-        net = [place.timesteps.get(t, None) for t in listed]
-        net = [self.source.net_timestep(t) if k is None else k for t, k in zip(listed, net)]
+        given = [place.timesteps.get(t, None) for t in listed]
+        net = [self.source.net_timestep(t) if k is None else k for t, k in zip(listed, given)]
         r = self._run
         r.grid, r.num_inference_steps, r.listed_t = grid, n, listed
         r.by_timestep = dict(zip(net, listed))
@@ -284,14 +288,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         query point (or the final samples) as ``prev_sample``. Other schedulers' keyword arguments
         (``prev_timestep``, ...) are accepted and ignored."""
         r = self._run
-        if r.grid is None:
+        listed, reads = r.listed_t, r.reads
+        if r.grid is None or listed is None or reads is None:  # (set together by set_timesteps)
             raise RuntimeError("call set_timesteps before step")
         if not r.started:
             self._start(sample, generator)
         x, out = sample.to(r.dtype), model_output.to(r.dtype)
         if r.pump is not None:
             t = r.pump.query.t
-            read = r.reads.get(float(t)) if r.reads and torch.as_tensor(t).ndim == 0 else None
+            read = reads.get(float(t)) if reads and torch.as_tensor(t).ndim == 0 else None
             pred = self.source.prediction(x, t, out, read)
             r.pump.answer(pred)
             if r.pump.done:
@@ -299,10 +304,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             else:
                 prev = r.pump.query.x
         else:  # the source's last call steps from a noise level to itself: the sample stays
-            pred = self.source.prediction(x, r.listed_t[-1], out, r.reads.get(r.listed_t[-1]))
+            pred = self.source.prediction(x, listed[-1], out, reads.get(listed[-1]))
             prev = x
         r.step_index = (r.step_index or 0) + 1
-        if r.step_index >= len(r.listed_t):
+        if r.step_index >= len(listed):
             r.started = False
             if r.final_scale != 1.0:  # k-diffusion-style sources end in x/alpha (1 at the clean end)
                 prev = prev * r.final_scale
@@ -317,7 +322,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             generator = [generator] * sample.shape[0] if sample.shape[0] > 1 else [generator]
         seeds = None
         if generator is None:
-            base = self.config.seed if self.config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = self.config["seed"]
+            base = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             seeds = [base + i for i in range(sample.shape[0])]
         # the solver's arithmetic in float64 (float32 where the device has no float64): diffusers'
         # schedulers upcast half samples to float32, and a float32 sample loses 1e-5 to rounding
@@ -325,6 +331,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         r.dtype = torch.float32 if sample.device.type == "mps" else torch.float64
         # noise drawn in the pipeline's dtype, from its generator(s), as diffusers' schedulers draw it
         src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=sample.dtype)
+        if r.grid is None:
+            raise RuntimeError("call set_timesteps before step")
         grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step():]
         r.pump = None
         if len(grid) > 1:

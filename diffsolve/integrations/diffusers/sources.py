@@ -112,7 +112,7 @@ class Source:
     kind: str
     flow: bool = False
 
-    def __init__(self, config: Mapping[str, Any], name: str | None):
+    def __init__(self, config: Mapping[str, Any], name: str):
         self.config, self.name = dict(config), name
         self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
         self.threshold = (float(config.get("dynamic_thresholding_ratio", 0.995)),
@@ -201,6 +201,8 @@ class VPSource(Source):
     """DDPM-style configs (betas): VPDiscrete, eps / x0 / v prediction. k-diffusion-style sources
     (Euler, Heun, DPM-Solver, ...) list sigma = sigma/alpha; DDIM-style ones (DDIM, PNDM, DDPM) list
     integer timesteps."""
+
+    schedule: VPDiscrete
 
     def __init__(self, config, name):
         super().__init__(config, name)

@@ -28,7 +28,7 @@ def option_classes() -> dict[str, type]:
 def jsonable(v: Any) -> Any:
     """Strict-JSON version of ``v`` (non-finite floats become strings, tensors lists, the option objects of
     :func:`option_classes` {"class": name, "init": their fields}, which :func:`decode_option` rebuilds)."""
-    if isinstance(v, tuple(option_classes().values())):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type) and isinstance(v, tuple(option_classes().values())):
         return {"class": type(v).__name__,
                 "init": {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}}
     if isinstance(v, torch.Tensor):
@@ -94,7 +94,7 @@ def from_repr(text: str, classes: dict[str, type]) -> Any:
         return ast.literal_eval(node)
 
     try:
-        return classes[name](**{kw.arg: value(kw.value) for kw in call.keywords})
+        return classes[name](**{kw.arg: value(kw.value) for kw in call.keywords if kw.arg is not None})
     except (TypeError, ValueError):
         return None
 

@@ -74,7 +74,7 @@ def label_rows(image, labels: Sequence[str], tile: int, pad: int):
         boxes = [ImageDraw.Draw(image).textbbox((0, 0), t, font=font) for t in labels]
     except (OSError, ImportError, AttributeError):
         return image
-    margin = max(b[2] for b in boxes) + 3 * pad + 4
+    margin = int(max(b[2] for b in boxes) + 3 * pad + 4)
     out = Image.new(image.mode, (image.width + margin, image.height), 64 if image.mode == "L" else (64, 64, 64))
     out.paste(image, (margin, 0))
     draw = ImageDraw.Draw(out)

@@ -26,7 +26,10 @@ def _as_tensor(out) -> Tensor:
     """A network's answer as a tensor (diffusers' ``UNet2DOutput`` and tuples, as DiffusionModel reads them)."""
     if isinstance(out, Tensor):
         return out
-    return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, Tensor):
+        return sample
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class RowBlocks(torch.nn.Module):
@@ -73,8 +76,9 @@ def in_row_blocks(model: DiffusionModel, size: int) -> DiffusionModel:
     twin = copy.copy(model)
     inner = getattr(model, "inner", None)
     if isinstance(inner, DiffusionModel):
-        twin.inner = in_row_blocks(inner, size)
-        twin.net = twin.inner.net
+        blocked = in_row_blocks(inner, size)
+        setattr(twin, "inner", blocked)  # a guidance wrapper's (core does not import guidance)
+        twin.net = blocked.net
     else:
         twin.net = RowBlocks(model.net, size)
     return twin

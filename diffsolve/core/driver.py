@@ -249,7 +249,8 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     else:
         x = x_T.to(device=device, dtype=work)
 
-    aux = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
+    # a reversible latent's second state, for the solver that made it (ExactInverse.start takes it)
+    aux: dict[str, Any] = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     run_model = model if row_block is None else in_row_blocks(model, row_block)
     if uncond is not None:
         cond = {**cond, "uncond": uncond}  # classifier-free guidance's second call: a condition like any other
@@ -276,7 +277,8 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
     """The run's time grid (:func:`make_grid`), with t_max / t_min checked: numbers, and with an
     explicit grid only as its own ends. An end the caller leaves open and the solver cannot reach
     (:meth:`Solver.replace_ends`) is moved, with a warning that says where."""
-    ends = {k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))}
+    ends: dict[str, float | None] = {k: None if v is None else check_range(k, v)
+                                     for k, v in (("t_max", t_max), ("t_min", t_min))}
     explicit = grid is not None and not isinstance(grid, str)
     if not explicit:
         lo = schedule.t_min if ends["t_min"] is None else ends["t_min"]
@@ -291,11 +293,11 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
         if fixed_grid:
             raise ValueError("steps is required (or pass an explicit grid of times)")
         steps = 1  # an adaptive solver only uses the grid's ends
-    g = make_grid(schedule, steps, grid, **ends)
+    g = make_grid(schedule, steps, grid, t_max=ends["t_max"], t_min=ends["t_min"])
     if explicit:
-        for (k, v), end in zip(ends.items(), (g[0], g[-1])):
-            if v is not None and v != float(end):
-                raise ValueError(f"{k}={v} is not the explicit grid's end ({float(end):.6g}); an explicit grid "
+        for (k, given), end in zip(ends.items(), (g[0], g[-1])):
+            if given is not None and given != float(end):
+                raise ValueError(f"{k}={given} is not the explicit grid's end ({float(end):.6g}); an explicit grid "
                                  "sets the time range: leave t_max / t_min out, or give a grid kind")
     return g
 

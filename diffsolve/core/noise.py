@@ -31,15 +31,16 @@ def resolve_seeds(batch_size: int, seed: int | Sequence[int] | None = None) -> l
     if isinstance(seed, (bool, str, bytes)):
         raise TypeError(f"{what}, got {seed!r}")
     try:
-        seeds = [operator.index(seed) + i for i in range(batch_size)]
+        seeds = [operator.index(seed) + i for i in range(batch_size)]  # type: ignore[arg-type]  # an int, or not
         base = True
     except TypeError:
         base = False
     if not base:
         try:
-            if any(isinstance(s, bool) for s in seed):
+            many: Sequence[int] = seed  # type: ignore[assignment]  # not an int: a sequence, or refused below
+            if any(isinstance(s, bool) for s in many):
                 raise TypeError
-            seeds = [operator.index(s) for s in seed]
+            seeds = [operator.index(s) for s in many]
         except TypeError:
             raise TypeError(f"{what} (Python or numpy integers; floats such as 3.0 are refused), got {seed!r}") from None
         if len(seeds) != batch_size:
@@ -57,7 +58,7 @@ class NoiseSource:
     for ``kind="gaussian"``, Brownian increments for ``kind="brownian"``).
     """
 
-    def __init__(self, shape: Sequence[int], *, seeds: Sequence[int] | None = None,
+    def __init__(self, shape: Sequence[int], *, seeds: int | Sequence[int] | None = None,
                  generators: Sequence[torch.Generator] | None = None, device=None,
                  dtype: torch.dtype = torch.float32, kind: str = "gaussian", t_range: tuple[float, float] | None = None):
         if kind not in NOISE_KINDS:
@@ -100,8 +101,8 @@ class NoiseSource:
     def subset(self, rows: Tensor) -> "NoiseSource":
         """The noise of rows ``rows`` only, as a source of its own: it draws from the same generators
         (advancing them) and has the same Brownian paths (a pure function of the seeds)."""
-        rows = [int(i) for i in torch.as_tensor(rows).tolist()]
-        return NoiseSource((len(rows), *self.event_shape), generators=[self.generators[i] for i in rows],
+        picked = [int(i) for i in torch.as_tensor(rows).tolist()]
+        return NoiseSource((len(picked), *self.event_shape), generators=[self.generators[i] for i in picked],
                            device=self.device, dtype=self.dtype, kind=self.kind, t_range=self.t_range)
 
     def step(self, t, t_next, index: Tensor | None = None) -> Tensor:

@@ -15,16 +15,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 
 Tensor = torch.Tensor
 
-_MISSING = object()
+T = TypeVar("T")
 
 
-class Option:
+class Option(Generic[T]):
     """One solver option.
 
     ``kind``: ``float`` (a real number, not a bool, never NaN; a 0-d real tensor is taken; stored as
@@ -37,7 +37,7 @@ class Option:
     default of its own: None means not given).
     """
 
-    def __init__(self, default: Any = None, help: str = "", *, kind: type | None = None, low: float | None = None,
+    def __init__(self, default: T, help: str = "", *, kind: type | None = None, low: float | None = None,
                  high: float | None = None, low_open: bool = False, high_open: bool = False,
                  choices: tuple | None = None, types: tuple[type, ...] | None = None, what: str | None = None,
                  convert: Callable[[Any], Any] | None = None, alias_of: str | None = None):
@@ -52,6 +52,17 @@ class Option:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+
+    # A non-data descriptor: an instance reads the value its __init__ set (the instance's own attribute
+    # wins); the class reads the Option. Typed so that a solver's ``self.eta`` is the option's value.
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Option[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> Any:
+        return self if obj is None else self.default
 
     # --------------------------------------------------------------------------------------- checks
     def range_text(self) -> str:

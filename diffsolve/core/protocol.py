@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Callable, Generator, NamedTuple
+from typing import Any, Callable, Generator, NamedTuple, TypeVar
 
 import torch
 
@@ -50,6 +50,7 @@ class Outcome(NamedTuple):
     stats: dict | None = None
 
 
+R = TypeVar("R")
 Run = Generator["Query | tuple[Tensor, Any]", Prediction, "Tensor | Outcome"]
 
 
@@ -208,7 +209,7 @@ class Pump:
     ``value`` holds what it returned). The driver, the adjoint, dmcmc's sub-runs and the diffusers
     scheduler (which gets one answer per ``step`` call) all use it; :func:`drive` is its loop."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Generator[Any, Prediction, Any]):
         self.run = run
         self.query: Query | None = None
         self.value: Any = None
@@ -237,7 +238,7 @@ class Pump:
         self.run.close()
 
 
-def drive(run: Run, call: Callable[[Query], Prediction]) -> Any:
+def drive(run: Generator[Any, Prediction, R], call: Callable[[Query], Prediction]) -> R:
     """Run a solver's generator to its end, answering each query with ``call(query)``; returns what
     the generator returns."""
     pump = Pump(run)

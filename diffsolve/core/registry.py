@@ -14,11 +14,14 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .options import declared
+from .protocol import Solver
+
+S = TypeVar("S", bound=Solver)
 
 FAMILIES = ("ode", "sde", "pc", "adaptive", "mcmc", "reversible")
 
@@ -30,7 +33,7 @@ class SolverInfo:
     """What the registry knows of a solver."""
 
     name: str
-    cls: type
+    cls: type[Solver]
     family: str
     order: float
     calls_per_step: int
@@ -47,7 +50,7 @@ class SolverInfo:
         specs = declared(self.cls)
         if specs:
             return {k: s.default for k, s in specs.items() if s.alias_of is None and k not in self.fixed}
-        sig = inspect.signature(self.cls.__init__)  # a solver with an __init__ of its own
+        sig = inspect.signature(self.cls)  # a solver with an __init__ of its own
         return {k: p.default for k, p in sig.parameters.items()
                 if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k not in self.fixed}
 
@@ -61,19 +64,19 @@ class SolverInfo:
 
 def register(name: str, *, family: str, order: float, calls_per_step: int, deterministic: bool,
              description: str, reference: str, invertible: bool = False, fixed_grid: bool = True,
-             fixed: dict | None = None) -> Callable[[type], type]:
+             fixed: dict | None = None) -> Callable[[type[S]], type[S]]:
     """Class decorator adding a solver to the registry under ``name`` (lower-case, hyphens)."""
     if name != name.lower() or " " in name or "_" in name:
         raise ValueError(f"solver names are lower-case with hyphens, got {name!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
-    def deco(cls: type) -> type:
+    def deco(cls: type[S]) -> type[S]:
         if name in _REGISTRY:
             raise ValueError(f"a solver named {name!r} is already registered ({_REGISTRY[name].cls.__name__})")
         info = SolverInfo(name, cls, family, order, calls_per_step, deterministic, invertible, fixed_grid,
                           description, reference, dict(fixed or {}))
-        unknown = set(info.fixed) - set(declared(cls) or inspect.signature(cls.__init__).parameters)
+        unknown = set(info.fixed) - set(declared(cls) or inspect.signature(cls).parameters)
         if unknown:
             raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
         _REGISTRY[name] = info
@@ -96,7 +99,7 @@ def solver_info(name: str) -> SolverInfo:
     raise ValueError(f"unknown solver {name!r}{hint} Known solvers: {', '.join(sorted(_REGISTRY))}")
 
 
-def get_solver(name: str, **options: Any):
+def get_solver(name: str, **options: Any) -> Solver:
     """Instantiate the solver ``name`` with ``options``; bad option names get a clear error."""
     info = solver_info(name)
     allowed = info.options

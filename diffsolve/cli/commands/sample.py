@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if path.exists():
                 continue
             lo, hi = j * size, min(k, (j + 1) * size)
-            start = {"seed": [args.seed + i for i in range(lo, hi)]}
+            start: dict[str, Any] = {"seed": [args.seed + i for i in range(lo, hi)]}
             if latent is not None:
                 start["latent"] = dataclasses.replace(latent, x=latent.x[lo:hi].to(device),
                                                       aux=None if latent.aux is None else latent.aux[lo:hi].to(device))
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "command": command_line(argv),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if mu is not None:  # restoration: labelled rows of degraded / restored / clean digits
+    if mu is not None and clean is not None:  # restoration: labelled rows of degraded / restored / clean digits
         rows = [("degraded", mu), (f"restored ({name})", samples), ("clean", clean)]
         image, cols = panel_image(rows)
         manifest["restoration"] = {"png_rows": [n for n, _ in rows], "png_columns": cols,

@@ -299,7 +299,8 @@ def lagrange_weights(nodes: list[Tensor], big_j: list[Tensor]) -> list[Tensor]:
     (per-row) ``nodes``: element-wise only, so a row's weights do not depend on its batch."""
     out = []
     for i, ni in enumerate(nodes):
-        coef, den = [torch.ones_like(ni)], torch.ones_like(ni)
+        coef: list[Tensor | float] = [torch.ones_like(ni)]
+        den = torch.ones_like(ni)
         for j, nj in enumerate(nodes):
             if j == i:
                 continue

@@ -26,9 +26,12 @@ Gibbs sampler of p_{t_k}(x) pi(k), with x_t's scaling). Estimators of k (``estim
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from ...models.model import Prediction
 
 from ...schedules.grids import make_grid
 from ...core.protocol import Outcome, Pump, Query, Solver, as_outcome, col, sub
@@ -145,16 +148,16 @@ class DenoisingMCMC(Solver):
     integrator = Option("heun", "the registered solver that integrates from each chain's level to t_min",
                         kind=str)
     integrator_steps = Option(3, "the integrator's steps", low=1)
-    integrator_options = Option(None, "the integrator's options (a dict)", types=(dict,), what="a dict",
+    integrator_options: Option[Any] = Option(None, "the integrator's options (a dict)", types=(dict,), what="a dict",
                                 convert=lambda v: dict(v or {}))
-    estimator = Option(None, "the noise-level estimator: a NoiseLevelEstimator, or by name 'denoiser' or a "
+    estimator: Option[Any] = Option(None, "the noise-level estimator: a NoiseLevelEstimator, or by name 'denoiser' or a "
                              "shipped classifier such as 'digits-sigma' (default: the training-free denoiser's)",
                        types=(str, NoiseLevelEstimator),
                        what="a NoiseLevelEstimator, 'denoiser' or a shipped classifier's name",
                        convert=lambda v: _estimator(v))
     levels = Option(1000, "the number of noise levels K (when the estimator fixes none)", low=2)
     langevin_step = Option(0.01, "the Langevin step eta, in x's units", low=0.0, low_open=True)
-    eta = Option(None, alias_of="langevin_step")
+    eta: Option[Any] = Option(None, alias_of="langevin_step")
     n_skip = Option(3, "Gibbs steps between outputs", low=0)
     rounds = Option(1, "outputs per chain", low=1)
     burn_in_steps = Option(10, "integrator steps of the initial sample", low=1)

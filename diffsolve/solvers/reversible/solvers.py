@@ -75,7 +75,7 @@ class _Form:
     """
 
     dtype = None  # the dtype of model queries (None: the state's)
-    watch = None  # a _Watch when sampling: each step reports its parasitic mode to it (set after _Watch)
+    watch: _Watch  # a _Watch when sampling: each step reports its parasitic mode to it (class default: _Idle)
 
     def __init__(self, grid: Tensor, schedule, mu, form: str = "data"):
         g = grid.to(torch.float64)

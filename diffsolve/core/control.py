@@ -1,8 +1,9 @@
 """Step-size control for the adaptive solvers, separate from the solvers (as in diffrax).
 
-A solver computes a local error estimate E for each sample; the controller turns it into a scaled
-error norm, an accept/reject decision and the next step size. All of it works per sample ([B]
-tensors), so a batch can carry one step size per row.
+A solver computes a local error estimate E for each sample; the controller, which owns the
+tolerances, turns it into a scaled error norm, an accept/reject decision and the next step size. All
+of it works per sample ([B] tensors), so a batch can carry one step size per row. The loop that
+applies it is :func:`diffsolve.core.adaptive.adaptive_loop`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class StepSizeController:
     next step    f = safety * err^(-exponent) * err_prev^(exponent_prev) * err_prev2^(-exponent_prev2)
                  h_next = h * clamp(limiter(f), factor_min, factor_max)
 
+    ``rtol`` and ``atol`` are the tolerances (None: unset, the solver's defaults; a solver given a
+    controller fills in what it leaves unset, and its explicit ``rtol`` / ``atol`` options replace the
+    controller's: :class:`diffsolve.core.adaptive.AdaptiveSolver`).
     err_prev, err_prev2 are the norms of the last two accepted steps (1 before there are any).
     ``exponent_prev = exponent_prev2 = 0`` is I-control; ``exponent_prev > 0`` PI (Gustafsson 1991);
     ``exponent_prev2 > 0`` PID (Soderlind 2003; :meth:`pid` takes k-diffusion's p / i / d
@@ -48,6 +52,8 @@ class StepSizeController:
     factor_max: float = math.inf
     limiter: str = "clip"
     accept: float = 1.0
+    rtol: float | None = None
+    atol: float | None = None
 
     def __post_init__(self):
         if not 0 < self.safety <= 1:
@@ -63,6 +69,10 @@ class StepSizeController:
             raise ValueError(f"limiter must be one of {', '.join(LIMITERS)}, got {self.limiter!r}")
         if not self.accept > 0:
             raise ValueError(f"accept must be > 0, got {self.accept}")
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ValueError(f"{name} must be None or a number > 0, got {v!r}")
 
     @classmethod
     def pid(cls, order: float, pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, **options):
@@ -71,9 +81,14 @@ class StepSizeController:
         return cls(exponent=(pcoeff + icoeff + dcoeff) / order, exponent_prev=(pcoeff + 2 * dcoeff) / order,
                    exponent_prev2=dcoeff / order, **options)
 
-    @staticmethod
-    def error_norm(err: Tensor, x_prev: Tensor, x_new: Tensor, atol: float, rtol: float) -> Tensor:
-        """The scaled RMS norm of ``err`` per sample ([B], float64)."""
+    def error_norm(self, err: Tensor, x_prev: Tensor, x_new: Tensor, atol: float | None = None,
+                   rtol: float | None = None) -> Tensor:
+        """The scaled RMS norm of ``err`` per sample ([B], float64), with the controller's tolerances
+        unless ``atol`` / ``rtol`` are given."""
+        atol = self.atol if atol is None else atol
+        rtol = self.rtol if rtol is None else rtol
+        if atol is None or rtol is None:
+            raise ValueError("the error norm needs rtol and atol: set them on the controller or pass them")
         delta = torch.maximum(x_prev.abs(), x_new.abs()).mul(rtol).clamp_min(atol)
         return (err / delta).double().flatten(1).pow(2).mean(dim=1).sqrt()
 

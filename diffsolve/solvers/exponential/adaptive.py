@@ -26,7 +26,8 @@ pairs share their model evaluations, as k-diffusion's ``dpm_adaptive`` does:
 ``order=2``: y1 / 2S(r = 1/2), 2 calls per try; ``order=3`` (default): 2S(r = 1/3) / 3S, 3 calls.
 A retry after a rejection starts from the same state, so it reuses that first model call (as
 dpm_adaptive's eps cache does): NFE = calls per try x accepted + (calls - 1) x rejected.
-The local error estimate E = y_high - y_low goes to the shared :class:`StepSizeController` (scaled
+The local error estimate E = y_high - y_low goes to the shared :class:`StepSizeController` in the
+shared loop, :func:`diffsolve.core.adaptive.adaptive_loop` (scaled
 RMS norm with delta = max(atol, rtol max(|x_prev|, |x_low|)), accept when <= 1 by default); the step continues
 from the higher-order solution. Default controller: I-control, safety 0.9, exponent 1/order, factor
 limits [0.2, 5] (``controller=`` replaces it, e.g. PI / PID with ``exponent_prev`` / ``exponent_prev2``).
@@ -56,9 +57,10 @@ from functools import partial
 
 import torch
 
-from ...core.control import StepSizeController, check_adaptive
+from ...core.adaptive import AdaptiveSolver, Clock, Default, Try
+from ...core.control import StepSizeController
 from ...core.noise import NoiseSource
-from ...core.protocol import Outcome, Query, Solver, col, sub
+from ...core.protocol import Outcome, Query, col, sub
 from ...core.registry import register
 from .maths import (
     at_log_snr,
@@ -122,20 +124,17 @@ def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, 
     return xr, raw, y2, y1 + col(w.w1 / r2, y) * (q_2 - q_s), tt
 
 
-class _LogSNRAdaptive(Solver):
-    """The adaptive loop shared by mrs-adaptive and mrs-sde-adaptive: per-row log-SNR lambda and step
-    h, one embedded pair per try, the controller's accept / reject and next h, finished rows leaving
-    the batch. A subclass gives ``_tries``: the per-run object of its kind of pair (singlestep or
-    multistep, below), and may give ``_end`` (a final step at t_min)."""
+class _LogSNRAdaptive(AdaptiveSolver):
+    """mrs-adaptive and mrs-sde-adaptive: the tries of an embedded pair in log-SNR (singlestep or
+    multistep, below) in the shared accept / reject loop,
+    :func:`diffsolve.core.adaptive.adaptive_loop`, which owns each row's lambda and h, the controller's
+    accept / reject and next h, and finished rows leaving the batch. A subclass gives ``_tries``: the
+    per-run object of its kind of pair, and may give ``_end`` (a final step at t_min)."""
 
     order: int
     # the loop steps up in log-SNR until it reaches the grid's last time: on an inversion's ascending
     # grid that end is already behind it (one model call, the data handed back as the latent)
     runs_backward = False
-
-    def _setup(self, order, rtol, atol, h_init, mode, controller, default):
-        self.controller = check_adaptive(controller, default, mode, rtol=rtol, atol=atol, h_init=h_init)
-        self.order, self.rtol, self.atol, self.h_init, self.mode = order, float(rtol), float(atol), float(h_init), mode
 
     def _end(self, x, t_min: float, it: int):
         return x
@@ -147,76 +146,44 @@ class _LogSNRAdaptive(Solver):
         if not (abs(lam_max) < float("inf") and abs(lam_end) < float("inf")):
             raise ValueError(f"{self.name} steps in log-SNR, which must be finite at both ends: use t_min with "
                              "sigma > 0 (e.g. 1e-3) and, for rectified flow, t_max < 1 (e.g. 0.999)")
-        b, dev, f64 = x.shape[0], x.device, torch.float64
-        lam = torch.full((b,), lam_max, dtype=f64, device=dev)
-        h = torch.full((b,), min(self.h_init, lam_end - lam_max), dtype=f64, device=dev)
-        err_hist = self.controller.history(b, dev)
-        accepted = torch.zeros(b, dtype=torch.long, device=dev)
-        rejected = torch.zeros(b, dtype=torch.long, device=dev)
-        grids = [[t_max] for _ in range(b)]
-        tiny = 1e-12 * (lam_end - lam_max)
-        tries = self._tries(noise, lam_max, lam_end, b, dev)
-        x = yield from tries.start(x, lam, schedule, mu)
-        x_prev = x.clone()
-        it = 0
-
-        while bool((lam < lam_end).any()):
-            it += 1
-            rows = (lam < lam_end).nonzero().squeeze(1)
-            ls, hr = lam[rows], h[rows]
-            if bool((hr < tiny).any()):
-                raise RuntimeError(f"{self.name}: the step size underflowed at log-SNR {float(ls.min()):.6g} "
-                                   f"(rtol={self.rtol}, atol={self.atol}); loosen the tolerances")
-            m = sub(mu, rows)
-            xr, low, high, tt = yield from tries.attempt(x[rows], ls, hr, m, schedule, rows, it)
-            x_low = low if m is None else low + m
-            x_high = high if m is None else high + m
-            err = self.controller.error_norm(high - low, x_prev[rows], x_low, self.atol, self.rtol)
-            if self.mode == "batch":
-                err = err.max().expand_as(err)
-            ok = self.controller.accepts(err)
-            last = hr >= lam_end - ls - tiny
-            lam_new = torch.where(ok, torch.where(last, torch.full_like(ls, lam_end), ls + hr), ls)
-            h_new = torch.minimum(hr * self.controller.factor(err, err_hist[rows]), lam_end - lam_new)
-            h_new = torch.where(lam_new >= lam_end, hr, h_new)
-            okx = col(ok, xr).bool()
-            x = x.index_copy(0, rows, torch.where(okx, x_high, xr))
-            x_prev = x_prev.index_copy(0, rows, torch.where(okx, x_high, x_prev[rows]))
-            err_hist = err_hist.index_copy(0, rows, self.controller.push(err_hist[rows], err, ok))
-            lam, h = lam.index_copy(0, rows, lam_new), h.index_copy(0, rows, h_new)
-            accepted[rows] += ok.long()
-            rejected[rows] += (~ok).long()
-            tries.commit(rows, ok, lam_new)
-            t_acc = torch.where(last, torch.full_like(tt, t_min), tt)
-            for j, i in enumerate(rows.tolist()):
-                if bool(ok[j]):
-                    grids[i].append(float(t_acc[j]))
-        x = yield from self._end(x, t_min, it)
-        stats = {"grids": grids}
+        b, dev = x.shape[0], x.device
+        tries = self._tries(noise, lam_max, lam_end, b, dev, schedule, mu)
+        x = yield from tries.start(x, torch.full((b,), lam_max, dtype=torch.float64, device=dev))
+        clock = Clock(lam_max, lam_end, label="log-SNR", times=(t_max, t_min))
+        out = yield from self._loop(tries, x, clock, snap=1e-12)
+        x = yield from self._end(out.x, t_min, out.iterations)
+        stats = {"grids": out.grids}
         if self.mode == "batch":
-            stats["grid"] = torch.tensor(grids[0], dtype=f64)
-        return Outcome(x, accepted=accepted, rejected=rejected, stats=stats)
+            stats["grid"] = torch.tensor(out.grids[0], dtype=torch.float64)
+        return Outcome(x, accepted=out.accepted, rejected=out.rejected, stats=stats)
+
+
+def _in_x(xr: Tensor, low: Tensor, high: Tensor, tt: Tensor, m) -> Try:
+    """A pair's result in y = x - mu as the loop's :class:`Try` in x (the error estimate in y)."""
+    return Try(xr, low if m is None else low + m, high if m is None else high + m, tt, error=high - low)
 
 
 class _SinglestepTries:
     """Singlestep pairs (a solver's ``_pair``): each try starts with a model call at its start, which a
     retry after a rejection reuses (its state and time are unchanged)."""
 
-    def __init__(self, pair, path, b: int, dev):
+    def __init__(self, pair, path, b: int, dev, schedule, mu):
         self.pair, self.path, self.q = pair, path, None
+        self.schedule, self.mu = schedule, mu
         self.fresh = torch.ones(b, dtype=torch.bool, device=dev)
 
-    def start(self, x, lam, schedule, mu):
+    def start(self, x, lam):
         return x
         yield  # no query before the first try
 
-    def attempt(self, x, ls, hr, m, schedule, rows, it):
+    def attempt(self, x, ls, hr, rows, it):
+        m = sub(self.mu, rows)
         cached = None if self.q is None else (self.q[rows], self.fresh[rows])
-        xr, raw, low, high, tt = yield from self.pair(x, ls, hr, m, schedule, rows, it, self.path, cached)
+        xr, raw, low, high, tt = yield from self.pair(x, ls, hr, m, self.schedule, rows, it, self.path, cached)
         if self.q is None:
             self.q = raw.new_zeros((len(self.fresh), *raw.shape[1:]))
         self.q = self.q.index_copy(0, rows, raw)
-        return xr, low, high, tt
+        return _in_x(xr, low, high, tt, m)
 
     def commit(self, rows, ok, lam_new):
         self.fresh[rows] = ok
@@ -227,27 +194,29 @@ class _MultistepTries:
     try, then one per try, at the predicted point; an accepted try adds it to the row's history of
     ``order - 1`` outputs."""
 
-    def __init__(self, order: int, param: str):
+    def __init__(self, order: int, param: str, schedule, mu):
         self.slots, self.param = order - 1, param
+        self.schedule, self.mu = schedule, mu
 
-    def start(self, x, lam, schedule, mu):
-        pred = yield Query(x, schedule.t_of_log_snr(lam), step=0)
+    def start(self, x, lam):
+        pred = yield Query(x, self.schedule.t_of_log_snr(lam), step=0)
         self.hist = torch.zeros(self.slots, *x.shape, dtype=x.dtype, device=x.device)
-        self.hist[0] = model_output(pred, mu, self.param)
+        self.hist[0] = model_output(pred, self.mu, self.param)
         # column 0 holds lambda; the others are placeholders (distinct, weighted by zero) until filled
         self.lam = lam[:, None] - torch.arange(self.slots, dtype=lam.dtype, device=lam.device)
         self.count = torch.ones_like(lam, dtype=torch.long)
         return pred.x
 
-    def attempt(self, x, ls, hr, m, schedule, rows, it):
-        _, a_s, s_s = at_log_snr(schedule, ls)
-        tt, a_t, s_t = at_log_snr(schedule, ls + hr)
+    def attempt(self, x, ls, hr, rows, it):
+        m = sub(self.mu, rows)
+        _, a_s, s_s = at_log_snr(self.schedule, ls)
+        tt, a_t, s_t = at_log_snr(self.schedule, ls + hr)
         every = len(rows) == len(self.count)  # all rows active: no gather of the history
         hist = self.hist if every else self.hist[:, rows]
         y_pred, y_corr, self.new = yield from pc_step(
             x, m, hist, self.lam[rows], self.count[rows], ls, hr, (a_t, s_t, a_s, s_s), self.param,
             lambda xp: Query(xp, tt, index=rows, step=it))
-        return x, y_pred, y_corr, tt
+        return _in_x(x, y_pred, y_corr, tt, m)
 
     def commit(self, rows, ok, lam_new):
         idx = ok.nonzero().squeeze(1)
@@ -283,13 +252,15 @@ class MRSAdaptive(_LogSNRAdaptive):
 
     Other options: ``rtol`` (0.05) and ``atol`` (0.0078, for data in [-1, 1]), ``h_init`` (0.05,
     in log-SNR), ``mode`` (``"per_sample"`` or ``"batch"``), ``controller`` (a
-    :class:`StepSizeController` in place of the default), ``parameterization`` (``"data"``, the
+    :class:`StepSizeController` in place of the default; explicit ``rtol`` / ``atol`` replace its
+    tolerances, which otherwise replace the defaults: :class:`~diffsolve.core.adaptive.AdaptiveSolver`),
+    ``parameterization`` (``"data"``, the
     default, ``"noise"``, or for the multistep method ``"velocity"``). :func:`pilot_grid` gives a grid for ``mrs-pc`` (multistep) or
     ``dpmpp-3s`` (singlestep) to replay.
     """
 
-    def __init__(self, order: int | None = None, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
-                 mode: str = "per_sample", controller: StepSizeController | None = None,
+    def __init__(self, order: int | None = None, rtol: float = Default(0.05), atol: float = Default(0.0078),
+                 h_init: float = 0.05, mode: str = "per_sample", controller: StepSizeController | None = None,
                  parameterization: str = "data", method: str = "multistep"):
         orders = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
         if method not in orders:
@@ -302,12 +273,13 @@ class MRSAdaptive(_LogSNRAdaptive):
         default = (StepSizeController(safety=0.7, exponent=1.0 / order, factor_min=0.2, factor_max=2.0)
                    if method == "multistep" else
                    StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0))
-        self._setup(order, rtol, atol, h_init, mode, controller, default)
+        self.order = order
+        self._configure(rtol=rtol, atol=atol, h_init=h_init, mode=mode, controller=controller, default=default)
 
-    def _tries(self, noise, lam_lo, lam_hi, b, dev):
+    def _tries(self, noise, lam_lo, lam_hi, b, dev, schedule, mu):
         if self.method == "multistep":
-            return _MultistepTries(self.order, self.parameterization)
-        return _SinglestepTries(self._pair, None, b, dev)
+            return _MultistepTries(self.order, self.parameterization, schedule, mu)
+        return _SinglestepTries(self._pair, None, b, dev, schedule, mu)
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
         return (yield from _pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
@@ -322,18 +294,19 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
     The MRS SDE solvers have orders 1 and 2, so this is the 1/2 pair only (2 calls per try; its
     difference is O(h^1.5) in the strong sense). Options: ``rtol`` (0.05), ``atol`` (0.0078),
     ``h_init`` (0.05, in log-SNR), ``mode``, ``controller`` (default: I-control, safety 0.9,
-    exponent 0.9 as in Gotta Go Fast, factor limits [0.2, 5]), ``denoise`` (True: a Tweedie step
+    exponent 0.9 as in Gotta Go Fast, factor limits [0.2, 5]; its tolerances as mrs-adaptive's), ``denoise`` (True: a Tweedie step
     x0_hat(x, t_min) at the end, one more call). Noise defaults to ``"brownian"``.
     """
 
     default_noise = "brownian"
 
-    def __init__(self, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, mode: str = "per_sample",
-                 controller: StepSizeController | None = None, denoise: bool = True):
+    def __init__(self, rtol: float = Default(0.05), atol: float = Default(0.0078), h_init: float = 0.05,
+                 mode: str = "per_sample", controller: StepSizeController | None = None, denoise: bool = True):
         if not isinstance(denoise, bool):
             raise TypeError(f"denoise must be True or False, got {denoise!r}")
         default = StepSizeController(safety=0.9, exponent=0.9, factor_min=0.2, factor_max=5.0)
-        self._setup(2, rtol, atol, h_init, mode, controller, default)
+        self.order = 2
+        self._configure(rtol=rtol, atol=atol, h_init=h_init, mode=mode, controller=controller, default=default)
         self.denoise = denoise
 
     def _path(self, noise, lam_lo, lam_hi):
@@ -343,8 +316,8 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
             return noise
         return noise.time_changed(lam_lo, lam_hi, lambda lm: torch.exp(2.0 * (lm - lam_hi)))
 
-    def _tries(self, noise, lam_lo, lam_hi, b, dev):
-        return _SinglestepTries(self._pair, self._path(noise, lam_lo, lam_hi), b, dev)
+    def _tries(self, noise, lam_lo, lam_hi, b, dev, schedule, mu):
+        return _SinglestepTries(self._pair, self._path(noise, lam_lo, lam_hi), b, dev, schedule, mu)
 
     @staticmethod
     def _noises(path, ls, hr, r, rows, like):

@@ -38,12 +38,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from ..models.model import Prediction
-from .control import StepSizeController, check_adaptive
+from .control import MODES, StepSizeController
+from .options import Option
 from .protocol import Query, Solver, col
 
 Tensor = torch.Tensor
@@ -180,64 +181,40 @@ def adaptive_loop(tries: Tries, x: Tensor, clock: Clock, controller: StepSizeCon
     return LoopResult(x, accepted, rejected, it, grids)
 
 
-class Default(float):
-    """A tolerance option's default value: a float (what the option listing shows) that also says
-    the caller did not give the option, so that an explicit value, even an equal one, is told apart
-    (it replaces a controller's tolerance, and clashes with an alias)."""
-
-
 class AdaptiveSolver(Solver):
     """Base of the solvers that run in :func:`adaptive_loop`: the options ``rtol``, ``atol``,
-    ``h_init``, ``mode`` and ``controller``.
+    ``h_init``, ``mode`` and ``controller`` (a subclass declares them again for its own defaults).
 
     The tolerances belong to the controller: the solver hands the loop its controller with ``rtol``
     and ``atol`` filled in, each taken from, in this order,
-      1. the solver's option (``rtol`` / ``atol``, or an old name of it, :attr:`aliases`) when given;
+      1. the solver's option (``rtol`` / ``atol``, or an alias of it) when given;
       2. the ``controller``'s own ``rtol`` / ``atol`` when it has them (not None);
-      3. the solver's default (the option's default in its signature).
-    So explicit options override a controller's tolerances. Giving an option and its alias at once is
-    an error naming both. The ``controller`` option stays as given (the solver's default controller
-    when None); :attr:`rtol` and :attr:`atol` are the tolerances in use.
+      3. the solver's default.
+    So explicit options override a controller's tolerances. The ``controller`` option is the
+    solver's default controller (:meth:`default_controller`) when none is given; ``rtol`` and
+    ``atol`` are the tolerances in use.
     """
 
-    #: old option name -> the option it is an alias of (listed in the signature with default None)
-    aliases: ClassVar[dict[str, str]] = {}
+    rtol = Option(0.01, "the relative tolerance of the error norm", low=0.0, low_open=True)
+    atol = Option(0.0078, "the absolute tolerance of the error norm", low=0.0, low_open=True)
+    h_init = Option(0.01, "the first step size, in the solver's clock", low=0.0, low_open=True)
+    mode = Option("per_sample", "'per_sample': each row has its own time and step size (a finished row leaves "
+                                "the batch); 'batch': one step size, accepted when every row's error norm is <= 1",
+                  choices=MODES)
+    controller: Option[Any] = Option(None, "the step-size controller (default: the solver's own)",
+                                     types=(StepSizeController,), what="a StepSizeController")
 
-    def _configure(self, *, rtol: float, atol: float, h_init: float, mode: str,
-                   controller: StepSizeController | None, default: StepSizeController, **aliased: Any) -> None:
-        """Resolve the tolerances (class docstring) and check the options; ``aliased``: the alias
-        options as given (None: not given)."""
-        given: dict[str, Any] = {"rtol": rtol, "atol": atol}
-        names = {"rtol": "rtol", "atol": "atol"}
-        for old, value in aliased.items():
-            new = self.aliases[old]
-            if value is None:
-                continue
-            if not isinstance(given[new], Default):
-                raise TypeError(f"{self.name}: {old} is an alias of {new}; pass {new} or {old}, not both")
-            given[new], names[new] = value, old
-        if isinstance(controller, StepSizeController):
-            for k, value in given.items():
-                if isinstance(value, Default) and getattr(controller, k) is not None:
-                    given[k] = getattr(controller, k)
-        self.controller = check_adaptive(controller, default, mode, **{names[k]: v for k, v in given.items()},
-                                         h_init=h_init)
-        self._control = dataclasses.replace(self.controller, rtol=float(given["rtol"]), atol=float(given["atol"]))
-        self.h_init, self.mode = float(h_init), mode
+    def default_controller(self) -> StepSizeController:
+        """The controller used when none is given."""
+        return StepSizeController()
 
-    @property
-    def rtol(self) -> float:
-        """The relative tolerance in use (the controller's)."""
-        return self._control.rtol
-
-    @property
-    def atol(self) -> float:
-        """The absolute tolerance in use (the controller's)."""
-        return self._control.atol
-
-    def options(self) -> dict[str, Any]:
-        """The hyperparameters, under their current names (aliases left out)."""
-        return {k: v for k, v in super().options().items() if k not in self.aliases}
+    def check_options(self) -> None:
+        if self.controller is None:
+            self.controller = self.default_controller()
+        for k in ("rtol", "atol"):
+            if k not in self.given and getattr(self.controller, k) is not None:
+                setattr(self, k, float(getattr(self.controller, k)))
+        self._control = dataclasses.replace(self.controller, rtol=self.rtol, atol=self.atol)
 
     def _loop(self, tries: Tries, x: Tensor, clock: Clock, *, snap: float,
               reference: str = "high") -> Generator[Query, Prediction, LoopResult]:

@@ -147,10 +147,11 @@ def declared(cls: type) -> dict[str, Option]:
     return out
 
 
-def resolve(cls: type, solver: str, given: dict[str, Any]) -> dict[str, Any]:
+def resolve(cls: type, solver: str, given: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
     """Every option of ``cls`` from the keyword arguments ``given``: unknown names refused (TypeError
     with the closest names and the list of options), aliases folded into their option (both given:
-    an error naming both), each value checked by its :class:`Option`, defaults filled in."""
+    an error naming both), each value checked by its :class:`Option`, defaults filled in. Returns the
+    values and the names of the options given (aliases under their option's name)."""
     import difflib
 
     specs = declared(cls)
@@ -169,4 +170,5 @@ def resolve(cls: type, solver: str, given: dict[str, Any]) -> dict[str, Any]:
             if spec.alias_of in values:
                 raise ValueError(f"give {spec.alias_of} or its alias {k}, not both")
             values[spec.alias_of] = v
-    return {k: spec.check(values.get(k, spec.default)) for k, spec in specs.items() if spec.alias_of is None}
+    return ({k: spec.check(values.get(k, spec.default)) for k, spec in specs.items() if spec.alias_of is None},
+            frozenset(values))

@@ -70,8 +70,10 @@ class Solver:
 
     def __init__(self, **options: Any):
         """Takes the options the class declares (:class:`~diffsolve.core.options.Option` class
-        attributes), each checked, converted and set as an attribute; then :meth:`check_options`."""
-        for k, v in resolve(type(self), self.name, options).items():
+        attributes), each checked, converted and set as an attribute (``given``: the names of those
+        the caller gave); then :meth:`check_options`."""
+        values, self.given = resolve(type(self), self.name, options)
+        for k, v in values.items():
             setattr(self, k, v)
         self.check_options()
 

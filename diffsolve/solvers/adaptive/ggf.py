@@ -24,13 +24,13 @@ per-row times and step sizes, x'_prev (the loop's ``reference="low"``) and the e
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any
 
 import torch
 
-from ...core.adaptive import AdaptiveSolver, Clock, Default, Try
-from ...core.control import StepSizeController
+from ...core.adaptive import AdaptiveSolver, Clock, Try
 from ...core.noise import NoiseSource
+from ...core.options import Option
 from ...core.protocol import Outcome, Query, col, sub
 from ...core.registry import register
 from ...schedules.base import Schedule
@@ -66,26 +66,12 @@ class GottaGoFast(AdaptiveSolver):
     """
 
     default_noise = "brownian"
-    aliases: ClassVar[dict[str, str]] = {"eps_rel": "rtol", "eps_abs": "atol"}
-
-    def __init__(self, rtol: float = Default(0.01), atol: float = Default(0.0078), mode: str = "per_sample",
-                 h_init: float = 0.01, controller: StepSizeController | None = None, denoise: bool = True,
-                 eps_rel: float | None = None, eps_abs: float | None = None):
-        self._configure(rtol=rtol, atol=atol, h_init=h_init, mode=mode, controller=controller,
-                        default=StepSizeController(), eps_rel=eps_rel, eps_abs=eps_abs)
-        if not isinstance(denoise, bool):
-            raise TypeError(f"denoise must be True or False, got {denoise!r}")
-        self.denoise = denoise
-
-    @property
-    def eps_rel(self) -> float:
-        """The paper's name of :attr:`rtol`."""
-        return self.rtol
-
-    @property
-    def eps_abs(self) -> float:
-        """The paper's name of :attr:`atol`."""
-        return self.atol
+    rtol = Option(0.01, "the relative tolerance (the paper's eps_rel)", low=0.0, low_open=True)
+    atol = Option(0.0078, "the absolute tolerance (the paper's eps_abs, for data in [-1, 1])", low=0.0, low_open=True)
+    h_init = Option(0.01, "the first step size, in time units", low=0.0, low_open=True)
+    denoise = Option(True, "the final Tweedie step (one more model call)")
+    eps_rel: Option[Any] = Option(None, alias_of="rtol")
+    eps_abs: Option[Any] = Option(None, alias_of="atol")
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_max, t_min = float(grid[0]), float(grid[-1])

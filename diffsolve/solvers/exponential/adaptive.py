@@ -54,12 +54,14 @@ give each sample's accepted times (``"grids"``, and ``"grid"`` in batch mode).
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 
-from ...core.adaptive import AdaptiveSolver, Clock, Default, Try
+from ...core.adaptive import AdaptiveSolver, Clock, Try
 from ...core.control import StepSizeController
 from ...core.noise import NoiseSource
+from ...core.options import Option
 from ...core.protocol import Outcome, Query, col, sub
 from ...core.registry import register
 from .maths import (
@@ -233,6 +235,11 @@ class _MultistepTries:
         self.count[r] += 1
 
 
+_RTOL = Option(0.05, "the relative tolerance of the error norm", low=0.0, low_open=True)
+_ATOL = Option(0.0078, "the absolute tolerance of the error norm (for data in [-1, 1])", low=0.0, low_open=True)
+_H_INIT = Option(0.05, "the first step size, in log-SNR", low=0.0, low_open=True)
+
+
 @register("mrs-adaptive", family="adaptive", order=4, calls_per_step=1, deterministic=True, fixed_grid=False,
           description="adaptive MRS / DPM-Solver++ in log-SNR: multistep predictor-corrector (or singlestep) pairs, per-sample steps",
           reference="Lu et al. 2023 (DPM-Solver++); Zhao et al. 2023 (UniPC); Li et al. 2025 (MR Sampler); "
@@ -259,22 +266,31 @@ class MRSAdaptive(_LogSNRAdaptive):
     ``dpmpp-3s`` (singlestep) to replay.
     """
 
-    def __init__(self, order: int | None = None, rtol: float = Default(0.05), atol: float = Default(0.0078),
-                 h_init: float = 0.05, mode: str = "per_sample", controller: StepSizeController | None = None,
-                 parameterization: str = "data", method: str = "multistep"):
-        orders = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
-        if method not in orders:
-            raise ValueError(f"method must be one of {', '.join(orders)}, got {method!r}")
-        order = orders[method][-1] if order is None else order
-        if order not in orders[method]:
-            raise ValueError(f"order must be one of {orders[method]} for method={method!r}, got {order!r}")
-        check_parameterization(parameterization, velocity=method == "multistep", where=f" for method={method!r}")
-        self.parameterization, self.method = parameterization, method
-        default = (StepSizeController(safety=0.7, exponent=1.0 / order, factor_min=0.2, factor_max=2.0)
-                   if method == "multistep" else
-                   StepSizeController(safety=0.9, exponent=1.0 / order, factor_min=0.2, factor_max=5.0))
-        self.order = order
-        self._configure(rtol=rtol, atol=atol, h_init=h_init, mode=mode, controller=controller, default=default)
+    rtol = _RTOL
+    atol = _ATOL
+    h_init = _H_INIT
+    order: Option[Any] = Option(None, "the corrector's order (multistep: 2, 3 or 4, default 4; singlestep: 2 or 3, "
+                                      "default 3)", kind=object)
+    parameterization = Option("data", "the model output integrated: 'data', 'noise', or for the multistep method "
+                                      "'velocity'", kind=str)
+    method = Option("multistep", "'multistep' (predictor-corrector pairs, one call per try) or 'singlestep' "
+                                 "(embedded singlestep pairs)", choices=("multistep", "singlestep"))
+
+    ORDERS = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
+
+    def check_options(self) -> None:
+        orders = self.ORDERS[self.method]
+        self.order = orders[-1] if self.order is None else self.order
+        if self.order not in orders:
+            raise ValueError(f"order must be one of {orders} for method={self.method!r}, got {self.order!r}")
+        check_parameterization(self.parameterization, velocity=self.method == "multistep",
+                               where=f" for method={self.method!r}")
+        super().check_options()
+
+    def default_controller(self) -> StepSizeController:
+        if self.method == "multistep":
+            return StepSizeController(safety=0.7, exponent=1.0 / self.order, factor_min=0.2, factor_max=2.0)
+        return StepSizeController(safety=0.9, exponent=1.0 / self.order, factor_min=0.2, factor_max=5.0)
 
     def _tries(self, noise, lam_lo, lam_hi, b, dev, schedule, mu):
         if self.method == "multistep":
@@ -300,14 +316,14 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
 
     default_noise = "brownian"
 
-    def __init__(self, rtol: float = Default(0.05), atol: float = Default(0.0078), h_init: float = 0.05,
-                 mode: str = "per_sample", controller: StepSizeController | None = None, denoise: bool = True):
-        if not isinstance(denoise, bool):
-            raise TypeError(f"denoise must be True or False, got {denoise!r}")
-        default = StepSizeController(safety=0.9, exponent=0.9, factor_min=0.2, factor_max=5.0)
-        self.order = 2
-        self._configure(rtol=rtol, atol=atol, h_init=h_init, mode=mode, controller=controller, default=default)
-        self.denoise = denoise
+    rtol = _RTOL
+    atol = _ATOL
+    h_init = _H_INIT
+    denoise = Option(True, "the final Tweedie step x0_hat(x, t_min) (one more model call)")
+    order = 2  # the 1/2 pair (not an option)
+
+    def default_controller(self) -> StepSizeController:
+        return StepSizeController(safety=0.9, exponent=0.9, factor_min=0.2, factor_max=5.0)
 
     def _path(self, noise, lam_lo, lam_hi):
         """The noise of the run: the Brownian path on the clock e^{2 lambda}, or ``noise`` itself

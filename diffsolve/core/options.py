@@ -81,9 +81,10 @@ class Option(Generic[T]):
         return ((lo is None or (v > lo if self.low_open else v >= lo))
                 and (hi is None or (v < hi if self.high_open else v <= hi)))
 
-    def check(self, value: Any) -> Any:
-        """``value`` checked and converted; a clear error naming the option and what it takes."""
-        name = self.name
+    def check(self, value: Any, name: str | None = None) -> Any:
+        """``value`` checked and converted; a clear error naming the option (or ``name``, the alias
+        the caller used) and what it takes."""
+        name = self.name if name is None else name
         if self.choices is not None:
             ok = not isinstance(value, (Tensor, list, dict)) and value in self.choices
             if not ok or (isinstance(value, bool) and not any(isinstance(c, bool) for c in self.choices)):
@@ -161,14 +162,15 @@ def resolve(cls: type, solver: str, given: dict[str, Any]) -> tuple[dict[str, An
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             opts = ", ".join(f"{o}={s.default!r}" for o, s in specs.items() if s.alias_of is None) or "none"
             raise TypeError(f"solver {solver!r} has no option {k!r}{hint}; its options are: {opts}")
-    values = dict(given)
-    for k, spec in specs.items():
-        if spec.alias_of is not None and k in values:
-            v = values.pop(k)
-            if v is None:
-                continue
-            if spec.alias_of in values:
-                raise ValueError(f"give {spec.alias_of} or its alias {k}, not both")
-            values[spec.alias_of] = v
-    return ({k: spec.check(values.get(k, spec.default)) for k, spec in specs.items() if spec.alias_of is None},
-            frozenset(values))
+    values = {k: v for k, v in given.items() if specs[k].alias_of is None}
+    checked = {k: specs[k].check(v) for k, v in values.items()}
+    for k, v in given.items():
+        target = specs[k].alias_of
+        if target is None or v is None:
+            continue
+        if target in values:
+            raise ValueError(f"give {target} or its alias {k}, not both")
+        values[target] = v
+        checked[target] = specs[target].check(v, name=k)
+    return ({k: checked[k] if k in checked else spec.check(spec.default) for k, spec in specs.items()
+             if spec.alias_of is None}, frozenset(values))

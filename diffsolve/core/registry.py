@@ -10,13 +10,9 @@ An alias registers the same class again under another name with some options fix
 from __future__ import annotations
 
 import difflib
-import inspect
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-import torch
 
 from .options import declared
 from .protocol import Solver
@@ -47,19 +43,11 @@ class SolverInfo:
     @property
     def options(self) -> dict[str, Any]:
         """The options the solver takes, with their defaults (fixed options excluded)."""
-        specs = declared(self.cls)
-        if specs:
-            return {k: s.default for k, s in specs.items() if s.alias_of is None and k not in self.fixed}
-        sig = inspect.signature(self.cls)  # a solver with an __init__ of its own
-        return {k: p.default for k, p in sig.parameters.items()
-                if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k not in self.fixed}
+        return {k: s.default for k, s in declared(self.cls).items() if s.alias_of is None and k not in self.fixed}
 
     def option_help(self) -> list[str]:
         """One line per option: allowed values, default and meaning (``diffsolve solvers --options``)."""
-        specs = declared(self.cls)
-        if not specs:
-            return [f"{k} (default {v!r})" for k, v in self.options.items()]
-        return [s.describe() for k, s in specs.items() if k not in self.fixed]
+        return [s.describe() for k, s in declared(self.cls).items() if k not in self.fixed]
 
 
 def register(name: str, *, family: str, order: float, calls_per_step: int, deterministic: bool,
@@ -76,7 +64,10 @@ def register(name: str, *, family: str, order: float, calls_per_step: int, deter
             raise ValueError(f"a solver named {name!r} is already registered ({_REGISTRY[name].cls.__name__})")
         info = SolverInfo(name, cls, family, order, calls_per_step, deterministic, invertible, fixed_grid,
                           description, reference, dict(fixed or {}))
-        unknown = set(info.fixed) - set(declared(cls) or inspect.signature(cls).parameters)
+        if "__init__" in vars(cls):
+            raise TypeError(f"{name}: a registered solver declares its options as Option class attributes "
+                            f"(diffsolve.core.options) instead of an __init__ of its own ({cls.__name__})")
+        unknown = set(info.fixed) - set(declared(cls))
         if unknown:
             raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
         _REGISTRY[name] = info
@@ -114,23 +105,9 @@ def get_solver(name: str, **options: Any) -> Solver:
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             opts = ", ".join(f"{o}={d!r}" for o, d in allowed.items()) or "none"
             raise TypeError(f"solver {info.name!r} has no option {k!r}{hint}; its options are: {opts}")
-        elif k in allowed and not declared(info.cls):
-            _check_number(info.name, k, v, allowed[k])
     solver = info.cls(**{**options, **info.fixed})
     solver.name = info.name
     return solver
-
-
-def _check_number(solver: str, key: str, value: Any, default: Any) -> None:
-    """A numeric option (one whose default is a number) takes a real number, never NaN (the solver
-    checks its range)."""
-    if isinstance(default, bool) or not isinstance(default, numbers.Real):
-        return
-    scalar = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex()
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar):
-        raise TypeError(f"solver {solver!r}: option {key} must be a number (default {default!r}), got {value!r}")
-    if math.isnan(float(value)):
-        raise ValueError(f"solver {solver!r}: option {key} must be a number, got NaN")
 
 
 def registered() -> list[SolverInfo]:

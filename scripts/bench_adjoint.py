@@ -58,10 +58,10 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "adjoint.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = ["# Gradients through reversible solvers: reversible adjoint vs autograd through the loop", "",
-             "Written by `scripts/bench_adjoint.py` (2 CPU threads; MLP eps-network, D = 1024, batch 256, "
-             "float32; one fresh process per row).", "",
-             "| solver | steps | unrolled: peak RSS growth (MiB) | reversible: peak RSS growth (MiB) | "
-             "reversible time / unrolled time |", "|---|---|---|---|---|"]
+             ("Written by `scripts/bench_adjoint.py` (2 CPU threads; MLP eps-network, D = 1024, batch 256, "
+             "float32; one fresh process per row)."), "",
+             ("| solver | steps | unrolled: peak RSS growth (MiB) | reversible: peak RSS growth (MiB) | "
+             "reversible time / unrolled time |"), "|---|---|---|---|---|"]
     for u, r in zip(rows[::2], rows[1::2]):
         lines.append(f"| {u['solver']} | {u['steps']} | {u['peak_rss_growth_mib']} | {r['peak_rss_growth_mib']} | "
                      f"{r['time_ratio_to_unrolled']} |")

@@ -60,15 +60,15 @@ def main() -> None:
     lines = [
         "# Half precision on the CPU: digits-vp in bfloat16 / float16 vs float32",
         "",
-        f"digits-vp, {a.solver}, {a.steps} steps, {a.num_samples} samples, seeds {a.seed}..{a.seed + a.num_samples - 1} "
+        (f"digits-vp, {a.solver}, {a.steps} steps, {a.num_samples} samples, seeds {a.seed}..{a.seed + a.num_samples - 1} "
         "(the same x_T in every row), scored by digits-FD against the 300 held-out digits "
         "(`diffsolve.quality.evaluate`, as in [digits_fd.md](digits_fd.md)). In the half rows the UNet runs "
         "in that dtype (`ds.pretrained.load(\"digits-vp\", dtype=...)`); the solver's state and arithmetic stay "
         "in float32 and the samples are returned in the half dtype. The diff columns compare each sample with "
-        "its float32 twin (images in [-1, 1]).",
+        "its float32 twin (images in [-1, 1])."),
         "",
-        f"Produced by `{meta['command']}` (torch {torch.__version__}, {meta['threads']} CPU threads; wall times "
-        "are of a shared machine, indicative only).",
+        (f"Produced by `{meta['command']}` (torch {torch.__version__}, {meta['threads']} CPU threads; wall times "
+        "are of a shared machine, indicative only)."),
         "",
         "| network dtype | digits-FD | confidence | NFE | per-sample RMS diff (median / max) | max abs diff | wall s |",
         "|---|---|---|---|---|---|---|",

@@ -123,9 +123,9 @@ def main(argv=None) -> int:
                     print(json.dumps(row), flush=True)
     write_text(args.out / "gpu.json", json.dumps({"gpu": gpu, "torch": torch.__version__, "steps": STEPS,
                                                    "rows": rows}, indent=2) + "\n")
-    lines = ["# GPU throughput", "", f"Written by `scripts/bench_gpu.py`{' --quick' if args.quick else ''} on "
+    lines = ["# GPU throughput", "", (f"Written by `scripts/bench_gpu.py`{' --quick' if args.quick else ''} on "
              f"**{gpu}** (torch {torch.__version__}), {STEPS} steps, median of {repeats} after a warm-up. "
-             "Samples per second; the ratios are to diffusers' scheduler loop in the same run.", "",
+             "Samples per second; the ratios are to diffusers' scheduler loop in the same run."), "",
              "| model | dtype | batch | solver | diffusers | ours | ours, compiled | ours, CUDA graph |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -25,9 +25,9 @@ import torch
 
 import diffsolve as ds
 import diffsolve.solvers.exponential.multistep as ex
-from diffsolve.data import digits16
 from diffsolve.core.driver import execute
 from diffsolve.core.noise import NoiseSource
+from diffsolve.data import digits16
 
 FLIP = 0.5
 
@@ -66,7 +66,7 @@ def inversion_path(model, solver, x0, k):
     lat = ds.invert(model, solver, x0, k)
     g = lat.grid
     src = NoiseSource(tuple(x0.shape), seeds=0, device=x0.device, dtype=x0.dtype, t_range=(float(g[-1]), float(g[0])))
-    out, _, traj, _ = execute(slv.run(x0.clone(), g.flip(0), src, schedule=model.schedule), slv, model, g.flip(0),
+    _out, _, traj, _ = execute(slv.run(x0.clone(), g.flip(0), src, schedule=model.schedule), slv, model, g.flip(0),
                               len(x0), return_trajectory=True)
     path = {round(float(torch.as_tensor(t).flatten()[0]), 9): x for t, x in traj}
     path[round(float(g[0]), 9)] = lat.x

@@ -1,6 +1,7 @@
 """Gotta Go Fast (adaptive-sde): the step by hand, the controller, the law, the Brownian path."""
 
 import math
+
 import pytest
 import torch
 
@@ -145,7 +146,7 @@ def test_brownian_path_consistent_through_rejections():
     ref = ds.sample(model, "euler-maruyama", 2000, grid="uniform", noise="brownian", **kw).samples
     other = ds.sample(model, "euler-maruyama", 2000, grid="uniform", noise="brownian",
                       **{**kw, "seed": 1}).samples
-    dist = lambda a: float((a - ref).norm(dim=1).median())  # noqa: E731
+    dist = lambda a: float((a - ref).norm(dim=1).median())
     loose = ds.sample(model, "adaptive-sde", eps_rel=0.1, eps_abs=0.01, **kw)
     tight = ds.sample(model, "adaptive-sde", eps_rel=0.003, eps_abs=0.0003, **kw)
     fresh = ds.sample(model, "adaptive-sde", eps_rel=0.003, eps_abs=0.0003, noise="gaussian", **kw)

@@ -60,7 +60,7 @@ def test_gradient_equals_autograd_through_the_unrolled_sampler(name, opts, steps
 @pytest.mark.parametrize("name", ["rev-heun", "o-belm", "rex"])
 def test_gradient_reaches_mu_and_the_latent_pair(name):
     """Mean-reverting model (mu a differentiable input) started from an inverted Latent (both states)."""
-    net, model, _, c = _setup(ds.schedules.MeanReverting())
+    _net, model, _, c = _setup(ds.schedules.MeanReverting())
     mu = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
     x0 = torch.randn(8, 4, dtype=torch.float64)
     lat = ds.invert(model, name, x0, 6, mu=mu.detach(), cond={"c": c.detach()})
@@ -74,7 +74,7 @@ def test_gradient_reaches_mu_and_the_latent_pair(name):
 
 def test_grad_needs_a_reversible_solver():
     _, model, x_T, _ = _setup()
-    with pytest.raises(ValueError, match="grad=True needs a reversible solver .*rev-heun.*got 'heun'"):
+    with pytest.raises(ValueError, match=r"grad=True needs a reversible solver .*rev-heun.*got 'heun'"):
         ds.sample(model, "heun", 5, x_T=x_T, grad=True, cond={"c": torch.zeros(1, 4, dtype=torch.float64)})
     with pytest.raises(ValueError, match="trajectory"):
         ds.sample(model, "rev-heun", 5, x_T=x_T, grad=True, return_trajectory=True)
@@ -82,7 +82,7 @@ def test_grad_needs_a_reversible_solver():
 
 def _saved_bytes(fn, steps):
     """Bytes the forward pass stores for backward (every tensor autograd saves, weights included)."""
-    net, model, x_T, c = _setup()
+    _net, model, x_T, c = _setup()
     total = [0]
 
     def pack(t):
@@ -101,8 +101,8 @@ def test_memory_is_flat_in_the_number_of_steps(name):
     """What the forward keeps for backward: constant for the reversible adjoint (its final state and,
     for schemes whose start calls the model, that one call's graph), linear in the steps for autograd
     through the unrolled loop. (The reversible backward then holds one step's graph at a time.)"""
-    rev = lambda m, x, n, c: ds.sample(m, name, n, x_T=x, cond={"c": c}, grad=True).samples  # noqa: E731
-    unrolled = lambda m, x, n, c: ds.sample(m, name, n, x_T=x, cond={"c": c}).samples  # noqa: E731
+    rev = lambda m, x, n, c: ds.sample(m, name, n, x_T=x, cond={"c": c}, grad=True).samples
+    unrolled = lambda m, x, n, c: ds.sample(m, name, n, x_T=x, cond={"c": c}).samples
     r = {n: _saved_bytes(rev, n) for n in (10, 50, 200)}
     u = {n: _saved_bytes(unrolled, n) for n in (10, 50, 200)}
     print(name, "bytes saved for backward, reversible", r, "unrolled", u)

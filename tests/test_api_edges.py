@@ -60,7 +60,7 @@ def test_model_to_converts_the_network():
     oracle = GMM.model(VP).to(dtype="float64")  # an analytic net computes in its input's dtype
     assert ds.sample(oracle, "ddim", 2, shape=(2, 2), seed=0).samples.dtype == torch.float64
     declared = ds.DiffusionModel(lambda x, t: torch.zeros_like(x), VP, "eps", dtype=torch.float64)
-    with pytest.raises(TypeError, match="dtype: the network .* plain callable"):
+    with pytest.raises(TypeError, match=r"dtype: the network .* plain callable"):
         declared.to(dtype=torch.float32)
 
 
@@ -112,7 +112,7 @@ def test_latent_with_object_options_and_the_cli_reader(tmp_path):
     read = load_latent(str(tmp_path / "lat"))[0]  # (latent, manifest, file)
     assert torch.equal(read.x, lat.x) and read.options["renoise"] == renoise and read.dtype == lat.dtype
     bad = ds.Latent(lat.x, None, lat.grid, "ddim", {"renoise": object()})
-    with pytest.raises(TypeError, match="options.renoise: a object cannot be saved"):
+    with pytest.raises(TypeError, match=r"options.renoise: a object cannot be saved"):
         bad.save(tmp_path / "bad")
 
 
@@ -148,9 +148,9 @@ def test_numpy_states_and_seeds():
     seeded = ds.sample(ORACLE, "ddpm", 3, shape=(2, 2), seed=np.int64(5)).samples
     assert torch.equal(seeded, ds.sample(ORACLE, "ddpm", 3, shape=(2, 2), seed=np.array([5, 6])).samples)
     for bad in (1.5, np.float64(3.0), [1.0, 2.0]):
-        with pytest.raises(TypeError, match="seed must be an int >= 0 .* floats such as 3.0 are refused"):
+        with pytest.raises(TypeError, match=r"seed must be an int >= 0 .* floats such as 3.0 are refused"):
             ds.sample(ORACLE, "ddpm", 3, shape=(2, 2), seed=bad)
-    with pytest.raises(TypeError, match="x_T must be a torch.Tensor or a numpy array"):
+    with pytest.raises(TypeError, match=r"x_T must be a torch.Tensor or a numpy array"):
         ds.sample(ORACLE, "ddim", 3, x_T=[[0.0, 0.0]])
 
 
@@ -188,11 +188,11 @@ def test_missing_conditioning_is_named_before_sampling():
     with pytest.raises(ValueError, match=r"cond: .* needs cond=\{'class_labels': \.\.\.\}"):
         ds.sample(cond, "ddim", 2, shape=(1, *DIGIT), seed=0)
     cfg = ClassifierFreeGuidance(cond, 2.0, uncond={"class_labels": torch.tensor(10)})
-    with pytest.raises(ValueError, match="cond: .*class_labels"):
+    with pytest.raises(ValueError, match=r"cond: .*class_labels"):
         ds.sample(cfg, "ddim", 2, shape=(1, *DIGIT), seed=0)
-    with pytest.raises(ValueError, match="uncond: .*class_labels"):
+    with pytest.raises(ValueError, match=r"uncond: .*class_labels"):
         ClassifierFreeGuidance(cond, 2.0, uncond={})
-    with pytest.raises(ValueError, match="uncond: .*class_labels"):
+    with pytest.raises(ValueError, match=r"uncond: .*class_labels"):
         ds.sample(cfg, "ddim", 2, shape=(1, *DIGIT), seed=0, cond={"class_labels": 3}, uncond={})
     res = ds.sample(cfg, "ddim", 2, shape=(2, *DIGIT), seed=0, cond={"class_labels": torch.tensor([3, 4])})
     assert res.nfe == 4

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from diffusers import (  # noqa: E402
+from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
 )
-from tiny_pipelines import (  # noqa: E402
+from tiny_pipelines import (
     CountCalls,
     denoiser,
     flux,
@@ -24,8 +24,8 @@ from tiny_pipelines import (  # noqa: E402
     stable_diffusion_3,
 )
 
-import diffsolve as ds  # noqa: E402
-from diffsolve.integrations.diffusers import (  # noqa: E402
+import diffsolve as ds
+from diffsolve.integrations.diffusers import (
     DiffsolveScheduler,
     invert_pipeline,
     sample_pipeline,

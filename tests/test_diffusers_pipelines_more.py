@@ -12,14 +12,22 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
+from tiny_pipelines import (
+    SCHEDULER_CONFIGS,
+    CountCalls,
+    denoiser,
+    pixart_sigma,
+    playground_v25,
+    run_latents,
+    stable_diffusion_img2img,
+    stable_diffusion_inpaint,
+    stable_diffusion_xl,
+    stable_diffusion_xl_img2img,
+)
 
-import diffsolve as ds  # noqa: E402
-from diffsolve.integrations.diffusers import (DiffsolveScheduler, invert_pipeline, pipeline_model,  # noqa: E402
-                                              sample_pipeline)
-from tiny_pipelines import (SCHEDULER_CONFIGS, CountCalls, denoiser, run_latents, pixart_sigma, playground_v25,  # noqa: E402
-                            stable_diffusion_img2img, stable_diffusion_inpaint, stable_diffusion_xl,
-                            stable_diffusion_xl_img2img)
+import diffsolve as ds
+from diffsolve.integrations.diffusers import DiffsolveScheduler, invert_pipeline, pipeline_model, sample_pipeline
 
 BUILD = {"sdxl": stable_diffusion_xl, "edm": playground_v25, "pixart": pixart_sigma, "img2img": stable_diffusion_img2img,
          "inpaint": stable_diffusion_inpaint, "sdxl_img2img": stable_diffusion_xl_img2img}
@@ -233,7 +241,7 @@ def test_driver_edm_preconditioning_and_dpmpp_2m_match_diffusers(pipes):
     on that scheduler's Karras sigmas, from the same start, is the pipeline's own run."""
     p = pipes("edm")
     sched = p.scheduler
-    model, cond, b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, height=16, width=16)
+    model, cond, _b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, height=16, width=16)
     assert isinstance(model.schedule, ds.schedules.EDM)
     assert (model.schedule.sigma_min, model.schedule.sigma_max) == (0.002, 80.0)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(2))
@@ -263,7 +271,7 @@ def test_driver_edm_preconditioning_and_dpmpp_2m_match_diffusers(pipes):
 def test_driver_pixart_splits_learned_sigma(pipes):
     p = pipes("pixart")
     assert p.transformer.config.out_channels == 2 * p.transformer.config.in_channels
-    model, cond, b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, height=16, width=16, max_sequence_length=8)
+    model, cond, _b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, height=16, width=16, max_sequence_length=8)
     assert shape == (4, 8, 8)
     x = torch.randn(1, *shape)
     with torch.no_grad():
@@ -295,7 +303,7 @@ def test_driver_inpainting_unet_inputs(pipes):
     from diffsolve.integrations.diffusers.pipelines import _encode_vae
 
     p = pipes("inpaint")
-    model, cond, b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, image=_image(), mask_image=_mask())
+    model, cond, _b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, image=_image(), mask_image=_mask())
     assert shape == (4, 8, 8) and cond["inpaint"].shape == (1, 5, 8, 8)
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1.0

@@ -42,7 +42,7 @@ def test_brownian_path_is_stable_across_step_counts():
     """With Brownian-tree noise a seed fixes one Brownian path whatever the step count, so EM
     converges strongly (order 1 for this additive-noise linear SDE) to one solution per seed."""
     model = ds.models.GaussianMixture([[1.0, -1.0]], 0.5).model(SCHED)
-    run = lambda n, seed: ds.sample(model, "euler-maruyama", n, shape=(8, 2), seed=seed, dtype=torch.float64,  # noqa: E731
+    run = lambda n, seed: ds.sample(model, "euler-maruyama", n, shape=(8, 2), seed=seed, dtype=torch.float64,
                                     grid="uniform", noise="brownian", denoise=False).samples
     ref = run(400, 0)
     e50 = float((run(50, 0) - ref).norm(dim=1).median())

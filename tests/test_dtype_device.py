@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.samplers import ExactNoiseLevel
 from diffsolve.core.driver import state_dtype
 from diffsolve.core.registry import registered
+from diffsolve.samplers import ExactNoiseLevel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,7 +145,7 @@ def test_pretrained_bfloat16_samples_are_close_to_float32():
     m32 = ds.pretrained.load("digits-vp", dtype=torch.float32)
     mbf = ds.pretrained.load("digits-vp", dtype=torch.bfloat16)
     assert mbf.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype=torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"dtype=torch.bfloat16"):
         ds.sample(m32, "dpmpp-2m", 20, shape=(2, 1, 16, 16), seed=0, dtype=torch.bfloat16)
     a = ds.sample(m32, "dpmpp-2m", 20, shape=(16, 1, 16, 16), seed=0).samples
     b = ds.sample(mbf, "dpmpp-2m", 20, shape=(16, 1, 16, 16), seed=0).samples

@@ -8,18 +8,18 @@ MODEL = ds.models.GaussianMixture.gmm_2d().model(ds.schedules.VPLinear())
 
 
 def test_unknown_solver_names_close_matches():
-    with pytest.raises(ValueError, match="unknown solver 'huen'.*did you mean 'heun'"):
+    with pytest.raises(ValueError, match=r"unknown solver 'huen'.*did you mean 'heun'"):
         ds.get_solver("huen")
     with pytest.raises(ValueError, match="euler-maruyama"):
         ds.sample(MODEL, "euler_maruyamma", 5, shape=(2, 2))
 
 
 def test_bad_option_names():
-    with pytest.raises(TypeError, match="'ddim' has no option 'etta'.*did you mean 'eta'.*eta=0.0"):
+    with pytest.raises(TypeError, match=r"'ddim' has no option 'etta'.*did you mean 'eta'.*eta=0.0"):
         ds.get_solver("ddim", etta=0.5)
     with pytest.raises(TypeError, match="'heun' has no option 'churn'"):
         ds.sample(MODEL, "heun", 5, shape=(2, 2), churn=1.0)
-    with pytest.raises(ValueError, match="'ddpm' fixes eta=1.0"):
+    with pytest.raises(ValueError, match=r"'ddpm' fixes eta=1.0"):
         ds.get_solver("ddpm", eta=0.3)
     with pytest.raises(ValueError, match="eta must be in"):
         ds.get_solver("ddim", eta=2.0)
@@ -34,7 +34,7 @@ def test_bad_option_names():
 def test_wrong_shapes():
     with pytest.raises(ValueError, match="shape"):
         ds.sample(MODEL, "euler", 5, shape=(0, 2))
-    with pytest.raises(ValueError, match="shape or x_T|give shape"):
+    with pytest.raises(ValueError, match=r"shape or x_T|give shape"):
         ds.sample(MODEL, "euler", 5)
     with pytest.raises(ValueError, match="does not match x_T"):
         ds.sample(MODEL, "euler", 5, shape=(3, 2), x_T=torch.zeros(4, 2))

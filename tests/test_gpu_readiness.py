@@ -7,6 +7,8 @@ with the number of steps. With CUDA present, ``torch.cuda.set_sync_debug_mode("e
 same on the device.
 """
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ READS = {"__bool__", "item", "tolist", "cpu", "numpy", "__float__", "__int__", "
 
 
 class Tracked(torch.Tensor):
-    reads: list = []
+    reads: ClassVar[list] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -61,7 +63,7 @@ def test_deferred_check_still_names_the_step(deferred):
         calls.append(1)
         return x * float("nan") if len(calls) == 3 else 0.5 * x
 
-    with pytest.raises(ds.models.NonFiniteError, match="step 3 of 6.*model call 3.*checked once"):
+    with pytest.raises(ds.models.NonFiniteError, match=r"step 3 of 6.*model call 3.*checked once"):
         ds.sample(ds.DiffusionModel(net, sched, "eps"), "ddim", 6, shape=(2, 3), seed=0)
     assert len(calls) == 6  # deferred: the run went on to its end
 

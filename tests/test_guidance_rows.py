@@ -61,7 +61,7 @@ def test_an_operator_with_a_rows_parameter_gets_the_query_rows():
 def test_an_operator_holding_per_sample_tensors_without_rows_gets_a_clear_error():
     _, mask, y = _problem(4)
     kw = {"shape": (4, 4), "seed": 0, "rtol": 0.1, "t_min": 1e-2}
-    with pytest.raises(RuntimeError, match="rows.*Masked"):
+    with pytest.raises(RuntimeError, match=r"rows.*Masked"):
         ds.sample(DPS(_model(), lambda x: x * mask, y, zeta=1.0), "mrs-sde-adaptive", **kw)
     # shared tensors need nothing: a plain lambda with one mask for all rows runs on every solver
     shared = mask[0]

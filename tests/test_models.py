@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from test_schedules import ALL
 
 import diffsolve as ds
-from diffsolve.models import PREDICTIONS, Coefs, GaussianMixture, Empirical, from_x0_eps, to_x0_eps
+from diffsolve.models import PREDICTIONS, Coefs, Empirical, GaussianMixture, from_x0_eps, to_x0_eps
 from diffsolve.models.model import Prediction
-
-from test_schedules import ALL
 
 
 def coefs_at(s, t, x):

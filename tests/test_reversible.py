@@ -95,7 +95,7 @@ def test_documented_instabilities():
     x32 = X0.to(torch.float32)
     for x in (x32, X0):
         lat = ds.invert(model, "bdia", x, 100, gamma=0.5)
-        with pytest.raises(UnstableError, match="'bdia'.*unstable at step .* of 100: its state is no longer finite"):
+        with pytest.raises(UnstableError, match=r"'bdia'.*unstable at step .* of 100: its state is no longer finite"):
             ds.sample(model, "bdia", latent=lat, gamma=0.5)
     lat = ds.invert(model, "bdia", x32, 30, gamma=0.5)  # 2^30 x 1e-16: still exact at 30 steps
     assert _rms(ds.sample(model, "bdia", latent=lat, gamma=0.5).samples, x32) < 1e-5

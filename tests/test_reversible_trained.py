@@ -75,7 +75,7 @@ def test_the_noise_form_is_refused_on_a_trained_model(models, solver):
 def test_o_belm_in_the_data_form_is_refused(models):
     """O-BELM's damping needs steps that shrink towards the data: in alpha / sigma they grow."""
     x_T = torch.randn(N, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    with pytest.raises(ds.UnstableError, match="'o-belm'.*form='data'.*Its default, form='noise'"):
+    with pytest.raises(ds.UnstableError, match=r"'o-belm'.*form='data'.*Its default, form='noise'"):
         ds.sample(models["digits-vp"], "o-belm", 10, x_T=x_T, form="data")
 
 

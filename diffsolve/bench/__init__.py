@@ -26,8 +26,8 @@ import argparse
 import importlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 NAMES = ("ode", "sde", "adaptive", "overhead", "inversion", "reversible")
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import diffsolve as ds
-from diffsolve.core.protocol import col
+from diffsolve.core.protocol import per_row
 
 from . import write_text
 
@@ -140,7 +140,7 @@ def _kdiffusion_sweep(model, schedule, x_T, ref, tolerances):
 
     def denoiser(xk, sk):
         t = schedule.t_of_log_snr(-torch.log(sk.double()))
-        return model(xk * col(schedule.alpha(t), xk), t).x0
+        return model(xk * per_row(schedule.alpha(t), xk), t).x0
 
     t_max, t_min = schedule.t_max, schedule.t_min
     a_max, a_min = float(schedule.alpha(t_max)), float(schedule.alpha(t_min))

@@ -151,12 +151,12 @@ def _digits_rows(quick: bool, log) -> dict:
 def _digits_markdown(d: dict) -> list[str]:
     steps, fixed = d["steps"], [r for r in d["rows"] if r["steps"] is not None]
     lines = ["## digits-vp: round trip of held-out digits against steps", "",
-             f"The first {d['digits']} held-out digits (`diffsolve.data.digits16('heldout')`), float32, inverted with "
+             (f"The first {d['digits']} held-out digits (`diffsolve.data.digits16('heldout')`), float32, inverted with "
              "`ds.invert` and sampled back on the same grid (the default log-SNR grid, t from 0.001 to 1). *max*: "
              "max abs error over all digits and pixels; *median*: the median over digits of each digit's max abs "
              f"error; *flipped*: digits whose round trip is off by more than {FLIP} somewhere (they come back as a "
              "visibly different image). RMS over all pixels in inversion.json. The reversible solvers' round trips "
-             "on the same model are in reversible.md (float32: below 1e-6).", ""]
+             "on the same model are in reversible.md (float32: below 1e-6)."), ""]
     for key, title, fmt in (("max_abs", "max abs error", ".3g"), ("median_digit_max", "median over digits of the max abs error", ".2g"),
                             ("flipped", f"digits flipped (max error > {FLIP})", "d")):
         lines += [f"### {title}", "", "| solver | " + " | ".join(f"{k} steps" for k in steps) + " |",
@@ -206,10 +206,10 @@ def run(out: Path, quick: bool = False) -> None:
     digits = _digits_rows(quick, lambda r: print(json.dumps(r), flush=True))
     write_text(out / "inversion.json", json.dumps({"rows": rows, "quick": quick, "digits_vp": digits}, indent=2) + "\n")
     lines = ["# Inversion: round trip, latent and sampling error", "",
-             f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/inversion.py): 16-D "
+             (f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/inversion.py): 16-D "
              f"3-component GaussianMixture, SD scaled-linear schedule, {n} points, float64; errors are RMS; the "
              f"exact references are dpmpp-3s on {ref_steps} log-SNR steps (the latent agrees with half as many steps "
-             f"to {ref_agreement:.1e}).", ""]
+             f"to {ref_agreement:.1e})."), ""]
     for key, title in (("round_trip", "Round trip sample(invert(x0)) - x0"),
                        ("latent_error", "Latent error against the exact ODE latent"),
                        ("sampling_error", "Sampling error against the exact ODE solution"),

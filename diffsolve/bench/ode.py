@@ -32,11 +32,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import diffsolve as ds
-from diffsolve.core.protocol import col
+from diffsolve.core.protocol import per_row
 
 from . import pyplot, save_figure, write_text
 
@@ -152,7 +151,7 @@ def run_kdiffusion(fn, calls_per_step, sd, model, x_T, nfe: int):
 
     def denoiser(xk, sk):
         t = sd.t_of_log_snr(-torch.log(sk.double()))
-        return model(xk * col(sd.alpha(t), xk), t).x0
+        return model(xk * per_row(sd.alpha(t), xk), t).x0
 
     s_max = float(sd.sigma(sd.t_max) / sd.alpha(sd.t_max))
     s_min = float(sd.sigma(sd.t_min) / sd.alpha(sd.t_min))

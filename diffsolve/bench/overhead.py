@@ -32,8 +32,13 @@ SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"
 
 
 def pairs():
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+    )
 
     return {"ddim": ("ddim", {}, DDIMScheduler, {}),
             "ddpm": ("ddpm", {}, DDPMScheduler, {}),
@@ -67,7 +72,7 @@ def diffusers_per_call(net, cls, opts, x_T, steps):
 
 def noop_rows(shapes, steps, repeats):
     sd = ds.schedules.VPDiscrete.from_diffusers_config(SD)
-    net = lambda x, t: x  # noqa: E731
+    net = lambda x, t: x
     model = ds.DiffusionModel(net, sd, "eps")
     rows = []
     for shape in shapes:
@@ -95,7 +100,7 @@ def unet_rows(steps, repeats, batch):
         for _ in range(repeats):
             spent = [0.0]
 
-            def timed(x, t, _net=net, **kw):
+            def timed(x, t, _net=net, spent=spent, **kw):
                 t0 = time.perf_counter()
                 out = _net(x, t, **kw)
                 spent[0] += time.perf_counter() - t0
@@ -124,10 +129,10 @@ def run(out: Path, quick: bool = False) -> None:
     write_text(out / f"{stem}.json", json.dumps({"noop": noop, "unet": unet, "steps": steps, "repeats": repeats,
                                                   "torch": torch.__version__, "threads": torch.get_num_threads()},
                                                  indent=2) + "\n")
-    lines = ["# Solver overhead", "", f"Written by `diffsolve bench{' --quick' if quick else ''}` on the "
+    lines = ["# Solver overhead", "", (f"Written by `diffsolve bench{' --quick' if quick else ''}` on the "
              f"CPU ({torch.get_num_threads()} threads, float32, {steps} steps, best of {repeats}, torch "
              f"{torch.__version__}). Per model call, with a no-op network: our whole `ds.sample` against diffusers' "
-             "loop (`scale_model_input` + `step`) with the paired scheduler on the same tensors.", "",
+             "loop (`scale_model_input` + `step`) with the paired scheduler on the same tensors."), "",
              "| shape | solver | diffusers scheduler | ours (us/call) | diffusers (us/call) | ours / diffusers |",
              "|---|---|---|---|---|---|"]
     for r in noop:

@@ -114,7 +114,7 @@ def _quality_rows(steps, n, clf, log) -> list[dict]:
         setup = _Setup(name, n)
         cache: dict = {}
 
-        def comparison(solver, k):
+        def comparison(solver, k, setup=setup, cache=cache):
             if (solver, k) not in cache:
                 t0 = time.perf_counter()
                 res, notes = setup.sample(solver, k)
@@ -126,7 +126,7 @@ def _quality_rows(steps, n, clf, log) -> list[dict]:
         for k in steps:
             kept = {}
             for label, (solver, opts, calls, (csolver, csteps)) in REVERSIBLE.items():
-                c_res, c_notes, c_sec = comparison(csolver, csteps(k))
+                c_res, _c_notes, c_sec = comparison(csolver, csteps(k))
                 row = {"model": name, "steps": k, "method": label, "solver": solver, "options": opts,
                        "comparison": f"{csolver} {csteps(k)} steps", "comparison_nfe": c_res.nfe,
                        "comparison_quality": _quality(c_res.samples, setup.labels, clf, ref),
@@ -176,7 +176,7 @@ def run(out: Path, quick: bool = False) -> None:
     steps = (10,) if quick else QUALITY_STEPS
     rt_steps = (10, 20) if quick else ROUND_TRIP_STEPS
     n = 16 if quick else NUM_SAMPLES
-    digits = {d: 4 for d in RT_DIGITS} if quick else RT_DIGITS
+    digits = dict.fromkeys(RT_DIGITS, 4) if quick else RT_DIGITS
     clf = ds.quality.load_classifier()
 
     def log(row):
@@ -196,9 +196,9 @@ def run(out: Path, quick: bool = False) -> None:
 def _summary(steps, quality, round_trip, digits) -> list[str]:
     """The issue's targets against what was measured: ODE-distance ratios and the round-trip bounds."""
     lines = ["## Summary", "",
-             "RMS distance to the ODE solution, reversible solver (default form) / its comparison at equal model calls "
+             ("RMS distance to the ODE solution, reversible solver (default form) / its comparison at equal model calls "
              "(below 1: closer to the ODE solution than the non-reversible solver; digits-FD and accuracy are in the "
-             "tables below):", "",
+             "tables below):"), "",
              "| solver | " + " | ".join(f"{m.replace('digits-', '')} {k}" for m in MODELS for k in steps) + " |",
              "|---|" + "---|" * (len(MODELS) * len(steps))]
     for label in ROUND_TRIP:
@@ -236,11 +236,11 @@ def _cell(q: dict | None, key: str, fmt: str) -> str:
 
 def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wall) -> str:
     lines = ["# Reversible solvers on the trained digit models", "",
-             f"Written by `diffsolve bench{' --quick' if quick else ''} --only reversible` "
-             f"(diffsolve/bench/reversible.py) in {wall / 60:.0f} minutes on one CPU core.", "",
+             (f"Written by `diffsolve bench{' --quick' if quick else ''} --only reversible` "
+             f"(diffsolve/bench/reversible.py) in {wall / 60:.0f} minutes on one CPU core."), "",
              *_summary(steps, quality, round_trip, digits),
              "## Quality at equal model calls", "",
-             f"{n} samples per row, seeds {SEED}..{SEED + n - 1} in every row (the same x_T for every solver); "
+             (f"{n} samples per row, seeds {SEED}..{SEED + n - 1} in every row (the same x_T for every solver); "
              "digits-FD against the 300 held-out digits (it depends on the sample count: compare only within "
              f"this table; {n} real training digits score {floor['mean']:.1f} (5 draws: {floor['min']:.1f} to "
              f"{floor['max']:.1f})). *ODE dist*: RMS distance to the same seeds' samples of dpmpp-2m on "
@@ -250,7 +250,7 @@ def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wal
              "its NFE counts both calls of a guided step. digits-flow: the data-form solvers end where "
              "sigma / alpha = 0.002 (t = 0.002), the noise forms start where alpha / sigma = 0.002, the "
              "comparisons run the full [0, 1]. A reversible run whose parasitic mode grows raises "
-             "`UnstableError` (no samples): shown as *unstable at step k*.", ""]
+             "`UnstableError` (no samples): shown as *unstable at step k*."), ""]
     for model in MODELS:
         cond = model == "digits-vp-cond"
         lines += [f"### {model}" + (f" (CFG {CFG_SCALE:g})" if cond else ""), "",
@@ -277,8 +277,8 @@ def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wal
         noisy = [r for r in quality if r["model"] == model and r["quality"] is not None
                  and (r["quality"].get("ode_distance", 0) > 1 or r["quality"]["out_of_range"] > 0.1)]
         for r in noisy:
-            lines += [f"Not refused but noise: {r['method']} at {r['steps']} steps ({r['quality']['out_of_range']:.0%} of "
-                      f"the pixels outside [-1.05, 1.05], RMS {r['quality']['ode_distance']:.3g} from the ODE solution).", ""]
+            lines += [(f"Not refused but noise: {r['method']} at {r['steps']} steps ({r['quality']['out_of_range']:.0%} of "
+                      f"the pixels outside [-1.05, 1.05], RMS {r['quality']['ode_distance']:.3g} from the ODE solution)."), ""]
     unstable = [r for r in quality if r["quality"] is None]
     if unstable:
         lines += ["The `UnstableError` messages (first of each solver):", ""]
@@ -289,11 +289,11 @@ def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wal
                 lines.append(f"- {r['model']}, {r['method']}, {r['steps']} steps: {r['unstable']}")
         lines.append("")
     lines += ["## Round trip sample(invert(x0)) - x0 on digits-vp", "",
-              "Held-out digits (`diffsolve.data.digits16('heldout')`, the first ones), inverted and sampled back "
+              ("Held-out digits (`diffsolve.data.digits16('heldout')`, the first ones), inverted and sampled back "
               "with each reversible solver on its default grid; max abs error over all pixels (RMS in the JSON). "
               "float32: the shipped model; float64: `ds.pretrained.load('digits-vp', dtype=torch.float64)` with "
               "float64 digits. (Reversible states are carried in float64 in both; float32 differs in the "
-              "model's precision.)", ""]
+              "model's precision.)"), ""]
     for dtype in digits:
         name = str(dtype).replace("torch.", "")
         lines += [f"### {name} ({digits[dtype]} digits)", "",
@@ -304,8 +304,8 @@ def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wal
             lines.append(f"| {solver} | " + " | ".join(f"{v:.1e}" for v in vals) + " |")
         lines.append("")
     lines += ["### Where the latents lie", "",
-              "RMS distance of each solver's latent x_T (`Latent.x`) to the exact ODE latent of the same digits "
-              "(dpmpp-2m inversion on 400 log-SNR steps; the latents themselves have RMS about 0.77), float32:", "",
+              ("RMS distance of each solver's latent x_T (`Latent.x`) to the exact ODE latent of the same digits "
+              "(dpmpp-2m inversion on 400 log-SNR steps; the latents themselves have RMS about 0.77), float32:"), "",
               "| solver | " + " | ".join(f"{k} steps" for k in rt_steps) + " |", "|---|" + "---|" * len(rt_steps)]
     for solver in ROUND_TRIP:
         vals = [next(r["latent_to_ode"] for r in round_trip if r["dtype"] == "float32" and r["solver"] == solver
@@ -314,10 +314,10 @@ def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wal
     lines.append("")
     far = sorted({r["solver"] for r in round_trip if r["latent_rms"] > 2})  # a Gaussian-like x_T has RMS about 1
     if far:
-        lines += [f"{', '.join(far)}: the latent is far from any Gaussian-like x_T (RMS up to "
+        lines += [(f"{', '.join(far)}: the latent is far from any Gaussian-like x_T (RMS up to "
                   f"{max(r['latent_rms'] for r in round_trip if r['solver'] in far):.2g}) although the round trip is exact: "
                   "the inversion lets its two chains part (for edict, the mixing expands their gap by 1/p^2 per step), "
-                  "so the latent serves a round trip but not as noise to edit or resample from.", ""]
+                  "so the latent serves a round trip but not as noise to edit or resample from."), ""]
     return "\n".join(lines)
 
 

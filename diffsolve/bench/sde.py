@@ -121,8 +121,8 @@ def write(rows: list[dict], seed: int, out: Path, quick: bool) -> None:
     write_text(out / "sde.json", json.dumps({"seed": seed, "quick": quick, "rows": rows}, indent=2) + "\n")
     n_gmm, n_dig = (1000, 200) if quick else (2000, 500)
     lines = ["# SDE-family samplers: quality against NFE", "",
-             f"Written by `diffsolve bench{' --quick' if quick else ''}` (2 CPU threads). NFE = model rows per sample; dmcmc's "
-             "\"paper NFE\" leaves out the burn-in (amortised over each chain's outputs in the NFE column).", ""]
+             (f"Written by `diffsolve bench{' --quick' if quick else ''}` (2 CPU threads). NFE = model rows per sample; dmcmc's "
+             "\"paper NFE\" leaves out the burn-in (amortised over each chain's outputs in the NFE column)."), ""]
     for part, metric, title in (("gmm", "mmd2", f"2-D GaussianMixture, VPLinear, exact scores, {n_gmm} samples"),
                                 ("digits", "digits_fd", f"digits-vp, {n_dig} samples, digits-FD (lower is better)")):
         sel = [r for r in rows if r["problem"] == part]

@@ -11,6 +11,27 @@ from .registry import SolverInfo, get_solver, list_solvers, register, solver_inf
 from .renoise import ReNoise
 from .result import Latent, SampleResult
 
-__all__ = ["sample", "invert", "DEFAULT_INVERSION_SOLVER", "check_invertible", "StepSizeController", "NoiseSource",
-           "resolve_seeds", "Solver", "ExactInverse", "Query", "Outcome", "Pump", "drive", "UnstableError",
-           "SolverInfo", "get_solver", "list_solvers", "register", "solver_info", "ReNoise", "Latent", "SampleResult"]
+__all__ = [
+           "DEFAULT_INVERSION_SOLVER",
+           "ExactInverse",
+           "Latent",
+           "NoiseSource",
+           "Outcome",
+           "Pump",
+           "Query",
+           "ReNoise",
+           "SampleResult",
+           "Solver",
+           "SolverInfo",
+           "StepSizeController",
+           "UnstableError",
+           "check_invertible",
+           "drive",
+           "get_solver",
+           "invert",
+           "list_solvers",
+           "register",
+           "resolve_seeds",
+           "sample",
+           "solver_info",
+]

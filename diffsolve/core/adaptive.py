@@ -45,7 +45,7 @@ import torch
 from ..models.model import Prediction
 from .control import MODES, StepSizeController
 from .options import Option
-from .protocol import Query, Solver, col
+from .protocol import Query, Solver, per_row
 
 Tensor = torch.Tensor
 
@@ -141,7 +141,8 @@ def adaptive_loop(tries: Tries, x: Tensor, clock: Clock, controller: StepSizeCon
     err_hist = controller.history(b, dev)
     accepted = torch.zeros(b, dtype=torch.long, device=dev)
     rejected = torch.zeros(b, dtype=torch.long, device=dev)
-    grids = None if clock.times is None else [[clock.times[0]] for _ in range(b)]
+    times = clock.times
+    grids = None if times is None else [[times[0]] for _ in range(b)]
     tiny = snap * span
     it = 0
 
@@ -165,7 +166,7 @@ def adaptive_loop(tries: Tries, x: Tensor, clock: Clock, controller: StepSizeCon
         s_new = torch.where(ok, torch.where(last, torch.full_like(sr, clock.end), clock.advance(sr, hr)), sr)
         h_new = torch.minimum(hr * controller.factor(err, err_hist[rows]), clock.remaining(s_new))
         h_new = torch.where(clock.active(s_new), h_new, hr)  # a finished row keeps its last h
-        okx = col(ok, xr).bool()
+        okx = per_row(ok, xr).bool()
         x = x.index_copy(0, rows, torch.where(okx, step.high, xr))
         x_ref = x_ref.index_copy(0, rows, torch.where(okx, step.high if reference == "high" else step.low, xp))
         err_hist = err_hist.index_copy(0, rows, controller.push(err_hist[rows], err, ok))
@@ -173,8 +174,8 @@ def adaptive_loop(tries: Tries, x: Tensor, clock: Clock, controller: StepSizeCon
         accepted[rows] += ok.long()
         rejected[rows] += (~ok).long()
         tries.commit(rows, ok, s_new)
-        if grids is not None:
-            t_acc = torch.where(last, torch.full_like(step.end, clock.times[1]), step.end)
+        if grids is not None and times is not None:
+            t_acc = torch.where(last, torch.full_like(step.end, times[1]), step.end)
             for j, i in enumerate(rows.tolist()):
                 if bool(ok[j]):
                     grids[i].append(float(t_acc[j]))

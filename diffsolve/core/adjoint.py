@@ -16,7 +16,8 @@ two-level scheme its second state) and the final conversion are ordinary differe
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ class _Steps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, args, *inputs):
-        slv, fr, grid, schedule, caller, keys, m, counter = args
+        slv, fr, _grid, _schedule, caller, keys, m, counter = args
         st, mu, cond_in = inputs[:m], inputs[m], inputs[m + 1: m + 1 + len(keys)]
         call = caller(mu, dict(zip(keys, cond_in)), counter)
         for k in range(slv.n_steps(fr)):

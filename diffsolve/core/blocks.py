@@ -77,7 +77,7 @@ def in_row_blocks(model: DiffusionModel, size: int) -> DiffusionModel:
     inner = getattr(model, "inner", None)
     if isinstance(inner, DiffusionModel):
         blocked = in_row_blocks(inner, size)
-        setattr(twin, "inner", blocked)  # a guidance wrapper's (core does not import guidance)
+        twin.inner = blocked  # type: ignore[attr-defined]  # a guidance wrapper (core does not import guidance)
         twin.net = blocked.net
     else:
         twin.net = RowBlocks(model.net, size)

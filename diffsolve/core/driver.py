@@ -6,7 +6,8 @@ import math
 import operator
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ from ..models.model import (
 from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, make_grid
 from .adjoint import require_reversible, reversible_sample
-from .protocol import Outcome, Pump, Solver, as_outcome, check_batch, sub
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
+from .protocol import Outcome, Pump, Solver, as_outcome, check_batch, take_rows
 from .registry import get_solver, registered, solver_info
 from .result import Latent, SampleResult
 
@@ -186,7 +187,7 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     """
     if isinstance(latent, Latent) and isinstance(solver, str) and solver_info(solver).name == latent.solver:
         solver_options = {**latent.options, **solver_options}  # the options it was made with
-    slv, info, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
     if row_block is not None:
         row_block = check_row_block(row_block)
@@ -348,10 +349,10 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
     of = f" of {n_steps}" if fixed_grid else ""
 
     def caller(index, step):
-        kw = {k: sub(v, index) for k, v in cond.items()}
+        kw = {k: take_rows(v, index) for k, v in cond.items()}
 
         def call(x, t):
-            m = sub(mu, index)
+            m = take_rows(mu, index)
             try:
                 if net_dtype is None or x.dtype == net_dtype:
                     pred = model(x, t, mu=m, counter=counter, index=index, **kw)
@@ -368,7 +369,7 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
         return call
 
     def context(index, step, call):
-        return HookContext(model.schedule, grid, step, index, sub(mu, index), call, hook_noise)
+        return HookContext(model.schedule, grid, step, index, take_rows(mu, index), call, hook_noise)
 
     guard = FiniteGuard()
     start = time.perf_counter()
@@ -379,10 +380,10 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
             q = pump.query
             # the step index is for messages and hooks: found lazily (a search per call otherwise)
             step = q.step if q.step is not None else (lambda t=q.t: _step_of(grid, t))
-            call = caller(q.index, step)
+            call = caller(q.rows, step)
             x = q.x
             if hooks:
-                ctx = context(q.index, step() if callable(step) else step, call)
+                ctx = context(q.rows, step() if callable(step) else step, call)
                 x = run_hooks(hooks, "before", x, q.t, ctx)
             if trajectory is not None:
                 trajectory.append((q.t, x.detach().clone()))

@@ -16,7 +16,8 @@ raises :class:`~diffsolve.models.NonFiniteError` naming the step and time.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

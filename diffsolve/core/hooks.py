@@ -17,8 +17,9 @@ some rows of the batch (``ctx.index``); a hook holding per-sample tensors takes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -11,7 +11,7 @@ fixed function of time, the same at 20 and at 40 steps and consistent for reject
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -92,13 +92,13 @@ class NoiseSource:
         return torch.stack([torch.randn(self.event_shape, generator=self.generators[i], device=self.device,
                                         dtype=self.dtype) for i in rows])
 
-    def derived(self) -> "NoiseSource":
+    def derived(self) -> NoiseSource:
         """An independent Gaussian source for the same samples (seeds mixed with a constant): for
         step hooks, so their draws leave this source's stream untouched."""
         seeds = [(s * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (2**63) for s in self.seeds]
         return NoiseSource(self.shape, seeds=seeds, device=self.device, dtype=self.dtype)
 
-    def subset(self, rows: Tensor) -> "NoiseSource":
+    def subset(self, rows: Tensor) -> NoiseSource:
         """The noise of rows ``rows`` only, as a source of its own: it draws from the same generators
         (advancing them) and has the same Brownian paths (a pure function of the seeds)."""
         picked = [int(i) for i in torch.as_tensor(rows).tolist()]

@@ -9,7 +9,7 @@ queries and receives predictions; the driver (or the diffusers scheduler adapter
             x = <update from pred.x, pred.x0, pred.eps, pred.velocity ...>
         return x
 
-A query is ``(x, t)`` or a :class:`Query` (which may also name the active rows ``index`` for
+A query is ``(x, t)`` or a :class:`Query` (which may also name the active ``rows`` for
 per-sample solvers, and the grid ``step`` for error messages). What comes back is a
 :class:`~diffsolve.models.Prediction`; its ``pred.x`` is the state the model actually saw (a step
 hook may have changed it) and the solver continues from that. Solvers keep no state between runs.
@@ -18,8 +18,8 @@ hook may have changed it) and the solver continues from that. Solvers keep no st
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable, Generator, NamedTuple, TypeVar
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -32,11 +32,11 @@ Tensor = torch.Tensor
 
 
 class Query(NamedTuple):
-    """A request to evaluate the model at (x, t). ``index``: the batch rows x holds (None: all)."""
+    """A request to evaluate the model at (x, t). ``rows``: the batch rows x holds (None: all)."""
 
     x: Tensor
     t: Any
-    index: Tensor | None = None
+    rows: Tensor | None = None
     step: int | None = None
 
 
@@ -163,14 +163,14 @@ def as_query(item) -> Query:
     raise TypeError(f"a solver must yield (x, t) or a Query, got {type(item).__name__}")
 
 
-def sub(mu: Tensor | float | None, index: Tensor | None, ndim: int | None = None):
+def take_rows(mu: Any, index: Tensor | None, ndim: int | None = None) -> Any:
     """Rows ``index`` (a query's rows in the full batch; None: all) of a per-sample tensor (mu, a
     condition, a measurement, a mask): the one helper with which the driver, the guidance wrappers and
     the step hooks subset what they hold to the rows they are given. Scalars, None and tensors with
     batch size 1 pass through; with ``ndim`` (the state's), so does a tensor of fewer dimensions,
     which broadcasts against every row (e.g. one [H, W] mask for a [B, C, H, W] batch)."""
     if isinstance(mu, Mapping):  # a dict of them (classifier-free guidance's ``uncond``)
-        return {k: sub(v, index, ndim) for k, v in mu.items()}
+        return {k: take_rows(v, index, ndim) for k, v in mu.items()}
     if index is None or not isinstance(mu, Tensor) or mu.ndim == 0 or mu.shape[0] == 1:
         return mu
     if ndim is not None and mu.ndim < ndim:
@@ -178,7 +178,7 @@ def sub(mu: Tensor | float | None, index: Tensor | None, ndim: int | None = None
     return mu[index]
 
 
-def col(v, like: Tensor) -> Tensor:
+def per_row(v: Any, like: Tensor) -> Tensor:
     """A per-row [R] (or scalar) value as a tensor in ``like``'s dtype and device, shaped to broadcast
     against it ([R, 1, ..., 1])."""
     v = torch.as_tensor(v).to(device=like.device, dtype=like.dtype)

@@ -10,9 +10,9 @@ An alias registers the same class again under another name with some options fix
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
-
+from typing import Any, TypeVar
 
 from .options import declared
 from .protocol import Solver
@@ -21,7 +21,7 @@ S = TypeVar("S", bound=Solver)
 
 FAMILIES = ("ode", "sde", "pc", "adaptive", "mcmc", "reversible")
 
-_REGISTRY: dict[str, "SolverInfo"] = {}
+_REGISTRY: dict[str, SolverInfo] = {}
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class SolverTable(list):
     def __str__(self) -> str:
         rows = [self.COLUMNS, *self.rows()]
         widths = [max(len(r[c]) for r in rows) for c in range(len(self.COLUMNS))]
-        fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
         return "\n".join([fmt(rows[0]), fmt(tuple("-" * w for w in widths)), *map(fmt, rows[1:])])
 
     __repr__ = __str__

@@ -13,7 +13,21 @@ EnKG or Inpaint, as ``diffsolve restore`` runs them.
 
 from .hooks import EnKG, HookContext, Inpaint, StepHook, Threshold
 from .tasks import InverseProblem, inverse_problem, restore
-from .wrappers import CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, DPS, GuidedModel, Masked
+from .wrappers import DPS, CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, GuidedModel, Masked
 
-__all__ = ["ClassifierFreeGuidance", "CFGPlusPlus", "ClassifierGuidance", "DPS", "GuidedModel", "Masked", "StepHook",
-           "HookContext", "EnKG", "Inpaint", "Threshold", "InverseProblem", "inverse_problem", "restore"]
+__all__ = [
+           "DPS",
+           "CFGPlusPlus",
+           "ClassifierFreeGuidance",
+           "ClassifierGuidance",
+           "EnKG",
+           "GuidedModel",
+           "HookContext",
+           "Inpaint",
+           "InverseProblem",
+           "Masked",
+           "StepHook",
+           "Threshold",
+           "inverse_problem",
+           "restore",
+]

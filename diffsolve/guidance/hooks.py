@@ -7,13 +7,13 @@ The protocol (``before`` / ``after`` / ``finish`` with a :class:`HookContext`) i
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..models.model import Prediction
-from ..core.protocol import check_batch, sub
 from ..core.hooks import HookContext, StepHook
+from ..core.protocol import check_batch, take_rows
+from ..models.model import Prediction
 from ..schedules.base import Schedule
 from ..schedules.grids import make_grid
 from .wrappers import noise_level
@@ -63,7 +63,7 @@ class Inpaint(StepHook):
 
     def _parts(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
         """(mask, y) on the rows ``index`` the query holds (either may be per sample or shared)."""
-        return sub(self.mask, index, x.ndim).to(x), sub(self.y, index, x.ndim).to(x)
+        return take_rows(self.mask, index, x.ndim).to(x), take_rows(self.y, index, x.ndim).to(x)
 
     def _known(self, x: Tensor, t: float, ctx: HookContext) -> Tensor:
         m, y = self._parts(x, ctx.index)

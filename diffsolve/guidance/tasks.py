@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..models.model import DiffusionModel
 from ..core.driver import sample
 from ..core.hooks import StepHook
 from ..core.result import SampleResult
+from ..models.model import DiffusionModel
 from .hooks import EnKG, Inpaint
 from .wrappers import DPS, Masked
 

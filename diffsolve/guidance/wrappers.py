@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from ..models.model import DiffusionModel, NFECounter, Prediction
-from ..core.protocol import sub
+from ..core.protocol import take_rows
 from ..core.registry import registered
+from ..models.model import DiffusionModel, NFECounter, Prediction
 
 Tensor = torch.Tensor
 #: an operator A of an inverse problem: ``A(x0) -> y``, or ``A(x0, rows=index) -> y`` when its
@@ -166,13 +167,13 @@ class ClassifierFreeGuidance(GuidedModel):
             if uncond is None:
                 raise ValueError("classifier-free guidance needs the unconditional inputs: give "
                                  "ClassifierFreeGuidance(..., uncond={...}) or ds.sample(..., uncond={...})")
-            uncond = {k: sub(v, index) for k, v in uncond.items()}
+            uncond = {k: take_rows(v, index) for k, v in uncond.items()}
         if rows is None:
             u = self.inner(x, t, mu=mu, counter=counter, index=index, **uncond)
         else:
             tt = t[rows] if isinstance(t, Tensor) and t.ndim > 0 else t
-            u = self.inner(x[rows], tt, mu=sub(mu, rows), counter=counter,
-                           index=rows if index is None else index[rows], **{k: sub(v, rows) for k, v in uncond.items()})
+            u = self.inner(x[rows], tt, mu=take_rows(mu, rows), counter=counter,
+                           index=rows if index is None else index[rows], **{k: take_rows(v, rows) for k, v in uncond.items()})
         return self.combine(c, u, rows)
 
     def _guided(self, cond_out: Tensor, uncond_out: Tensor) -> Tensor:
@@ -317,7 +318,7 @@ class DPS(GuidedModel):
 
     def residual(self, x0: Tensor, index: Tensor | None = None) -> Tensor:
         """Per-sample residual norms ||y - A(x0)|| ([B]) of x0 on the batch rows ``index`` (None: all)."""
-        r = sub(self.measurement, index) - self.apply(x0, index)
+        r = take_rows(self.measurement, index) - self.apply(x0, index)
         return r.reshape(r.shape[0], -1).norm(dim=1)
 
     def __call__(self, x, t, *, mu=None, counter=None, index=None, **cond):
@@ -351,7 +352,7 @@ class Masked:
         self.mask = mask
 
     def __call__(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
-        return x * sub(self.mask, rows, x.ndim).to(x)
+        return x * take_rows(self.mask, rows, x.ndim).to(x)
 
     def __repr__(self) -> str:
         return f"Masked(mask of shape {tuple(self.mask.shape)})"

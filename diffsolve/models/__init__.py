@@ -5,6 +5,18 @@ from .model import TIME_INPUTS, DiffusionModel, FiniteGuard, NFECounter, NonFini
 from .parameterization import PREDICTIONS, Coefs, compose, from_x0_eps, to_x0_eps
 
 __all__ = [
-    "DiffusionModel", "Prediction", "NFECounter", "NonFiniteError", "check_finite", "GaussianMixture",
-    "Empirical", "PREDICTIONS", "TIME_INPUTS", "Coefs", "to_x0_eps", "from_x0_eps", "compose",
+    "PREDICTIONS",
+    "TIME_INPUTS",
+    "Coefs",
+    "DiffusionModel",
+    "Empirical",
+    "FiniteGuard",
+    "GaussianMixture",
+    "NFECounter",
+    "NonFiniteError",
+    "Prediction",
+    "check_finite",
+    "compose",
+    "from_x0_eps",
+    "to_x0_eps",
 ]

@@ -14,7 +14,7 @@ Both act as x0-predicting networks; ``.model(schedule)`` wraps them as a Diffusi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -122,7 +122,7 @@ class GaussianMixture(_Oracle):
         return self.means.shape[1]
 
     @classmethod
-    def gmm_2d(cls) -> "GaussianMixture":
+    def gmm_2d(cls) -> GaussianMixture:
         """The 2-D example mixture: 6 components on a circle of radius 2, std 0.3, unequal weights."""
         ang = torch.arange(6, dtype=torch.float64) * (2 * math.pi / 6)
         means = 2.0 * torch.stack([ang.cos(), ang.sin()], dim=1)
@@ -136,7 +136,7 @@ class GaussianMixture(_Oracle):
         x = self.means[comp] + self.stds[comp] * z
         return x.reshape(n, *self.event_shape).to(dtype)
 
-    def marginal(self, t, schedule: Schedule, mu=None) -> "GaussianMixture":
+    def marginal(self, t, schedule: Schedule, mu=None) -> GaussianMixture:
         """The mixture of x_t (a scalar time), for mu = 0 or a constant mu of shape [D]."""
         t = as_time(t)
         a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
@@ -144,7 +144,7 @@ class GaussianMixture(_Oracle):
         return GaussianMixture(a * self.means + (1 - a) * mu_v, torch.sqrt(a * a * self.stds**2 + s * s),
                                self.weights, self.event_shape, self.labels)
 
-    def conditional(self, label: int) -> "GaussianMixture":
+    def conditional(self, label: int) -> GaussianMixture:
         """The data distribution of one class (a labelled mixture's components of that label)."""
         if self.labels is None:
             raise ValueError("this GaussianMixture has no component labels")
@@ -231,7 +231,7 @@ class Empirical(_Oracle):
         self._sq = (self._flat**2).sum(1)
 
     @classmethod
-    def digits(cls) -> "Empirical":
+    def digits(cls) -> Empirical:
         """The 1797 8x8 handwritten digits (UCI, as in scikit-learn), shape [1797, 1, 8, 8], in [-1, 1]."""
         from ..data import load_digits
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -108,7 +108,7 @@ class FiniteGuard:
         self._wheres.append(where)
 
     #: guards whose run was captured into a CUDA graph (read after each replay instead)
-    captured: list["FiniteGuard"] = []
+    captured: ClassVar[list[FiniteGuard]] = []
 
     def finish(self) -> None:
         """Raise if a deferred check found a bad output (one host read for the whole run). During
@@ -177,7 +177,7 @@ class Prediction:
         self._coefs: Coefs | None = None
 
     @classmethod
-    def from_pair(cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None) -> "Prediction":
+    def from_pair(cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None) -> Prediction:
         """A prediction given by its (x0, eps) pair, which need not satisfy x = alpha x0 + sigma eps
         (CFG++ and thresholding step with a data part and a noise part from different sources).
         ``output`` is x0; every other parameterisation is derived from the pair."""
@@ -186,7 +186,7 @@ class Prediction:
         pred._pair_given = True
         return pred
 
-    def rebased(self, x: Tensor, mu: Tensor | None = None) -> "Prediction":
+    def rebased(self, x: Tensor, mu: Tensor | None = None) -> Prediction:
         """The same answer for the state ``x``, the state the model saw in another precision (a
         half-precision network answering for a float32 state): the output (and the (x0, eps) pair of
         :meth:`from_pair`) cast to x's dtype; every other form is derived afresh in that dtype."""
@@ -195,7 +195,7 @@ class Prediction:
             return Prediction.from_pair(x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu)
         return Prediction(x, self.t, self.output.to(x.dtype), self.kind, self.schedule, mu)
 
-    def rows(self, index: Tensor | slice) -> "Prediction":
+    def rows(self, index: Tensor | slice) -> Prediction:
         """This answer for the rows ``index`` of the batch (a (x0, eps) pair of :meth:`from_pair`
         kept as given)."""
         t = self.t if self.t.ndim == 0 else self.t[index]
@@ -266,7 +266,7 @@ class Prediction:
         """The probability-flow ODE drift dx/dt at (x, t)."""
         return self._as("velocity")
 
-    def point(self, alpha, sigma, eps: Tensor | None = None) -> Tensor:
+    def state_at(self, alpha, sigma, eps: Tensor | None = None) -> Tensor:
         """alpha x0 + (1 - alpha) mu + sigma eps, with this prediction's x0 (and eps unless given)."""
         return compose(self.x0, self.eps if eps is None else eps, alpha, sigma, self._mu)
 
@@ -450,7 +450,7 @@ class DiffusionModel:
             counter.add(index)
         return Prediction(x, tt, out, self.prediction, self.schedule, mu)
 
-    def compile(self, **options: Any) -> "DiffusionModel":
+    def compile(self, **options: Any) -> DiffusionModel:
         """A copy of this model whose network is ``torch.compile(net, **options)`` (same schedule and
         parameterisation; the first call compiles). Options go to :func:`torch.compile`, e.g.
         ``mode="reduce-overhead"`` (CUDA graphs of the network) or ``backend="eager"``."""

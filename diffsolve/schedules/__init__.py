@@ -12,6 +12,17 @@ from .ve import EDM, VE
 from .vp import SubVP, VPCosine, VPDiscrete, VPLinear
 
 __all__ = [
-    "Schedule", "VPLinear", "VPCosine", "VPDiscrete", "SubVP", "VE", "EDM", "RectifiedFlow",
-    "MeanReverting", "OUVE", "make_grid", "check_grid", "GRID_KINDS",
+    "EDM",
+    "GRID_KINDS",
+    "OUVE",
+    "VE",
+    "MeanReverting",
+    "RectifiedFlow",
+    "Schedule",
+    "SubVP",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "check_grid",
+    "make_grid",
 ]

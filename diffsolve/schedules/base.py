@@ -21,7 +21,7 @@ closed-form ``t_of_log_snr``); everything else follows. Times run from ``t_min``
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

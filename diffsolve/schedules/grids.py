@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from .base import Schedule, as_time
 
 GRID_KINDS = ("uniform", "log-snr", "karras", "quadratic", "flow-shift")
 
-GridSpec = Union[str, Sequence[float], torch.Tensor]
+GridSpec = str | Sequence[float] | torch.Tensor
 
 
 def _check_steps(steps) -> int:

@@ -9,7 +9,8 @@ inverse of the log-SNR).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -210,7 +211,7 @@ class VPDiscrete(_VPFromLogAlpha):
         self.t_min, self.t_max = check_times(t_min, t_max, 0.0)
 
     @classmethod
-    def from_diffusers_config(cls, config: Any, **kwargs) -> "VPDiscrete":
+    def from_diffusers_config(cls, config: Any, **kwargs) -> VPDiscrete:
         """Build from a diffusers DDPM-style scheduler config (a dict, a FrozenDict or a scheduler).
 
         Reads ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` ('linear',

@@ -13,4 +13,4 @@ from . import adaptive, exponential, mcmc, ode, reversible, sde  # noqa: F401  (
 from .exponential import pilot_grid
 from .mcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator
 
-__all__ = ["pilot_grid", "NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel"]
+__all__ = ["ClassifierNoiseLevel", "DenoiserNoiseLevel", "ExactNoiseLevel", "NoiseLevelEstimator", "pilot_grid"]

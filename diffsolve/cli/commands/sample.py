@@ -11,8 +11,8 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 

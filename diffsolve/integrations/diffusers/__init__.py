@@ -12,5 +12,13 @@ from .config import PREDICTIONS, flow_shift
 from .pipelines import PipelineOutput, invert_pipeline, pipeline_model, sample_pipeline
 from .scheduler import DiffsolveScheduler, DiffsolveSchedulerOutput
 
-__all__ = ["DiffsolveScheduler", "DiffsolveSchedulerOutput", "PipelineOutput", "sample_pipeline", "invert_pipeline",
-           "pipeline_model", "flow_shift", "PREDICTIONS"]
+__all__ = [
+           "PREDICTIONS",
+           "DiffsolveScheduler",
+           "DiffsolveSchedulerOutput",
+           "PipelineOutput",
+           "flow_shift",
+           "invert_pipeline",
+           "pipeline_model",
+           "sample_pipeline",
+]

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from ...models.model import timestep_input
 from ...core.driver import (
     DEFAULT_INVERSION_SOLVER,
     check_invertible,
     resolve_solver,
 )
 from ...core.registry import get_solver, solver_info
+from ...models.model import timestep_input
 from ...schedules import EDM, RectifiedFlow, VPDiscrete, check_grid, make_grid
 from .config import PREDICTIONS, flow_shift
 
@@ -534,7 +534,7 @@ def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, pr
         else:
             latents = _encode_vae(pipe, pipe.image_processor.preprocess(image))
     per_prompt = _images_per_prompt(prompt, latents.shape[0])
-    model, cond, b, shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+    model, cond, _b, _shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                                               num_images_per_prompt=per_prompt, max_sequence_length=max_sequence_length,
                                               height=height, width=width,
                                               image=image if mask_image is not None else None, mask_image=mask_image)

@@ -27,10 +27,10 @@ from diffusers.schedulers.scheduling_utils import (
 )
 from diffusers.utils import BaseOutput
 
-from ...models.model import Prediction
-from ...core.protocol import Pump, as_outcome, drive
 from ...core.noise import NoiseSource
+from ...core.protocol import Pump, as_outcome, drive
 from ...core.registry import get_solver, solver_info
+from ...models.model import Prediction
 from ...schedules import RectifiedFlow, make_grid
 from ...schedules.base import Schedule
 from .config import flow_shift

@@ -14,10 +14,10 @@ import threading
 import numpy as np
 import torch
 
-from ...models.model import all_finite
-from ...core.protocol import Outcome, Solver
 from ...core.options import Option
+from ...core.protocol import Outcome, Solver
 from ...core.registry import register
+from ...models.model import all_finite
 
 _STOP = object()
 

@@ -31,7 +31,7 @@ import torch
 from ...core.adaptive import AdaptiveSolver, Clock, Try
 from ...core.noise import NoiseSource
 from ...core.options import Option
-from ...core.protocol import Outcome, Query, col, sub
+from ...core.protocol import Outcome, Query, per_row, take_rows
 from ...core.registry import register
 from ...schedules.base import Schedule
 from ..sde.euler_maruyama import reverse_sde_coefs
@@ -83,7 +83,7 @@ class GottaGoFast(AdaptiveSolver):
         x = out.x
         if self.denoise:
             pred = yield Query(x, t_min, step=out.iterations + 1)
-            x = pred.point(pred.coefs.alpha, 0.0)  # = x + sigma^2 score, finite also where sigma = 0
+            x = pred.state_at(pred.coefs.alpha, 0.0)  # = x + sigma^2 score, finite also where sigma = 0
         return Outcome(x, accepted=out.accepted, rejected=out.rejected)
 
 
@@ -96,17 +96,17 @@ class _Tries:
 
     def _drift(self, pred, t: Tensor, rows: Tensor) -> Tensor:
         """The reverse-time drift a(x, t) = f(t) (x - mu) + g2(t) score(x, t) at the model's answer."""
-        y = pred.x if self.mu is None else pred.x - sub(self.mu, rows)
+        y = pred.x if self.mu is None else pred.x - take_rows(self.mu, rows)
         f, g2 = reverse_sde_coefs(self.schedule, t)
-        return col(f, y) * y + col(g2, y) * pred.score
+        return per_row(f, y) * y + per_row(g2, y) * pred.score
 
     def attempt(self, x: Tensor, t: Tensor, h: Tensor, rows: Tensor, it: int):
         z = self.noise.step(t, t - h, rows)
-        pred = yield Query(x, t, index=rows, step=it)
+        pred = yield Query(x, t, rows=rows, step=it)
         x = pred.x
-        k1 = col(h, x) * self._drift(pred, t, rows) + col((self.schedule.g2(t) * h).sqrt(), x) * z
-        pred = yield Query(x + k1, t - h, index=rows, step=it)
-        k2 = col(h, x) * self._drift(pred, t - h, rows) + col((self.schedule.g2(t - h) * h).sqrt(), x) * z
+        k1 = per_row(h, x) * self._drift(pred, t, rows) + per_row((self.schedule.g2(t) * h).sqrt(), x) * z
+        pred = yield Query(x + k1, t - h, rows=rows, step=it)
+        k2 = per_row(h, x) * self._drift(pred, t - h, rows) + per_row((self.schedule.g2(t - h) * h).sqrt(), x) * z
         return Try(x, x + k1, x + 0.5 * (k1 + k2), t - h, error=0.5 * (k2 - k1))
 
     def commit(self, rows: Tensor, ok: Tensor, t_new: Tensor) -> None:

@@ -54,7 +54,7 @@ give each sample's accepted times (``"grids"``, and ``"grid"`` in batch mode).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,7 +62,7 @@ from ...core.adaptive import AdaptiveSolver, Clock, Try
 from ...core.control import StepSizeController
 from ...core.noise import NoiseSource
 from ...core.options import Option
-from ...core.protocol import Outcome, Query, col, sub
+from ...core.protocol import Outcome, Query, per_row, take_rows
 from ...core.registry import register
 from .maths import (
     at_log_snr,
@@ -84,14 +84,14 @@ def _first(x: Tensor, ts: Tensor, rows, it, q, cached):
     try was rejected (their state and time are unchanged) and queries only the ``fresh`` rows.
     Returns (the state the model saw, q)."""
     if cached is None:
-        pred = yield Query(x, ts, index=rows, step=it)
+        pred = yield Query(x, ts, rows=rows, step=it)
         return pred.x, q(pred)
     q_old, fresh = cached
     idx = fresh.nonzero().squeeze(1)
     if len(idx) == 0:
         return x, q_old
     sel = rows[idx] if rows is not None else idx
-    pred = yield Query(x[idx], ts[idx], index=sel, step=it)
+    pred = yield Query(x[idx], ts[idx], rows=sel, step=it)
     return x.index_copy(0, idx, pred.x), q_old.index_copy(0, idx, q(pred))
 
 
@@ -109,21 +109,21 @@ def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, 
     y = xr if m is None else xr - m
     tt, a_t, s_t = at(ls + hr)
     w = ode_weights_expm1(param, a_t, s_t, a_s, s_s, hr)  # y_t = decay y_s + w0 q_s + w1 D1
-    y1 = col(w.decay, y) * y + col(w.w0, y) * q_s
+    y1 = per_row(w.decay, y) * y + per_row(w.w0, y) * q_s
     r1 = 0.5 if order == 2 else 1.0 / 3.0
     t1, a1, s1 = at(ls + r1 * hr)
     w_1 = ode_weights_expm1(param, a1, s1, a_s, s_s, r1 * hr)
-    u1 = col(w_1.decay, y) * y + col(w_1.w0, y) * q_s
-    q_1 = model_output((yield Query(u1 if m is None else u1 + m, t1, index=rows, step=it)), m, param)
-    y2 = y1 + col(w.w0 / (2 * r1), y) * (q_1 - q_s)
+    u1 = per_row(w_1.decay, y) * y + per_row(w_1.w0, y) * q_s
+    q_1 = model_output((yield Query(u1 if m is None else u1 + m, t1, rows=rows, step=it)), m, param)
+    y2 = y1 + per_row(w.w0 / (2 * r1), y) * (q_1 - q_s)
     if order == 2:
         return xr, raw, y1, y2, tt
     r2 = 2.0 / 3.0
     t2, a2, s2 = at(ls + r2 * hr)
     w_2 = ode_weights_expm1(param, a2, s2, a_s, s_s, r2 * hr)
-    u2 = col(w_2.decay, y) * y + col(w_2.w0, y) * q_s + col(w_2.w1 * (r2 / r1), y) * (q_1 - q_s)
-    q_2 = model_output((yield Query(u2 if m is None else u2 + m, t2, index=rows, step=it)), m, param)
-    return xr, raw, y2, y1 + col(w.w1 / r2, y) * (q_2 - q_s), tt
+    u2 = per_row(w_2.decay, y) * y + per_row(w_2.w0, y) * q_s + per_row(w_2.w1 * (r2 / r1), y) * (q_1 - q_s)
+    q_2 = model_output((yield Query(u2 if m is None else u2 + m, t2, rows=rows, step=it)), m, param)
+    return xr, raw, y2, y1 + per_row(w.w1 / r2, y) * (q_2 - q_s), tt
 
 
 class _LogSNRAdaptive(AdaptiveSolver):
@@ -179,12 +179,12 @@ class _SinglestepTries:
         yield  # no query before the first try
 
     def attempt(self, x, ls, hr, rows, it):
-        m = sub(self.mu, rows)
+        m = take_rows(self.mu, rows)
         cached = None if self.q is None else (self.q[rows], self.fresh[rows])
         xr, raw, low, high, tt = yield from self.pair(x, ls, hr, m, self.schedule, rows, it, self.path, cached)
         if self.q is None:
             self.q = raw.new_zeros((len(self.fresh), *raw.shape[1:]))
-        self.q = self.q.index_copy(0, rows, raw)
+        self.q = self.q.rows_copy(0, rows, raw)
         return _in_x(xr, low, high, tt, m)
 
     def commit(self, rows, ok, lam_new):
@@ -210,14 +210,14 @@ class _MultistepTries:
         return pred.x
 
     def attempt(self, x, ls, hr, rows, it):
-        m = sub(self.mu, rows)
+        m = take_rows(self.mu, rows)
         _, a_s, s_s = at_log_snr(self.schedule, ls)
         tt, a_t, s_t = at_log_snr(self.schedule, ls + hr)
         every = len(rows) == len(self.count)  # all rows active: no gather of the history
         hist = self.hist if every else self.hist[:, rows]
         y_pred, y_corr, self.new = yield from pc_step(
             x, m, hist, self.lam[rows], self.count[rows], ls, hr, (a_t, s_t, a_s, s_s), self.param,
-            lambda xp: Query(xp, tt, index=rows, step=it))
+            lambda xp: Query(xp, tt, rows=rows, step=it))
         return _in_x(x, y_pred, y_corr, tt, m)
 
     def commit(self, rows, ok, lam_new):
@@ -276,7 +276,7 @@ class MRSAdaptive(_LogSNRAdaptive):
     method = Option("multistep", "'multistep' (predictor-corrector pairs, one call per try) or 'singlestep' "
                                  "(embedded singlestep pairs)", choices=("multistep", "singlestep"))
 
-    ORDERS = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
+    ORDERS: ClassVar[dict[str, tuple[int, ...]]] = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
 
     def check_options(self) -> None:
         orders = self.ORDERS[self.method]
@@ -341,12 +341,12 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         path's clock v = e^{2 (lambda - lambda_hi)}, i.e. with the factor e^{lambda_hi - lambda}."""
         if isinstance(path, NoiseSource):  # fresh normals per try, same joint law
             z1, z2 = path.randn(rows).to(like), path.randn(rows).to(like)
-            a = col(fresh_variance(r * hr).sqrt(), like) * z1
-            return a, col(torch.exp(-(1 - r) * hr), like) * a + col(fresh_variance((1 - r) * hr).sqrt(), like) * z2
+            a = per_row(fresh_variance(r * hr).sqrt(), like) * z1
+            return a, per_row(torch.exp(-(1 - r) * hr), like) * a + per_row(fresh_variance((1 - r) * hr).sqrt(), like) * z2
         lr, lt = (ls + r * hr).clamp_max(path.t1), (ls + hr).clamp_max(path.t1)
         b_s, b_r, b_t = path(ls, rows), path(lr, rows), path(lt, rows)
-        return (col(torch.exp(path.t1 - lr), like) * (b_r - b_s).to(like),
-                col(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like))
+        return (per_row(torch.exp(path.t1 - lr), like) * (b_r - b_s).to(like),
+                per_row(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like))
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
         coefs = partial(at_log_snr, schedule)
@@ -360,17 +360,17 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         tr, a_r, s_r = coefs(ls + r * hr)
         w = sde_weights("data", a_t, s_t, a_s, s_s, hr)
         v = sde_weights("data", a_r, s_r, a_s, s_s, r * hr, order=1)
-        y1 = col(w.decay, y) * y + col(w.w0, y) * q_s + col(s_t, y) * n_t
-        u = col(v.decay, y) * y + col(v.w0, y) * q_s + col(s_r, y) * n_r
-        q_r = model_output((yield Query(u if m is None else u + m, tr, index=rows, step=it)), m, "data")
-        y2 = y1 + col(w.w1 / r, y) * (q_r - q_s)
+        y1 = per_row(w.decay, y) * y + per_row(w.w0, y) * q_s + per_row(s_t, y) * n_t
+        u = per_row(v.decay, y) * y + per_row(v.w0, y) * q_s + per_row(s_r, y) * n_r
+        q_r = model_output((yield Query(u if m is None else u + m, tr, rows=rows, step=it)), m, "data")
+        y2 = y1 + per_row(w.w1 / r, y) * (q_r - q_s)
         return xr, raw, y1, y2, tt
 
     def _end(self, x, t_min, it):
         if not self.denoise:
             return x
         pred = yield Query(x, t_min, step=it + 1)
-        return pred.point(pred.coefs.alpha, 0.0)
+        return pred.state_at(pred.coefs.alpha, 0.0)
 
 
 def pilot_grid(model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_max=None, t_min=None,

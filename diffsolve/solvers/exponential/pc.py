@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ...core.options import Option
-from ...core.protocol import Query, Solver, col
+from ...core.protocol import Query, Solver, per_row
 from ...core.registry import register
 from .maths import PARAMETERIZATIONS, model_output, pc_weights, vc_factors
 
@@ -45,9 +45,9 @@ Tensor = torch.Tensor
 
 def combine(a: Tensor, y: Tensor, c: Tensor, w: Tensor, hist: Tensor) -> Tensor:
     """A y + c sum_i w_i hist_i (per row), as a fixed sequence of element-wise operations."""
-    out = col(a, y) * y
+    out = per_row(a, y) * y
     for i in range(w.shape[1]):
-        out = out + col(c * w[:, i], y) * hist[i]
+        out = out + per_row(c * w[:, i], y) * hist[i]
     return out
 
 
@@ -61,7 +61,7 @@ def pc_step(x: Tensor, m, hist: Tensor, lam_hist: Tensor, count: Tensor, ls: Ten
     y = x if m is None else x - m
     y_pred = combine(a, y, c, w_pred, hist)
     q_new = model_output((yield ask(y_pred if m is None else y_pred + m)), m, param)
-    return y_pred, combine(a, y, c, w_corr, hist) + col(c * w_new, y) * q_new, q_new
+    return y_pred, combine(a, y, c, w_corr, hist) + per_row(c * w_new, y) * q_new, q_new
 
 
 @register("mrs-pc", family="ode", order=4, calls_per_step=1, deterministic=True,
@@ -97,10 +97,10 @@ class MultistepPC(Solver):
             lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
             if lam_t == float("inf"):  # to the clean end: the first-order jump from a fresh call
                 pred = yield Query(x, t, step=i + 1)
-                return pred.point(float(schedule.alpha(t_next)), 0.0)
+                return pred.state_at(float(schedule.alpha(t_next)), 0.0)
             if lam_s == -float("inf"):  # from alpha = 0: a DDIM step (the history needs finite log-SNRs)
                 pred = yield Query(x, t, step=i + 1)
-                x = pred.point(*schedule.at(t_next))
+                x = pred.state_at(*schedule.at(t_next))
                 continue
             if hist is None:
                 pred = yield Query(x, t, step=i + 1)

@@ -39,7 +39,7 @@ class SinglestepMRS(Solver):
             lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
             if not (math.isfinite(lam_s) and math.isfinite(lam_t)):  # from alpha = 0 or to sigma = 0: DDIM, one call
                 pred = yield Query(x, t, step=i + 1)
-                x = pred.point(*schedule.at(t_next))
+                x = pred.state_at(*schedule.at(t_next))
                 continue
             ls = torch.full((b,), lam_s, dtype=torch.float64, device=x.device)
             hr = torch.full((b,), lam_t - lam_s, dtype=torch.float64, device=x.device)

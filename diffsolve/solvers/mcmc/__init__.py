@@ -2,4 +2,4 @@
 
 from .dmcmc import ClassifierNoiseLevel, DenoiserNoiseLevel, ExactNoiseLevel, NoiseLevelEstimator
 
-__all__ = ["NoiseLevelEstimator", "ExactNoiseLevel", "ClassifierNoiseLevel", "DenoiserNoiseLevel"]
+__all__ = ["ClassifierNoiseLevel", "DenoiserNoiseLevel", "ExactNoiseLevel", "NoiseLevelEstimator"]

@@ -26,17 +26,18 @@ Gibbs sampler of p_{t_k}(x) pi(k), with x_t's scaling). Estimators of k (``estim
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from ...models.model import Prediction
 
-from ...schedules.grids import make_grid
-from ...core.protocol import Outcome, Pump, Query, Solver, as_outcome, col, sub
 from ...core.options import Option
+from ...core.protocol import Outcome, Pump, Query, Solver, as_outcome, per_row, take_rows
 from ...core.registry import get_solver, register
+from ...schedules.grids import make_grid
 
 Tensor = torch.Tensor
 
@@ -83,7 +84,7 @@ class ClassifierNoiseLevel(NoiseLevelEstimator):
             raise ValueError("times must be a descending 1-D ladder of at least 2 levels (class 0 the noisiest)")
 
     @classmethod
-    def shipped(cls, name: str = "digits-sigma") -> "ClassifierNoiseLevel":
+    def shipped(cls, name: str = "digits-sigma") -> ClassifierNoiseLevel:
         """The shipped noise-level classifier of digits-vp."""
         from ...pretrained import load_noise_classifier
 
@@ -102,14 +103,14 @@ class DenoiserNoiseLevel(NoiseLevelEstimator):
     """Training-free (our variant): sigma_hat from the residual of the model's own denoiser."""
 
     def levels(self, x, pred, times, schedule, mu):
-        resid = pred.x - pred.point(pred.coefs.alpha, 0.0)  # x - alpha x0_hat - (1 - alpha) mu
+        resid = pred.x - pred.state_at(pred.coefs.alpha, 0.0)  # x - alpha x0_hat - (1 - alpha) mu
         sig_hat = resid.flatten(1).double().pow(2).mean(dim=1).sqrt().clamp_min(1e-12)
         sig = schedule.sigma(times.to(x.device)).clamp_min(1e-12)
         return (sig_hat.log()[:, None] - sig.log()[None, :]).abs().argmin(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- solver
-def _estimator(v) -> "NoiseLevelEstimator":
+def _estimator(v) -> NoiseLevelEstimator:
     """The ``estimator`` option: None (the denoiser's), a NoiseLevelEstimator, or one by name."""
     if v is None:
         return DenoiserNoiseLevel()
@@ -187,8 +188,8 @@ class DenoisingMCMC(Solver):
         stats["burn_in_nfe"] = int(calls.max()) + self.burn_in
         log_s = (schedule.sigma(times) / schedule.alpha(times)).log()
         k = torch.full((len(chains),), int((log_s - math.log(self.renoise_sigma)).abs().argmin()), dtype=torch.long)
-        a, s = (col(v, xc) for v in (schedule.alpha(times[k]), schedule.sigma(times[k])))
-        m = sub(mu, chains)
+        a, s = (per_row(v, xc) for v in (schedule.alpha(times[k]), schedule.sigma(times[k])))
+        m = take_rows(mu, chains)
         xc = a * xc + (0.0 if m is None else (1 - a) * m) + s * noise.randn(chains)
         for _ in range(self.burn_in):
             xc, k = yield from self._gibbs(xc, k, times, chains, noise, schedule, mu)
@@ -200,14 +201,14 @@ class DenoisingMCMC(Solver):
             for _ in range(self.n_skip):
                 xc, k = yield from self._gibbs(xc, k, times, rows, noise, schedule, mu)
                 lower = k > k_min
-                x_min = torch.where(col(lower, xc).bool(), xc, x_min)
+                x_min = torch.where(per_row(lower, xc).bool(), xc, x_min)
                 k_min = torch.where(lower, k, k_min)
             t0 = times[k_min]
             stats["start_time"][rows.cpu()] = t0.cpu()
             y, calls = yield from self._integrate(x_min, t0, t_min, self.integrator_steps, rows, noise, schedule, mu)
             stats["nfe_per_output"][rows.cpu()] = self.n_skip + calls + int(self.denoise)
             if self.denoise:
-                pred = yield Query(y, t_min, index=rows)
+                pred = yield Query(y, t_min, rows=rows)
                 y = pred.x0
             out[rows] = y
         return Outcome(out, stats=stats)
@@ -215,9 +216,9 @@ class DenoisingMCMC(Solver):
     def _gibbs(self, x, k, times, rows, noise, schedule, mu):
         """One Langevin step at each chain's level, then the level update."""
         t = times[k].to(x.device)
-        pred = yield Query(x, t, index=rows)
+        pred = yield Query(x, t, rows=rows)
         x_new = pred.x + (0.5 * self.langevin_step) * pred.score + math.sqrt(self.langevin_step) * noise.randn(rows)
-        return x_new, self.estimator.levels(x_new, pred, times, schedule, sub(mu, rows)).to(k.device)
+        return x_new, self.estimator.levels(x_new, pred, times, schedule, take_rows(mu, rows)).to(k.device)
 
     def _integrate(self, x, t0, t_min, steps, rows, noise, schedule, mu):
         """Run the integrator on each group of rows that share a start time, merging the groups' queries
@@ -229,7 +230,7 @@ class DenoisingMCMC(Solver):
             if float(t_start) <= t_min * (1 + 1e-12) + 1e-300:
                 continue  # already at t_min
             g = make_grid(schedule, steps, t_max=float(t_start), t_min=t_min)
-            run = self._integrator.run(x[sel], g, noise.subset(rows[sel]), schedule=schedule, mu=sub(mu, rows[sel]))
+            run = self._integrator.run(x[sel], g, noise.subset(rows[sel]), schedule=schedule, mu=take_rows(mu, rows[sel]))
             runs.append(run)
             slots.append(sel)
         calls = torch.zeros(len(x), dtype=torch.long)  # model calls per row
@@ -240,10 +241,10 @@ class DenoisingMCMC(Solver):
                 if not live:
                     break
                 qs = [pumps[i].query for i in live]
-                local = [slots[i] if q.index is None else slots[i][q.index] for i, q in zip(live, qs)]
+                local = [slots[i] if q.rows is None else slots[i][q.rows] for i, q in zip(live, qs)]
                 tt = torch.cat([torch.as_tensor(q.t, dtype=torch.float64).expand(len(l)) for q, l in zip(qs, local)])
                 idx = torch.cat(local)
-                pred = yield Query(torch.cat([q.x for q in qs]), tt, index=rows[idx])
+                pred = yield Query(torch.cat([q.x for q in qs]), tt, rows=rows[idx])
                 calls[idx.cpu()] += 1
                 start = 0
                 for i, l in zip(live, local):

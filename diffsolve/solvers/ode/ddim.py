@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from ...core.protocol import Query, Solver
 from ...core.options import Option
+from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ...core.renoise import ReNoise
 from ...schedules.base import Schedule
@@ -216,4 +216,4 @@ def ddim_step(pred, t: float, t_next: float, schedule: Schedule, eta: float):
             c = posterior_std(eta * s_n, h)
         else:  # from alpha = 0 (rectified flow's t = 1): h = infinity
             c = eta * s_n
-    return pred.point(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c
+    return pred.state_at(a_n, math.sqrt(max(s_n * s_n - c * c, 0.0))), c

@@ -33,8 +33,8 @@ import math
 
 import torch
 
-from ...core.protocol import ExactInverse, Outcome, Query, UnstableError
 from ...core.options import Option, declared
+from ...core.protocol import ExactInverse, Outcome, Query, UnstableError
 from ...core.registry import register
 from ..exponential.maths import model_output
 

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from ...core.protocol import Solver
 from ...core.options import Option
+from ...core.protocol import Solver
 from ...core.registry import register
 
 

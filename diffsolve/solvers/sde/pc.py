@@ -32,10 +32,10 @@ import math
 
 import torch
 
-from ...core.protocol import Query, Solver
-from ..ode.ddim import ddim_step
 from ...core.options import Option
+from ...core.protocol import Query, Solver
 from ...core.registry import register
+from ..ode.ddim import ddim_step
 from .euler_maruyama import euler_maruyama_step
 
 PREDICTORS = ("euler-maruyama", "reverse-diffusion", "ancestral", "none")

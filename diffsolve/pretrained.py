@@ -22,8 +22,12 @@ Tensor = torch.Tensor
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 #: shipped generators and the shape of one sample
-SHIPPED = {"digits-vp": (1, 16, 16), "digits-vp-cond": (1, 16, 16), "digits-flow": (1, 16, 16),
-           "digits-mr": (1, 16, 16)}
+SHIPPED = {
+    "digits-vp": (1, 16, 16),
+    "digits-vp-cond": (1, 16, 16),
+    "digits-flow": (1, 16, 16),
+    "digits-mr": (1, 16, 16),
+}
 
 
 def path_of(name: str) -> Path:
@@ -49,7 +53,9 @@ def schedule_from_card(spec: dict) -> Schedule:
         return RectifiedFlow(shift=spec.get("shift", 1.0))
     if kind == "MeanReverting":
         return MeanReverting(**{k: v for k, v in spec.items() if k != "type"})
-    raise ValueError(f"schedule type {kind!r} in a model card is unknown; allowed: VPDiscrete, RectifiedFlow, MeanReverting")
+    raise ValueError(
+        f"schedule type {kind!r} in a model card is unknown; allowed: VPDiscrete, RectifiedFlow, MeanReverting"
+    )
 
 
 def _unet(path: Path, device, dtype):
@@ -77,8 +83,10 @@ class UNetNetwork(torch.nn.Module):
     def forward(self, x: Tensor, t: Tensor, **inputs) -> Tensor:
         missing = set(self.inputs) - set(inputs)
         if missing or set(inputs) - set(self.inputs):
-            raise TypeError(f"{self.__name__} takes (x, t) and {', '.join(self.inputs) or 'no other inputs'}; "
-                            f"got {', '.join(inputs) or 'none'}")
+            raise TypeError(
+                f"{self.__name__} takes (x, t) and {', '.join(self.inputs) or 'no other inputs'}; "
+                f"got {', '.join(inputs) or 'none'}"
+            )
         kw = {}
         x_in = torch.cat([x, inputs["mu"].to(x.dtype).expand_as(x)], dim=1) if "mu" in inputs else x
         if "class_labels" in inputs:
@@ -92,8 +100,9 @@ class UNetNetwork(torch.nn.Module):
         return self.unet(x_in, timestep_input(t, x), **kw).sample
 
 
-def load_diffusers_ddpm(path: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> DiffusionModel:
+def load_diffusers_ddpm(
+    path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> DiffusionModel:
     """A diffusers DDPM-style folder (``unet/`` + ``scheduler/``) as a DiffusionModel.
 
     The schedule is :class:`VPDiscrete` built from the scheduler config, the network time the
@@ -132,8 +141,9 @@ def load(name: str, device: str | torch.device | None = None, dtype: str | torch
     labels = c.get("class_labels")
     inputs = ("mu",) if c.get("condition") else ("class_labels",) if labels else ()
     net = UNetNetwork(_unet(path / "unet", device, dtype), name, inputs, labels["num_classes"] if labels else None)
-    return DiffusionModel(net, schedule_from_card(c["schedule"]), c["prediction"], time_input=c["time_input"],
-                          requires=inputs)
+    return DiffusionModel(
+        net, schedule_from_card(c["schedule"]), c["prediction"], time_input=c["time_input"], requires=inputs
+    )
 
 
 def load_noise_classifier(name: str = "digits-sigma"):

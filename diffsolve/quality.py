@@ -22,10 +22,15 @@ class DigitClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.SiLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.SiLU(),
         )
         self.head = nn.Linear(128, 10)
 
@@ -57,7 +62,9 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     path = Path(path) if path is not None else WEIGHTS / "digits-classifier"
     file = path / "model.safetensors"
     if not file.exists():
-        raise FileNotFoundError(f"no digit classifier at {file}; train it with scripts/train_digits.py --model classifier")
+        raise FileNotFoundError(
+            f"no digit classifier at {file}; train it with scripts/train_digits.py --model classifier"
+        )
     net = DigitClassifier()
     net.load_state_dict(load_file(str(file)))
     return net.eval()
@@ -72,8 +79,9 @@ def _frechet(mu1: np.ndarray, c1: np.ndarray, mu2: np.ndarray, c2: np.ndarray) -
 
 
 @torch.no_grad()
-def evaluate(samples: torch.Tensor, reference: torch.Tensor | None = None,
-             classifier: DigitClassifier | None = None) -> dict:
+def evaluate(
+    samples: torch.Tensor, reference: torch.Tensor | None = None, classifier: DigitClassifier | None = None
+) -> dict:
     """Quality of digit samples [N, 1, 16, 16] in [-1, 1] (8x8 samples are upsampled).
 
     Returns ``digits_fd`` (Frechet distance of classifier features to ``reference``, default the

@@ -47,24 +47,37 @@ def main() -> None:
         for steps in (10, 50, 200):
             walls = {}
             for mode in ("unrolled", "reversible"):
-                out = subprocess.run([sys.executable, "-c", CHILD, solver, mode, str(steps)], capture_output=True,
-                                     text=True, check=True).stdout.split()
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD, solver, mode, str(steps)], capture_output=True, text=True, check=True
+                ).stdout.split()
                 walls[mode] = float(out[1])
-                rows.append({"solver": solver, "steps": steps, "mode": mode,
-                             "peak_rss_growth_mib": round(float(out[0]), 1)})
+                rows.append(
+                    {"solver": solver, "steps": steps, "mode": mode, "peak_rss_growth_mib": round(float(out[0]), 1)}
+                )
             rows[-1]["time_ratio_to_unrolled"] = round(walls["reversible"] / walls["unrolled"], 2)
             print(rows[-2], rows[-1], flush=True)
     out = ROOT / "benchmarks"
     out.mkdir(exist_ok=True)
     (out / "adjoint.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    lines = ["# Gradients through reversible solvers: reversible adjoint vs autograd through the loop", "",
-             ("Written by `scripts/bench_adjoint.py` (2 CPU threads; MLP eps-network, D = 1024, batch 256, "
-             "float32; one fresh process per row)."), "",
-             ("| solver | steps | unrolled: peak RSS growth (MiB) | reversible: peak RSS growth (MiB) | "
-             "reversible time / unrolled time |"), "|---|---|---|---|---|"]
+    lines = [
+        "# Gradients through reversible solvers: reversible adjoint vs autograd through the loop",
+        "",
+        (
+            "Written by `scripts/bench_adjoint.py` (2 CPU threads; MLP eps-network, D = 1024, batch 256, "
+            "float32; one fresh process per row)."
+        ),
+        "",
+        (
+            "| solver | steps | unrolled: peak RSS growth (MiB) | reversible: peak RSS growth (MiB) | "
+            "reversible time / unrolled time |"
+        ),
+        "|---|---|---|---|---|",
+    ]
     for u, r in zip(rows[::2], rows[1::2]):
-        lines.append(f"| {u['solver']} | {u['steps']} | {u['peak_rss_growth_mib']} | {r['peak_rss_growth_mib']} | "
-                     f"{r['time_ratio_to_unrolled']} |")
+        lines.append(
+            f"| {u['solver']} | {u['steps']} | {u['peak_rss_growth_mib']} | {r['peak_rss_growth_mib']} | "
+            f"{r['time_ratio_to_unrolled']} |"
+        )
     (out / "adjoint.md").write_text("\n".join(lines) + "\n")
 
 

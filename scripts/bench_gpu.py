@@ -34,10 +34,18 @@ def tiny_sd_unet(device, dtype):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-                                attention_head_dim=8, norm_num_groups=32)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
     return unet.to(device=device, dtype=dtype).eval()
 
 
@@ -51,11 +59,23 @@ def models(device, dtype):
     def sd_net(x, t):
         return unet(x, t.to(dtype), encoder_hidden_states=text.expand(x.shape[0], -1, -1)).sample
 
-    sd_cfg = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-              "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-    sd_model = ds.DiffusionModel(sd_net, ds.schedules.VPDiscrete.from_diffusers_config(sd_cfg), "eps",
-                                 time_input="timestep")
-    return {"digits-vp": (digits, (1, 16, 16), digits.net, cfg), "tiny-sd-unet": (sd_model, (4, 32, 32), sd_net, sd_cfg)}
+    sd_cfg = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    sd_model = ds.DiffusionModel(
+        sd_net, ds.schedules.VPDiscrete.from_diffusers_config(sd_cfg), "eps", time_input="timestep"
+    )
+    return {
+        "digits-vp": (digits, (1, 16, 16), digits.net, cfg),
+        "tiny-sd-unet": (sd_model, (4, 32, 32), sd_net, sd_cfg),
+    }
 
 
 def timed(fn, repeats):
@@ -115,25 +135,45 @@ def main(argv=None) -> int:
                         t_comp = timed(lambda: ds.sample(compiled, solver, STEPS, x_T=x_T, progress=False), repeats)
                     graphed = ds.samplers.CUDAGraphSampler(model, solver, STEPS, x_T.shape, dtype=dtype)
                     t_graph = timed(lambda: graphed(x_T), repeats)
-                    row = {"model": name, "dtype": str(dtype).replace("torch.", ""), "batch": b, "solver": solver,
-                           "diffusers": cls_name, "samples_per_s": {
-                               "diffusers": b / t_ref, "ours": b / t_eager, "ours_compiled": b / t_comp,
-                               "ours_cuda_graph": b / t_graph}}
+                    row = {
+                        "model": name,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "batch": b,
+                        "solver": solver,
+                        "diffusers": cls_name,
+                        "samples_per_s": {
+                            "diffusers": b / t_ref,
+                            "ours": b / t_eager,
+                            "ours_compiled": b / t_comp,
+                            "ours_cuda_graph": b / t_graph,
+                        },
+                    }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    write_text(args.out / "gpu.json", json.dumps({"gpu": gpu, "torch": torch.__version__, "steps": STEPS,
-                                                   "rows": rows}, indent=2) + "\n")
-    lines = ["# GPU throughput", "", (f"Written by `scripts/bench_gpu.py`{' --quick' if args.quick else ''} on "
-             f"**{gpu}** (torch {torch.__version__}), {STEPS} steps, median of {repeats} after a warm-up. "
-             "Samples per second; the ratios are to diffusers' scheduler loop in the same run."), "",
-             "| model | dtype | batch | solver | diffusers | ours | ours, compiled | ours, CUDA graph |",
-             "|---|---|---|---|---|---|---|---|"]
+    write_text(
+        args.out / "gpu.json",
+        json.dumps({"gpu": gpu, "torch": torch.__version__, "steps": STEPS, "rows": rows}, indent=2) + "\n",
+    )
+    lines = [
+        "# GPU throughput",
+        "",
+        (
+            f"Written by `scripts/bench_gpu.py`{' --quick' if args.quick else ''} on "
+            f"**{gpu}** (torch {torch.__version__}), {STEPS} steps, median of {repeats} after a warm-up. "
+            "Samples per second; the ratios are to diffusers' scheduler loop in the same run."
+        ),
+        "",
+        "| model | dtype | batch | solver | diffusers | ours | ours, compiled | ours, CUDA graph |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         s = r["samples_per_s"]
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['solver']} vs {r['diffusers']} | "
-                     f"{s['diffusers']:.1f} | {s['ours']:.1f} ({s['ours'] / s['diffusers']:.2f}x) | "
-                     f"{s['ours_compiled']:.1f} ({s['ours_compiled'] / s['diffusers']:.2f}x) | "
-                     f"{s['ours_cuda_graph']:.1f} ({s['ours_cuda_graph'] / s['diffusers']:.2f}x) |")
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['solver']} vs {r['diffusers']} | "
+            f"{s['diffusers']:.1f} | {s['ours']:.1f} ({s['ours'] / s['diffusers']:.2f}x) | "
+            f"{s['ours_compiled']:.1f} ({s['ours_compiled'] / s['diffusers']:.2f}x) | "
+            f"{s['ours_cuda_graph']:.1f} ({s['ours_cuda_graph'] / s['diffusers']:.2f}x) |"
+        )
     write_text(args.out / "gpu.md", "\n".join(lines) + "\n")
     return 0
 

@@ -39,31 +39,48 @@ def main() -> None:
     model = ds.pretrained.load("digits-mr")
     clean = digits16("heldout")[0]
     mu = degrade(clean, card["degradation"], torch.Generator().manual_seed(a.seed))
-    rows = [{"solver": "degraded input", "nfe": 0, "psnr": float(ds.metrics.psnr(mu, clean).mean()),
-             "ssim": float(ds.metrics.ssim(mu, clean).mean())}]
+    rows = [
+        {
+            "solver": "degraded input",
+            "nfe": 0,
+            "psnr": float(ds.metrics.psnr(mu, clean).mean()),
+            "ssim": float(ds.metrics.ssim(mu, clean).mean()),
+        }
+    ]
     print(rows[0])
     for label, (solver, opts) in SOLVERS.items():
         for nfe in NFES:
             t0 = time.time()
             res = ds.sample(model, solver, nfe, shape=clean.shape, seed=a.seed, mu=mu, **opts)
             assert res.nfe == nfe
-            rows.append({"solver": label, "nfe": nfe, "psnr": float(ds.metrics.psnr(res.samples, clean).mean()),
-                         "ssim": float(ds.metrics.ssim(res.samples, clean).mean()),
-                         "seconds": round(time.time() - t0, 2)})
+            rows.append(
+                {
+                    "solver": label,
+                    "nfe": nfe,
+                    "psnr": float(ds.metrics.psnr(res.samples, clean).mean()),
+                    "ssim": float(ds.metrics.ssim(res.samples, clean).mean()),
+                    "seconds": round(time.time() - t0, 2),
+                }
+            )
             print(rows[-1], flush=True)
     out = ROOT / "benchmarks"
     out.mkdir(exist_ok=True)
-    (out / "mrs.json").write_text(json.dumps({"model": "digits-mr", "degradation": card["degradation"],
-                                              "seed": a.seed, "rows": rows}, indent=2) + "\n")
+    (out / "mrs.json").write_text(
+        json.dumps({"model": "digits-mr", "degradation": card["degradation"], "seed": a.seed, "rows": rows}, indent=2)
+        + "\n"
+    )
     head = "| solver | " + " | ".join(f"NFE {n}" for n in NFES) + " |"
     lines = [head, "|---|" + "---|" * len(NFES)]
     for label in SOLVERS:
         cells = [next(r for r in rows if r["solver"] == label and r["nfe"] == n) for n in NFES]
         lines.append(f"| {label} | " + " | ".join(f"{c['psnr']:.2f} / {c['ssim']:.3f}" for c in cells) + " |")
-    md = ("# MR Sampler on digits-mr\n\nRestoring the 300 held-out digits (degradation: "
-          f"{card['degradation']}), seed {a.seed}. Cells: PSNR dB / SSIM against the clean digits "
-          f"(degraded input: {rows[0]['psnr']:.2f} / {rows[0]['ssim']:.3f}). Grid: uniform in log-SNR.\n\n"
-          + "\n".join(lines) + "\n")
+    md = (
+        "# MR Sampler on digits-mr\n\nRestoring the 300 held-out digits (degradation: "
+        f"{card['degradation']}), seed {a.seed}. Cells: PSNR dB / SSIM against the clean digits "
+        f"(degraded input: {rows[0]['psnr']:.2f} / {rows[0]['ssim']:.3f}). Grid: uniform in log-SNR.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     (out / "mrs.md").write_text(md)
     print(md)
     try:

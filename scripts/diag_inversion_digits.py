@@ -40,8 +40,10 @@ def per_digit(back, x0):
 def summary(back, x0) -> str:
     m, rms = per_digit(back, x0)
     top = m.topk(4)
-    return (f"max {m.max():.3f} median {m.median():.4f} rms {rms:.4f} flipped {(m > FLIP).sum().item()} "
-            f"worst digits {top.indices.tolist()} ({', '.join(f'{v:.2f}' for v in top.values.tolist())})")
+    return (
+        f"max {m.max():.3f} median {m.median():.4f} rms {rms:.4f} flipped {(m > FLIP).sum().item()} "
+        f"worst digits {top.indices.tolist()} ({', '.join(f'{v:.2f}' for v in top.values.tolist())})"
+    )
 
 
 def part_a(model, held):
@@ -49,7 +51,9 @@ def part_a(model, held):
     for solver in ("dpmpp-2m", "dpmpp-3m", "heun"):
         for k in (20, 50):
             lat = ds.invert(model, solver, held, k)
-            print(f"  {solver:9s} {k:3d} steps: {summary(ds.sample(model, solver, latent=lat).samples, held)}", flush=True)
+            print(
+                f"  {solver:9s} {k:3d} steps: {summary(ds.sample(model, solver, latent=lat).samples, held)}", flush=True
+            )
 
 
 def part_b(model, held):
@@ -66,16 +70,25 @@ def inversion_path(model, solver, x0, k):
     lat = ds.invert(model, solver, x0, k)
     g = lat.grid
     src = NoiseSource(tuple(x0.shape), seeds=0, device=x0.device, dtype=x0.dtype, t_range=(float(g[-1]), float(g[0])))
-    _out, _, traj, _ = execute(slv.run(x0.clone(), g.flip(0), src, schedule=model.schedule), slv, model, g.flip(0),
-                              len(x0), return_trajectory=True)
+    _out, _, traj, _ = execute(
+        slv.run(x0.clone(), g.flip(0), src, schedule=model.schedule),
+        slv,
+        model,
+        g.flip(0),
+        len(x0),
+        return_trajectory=True,
+    )
     path = {round(float(torch.as_tensor(t).flatten()[0]), 9): x for t, x in traj}
     path[round(float(g[0]), 9)] = lat.x
     return lat, path
 
 
 def part_c(model, held):
-    print("C: digits 2 and 0, 50 steps: max abs distance to the exact path at grid points "
-          "(inv: the inversion's state; back: the sampling-back state)", flush=True)
+    print(
+        "C: digits 2 and 0, 50 steps: max abs distance to the exact path at grid points "
+        "(inv: the inversion's state; back: the sampling-back state)",
+        flush=True,
+    )
     x0 = held[[2, 0]]
     _, exact = inversion_path(model, "dpmpp-2m", x0, 1000)
     for solver in ("dpmpp-3m", "dpmpp-2m"):
@@ -96,7 +109,7 @@ def part_c(model, held):
 def part_d(model, held):
     print("D: conditioning at digit 2's latent (exact map: dpmpp-2m on 1000 steps); digit 0 for comparison", flush=True)
     for i in (2, 0):
-        x0 = held[i:i + 1]
+        x0 = held[i : i + 1]
         exact = ds.invert(model, "dpmpp-2m", x0, 1000)
         lats = {"exact latent": exact.x}
         for solver, k in (("dpmpp-3m", 50), ("dpmpp-3m", 100), ("dpmpp-2m", 50)):
@@ -110,8 +123,11 @@ def part_d(model, held):
         out = ds.sample(model, "dpmpp-2m", 1000, x_T=batch).samples
         print(f"  digit {i} (RMS size of the dpmpp-3m 50-step latent error: {size:.4f})")
         for (name, lat), o in zip(lats.items(), out):
-            print(f"    {name:28s} max abs to exact latent {float((lat - exact.x).abs().max()):.4f}  "
-                  f"-> exact map's max error {float((o - x0[0]).abs().max()):.3f}", flush=True)
+            print(
+                f"    {name:28s} max abs to exact latent {float((lat - exact.x).abs().max()):.4f}  "
+                f"-> exact map's max error {float((o - x0[0]).abs().max()):.3f}",
+                flush=True,
+            )
 
 
 def part_e(model, held):
@@ -145,7 +161,10 @@ def part_e(model, held):
 
 
 def part_f(model, held):
-    print("F: dpmpp-3s, first 8 digits: sampling-back state - inversion state (median over digits of the max abs)", flush=True)
+    print(
+        "F: dpmpp-3s, first 8 digits: sampling-back state - inversion state (median over digits of the max abs)",
+        flush=True,
+    )
     x0 = held[:8]
     for k in (50, 100):
         lat, inv = inversion_path(model, "dpmpp-3s", x0, k)
@@ -154,13 +173,19 @@ def part_f(model, held):
         ts = [round(float(t), 9) for t in lat.grid]
         back[ts[-1]] = res.samples
         gaps = [float((back[t] - inv[t]).flatten(1).abs().amax(1).median()) for t in ts]
-        print(f"  {k} steps: after step 1 {gaps[1]:.5f}, half way {gaps[k // 2]:.5f}, at the data end {gaps[-1]:.5f}; "
-              f"round trip {summary(res.samples, x0)}", flush=True)
+        print(
+            f"  {k} steps: after step 1 {gaps[1]:.5f}, half way {gaps[k // 2]:.5f}, at the data end {gaps[-1]:.5f}; "
+            f"round trip {summary(res.samples, x0)}",
+            flush=True,
+        )
     m64 = ds.pretrained.load("digits-vp", dtype=torch.float64)
     x64 = held[:4].double()
     for k in (50, 100):
         lat = ds.invert(m64, "dpmpp-3s", x64, k)
-        print(f"  float64, 4 digits, {k} steps: {summary(ds.sample(m64, 'dpmpp-3s', latent=lat).samples, x64)}", flush=True)
+        print(
+            f"  float64, 4 digits, {k} steps: {summary(ds.sample(m64, 'dpmpp-3s', latent=lat).samples, x64)}",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -39,7 +39,9 @@ def main() -> None:
     old = json.loads((out / "digits_fd.json").read_text()) if (out / "digits_fd.json").exists() else []
     rows = []
     train, _ = digits16("train")
-    floor = evaluate(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(a.seed))[:a.num_samples]])
+    floor = evaluate(
+        train[torch.randperm(len(train), generator=torch.Generator().manual_seed(a.seed))[: a.num_samples]]
+    )
     rows.append({"model": "real digits (train split)", "solver": "-", "steps": 0, "nfe": 0, **floor})
     print(rows[-1])
     held, _ = digits16("heldout")
@@ -62,8 +64,14 @@ def main() -> None:
             t0 = time.time()
             res = ds.sample(model, solver, steps, shape=(n, 1, 16, 16), seed=a.seed, mu=mu)
             q = evaluate(res.samples)
-            row = {"model": name, "solver": solver, "steps": steps, "nfe": res.nfe, **q,
-                   "seconds": round(time.time() - t0, 1)}
+            row = {
+                "model": name,
+                "solver": solver,
+                "steps": steps,
+                "nfe": res.nfe,
+                **q,
+                "seconds": round(time.time() - t0, 1),
+            }
             if clean is not None:
                 row["psnr_db"] = psnr(res.samples, clean)
                 row["psnr_degraded_db"] = psnr(mu, clean)
@@ -78,16 +86,22 @@ def main() -> None:
     rows.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
     out.mkdir(exist_ok=True)
     (out / "digits_fd.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| model | solver | steps | NFE | digits-FD | confidence | PSNR dB (degraded) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | solver | steps | NFE | digits-FD | confidence | PSNR dB (degraded) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ps = f"{r['psnr_db']:.2f} ({r['psnr_degraded_db']:.2f})" if "psnr_db" in r else "-"
-        lines.append(f"| {r['model']} | {r['solver']} | {r['steps']} | {r['nfe']} | {r['digits_fd']:.1f} | "
-                     f"{r['confidence']:.3f} | {ps} |")
+        lines.append(
+            f"| {r['model']} | {r['solver']} | {r['steps']} | {r['nfe']} | {r['digits_fd']:.1f} | "
+            f"{r['confidence']:.3f} | {ps} |"
+        )
     md = "\n".join(lines) + "\n"
     (out / "digits_fd.md").write_text(
         f"# digits-FD of the shipped generators\n\n{a.num_samples} samples per row (digits-mr restores the 300 held-out "
         f"digits), seed {a.seed}, scored against the 300 held-out digits by `diffsolve.quality.evaluate`. "
-        "The first row is the floor: real training digits.\n\n" + md)
+        "The first row is the floor: real training digits.\n\n" + md
+    )
     print(md)
 
 

@@ -28,11 +28,24 @@ from diffsolve.quality import DigitClassifier
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "diffsolve" / "weights"
 
-UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=16)
-DDPM = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-            prediction_type="epsilon", clip_sample=False)
+UNET = dict(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+)
+DDPM = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    prediction_type="epsilon",
+    clip_sample=False,
+)
 
 
 def setup(seed: int) -> torch.Generator:
@@ -75,10 +88,17 @@ def train_classifier(seed: int, iters: int, out: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(save_dir / "model.safetensors"))
-    card = {"name": "digits-classifier", "architecture": "diffsolve.quality.DigitClassifier", "seed": seed,
-            "iters": iters, "batch": 128, "optimizer": "AdamW lr 2e-3 cosine, wd 1e-4",
-            "data": "digits16 train split (1497), shifts +-1 px and N(0, 0.05^2) noise",
-            "metric": {"heldout_accuracy": acc}, "train_seconds": round(time.time() - t0, 1)}
+    card = {
+        "name": "digits-classifier",
+        "architecture": "diffsolve.quality.DigitClassifier",
+        "seed": seed,
+        "iters": iters,
+        "batch": 128,
+        "optimizer": "AdamW lr 2e-3 cosine, wd 1e-4",
+        "data": "digits16 train split (1497), shifts +-1 px and N(0, 0.05^2) noise",
+        "metric": {"heldout_accuracy": acc},
+        "train_seconds": round(time.time() - t0, 1),
+    }
     (save_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"classifier: held-out accuracy {acc:.4f} ({time.time() - t0:.0f} s)")
 
@@ -122,11 +142,17 @@ def train_unet(name: str, seed: int, iters: int, in_channels: int, batch_fn, out
 
 
 def _common_card(name: str, seed: int, iters: int, seconds: float) -> dict:
-    return {"name": name, "kind": "diffusers UNet2DModel", "seed": seed, "iters": iters, "batch": 128,
-            "data": "digits16 train split (1497 images, 1x16x16, [-1, 1])",
-            "optimizer": "AdamW lr 1e-3 (100 warm-up, cosine), grad clip 1, EMA 0.999",
-            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()},
-            "train_seconds": round(seconds, 1)}
+    return {
+        "name": name,
+        "kind": "diffusers UNet2DModel",
+        "seed": seed,
+        "iters": iters,
+        "batch": 128,
+        "data": "digits16 train split (1497 images, 1x16x16, [-1, 1])",
+        "optimizer": "AdamW lr 1e-3 (100 warm-up, cosine), grad clip 1, EMA 0.999",
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()},
+        "train_seconds": round(seconds, 1),
+    }
 
 
 def train_vp(seed: int, iters: int, out: Path) -> None:
@@ -147,11 +173,24 @@ def train_vp(seed: int, iters: int, out: Path) -> None:
     _, secs = train_unet("digits-vp", seed, iters, 1, batch, out)
     save_dir = out / "digits-vp"
     sched.save_pretrained(save_dir / "scheduler")
-    (save_dir / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
-        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}, indent=2) + "\n")
-    card = {**_common_card("digits-vp", seed, iters, secs), "prediction": "eps", "time_input": "timestep",
-            "schedule": {"type": "VPDiscrete", "diffusers": DDPM}}
+    (save_dir / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "_diffusers_version": __import__("diffusers").__version__,
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "unet": ["diffusers", "UNet2DModel"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    card = {
+        **_common_card("digits-vp", seed, iters, secs),
+        "prediction": "eps",
+        "time_input": "timestep",
+        "schedule": {"type": "VPDiscrete", "diffusers": DDPM},
+    }
     (save_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -177,9 +216,13 @@ def train_vp_cond(seed: int, iters: int, out: Path) -> None:
         return a * x0 + s * eps, t, eps, {"class_labels": labels}
 
     _, secs = train_unet("digits-vp-cond", seed, iters, 1, batch, out, num_class_embeds=NULL_CLASS + 1)
-    card = {**_common_card("digits-vp-cond", seed, iters, secs), "prediction": "eps", "time_input": "timestep",
-            "schedule": {"type": "VPDiscrete", "diffusers": DDPM},
-            "class_labels": {"num_classes": 10, "null_class": NULL_CLASS, "label_dropout": LABEL_DROPOUT}}
+    card = {
+        **_common_card("digits-vp-cond", seed, iters, secs),
+        "prediction": "eps",
+        "time_input": "timestep",
+        "schedule": {"type": "VPDiscrete", "diffusers": DDPM},
+        "class_labels": {"num_classes": 10, "null_class": NULL_CLASS, "label_dropout": LABEL_DROPOUT},
+    }
     card["unet"]["num_class_embeds"] = NULL_CLASS + 1
     (out / "digits-vp-cond" / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
@@ -196,8 +239,12 @@ def train_flow(seed: int, iters: int, out: Path) -> None:
         return (1 - tb) * x0 + tb * eps, 1000 * t, eps - x0
 
     _, secs = train_unet("digits-flow", seed, iters, 1, batch, out)
-    card = {**_common_card("digits-flow", seed, iters, secs), "prediction": "velocity", "time_input": "1000t",
-            "schedule": {"type": "RectifiedFlow", "shift": 1.0}}
+    card = {
+        **_common_card("digits-flow", seed, iters, secs),
+        "prediction": "velocity",
+        "time_input": "1000t",
+        "schedule": {"type": "RectifiedFlow", "shift": 1.0},
+    }
     (out / "digits-flow" / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -224,9 +271,14 @@ def train_mr(seed: int, iters: int, out: Path) -> None:
         return torch.cat([xt, mu], dim=1), 1000 * t.float(), eps
 
     _, secs = train_unet("digits-mr", seed, iters, 2, batch, out)
-    card = {**_common_card("digits-mr", seed, iters, secs), "prediction": "eps", "time_input": "1000t",
-            "schedule": MR_SCHEDULE, "condition": "mu concatenated as a second input channel",
-            "degradation": MR_DEGRADATION}
+    card = {
+        **_common_card("digits-mr", seed, iters, secs),
+        "prediction": "eps",
+        "time_input": "1000t",
+        "schedule": MR_SCHEDULE,
+        "condition": "mu concatenated as a second input channel",
+        "degradation": MR_DEGRADATION,
+    }
     (out / "digits-mr" / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -272,18 +324,32 @@ def train_sigma(seed: int, iters: int, out: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k_: v.contiguous() for k_, v in net.state_dict().items()}, str(save_dir / "model.safetensors"))
-    card = {"name": "digits-sigma", "architecture": "diffsolve.quality.NoiseLevelClassifier", "seed": seed,
-            "iters": iters, "batch": 100, "optimizer": "Adam lr 1e-3 (cosine)", "levels": SIGMA_LEVELS,
-            "level_times": levels.tolist(), "schedule": {"type": "VPDiscrete", "diffusers": DDPM},
-            "input": "the VP state x_t = alpha(t) x0 + sigma(t) eps of digits-vp; class 0 is the noisiest",
-            "metric": {"heldout_mean_abs_class_error": err}, "train_seconds": round(time.time() - t0, 1)}
+    card = {
+        "name": "digits-sigma",
+        "architecture": "diffsolve.quality.NoiseLevelClassifier",
+        "seed": seed,
+        "iters": iters,
+        "batch": 100,
+        "optimizer": "Adam lr 1e-3 (cosine)",
+        "levels": SIGMA_LEVELS,
+        "level_times": levels.tolist(),
+        "schedule": {"type": "VPDiscrete", "diffusers": DDPM},
+        "input": "the VP state x_t = alpha(t) x0 + sigma(t) eps of digits-vp; class 0 is the noisiest",
+        "metric": {"heldout_mean_abs_class_error": err},
+        "train_seconds": round(time.time() - t0, 1),
+    }
     (save_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"digits-sigma: held-out mean |class error| {err:.2f} of {SIGMA_LEVELS} ({time.time() - t0:.0f} s)")
 
 
-TRAINERS = {"classifier": (train_classifier, 1500), "digits-vp": (train_vp, 2800),
-            "digits-vp-cond": (train_vp_cond, 2800), "digits-flow": (train_flow, 2800),
-            "digits-mr": (train_mr, 2800), "digits-sigma": (train_sigma, 3000)}
+TRAINERS = {
+    "classifier": (train_classifier, 1500),
+    "digits-vp": (train_vp, 2800),
+    "digits-vp-cond": (train_vp_cond, 2800),
+    "digits-flow": (train_flow, 2800),
+    "digits-mr": (train_mr, 2800),
+    "digits-sigma": (train_sigma, 3000),
+}
 
 
 def main() -> None:
@@ -293,7 +359,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: per model)")
     p.add_argument("--out", type=Path, default=WEIGHTS)
     a = p.parse_args()
-    for name in (TRAINERS if a.model == "all" else [a.model]):
+    for name in TRAINERS if a.model == "all" else [a.model]:
         fn, iters = TRAINERS[name]
         fn(a.seed, a.iters or iters, a.out)
 

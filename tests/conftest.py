@@ -27,8 +27,13 @@ def threshold():
     from diffsolve.metrics import mmd2
 
     target = _gmm_target()
-    null = [mmd2(target.sample(GMM_N, torch.Generator().manual_seed(2 * i + 100)),
-                 target.sample(GMM_N, torch.Generator().manual_seed(2 * i + 101))) for i in range(12)]
+    null = [
+        mmd2(
+            target.sample(GMM_N, torch.Generator().manual_seed(2 * i + 100)),
+            target.sample(GMM_N, torch.Generator().manual_seed(2 * i + 101)),
+        )
+        for i in range(12)
+    ]
     return statistics.mean(null) + 5 * statistics.stdev(null)
 
 

@@ -51,15 +51,23 @@ def test_pid_controller_limiter_accept_and_history_by_hand():
     d = StepSizeController(safety=0.9, exponent=0.9, exponent_prev2=0.1)
     grow = d.factor(torch.tensor([0.95, 1.2]), torch.tensor([[1.0, 0.05], [1.0, 0.05]]))
     assert float(grow[0]) > 1 and float(grow[1]) == pytest.approx(0.9 * 1.2**-0.9)
-    for bad, match in (({"limiter": "tanh"}, "limiter must be one of clip, atan"), ({"accept": 0.0}, "accept"),
-                       ({"exponent_prev2": -1.0}, "exponent_prev2")):
+    for bad, match in (
+        ({"limiter": "tanh"}, "limiter must be one of clip, atan"),
+        ({"accept": 0.0}, "accept"),
+        ({"exponent_prev2": -1.0}, "exponent_prev2"),
+    ):
         with pytest.raises(ValueError, match=match):
             StepSizeController(**bad)
 
 
-@pytest.mark.parametrize("solver,order,opts", [("adaptive-sde", 1 / 0.9, {"eps_rel": 0.05}),
-                                               ("mrs-adaptive", 4, {"rtol": 1e-3}),
-                                               ("mrs-sde-adaptive", 1 / 0.9, {"rtol": 0.05})])
+@pytest.mark.parametrize(
+    "solver,order,opts",
+    [
+        ("adaptive-sde", 1 / 0.9, {"eps_rel": 0.05}),
+        ("mrs-adaptive", 4, {"rtol": 1e-3}),
+        ("mrs-sde-adaptive", 1 / 0.9, {"rtol": 0.05}),
+    ],
+)
 def test_one_controller_object_drives_every_adaptive_solver(solver, order, opts):
     """A PID controller with the atan limiter passed to each adaptive solver is the one they use: a
     looser accept threshold accepts more and rejects less on the same problem."""
@@ -67,8 +75,17 @@ def test_one_controller_object_drives_every_adaptive_solver(solver, order, opts)
     model = GMM.model(VP)
     res = {}
     for accept in (1.0, 4.0):
-        c = StepSizeController.pid(order, pcoeff=0.0, icoeff=1.0, dcoeff=0.2, safety=0.9, factor_min=0.2,
-                                   factor_max=5.0, limiter="atan", accept=accept)
+        c = StepSizeController.pid(
+            order,
+            pcoeff=0.0,
+            icoeff=1.0,
+            dcoeff=0.2,
+            safety=0.9,
+            factor_min=0.2,
+            factor_max=5.0,
+            limiter="atan",
+            accept=accept,
+        )
         r = ds.sample(model, solver, x_T=x_T, seed=0, controller=c, **opts)
         assert torch.isfinite(r.samples).all()
         res[accept] = (int(r.rejected.sum()), float(r.nfe_per_sample.double().mean()))
@@ -115,8 +132,10 @@ def test_law_matches_with_fewer_nfe_than_em(eps_rel, threshold, reference):
     res = ds.sample(GMM.model(VP), "adaptive-sde", shape=(N, 2), seed=0, dtype=torch.float64, eps_rel=eps_rel)
     d = mmd2(res.samples, reference)
     rows = res.nfe_per_sample.double().mean()
-    print(f"eps_rel {eps_rel}: mmd2 {d:.2e} (threshold {threshold:.2e}) calls {res.nfe} rows/sample {rows:.1f} "
-          f"accepted {res.accepted.double().mean():.1f} rejected {res.rejected.double().mean():.1f}")
+    print(
+        f"eps_rel {eps_rel}: mmd2 {d:.2e} (threshold {threshold:.2e}) calls {res.nfe} rows/sample {rows:.1f} "
+        f"accepted {res.accepted.double().mean():.1f} rejected {res.rejected.double().mean():.1f}"
+    )
     assert d < threshold
     assert res.nfe < 600 and rows < 1000 / 2
     assert torch.equal(res.nfe_per_sample, 2 * (res.accepted + res.rejected) + 1)
@@ -130,8 +149,15 @@ def test_per_sample_mode_spends_fewer_rows_than_batch_mode():
     kw = dict(shape=(n, 2), seed=0, dtype=torch.float64, eps_rel=0.05)
     per = ds.sample(GMM.model(VP), "adaptive-sde", mode="per_sample", **kw)
     bat = ds.sample(GMM.model(VP), "adaptive-sde", mode="batch", **kw)
-    print("rows: per_sample", int(per.nfe_per_sample.sum()), "batch", int(bat.nfe_per_sample.sum()),
-          "| calls", per.nfe, bat.nfe)
+    print(
+        "rows: per_sample",
+        int(per.nfe_per_sample.sum()),
+        "batch",
+        int(bat.nfe_per_sample.sum()),
+        "| calls",
+        per.nfe,
+        bat.nfe,
+    )
     assert int(per.nfe_per_sample.sum()) < 0.8 * int(bat.nfe_per_sample.sum())
     assert bat.nfe_per_sample.unique().numel() == 1 and bat.accepted.unique().numel() == 1
     assert per.nfe_per_sample.unique().numel() > 5
@@ -144,14 +170,23 @@ def test_brownian_path_consistent_through_rejections():
     model = ds.models.GaussianMixture([[1.0, -1.0]], 0.5).model(VP)
     kw = dict(shape=(16, 2), seed=0, dtype=torch.float64, denoise=False)
     ref = ds.sample(model, "euler-maruyama", 2000, grid="uniform", noise="brownian", **kw).samples
-    other = ds.sample(model, "euler-maruyama", 2000, grid="uniform", noise="brownian",
-                      **{**kw, "seed": 1}).samples
+    other = ds.sample(model, "euler-maruyama", 2000, grid="uniform", noise="brownian", **{**kw, "seed": 1}).samples
     dist = lambda a: float((a - ref).norm(dim=1).median())
     loose = ds.sample(model, "adaptive-sde", eps_rel=0.1, eps_abs=0.01, **kw)
     tight = ds.sample(model, "adaptive-sde", eps_rel=0.003, eps_abs=0.0003, **kw)
     fresh = ds.sample(model, "adaptive-sde", eps_rel=0.003, eps_abs=0.0003, noise="gaussian", **kw)
-    print("distance to the EM path: loose", dist(loose.samples), "tight", dist(tight.samples),
-          "tight+gaussian", dist(fresh.samples), "other seed", dist(other), "rejections", int(tight.rejected.sum()))
+    print(
+        "distance to the EM path: loose",
+        dist(loose.samples),
+        "tight",
+        dist(tight.samples),
+        "tight+gaussian",
+        dist(fresh.samples),
+        "other seed",
+        dist(other),
+        "rejections",
+        int(tight.rejected.sum()),
+    )
     assert int(tight.rejected.sum()) > 0
     assert dist(tight.samples) < 0.2 * dist(loose.samples) and dist(tight.samples) < 0.01 * dist(other)
     assert dist(fresh.samples) > 0.3 * dist(other)

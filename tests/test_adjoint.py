@@ -8,8 +8,16 @@ import diffsolve as ds
 # bdia with gamma < 1 divides by gamma in each inverse step, which the adjoint's rebuilt states go
 # through: in the noise form that stays at 1e-9 relative at 30 steps; in the data form, whose inverse
 # also lets the parasitic mode grow, the gradient is off by 10% (use gamma = 1 for gradients there)
-REVERSIBLE = [("rev-heun", {}), ("bdia", {}), ("bdia", {"gamma": 0.5, "form": "noise"}), ("o-belm", {}),
-              ("edict", {}), ("rev-heun", {"form": "noise"}), ("rex", {"base": "euler"}), ("rex", {})]
+REVERSIBLE = [
+    ("rev-heun", {}),
+    ("bdia", {}),
+    ("bdia", {"gamma": 0.5, "form": "noise"}),
+    ("o-belm", {}),
+    ("edict", {}),
+    ("rev-heun", {"form": "noise"}),
+    ("rex", {"base": "euler"}),
+    ("rex", {}),
+]
 
 
 class _Net(torch.nn.Module):

@@ -68,7 +68,9 @@ def test_the_run_device_must_be_the_networks():
     """A run on another device than the network is refused naming device (before: a raw error from
     inside the network); an explicit device converts x_T."""
     model = ds.DiffusionModel(TinyNet(), VP, "eps")
-    with pytest.raises(ValueError, match=r"device: the run's device is meta \(x_T's device\) but the network is on cpu"):
+    with pytest.raises(
+        ValueError, match=r"device: the run's device is meta \(x_T's device\) but the network is on cpu"
+    ):
         ds.sample(model, "ddim", 2, x_T=torch.zeros(2, 2, device="meta"))
     with pytest.raises(ValueError, match=r"device: .*model\.to\('meta'\)"):
         ds.sample(model, "ddim", 2, shape=(2, 2), seed=0, device="meta")
@@ -169,8 +171,11 @@ def test_grid_times_outside_the_schedule(digits):
 
 
 def test_a_shape_the_network_cannot_take(digits):
-    with pytest.raises(ValueError, match=r"shape: the network failed on its first call, for states of shape "
-                                         r"\(2, 3, 16, 16\)") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"shape: the network failed on its first call, for states of shape "
+        r"\(2, 3, 16, 16\)",
+    ) as info:
         ds.sample(digits, "ddim", 2, shape=(2, 3, 16, 16), seed=0)
     assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(ValueError, match="shape: the network failed"):

@@ -45,7 +45,9 @@ def digits_grid_size(k: int, per_row: int = cli.GRID_PER_ROW) -> tuple[int, int]
 
 def test_gmm_files_written_and_loadable(tmp_path, capsys):
     out = tmp_path / "gmm"
-    assert sample(out, "--model", "gmm-2d", "--solver", "heun", "--num-samples", "10", "--steps", "3", "--seed", "5") == 0
+    assert (
+        sample(out, "--model", "gmm-2d", "--solver", "heun", "--num-samples", "10", "--steps", "3", "--seed", "5") == 0
+    )
     assert sorted(os.listdir(out)) == sorted(FILES)
     assert not [p for p in os.listdir(tmp_path) if p != "gmm"]  # the temporary directory is gone
 
@@ -160,8 +162,26 @@ def test_bad_solver_option(tmp_path, capsys):
 
 def test_solver_options_parsed_as_yaml(tmp_path):
     out = tmp_path / "opts"
-    assert sample(out, "--model", "gmm-2d", "--solver", "heun", "--num-samples", "2", "--steps", "2",
-                  "-o", "s_churn=0.5", "-o", "s_noise=1", "-o", "s_tmax=inf") == 0
+    assert (
+        sample(
+            out,
+            "--model",
+            "gmm-2d",
+            "--solver",
+            "heun",
+            "--num-samples",
+            "2",
+            "--steps",
+            "2",
+            "-o",
+            "s_churn=0.5",
+            "-o",
+            "s_noise=1",
+            "-o",
+            "s_tmax=inf",
+        )
+        == 0
+    )
     opts = json.loads((out / "manifest.json").read_text())["options"]
     assert opts["s_churn"] == 0.5 and opts["s_noise"] == 1 and opts["s_tmax"] == "inf"
 
@@ -176,8 +196,12 @@ def test_option_parser():
 
 def test_grid_dtype_and_device_options(tmp_path, capsys):
     out = tmp_path / "g"
-    assert sample(out, "--model", "gmm-2d", "--num-samples", "2", "--steps", "4", "--grid", "uniform",
-                  "--dtype", "float64") == 0
+    assert (
+        sample(
+            out, "--model", "gmm-2d", "--num-samples", "2", "--steps", "4", "--grid", "uniform", "--dtype", "float64"
+        )
+        == 0
+    )
     tensors, m, _ = read_outputs(out)
     assert tensors["samples"].dtype == torch.float64 and m["dtype"] == "float64"
     assert m["grid"] == pytest.approx(torch.linspace(m["grid"][0], m["grid"][-1], 5).tolist())
@@ -212,17 +236,38 @@ def test_version_and_no_command(capsys):
 def test_python_dash_m(tmp_path):
     out = tmp_path / "sub"
     proc = subprocess.run(
-        [sys.executable, "-m", "diffsolve", "sample", "--model", "gmm-2d", "--solver", "heun", "--num-samples", "4",
-         "--steps", "2", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "diffsolve",
+            "sample",
+            "--model",
+            "gmm-2d",
+            "--solver",
+            "heun",
+            "--num-samples",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "NFE 4" in proc.stdout
     tensors, m, _ = read_outputs(out)
     assert tensors["samples"].shape == (4, 2) and m["nfe"] == 4
 
-    proc = subprocess.run([sys.executable, "-m", "diffsolve", "sample", "--out", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffsolve", "sample", "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -251,8 +296,23 @@ def test_shipped_configs_parse():
 
 def test_restoration_model_writes_before_after_clean(tmp_path):
     out = tmp_path / "mr"
-    assert run("sample", "--model", "digits-mr", "--solver", "euler-maruyama", "--steps", "5", "--num-samples", "4",
-               "--out", str(out), "--no-progress") == 0
+    assert (
+        run(
+            "sample",
+            "--model",
+            "digits-mr",
+            "--solver",
+            "euler-maruyama",
+            "--steps",
+            "5",
+            "--num-samples",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        )
+        == 0
+    )
     tensors, m, image = read_outputs(out)
     assert tensors["samples"].shape == (4, 1, 16, 16)
     r = m["restoration"]
@@ -267,10 +327,29 @@ def test_invert_and_sample_back_from_the_latent(tmp_path, capsys):
     """sample -> invert (rev-heun, exact) -> sample --latent reproduces the samples; ddim inversion is
     approximate; the latent is not overwritten without --force; bad inputs get clear errors."""
     data, lat, back = tmp_path / "data", tmp_path / "lat", tmp_path / "back"
-    assert sample(data, "--model", "gmm-2d", "--solver", "heun", "--steps", "20", "--num-samples", "50",
-                  "--dtype", "float64") == 0
-    assert run("invert", "--model", "gmm-2d", "--input", str(data), "--out", str(lat), "--dtype", "float64",
-               "--steps", "30", "--no-progress") == 0
+    assert (
+        sample(
+            data, "--model", "gmm-2d", "--solver", "heun", "--steps", "20", "--num-samples", "50", "--dtype", "float64"
+        )
+        == 0
+    )
+    assert (
+        run(
+            "invert",
+            "--model",
+            "gmm-2d",
+            "--input",
+            str(data),
+            "--out",
+            str(lat),
+            "--dtype",
+            "float64",
+            "--steps",
+            "30",
+            "--no-progress",
+        )
+        == 0
+    )
     manifest = json.loads((lat / "manifest.json").read_text())
     assert manifest["solver"] == "rev-heun" and manifest["exact"] and manifest["nfe"] == 31
     assert sample(back, "--model", "gmm-2d", "--latent", str(lat / "latent.safetensors"), "--dtype", "float64") == 0
@@ -279,11 +358,28 @@ def test_invert_and_sample_back_from_the_latent(tmp_path, capsys):
     assert run("invert", "--model", "gmm-2d", "--input", str(data), "--out", str(lat)) == 2
     assert "--force" in capsys.readouterr().err
     approx, back2 = tmp_path / "approx", tmp_path / "back2"
-    assert run("invert", "--model", "gmm-2d", "--solver", "ddim", "--input", str(data), "--out", str(approx),
-               "--dtype", "float64", "--no-progress") == 0
+    assert (
+        run(
+            "invert",
+            "--model",
+            "gmm-2d",
+            "--solver",
+            "ddim",
+            "--input",
+            str(data),
+            "--out",
+            str(approx),
+            "--dtype",
+            "float64",
+            "--no-progress",
+        )
+        == 0
+    )
     assert sample(back2, "--model", "gmm-2d", "--latent", str(approx), "--dtype", "float64") == 0
     assert float((load_file(str(back2 / "samples.safetensors"))["samples"] - x0).abs().max()) > 1e-4
-    assert run("invert", "--model", "gmm-2d", "--solver", "ddpm", "--input", str(data), "--out", str(tmp_path / "x")) == 2
+    assert (
+        run("invert", "--model", "gmm-2d", "--solver", "ddpm", "--input", str(data), "--out", str(tmp_path / "x")) == 2
+    )
     assert "stochastic" in capsys.readouterr().err
     assert run("sample", "--latent", str(tmp_path / "missing"), "--out", str(tmp_path / "y")) == 2
     assert "no such file" in capsys.readouterr().err

@@ -35,8 +35,23 @@ def samples(out: Path, name: str = "samples.safetensors", key: str = "samples") 
 @pytest.fixture(scope="module")
 def gmm_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "gmm"
-    assert run("sample", *GMM, "--solver", "heun", "--steps", "10", "--num-samples", "6", "--dtype", "float64",
-               "--out", str(out)) == 0
+    assert (
+        run(
+            "sample",
+            *GMM,
+            "--solver",
+            "heun",
+            "--steps",
+            "10",
+            "--num-samples",
+            "6",
+            "--dtype",
+            "float64",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     return out
 
 
@@ -49,12 +64,19 @@ def restored(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------- 2: latent options round trip
 
+
 def _start_latent(x: torch.Tensor, solver: str = "mrs-adaptive") -> ds.Latent:
     """A latent that only starts a run (mrs-adaptive cannot invert, issue 18 point 2): x at VPLinear's
     t_max, sampled to its t_min with the solver's options."""
     sched = ds.schedules.VPLinear()
-    return ds.Latent(x=x, aux=None, grid=torch.tensor([sched.t_max, sched.t_min], dtype=torch.float64), solver=solver,
-                     options=ds.get_solver(solver).options(), dtype=x.dtype)
+    return ds.Latent(
+        x=x,
+        aux=None,
+        grid=torch.tensor([sched.t_max, sched.t_min], dtype=torch.float64),
+        solver=solver,
+        options=ds.get_solver(solver).options(),
+        dtype=x.dtype,
+    )
 
 
 def test_controller_option_round_trips_through_a_latent(tmp_path, gmm_data):
@@ -67,8 +89,21 @@ def test_controller_option_round_trips_through_a_latent(tmp_path, gmm_data):
     # a controller given as an option, and the JSON form rebuilt
     c = ds.samplers.StepSizeController(safety=0.8, factor_max=math.inf)
     assert cli._decode_option(cli._jsonable(c)) == c
-    assert run("sample", *GMM, "--solver", "mrs-adaptive", "--num-samples", "2", "--out", str(tmp_path / "o"),
-               "-o", "controller={class: StepSizeController, init: {safety: 0.8}}") == 0
+    assert (
+        run(
+            "sample",
+            *GMM,
+            "--solver",
+            "mrs-adaptive",
+            "--num-samples",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "-o",
+            "controller={class: StepSizeController, init: {safety: 0.8}}",
+        )
+        == 0
+    )
     assert manifest(tmp_path / "o")["options"]["controller"]["init"]["safety"] == 0.8
 
 
@@ -94,6 +129,7 @@ def test_latents_written_before_the_fix_still_load(tmp_path, gmm_data, form):
 
 # ----------------------------------------------------------------------------- 8: --t-max, --t-min
 
+
 def test_t_max_and_t_min(tmp_path, gmm_data, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     base = ("sample", *GMM, "--solver", "euler", "--steps", "3", "--num-samples", "2")
@@ -106,8 +142,23 @@ def test_t_max_and_t_min(tmp_path, gmm_data, monkeypatch, capsys):
     assert len(list((tmp_path / "diffsolve-out").iterdir())) == 2
 
     lat = tmp_path / "lat"
-    assert run("invert", "--model", "gmm-2d", "--input", str(gmm_data), "--steps", "4", "--t-max", "0.7",
-               "--out", str(lat), "--no-progress") == 0
+    assert (
+        run(
+            "invert",
+            "--model",
+            "gmm-2d",
+            "--input",
+            str(gmm_data),
+            "--steps",
+            "4",
+            "--t-max",
+            "0.7",
+            "--out",
+            str(lat),
+            "--no-progress",
+        )
+        == 0
+    )
     assert manifest(lat)["t_max"] == 0.7
     assert load_file(str(lat / "latent.safetensors"))["grid"][0].item() == pytest.approx(0.7)
     capsys.readouterr()
@@ -118,8 +169,20 @@ def test_t_max_and_t_min(tmp_path, gmm_data, monkeypatch, capsys):
 
 def test_flow_model_with_an_sde_solver_needs_t_max(tmp_path, capsys):
     out = tmp_path / "flow"
-    args = ("sample", "--model", "digits-flow", "--solver", "euler-maruyama", "--steps", "2", "--num-samples", "2",
-            "--out", str(out), "--no-progress")
+    args = (
+        "sample",
+        "--model",
+        "digits-flow",
+        "--solver",
+        "euler-maruyama",
+        "--steps",
+        "2",
+        "--num-samples",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert run(*args) == 2
     assert "t_max" in capsys.readouterr().err
     assert run(*args, "--t-max", "0.999") == 0
@@ -128,9 +191,21 @@ def test_flow_model_with_an_sde_solver_needs_t_max(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 9: a failed run leaves nothing
 
+
 def test_failed_run_leaves_no_unfinished_run(tmp_path):
     out = tmp_path / "flow"
-    args = ("sample", "--model", "digits-flow", "--steps", "2", "--num-samples", "2", "--out", str(out), "--no-progress")
+    args = (
+        "sample",
+        "--model",
+        "digits-flow",
+        "--steps",
+        "2",
+        "--num-samples",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert run(*args, "--solver", "euler-maruyama") == 2  # fails in the first step (alpha = 0 at t = 1)
     assert not (out / cli.SHARD_DIR).exists()
     assert run(*args, "--solver", "euler") == 0  # the corrected command is not refused
@@ -138,10 +213,24 @@ def test_failed_run_leaves_no_unfinished_run(tmp_path):
 
 # --------------------------------------------------------------- 10: the latent's model and solver
 
+
 def test_sample_from_a_latent_takes_its_model_solver_and_dtype(tmp_path, gmm_data, capsys):
     lat = tmp_path / "lat"
-    assert run("invert", "--input", str(gmm_data), "--out", str(lat), "--dtype", "float64", "--steps", "20",
-               "--no-progress") == 0  # the model comes from the samples' own record
+    assert (
+        run(
+            "invert",
+            "--input",
+            str(gmm_data),
+            "--out",
+            str(lat),
+            "--dtype",
+            "float64",
+            "--steps",
+            "20",
+            "--no-progress",
+        )
+        == 0
+    )  # the model comes from the samples' own record
     assert manifest(lat)["model"] == "gmm-2d"
     back = tmp_path / "back"
     assert run("sample", "--latent", str(lat), "--out", str(back), "--no-progress") == 0
@@ -150,28 +239,40 @@ def test_sample_from_a_latent_takes_its_model_solver_and_dtype(tmp_path, gmm_dat
     assert float((samples(back) - samples(gmm_data)).abs().max()) < 1e-10
     # a model that does not fit the latent: a clear error, no traceback
     capsys.readouterr()
-    assert run("sample", "--latent", str(lat), "--model", "digits-oracle", "--out", str(tmp_path / "x"),
-               "--no-progress") == 2
+    assert (
+        run("sample", "--latent", str(lat), "--model", "digits-oracle", "--out", str(tmp_path / "x"), "--no-progress")
+        == 2
+    )
     assert "gmm-2d" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 11: config keys
 
+
 def test_config_takes_every_key_its_help_names(tmp_path):
     cfg = tmp_path / "cond.yaml"
     out = tmp_path / "cond"
-    cfg.write_text(f"model: digits-vp-cond\nclass: 3\nguidance_scale: 1.5\nforce: true\nsteps: 2\nnum_samples: 2\n"
-                   f"no_progress: true\nout: {out}\n")
+    cfg.write_text(
+        f"model: digits-vp-cond\nclass: 3\nguidance_scale: 1.5\nforce: true\nsteps: 2\nnum_samples: 2\n"
+        f"no_progress: true\nout: {out}\n"
+    )
     assert run("sample", "--config", str(cfg)) == 0
     assert run("sample", "--config", str(cfg)) == 0  # force: true
     m = manifest(out)
     assert m["class"] == 3 and m["guidance_scale"] == 1.5
 
-    cfg.write_text("pipeline: some/folder\nprompt: a cat\nlatent: some/latent\nt_max: 0.9\nt_min: 0.01\n"
-                   "compile: false\nshard_size: 8\n")
+    cfg.write_text(
+        "pipeline: some/folder\nprompt: a cat\nlatent: some/latent\nt_max: 0.9\nt_min: 0.01\n"
+        "compile: false\nshard_size: 8\n"
+    )
     args = cli.build_parser().parse_args(["sample", *cli.load_config(str(cfg))])
-    assert (args.pipeline, args.prompt, args.latent, args.t_max, args.t_min) == ("some/folder", "a cat",
-                                                                                "some/latent", 0.9, 0.01)
+    assert (args.pipeline, args.prompt, args.latent, args.t_max, args.t_min) == (
+        "some/folder",
+        "a cat",
+        "some/latent",
+        0.9,
+        0.01,
+    )
     assert not args.compile and args.shard_size == 8
     cfg.write_text("model: gmm-2d\nsolvr: ddim\n")
     with pytest.raises(cli.CLIError, match="guidance_scale"):  # the error lists what is allowed
@@ -179,6 +280,7 @@ def test_config_takes_every_key_its_help_names(tmp_path):
 
 
 # ------------------------------------------------------------------------ 12: eval of every output
+
 
 def test_eval_reads_restore_and_pipeline_outputs(tmp_path, restored, capsys):
     capsys.readouterr()
@@ -192,14 +294,28 @@ def test_eval_reads_restore_and_pipeline_outputs(tmp_path, restored, capsys):
     assert "restored" in capsys.readouterr().err  # names what is there
 
     pipe = tmp_path / "pipe"
-    assert run("sample", "--pipeline", str(ds.pretrained.path_of("digits-vp")), "--steps", "2", "--num-samples", "3",
-               "--out", str(pipe), "--no-progress") == 0
+    assert (
+        run(
+            "sample",
+            "--pipeline",
+            str(ds.pretrained.path_of("digits-vp")),
+            "--steps",
+            "2",
+            "--num-samples",
+            "3",
+            "--out",
+            str(pipe),
+            "--no-progress",
+        )
+        == 0
+    )
     capsys.readouterr()
     assert run("eval", str(pipe), "--json") == 0
     assert json.loads(capsys.readouterr().out)["num_samples"] == 3
 
 
 # ------------------------------------------------------------------ 13: default output folder names
+
 
 def test_default_folders_tell_runs_apart(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -233,6 +349,7 @@ def test_default_folder_of_a_latent_run_depends_on_the_latent(tmp_path, gmm_data
 
 # ------------------------------------------------------------------------------------ 15: bench etc.
 
+
 def _fake_bench(monkeypatch, fail: str | None = None):
     from diffsolve import bench
 
@@ -242,6 +359,7 @@ def _fake_bench(monkeypatch, fail: str | None = None):
                 raise KeyboardInterrupt
             for stem in bench.module(name).STEMS:
                 bench.write_text(out / f"{stem}.md", "table\n")
+
         return run_it
 
     for n in bench.NAMES:
@@ -312,6 +430,7 @@ def test_manifest_names_the_sample_count_once(tmp_path):
 
 # ------------------------------------------------------------------------- errors and library bugs
 
+
 def test_library_bugs_are_not_reported_as_usage_errors(tmp_path, monkeypatch, capsys):
     def broken(*a, **k):
         return None + 1  # a bug, not a check
@@ -322,14 +441,17 @@ def test_library_bugs_are_not_reported_as_usage_errors(tmp_path, monkeypatch, ca
     assert "bug" in capsys.readouterr().err
     # a check in the library stays a usage error
     monkeypatch.undo()
-    assert run("sample", *GMM, "--steps", "2", "--num-samples", "2", "--grid", "1,0.5,0.7",
-               "--out", str(tmp_path / "p")) == 2
+    assert (
+        run("sample", *GMM, "--steps", "2", "--num-samples", "2", "--grid", "1,0.5,0.7", "--out", str(tmp_path / "p"))
+        == 2
+    )
 
 
 def test_an_error_raised_inside_a_run_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     """Only what checks the user's input becomes a usage error: a ValueError from inside sampling (here
     ds.sample itself, then a check of the library's raised from a solver's step) propagates, the
     unfinished run is cleaned up as after any failure, and a bad --solver is still a usage error."""
+
     def boom(*a, **k):
         raise ValueError("boom")
 
@@ -359,12 +481,40 @@ def test_an_error_raised_inside_a_run_keeps_its_traceback(tmp_path, monkeypatch,
 def test_settings_the_library_checks_during_a_run_are_usage_errors(tmp_path, capsys):
     """A run refuses some settings only when it meets them: a method option's value (restore), a
     time range a solver cannot start from (sample); both name the setting and exit 2."""
-    assert run("restore", "--method", "inpaint", "--steps", "2", "--num-samples", "1", "-o", "resample=0",
-               "--out", str(tmp_path / "r"), "--no-progress") == 2
+    assert (
+        run(
+            "restore",
+            "--method",
+            "inpaint",
+            "--steps",
+            "2",
+            "--num-samples",
+            "1",
+            "-o",
+            "resample=0",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        )
+        == 2
+    )
     assert "resample" in capsys.readouterr().err
     assert run("restore", "--method", "dps", "-o", "particles=3", "--out", str(tmp_path / "p")) == 2
     assert "particles" in capsys.readouterr().err
-    assert run("sample", *GMM, "--solver", "mrs-adaptive", "--num-samples", "2", "--t-min", "0",
-               "--out", str(tmp_path / "t")) == 2
+    assert (
+        run(
+            "sample",
+            *GMM,
+            "--solver",
+            "mrs-adaptive",
+            "--num-samples",
+            "2",
+            "--t-min",
+            "0",
+            "--out",
+            str(tmp_path / "t"),
+        )
+        == 2
+    )
     assert "t_min" in capsys.readouterr().err
     assert not (tmp_path / "t" / cli.SHARD_DIR).exists()

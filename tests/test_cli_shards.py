@@ -26,8 +26,9 @@ def _samples(out: Path) -> torch.Tensor:
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     args = ["--solver", "euler-maruyama", "--steps", "1500", "--num-samples", "200", "--shard-size", "50"]
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([*BASE, *args, "--out", str(interrupted)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*BASE, *args, "--out", str(interrupted)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     shards = interrupted / ".shards"
     deadline = time.time() + 120
     while time.time() < deadline and not (shards / "shard-00001.safetensors").exists():
@@ -56,11 +57,16 @@ def test_resume_refuses_other_settings(tmp_path):
     shards = out / ".shards"
     shards.mkdir(parents=True)
     (shards / "run.json").write_text('{"model": "gmm-2d", "steps": 99}')
-    r = subprocess.run([*BASE, "--steps", "3", "--num-samples", "4", "--out", str(out)], env=_env(),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*BASE, "--steps", "3", "--num-samples", "4", "--out", str(out)], env=_env(), capture_output=True, text=True
+    )
     assert r.returncode == 2 and "unfinished run with other settings" in r.stderr
-    r = subprocess.run([*BASE, "--steps", "3", "--num-samples", "4", "--out", str(out), "--force"], env=_env(),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*BASE, "--steps", "3", "--num-samples", "4", "--out", str(out), "--force"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -70,8 +76,20 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     r = subprocess.run([*BASE, *args, "--out", str(single)], env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "diffsolve",
-           *BASE[3:], *args, "--out", str(multi)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "diffsolve",
+        *BASE[3:],
+        *args,
+        "--out",
+        str(multi),
+    ]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout

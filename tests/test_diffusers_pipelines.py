@@ -32,8 +32,11 @@ from diffsolve.integrations.diffusers import (
 )
 
 BUILD = {"sd": stable_diffusion, "sd3": stable_diffusion_3, "flux": flux}
-CALL = {"sd": dict(guidance_scale=3.0), "sd3": dict(guidance_scale=3.0, height=16, width=16),
-        "flux": dict(guidance_scale=3.0, height=16, width=16, max_sequence_length=8)}
+CALL = {
+    "sd": dict(guidance_scale=3.0),
+    "sd3": dict(guidance_scale=3.0, height=16, width=16),
+    "flux": dict(guidance_scale=3.0, height=16, width=16, max_sequence_length=8),
+}
 
 
 @pytest.fixture(scope="module", params=list(BUILD))
@@ -52,10 +55,15 @@ def _latents(p, scheduler, n=6):
     return run_latents(p, scheduler, n, **CALL[p.kind])
 
 
-@pytest.mark.parametrize("ref_cls,solver,opts", [(DDIMScheduler, "ddim", {}),
-                                                 (EulerDiscreteScheduler, "euler", {"space": "sigma"}),
-                                                 (HeunDiscreteScheduler, "heun", {"space": "sigma"}),
-                                                 (DPMSolverMultistepScheduler, "dpmpp-2m", {})])
+@pytest.mark.parametrize(
+    "ref_cls,solver,opts",
+    [
+        (DDIMScheduler, "ddim", {}),
+        (EulerDiscreteScheduler, "euler", {"space": "sigma"}),
+        (HeunDiscreteScheduler, "heun", {"space": "sigma"}),
+        (DPMSolverMultistepScheduler, "dpmpp-2m", {}),
+    ],
+)
 def test_scheduler_parity_inside_stable_diffusion(sd, ref_cls, solver, opts):
     sd.kind = "sd"
     ref = ref_cls.from_config(sd.scheduler.config)
@@ -101,8 +109,15 @@ def test_every_fixed_grid_solver_runs_inside_the_pipeline(pipe):
             _latents(pipe, DiffsolveScheduler.from_config(pipe.scheduler, solver="rev-heun"), n=4)
 
 
-@pytest.mark.parametrize("solver,opts", [("adaptive-sde", {"eps_rel": 0.2}), ("ode-dopri5", {"rtol": 1e-2}),
-                                         ("dmcmc", {"integrator_steps": 3}), ("rev-heun", {})])
+@pytest.mark.parametrize(
+    "solver,opts",
+    [
+        ("adaptive-sde", {"eps_rel": 0.2}),
+        ("ode-dopri5", {"rtol": 1e-2}),
+        ("dmcmc", {"integrator_steps": 3}),
+        ("rev-heun", {}),
+    ],
+)
 def test_driver_mode_runs_any_solver_and_counts_denoiser_calls(pipe, solver, opts):
     kw = dict(CALL[pipe.kind])
     if pipe.kind != "sd" and solver in ("adaptive-sde", "dmcmc", "rev-heun"):
@@ -110,8 +125,16 @@ def test_driver_mode_runs_any_solver_and_counts_denoiser_calls(pipe, solver, opt
     if solver in ("adaptive-sde", "dmcmc"):
         kw["t_min"] = 1e-3  # the score is infinite at sigma = 0
     with CountCalls(denoiser(pipe)) as c:
-        out = sample_pipeline(pipe, solver, "a cat", num_inference_steps=5, generator=torch.Generator().manual_seed(0),
-                              output_type="np", **kw, **opts)
+        out = sample_pipeline(
+            pipe,
+            solver,
+            "a cat",
+            num_inference_steps=5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kw,
+            **opts,
+        )
     assert np.isfinite(out.images).all() and out.images.shape[-1] == 3
     assert c.calls == out.result.nfe, (c.calls, out.result.nfe)
 
@@ -138,8 +161,24 @@ def test_cli_samples_a_local_pipeline_folder(sd, tmp_path):
     folder = tmp_path / "tiny-sd"
     sd.save_pretrained(folder)
     out = tmp_path / "out"
-    argv = ["sample", "--pipeline", str(folder), "--prompt", "a cat", "--solver", "ode-dopri5", "-o", "rtol=0.01",
-            "--num-samples", "2", "--guidance-scale", "2", "--out", str(out), "--no-progress"]
+    argv = [
+        "sample",
+        "--pipeline",
+        str(folder),
+        "--prompt",
+        "a cat",
+        "--solver",
+        "ode-dopri5",
+        "-o",
+        "rtol=0.01",
+        "--num-samples",
+        "2",
+        "--guidance-scale",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["pipeline_class"] == "StableDiffusionPipeline" and m["nfe"] > 0 and m["prompt"] == "a cat"
@@ -174,8 +213,15 @@ def test_forward_process_and_img2img(sd, tmp_path):
     for name, sched in (("ref", ref), ("ours", ours)):
         img2img.scheduler = sched
         with CountCalls(sd.unet) as c:
-            out[name] = img2img("a cat", image=image, strength=0.5, num_inference_steps=10, guidance_scale=2.0,
-                                generator=torch.Generator().manual_seed(0), output_type="latent").images
+            out[name] = img2img(
+                "a cat",
+                image=image,
+                strength=0.5,
+                num_inference_steps=10,
+                guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
         out[name + "_calls"] = c.calls
     assert out["ref_calls"] == out["ours_calls"] == 5
     assert float((out["ref"] - out["ours"]).abs().max() / out["ref"].abs().max()) < 1e-4

@@ -29,8 +29,14 @@ from tiny_pipelines import (
 import diffsolve as ds
 from diffsolve.integrations.diffusers import DiffsolveScheduler, invert_pipeline, pipeline_model, sample_pipeline
 
-BUILD = {"sdxl": stable_diffusion_xl, "edm": playground_v25, "pixart": pixart_sigma, "img2img": stable_diffusion_img2img,
-         "inpaint": stable_diffusion_inpaint, "sdxl_img2img": stable_diffusion_xl_img2img}
+BUILD = {
+    "sdxl": stable_diffusion_xl,
+    "edm": playground_v25,
+    "pixart": pixart_sigma,
+    "img2img": stable_diffusion_img2img,
+    "inpaint": stable_diffusion_inpaint,
+    "sdxl_img2img": stable_diffusion_xl_img2img,
+}
 FIXTURES = Path("/work/shared/fixtures/scheduler_configs")
 
 
@@ -81,6 +87,7 @@ def pipes(tmp_path_factory):
             built[kind] = BUILD[kind](tmp_path_factory.mktemp(kind))
             built[kind].kind = kind
         return built[kind]
+
     return get
 
 
@@ -96,8 +103,11 @@ def test_scheduler_configs_are_the_published_ones():
     if not FIXTURES.is_dir():
         pytest.skip("no shared scheduler-config fixtures on this machine")
     for name, cfg in SCHEDULER_CONFIGS.items():
-        published = {k: v for k, v in json.loads((FIXTURES / f"{name}.json").read_text()).items()
-                     if not k.startswith("_") or k == "_class_name"}
+        published = {
+            k: v
+            for k, v in json.loads((FIXTURES / f"{name}.json").read_text()).items()
+            if not k.startswith("_") or k == "_class_name"
+        }
         assert published == cfg, name
 
 
@@ -117,8 +127,11 @@ PARITY = [  # (pipeline, reference scheduler: None = the pipeline's own, solver,
 ]
 
 
-@pytest.mark.parametrize("kind,ref_cls,solver,opts,extra", PARITY,
-                         ids=[f"{k}-{solver}-{e.get('strength', 'full')}" for k, _, solver, _, e in PARITY])
+@pytest.mark.parametrize(
+    "kind,ref_cls,solver,opts,extra",
+    PARITY,
+    ids=[f"{k}-{solver}-{e.get('strength', 'full')}" for k, _, solver, _, e in PARITY],
+)
 def test_scheduler_parity(pipes, kind, ref_cls, solver, opts, extra):
     """Scheduler mode inside each pipeline equals diffusers' scheduler on the output latents, with
     as many denoiser calls (img2img and inpainting below strength 1: set_begin_index; 10 steps at
@@ -158,8 +171,16 @@ def test_driver_mode_runs_every_kind_of_solver(pipes, kind):
     kw = _driver_call(kind)
     for solver, opts in DRIVER:
         with CountCalls(denoiser(p)) as c:
-            out = sample_pipeline(p, solver, "a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                                  output_type="np", **kw, **opts)
+            out = sample_pipeline(
+                p,
+                solver,
+                "a cat",
+                num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+                **kw,
+                **opts,
+            )
         assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all(), (kind, solver)
         assert c.calls == out.result.nfe, (kind, solver, c.calls, out.result.nfe)
         info = ds.core.registry.solver_info(solver)
@@ -182,12 +203,27 @@ def test_driver_mode_img2img_starts_where_the_pipeline_does(pipes):
     t0 = float(VPDiscrete.from_diffusers_config(p.scheduler.config).t_of_timestep(float(ref.timesteps[5])))
     runs = {}
     for solver, seed, opts in (("ddim", 0, {}), ("ode-dopri5", 0, {"rtol": 5e-2}), ("ddim", 1, {})):
-        runs[solver, seed] = out = sample_pipeline(p, solver, "a cat", num_inference_steps=10, output_type="latent",
-                                                   generator=torch.Generator().manual_seed(seed), **kw, **opts)
+        runs[solver, seed] = out = sample_pipeline(
+            p,
+            solver,
+            "a cat",
+            num_inference_steps=10,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+            **opts,
+        )
         assert float(out.result.grid[0]) == pytest.approx(t0, abs=1e-12)
     assert len(runs["ddim", 0].result.grid) == 6 and runs["ddim", 0].result.nfe == 10
-    again = sample_pipeline(p, "ddim", "a cat", num_inference_steps=10, output_type="latent",
-                            generator=torch.Generator().manual_seed(0), **kw)
+    again = sample_pipeline(
+        p,
+        "ddim",
+        "a cat",
+        num_inference_steps=10,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     assert torch.equal(again.latents, runs["ddim", 0].latents)
     assert not torch.allclose(runs["ddim", 1].latents, runs["ddim", 0].latents)
     with pytest.raises(ValueError, match="no step"):
@@ -205,8 +241,17 @@ def test_driver_mode_per_sample_steps_on_a_batch(pipes, kind):
     embeddings, inpainting inputs): two images per prompt, NFE = denoiser calls, per-sample counts."""
     p = pipes(kind)
     with CountCalls(denoiser(p)) as c:
-        out = sample_pipeline(p, "adaptive-sde", "a cat", num_images_per_prompt=2, eps_rel=0.2, t_min=1e-3,
-                              generator=torch.Generator().manual_seed(0), output_type="latent", **_driver_call(kind))
+        out = sample_pipeline(
+            p,
+            "adaptive-sde",
+            "a cat",
+            num_images_per_prompt=2,
+            eps_rel=0.2,
+            t_min=1e-3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            **_driver_call(kind),
+        )
     assert out.latents.shape == (2, 4, 8, 8) and torch.isfinite(out.latents).all()
     assert c.calls == out.result.nfe and out.result.nfe_per_sample.shape == (2,)
 
@@ -220,15 +265,19 @@ def test_driver_dpmpp_2m_matches_the_sdxl_pipeline(pipes):
     base, p.scheduler = p.scheduler, ref
     try:
         with CountCalls(p.unet) as c:
-            a = p("a cat", num_inference_steps=8, guidance_scale=3.0, latents=z, height=16, width=16,
-                  output_type="latent").images
+            a = p(
+                "a cat", num_inference_steps=8, guidance_scale=3.0, latents=z, height=16, width=16, output_type="latent"
+            ).images
     finally:
         p.scheduler = base
     ref.set_timesteps(8)
-    grid = torch.cat([(ref.timesteps.double() + 1) / ref.config.num_train_timesteps, torch.zeros(1, dtype=torch.float64)])
+    grid = torch.cat(
+        [(ref.timesteps.double() + 1) / ref.config.num_train_timesteps, torch.zeros(1, dtype=torch.float64)]
+    )
     with CountCalls(p.unet) as d:
-        b = sample_pipeline(p, "dpmpp-2m", "a cat", guidance_scale=3.0, x_T=z, grid=grid, height=16, width=16,
-                            output_type="latent")
+        b = sample_pipeline(
+            p, "dpmpp-2m", "a cat", guidance_scale=3.0, x_T=z, grid=grid, height=16, width=16, output_type="latent"
+        )
     rel = _rel(a, b.latents)
     print("SDXL driver dpmpp-2m vs pipeline DPMSolverMultistepScheduler", rel, "calls", c.calls, d.calls, b.result.nfe)
     assert rel < 1e-5
@@ -248,8 +297,12 @@ def test_driver_edm_preconditioning_and_dpmpp_2m_match_diffusers(pipes):
     for s in (0.01, 0.7, 5.0, 80.0):
         sg = torch.tensor(s)
         with torch.no_grad():
-            f = p.unet(sched.precondition_inputs(x, sg), sched.precondition_noise(sg), cond["encoder_hidden_states"],
-                       added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
+            f = p.unet(
+                sched.precondition_inputs(x, sg),
+                sched.precondition_noise(sg),
+                cond["encoder_hidden_states"],
+                added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+            ).sample
             ref = sched.precondition_outputs(x, f, sg)
             ours = model(x, s, **cond).x0
         assert _rel(ref, ours) < 1e-5, s
@@ -257,27 +310,51 @@ def test_driver_edm_preconditioning_and_dpmpp_2m_match_diffusers(pipes):
     ref = EDMDPMSolverMultistepScheduler.from_config(sched.config)
     a, _ = _latents(p, ref, 8, latents=z)
     ref.set_timesteps(8)
-    out = sample_pipeline(p, "dpmpp-2m", "a cat", guidance_scale=3.0, x_T=z * ref.init_noise_sigma,
-                          grid=ref.sigmas.double(), height=16, width=16, output_type="latent")
+    out = sample_pipeline(
+        p,
+        "dpmpp-2m",
+        "a cat",
+        guidance_scale=3.0,
+        x_T=z * ref.init_noise_sigma,
+        grid=ref.sigmas.double(),
+        height=16,
+        width=16,
+        output_type="latent",
+    )
     rel = _rel(a, out.latents)
     print("EDM driver dpmpp-2m vs pipeline EDMDPMSolverMultistepScheduler", rel)
     assert rel < 1e-5
     # its own grid: Karras sigmas from sigma_max to sigma_min
-    own = sample_pipeline(p, "dpmpp-2m", "a cat", num_inference_steps=8, guidance_scale=3.0, height=16, width=16,
-                          generator=torch.Generator().manual_seed(0), output_type="latent")
+    own = sample_pipeline(
+        p,
+        "dpmpp-2m",
+        "a cat",
+        num_inference_steps=8,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
     assert float(own.result.grid[0]) == 80.0 and float(own.result.grid[-1]) == 0.002
 
 
 def test_driver_pixart_splits_learned_sigma(pipes):
     p = pipes("pixart")
     assert p.transformer.config.out_channels == 2 * p.transformer.config.in_channels
-    model, cond, _b, shape, _ = pipeline_model(p, "a cat", guidance_scale=1.0, height=16, width=16, max_sequence_length=8)
+    model, cond, _b, shape, _ = pipeline_model(
+        p, "a cat", guidance_scale=1.0, height=16, width=16, max_sequence_length=8
+    )
     assert shape == (4, 8, 8)
     x = torch.randn(1, *shape)
     with torch.no_grad():
-        full = p.transformer(x, encoder_hidden_states=cond["encoder_hidden_states"],
-                             encoder_attention_mask=cond["encoder_attention_mask"], timestep=torch.tensor([500.0]),
-                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        full = p.transformer(
+            x,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            timestep=torch.tensor([500.0]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
         assert torch.allclose(model(x, model.schedule.t_of_timestep(500.0), **cond).eps, full[:, :4])
 
 
@@ -292,8 +369,15 @@ def test_exact_inversion_round_trip_sdxl(pipes, kind):
 
     x0 = _encode_vae(p, p.image_processor.preprocess(image))
     err = float((back - x0).abs().max())
-    print(kind, "o-belm round trip max error", err, "latent scale", float(x0.abs().max()), "inverted scale",
-          float(lat.x.abs().max()))
+    print(
+        kind,
+        "o-belm round trip max error",
+        err,
+        "latent scale",
+        float(x0.abs().max()),
+        "inverted scale",
+        float(lat.x.abs().max()),
+    )
     assert err < 1e-4 and float((lat.x - x0).abs().max()) > 10 * float(x0.abs().max())  # it went to noise and back
 
 
@@ -326,8 +410,17 @@ def test_driver_inpainting_with_a_4_channel_unet(pipes):
     p = StableDiffusionInpaintPipeline(**pipes("img2img").components)
     p.set_progress_bar_config(disable=True)
     with CountCalls(p.unet) as c:
-        out = sample_pipeline(p, "ddim", "a cat", num_inference_steps=4, guidance_scale=3.0, image=_image(),
-                              mask_image=_mask(), generator=torch.Generator().manual_seed(0), output_type="latent")
+        out = sample_pipeline(
+            p,
+            "ddim",
+            "a cat",
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            image=_image(),
+            mask_image=_mask(),
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
     assert c.calls == out.result.nfe == 8
     known = torch.ones(1, 1, 8, 8)
     known[..., 2:6, 2:6] = 0.0

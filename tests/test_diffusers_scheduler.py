@@ -40,8 +40,9 @@ class _Count(torch.nn.Module):
 
 def _images(pipe, scheduler, n=10, batch=3, seed=0):
     pipe.scheduler = scheduler
-    return pipe(batch_size=batch, generator=torch.Generator().manual_seed(seed), num_inference_steps=n,
-                output_type="np").images
+    return pipe(
+        batch_size=batch, generator=torch.Generator().manual_seed(seed), num_inference_steps=n, output_type="np"
+    ).images
 
 
 @pytest.mark.parametrize("ref_cls,solver", [(DDIMScheduler, "ddim"), (DPMSolverMultistepScheduler, "dpmpp-2m")])
@@ -111,13 +112,18 @@ def test_two_threads_get_the_images_of_two_calls_in_a_row(pipe):
     base = pipe.scheduler
     pipe.scheduler = DiffsolveScheduler.from_config(base, solver="dpmpp-2m-sde")
     try:
-        seq = [pipe(batch_size=2, generator=torch.Generator().manual_seed(s), num_inference_steps=8,
-                    output_type="np").images for s in (1, 2)]
+        seq = [
+            pipe(
+                batch_size=2, generator=torch.Generator().manual_seed(s), num_inference_steps=8, output_type="np"
+            ).images
+            for s in (1, 2)
+        ]
         out = {}
 
         def work(s):
-            out[s] = pipe(batch_size=2, generator=torch.Generator().manual_seed(s), num_inference_steps=8,
-                          output_type="np").images
+            out[s] = pipe(
+                batch_size=2, generator=torch.Generator().manual_seed(s), num_inference_steps=8, output_type="np"
+            ).images
 
         threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
         for th in threads:
@@ -137,16 +143,24 @@ def test_save_and_load_keep_the_solver_and_its_options(tmp_path, pipe):
     assert t.config.source == "DDPMScheduler"
 
 
-@pytest.mark.parametrize("solver,opts", [("adaptive-sde", {"eps_rel": 0.2, "t_min": 1e-3}), ("dmcmc", {"t_min": 1e-3}),
-                                         ("edict", {})])
+@pytest.mark.parametrize(
+    "solver,opts", [("adaptive-sde", {"eps_rel": 0.2, "t_min": 1e-3}), ("dmcmc", {"t_min": 1e-3}), ("edict", {})]
+)
 def test_driver_mode_in_the_ddpm_pipeline(pipe, solver, opts):
     from diffsolve.integrations.diffusers import sample_pipeline
 
     counted = _Count(pipe.unet)
     unet, pipe.unet = pipe.unet, counted
     try:
-        out = sample_pipeline(pipe, solver, num_inference_steps=5, num_images_per_prompt=2,
-                              generator=torch.Generator().manual_seed(0), output_type="np", **opts)
+        out = sample_pipeline(
+            pipe,
+            solver,
+            num_inference_steps=5,
+            num_images_per_prompt=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **opts,
+        )
     finally:
         pipe.unet = unet
     assert out.images.shape == (2, 16, 16, 1) and np.isfinite(out.images).all()

@@ -30,10 +30,26 @@ def test_sde_sampler_fails_with_three_steps(solver, threshold, reference):
 
 def test_brownian_noise_em_passes(threshold, reference):
     """Brownian-tree increments give the right law too."""
-    good = ds.sample(GMM.model(SCHED), "euler-maruyama", 500, shape=(N, 2), seed=3, dtype=torch.float64,
-                     grid="uniform", noise="brownian")
-    bad = ds.sample(GMM.model(SCHED), "euler-maruyama", 3, shape=(N, 2), seed=3, dtype=torch.float64,
-                    grid="uniform", noise="brownian")
+    good = ds.sample(
+        GMM.model(SCHED),
+        "euler-maruyama",
+        500,
+        shape=(N, 2),
+        seed=3,
+        dtype=torch.float64,
+        grid="uniform",
+        noise="brownian",
+    )
+    bad = ds.sample(
+        GMM.model(SCHED),
+        "euler-maruyama",
+        3,
+        shape=(N, 2),
+        seed=3,
+        dtype=torch.float64,
+        grid="uniform",
+        noise="brownian",
+    )
     print("brownian EM mmd2 at 500 / 3 steps", mmd2(good.samples, reference), mmd2(bad.samples, reference))
     assert mmd2(good.samples, reference) < threshold < mmd2(bad.samples, reference)
 
@@ -42,8 +58,19 @@ def test_brownian_path_is_stable_across_step_counts():
     """With Brownian-tree noise a seed fixes one Brownian path whatever the step count, so EM
     converges strongly (order 1 for this additive-noise linear SDE) to one solution per seed."""
     model = ds.models.GaussianMixture([[1.0, -1.0]], 0.5).model(SCHED)
-    run = lambda n, seed: ds.sample(model, "euler-maruyama", n, shape=(8, 2), seed=seed, dtype=torch.float64,
-                                    grid="uniform", noise="brownian", denoise=False).samples
+    run = lambda n, seed: (
+        ds.sample(
+            model,
+            "euler-maruyama",
+            n,
+            shape=(8, 2),
+            seed=seed,
+            dtype=torch.float64,
+            grid="uniform",
+            noise="brownian",
+            denoise=False,
+        ).samples
+    )
     ref = run(400, 0)
     e50 = float((run(50, 0) - ref).norm(dim=1).median())
     e100 = float((run(100, 0) - ref).norm(dim=1).median())

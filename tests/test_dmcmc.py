@@ -66,9 +66,22 @@ def test_classifier_estimator_checks_its_ladder():
 def test_window_start_times_and_nfe_count():
     """Each output is integrated from the lowest level of its window (strict, window includes its
     start); NFE per output is n_skip + integrator calls + 1, the burn-in lands on a chain's first output."""
-    res = ds.sample(GMM.model(VP), "dmcmc", shape=(40, 2), seed=0, dtype=torch.float64,
-                    estimator=ExactNoiseLevel(GMM), eta=0.1, n_skip=3, integrator="heun", integrator_steps=3,
-                    rounds=4, burn_in=5, burn_in_steps=4, return_trajectory=True)
+    res = ds.sample(
+        GMM.model(VP),
+        "dmcmc",
+        shape=(40, 2),
+        seed=0,
+        dtype=torch.float64,
+        estimator=ExactNoiseLevel(GMM),
+        eta=0.1,
+        n_skip=3,
+        integrator="heun",
+        integrator_steps=3,
+        rounds=4,
+        burn_in=5,
+        burn_in_steps=4,
+        return_trajectory=True,
+    )
     st = res.stats
     assert st["chains"] == 10 and st["burn_in_nfe"] == 2 * 4 + 5
     assert set(st["nfe_per_output"].tolist()) <= {3 + 6 + 1, 3 + 0 + 1}  # heun 3 steps = 6 calls
@@ -86,12 +99,25 @@ def test_beats_the_integrator_from_noise_at_equal_nfe(threshold, reference):
     dmcmc + ddpm (3 Langevin + 6 ancestral steps + Tweedie) against 10 ancestral steps from noise."""
     model = GMM.model(VP)
     base = ds.sample(model, "ddpm", 10, shape=(N, 2), seed=0, dtype=torch.float64)
-    res = ds.sample(model, "dmcmc", shape=(N, 2), seed=0, dtype=torch.float64, estimator=ExactNoiseLevel(GMM),
-                    eta=0.1, n_skip=3, integrator="ddpm", integrator_steps=6, rounds=15)
+    res = ds.sample(
+        model,
+        "dmcmc",
+        shape=(N, 2),
+        seed=0,
+        dtype=torch.float64,
+        estimator=ExactNoiseLevel(GMM),
+        eta=0.1,
+        n_skip=3,
+        integrator="ddpm",
+        integrator_steps=6,
+        rounds=15,
+    )
     per_output = res.stats["nfe_per_output"].double().mean()
     d_base, d_mc = mmd2(base.samples, reference), mmd2(res.samples, reference)
-    print(f"mmd2: ddpm 10 steps {d_base:.2e}, dmcmc {d_mc:.2e} at {per_output:.2f} NFE per output "
-          f"({res.nfe_per_sample.double().mean():.2f} with the burn-in); threshold {threshold:.2e}")
+    print(
+        f"mmd2: ddpm 10 steps {d_base:.2e}, dmcmc {d_mc:.2e} at {per_output:.2f} NFE per output "
+        f"({res.nfe_per_sample.double().mean():.2f} with the burn-in); threshold {threshold:.2e}"
+    )
     assert per_output <= 10
     assert d_mc < 0.5 * d_base
 

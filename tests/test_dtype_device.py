@@ -166,16 +166,52 @@ def test_cli_samples_and_inverts_in_half_precision(tmp_path, dtype):
     from diffsolve import cli
 
     out, lat = tmp_path / "s", tmp_path / "lat"
-    assert cli.main(["sample", "--out", str(out), "--no-progress", "--num-samples", "4", "--steps", "4",
-                     "--dtype", dtype]) == 0
+    assert (
+        cli.main(["sample", "--out", str(out), "--no-progress", "--num-samples", "4", "--steps", "4", "--dtype", dtype])
+        == 0
+    )
     samples = load_file(str(out / "samples.safetensors"))["samples"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert samples.dtype == getattr(torch, dtype) and manifest["dtype"] == dtype
     assert samples.shape == (4, 1, 16, 16) and bool(torch.isfinite(samples).all())
-    assert cli.main(["invert", "--input", str(out), "--out", str(lat), "--steps", "4", "--solver", "ddim",
-                     "--dtype", dtype, "--no-progress"]) == 0
-    assert cli.main(["sample", "--out", str(tmp_path / "gmm"), "--no-progress", "--model", "gmm-2d",
-                     "--num-samples", "4", "--steps", "4", "--dtype", dtype]) == 0
+    assert (
+        cli.main(
+            [
+                "invert",
+                "--input",
+                str(out),
+                "--out",
+                str(lat),
+                "--steps",
+                "4",
+                "--solver",
+                "ddim",
+                "--dtype",
+                dtype,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--out",
+                str(tmp_path / "gmm"),
+                "--no-progress",
+                "--model",
+                "gmm-2d",
+                "--num-samples",
+                "4",
+                "--steps",
+                "4",
+                "--dtype",
+                dtype,
+            ]
+        )
+        == 0
+    )
     assert load_file(str(tmp_path / "gmm" / "samples.safetensors"))["samples"].dtype == getattr(torch, dtype)
 
 

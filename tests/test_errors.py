@@ -64,7 +64,9 @@ def test_nan_model_stops_with_solver_step_and_time():
         return out
 
     model = ds.DiffusionModel(net, ds.schedules.VPLinear(), "eps")
-    with pytest.raises(NonFiniteError, match=r"solver 'heun', step 2 of 10 \(t=0\.\d+\), model call 4.*1 NaN.*1 of 3 samples"):
+    with pytest.raises(
+        NonFiniteError, match=r"solver 'heun', step 2 of 10 \(t=0\.\d+\), model call 4.*1 NaN.*1 of 3 samples"
+    ):
         ds.sample(model, "heun", 10, shape=(3, 2), seed=0)
     calls.clear()
     with pytest.raises(NonFiniteError, match=r"solver 'ddpm', step 4 of 10 \(t="):

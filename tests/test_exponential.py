@@ -27,8 +27,9 @@ def random_eps_net(dim=4, seed=0):
     return net
 
 
-CASES = [("mrs-ode", {"order": o, "parameterization": p}) for o in (1, 2, 3) for p in ("data", "noise", "velocity")] + \
-        [("mrs-sde", {"order": o, "parameterization": p}) for o in (1, 2) for p in ("data", "noise")]
+CASES = [("mrs-ode", {"order": o, "parameterization": p}) for o in (1, 2, 3) for p in ("data", "noise", "velocity")] + [
+    ("mrs-sde", {"order": o, "parameterization": p}) for o in (1, 2) for p in ("data", "noise")
+]
 
 
 @pytest.mark.parametrize("solver,opts", CASES)
@@ -38,7 +39,9 @@ def test_mrs_is_shifted_dpm_solver(solver, opts):
     net = random_eps_net()
     mu = MU.expand(5, 4) + 0.1 * torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     x_T = mu + 0.4 * torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    with_mu = ds.sample(ds.DiffusionModel(net, sched, "eps", time_input="t"), solver, 12, x_T=x_T, mu=mu, seed=7, **opts)
+    with_mu = ds.sample(
+        ds.DiffusionModel(net, sched, "eps", time_input="t"), solver, 12, x_T=x_T, mu=mu, seed=7, **opts
+    )
     shifted = ds.DiffusionModel(lambda y, t: net(y + mu, t, mu), sched, "eps", time_input="t")
     without = ds.sample(shifted, solver, 12, x_T=x_T - mu, seed=7, **opts)
     assert (with_mu.samples - (mu + without.samples)).abs().max() < 1e-12
@@ -58,12 +61,14 @@ def _eps_net_3d():
 def test_parity_with_diffusers_dpmsolver_multistep(algo, solver, n):
     """Same eps network, timesteps (plus the final sigma = 0), initial state and step noise."""
     net = _eps_net_3d()
-    ref = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                      algorithm_type=algo, solver_order=2)
+    ref = DPMSolverMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, algorithm_type=algo, solver_order=2
+    )
     ref.set_timesteps(n)
     x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    noises = [torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + i))
-              for i in range(n)]
+    noises = [
+        torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)
+    ]
     xd = x_T.clone()
     for i, t in enumerate(ref.timesteps):
         xd = ref.step(net(xd, t.expand(4)), t, xd, variance_noise=noises[i]).prev_sample
@@ -99,8 +104,10 @@ def _errors(solver, sched, mu, steps, **opts):
     model = GAUSS.model(sched)
     x_T = GAUSS.marginal(sched.t_max, sched, mu).sample(64, torch.Generator().manual_seed(0))
     exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched, mu)
-    return [float((ds.sample(model, solver, n, x_T=x_T, grid="log-snr", mu=mu, **opts).samples - exact).abs().max())
-            for n in steps]
+    return [
+        float((ds.sample(model, solver, n, x_T=x_T, grid="log-snr", mu=mu, **opts).samples - exact).abs().max())
+        for n in steps
+    ]
 
 
 @pytest.mark.parametrize("param", ["data", "noise", "velocity"])
@@ -124,8 +131,13 @@ def test_mrs_sde_passes_two_sample_test():
     mu = torch.tensor([0.5, -0.5], dtype=torch.float64)
     target = gmm.marginal(sched.t_min, sched, mu)
     n = 1500
-    null = [mmd2(target.sample(n, torch.Generator().manual_seed(2 * i + 500)),
-                 target.sample(n, torch.Generator().manual_seed(2 * i + 501))) for i in range(12)]
+    null = [
+        mmd2(
+            target.sample(n, torch.Generator().manual_seed(2 * i + 500)),
+            target.sample(n, torch.Generator().manual_seed(2 * i + 501)),
+        )
+        for i in range(12)
+    ]
     thr = statistics.mean(null) + 5 * statistics.stdev(null)
     ref = target.sample(n, torch.Generator().manual_seed(11))
     good = ds.sample(gmm.model(sched), "mrs-sde", 20, shape=(n, 2), seed=0, dtype=torch.float64, mu=mu)
@@ -142,8 +154,17 @@ def test_noise_parameterisation_unstable_at_few_steps_but_finite():
     mu = torch.tensor([0.3], dtype=torch.float64)
     out = {}
     for param in ("noise", "data"):
-        res = ds.sample(gmm.model(sched), "mrs-sde", 5, shape=(4000, 1), seed=0, dtype=torch.float64, mu=mu,
-                        order=2, parameterization=param)
+        res = ds.sample(
+            gmm.model(sched),
+            "mrs-sde",
+            5,
+            shape=(4000, 1),
+            seed=0,
+            dtype=torch.float64,
+            mu=mu,
+            order=2,
+            parameterization=param,
+        )
         assert torch.isfinite(res.samples).all()
         out[param] = float(res.samples.std())
     print("sample std at NFE 5 (exact 0.15):", out)
@@ -174,8 +195,10 @@ def test_option_errors():
         ds.get_solver("dpmpp-2m", order=3)
 
 
-@pytest.mark.parametrize("solver,opts", [("dpmpp-2m", {}), ("mrs-ode", {"order": 3}),
-                                         ("mrs-ode", {"parameterization": "velocity"}), ("mrs-sde", {})])
+@pytest.mark.parametrize(
+    "solver,opts",
+    [("dpmpp-2m", {}), ("mrs-ode", {"order": 3}), ("mrs-ode", {"parameterization": "velocity"}), ("mrs-sde", {})],
+)
 def test_full_range_rectified_flow(solver, opts):
     """Rectified flow from t = 1 (alpha = 0, lambda = -inf) to t = 0 (sigma = 0): finite and accurate."""
     sched = S.RectifiedFlow()

@@ -69,7 +69,9 @@ def test_deferred_check_still_names_the_step(deferred):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("solver", ["ddim", "euler", "heun", "ddpm", "dpmpp-2m", "dpmpp-3m", "mrs-ode", "dpmpp-3s", "mrs-pc"])
+@pytest.mark.parametrize(
+    "solver", ["ddim", "euler", "heun", "ddpm", "dpmpp-2m", "dpmpp-3m", "mrs-ode", "dpmpp-3s", "mrs-pc"]
+)
 def test_no_synchronisation_on_cuda(solver):
     """torch's sync debug mode warns at every synchronising CUDA call: as many at 12 steps as at 4."""
     import warnings
@@ -130,6 +132,8 @@ def test_cuda_graph_replay_equals_eager_sampling(solver):
     def bad(x, t):  # finite on the zero warm-up input, NaN on large ones: the replay's check names the step
         return torch.where(x.abs() > 10, torch.full_like(x, float("nan")), 0.5 * x)
 
-    graphed_bad = ds.samplers.CUDAGraphSampler(ds.DiffusionModel(bad, ds.schedules.VPLinear(), "eps"), solver, 10, (5, 6))
+    graphed_bad = ds.samplers.CUDAGraphSampler(
+        ds.DiffusionModel(bad, ds.schedules.VPLinear(), "eps"), solver, 10, (5, 6)
+    )
     with pytest.raises(ds.models.NonFiniteError, match="step"):
         graphed_bad(100 * torch.randn(5, 6).cuda())

@@ -1,6 +1,5 @@
 """Guidance wrappers and step hooks against a class-labelled Gaussian-mixture oracle with exact scores."""
 
-
 import pytest
 import torch
 
@@ -9,8 +8,9 @@ from diffsolve.guidance import DPS, CFGPlusPlus, ClassifierFreeGuidance, Classif
 
 VP = ds.schedules.VPLinear()
 # two classes, two components each, in 4-D
-MEANS = torch.tensor([[2.0, 2.0, 0.0, 1.0], [2.0, -2.0, 1.0, 0.0], [-2.0, 2.0, -1.0, 0.0], [-2.0, -2.0, 0.0, -1.0]],
-                     dtype=torch.float64)
+MEANS = torch.tensor(
+    [[2.0, 2.0, 0.0, 1.0], [2.0, -2.0, 1.0, 0.0], [-2.0, 2.0, -1.0, 0.0], [-2.0, -2.0, 0.0, -1.0]], dtype=torch.float64
+)
 GMM = ds.models.GaussianMixture(MEANS, 0.3, weights=[1, 2, 1, 2], labels=[0, 0, 1, 1])
 NULL = {"class_labels": torch.tensor(-1)}
 
@@ -126,6 +126,7 @@ def test_cfgpp_lambda_zero_is_unconditional_ddim_and_its_step_renoises_with_unco
 def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_model():
     """grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t): scale 1 turns the unconditional
     oracle into the conditional one."""
+
     def classifier(x, t):  # exact log p(c | x_t) for both classes, used as logits
         return torch.stack([GMM.class_log_prob(x, t, VP, c) for c in (0, 1)], dim=1)
 
@@ -172,8 +173,12 @@ def test_dps_lowers_the_measurement_residual_along_the_chain_and_beats_unguided(
         return [float(dps.residual(oracle(x, t).x0).mean()) for t, x in r.trajectory[:-1]]
 
     guided_path, plain_path = residuals(res), residuals(plain)
-    print("residual along the chain (guided)", [round(v, 3) for v in guided_path[::10]],
-          "unguided", [round(v, 3) for v in plain_path[::10]])
+    print(
+        "residual along the chain (guided)",
+        [round(v, 3) for v in guided_path[::10]],
+        "unguided",
+        [round(v, 3) for v in plain_path[::10]],
+    )
     final, final_plain = float(dps.residual(res.samples).mean()), float(dps.residual(plain.samples).mean())
     print("final residual DPS", final, "unguided", final_plain)
     assert guided_path[-1] < 0.2 * guided_path[0] and all(b < a for a, b in zip(guided_path[20::5], guided_path[25::5]))
@@ -187,8 +192,9 @@ def test_dps_batch_norm_couples_samples_and_sample_norm_does_not():
     for norm, coupled in (("sample", False), ("batch", True)):
         dps = DPS(_easy_model(), lambda v: v * mask, y, zeta=0.5, norm=norm)
         full = ds.sample(dps, "ddim", 10, x_T=x_T).samples
-        first = ds.sample(DPS(_easy_model(), lambda v: v * mask, y[:4], zeta=0.5, norm=norm), "ddim", 10,
-                          x_T=x_T[:4]).samples
+        first = ds.sample(
+            DPS(_easy_model(), lambda v: v * mask, y[:4], zeta=0.5, norm=norm), "ddim", 10, x_T=x_T[:4]
+        ).samples
         same = torch.allclose(full[:4], first, rtol=0, atol=1e-12)
         assert same != coupled, norm
     with pytest.raises(ValueError, match="norm must be one of"):
@@ -279,8 +285,16 @@ def test_enkg_reduces_a_nonlinear_residual_without_gradients():
     net = CountingNet()
     res = ds.sample(_model(net), "ddim", 30, x_T=x_T, hooks=[EnKG(G, y_obs, 2.0, window=(0.05, 50.0))])
     plain = ds.sample(_model(), "ddim", 30, x_T=x_T).samples
-    print("squared-magnitude residual: EnKG", resid(res.samples), "unguided", resid(plain), "G calls", calls[0],
-          "NFE", res.nfe)
+    print(
+        "squared-magnitude residual: EnKG",
+        resid(res.samples),
+        "unguided",
+        resid(plain),
+        "G calls",
+        calls[0],
+        "NFE",
+        res.nfe,
+    )
     assert resid(res.samples) < 0.5 * resid(plain)
     assert net.grad_calls == 0 and calls[0] > 0
 
@@ -295,8 +309,15 @@ def test_threshold_parity_with_diffusers_ddim_thresholding():
     def net(x, t):  # its x0 leaves [-1.5, 1.5], so the threshold acts
         return torch.tanh(x @ w + (t.to(torch.float64) / 1000.0)[:, None, None]) * 0.5 - 0.3 * x
 
-    ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    ref = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=1.5,
+    )
     ref.set_timesteps(10)
     x_T = 3 * torch.randn(6, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # [B, C, ...]
     xd = x_T.clone()

@@ -75,8 +75,20 @@ def test_inpainting_half_a_digit_beats_unguided(method, opts):
 
 def test_cli_restore_writes_grids_and_psnr(tmp_path):
     out = tmp_path / "r"
-    argv = ["restore", "--task", "deblur", "--method", "dps", "--steps", "5", "--num-samples", "4", "--out", str(out),
-            "--no-progress"]
+    argv = [
+        "restore",
+        "--task",
+        "deblur",
+        "--method",
+        "dps",
+        "--steps",
+        "5",
+        "--num-samples",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert set(m["psnr_db"]) == {"restored", "unguided", "degraded"} and m["nfe"] == 5
@@ -84,14 +96,49 @@ def test_cli_restore_writes_grids_and_psnr(tmp_path):
     assert main(argv) == 2  # no overwrite without --force
     assert main([*argv, "--force"]) == 0
     assert main(["restore", "--method", "inpaint", "--task", "deblur", "--out", str(tmp_path / "x")]) == 2
-    assert main(["restore", "--method", "dps", "-o", "particles=3", "--steps", "2", "--num-samples", "1",
-                 "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "restore",
+                "--method",
+                "dps",
+                "-o",
+                "particles=3",
+                "--steps",
+                "2",
+                "--num-samples",
+                "1",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_cli_class_and_guidance_scale(tmp_path, capsys):
     out = tmp_path / "c"
-    assert main(["sample", "--model", "digits-vp-cond", "--class", "7", "--guidance-scale", "2", "--steps", "4",
-                 "--num-samples", "3", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "digits-vp-cond",
+                "--class",
+                "7",
+                "--guidance-scale",
+                "2",
+                "--steps",
+                "4",
+                "--num-samples",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["class"] == 7 and m["guidance_scale"] == 2.0 and m["nfe"] == 8  # two calls per step
     assert main(["sample", "--model", "digits-vp", "--class", "3", "--out", str(tmp_path / "d")]) == 2

@@ -10,8 +10,12 @@ from diffsolve.guidance import DPS, HookContext, Inpaint, Masked
 VP = ds.schedules.VPLinear()
 EASY = ds.models.GaussianMixture([[2.0, 2, 1, -1], [-2, -2, -1, 1], [2, -2, -1, -1]], 0.3)
 # one solver of each kind that queries row subsets, and a fixed-grid one
-SOLVERS = [("ddim", {"steps": 10}), ("adaptive-sde", {"eps_rel": 0.2, "t_min": 1e-2}),
-           ("mrs-adaptive", {"rtol": 0.05, "t_min": 1e-2}), ("mrs-sde-adaptive", {"rtol": 0.1, "t_min": 1e-2})]
+SOLVERS = [
+    ("ddim", {"steps": 10}),
+    ("adaptive-sde", {"eps_rel": 0.2, "t_min": 1e-2}),
+    ("mrs-adaptive", {"rtol": 0.05, "t_min": 1e-2}),
+    ("mrs-sde-adaptive", {"rtol": 0.1, "t_min": 1e-2}),
+]
 
 
 def _model():
@@ -35,7 +39,9 @@ def test_dps_with_a_per_sample_mask_works_with_every_solver(solver, opts):
     if solver != "ddim":  # rows finished at different times, so later queries held fewer rows
         assert len(set(res.nfe_per_sample.tolist())) > 1
     i = 3
-    one = ds.sample(DPS(_model(), Masked(mask[i:i + 1]), y[i:i + 1], zeta=1.0), solver, shape=(1, 4), seed=i, **opts)
+    one = ds.sample(
+        DPS(_model(), Masked(mask[i : i + 1]), y[i : i + 1], zeta=1.0), solver, shape=(1, 4), seed=i, **opts
+    )
     torch.testing.assert_close(one.samples[0], res.samples[i], rtol=1e-9, atol=1e-9)
     # the known coordinates are pulled towards the measurement (unguided: the prior's spread)
     plain = ds.sample(_model(), solver, shape=(4, 4), seed=0, **opts).samples

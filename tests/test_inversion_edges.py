@@ -31,9 +31,20 @@ REFUSED = {"mrs-adaptive"}
 #: probability-flow ODE is stiff (sigma -> 0): any 20-step solver, started from the exact latent, lands
 #: about 1.4 from them; the round trip of the multistep ones cancels part of it. mrs-adaptive, before it
 #: was refused: NFE 1 and 14.7 (the data handed back as its latent).
-BOUND = {"ddim": 1.8, "euler": 1.8, "heun": 1.8, "dpmpp-3s": 1.7, "dpm-solver-2m": 0.4, "dpmpp-2m": 0.4,
-         "mrs-ode": 0.4, "dpmpp-3m": 0.4, "mrs-pc": 0.3, "ode-dopri5": 0.35, "ode-rk45": 0.35,
-         **dict.fromkeys(EXACT, 0.0001)}
+BOUND = {
+    "ddim": 1.8,
+    "euler": 1.8,
+    "heun": 1.8,
+    "dpmpp-3s": 1.7,
+    "dpm-solver-2m": 0.4,
+    "dpmpp-2m": 0.4,
+    "mrs-ode": 0.4,
+    "dpmpp-3m": 0.4,
+    "mrs-pc": 0.3,
+    "ode-dopri5": 0.35,
+    "ode-rk45": 0.35,
+    **dict.fromkeys(EXACT, 0.0001),
+}
 OPTIONS = {"ode-dopri5": {"rtol": 1e-3, "atol": 1e-3}, "ode-rk45": {"rtol": 1e-3, "atol": 1e-3}}
 
 
@@ -52,6 +63,7 @@ def _err(a, b) -> float:
 
 
 # ------------------------------------------------------------ 2: every solver inverts or is refused
+
 
 def test_every_deterministic_solver_is_covered():
     """A deterministic solver registered later needs its round trip measured here, or to be refused."""
@@ -107,6 +119,7 @@ def test_refusal_names_the_solver_everywhere(tmp_path, capsys):
 
 # ------------------------------------------------------------------ the default inversion solver
 
+
 def test_one_default_inversion_solver(tmp_path, digits_vp, x0):
     """ds.invert defaulted to ddim, invert_pipeline to rex, `diffsolve invert` to rev-heun: now all to
     DEFAULT_INVERSION_SOLVER, rev-heun, whose round trip holds to round-off."""
@@ -132,19 +145,56 @@ def test_one_default_inversion_solver(tmp_path, digits_vp, x0):
     assert _err(sample_pipeline(pipe, lat.solver, latent=lat, output_type="pt").latents, x0[:2]) < 1e-4
 
     data, out = tmp_path / "data", tmp_path / "lat"
-    assert cli.main(["sample", "--model", "gmm-2d", "--solver", "heun", "--steps", "4", "--num-samples", "3",
-                     "--out", str(data), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--model",
+                "gmm-2d",
+                "--solver",
+                "heun",
+                "--steps",
+                "4",
+                "--num-samples",
+                "3",
+                "--out",
+                str(data),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert cli.main(["invert", "--input", str(data), "--steps", "3", "--out", str(out), "--no-progress"]) == 0
     assert ds.Latent.load(out).solver == default
 
 
 # ------------------------------------------------------------------------------ CLI follow-ups
 
+
 @pytest.fixture(scope="module")
 def gmm_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "gmm"
-    assert cli.main(["sample", "--model", "gmm-2d", "--solver", "heun", "--steps", "6", "--num-samples", "5",
-                     "--dtype", "float64", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--model",
+                "gmm-2d",
+                "--solver",
+                "heun",
+                "--steps",
+                "6",
+                "--num-samples",
+                "5",
+                "--dtype",
+                "float64",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -174,8 +224,29 @@ def test_cli_latent_is_what_latent_save_writes(tmp_path, gmm_data):
     the string "float32"), with the run's settings beside it in the manifest; the tensors file gets
     the manifest's mode."""
     out = tmp_path / "lat"
-    assert cli.main(["invert", "--input", str(gmm_data), "--steps", "5", "--solver", "bdia", "-o", "gamma=0.9",
-                     "--dtype", "float64", "--t-max", "0.8", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "invert",
+                "--input",
+                str(gmm_data),
+                "--steps",
+                "5",
+                "--solver",
+                "bdia",
+                "-o",
+                "gamma=0.9",
+                "--dtype",
+                "float64",
+                "--t-max",
+                "0.8",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lat = ds.Latent.load(out)
     assert lat.dtype == torch.float64 and lat.solver == "bdia" and lat.options["gamma"] == 0.9
     assert lat.aux is not None and float(lat.grid[0]) == pytest.approx(0.8)
@@ -188,8 +259,27 @@ def test_cli_latent_is_what_latent_save_writes(tmp_path, gmm_data):
 def test_sample_shards_keep_the_latents_options_and_dtype(tmp_path, gmm_data, monkeypatch):
     """Each shard's latent was ds.Latent(x, aux, grid, solver): options and dtype dropped."""
     lat_dir = tmp_path / "lat"
-    assert cli.main(["invert", "--input", str(gmm_data), "--steps", "4", "--solver", "edict", "-o", "p=0.9",
-                     "--dtype", "float64", "--out", str(lat_dir), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "invert",
+                "--input",
+                str(gmm_data),
+                "--steps",
+                "4",
+                "--solver",
+                "edict",
+                "-o",
+                "p=0.9",
+                "--dtype",
+                "float64",
+                "--out",
+                str(lat_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     seen, real = [], ds.sample
 
     def spy(*args, **kw):
@@ -197,8 +287,12 @@ def test_sample_shards_keep_the_latents_options_and_dtype(tmp_path, gmm_data, mo
         return real(*args, **kw)
 
     monkeypatch.setattr(ds, "sample", spy)
-    assert cli.main(["sample", "--latent", str(lat_dir), "--shard-size", "2", "--out", str(tmp_path / "b"),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["sample", "--latent", str(lat_dir), "--shard-size", "2", "--out", str(tmp_path / "b"), "--no-progress"]
+        )
+        == 0
+    )
     saved = ds.Latent.load(lat_dir)
     assert len(seen) == 3 and sum(len(s.x) for s in seen) == 5
     for s in seen:

@@ -65,6 +65,9 @@ def test_imports_point_down_the_stack(part):
 
 
 def test_nothing_imports_the_cli():
-    users = [str(f.relative_to(ROOT)) for f in ROOT.rglob("*.py")
-             if _part(f) not in ("cli", "__main__") and "cli" in _imports(f)]
+    users = [
+        str(f.relative_to(ROOT))
+        for f in ROOT.rglob("*.py")
+        if _part(f) not in ("cli", "__main__") and "cli" in _imports(f)
+    ]
     assert not users, users

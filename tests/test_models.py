@@ -11,8 +11,12 @@ from diffsolve.models.model import Prediction
 
 def coefs_at(s, t, x):
     shape = (-1,) + (1,) * (x.ndim - 1)
-    return Coefs(s.alpha(t).reshape(shape), s.sigma(t).reshape(shape),
-                 s.alpha_dot(t).reshape(shape), s.sigma_dot(t).reshape(shape))
+    return Coefs(
+        s.alpha(t).reshape(shape),
+        s.sigma(t).reshape(shape),
+        s.alpha_dot(t).reshape(shape),
+        s.sigma_dot(t).reshape(shape),
+    )
 
 
 @pytest.mark.parametrize("name", ALL)

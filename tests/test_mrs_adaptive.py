@@ -11,12 +11,18 @@ import diffsolve as ds
 S = ds.schedules
 GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]])
 MU = torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64)
-SCHEDULES = {"vp": (S.VPLinear(), None), "ve": (S.VE(), None), "flow": (S.RectifiedFlow(t_max=0.999, t_min=1e-3), None),
-             "mean-reverting": (S.MeanReverting(), MU)}
+SCHEDULES = {
+    "vp": (S.VPLinear(), None),
+    "ve": (S.VE(), None),
+    "flow": (S.RectifiedFlow(t_max=0.999, t_min=1e-3), None),
+    "mean-reverting": (S.MeanReverting(), MU),
+}
 
 
-CALLS = {"multistep": lambda r: 1 + r.accepted + r.rejected,  # one call per try, one before the first
-         "singlestep": lambda r: 3 * r.accepted + 2 * r.rejected}  # a retry reuses its first call
+CALLS = {
+    "multistep": lambda r: 1 + r.accepted + r.rejected,  # one call per try, one before the first
+    "singlestep": lambda r: 3 * r.accepted + 2 * r.rejected,
+}  # a retry reuses its first call
 
 
 @pytest.mark.parametrize("method", list(CALLS))
@@ -68,8 +74,9 @@ def test_per_sample_mode_spends_fewer_rows_than_batch_mode_on_a_heterogeneous_ba
     assert rows["per_sample"] < rows["batch"]
 
 
-@pytest.mark.parametrize("method,parameterization", [("multistep", "data"), ("multistep", "velocity"),
-                                                     ("singlestep", "data")])
+@pytest.mark.parametrize(
+    "method,parameterization", [("multistep", "data"), ("multistep", "velocity"), ("singlestep", "data")]
+)
 def test_per_sample_results_do_not_depend_on_the_batch(method, parameterization):
     sched, mu = SCHEDULES["mean-reverting"]
     model = GAUSS.model(sched)
@@ -121,8 +128,19 @@ def test_pilot_grid_replayed_by_the_fixed_grid_solver_keeps_the_accuracy(method)
         replay = ds.sample(model, replayer, x_T=x_T, mu=mu, grid=grid.tolist())
         e_a = float((adaptive.samples - exact).abs().max())
         e_r = float((replay.samples - exact).abs().max())
-        print(name, replayer, "pilot grid of", len(grid) - 1, "steps: replay error", e_r, "adaptive error", e_a,
-              "NFE per sample", replay.nfe, float(adaptive.nfe_per_sample.double().mean()))
+        print(
+            name,
+            replayer,
+            "pilot grid of",
+            len(grid) - 1,
+            "steps: replay error",
+            e_r,
+            "adaptive error",
+            e_a,
+            "NFE per sample",
+            replay.nfe,
+            float(adaptive.nfe_per_sample.double().mean()),
+        )
         assert e_r <= 2 * e_a and replay.nfe == calls(len(grid) - 1)
 
 
@@ -131,8 +149,10 @@ def test_dpmpp_3s_is_third_order():
     model = GAUSS.model(sched)
     x_T = GAUSS.marginal(sched.t_max, sched).sample(32, torch.Generator().manual_seed(0))
     exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched)
-    errs = [float((ds.sample(model, "dpmpp-3s", n, x_T=x_T, grid="log-snr").samples - exact).abs().max())
-            for n in (20, 40, 80)]
+    errs = [
+        float((ds.sample(model, "dpmpp-3s", n, x_T=x_T, grid="log-snr").samples - exact).abs().max())
+        for n in (20, 40, 80)
+    ]
     order = math.log2(errs[1] / errs[2])
     print("dpmpp-3s errors", errs, "order", order)
     assert order > 2.6
@@ -150,8 +170,7 @@ def test_pilot_grid_replayed_by_the_diffusers_scheduler_adapter(method):
     model = GAUSS.model(sd)
     grid = ds.samplers.pilot_grid(model, (8, 4), seed=3, rtol=1e-3, atol=1e-3, method=method)
     assert float(grid[-1]) == sd.t_min  # ends at timestep 0
-    sched = DiffsolveScheduler.from_config({**cfg, "prediction_type": "epsilon"}, solver=replayer,
-                                           final="sigma_min")
+    sched = DiffsolveScheduler.from_config({**cfg, "prediction_type": "epsilon"}, solver=replayer, final="sigma_min")
     sched.set_timesteps(timesteps=sd.timestep(grid[:-1]).tolist())
     x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     x = x_T.clone()
@@ -164,8 +183,10 @@ def test_pilot_grid_replayed_by_the_diffusers_scheduler_adapter(method):
     assert torch.allclose(x, want, rtol=0, atol=1e-7)  # the loop queries the model at float32 timesteps
 
 
-@pytest.mark.parametrize("order,parameterization,want", [(2, "data", 1.9), (3, "data", 2.9), (4, "data", 3.5),
-                                                          (3, "noise", 2.8), (4, "noise", 3.8), (4, "velocity", 3.7)])
+@pytest.mark.parametrize(
+    "order,parameterization,want",
+    [(2, "data", 1.9), (3, "data", 2.9), (4, "data", 3.5), (3, "noise", 2.8), (4, "noise", 3.8), (4, "velocity", 3.7)],
+)
 def test_mrs_pc_convergence_order(order, parameterization, want):
     """mrs-pc on uniform log-SNR grids: the corrector's order (order 4 converges to it slowly in the
     data form, whose lower-order start-up steps weigh in at coarse grids)."""
@@ -173,8 +194,19 @@ def test_mrs_pc_convergence_order(order, parameterization, want):
     model = GAUSS.model(sched)
     x_T = GAUSS.marginal(sched.t_max, sched, MU).sample(32, torch.Generator().manual_seed(0))
     exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched, MU)
-    errs = [float((ds.sample(model, "mrs-pc", n, x_T=x_T, mu=MU, grid="log-snr", order=order,
-                             parameterization=parameterization).samples - exact).abs().max()) for n in (40, 80, 160)]
+    errs = [
+        float(
+            (
+                ds.sample(
+                    model, "mrs-pc", n, x_T=x_T, mu=MU, grid="log-snr", order=order, parameterization=parameterization
+                ).samples
+                - exact
+            )
+            .abs()
+            .max()
+        )
+        for n in (40, 80, 160)
+    ]
     got = math.log2(errs[1] / errs[2])
     print("mrs-pc", order, parameterization, errs, "order", got)
     assert got > want
@@ -193,7 +225,7 @@ def test_exponential_quadrature_weights_are_exact_on_polynomials():
         big_j = phi_integrals(h, 4, sign)
         w = lagrange_weights(nodes, big_j)
         for deg in range(4):
-            got = sum(wi * ni ** deg for wi, ni in zip(w, nodes))
+            got = sum(wi * ni**deg for wi, ni in zip(w, nodes))
             for r in range(len(h)):
                 hr = float(h[r])
                 want = quad(lambda tau: math.exp(sign * (hr - tau)) * (tau / hr) ** deg, 0, hr, epsabs=1e-14)[0]

@@ -38,11 +38,14 @@ def test_the_pair_noises_have_the_exact_joint_law(kind):
 def test_law_matches_at_a_fraction_of_em_calls(name, threshold, reference):
     """Two-sample test against the mixture (as 1000-step Euler-Maruyama passes it), at rtol 0.1 and
     0.02, with far fewer calls than Gotta Go Fast at its loosest tolerance (104 rows per sample)."""
-    sched, mu = {"vp": (S.VPLinear(), None),
-                 "mean-reverting": (S.MeanReverting(), torch.tensor([0.5, -0.5], dtype=torch.float64))}[name]
+    sched, mu = {
+        "vp": (S.VPLinear(), None),
+        "mean-reverting": (S.MeanReverting(), torch.tensor([0.5, -0.5], dtype=torch.float64)),
+    }[name]
     for rtol in (0.1, 0.02):
-        res = ds.sample(GMM.model(sched), "mrs-sde-adaptive", shape=(N, 2), seed=0, dtype=torch.float64, mu=mu,
-                        rtol=rtol)
+        res = ds.sample(
+            GMM.model(sched), "mrs-sde-adaptive", shape=(N, 2), seed=0, dtype=torch.float64, mu=mu, rtol=rtol
+        )
         d, rows = mmd2(res.samples, reference), float(res.nfe_per_sample.double().mean())
         print(name, rtol, f"mmd2 {d:.2e} (threshold {threshold:.2e}) rows/sample {rows:.1f}")
         assert d < threshold
@@ -55,10 +58,15 @@ def test_converges_pathwise_on_one_brownian_path():
     and their retries see one Brownian path): distances to the tightest run shrink, far below the
     distance to another seed's."""
     model = GMM.model(S.VPLinear())
-    runs = {tol: ds.sample(model, "mrs-sde-adaptive", shape=(32, 2), seed=0, dtype=torch.float64, rtol=tol,
-                           atol=tol / 10).samples for tol in (0.1, 0.01, 1e-3, 2e-4)}
-    other = ds.sample(model, "mrs-sde-adaptive", shape=(32, 2), seed=500, dtype=torch.float64, rtol=2e-4,
-                      atol=2e-5).samples
+    runs = {
+        tol: ds.sample(
+            model, "mrs-sde-adaptive", shape=(32, 2), seed=0, dtype=torch.float64, rtol=tol, atol=tol / 10
+        ).samples
+        for tol in (0.1, 0.01, 1e-3, 2e-4)
+    }
+    other = ds.sample(
+        model, "mrs-sde-adaptive", shape=(32, 2), seed=500, dtype=torch.float64, rtol=2e-4, atol=2e-5
+    ).samples
     dist = [float((runs[t] - runs[2e-4]).norm(dim=1).median()) for t in (0.1, 0.01, 1e-3)]
     far = float((other - runs[2e-4]).norm(dim=1).median())
     print("median distance to the 2e-4 run", dist, "another seed", far)

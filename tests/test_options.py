@@ -29,16 +29,18 @@ def test_values_are_checked_and_converted():
     assert toy.given == {"step", "count"}
     assert _Toy().given == frozenset()
     assert _Toy(step=torch.tensor(0.25)).step == 0.25  # a 0-d tensor is a number
-    for kw, err, msg in [(dict(step=0), ValueError, r"step must be in \(0, 1\], got 0.0"),
-                         (dict(step=float("nan")), ValueError, "step must be in"),
-                         (dict(step="x"), TypeError, r"step must be a number in \(0, 1\], got 'x'"),
-                         (dict(step=True), TypeError, "step must be a number"),
-                         (dict(count=0), ValueError, "count must be an integer >= 1, got 0"),
-                         (dict(count=2.0), ValueError, "count must be an integer >= 1"),
-                         (dict(kind="c"), ValueError, "kind must be one of a, b, got 'c'"),
-                         (dict(flag=1), TypeError, "flag must be True or False, got 1"),
-                         (dict(kind="b", count=4), ValueError, "kind='b' needs count <= 3"),
-                         (dict(stpe=0.1), TypeError, "has no option 'stpe' .*did you mean 'step'")]:
+    for kw, err, msg in [
+        (dict(step=0), ValueError, r"step must be in \(0, 1\], got 0.0"),
+        (dict(step=float("nan")), ValueError, "step must be in"),
+        (dict(step="x"), TypeError, r"step must be a number in \(0, 1\], got 'x'"),
+        (dict(step=True), TypeError, "step must be a number"),
+        (dict(count=0), ValueError, "count must be an integer >= 1, got 0"),
+        (dict(count=2.0), ValueError, "count must be an integer >= 1"),
+        (dict(kind="c"), ValueError, "kind must be one of a, b, got 'c'"),
+        (dict(flag=1), TypeError, "flag must be True or False, got 1"),
+        (dict(kind="b", count=4), ValueError, "kind='b' needs count <= 3"),
+        (dict(stpe=0.1), TypeError, "has no option 'stpe' .*did you mean 'step'"),
+    ]:
         with pytest.raises(err, match=msg):
             _Toy(**kw)
 
@@ -86,8 +88,9 @@ def test_every_registered_solver_declares_valid_defaults():
             self.x = x
 
     with pytest.raises(TypeError, match="declares its options as Option class attributes"):
-        register("bad-solver", family="ode", order=1, calls_per_step=1, deterministic=True, description="",
-                 reference="")(Bad)
+        register(
+            "bad-solver", family="ode", order=1, calls_per_step=1, deterministic=True, description="", reference=""
+        )(Bad)
 
 
 def test_pump_and_drive():
@@ -124,7 +127,21 @@ def test_dmcmc_keeps_a_hook_s_prediction_pair():
     rebuilt from the output alone would re-derive eps = x / sigma, and the samples would not be 0."""
     gmm = ds.models.GaussianMixture([[2.0, 2.0], [-2.0, -2.0]], 0.1)
     model = gmm.model(ds.schedules.VPLinear())
-    res = ds.sample(model, "dmcmc", shape=(8, 2), seed=0, dtype=torch.float64, progress=False, t_min=1e-3,
-                    integrator="ddim", integrator_steps=3, n_skip=1, burn_in=1, burn_in_steps=3, denoise=False,
-                    estimator=ds.samplers.ExactNoiseLevel(gmm), hooks=[_ZeroPair()])
+    res = ds.sample(
+        model,
+        "dmcmc",
+        shape=(8, 2),
+        seed=0,
+        dtype=torch.float64,
+        progress=False,
+        t_min=1e-3,
+        integrator="ddim",
+        integrator_steps=3,
+        n_skip=1,
+        burn_in=1,
+        burn_in_steps=3,
+        denoise=False,
+        estimator=ds.samplers.ExactNoiseLevel(gmm),
+        hooks=[_ZeroPair()],
+    )
     assert res.samples.abs().max() == 0

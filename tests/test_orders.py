@@ -14,8 +14,12 @@ SCHEDULES = {
     "vp": (lambda: S.VPLinear(), None),
     "ve": (lambda: S.VE(), None),
     "flow": (lambda: S.RectifiedFlow(t_min=1e-3, t_max=1 - 1e-3), None),
-    "sd-discrete": (lambda: S.VPDiscrete.from_diffusers_config(
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}), None),
+    "sd-discrete": (
+        lambda: S.VPDiscrete.from_diffusers_config(
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+        ),
+        None,
+    ),
     "mean-reverting": (lambda: S.MeanReverting(lam=0.5), torch.tensor([0.3, 0.3, -0.2, 0.1], dtype=torch.float64)),
 }
 EXPECTED = {"euler": 1.0, "ddim": 1.0, "heun": 2.0}

@@ -26,8 +26,17 @@ def test_langevin_step_size_by_hand():
 def test_pc_reaches_the_target_moments(predictor, corrector):
     sched = ds.schedules.VE(sigma_max=20.0)
     steps = 200 if corrector == "none" else 100  # equal NFE
-    res = ds.sample(GAUSS.model(sched), "pc", steps, shape=(2000, 16), seed=0, dtype=torch.float64,
-                    predictor=predictor, corrector=corrector, snr=0.1)
+    res = ds.sample(
+        GAUSS.model(sched),
+        "pc",
+        steps,
+        shape=(2000, 16),
+        seed=0,
+        dtype=torch.float64,
+        predictor=predictor,
+        corrector=corrector,
+        snr=0.1,
+    )
     assert res.nfe == 200
     target = GAUSS.marginal(sched.t_min, sched)
     assert (res.samples.mean(0) - target.means[0]).abs().max() < 0.06
@@ -82,10 +91,22 @@ def test_pc_on_subvp_and_ouve(name):
     if name == "subvp":
         sched, mu, opts = ds.schedules.SubVP(), None, {}
     else:
-        sched, mu, opts = ds.schedules.OUVE(), torch.linspace(-1.0, 1.0, 16, dtype=torch.float64), \
-            {"corrector": "ald", "snr": 0.5}
-    res = ds.sample(GAUSS.model(sched), "pc", 100, shape=(2000, 16), seed=0, dtype=torch.float64, mu=mu,
-                    predictor="reverse-diffusion", **opts)
+        sched, mu, opts = (
+            ds.schedules.OUVE(),
+            torch.linspace(-1.0, 1.0, 16, dtype=torch.float64),
+            {"corrector": "ald", "snr": 0.5},
+        )
+    res = ds.sample(
+        GAUSS.model(sched),
+        "pc",
+        100,
+        shape=(2000, 16),
+        seed=0,
+        dtype=torch.float64,
+        mu=mu,
+        predictor="reverse-diffusion",
+        **opts,
+    )
     target = GAUSS.marginal(sched.t_min, sched, mu=mu)
     err_mean = float((res.samples.mean(0) - target.means[0]).abs().max())
     ratio = float(res.samples.var(0).mean() / (target.stds[0] ** 2).mean())

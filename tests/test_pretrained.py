@@ -105,8 +105,16 @@ def test_training_script_is_deterministic(tmp_path):
     digests = []
     for run in ("a", "b"):
         out = tmp_path / run
-        r = subprocess.run([sys.executable, str(script), "--model", "digits-mr", "--iters", "2", "--out", str(out)],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, str(script), "--model", "digits-mr", "--iters", "2", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        digests.append(hashlib.sha256((out / "digits-mr" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest())
+        digests.append(
+            hashlib.sha256(
+                (out / "digits-mr" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+            ).hexdigest()
+        )
     assert digests[0] == digests[1]

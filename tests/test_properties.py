@@ -22,8 +22,13 @@ from hypothesis import strategies as st
 import diffsolve as ds
 from diffsolve.core.registry import registered, solver_info
 
-SCHEDULES = {"vp": ds.schedules.VPLinear(), "cosine": ds.schedules.VPCosine(), "ve": ds.schedules.VE(),
-             "edm": ds.schedules.EDM(), "flow": ds.schedules.RectifiedFlow()}
+SCHEDULES = {
+    "vp": ds.schedules.VPLinear(),
+    "cosine": ds.schedules.VPCosine(),
+    "ve": ds.schedules.VE(),
+    "edm": ds.schedules.EDM(),
+    "flow": ds.schedules.RectifiedFlow(),
+}
 EVENTS = [(2,), (3,), (1, 2, 2)]
 DTYPES = [None, torch.float32, torch.float64, torch.bfloat16, torch.float16, "float32", "float64", "bfloat16"]
 FIXED = sorted(i.name for i in registered() if i.fixed_grid)
@@ -45,12 +50,17 @@ MODELS = {(s, e): _mixture(math.prod(e)).model(sched) for s, sched in SCHEDULES.
 def tagged(ok=None, maybe=None, bad=None):
     """A function of ``corrupt`` (make the value bad?) giving a strategy of (value, tag) pairs:
     mostly ok, sometimes maybe, bad only when corrupted (and a bad strategy exists)."""
+
     def pick(corrupt: bool):
         if corrupt and bad is not None:
             return bad.map(lambda v: (v, "bad"))
-        parts = [s.map(lambda v, t=t: (v, t)) for s, t in ((ok, "ok"), (ok, "ok"), (ok, "ok"), (maybe, "maybe"))
-                 if s is not None]
+        parts = [
+            s.map(lambda v, t=t: (v, t))
+            for s, t in ((ok, "ok"), (ok, "ok"), (ok, "ok"), (maybe, "maybe"))
+            if s is not None
+        ]
         return st.one_of(*parts)
+
     return pick
 
 
@@ -66,8 +76,7 @@ def option_values(default, tiny: bool = True):
             return None
         near = st.floats(0.5, 2.0).map(lambda f: default * f) if default else st.floats(0.0, 1.0)
         extremes = [0.0, -0.5, 1e6, math.inf] + [1e-9] * tiny
-        return tagged(st.just(default), near | st.sampled_from(extremes),
-                      st.sampled_from([math.nan, "x", None]))
+        return tagged(st.just(default), near | st.sampled_from(extremes), st.sampled_from([math.nan, "x", None]))
     if isinstance(default, str):
         return tagged(st.just(default), None, st.sampled_from(["no-such-choice", 3]))
     return None
@@ -98,8 +107,11 @@ def calls(draw, solvers: list[str]):
     model = MODELS[(sname, event)]
     kw, tags = {}, {}
 
-    corrupt = draw(st.sampled_from([None] * 20 + ["solver", "shape", "steps", "dtype", "seed", "t_max", "t_min",
-                                                  "grid", "options", "options"]))
+    corrupt = draw(
+        st.sampled_from(
+            [None] * 20 + ["solver", "shape", "steps", "dtype", "seed", "t_max", "t_min", "grid", "options", "options"]
+        )
+    )
 
     def arg(key, pick):
         value, tag = draw(pick(corrupt == key))
@@ -110,21 +122,37 @@ def calls(draw, solvers: list[str]):
 
     name = arg("solver", tagged(st.sampled_from(solvers), None, st.sampled_from(["no-such-solver", "eulr", ""])))
     b = draw(st.integers(1, 4))
-    arg("shape", tagged(st.just((b, *event)), None,
-                        st.sampled_from([(0, *event), (-1, *event), (), (b, "x"), (b, 1.5), 3, "shape"])))
+    arg(
+        "shape",
+        tagged(
+            st.just((b, *event)), None, st.sampled_from([(0, *event), (-1, *event), (), (b, "x"), (b, 1.5), 3, "shape"])
+        ),
+    )
     steps = draw(st.integers(1, 6))
     arg("steps", tagged(st.just(steps), st.sampled_from([_OMIT, 2.0]), st.sampled_from([0, -2, 2.5, "3", True])))
     arg("dtype", tagged(st.sampled_from(DTYPES), None, st.sampled_from([torch.int32, torch.complex64, "float8", 3])))
-    arg("seed", tagged(st.sampled_from([_OMIT, 0, 7, 2**40]) | st.just(list(range(10, 10 + b))), None,
-                       st.sampled_from([-1, [0] * (b + 1), "seed", 1.5])))
+    arg(
+        "seed",
+        tagged(
+            st.sampled_from([_OMIT, 0, 7, 2**40]) | st.just(list(range(10, 10 + b))),
+            None,
+            st.sampled_from([-1, [0] * (b + 1), "seed", 1.5]),
+        ),
+    )
     lo, hi = sched.t_min, sched.t_max
     # times in the range, at least 1e-6 of it apart from t_min (subnormal times overflow float32 states)
     inside = (st.just(0.0) | st.floats(1e-6, 1.0)).map(lambda u: lo + u * (hi - lo))
     arg("t_max", tagged(st.just(_OMIT), inside, st.sampled_from([math.nan, -1.0, "one", math.inf])))
     arg("t_min", tagged(st.just(_OMIT), inside | st.just(0.0), st.sampled_from([math.nan, -0.5, "zero"])))
     explicit = st.lists(inside, min_size=2, max_size=6, unique=True).map(lambda ts: sorted(ts, reverse=True))
-    arg("grid", tagged(st.sampled_from([_OMIT, *ds.schedules.GRID_KINDS]), explicit,
-                       st.sampled_from(["no-such-grid", [0.5], [0.1, 0.5], [0.5, math.nan], [[0.5, 0.1]], 3])))
+    arg(
+        "grid",
+        tagged(
+            st.sampled_from([_OMIT, *ds.schedules.GRID_KINDS]),
+            explicit,
+            st.sampled_from(["no-such-grid", [0.5], [0.1, 0.5], [0.5, math.nan], [[0.5, 0.1]], 3]),
+        ),
+    )
     if isinstance(kw.get("grid"), list) and tags["grid"] == "maybe" and tags["steps"] == "ok":
         kw["steps"] = len(kw["grid"]) - 1  # an explicit grid sets the step count
     if name in solvers:
@@ -132,7 +160,9 @@ def calls(draw, solvers: list[str]):
         kw.update(opts)
         tags.update(otags)
     dtype = kw.get("dtype")
-    expected = torch.get_default_dtype() if dtype is None else getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    expected = (
+        torch.get_default_dtype() if dtype is None else getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    )
     return model, kw, tags, (b, *event), expected
 
 
@@ -234,15 +264,33 @@ def invert_calls(draw):
     name = arg("solver", tagged(st.sampled_from(DETERMINISTIC), None, st.sampled_from(["ddpm", "no-such-solver"])))
     b = draw(st.integers(1, 3))
     x = torch.randn(b, *event, generator=torch.Generator().manual_seed(b))
-    arg("x0", tagged(st.sampled_from([x, x.double(), x.numpy()]), None,
-                     st.sampled_from(["x0", x.long(), torch.zeros(0, *event), [[0.0] * math.prod(event)]])))
+    arg(
+        "x0",
+        tagged(
+            st.sampled_from([x, x.double(), x.numpy()]),
+            None,
+            st.sampled_from(["x0", x.long(), torch.zeros(0, *event), [[0.0] * math.prod(event)]]),
+        ),
+    )
     arg("steps", tagged(st.integers(1, 5), None, st.sampled_from([0, 2.5, "3"])))
-    arg("dtype", tagged(st.sampled_from([_OMIT, torch.float32, torch.float64, "float64"]), None,
-                        st.sampled_from([torch.int32, "float8"])))
+    arg(
+        "dtype",
+        tagged(
+            st.sampled_from([_OMIT, torch.float32, torch.float64, "float64"]),
+            None,
+            st.sampled_from([torch.int32, "float8"]),
+        ),
+    )
     lo, hi = sched.t_min, sched.t_max
     inside = st.floats(1e-6, 1.0).map(lambda u: lo + u * (hi - lo))
-    arg("grid", tagged(st.sampled_from([_OMIT, *ds.schedules.GRID_KINDS]), None,
-                       st.sampled_from(["no-such-grid", [0.5], [2 * hi + 10, lo], [hi, math.nan]])))
+    arg(
+        "grid",
+        tagged(
+            st.sampled_from([_OMIT, *ds.schedules.GRID_KINDS]),
+            None,
+            st.sampled_from(["no-such-grid", [0.5], [2 * hi + 10, lo], [hi, math.nan]]),
+        ),
+    )
     arg("t_max", tagged(st.just(_OMIT), inside, None))
     if name in DETERMINISTIC:
         opts, otags = draw(solver_options(name, corrupt == "options"))
@@ -252,7 +300,13 @@ def invert_calls(draw):
     if isinstance(x0, torch.Tensor) and not x0.is_floating_point() and "dtype" in kw:
         tags["x0"] = "maybe"  # an integer x0 is converted to an explicit dtype
     dtype = kw.get("dtype", x0.dtype if isinstance(x0, torch.Tensor) else torch.float32)
-    return MODELS[(sname, event)], kw, tags, (b, *event), getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return (
+        MODELS[(sname, event)],
+        kw,
+        tags,
+        (b, *event),
+        getattr(torch, dtype, None) if isinstance(dtype, str) else dtype,
+    )
 
 
 @settings(max_examples=FEW, **SETTINGS)
@@ -271,8 +325,12 @@ def test_invert(call):
 
 def _finite(shape, dtype):
     def validate(res):
-        assert tuple(res.samples.shape) == shape and res.samples.dtype == dtype, (tuple(res.samples.shape), res.samples.dtype)
+        assert tuple(res.samples.shape) == shape and res.samples.dtype == dtype, (
+            tuple(res.samples.shape),
+            res.samples.dtype,
+        )
         assert bool(torch.isfinite(res.samples).all()), "non-finite samples"
+
     return validate
 
 
@@ -305,7 +363,8 @@ def guided_calls(draw):
         arg("scale", tagged(number, None, st.sampled_from([math.inf, None])))
         kw = {**kw, "cond": {"class_labels": torch.zeros(shape[0], dtype=torch.long)}}
         wrap = lambda m: ds.guidance.ClassifierGuidance(
-            m, lambda x, t: x.flatten(1)[:, :1] * torch.tensor([1.0, 0.0, -1.0]).to(x), **wkw)
+            m, lambda x, t: x.flatten(1)[:, :1] * torch.tensor([1.0, 0.0, -1.0]).to(x), **wkw
+        )
     return model, wrap, kw, {**tags, **wtags}, shape, dtype
 
 
@@ -315,8 +374,14 @@ def test_sample_guided_models(call):
     model, wrap, kw, tags, shape, dtype = call
     kw = dict(kw)
     solver = kw.pop("solver")
-    event(_check(lambda: ds.sample(wrap(model), solver, progress=False, **kw), tags,
-                 [*tags, "t_max", "t_min", "grid"], _finite(shape, dtype)))
+    event(
+        _check(
+            lambda: ds.sample(wrap(model), solver, progress=False, **kw),
+            tags,
+            [*tags, "t_max", "t_min", "grid"],
+            _finite(shape, dtype),
+        )
+    )
 
 
 @st.composite
@@ -338,8 +403,11 @@ def hooked_calls(draw):
         mask = arg("mask", tagged(ok_shapes, None, bad_shapes))
         y = arg("y", tagged(ok_shapes, None, bad_shapes))
         resample = arg("resample", tagged(st.sampled_from([1, 2]), None, st.sampled_from([0, 1.5, "2"])))
-        hooks.append(lambda: ds.guidance.Inpaint((torch.arange(math.prod(mask)) % 2).reshape(mask).float(),
-                                                 torch.zeros(y), resample=resample))
+        hooks.append(
+            lambda: ds.guidance.Inpaint(
+                (torch.arange(math.prod(mask)) % 2).reshape(mask).float(), torch.zeros(y), resample=resample
+            )
+        )
     if draw(st.booleans()):
         ratio = arg("ratio", tagged(st.sampled_from([0.9, 0.995, 1.0]), None, st.sampled_from([0.0, 1.5])))
         max_value = arg("max_value", tagged(st.sampled_from([1.0, 2.0]), None, st.just(0.5)))
@@ -356,5 +424,11 @@ def test_sample_with_hooks(call):
     model, hooks, kw, tags, shape, dtype = call
     kw = dict(kw)
     solver = kw.pop("solver")
-    event(_check(lambda: ds.sample(model, solver, progress=False, hooks=[h() for h in hooks], **kw), tags,
-                 [*tags, "hooks", "t_max", "t_min", "grid"], _finite(shape, dtype)))
+    event(
+        _check(
+            lambda: ds.sample(model, solver, progress=False, hooks=[h() for h in hooks], **kw),
+            tags,
+            [*tags, "hooks", "t_max", "t_min", "grid"],
+            _finite(shape, dtype),
+        )
+    )

@@ -5,10 +5,17 @@ import diffsolve as ds
 
 GMM = ds.models.GaussianMixture.gmm_2d()
 MODEL = GMM.model(ds.schedules.VPLinear())
-CASES = [("euler-maruyama", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("heun", {"s_churn": 5.0}), ("euler", {}),
-         ("euler-maruyama", {"noise": "brownian"}), ("adaptive-sde", {"eps_rel": 0.05}),
-         ("adaptive-sde", {"eps_rel": 0.05, "noise": "gaussian"}),
-         ("dmcmc", {"burn_in": 3, "burn_in_steps": 3, "eta": 0.05})]
+CASES = [
+    ("euler-maruyama", {}),
+    ("ddpm", {}),
+    ("ddim", {"eta": 0.5}),
+    ("heun", {"s_churn": 5.0}),
+    ("euler", {}),
+    ("euler-maruyama", {"noise": "brownian"}),
+    ("adaptive-sde", {"eps_rel": 0.05}),
+    ("adaptive-sde", {"eps_rel": 0.05, "noise": "gaussian"}),
+    ("dmcmc", {"burn_in": 3, "burn_in_steps": 3, "eta": 0.05}),
+]
 
 
 @pytest.mark.parametrize("solver,opts", CASES)
@@ -73,8 +80,12 @@ def test_row_blocks_split_the_network_call_and_keep_the_results_and_counts():
         return x * class_labels[:, None] + t[:, None]
 
     model = ds.DiffusionModel(net, ds.schedules.VPLinear(), "eps", time_input="t")
-    kw = {"shape": (5, 2), "seed": 0, "cond": {"class_labels": torch.arange(5.0, dtype=torch.float64)},
-          "dtype": torch.float64}
+    kw = {
+        "shape": (5, 2),
+        "seed": 0,
+        "cond": {"class_labels": torch.arange(5.0, dtype=torch.float64)},
+        "dtype": torch.float64,
+    }
     plain = ds.sample(model, "ddim", 4, **kw)
     assert calls == [(5, 5, 5)] * 4
     calls.clear()

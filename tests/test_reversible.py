@@ -9,7 +9,8 @@ import diffsolve as ds
 from diffsolve import UnstableError
 
 SD = ds.schedules.VPDiscrete.from_diffusers_config(
-    {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000})
+    {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+)
 _g = torch.Generator().manual_seed(0)
 GMM = ds.models.GaussianMixture(0.8 * torch.randn(3, 16, generator=_g, dtype=torch.float64), 0.15)
 X0 = GMM.sample(64, torch.Generator().manual_seed(1))
@@ -27,8 +28,9 @@ EXACT = ["rev-heun", "bdia", "o-belm", "edict", "rex"]
 def test_one_step_is_algebraically_reversible_with_a_random_mlp(solver):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).double()
-    model = ds.DiffusionModel(lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1)), ds.schedules.VPLinear(),
-                              "eps", time_input="t")
+    model = ds.DiffusionModel(
+        lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1)), ds.schedules.VPLinear(), "eps", time_input="t"
+    )
     x0 = torch.randn(32, 4, dtype=torch.float64)
     info = ds.core.registry.solver_info(solver)
     with torch.no_grad():
@@ -54,8 +56,14 @@ def test_rectified_flow_inverts_from_its_clean_end():
     pred = model(x0, 0.0)
     assert torch.equal(pred.eps, torch.zeros_like(x0)) and torch.allclose(pred.x0, x0)
     ends = {"data": ("t_min", -1, 0.002 / 1.002), "noise": ("t_max", 0, 1 / 1.002)}
-    for solver, form in (("rev-heun", "data"), ("bdia", "data"), ("edict", "data"), ("rex", "data"),
-                         ("o-belm", "noise"), ("rev-heun", "noise")):
+    for solver, form in (
+        ("rev-heun", "data"),
+        ("bdia", "data"),
+        ("edict", "data"),
+        ("rex", "data"),
+        ("o-belm", "noise"),
+        ("rev-heun", "noise"),
+    ):
         opts = {} if solver == "rex" else {"form": form}
         key, i, t_end = ends[form]
         with pytest.warns(UserWarning, match=f"cannot reach RectifiedFlow's {key}=.*pass {key} to choose"):
@@ -108,9 +116,19 @@ def test_documented_instabilities():
     assert _rms(ds.sample(model, "edict", latent=lat100).samples, x32) < 5e-5
 
 
-@pytest.mark.parametrize("solver,form,order", [
-    ("rev-heun", "data", 2), ("rev-heun", "noise", 2), ("o-belm", "noise", 2), ("o-belm", "data", 2),
-    ("bdia", "data", 2), ("bdia", "noise", 2), ("edict", "noise", 1), ("edict", "data", 2)])
+@pytest.mark.parametrize(
+    "solver,form,order",
+    [
+        ("rev-heun", "data", 2),
+        ("rev-heun", "noise", 2),
+        ("o-belm", "noise", 2),
+        ("o-belm", "data", 2),
+        ("bdia", "data", 2),
+        ("bdia", "noise", 2),
+        ("edict", "noise", 1),
+        ("edict", "data", 2),
+    ],
+)
 def test_sampling_order_on_the_closed_form_gaussian(solver, form, order):
     """Orders in both forms. EDICT is first order in general; in the data form on a single Gaussian
     (a field linear in u) it superconverges to 2 (measured 1.9, 2.3). EDICT's noise form at 20 steps
@@ -120,8 +138,10 @@ def test_sampling_order_on_the_closed_form_gaussian(solver, form, order):
     x_T = GAUSS.marginal(sched.t_max, sched).sample(64, torch.Generator().manual_seed(0))
     exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched)
     counts = (40, 80, 160) if (solver, form) == ("edict", "noise") else (20, 40, 80)
-    errs = [float((ds.sample(GAUSS.model(sched), solver, n, x_T=x_T, form=form).samples - exact).abs().max())
-            for n in counts]
+    errs = [
+        float((ds.sample(GAUSS.model(sched), solver, n, x_T=x_T, form=form).samples - exact).abs().max())
+        for n in counts
+    ]
     orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
     print(solver, "errors", errs, "orders", orders)
     if solver == "edict":
@@ -188,8 +208,13 @@ def test_renoise_refines_ddim_inversion():
     model = GMM.model(SD)
     plain = ds.invert(model, "ddim", X0, 50)
     rn = ds.invert(model, "ddim", X0, 50, renoise=True)
-    many = ds.invert(model, "ddim", X0, 50, renoise=ds.samplers.ReNoise(steps=20, average=(15, 20), first_steps=20,
-                                                                          first_average=(15, 20)))
+    many = ds.invert(
+        model,
+        "ddim",
+        X0,
+        50,
+        renoise=ds.samplers.ReNoise(steps=20, average=(15, 20), first_steps=20, first_average=(15, 20)),
+    )
     errs = [_rms(ds.sample(model, "ddim", latent=lat).samples, X0) for lat in (plain, rn, many)]
     print("ddim round trip: plain / renoise / renoise x20", errs, "NFE", plain.nfe, rn.nfe, many.nfe)
     assert errs[1] < errs[0] / 30 and errs[2] < 1e-8

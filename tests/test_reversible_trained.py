@@ -67,8 +67,10 @@ def test_the_noise_form_is_refused_on_a_trained_model(models, solver):
     """The noise form of these schemes turns digits-vp's samples into noise (their parasitic mode
     grows where eps_hat's Jacobian contracts the flow): the run stops and names the stable form."""
     x_T = torch.randn(N, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    with pytest.raises(ds.UnstableError, match=f"'{solver}'.*form='noise'.*unstable at step .* of 10.*"
-                                               "Its default, form='data', is stable"):
+    with pytest.raises(
+        ds.UnstableError,
+        match=f"'{solver}'.*form='noise'.*unstable at step .* of 10.*Its default, form='data', is stable",
+    ):
         ds.sample(models["digits-vp"], solver, 10, x_T=x_T, form="noise")
 
 

@@ -47,7 +47,7 @@ def distinct(sched):
         return torch.unique_consecutive(ts), None
     sig = torch.as_tensor(sig, dtype=torch.float64)
     keep = torch.ones(len(ts), dtype=torch.bool)
-    keep[1:] = sig[1:len(ts)] != sig[: len(ts) - 1]
+    keep[1:] = sig[1 : len(ts)] != sig[: len(ts) - 1]
     return ts[keep], torch.unique_consecutive(sig)
 
 
@@ -61,7 +61,9 @@ def net(x, t):
 def loop(sched, n, cfg, shape=(2, 4, 8, 8), seed=0, dtype=torch.float32, **kw):
     """A plain diffusers sampling loop (as the pipelines run it): (final latents, model calls)."""
     set_steps(sched, n, cfg)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype) * getattr(sched, "init_noise_sigma", 1.0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype) * getattr(
+        sched, "init_noise_sigma", 1.0
+    )
     calls = 0
     for t in sched.timesteps:
         out = net(getattr(sched, "scale_model_input", lambda x, t: x)(x, t), t)
@@ -92,10 +94,18 @@ def test_same_timesteps_and_sigmas_as_the_scheduler_it_replaces(name):
         assert ours.config.source == cfg["_class_name"]
         assert len(ours.timesteps) == len(ts), (name, n, ours.timesteps.tolist(), ts.tolist())
         # (LTX's shift_terminal gives NaN timesteps at one step in diffusers itself)
-        assert torch.allclose(ours.timesteps.double(), ts.float().double(), rtol=1e-6, atol=1e-4, equal_nan=True), (name, n)
+        assert torch.allclose(ours.timesteps.double(), ts.float().double(), rtol=1e-6, atol=1e-4, equal_nan=True), (
+            name,
+            n,
+        )
         if sig is not None:
             mine = torch.unique_consecutive(ours.sigmas.double())
-            assert torch.allclose(mine, sig.float().double(), rtol=1e-5, atol=1e-7, equal_nan=True), (name, n, mine, sig)
+            assert torch.allclose(mine, sig.float().double(), rtol=1e-5, atol=1e-7, equal_nan=True), (
+                name,
+                n,
+                mine,
+                sig,
+            )
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
@@ -104,12 +114,15 @@ def test_a_config_that_cannot_be_honoured_names_the_key(name):
         DiffsolveScheduler.from_config(load(name), solver="ddim")
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("prediction_type", "flow_prediction", "prediction_type 'flow_prediction'"),
-    ("prediction_type", "mystery", "prediction_type 'mystery'"),
-    ("timestep_type", "mystery", "timestep_type 'mystery'"),
-    ("_class_name", "MyOwnScheduler", "_class_name 'MyOwnScheduler'"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("prediction_type", "flow_prediction", "prediction_type 'flow_prediction'"),
+        ("prediction_type", "mystery", "prediction_type 'mystery'"),
+        ("timestep_type", "mystery", "timestep_type 'mystery'"),
+        ("_class_name", "MyOwnScheduler", "_class_name 'MyOwnScheduler'"),
+    ],
+)
 def test_unsupported_options_name_their_key(key, value, match):
     cfg = {**load("sdxl_base.json"), key: value}
     with pytest.raises(ValueError, match=match):
@@ -117,12 +130,26 @@ def test_unsupported_options_name_their_key(key, value, match):
 
 
 # ------------------------------------------------------------------------------- parity
-PARITY = [("sd21.json", "ddim"), ("i2vgen_xl.json", "ddim"), ("sd_x4_upscaler.json", "ddim"),
-          ("cogvideox_2b.json", "ddim"), ("sdxl_base.json", "euler"), ("kolors.json", "euler"),
-          ("sd_turbo.json", "euler"), ("svd_img2vid.json", "euler"), ("pixart_sigma.json", "dpmpp-2m"),
-          ("sana_1600m_512px.json", "dpmpp-2m"), ("playground_v25.json", "dpmpp-2m"), ("sd3_medium.json", "euler"),
-          ("flux1_dev.json", "euler"), ("flux1_schnell.json", "euler"), ("mochi_1_preview.json", "euler"),
-          ("ltx_video.json", "euler"), ("hunyuanvideo.json", "euler"), ("lumina_image_2.json", "euler")]
+PARITY = [
+    ("sd21.json", "ddim"),
+    ("i2vgen_xl.json", "ddim"),
+    ("sd_x4_upscaler.json", "ddim"),
+    ("cogvideox_2b.json", "ddim"),
+    ("sdxl_base.json", "euler"),
+    ("kolors.json", "euler"),
+    ("sd_turbo.json", "euler"),
+    ("svd_img2vid.json", "euler"),
+    ("pixart_sigma.json", "dpmpp-2m"),
+    ("sana_1600m_512px.json", "dpmpp-2m"),
+    ("playground_v25.json", "dpmpp-2m"),
+    ("sd3_medium.json", "euler"),
+    ("flux1_dev.json", "euler"),
+    ("flux1_schnell.json", "euler"),
+    ("mochi_1_preview.json", "euler"),
+    ("ltx_video.json", "euler"),
+    ("hunyuanvideo.json", "euler"),
+    ("lumina_image_2.json", "euler"),
+]
 
 
 @pytest.mark.parametrize("name,solver", PARITY)
@@ -145,20 +172,36 @@ def test_ddpm_parity_given_the_pipelines_generator(name):
     cfg = load(name)
     for n in (4, 12):
         a, ca = loop(reference(cfg), n, cfg, generator=torch.Generator().manual_seed(5))
-        b, cb = loop(DiffsolveScheduler.from_config(cfg, solver="ddpm"), n, cfg, generator=torch.Generator().manual_seed(5))
+        b, cb = loop(
+            DiffsolveScheduler.from_config(cfg, solver="ddpm"), n, cfg, generator=torch.Generator().manual_seed(5)
+        )
         assert ca == cb == n and rel(a, b) < 1e-5, (name, n, rel(a, b))
 
 
-SIGMA_OPTIONS = [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True},
-                 {"use_lu_lambdas": True}, {"final_sigmas_type": "sigma_min"}, {"timestep_spacing": "leading"},
-                 {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"},
-                 {"timestep_spacing": "leading", "steps_offset": 1},
-                 {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}]
+SIGMA_OPTIONS = [
+    {"use_karras_sigmas": True},
+    {"use_exponential_sigmas": True},
+    {"use_beta_sigmas": True},
+    {"use_lu_lambdas": True},
+    {"final_sigmas_type": "sigma_min"},
+    {"timestep_spacing": "leading"},
+    {"timestep_spacing": "trailing"},
+    {"timestep_spacing": "linspace"},
+    {"timestep_spacing": "leading", "steps_offset": 1},
+    {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+]
 
 
 @pytest.mark.parametrize("options", SIGMA_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("cls,solver", [("DPMSolverMultistepScheduler", "dpmpp-2m"), ("EulerDiscreteScheduler", "euler"),
-                                        ("HeunDiscreteScheduler", "heun"), ("DDIMScheduler", "ddim")])
+@pytest.mark.parametrize(
+    "cls,solver",
+    [
+        ("DPMSolverMultistepScheduler", "dpmpp-2m"),
+        ("EulerDiscreteScheduler", "euler"),
+        ("HeunDiscreteScheduler", "heun"),
+        ("DDIMScheduler", "ddim"),
+    ],
+)
 def test_parity_under_every_sigma_option(cls, solver, options):
     klass = getattr(diffusers, cls)
     params = set(inspect.signature(klass.__init__).parameters)
@@ -180,10 +223,20 @@ def test_parity_under_every_sigma_option(cls, solver, options):
         assert rel(a.to(b.dtype), b) < tol, (cls, options, n, rel(a.to(b.dtype), b))
 
 
-@pytest.mark.parametrize("options", [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
-                                     {"use_beta_sigmas": True}, {"shift_terminal": 0.1}, {"invert_sigmas": True}])
-@pytest.mark.parametrize("cls,solver", [("FlowMatchEulerDiscreteScheduler", "euler"),
-                                        ("FlowMatchHeunDiscreteScheduler", "heun")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"use_karras_sigmas": True},
+        {"use_exponential_sigmas": True},
+        {"use_beta_sigmas": True},
+        {"shift_terminal": 0.1},
+        {"invert_sigmas": True},
+    ],
+)
+@pytest.mark.parametrize(
+    "cls,solver", [("FlowMatchEulerDiscreteScheduler", "euler"), ("FlowMatchHeunDiscreteScheduler", "heun")]
+)
 def test_flow_parity_under_sigma_options(cls, solver, options):
     klass = getattr(diffusers, cls)
     if not set(options) <= set(inspect.signature(klass.__init__).parameters):
@@ -221,8 +274,9 @@ def test_every_fixed_grid_solver_runs_in_every_config(name):
 
 
 # ------------------------------------------------------------------------------- issue 17's points
-@pytest.mark.parametrize("cls,first", [("DPMSolverMultistepScheduler", [999.0, 949.0]),
-                                       ("EulerDiscreteScheduler", [999.0, 946.4210815])])
+@pytest.mark.parametrize(
+    "cls,first", [("DPMSolverMultistepScheduler", [999.0, 949.0]), ("EulerDiscreteScheduler", [999.0, 946.4210815])]
+)
 def test_1_a_config_dict_keeps_the_class_it_came_from(cls, first):
     """A scheduler made in code has no _class_name in its config: the class is read off its keys."""
     ref = getattr(diffusers, cls)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -286,8 +340,10 @@ def test_6_own_grids_cost_the_calls_asked_for(grid, solver):
         assert float(s._run.grid[-1]) == 0.0  # the last call jumps to the clean end
 
 
-@pytest.mark.parametrize("name,solver", [("sana_1600m_512px.json", "dpmpp-2m"), ("wan21_vace_14b.json", "dpmpp-2m"),
-                                         ("mochi_1_preview.json", "euler")])
+@pytest.mark.parametrize(
+    "name,solver",
+    [("sana_1600m_512px.json", "dpmpp-2m"), ("wan21_vace_14b.json", "dpmpp-2m"), ("mochi_1_preview.json", "euler")],
+)
 def test_7_flow_prediction_and_inverted_sigmas_are_read(name, solver):
     """Read as flow matching: the network timestep is 1000 times the listed sigma (whole numbers for
     DPM-Solver and UniPC, which truncate), also where Mochi lists 1 - sigma."""
@@ -300,7 +356,9 @@ def test_7_flow_prediction_and_inverted_sigmas_are_read(name, solver):
     assert float(s.sigmas[0]) == pytest.approx(0.0 if s.source.inverted else 1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("cls,solver", [("DPMSolverMultistepScheduler", "dpmpp-2m"), ("EulerDiscreteScheduler", "euler")])
+@pytest.mark.parametrize(
+    "cls,solver", [("DPMSolverMultistepScheduler", "dpmpp-2m"), ("EulerDiscreteScheduler", "euler")]
+)
 def test_8_karras_sigmas_at_rounded_timesteps(cls, solver):
     """With Karras sigmas the source calls the network at rounded (DPM-Solver) or interpolated
     (Euler) timesteps while stepping on the exact sigmas: so does the drop-in."""

@@ -11,7 +11,8 @@ ALL = {
     "vp-cosine": lambda: S.VPCosine(),
     "vp-discrete": lambda: S.VPDiscrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)),
     "sd-discrete": lambda: S.VPDiscrete.from_diffusers_config(
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}),
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    ),
     "subvp": lambda: S.SubVP(),
     "ve": lambda: S.VE(),
     "edm": lambda: S.EDM(),
@@ -59,13 +60,16 @@ def test_g2_equals_minus_two_sigma2_dlambda():
     assert torch.allclose(s.g2(t), -2 * s.sigma(t) ** 2 * dlam, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [
-    {},
-    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    {"beta_schedule": "squaredcos_cap_v2"},
-    {"beta_schedule": "linear", "num_train_timesteps": 500, "beta_end": 0.03},
-    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"beta_schedule": "linear", "num_train_timesteps": 500, "beta_end": 0.03},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True},
+    ],
+)
 def test_vpdiscrete_matches_diffusers(cfg):
     ref = DDPMScheduler(**cfg)
     s = S.VPDiscrete.from_diffusers_config(ref.config)
@@ -131,8 +135,26 @@ def test_grids():
 def test_karras_grid_matches_edm():
     """EDM's N = 18 schedule (shared research notes, D.1)."""
     g = S.make_grid(S.EDM(), 17, "karras")
-    expect = [80, 57.586, 40.786, 28.375, 19.353, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585, 0.296,
-              0.1395, 0.0599, 0.0229, 0.0075, 0.002]
+    expect = [
+        80,
+        57.586,
+        40.786,
+        28.375,
+        19.353,
+        12.910,
+        8.401,
+        5.315,
+        3.257,
+        1.923,
+        1.088,
+        0.585,
+        0.296,
+        0.1395,
+        0.0599,
+        0.0229,
+        0.0075,
+        0.002,
+    ]
     # the notes print 3-4 significant digits
     assert torch.allclose(g, torch.tensor(expect, dtype=torch.float64), rtol=5e-3, atol=1e-4)
     i = torch.arange(18, dtype=torch.float64)
@@ -169,8 +191,13 @@ from hypothesis import strategies as st
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=st.sampled_from(sorted(ALL)), kind=st.sampled_from(S.GRID_KINDS), steps=st.integers(1, 200),
-       lo=st.floats(0.0, 0.4), hi=st.floats(0.6, 1.0))
+@given(
+    name=st.sampled_from(sorted(ALL)),
+    kind=st.sampled_from(S.GRID_KINDS),
+    steps=st.integers(1, 200),
+    lo=st.floats(0.0, 0.4),
+    hi=st.floats(0.6, 1.0),
+)
 def test_any_grid_is_descending_with_exact_ends(name, kind, steps, lo, hi):
     s = ALL[name]()
     t_min = s.t_min + lo * (s.t_max - s.t_min)

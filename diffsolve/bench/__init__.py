@@ -82,8 +82,10 @@ def run(names: Sequence[str], out: Path, quick: bool = False, force: bool = Fals
     if not force:
         existing = [p for n in names for p in outputs(n, out) if p.exists()]
         if existing:
-            raise FileExistsError(f"{len(existing)} result files exist already in {out} (e.g. {existing[0]}); "
-                                  "pass --force to overwrite them")
+            raise FileExistsError(
+                f"{len(existing)} result files exist already in {out} (e.g. {existing[0]}); "
+                "pass --force to overwrite them"
+            )
     written = []
     for n, m in zip(names, mods):
         t0 = time.perf_counter()

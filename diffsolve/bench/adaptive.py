@@ -41,10 +41,13 @@ STEMS = ("adaptive_exp",)
 def run(out: Path, quick: bool = False) -> None:
     torch.set_num_threads(2)
     sd = ds.schedules.VPDiscrete.from_diffusers_config(
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000})
+        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    )
     g = torch.Generator().manual_seed(0)
-    gmm = ds.models.GaussianMixture(torch.randn(8, 16, generator=g, dtype=torch.float64),
-                                    0.1 + 0.5 * torch.rand(8, generator=g, dtype=torch.float64))
+    gmm = ds.models.GaussianMixture(
+        torch.randn(8, 16, generator=g, dtype=torch.float64),
+        0.1 + 0.5 * torch.rand(8, generator=g, dtype=torch.float64),
+    )
     model = gmm.model(sd)
     n = 32 if quick else 128
     x_T = torch.randn(n, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -75,25 +78,51 @@ def run(out: Path, quick: bool = False) -> None:
                 row[name] = {"rms_error_at_same_nfe": e_at, "error_ratio": err / e_at, "nfe_for_same_error": n_at}
             rows.append(row)
             print(row, flush=True)
-    write_text(out / "adaptive_exp.json", json.dumps({"rows": rows, "sweeps": peers, "sweep_tolerances": sweep,
-                                                        "reference_agreement_rms": ref_agreement,
-                                                        "torch": torch.__version__, "samples": n}, indent=2) + "\n")
-    absent = "" if kd is not None else (" k-diffusion was not importable in this run (it needs torchvision and "
-                                        "torchsde), so dpm_adaptive is not in the table.")
-    lines = ["# Adaptive exponential integrators vs dopri5 and dpm_adaptive at equal NFE", "",
-             f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/adaptive.py): 16-D "
-             f"GaussianMixture oracle, SD scaled-linear VPDiscrete, {n} samples, float64. Reference: dpmpp-3s on 2000 log-SNR steps (it agrees with mrs-adaptive at "
-             f"rtol 1e-8 to {ref_agreement:.1e} RMS). Each peer swept rtol = atol over 3e-1 ... {sweep[-1]:.0e}; its error at our "
-             "NFE and its NFE at our error are interpolated (log-log) on its Pareto front. dopri5 integrates in t, "
-             "where the discrete schedule has a kink at every training step, and stalls near 1e-4 there; "
-             "dpm_adaptive steps in log-SNR with the noise-prediction DPM-Solver pair in batch mode "
-             f"(torch {torch.__version__})." + absent, "",
-             "| tol | method | mode | NFE per sample | RMS error | " + " | ".join(
-                 f"{n}: error at that NFE (ratio) | {n}: NFE for that error" for n in peers) + " |",
-             "|---|---|---|---|---|" + "---|---|" * len(peers)]
+    write_text(
+        out / "adaptive_exp.json",
+        json.dumps(
+            {
+                "rows": rows,
+                "sweeps": peers,
+                "sweep_tolerances": sweep,
+                "reference_agreement_rms": ref_agreement,
+                "torch": torch.__version__,
+                "samples": n,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    absent = (
+        ""
+        if kd is not None
+        else (
+            " k-diffusion was not importable in this run (it needs torchvision and "
+            "torchsde), so dpm_adaptive is not in the table."
+        )
+    )
+    lines = [
+        "# Adaptive exponential integrators vs dopri5 and dpm_adaptive at equal NFE",
+        "",
+        f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/adaptive.py): 16-D "
+        f"GaussianMixture oracle, SD scaled-linear VPDiscrete, {n} samples, float64. Reference: dpmpp-3s on 2000 log-SNR steps (it agrees with mrs-adaptive at "
+        f"rtol 1e-8 to {ref_agreement:.1e} RMS). Each peer swept rtol = atol over 3e-1 ... {sweep[-1]:.0e}; its error at our "
+        "NFE and its NFE at our error are interpolated (log-log) on its Pareto front. dopri5 integrates in t, "
+        "where the discrete schedule has a kink at every training step, and stalls near 1e-4 there; "
+        "dpm_adaptive steps in log-SNR with the noise-prediction DPM-Solver pair in batch mode "
+        f"(torch {torch.__version__})." + absent,
+        "",
+        "| tol | method | mode | NFE per sample | RMS error | "
+        + " | ".join(f"{n}: error at that NFE (ratio) | {n}: NFE for that error" for n in peers)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(peers),
+    ]
     for r in rows:
-        cells = "".join(f" {r[n]['rms_error_at_same_nfe']:.2e} ({r[n]['error_ratio']:.2f}) | "
-                        f"{_fmt_nfe(r[n]['nfe_for_same_error'])} |" for n in peers)
+        cells = "".join(
+            f" {r[n]['rms_error_at_same_nfe']:.2e} ({r[n]['error_ratio']:.2f}) | "
+            f"{_fmt_nfe(r[n]['nfe_for_same_error'])} |"
+            for n in peers
+        )
         lines.append(f"| {r['tol']:.0e} | {r['method']} | {r['mode']} | {r['nfe']} | {r['rms_error']:.2e} |{cells}")
     lines.append("")
     for peer, pts in peers.items():
@@ -146,8 +175,15 @@ def _kdiffusion_sweep(model, schedule, x_T, ref, tolerances):
     a_max, a_min = float(schedule.alpha(t_max)), float(schedule.alpha(t_min))
     pts = []
     for tol in tolerances:
-        x, info = sample_dpm_adaptive(denoiser, x_T / a_max, edm_sigma(t_min), edm_sigma(t_max), rtol=tol, atol=tol,
-                                      disable=True, return_info=True)
+        x, info = sample_dpm_adaptive(
+            denoiser,
+            x_T / a_max,
+            edm_sigma(t_min),
+            edm_sigma(t_max),
+            rtol=tol,
+            atol=tol,
+            disable=True,
+            return_info=True,
+        )
         pts.append((float(info["nfe"]), float((x * a_min - ref).pow(2).mean().sqrt())))
     return pts
-

@@ -130,7 +130,8 @@ def _digits_rows(quick: bool, log) -> dict:
     model = ds.pretrained.load("digits-vp")
     x0 = digits16("heldout")[0][:count]
     runs: list[tuple[str, str, dict[str, Any], int | None]] = [
-        (label, solver, opts, k) for label, (solver, opts) in DIGITS_FIXED.items() for k in steps]
+        (label, solver, opts, k) for label, (solver, opts) in DIGITS_FIXED.items() for k in steps
+    ]
     runs += [(f"{solver} rtol {rtol:g}", solver, {"rtol": rtol}, None) for solver in DIGITS_ADAPTIVE for rtol in rtols]
     rows = []
     for label, solver, opts, k in runs:
@@ -139,37 +140,67 @@ def _digits_rows(quick: bool, log) -> dict:
         res = ds.sample(model, solver, latent=lat, **opts)
         err = (res.samples.double() - x0.double()).abs().flatten(1)
         per_digit = err.amax(1)
-        rows.append({"method": label, "solver": solver, "options": opts, "steps": k,
-                     "max_abs": float(per_digit.max()), "rms": float(err.pow(2).mean().sqrt()),
-                     "median_digit_max": float(per_digit.median()), "flipped": int((per_digit > FLIP).sum()),
-                     "worst_digit": int(per_digit.argmax()), "inversion_nfe": lat.nfe, "sampling_nfe": res.nfe,
-                     "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "method": label,
+                "solver": solver,
+                "options": opts,
+                "steps": k,
+                "max_abs": float(per_digit.max()),
+                "rms": float(err.pow(2).mean().sqrt()),
+                "median_digit_max": float(per_digit.median()),
+                "flipped": int((per_digit > FLIP).sum()),
+                "worst_digit": int(per_digit.argmax()),
+                "inversion_nfe": lat.nfe,
+                "sampling_nfe": res.nfe,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         log(rows[-1])
     return {"digits": count, "steps": list(steps), "rtols": list(rtols), "rows": rows}
 
 
 def _digits_markdown(d: dict) -> list[str]:
     steps, fixed = d["steps"], [r for r in d["rows"] if r["steps"] is not None]
-    lines = ["## digits-vp: round trip of held-out digits against steps", "",
-             (f"The first {d['digits']} held-out digits (`diffsolve.data.digits16('heldout')`), float32, inverted with "
-             "`ds.invert` and sampled back on the same grid (the default log-SNR grid, t from 0.001 to 1). *max*: "
-             "max abs error over all digits and pixels; *median*: the median over digits of each digit's max abs "
-             f"error; *flipped*: digits whose round trip is off by more than {FLIP} somewhere (they come back as a "
-             "visibly different image). RMS over all pixels in inversion.json. The reversible solvers' round trips "
-             "on the same model are in reversible.md (float32: below 1e-6)."), ""]
-    for key, title, fmt in (("max_abs", "max abs error", ".3g"), ("median_digit_max", "median over digits of the max abs error", ".2g"),
-                            ("flipped", f"digits flipped (max error > {FLIP})", "d")):
-        lines += [f"### {title}", "", "| solver | " + " | ".join(f"{k} steps" for k in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
+    lines = [
+        "## digits-vp: round trip of held-out digits against steps",
+        "",
+        (
+            f"The first {d['digits']} held-out digits (`diffsolve.data.digits16('heldout')`), float32, inverted with "
+            "`ds.invert` and sampled back on the same grid (the default log-SNR grid, t from 0.001 to 1). *max*: "
+            "max abs error over all digits and pixels; *median*: the median over digits of each digit's max abs "
+            f"error; *flipped*: digits whose round trip is off by more than {FLIP} somewhere (they come back as a "
+            "visibly different image). RMS over all pixels in inversion.json. The reversible solvers' round trips "
+            "on the same model are in reversible.md (float32: below 1e-6)."
+        ),
+        "",
+    ]
+    for key, title, fmt in (
+        ("max_abs", "max abs error", ".3g"),
+        ("median_digit_max", "median over digits of the max abs error", ".2g"),
+        ("flipped", f"digits flipped (max error > {FLIP})", "d"),
+    ):
+        lines += [
+            f"### {title}",
+            "",
+            "| solver | " + " | ".join(f"{k} steps" for k in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for label in DIGITS_FIXED:
             vals = [next(r[key] for r in fixed if r["method"] == label and r["steps"] == k) for k in steps]
             lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in vals) + " |")
         lines.append("")
-    lines += ["### Adaptive solvers (their own steps; atol 1e-5)", "",
-              "| solver | NFE (invert + sample) | max abs | RMS | median | flipped | worst digit |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "### Adaptive solvers (their own steps; atol 1e-5)",
+        "",
+        "| solver | NFE (invert + sample) | max abs | RMS | median | flipped | worst digit |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in (r for r in d["rows"] if r["steps"] is None):
-        lines.append(f"| {r['method']} | {r['inversion_nfe']} + {r['sampling_nfe']} | {r['max_abs']:.3g} | {r['rms']:.2g} | "
-                     f"{r['median_digit_max']:.2g} | {r['flipped']} | {r['worst_digit']} |")
+        lines.append(
+            f"| {r['method']} | {r['inversion_nfe']} + {r['sampling_nfe']} | {r['max_abs']:.3g} | {r['rms']:.2g} | "
+            f"{r['median_digit_max']:.2g} | {r['flipped']} | {r['worst_digit']} |"
+        )
     lines.append("")
     if EXPLANATION:
         lines += [EXPLANATION.strip(), ""]
@@ -180,9 +211,11 @@ def run(out: Path, quick: bool = False) -> None:
     torch.set_num_threads(1)
     steps, n = ((10, 20), 16) if quick else (STEPS, 64)
     sched = ds.schedules.VPDiscrete.from_diffusers_config(
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000})
-    gmm = ds.models.GaussianMixture(0.8 * torch.randn(3, 16, generator=torch.Generator().manual_seed(0),
-                                                      dtype=torch.float64), 0.15)
+        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+    )
+    gmm = ds.models.GaussianMixture(
+        0.8 * torch.randn(3, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 0.15
+    )
     model = gmm.model(sched)
     x0 = gmm.sample(n, torch.Generator().manual_seed(1))
     x_T = torch.randn(n, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -199,26 +232,47 @@ def run(out: Path, quick: bool = False) -> None:
             lat = ds.invert(model, solver, x0, k, **opts, **inv)
             back = ds.sample(model, solver, latent=lat, **opts).samples
             fwd = ds.sample(model, solver, k, x_T=x_T, **opts).samples
-            rows.append({"method": label, "steps": k, "round_trip": rms(back, x0),
-                         "latent_error": rms(lat.x, exact_latent), "sampling_error": rms(fwd, exact_sample),
-                         "inversion_nfe": lat.nfe})
+            rows.append(
+                {
+                    "method": label,
+                    "steps": k,
+                    "round_trip": rms(back, x0),
+                    "latent_error": rms(lat.x, exact_latent),
+                    "sampling_error": rms(fwd, exact_sample),
+                    "inversion_nfe": lat.nfe,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     digits = _digits_rows(quick, lambda r: print(json.dumps(r), flush=True))
     write_text(out / "inversion.json", json.dumps({"rows": rows, "quick": quick, "digits_vp": digits}, indent=2) + "\n")
-    lines = ["# Inversion: round trip, latent and sampling error", "",
-             (f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/inversion.py): 16-D "
-             f"3-component GaussianMixture, SD scaled-linear schedule, {n} points, float64; errors are RMS; the "
-             f"exact references are dpmpp-3s on {ref_steps} log-SNR steps (the latent agrees with half as many steps "
-             f"to {ref_agreement:.1e})."), ""]
-    for key, title in (("round_trip", "Round trip sample(invert(x0)) - x0"),
-                       ("latent_error", "Latent error against the exact ODE latent"),
-                       ("sampling_error", "Sampling error against the exact ODE solution"),
-                       ("inversion_nfe", "NFE of the inversion")):
-        lines += [f"## {title}", "", "| method | " + " | ".join(f"{k} steps" for k in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
+    lines = [
+        "# Inversion: round trip, latent and sampling error",
+        "",
+        (
+            f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/inversion.py): 16-D "
+            f"3-component GaussianMixture, SD scaled-linear schedule, {n} points, float64; errors are RMS; the "
+            f"exact references are dpmpp-3s on {ref_steps} log-SNR steps (the latent agrees with half as many steps "
+            f"to {ref_agreement:.1e})."
+        ),
+        "",
+    ]
+    for key, title in (
+        ("round_trip", "Round trip sample(invert(x0)) - x0"),
+        ("latent_error", "Latent error against the exact ODE latent"),
+        ("sampling_error", "Sampling error against the exact ODE solution"),
+        ("inversion_nfe", "NFE of the inversion"),
+    ):
+        lines += [
+            f"## {title}",
+            "",
+            "| method | " + " | ".join(f"{k} steps" for k in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for label in METHODS:
             vals = [next(r[key] for r in rows if r["method"] == label and r["steps"] == k) for k in steps]
-            lines.append(f"| {label} | " + " | ".join(str(v) if key == "inversion_nfe" else f"{v:.2e}" for v in vals) + " |")
+            lines.append(
+                f"| {label} | " + " | ".join(str(v) if key == "inversion_nfe" else f"{v:.2e}" for v in vals) + " |"
+            )
         lines.append("")
     lines += _digits_markdown(digits)
     write_text(out / "inversion.md", "\n".join(lines))
@@ -249,4 +303,3 @@ def run(out: Path, quick: bool = False) -> None:
     grid[1][0].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / "inversion.png")
-

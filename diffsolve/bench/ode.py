@@ -43,16 +43,23 @@ STEMS = ("ode",)
 NFES = (5, 8, 10, 15, 20, 50)
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 OURS: dict[str, tuple[str, dict[str, Any], int]] = {  # name -> (solver, options, calls per step)
-    "euler": ("euler", {}, 1), "heun": ("heun", {}, 2), "ddim": ("ddim", {}, 1), "dpmpp-2m": ("dpmpp-2m", {}, 1),
-    "dpmpp-3m": ("dpmpp-3m", {}, 1), "mrs-ode (order 3)": ("mrs-ode", {"order": 3}, 1),
-    "dpmpp-3s": ("dpmpp-3s", {}, 3)}
+    "euler": ("euler", {}, 1),
+    "heun": ("heun", {}, 2),
+    "ddim": ("ddim", {}, 1),
+    "dpmpp-2m": ("dpmpp-2m", {}, 1),
+    "dpmpp-3m": ("dpmpp-3m", {}, 1),
+    "mrs-ode (order 3)": ("mrs-ode", {"order": 3}, 1),
+    "dpmpp-3s": ("dpmpp-3s", {}, 3),
+}
 
 
 def problem(n: int = 128):
     sd = ds.schedules.VPDiscrete.from_diffusers_config(SD)
     g = torch.Generator().manual_seed(0)
-    gmm = ds.models.GaussianMixture(torch.randn(8, 16, generator=g, dtype=torch.float64),
-                                    0.1 + 0.5 * torch.rand(8, generator=g, dtype=torch.float64))
+    gmm = ds.models.GaussianMixture(
+        torch.randn(8, 16, generator=g, dtype=torch.float64),
+        0.1 + 0.5 * torch.rand(8, generator=g, dtype=torch.float64),
+    )
     x_T = torch.randn(n, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return sd, gmm.model(sd), x_T
 
@@ -89,15 +96,17 @@ def diffusers_methods():
     from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    m: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {"DDIM": (DDIMScheduler, {"set_alpha_to_one": True}),
-         "Euler": (EulerDiscreteScheduler, {}),
-         "Euler (Karras)": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-         "Heun": (HeunDiscreteScheduler, {}),
-         "DPM++ 2M": (DPMSolverMultistepScheduler, {"solver_order": 2}),
-         "DPM++ 2M (Karras)": (DPMSolverMultistepScheduler, {"solver_order": 2, "use_karras_sigmas": True}),
-         "DPM++ 3M": (DPMSolverMultistepScheduler, {"solver_order": 3}),
-         "UniPC": (UniPCMultistepScheduler, {}),
-         "DEIS": (DEISMultistepScheduler, {})}
+    m: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+        "DDIM": (DDIMScheduler, {"set_alpha_to_one": True}),
+        "Euler": (EulerDiscreteScheduler, {}),
+        "Euler (Karras)": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+        "Heun": (HeunDiscreteScheduler, {}),
+        "DPM++ 2M": (DPMSolverMultistepScheduler, {"solver_order": 2}),
+        "DPM++ 2M (Karras)": (DPMSolverMultistepScheduler, {"solver_order": 2, "use_karras_sigmas": True}),
+        "DPM++ 3M": (DPMSolverMultistepScheduler, {"solver_order": 3}),
+        "UniPC": (UniPCMultistepScheduler, {}),
+        "DEIS": (DEISMultistepScheduler, {}),
+    }
     out = {}
     for name, (cls, kw) in m.items():
         for spacing in ("trailing", "default"):
@@ -141,9 +150,17 @@ def kdiffusion_methods():
     except Exception as exc:  # optional peer: skip cleanly
         print(f"k-diffusion not importable ({type(exc).__name__}); skipping its samplers", flush=True)
         return {}
-    return {"k euler": (K.sample_euler, 1), "k heun": (K.sample_heun, 2), "k dpm_2": (K.sample_dpm_2, 2),
-            "k lms": (K.sample_lms, 1), "k dpmpp_2m": (K.sample_dpmpp_2m, 1), "k dpmpp_2s_ancestral(eta 0)": (
-                lambda m, x, s, disable=None: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0, disable=disable), 2)}
+    return {
+        "k euler": (K.sample_euler, 1),
+        "k heun": (K.sample_heun, 2),
+        "k dpm_2": (K.sample_dpm_2, 2),
+        "k lms": (K.sample_lms, 1),
+        "k dpmpp_2m": (K.sample_dpmpp_2m, 1),
+        "k dpmpp_2s_ancestral(eta 0)": (
+            lambda m, x, s, disable=None: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0, disable=disable),
+            2,
+        ),
+    }
 
 
 def run_kdiffusion(fn, calls_per_step, sd, model, x_T, nfe: int):
@@ -185,8 +202,13 @@ def run(out: Path, quick: bool = False) -> None:
         t_lo = float(sd.t_of_log_snr(torch.tensor(12.0, dtype=torch.float64)))
         res = ds.sample(model, "ode-dopri5", x_T=x_T, rtol=tol, atol=tol, grid=[sd.t_max, t_lo])
         x0 = model(res.samples, t_lo).x0
-        put("diffsolve (adaptive)", "ode-dopri5", f"rtol {tol:g}", float(res.nfe_per_sample.double().mean()) + 1,
-            rms(x0, ref))
+        put(
+            "diffsolve (adaptive)",
+            "ode-dopri5",
+            f"rtol {tol:g}",
+            float(res.nfe_per_sample.double().mean()) + 1,
+            rms(x0, ref),
+        )
     for name, (cls, opts) in diffusers_methods().items():
         for nfe in NFES:
             with warnings.catch_warnings():  # numpy 2 deprecations inside diffusers' schedulers
@@ -205,14 +227,25 @@ def run(out: Path, quick: bool = False) -> None:
 def rewrite(out: Path) -> None:
     """Rebuild ode.md and ode.png from ode.json (no sampling)."""
     d = json.loads((out / "ode.json").read_text())
-    write(d["results"], d["reference_agreement_rms"], d.get("quick", False), out, d.get("samples", 128),
-          torch_version=d.get("torch"))
+    write(
+        d["results"],
+        d["reference_agreement_rms"],
+        d.get("quick", False),
+        out,
+        d.get("samples", 128),
+        torch_version=d.get("torch"),
+    )
 
 
 def best(results, group, nfe):
     """(name, error) of the group's most accurate method at this NFE budget (calls <= budget)."""
-    cands = [(p["rms_error"], n) for n, r in results.items() if r["group"] == group
-             for k, p in r["points"].items() if k == str(nfe) and p["nfe"] <= nfe]
+    cands = [
+        (p["rms_error"], n)
+        for n, r in results.items()
+        if r["group"] == group
+        for k, p in r["points"].items()
+        if k == str(nfe) and p["nfe"] <= nfe
+    ]
     e, n = min(cands)
     return n, e
 
@@ -229,28 +262,54 @@ def write(results, ref_agreement, quick, out, n, torch_version=None):
             kn, ke = best(results, "k-diffusion", nfe)
             row.update({"k-diffusion": kn, "k-diffusion_error": ke})
         headline.append(row)
-    write_text(out / f"{stem}.json", json.dumps({"headline": headline, "results": results,
-                                                  "reference_agreement_rms": ref_agreement,
-                                                  "torch": torch_version, "samples": n, "quick": quick},
-                                                 indent=2) + "\n")
-    lines = ["# Fixed-step ODE solvers: accuracy against NFE", "",
-             f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/ode.py). 16-D "
-             f"GaussianMixture oracle (exact denoiser) under Stable Diffusion's scaled-linear schedule, float64, "
-             f"{n} samples, the same x_T for every method, from timestep 999 to sigma = 0. RMS error against a "
-             f"{1000 if quick else 4000}-step dpmpp-3s reference (it agrees with half as many steps to "
-             f"{ref_agreement:.1e}). torch {torch_version}."
-             + ("" if any(r["group"] == "k-diffusion" for r in results.values())
-                else " k-diffusion was not importable in this run: its samplers are not in the tables."), "",
-             "## Best of each library at each NFE budget", "",
-             "| NFE | diffsolve best | error | diffusers best | error | ours / diffusers |"
-             + (" k-diffusion best | error |" if "k-diffusion" in headline[0] else ""),
-             "|---|---|---|---|---|---|" + ("---|---|" if "k-diffusion" in headline[0] else "")]
+    write_text(
+        out / f"{stem}.json",
+        json.dumps(
+            {
+                "headline": headline,
+                "results": results,
+                "reference_agreement_rms": ref_agreement,
+                "torch": torch_version,
+                "samples": n,
+                "quick": quick,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    lines = [
+        "# Fixed-step ODE solvers: accuracy against NFE",
+        "",
+        f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/ode.py). 16-D "
+        f"GaussianMixture oracle (exact denoiser) under Stable Diffusion's scaled-linear schedule, float64, "
+        f"{n} samples, the same x_T for every method, from timestep 999 to sigma = 0. RMS error against a "
+        f"{1000 if quick else 4000}-step dpmpp-3s reference (it agrees with half as many steps to "
+        f"{ref_agreement:.1e}). torch {torch_version}."
+        + (
+            ""
+            if any(r["group"] == "k-diffusion" for r in results.values())
+            else " k-diffusion was not importable in this run: its samplers are not in the tables."
+        ),
+        "",
+        "## Best of each library at each NFE budget",
+        "",
+        "| NFE | diffsolve best | error | diffusers best | error | ours / diffusers |"
+        + (" k-diffusion best | error |" if "k-diffusion" in headline[0] else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if "k-diffusion" in headline[0] else ""),
+    ]
     for r in headline:
         k = f" {r['k-diffusion']} | {r['k-diffusion_error']:.2e} |" if "k-diffusion" in r else ""
-        lines.append(f"| {r['nfe']} | {r['ours']} | {r['ours_error']:.2e} | {r['diffusers']} | "
-                     f"{r['diffusers_error']:.2e} | {r['ratio']:.2f} |{k}")
-    lines += ["", "## Every method", "", "| method | library | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-              "|---|---|" + "---|" * len(NFES)]
+        lines.append(
+            f"| {r['nfe']} | {r['ours']} | {r['ours_error']:.2e} | {r['diffusers']} | "
+            f"{r['diffusers_error']:.2e} | {r['ratio']:.2f} |{k}"
+        )
+    lines += [
+        "",
+        "## Every method",
+        "",
+        "| method | library | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+        "|---|---|" + "---|" * len(NFES),
+    ]
     for name, r in results.items():
         if r["group"] == "diffsolve (adaptive)":
             continue
@@ -258,8 +317,11 @@ def write(results, ref_agreement, quick, out, n, torch_version=None):
         lines.append(f"| {name} | {r['group']} | {cells} |")
     dop = results.get("ode-dopri5")
     if dop:
-        lines += ["", "ode-dopri5 (adaptive; NFE per sample, error): " + ", ".join(
-            f"{k}: ({p['nfe']:.0f}, {p['rms_error']:.1e})" for k, p in dop["points"].items())]
+        lines += [
+            "",
+            "ode-dopri5 (adaptive; NFE per sample, error): "
+            + ", ".join(f"{k}: ({p['nfe']:.0f}, {p['rms_error']:.1e})" for k, p in dop["points"].items()),
+        ]
     write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     plt = pyplot()
     if plt is None:
@@ -271,8 +333,14 @@ def write(results, ref_agreement, quick, out, n, torch_version=None):
         if key not in headline[0]:
             continue
         err_key = "ours_error" if key == "ours" else f"{key}_error"
-        ax.loglog([r["nfe"] for r in headline], [r[err_key] for r in headline], style, color=color, marker="o",
-                  label=f"{group} (best at each NFE)")
+        ax.loglog(
+            [r["nfe"] for r in headline],
+            [r[err_key] for r in headline],
+            style,
+            color=color,
+            marker="o",
+            label=f"{group} (best at each NFE)",
+        )
     ax.set_xlabel("NFE")
     ax.set_ylabel("RMS error at sigma = 0")
     ax.set_title("Best fixed-step ODE solver of each library")
@@ -288,4 +356,3 @@ def write(results, ref_agreement, quick, out, n, torch_version=None):
     fig.suptitle("16-D mixture oracle under the Stable Diffusion schedule, float64")
     fig.tight_layout()
     save_figure(fig, out / f"{stem}.png")
-

@@ -40,14 +40,20 @@ def pairs():
         HeunDiscreteScheduler,
     )
 
-    return {"ddim": ("ddim", {}, DDIMScheduler, {}),
-            "ddpm": ("ddpm", {}, DDPMScheduler, {}),
-            "euler": ("euler", {"space": "sigma"}, EulerDiscreteScheduler, {}),
-            "heun": ("heun", {"space": "sigma"}, HeunDiscreteScheduler, {}),
-            "dpmpp-2m": ("dpmpp-2m", {}, DPMSolverMultistepScheduler, {"solver_order": 2}),
-            "dpmpp-3m": ("dpmpp-3m", {}, DPMSolverMultistepScheduler, {"solver_order": 3}),
-            "dpmpp-2m-sde": ("dpmpp-2m-sde", {}, DPMSolverMultistepScheduler,
-                             {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"})}
+    return {
+        "ddim": ("ddim", {}, DDIMScheduler, {}),
+        "ddpm": ("ddpm", {}, DDPMScheduler, {}),
+        "euler": ("euler", {"space": "sigma"}, EulerDiscreteScheduler, {}),
+        "heun": ("heun", {"space": "sigma"}, HeunDiscreteScheduler, {}),
+        "dpmpp-2m": ("dpmpp-2m", {}, DPMSolverMultistepScheduler, {"solver_order": 2}),
+        "dpmpp-3m": ("dpmpp-3m", {}, DPMSolverMultistepScheduler, {"solver_order": 3}),
+        "dpmpp-2m-sde": (
+            "dpmpp-2m-sde",
+            {},
+            DPMSolverMultistepScheduler,
+            {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
+        ),
+    }
 
 
 def ours_per_call(model, solver, opts, x_T, steps):
@@ -61,7 +67,11 @@ def diffusers_per_call(net, cls, opts, x_T, steps):
     t0 = time.perf_counter()
     sched.set_timesteps(steps)
     x = x_T * sched.init_noise_sigma
-    kw = {"generator": torch.Generator().manual_seed(0)} if "generator" in inspect.signature(sched.step).parameters else {}
+    kw = (
+        {"generator": torch.Generator().manual_seed(0)}
+        if "generator" in inspect.signature(sched.step).parameters
+        else {}
+    )
     calls = 0
     for t in sched.timesteps:
         out = net(sched.scale_model_input(x, t), t)
@@ -83,8 +93,16 @@ def noop_rows(shapes, steps, repeats):
                 ours.append(ours_per_call(model, solver, opts, x_T, steps))
                 theirs.append(diffusers_per_call(net, cls, dopts, x_T, steps))
             o, d = min(ours), min(theirs)
-            rows.append({"shape": "x".join(map(str, shape)), "solver": name, "diffusers": cls.__name__,
-                         "ours_us_per_call": o * 1e6, "diffusers_us_per_call": d * 1e6, "ratio": o / d})
+            rows.append(
+                {
+                    "shape": "x".join(map(str, shape)),
+                    "solver": name,
+                    "diffusers": cls.__name__,
+                    "ours_us_per_call": o * 1e6,
+                    "diffusers_us_per_call": d * 1e6,
+                    "ratio": o / d,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -93,7 +111,9 @@ def unet_rows(steps, repeats, batch):
     model = ds.pretrained.load("digits-vp")
     net = model.net
     u = ds.pretrained.card("digits-vp")["unet"]
-    x_T = torch.randn(batch, u["in_channels"], u["sample_size"], u["sample_size"], generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(
+        batch, u["in_channels"], u["sample_size"], u["sample_size"], generator=torch.Generator().manual_seed(0)
+    )
     rows = []
     for solver in ("ddim", "heun", "dpmpp-2m", "dpmpp-3m", "mrs-ode"):
         best: dict[str, Any] | None = None
@@ -113,7 +133,13 @@ def unet_rows(steps, repeats, batch):
             total = time.perf_counter() - t0
             frac = 1.0 - spent[0] / total
             if best is None or frac < best["overhead_fraction"]:
-                best = {"solver": solver, "nfe": res.nfe, "total_s": total, "network_s": spent[0], "overhead_fraction": frac}
+                best = {
+                    "solver": solver,
+                    "nfe": res.nfe,
+                    "total_s": total,
+                    "network_s": spent[0],
+                    "overhead_fraction": frac,
+                }
         model.net = net
         rows.append(best)
         print(best, flush=True)
@@ -126,22 +152,49 @@ def run(out: Path, quick: bool = False) -> None:
     noop = noop_rows([(1, 4, 64, 64), (16, 4, 128, 128)], steps, repeats)
     unet = unet_rows(steps, 2 if quick else 3, 64)
     stem = "overhead"
-    write_text(out / f"{stem}.json", json.dumps({"noop": noop, "unet": unet, "steps": steps, "repeats": repeats,
-                                                  "torch": torch.__version__, "threads": torch.get_num_threads()},
-                                                 indent=2) + "\n")
-    lines = ["# Solver overhead", "", (f"Written by `diffsolve bench{' --quick' if quick else ''}` on the "
-             f"CPU ({torch.get_num_threads()} threads, float32, {steps} steps, best of {repeats}, torch "
-             f"{torch.__version__}). Per model call, with a no-op network: our whole `ds.sample` against diffusers' "
-             "loop (`scale_model_input` + `step`) with the paired scheduler on the same tensors."), "",
-             "| shape | solver | diffusers scheduler | ours (us/call) | diffusers (us/call) | ours / diffusers |",
-             "|---|---|---|---|---|---|"]
+    write_text(
+        out / f"{stem}.json",
+        json.dumps(
+            {
+                "noop": noop,
+                "unet": unet,
+                "steps": steps,
+                "repeats": repeats,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    lines = [
+        "# Solver overhead",
+        "",
+        (
+            f"Written by `diffsolve bench{' --quick' if quick else ''}` on the "
+            f"CPU ({torch.get_num_threads()} threads, float32, {steps} steps, best of {repeats}, torch "
+            f"{torch.__version__}). Per model call, with a no-op network: our whole `ds.sample` against diffusers' "
+            "loop (`scale_model_input` + `step`) with the paired scheduler on the same tensors."
+        ),
+        "",
+        "| shape | solver | diffusers scheduler | ours (us/call) | diffusers (us/call) | ours / diffusers |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in noop:
-        lines.append(f"| {r['shape']} | {r['solver']} | {r['diffusers']} | {r['ours_us_per_call']:.0f} | "
-                     f"{r['diffusers_us_per_call']:.0f} | {r['ratio']:.2f} |")
-    lines += ["", "With the digits-vp UNet (batch 64): the share of sampling time spent outside the network.", "",
-              "| solver | NFE | total (s) | network (s) | overhead |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['shape']} | {r['solver']} | {r['diffusers']} | {r['ours_us_per_call']:.0f} | "
+            f"{r['diffusers_us_per_call']:.0f} | {r['ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        "With the digits-vp UNet (batch 64): the share of sampling time spent outside the network.",
+        "",
+        "| solver | NFE | total (s) | network (s) | overhead |",
+        "|---|---|---|---|---|",
+    ]
     for r in unet:
-        lines.append(f"| {r['solver']} | {r['nfe']} | {r['total_s']:.3f} | {r['network_s']:.3f} | "
-                     f"{100 * r['overhead_fraction']:.1f}% |")
+        lines.append(
+            f"| {r['solver']} | {r['nfe']} | {r['total_s']:.3f} | {r['network_s']:.3f} | "
+            f"{100 * r['overhead_fraction']:.1f}% |"
+        )
     write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
-

@@ -74,7 +74,9 @@ class _Setup:
         self.model: ds.DiffusionModel
         if name == "digits-vp-cond":
             self.labels = torch.arange(n) % 10
-            self.model = ds.guidance.ClassifierFreeGuidance(base, CFG_SCALE, uncond={"class_labels": torch.full((n,), 10)})
+            self.model = ds.guidance.ClassifierFreeGuidance(
+                base, CFG_SCALE, uncond={"class_labels": torch.full((n,), 10)}
+            )
             self.kw["cond"] = {"class_labels": self.labels}
         else:
             self.model = base
@@ -89,8 +91,11 @@ class _Setup:
 
 def _quality(samples: torch.Tensor, labels, clf, ref: torch.Tensor | None) -> dict:
     q = ds.quality.evaluate(samples, classifier=clf)
-    out = {"digits_fd": q["digits_fd"], "confidence": q["confidence"],
-           "out_of_range": float((samples.abs() > 1.05).float().mean())}
+    out = {
+        "digits_fd": q["digits_fd"],
+        "confidence": q["confidence"],
+        "out_of_range": float((samples.abs() > 1.05).float().mean()),
+    }
     if labels is not None:
         with torch.no_grad():
             pred = clf(samples.detach().to(torch.float32).clamp(-1, 1)).argmax(1)
@@ -103,8 +108,12 @@ def _quality(samples: torch.Tensor, labels, clf, ref: torch.Tensor | None) -> di
 def _floor(n: int, clf) -> dict:
     """digits-FD of n real training digits (5 draws): the floor and the spread at this sample count."""
     train = digits16("train")[0]
-    fds = [ds.quality.evaluate(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(s))[:n]],
-                               classifier=clf)["digits_fd"] for s in range(5)]
+    fds = [
+        ds.quality.evaluate(
+            train[torch.randperm(len(train), generator=torch.Generator().manual_seed(s))[:n]], classifier=clf
+        )["digits_fd"]
+        for s in range(5)
+    ]
     return {"mean": sum(fds) / len(fds), "min": min(fds), "max": max(fds)}
 
 
@@ -127,10 +136,17 @@ def _quality_rows(steps, n, clf, log) -> list[dict]:
             kept = {}
             for label, (solver, opts, calls, (csolver, csteps)) in REVERSIBLE.items():
                 c_res, _c_notes, c_sec = comparison(csolver, csteps(k))
-                row = {"model": name, "steps": k, "method": label, "solver": solver, "options": opts,
-                       "comparison": f"{csolver} {csteps(k)} steps", "comparison_nfe": c_res.nfe,
-                       "comparison_quality": _quality(c_res.samples, setup.labels, clf, ref),
-                       "comparison_seconds": round(c_sec, 1)}
+                row = {
+                    "model": name,
+                    "steps": k,
+                    "method": label,
+                    "solver": solver,
+                    "options": opts,
+                    "comparison": f"{csolver} {csteps(k)} steps",
+                    "comparison_nfe": c_res.nfe,
+                    "comparison_quality": _quality(c_res.samples, setup.labels, clf, ref),
+                    "comparison_seconds": round(c_sec, 1),
+                }
                 t0 = time.perf_counter()
                 try:
                     res, notes = setup.sample(solver, k, **opts)
@@ -139,8 +155,7 @@ def _quality_rows(steps, n, clf, log) -> list[dict]:
                     if label == "o-belm" and "bdia" in kept:
                         row["max_abs_to_bdia"] = float((res.samples.double() - kept["bdia"].double()).abs().max())
                 except ds.UnstableError as e:
-                    row.update(nfe=calls(k) * (2 if setup.labels is not None else 1), quality=None,
-                               unstable=str(e))
+                    row.update(nfe=calls(k) * (2 if setup.labels is not None else 1), quality=None, unstable=str(e))
                 row["seconds"] = round(time.perf_counter() - t0, 1)
                 rows.append(row)
                 log(row)
@@ -161,11 +176,20 @@ def _round_trip_rows(steps, digits, log) -> list[dict]:
                 lat = ds.invert(model, solver, x0, k)
                 res = ds.sample(model, solver, latent=lat)
                 err = (res.samples.double() - x0.double()).abs()
-                rows.append({"dtype": str(dtype).replace("torch.", ""), "digits": count, "solver": solver, "steps": k,
-                             "max_abs": float(err.max()), "rms": float(err.pow(2).mean().sqrt()),
-                             "nfe": lat.nfe + res.nfe, "latent_rms": float(lat.x.double().pow(2).mean().sqrt()),
-                             "latent_to_ode": float((lat.x.double() - ode_latent).pow(2).mean().sqrt()),
-                             "seconds": round(time.perf_counter() - t0, 1)})
+                rows.append(
+                    {
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "digits": count,
+                        "solver": solver,
+                        "steps": k,
+                        "max_abs": float(err.max()),
+                        "rms": float(err.pow(2).mean().sqrt()),
+                        "nfe": lat.nfe + res.nfe,
+                        "latent_rms": float(lat.x.double().pow(2).mean().sqrt()),
+                        "latent_to_ode": float((lat.x.double() - ode_latent).pow(2).mean().sqrt()),
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                )
                 log(rows[-1])
     return rows
 
@@ -186,28 +210,50 @@ def run(out: Path, quick: bool = False) -> None:
     quality = _quality_rows(steps, n, clf, log)
     round_trip = _round_trip_rows(rt_steps, digits, log)
     wall = time.perf_counter() - start
-    write_text(out / "reversible.json", json.dumps(
-        {"quick": quick, "num_samples": n, "seed": SEED, "cfg_scale": CFG_SCALE, "floor": floor,
-         "quality": quality, "round_trip": round_trip, "wall_seconds": round(wall)}, indent=2) + "\n")
+    write_text(
+        out / "reversible.json",
+        json.dumps(
+            {
+                "quick": quick,
+                "num_samples": n,
+                "seed": SEED,
+                "cfg_scale": CFG_SCALE,
+                "floor": floor,
+                "quality": quality,
+                "round_trip": round_trip,
+                "wall_seconds": round(wall),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     write_text(out / "reversible.md", _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wall))
     _plot(out, steps, quality)
 
 
 def _summary(steps, quality, round_trip, digits) -> list[str]:
     """The issue's targets against what was measured: ODE-distance ratios and the round-trip bounds."""
-    lines = ["## Summary", "",
-             ("RMS distance to the ODE solution, reversible solver (default form) / its comparison at equal model calls "
-             "(below 1: closer to the ODE solution than the non-reversible solver; digits-FD and accuracy are in the "
-             "tables below):"), "",
-             "| solver | " + " | ".join(f"{m.replace('digits-', '')} {k}" for m in MODELS for k in steps) + " |",
-             "|---|" + "---|" * (len(MODELS) * len(steps))]
+    lines = [
+        "## Summary",
+        "",
+        (
+            "RMS distance to the ODE solution, reversible solver (default form) / its comparison at equal model calls "
+            "(below 1: closer to the ODE solution than the non-reversible solver; digits-FD and accuracy are in the "
+            "tables below):"
+        ),
+        "",
+        "| solver | " + " | ".join(f"{m.replace('digits-', '')} {k}" for m in MODELS for k in steps) + " |",
+        "|---|" + "---|" * (len(MODELS) * len(steps)),
+    ]
     for label in ROUND_TRIP:
         cells = []
         for m in MODELS:
             for k in steps:
                 r = next(r for r in quality if r["model"] == m and r["steps"] == k and r["method"] == label)
                 c = r["comparison_quality"]["ode_distance"]
-                cells.append("-" if r["quality"] is None else ("ref" if c == 0 else f"{r['quality']['ode_distance'] / c:.2f}"))
+                cells.append(
+                    "-" if r["quality"] is None else ("ref" if c == 0 else f"{r['quality']['ode_distance'] / c:.2f}")
+                )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "(rex's comparison on the largest step count is the reference itself.)", ""]
     for dtype, bound in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
@@ -217,17 +263,22 @@ def _summary(steps, quality, round_trip, digits) -> list[str]:
             continue
         worst = max(rows, key=lambda r: r["max_abs"])
         over = [f"{r['solver']} at {r['steps']} steps ({r['max_abs']:.1e})" for r in rows if r["max_abs"] >= bound]
-        lines.append(f"- Round trip, {name} (target below {bound:.0e}): largest {worst['max_abs']:.1e} ({worst['solver']}, "
-                     f"{worst['steps']} steps); " + ("every solver and step count meets it." if not over else
-                                                      "not met by " + ", ".join(over) + "."))
+        lines.append(
+            f"- Round trip, {name} (target below {bound:.0e}): largest {worst['max_abs']:.1e} ({worst['solver']}, "
+            f"{worst['steps']} steps); "
+            + ("every solver and step count meets it." if not over else "not met by " + ", ".join(over) + ".")
+        )
     lines.append("")
     return lines
 
 
 def _ref_err(quality, k) -> list[float]:
     """The reference's own error, estimated as 1/16 of dpmpp-2m's distance to it on k steps (second order)."""
-    return [r["comparison_quality"]["ode_distance"] / 16 for r in quality
-            if r["steps"] == k and r["comparison"] == f"dpmpp-2m {k} steps"] or [float("nan")]
+    return [
+        r["comparison_quality"]["ode_distance"] / 16
+        for r in quality
+        if r["steps"] == k and r["comparison"] == f"dpmpp-2m {k} steps"
+    ] or [float("nan")]
 
 
 def _cell(q: dict | None, key: str, fmt: str) -> str:
@@ -235,50 +286,94 @@ def _cell(q: dict | None, key: str, fmt: str) -> str:
 
 
 def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wall) -> str:
-    lines = ["# Reversible solvers on the trained digit models", "",
-             (f"Written by `diffsolve bench{' --quick' if quick else ''} --only reversible` "
-             f"(diffsolve/bench/reversible.py) in {wall / 60:.0f} minutes on one CPU core."), "",
-             *_summary(steps, quality, round_trip, digits),
-             "## Quality at equal model calls", "",
-             (f"{n} samples per row, seeds {SEED}..{SEED + n - 1} in every row (the same x_T for every solver); "
-             "digits-FD against the 300 held-out digits (it depends on the sample count: compare only within "
-             f"this table; {n} real training digits score {floor['mean']:.1f} (5 draws: {floor['min']:.1f} to "
-             f"{floor['max']:.1f})). *ODE dist*: RMS distance to the same seeds' samples of dpmpp-2m on "
-             f"{4 * max(steps)} steps (second order: its own error is about 1/16 of the dpmpp-2m {max(steps)}-step rows' "
-             f"distance, at most {max(_ref_err(quality, max(steps))):.1e} here). digits-vp-cond: classifier-free guidance, "
-             f"scale {CFG_SCALE:g}, labels 0..9 in turn; *acc*: the classifier's accuracy on the requested labels; "
-             "its NFE counts both calls of a guided step. digits-flow: the data-form solvers end where "
-             "sigma / alpha = 0.002 (t = 0.002), the noise forms start where alpha / sigma = 0.002, the "
-             "comparisons run the full [0, 1]. A reversible run whose parasitic mode grows raises "
-             "`UnstableError` (no samples): shown as *unstable at step k*."), ""]
+    lines = [
+        "# Reversible solvers on the trained digit models",
+        "",
+        (
+            f"Written by `diffsolve bench{' --quick' if quick else ''} --only reversible` "
+            f"(diffsolve/bench/reversible.py) in {wall / 60:.0f} minutes on one CPU core."
+        ),
+        "",
+        *_summary(steps, quality, round_trip, digits),
+        "## Quality at equal model calls",
+        "",
+        (
+            f"{n} samples per row, seeds {SEED}..{SEED + n - 1} in every row (the same x_T for every solver); "
+            "digits-FD against the 300 held-out digits (it depends on the sample count: compare only within "
+            f"this table; {n} real training digits score {floor['mean']:.1f} (5 draws: {floor['min']:.1f} to "
+            f"{floor['max']:.1f})). *ODE dist*: RMS distance to the same seeds' samples of dpmpp-2m on "
+            f"{4 * max(steps)} steps (second order: its own error is about 1/16 of the dpmpp-2m {max(steps)}-step rows' "
+            f"distance, at most {max(_ref_err(quality, max(steps))):.1e} here). digits-vp-cond: classifier-free guidance, "
+            f"scale {CFG_SCALE:g}, labels 0..9 in turn; *acc*: the classifier's accuracy on the requested labels; "
+            "its NFE counts both calls of a guided step. digits-flow: the data-form solvers end where "
+            "sigma / alpha = 0.002 (t = 0.002), the noise forms start where alpha / sigma = 0.002, the "
+            "comparisons run the full [0, 1]. A reversible run whose parasitic mode grows raises "
+            "`UnstableError` (no samples): shown as *unstable at step k*."
+        ),
+        "",
+    ]
     for model in MODELS:
         cond = model == "digits-vp-cond"
-        lines += [f"### {model}" + (f" (CFG {CFG_SCALE:g})" if cond else ""), "",
-                  "| steps | solver | NFE | digits-FD | " + ("acc | " if cond else "") + "ODE dist | comparison | NFE | "
-                  "digits-FD | " + ("acc | " if cond else "") + "ODE dist |",
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cond else "")]
+        lines += [
+            f"### {model}" + (f" (CFG {CFG_SCALE:g})" if cond else ""),
+            "",
+            "| steps | solver | NFE | digits-FD | " + ("acc | " if cond else "") + "ODE dist | comparison | NFE | "
+            "digits-FD | " + ("acc | " if cond else "") + "ODE dist |",
+            "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cond else ""),
+        ]
         for r in (r for r in quality if r["model"] == model):
             q, c = r["quality"], r["comparison_quality"]
             if q is None:
-                at = r["unstable"].split(" went unstable at ")[1].split(":")[0] if " went unstable at " in r["unstable"] else "?"
+                at = (
+                    r["unstable"].split(" went unstable at ")[1].split(":")[0]
+                    if " went unstable at " in r["unstable"]
+                    else "?"
+                )
                 mine = [f"unstable at {at}"] + (["-"] if cond else []) + ["-"]
             else:
-                mine = [_cell(q, "digits_fd", ".1f")] + ([_cell(q, "accuracy", ".3f")] if cond else []) + [_cell(q, "ode_distance", ".3f")]
-            theirs = [_cell(c, "digits_fd", ".1f")] + ([_cell(c, "accuracy", ".3f")] if cond else []) + [_cell(c, "ode_distance", ".3f")]
-            lines.append(f"| {r['steps']} | {r['method']} | {r['nfe']} | " + " | ".join(mine) + f" | {r['comparison']} | "
-                         f"{r['comparison_nfe']} | " + " | ".join(theirs) + " |")
+                mine = (
+                    [_cell(q, "digits_fd", ".1f")]
+                    + ([_cell(q, "accuracy", ".3f")] if cond else [])
+                    + [_cell(q, "ode_distance", ".3f")]
+                )
+            theirs = (
+                [_cell(c, "digits_fd", ".1f")]
+                + ([_cell(c, "accuracy", ".3f")] if cond else [])
+                + [_cell(c, "ode_distance", ".3f")]
+            )
+            lines.append(
+                f"| {r['steps']} | {r['method']} | {r['nfe']} | " + " | ".join(mine) + f" | {r['comparison']} | "
+                f"{r['comparison_nfe']} | " + " | ".join(theirs) + " |"
+            )
         lines.append("")
         same = [r["max_abs_to_bdia"] for r in quality if r["model"] == model and "max_abs_to_bdia" in r]
         if same:
-            lines += [f"o-belm's samples differ from bdia's by at most {max(same):.1e} (max abs, over these step counts)"
-                      + (": on a grid uniform in log-SNR (this model's default) O-BELM in the noise form and BDIA "
-                         "(gamma 1) in the data form are the same recurrence, v_{k+1} = v_{k-1} + (s_{k+1} - s_{k-1}) "
-                         "x0_hat_k in v = x / sigma, s = alpha / sigma." if max(same) < 1e-4 else "."), ""]
-        noisy = [r for r in quality if r["model"] == model and r["quality"] is not None
-                 and (r["quality"].get("ode_distance", 0) > 1 or r["quality"]["out_of_range"] > 0.1)]
+            lines += [
+                f"o-belm's samples differ from bdia's by at most {max(same):.1e} (max abs, over these step counts)"
+                + (
+                    ": on a grid uniform in log-SNR (this model's default) O-BELM in the noise form and BDIA "
+                    "(gamma 1) in the data form are the same recurrence, v_{k+1} = v_{k-1} + (s_{k+1} - s_{k-1}) "
+                    "x0_hat_k in v = x / sigma, s = alpha / sigma."
+                    if max(same) < 1e-4
+                    else "."
+                ),
+                "",
+            ]
+        noisy = [
+            r
+            for r in quality
+            if r["model"] == model
+            and r["quality"] is not None
+            and (r["quality"].get("ode_distance", 0) > 1 or r["quality"]["out_of_range"] > 0.1)
+        ]
         for r in noisy:
-            lines += [(f"Not refused but noise: {r['method']} at {r['steps']} steps ({r['quality']['out_of_range']:.0%} of "
-                      f"the pixels outside [-1.05, 1.05], RMS {r['quality']['ode_distance']:.3g} from the ODE solution)."), ""]
+            lines += [
+                (
+                    f"Not refused but noise: {r['method']} at {r['steps']} steps ({r['quality']['out_of_range']:.0%} of "
+                    f"the pixels outside [-1.05, 1.05], RMS {r['quality']['ode_distance']:.3g} from the ODE solution)."
+                ),
+                "",
+            ]
     unstable = [r for r in quality if r["quality"] is None]
     if unstable:
         lines += ["The `UnstableError` messages (first of each solver):", ""]
@@ -288,36 +383,68 @@ def _markdown(quick, n, steps, rt_steps, digits, floor, quality, round_trip, wal
                 seen.add(r["method"])
                 lines.append(f"- {r['model']}, {r['method']}, {r['steps']} steps: {r['unstable']}")
         lines.append("")
-    lines += ["## Round trip sample(invert(x0)) - x0 on digits-vp", "",
-              ("Held-out digits (`diffsolve.data.digits16('heldout')`, the first ones), inverted and sampled back "
-              "with each reversible solver on its default grid; max abs error over all pixels (RMS in the JSON). "
-              "float32: the shipped model; float64: `ds.pretrained.load('digits-vp', dtype=torch.float64)` with "
-              "float64 digits. (Reversible states are carried in float64 in both; float32 differs in the "
-              "model's precision.)"), ""]
+    lines += [
+        "## Round trip sample(invert(x0)) - x0 on digits-vp",
+        "",
+        (
+            "Held-out digits (`diffsolve.data.digits16('heldout')`, the first ones), inverted and sampled back "
+            "with each reversible solver on its default grid; max abs error over all pixels (RMS in the JSON). "
+            "float32: the shipped model; float64: `ds.pretrained.load('digits-vp', dtype=torch.float64)` with "
+            "float64 digits. (Reversible states are carried in float64 in both; float32 differs in the "
+            "model's precision.)"
+        ),
+        "",
+    ]
     for dtype in digits:
         name = str(dtype).replace("torch.", "")
-        lines += [f"### {name} ({digits[dtype]} digits)", "",
-                  "| solver | " + " | ".join(f"{k} steps" for k in rt_steps) + " |", "|---|" + "---|" * len(rt_steps)]
+        lines += [
+            f"### {name} ({digits[dtype]} digits)",
+            "",
+            "| solver | " + " | ".join(f"{k} steps" for k in rt_steps) + " |",
+            "|---|" + "---|" * len(rt_steps),
+        ]
         for solver in ROUND_TRIP:
-            vals = [next(r["max_abs"] for r in round_trip if r["dtype"] == name and r["solver"] == solver and r["steps"] == k)
-                    for k in rt_steps]
+            vals = [
+                next(
+                    r["max_abs"] for r in round_trip if r["dtype"] == name and r["solver"] == solver and r["steps"] == k
+                )
+                for k in rt_steps
+            ]
             lines.append(f"| {solver} | " + " | ".join(f"{v:.1e}" for v in vals) + " |")
         lines.append("")
-    lines += ["### Where the latents lie", "",
-              ("RMS distance of each solver's latent x_T (`Latent.x`) to the exact ODE latent of the same digits "
-              "(dpmpp-2m inversion on 400 log-SNR steps; the latents themselves have RMS about 0.77), float32:"), "",
-              "| solver | " + " | ".join(f"{k} steps" for k in rt_steps) + " |", "|---|" + "---|" * len(rt_steps)]
+    lines += [
+        "### Where the latents lie",
+        "",
+        (
+            "RMS distance of each solver's latent x_T (`Latent.x`) to the exact ODE latent of the same digits "
+            "(dpmpp-2m inversion on 400 log-SNR steps; the latents themselves have RMS about 0.77), float32:"
+        ),
+        "",
+        "| solver | " + " | ".join(f"{k} steps" for k in rt_steps) + " |",
+        "|---|" + "---|" * len(rt_steps),
+    ]
     for solver in ROUND_TRIP:
-        vals = [next(r["latent_to_ode"] for r in round_trip if r["dtype"] == "float32" and r["solver"] == solver
-                     and r["steps"] == k) for k in rt_steps]
+        vals = [
+            next(
+                r["latent_to_ode"]
+                for r in round_trip
+                if r["dtype"] == "float32" and r["solver"] == solver and r["steps"] == k
+            )
+            for k in rt_steps
+        ]
         lines.append(f"| {solver} | " + " | ".join(f"{v:.2g}" for v in vals) + " |")
     lines.append("")
     far = sorted({r["solver"] for r in round_trip if r["latent_rms"] > 2})  # a Gaussian-like x_T has RMS about 1
     if far:
-        lines += [(f"{', '.join(far)}: the latent is far from any Gaussian-like x_T (RMS up to "
-                  f"{max(r['latent_rms'] for r in round_trip if r['solver'] in far):.2g}) although the round trip is exact: "
-                  "the inversion lets its two chains part (for edict, the mixing expands their gap by 1/p^2 per step), "
-                  "so the latent serves a round trip but not as noise to edit or resample from."), ""]
+        lines += [
+            (
+                f"{', '.join(far)}: the latent is far from any Gaussian-like x_T (RMS up to "
+                f"{max(r['latent_rms'] for r in round_trip if r['solver'] in far):.2g}) although the round trip is exact: "
+                "the inversion lets its two chains part (for edict, the mixing expands their gap by 1/p^2 per step), "
+                "so the latent serves a round trip but not as noise to edit or resample from."
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -333,9 +460,17 @@ def _plot(out: Path, steps, quality) -> None:
             pts = [(r["nfe"], r["quality"]["ode_distance"]) for r in rows if r["method"] == label and r["quality"]]
             if pts:
                 noise = opts.get("form") == "noise"
-                ax.loglog(*zip(*pts), "x" if noise else "o-", color=colors[solver], label=label + (" (not refused)" if noise else ""))
-        comps = {(r["comparison"].split()[0], r["comparison_nfe"], r["comparison_quality"]["ode_distance"])
-                 for r in rows if r["comparison_quality"]["ode_distance"] > 0}
+                ax.loglog(
+                    *zip(*pts),
+                    "x" if noise else "o-",
+                    color=colors[solver],
+                    label=label + (" (not refused)" if noise else ""),
+                )
+        comps = {
+            (r["comparison"].split()[0], r["comparison_nfe"], r["comparison_quality"]["ode_distance"])
+            for r in rows
+            if r["comparison_quality"]["ode_distance"] > 0
+        }
         for solver in sorted({c[0] for c in comps}):
             pts = sorted((nfe, d) for s, nfe, d in comps if s == solver)
             ax.loglog(*zip(*pts), "k--" if solver == "dpmpp-2m" else "k:", label=f"{solver} (comparison)")

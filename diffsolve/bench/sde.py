@@ -60,17 +60,38 @@ def configs(part: str, estimator: NoiseLevelEstimator, quick: bool = False) -> l
         mc = [dict(integrator_steps=s, n_skip=3, eta=0.03, rounds=r) for s, r in ((2, 1), (3, 1), (3, 5))]
     rows: list[Config] = [("euler-maruyama", "euler-maruyama", {"grid": "uniform"}, n) for n in em]
     rows += [("pc (reverse-diffusion + langevin)", "pc", {"grid": "uniform"}, n) for n in pc]
-    rows += [(f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None)
-             for mode in eps for e in eps[mode]]
-    rows += [("mrs-sde-adaptive per_sample", "mrs-sde-adaptive", {"rtol": r}, None)
-             for r in ((0.1,) if quick else (0.02, 0.05, 0.1, 0.2))]
+    rows += [
+        (f"adaptive-sde {mode}", "adaptive-sde", {"eps_rel": e, "mode": mode}, None) for mode in eps for e in eps[mode]
+    ]
+    rows += [
+        ("mrs-sde-adaptive per_sample", "mrs-sde-adaptive", {"rtol": r}, None)
+        for r in ((0.1,) if quick else (0.02, 0.05, 0.1, 0.2))
+    ]
     rows += [("heun (ODE, from noise)", "heun", {}, n) for n in heun]
-    rows += [(f"dmcmc + heun ({o['rounds']} per chain)", "dmcmc", {"integrator": "heun", "estimator": estimator, **o}, None)
-             for o in mc]
-    if part == "gmm" and not quick:  # the stochastic integrator of the test: 10 ancestral steps against dmcmc + 6 of them
+    rows += [
+        (f"dmcmc + heun ({o['rounds']} per chain)", "dmcmc", {"integrator": "heun", "estimator": estimator, **o}, None)
+        for o in mc
+    ]
+    if (
+        part == "gmm" and not quick
+    ):  # the stochastic integrator of the test: 10 ancestral steps against dmcmc + 6 of them
         rows += [("ddpm (from noise)", "ddpm", {}, n) for n in (5, 10, 20)]
-        rows += [("dmcmc + ddpm (10 per chain)", "dmcmc", {"integrator": "ddpm", "estimator": estimator, "integrator_steps": s,
-                                            "n_skip": 3, "eta": 0.1, "rounds": 10}, None) for s in (3, 6, 16)]
+        rows += [
+            (
+                "dmcmc + ddpm (10 per chain)",
+                "dmcmc",
+                {
+                    "integrator": "ddpm",
+                    "estimator": estimator,
+                    "integrator_steps": s,
+                    "n_skip": 3,
+                    "eta": 0.1,
+                    "rounds": 10,
+                },
+                None,
+            )
+            for s in (3, 6, 16)
+        ]
     return rows
 
 
@@ -100,10 +121,16 @@ def run_part(part: str, seed: int, quick: bool = False) -> list[dict[str, Any]]:
     for method, solver, opts, steps in configs(part, estimator, quick):
         t0 = time.time()
         res = ds.sample(model, solver, steps, shape=shape, seed=seed, dtype=dtype, **opts)
-        row = {"problem": part, "method": method, "steps": steps,
-               "options": {k: v for k, v in opts.items() if k != "estimator"},
-               "nfe": float(res.nfe_per_sample.double().mean()), "calls": res.nfe, **score(res.samples),
-               "seconds": round(time.time() - t0, 2)}
+        row = {
+            "problem": part,
+            "method": method,
+            "steps": steps,
+            "options": {k: v for k, v in opts.items() if k != "estimator"},
+            "nfe": float(res.nfe_per_sample.double().mean()),
+            "calls": res.nfe,
+            **score(res.samples),
+            "seconds": round(time.time() - t0, 2),
+        }
         if solver in ("adaptive-sde", "mrs-sde-adaptive"):
             accepted, rejected = res.accepted, res.rejected
             if accepted is None or rejected is None:
@@ -120,25 +147,39 @@ def run_part(part: str, seed: int, quick: bool = False) -> list[dict[str, Any]]:
 def write(rows: list[dict], seed: int, out: Path, quick: bool) -> None:
     write_text(out / "sde.json", json.dumps({"seed": seed, "quick": quick, "rows": rows}, indent=2) + "\n")
     n_gmm, n_dig = (1000, 200) if quick else (2000, 500)
-    lines = ["# SDE-family samplers: quality against NFE", "",
-             (f"Written by `diffsolve bench{' --quick' if quick else ''}` (2 CPU threads). NFE = model rows per sample; dmcmc's "
-             "\"paper NFE\" leaves out the burn-in (amortised over each chain's outputs in the NFE column)."), ""]
-    for part, metric, title in (("gmm", "mmd2", f"2-D GaussianMixture, VPLinear, exact scores, {n_gmm} samples"),
-                                ("digits", "digits_fd", f"digits-vp, {n_dig} samples, digits-FD (lower is better)")):
+    lines = [
+        "# SDE-family samplers: quality against NFE",
+        "",
+        (
+            f"Written by `diffsolve bench{' --quick' if quick else ''}` (2 CPU threads). NFE = model rows per sample; dmcmc's "
+            '"paper NFE" leaves out the burn-in (amortised over each chain\'s outputs in the NFE column).'
+        ),
+        "",
+    ]
+    for part, metric, title in (
+        ("gmm", "mmd2", f"2-D GaussianMixture, VPLinear, exact scores, {n_gmm} samples"),
+        ("digits", "digits_fd", f"digits-vp, {n_dig} samples, digits-FD (lower is better)"),
+    ):
         sel = [r for r in rows if r["problem"] == part]
         if not sel:
             continue
         extra = " sliced W |" if part == "gmm" else ""
-        lines += [f"## {title}", "", f"| method | setting | NFE | paper NFE | {metric} |{extra} calls | s |",
-                  "|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            f"| method | setting | NFE | paper NFE | {metric} |{extra} calls | s |",
+            "|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|",
+        ]
         for r in sel:
             setting = f"{r['steps']} steps" if r["steps"] else ", ".join(f"{k}={v}" for k, v in r["options"].items())
             if "rejected_fraction" in r:
                 setting += f" (rejected {100 * r['rejected_fraction']:.0f}%)"
             paper = f"{r['nfe_paper']:.1f}" if "nfe_paper" in r else ""
             sw = f" {r['sliced_w']:.4f} |" if extra else ""
-            lines.append(f"| {r['method']} | {setting} | {r['nfe']:.1f} | {paper} | {r[metric]:.4g} |{sw} "
-                         f"{r['calls']} | {r['seconds']} |")
+            lines.append(
+                f"| {r['method']} | {setting} | {r['nfe']:.1f} | {paper} | {r[metric]:.4g} |{sw} "
+                f"{r['calls']} | {r['seconds']} |"
+            )
         lines.append("")
     write_text(out / "sde.md", "\n".join(lines))
     plt = pyplot()

@@ -29,8 +29,10 @@ def jsonable(v: Any) -> Any:
     """Strict-JSON version of ``v`` (non-finite floats become strings, tensors lists, the option objects of
     :func:`option_classes` {"class": name, "init": their fields}, which :func:`decode_option` rebuilds)."""
     if dataclasses.is_dataclass(v) and not isinstance(v, type) and isinstance(v, tuple(option_classes().values())):
-        return {"class": type(v).__name__,
-                "init": {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}}
+        return {
+            "class": type(v).__name__,
+            "init": {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init},
+        }
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu().tolist()
     elif isinstance(v, np.ndarray):

@@ -21,8 +21,9 @@ from .config import load_config
 from .errors import PROG, CLIError
 from .parser import build_parser, subcommands
 
-BUG_NOTE = (f"{PROG}: internal error (a bug in diffsolve or a library it calls; please report it with the "
-            "traceback below)")
+BUG_NOTE = (
+    f"{PROG}: internal error (a bug in diffsolve or a library it calls; please report it with the traceback below)"
+)
 
 
 def explicit(parser: argparse.ArgumentParser, argv: Sequence[str], command: str) -> tuple[set[str], dict]:

@@ -21,8 +21,13 @@ class Target:
     """What `diffsolve sample` samples: a model, the shape of one sample, and for conditional
     (restoration) models a function making the condition mu and the clean originals."""
 
-    def __init__(self, model: ds.DiffusionModel, event_shape: tuple[int, ...], condition: Condition | None = None,
-                 classes: dict | None = None):
+    def __init__(
+        self,
+        model: ds.DiffusionModel,
+        event_shape: tuple[int, ...],
+        condition: Condition | None = None,
+        classes: dict | None = None,
+    ):
         self.model, self.event_shape, self.condition = model, tuple(event_shape), condition
         self.classes = classes  # class-conditional models: {"num_classes", "null_class"}
 
@@ -56,8 +61,9 @@ def _shipped(name: str) -> Builder:
     def build(device="cpu", dtype=torch.float32) -> Target:
         c = ds.pretrained.card(name)
         cond = _restoration_condition(c) if c.get("degradation") else None
-        return Target(ds.pretrained.load(name, device, dtype), ds.pretrained.SHIPPED[name], cond,
-                      ds.pretrained.classes(name))
+        return Target(
+            ds.pretrained.load(name, device, dtype), ds.pretrained.SHIPPED[name], cond, ds.pretrained.classes(name)
+        )
 
     return build
 
@@ -66,8 +72,10 @@ def diffusers_folder(path: str, device="cpu", dtype=torch.float32) -> Target:
     """A diffusers DDPM-style folder (unet/ and scheduler/) as a Target."""
     cfg_file = Path(path) / "unet" / "config.json"
     if not cfg_file.exists():
-        raise CLIError(f"--model {path!r} is neither a known model ({', '.join(MODELS)}) nor a diffusers "
-                       "folder with unet/ and scheduler/")
+        raise CLIError(
+            f"--model {path!r} is neither a known model ({', '.join(MODELS)}) nor a diffusers "
+            "folder with unet/ and scheduler/"
+        )
     cfg = json.loads(cfg_file.read_text())
     size = cfg.get("sample_size", 32)
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)

@@ -64,8 +64,9 @@ def write_atomically(out: Path, write: Callable[[Path], list[str]]) -> list[str]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_bundle(tmp: Path, names: Sequence[str], tensors: dict, image: Any, manifest: dict,
-                 metadata: dict | None = None) -> list[str]:
+def write_bundle(
+    tmp: Path, names: Sequence[str], tensors: dict, image: Any, manifest: dict, metadata: dict | None = None
+) -> list[str]:
     """Write ``names`` = (tensors file, png, manifest) into ``tmp`` (the png only if ``image``), every
     file with the umask's mode."""
     from safetensors.torch import save_file

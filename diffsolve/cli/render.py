@@ -32,8 +32,13 @@ def grid_columns(k: int, rows_per_sample: int = 1, least: int = GRID_PER_ROW) ->
     return min(k, max(least, math.ceil(math.sqrt(k * rows_per_sample))))
 
 
-def image_grid(samples: np.ndarray, per_row: int | None = None, pad: int = GRID_PAD,
-               row_labels: Sequence[str] | None = None, blank: np.ndarray | None = None):
+def image_grid(
+    samples: np.ndarray,
+    per_row: int | None = None,
+    pad: int = GRID_PAD,
+    row_labels: Sequence[str] | None = None,
+    blank: np.ndarray | None = None,
+):
     """A PIL image of samples [K, C, H, W] (C in 1, 3) or [K, H, W], values in [-1, 1]: ``per_row`` a row
     (default: a near-square grid, at least 8 a row); ``row_labels`` name the rows in a left margin, in
     turn (rows of a restoration panel: degraded / restored / clean); tiles where ``blank`` is True are
@@ -55,7 +60,7 @@ def image_grid(samples: np.ndarray, per_row: int | None = None, pad: int = GRID_
             continue
         r, q = divmod(i, cols)
         y, x = pad + r * (th + pad), pad + q * (tw + pad)
-        canvas[y:y + th, x:x + tw] = imgs[i]
+        canvas[y : y + th, x : x + tw] = imgs[i]
     image = Image.fromarray(np.ascontiguousarray(canvas[..., 0] if c == 1 else canvas))
     if row_labels:
         image = label_rows(image, [row_labels[r % len(row_labels)] for r in range(rows)], th, pad)
@@ -69,8 +74,11 @@ def label_rows(image, labels: Sequence[str], tile: int, pad: int):
     from PIL import Image, ImageDraw, ImageFont
 
     try:
-        font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") \
+        font = (
+            ImageFont.load_default_imagefont()
+            if hasattr(ImageFont, "load_default_imagefont")
             else ImageFont.load_default()
+        )
         boxes = [ImageDraw.Draw(image).textbbox((0, 0), t, font=font) for t in labels]
     except (OSError, ImportError, AttributeError):
         return image
@@ -93,11 +101,12 @@ def panel_image(rows: Sequence[tuple[str, torch.Tensor]]) -> tuple[Any, int]:
     tiles, blank = [], []
     for i in range(0, k, cols):
         for _, x in rows:  # a short last band: its rows padded with blank tiles
-            part = x[i:i + cols].detach().to("cpu", torch.float64)
+            part = x[i : i + cols].detach().to("cpu", torch.float64)
             tiles += [part, part.new_zeros((cols - len(part), *part.shape[1:]))]
             blank += [False] * len(part) + [True] * (cols - len(part))
-    image = image_grid(torch.cat(tiles).numpy(), per_row=cols, row_labels=[name for name, _ in rows],
-                       blank=np.array(blank))
+    image = image_grid(
+        torch.cat(tiles).numpy(), per_row=cols, row_labels=[name for name, _ in rows], blank=np.array(blank)
+    )
     return image, cols
 
 

@@ -78,11 +78,21 @@ def save_shard(path: Path, result) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"nfe": str(int(result.nfe)), "wall_time": repr(float(result.wall_time)),
-            "grid": json.dumps(jsonable(result.grid)), "options": json.dumps(jsonable(dict(result.options))),
-            "solver": result.solver}
-    save_file({"samples": result.samples.detach().cpu().contiguous(),
-               "nfe_per_sample": torch.as_tensor(result.nfe_per_sample).cpu().contiguous()}, str(tmp), metadata=meta)
+    meta = {
+        "nfe": str(int(result.nfe)),
+        "wall_time": repr(float(result.wall_time)),
+        "grid": json.dumps(jsonable(result.grid)),
+        "options": json.dumps(jsonable(dict(result.options))),
+        "solver": result.solver,
+    }
+    save_file(
+        {
+            "samples": result.samples.detach().cpu().contiguous(),
+            "nfe_per_sample": torch.as_tensor(result.nfe_per_sample).cpu().contiguous(),
+        },
+        str(tmp),
+        metadata=meta,
+    )
     os.replace(tmp, path)
 
 

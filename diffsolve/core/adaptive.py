@@ -55,18 +55,17 @@ REFERENCES = ("high", "low")
 class Try(NamedTuple):
     """What one try of the active rows returns (all in the state's coordinates, rows as given)."""
 
-    x: Tensor                   # the rows' state as the model saw it (a step hook may change it): kept on rejection
-    low: Tensor                 # the lower-order solution (the error norm's scale uses it)
-    high: Tensor                # the higher-order solution: an accepted row continues from it
-    end: Tensor                 # the model time at the step's end, per row (the record of accepted times)
+    x: Tensor  # the rows' state as the model saw it (a step hook may change it): kept on rejection
+    low: Tensor  # the lower-order solution (the error norm's scale uses it)
+    high: Tensor  # the higher-order solution: an accepted row continues from it
+    end: Tensor  # the model time at the step's end, per row (the record of accepted times)
     error: Tensor | None = None  # the local error estimate; None: high - low
 
 
 class Tries(Protocol):
     """A solver's side of :func:`adaptive_loop` (see the module docstring)."""
 
-    def attempt(self, x: Tensor, s: Tensor, h: Tensor, rows: Tensor,
-                it: int) -> Generator[Query, Prediction, Try]: ...
+    def attempt(self, x: Tensor, s: Tensor, h: Tensor, rows: Tensor, it: int) -> Generator[Query, Prediction, Try]: ...
 
     def commit(self, rows: Tensor, ok: Tensor, s_new: Tensor) -> None: ...
 
@@ -119,9 +118,18 @@ class LoopResult(NamedTuple):
     grids: list[list[float]] | None = None
 
 
-def adaptive_loop(tries: Tries, x: Tensor, clock: Clock, controller: StepSizeController, *, h_init: float,
-                  mode: str, name: str, snap: float,
-                  reference: str = "high") -> Generator[Query, Prediction, LoopResult]:
+def adaptive_loop(
+    tries: Tries,
+    x: Tensor,
+    clock: Clock,
+    controller: StepSizeController,
+    *,
+    h_init: float,
+    mode: str,
+    name: str,
+    snap: float,
+    reference: str = "high",
+) -> Generator[Query, Prediction, LoopResult]:
     """Step every row of ``x`` from ``clock.start`` to ``clock.end`` with ``tries`` under
     ``controller`` (which must hold ``rtol`` and ``atol``): the module docstring's loop. ``h_init``:
     the first step size (at most the clock's span); ``mode``: ``"per_sample"`` or ``"batch"``;
@@ -153,8 +161,10 @@ def adaptive_loop(tries: Tries, x: Tensor, clock: Clock, controller: StepSizeCon
         rows = clock.active(s).nonzero().squeeze(1)
         sr, hr = s[rows], h[rows]
         if bool((hr < tiny).any()):
-            raise RuntimeError(f"{name}: the step size underflowed at {clock.label} {clock.laggard(sr):.6g} "
-                               f"(rtol={controller.rtol}, atol={controller.atol}); loosen the tolerances")
+            raise RuntimeError(
+                f"{name}: the step size underflowed at {clock.label} {clock.laggard(sr):.6g} "
+                f"(rtol={controller.rtol}, atol={controller.atol}); loosen the tolerances"
+            )
         step = yield from tries.attempt(x[rows], sr, hr, rows, it)
         xr, xp = step.x, x_ref[rows]
         error = step.high - step.low if step.error is None else step.error
@@ -199,11 +209,18 @@ class AdaptiveSolver(Solver):
     rtol = Option(0.01, "the relative tolerance of the error norm", low=0.0, low_open=True)
     atol = Option(0.0078, "the absolute tolerance of the error norm", low=0.0, low_open=True)
     h_init = Option(0.01, "the first step size, in the solver's clock", low=0.0, low_open=True)
-    mode = Option("per_sample", "'per_sample': each row has its own time and step size (a finished row leaves "
-                                "the batch); 'batch': one step size, accepted when every row's error norm is <= 1",
-                  choices=MODES)
-    controller: Option[Any] = Option(None, "the step-size controller (default: the solver's own)",
-                                     types=(StepSizeController,), what="a StepSizeController")
+    mode = Option(
+        "per_sample",
+        "'per_sample': each row has its own time and step size (a finished row leaves "
+        "the batch); 'batch': one step size, accepted when every row's error norm is <= 1",
+        choices=MODES,
+    )
+    controller: Option[Any] = Option(
+        None,
+        "the step-size controller (default: the solver's own)",
+        types=(StepSizeController,),
+        what="a StepSizeController",
+    )
 
     def default_controller(self) -> StepSizeController:
         """The controller used when none is given."""
@@ -217,8 +234,18 @@ class AdaptiveSolver(Solver):
                 setattr(self, k, float(getattr(self.controller, k)))
         self._control = dataclasses.replace(self.controller, rtol=self.rtol, atol=self.atol)
 
-    def _loop(self, tries: Tries, x: Tensor, clock: Clock, *, snap: float,
-              reference: str = "high") -> Generator[Query, Prediction, LoopResult]:
+    def _loop(
+        self, tries: Tries, x: Tensor, clock: Clock, *, snap: float, reference: str = "high"
+    ) -> Generator[Query, Prediction, LoopResult]:
         """:func:`adaptive_loop` with this solver's controller, h_init, mode and name."""
-        return adaptive_loop(tries, x, clock, self._control, h_init=self.h_init, mode=self.mode, name=self.name,
-                             snap=snap, reference=reference)
+        return adaptive_loop(
+            tries,
+            x,
+            clock,
+            self._control,
+            h_init=self.h_init,
+            mode=self.mode,
+            name=self.name,
+            snap=snap,
+            reference=reference,
+        )

@@ -33,13 +33,25 @@ def require_reversible(slv) -> None:
         from .registry import list_solvers
 
         reversible = ", ".join(i.name for i in list_solvers("reversible"))
-        raise ValueError(f"grad=True needs a reversible solver ({reversible}), got {slv.name!r}; "
-                         "for other solvers call sample() under autograd, which stores every step")
+        raise ValueError(
+            f"grad=True needs a reversible solver ({reversible}), got {slv.name!r}; "
+            "for other solvers call sample() under autograd, which stores every step"
+        )
 
 
-def reversible_sample(model: DiffusionModel, slv: ExactInverse, x: Tensor, grid: Tensor, *, mu: Tensor | None = None,
-                      cond: Mapping[str, Any] | None = None, aux: Tensor | None = None, counter=None,
-                      params: Sequence[Tensor] | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def reversible_sample(
+    model: DiffusionModel,
+    slv: ExactInverse,
+    x: Tensor,
+    grid: Tensor,
+    *,
+    mu: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    aux: Tensor | None = None,
+    counter=None,
+    params: Sequence[Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """Sample with ``slv`` from ``x`` (at grid[0]) so that the result back-propagates in constant memory.
 
     Gradients reach ``x`` (and ``aux``), ``mu``, the tensors in ``cond`` and ``params`` (default: the
@@ -49,7 +61,9 @@ def reversible_sample(model: DiffusionModel, slv: ExactInverse, x: Tensor, grid:
     require_reversible(slv)
     cond = dict(cond or {})
     if params is None:
-        params = [p for p in model.net.parameters() if p.requires_grad] if isinstance(model.net, torch.nn.Module) else []
+        params = (
+            [p for p in model.net.parameters() if p.requires_grad] if isinstance(model.net, torch.nn.Module) else []
+        )
     keys = [k for k in sorted(cond) if isinstance(cond[k], Tensor)]
     fixed = {k: v for k, v in cond.items() if k not in keys}
 
@@ -58,6 +72,7 @@ def reversible_sample(model: DiffusionModel, slv: ExactInverse, x: Tensor, grid:
             pred = model(q.x, q.t, mu=mu_, counter=counter_, **cond_, **fixed)
             check_finite(pred.output, f"solver {slv.name!r}, step {q.step} (t={float(q.t):.6g})")
             return pred
+
         return call
 
     call = caller(mu, {k: cond[k] for k in keys}, counter)
@@ -77,7 +92,7 @@ class _Steps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, args, *inputs):
         slv, fr, _grid, _schedule, caller, keys, m, counter = args
-        st, mu, cond_in = inputs[:m], inputs[m], inputs[m + 1: m + 1 + len(keys)]
+        st, mu, cond_in = inputs[:m], inputs[m], inputs[m + 1 : m + 1 + len(keys)]
         call = caller(mu, dict(zip(keys, cond_in)), counter)
         for k in range(slv.n_steps(fr)):
             st = drive(slv.step(fr, st, k), call)
@@ -91,7 +106,7 @@ class _Steps(torch.autograd.Function):
         slv, fr, grid, schedule, caller, keys, m, _ = ctx.args
         saved = ctx.saved_tensors
         st, mu = saved[:m], saved[m]
-        cond_in, params = saved[m + 1: m + 1 + len(keys)], saved[m + 1 + len(keys):]
+        cond_in, params = saved[m + 1 : m + 1 + len(keys)], saved[m + 1 + len(keys) :]
         # differentiable copies of mu and the condition, and the leaves the VJPs reach
         mu_g = mu.detach().requires_grad_(mu.requires_grad) if mu is not None else None
         cond_g = [c.detach().requires_grad_(c.requires_grad) for c in cond_in]
@@ -110,8 +125,9 @@ class _Steps(torch.autograd.Function):
                 inp = [p.detach().requires_grad_(True) for p in prev]
                 out = drive(slv.step(fr_g, tuple(inp), k), call_g)
                 pairs = [(o, c) for o, c in zip(out, cot) if o.requires_grad]
-                grads = torch.autograd.grad([o for o, _ in pairs], [*inp, *wrt], [c for _, c in pairs],
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], [*inp, *wrt], [c for _, c in pairs], allow_unused=True
+                )
             cot = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[:m], prev)]
             for a, g in zip(acc, grads[m:]):
                 if g is not None:

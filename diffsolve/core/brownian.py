@@ -71,9 +71,18 @@ class BrownianTree:
     increasing function v on float64 tensors for the time-changed path B(v(s) - v(t0)) (default the
     identity, a plain Brownian motion)."""
 
-    def __init__(self, seeds: Sequence[int], event_shape: Sequence[int], t0: float, t1: float, *,
-                 depth: int = 30, device=None, dtype: torch.dtype = torch.float32,
-                 variance: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        event_shape: Sequence[int],
+        t0: float,
+        t1: float,
+        *,
+        depth: int = 30,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        variance: Callable[[Tensor], Tensor] | None = None,
+    ):
         if not t1 > t0:
             raise ValueError(f"BrownianTree needs t0 < t1, got [{t0}, {t1}]")
         self.variance = variance

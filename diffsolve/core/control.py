@@ -61,8 +61,9 @@ class StepSizeController:
         if not self.exponent > 0:
             raise ValueError(f"exponent must be > 0, got {self.exponent}")
         if self.exponent_prev < 0 or self.exponent_prev2 < 0:
-            raise ValueError(f"exponent_prev and exponent_prev2 must be >= 0, got {self.exponent_prev}, "
-                             f"{self.exponent_prev2}")
+            raise ValueError(
+                f"exponent_prev and exponent_prev2 must be >= 0, got {self.exponent_prev}, {self.exponent_prev2}"
+            )
         if not 0 <= self.factor_min < 1 < self.factor_max:
             raise ValueError(f"need 0 <= factor_min < 1 < factor_max, got {self.factor_min}, {self.factor_max}")
         if self.limiter not in LIMITERS:
@@ -78,11 +79,16 @@ class StepSizeController:
     def pid(cls, order: float, pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, **options):
         """k-diffusion's parameterisation: f = err^-b1 err_prev^-b2 err_prev2^-b3 with
         b1 = (p + i + d) / order, b2 = -(p + 2 d) / order, b3 = d / order."""
-        return cls(exponent=(pcoeff + icoeff + dcoeff) / order, exponent_prev=(pcoeff + 2 * dcoeff) / order,
-                   exponent_prev2=dcoeff / order, **options)
+        return cls(
+            exponent=(pcoeff + icoeff + dcoeff) / order,
+            exponent_prev=(pcoeff + 2 * dcoeff) / order,
+            exponent_prev2=dcoeff / order,
+            **options,
+        )
 
-    def error_norm(self, err: Tensor, x_prev: Tensor, x_new: Tensor, atol: float | None = None,
-                   rtol: float | None = None) -> Tensor:
+    def error_norm(
+        self, err: Tensor, x_prev: Tensor, x_new: Tensor, atol: float | None = None, rtol: float | None = None
+    ) -> Tensor:
         """The scaled RMS norm of ``err`` per sample ([B], float64), with the controller's tolerances
         unless ``atol`` / ``rtol`` are given."""
         atol = self.atol if atol is None else atol
@@ -132,8 +138,9 @@ class StepSizeController:
 MODES = ("per_sample", "batch")
 
 
-def check_adaptive(controller: StepSizeController | None, default: StepSizeController, mode: str,
-                   **positive: float) -> StepSizeController:
+def check_adaptive(
+    controller: StepSizeController | None, default: StepSizeController, mode: str, **positive: float
+) -> StepSizeController:
     """Shared option checks of the adaptive solvers: the named tolerances and step sizes must be
     numbers > 0, ``mode`` one of :data:`MODES`; returns ``controller`` or ``default``."""
     for name, v in positive.items():

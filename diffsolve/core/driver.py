@@ -31,11 +31,14 @@ from .result import Latent, SampleResult
 
 Tensor = torch.Tensor
 
+
 def resolve_solver(solver: str | Solver, options: Mapping[str, Any]) -> Solver:
     if isinstance(solver, Solver):
         if options:
-            raise TypeError(f"solver options {sorted(options)} given with a solver instance; "
-                            "pass a solver name instead, or build the instance with them")
+            raise TypeError(
+                f"solver options {sorted(options)} given with a solver instance; "
+                "pass a solver name instead, or build the instance with them"
+            )
         return solver
     return get_solver(solver, **options)
 
@@ -59,12 +62,16 @@ def _run_dtype(model: DiffusionModel, dtype, like: Tensor | None, name: str) -> 
     elif like is not None:
         dtype, source = as_dtype(like.dtype, name), name
     else:
-        dtype, source = (net, "the network's dtype") if net is not None else (torch.get_default_dtype(), "default dtype")
+        dtype, source = (
+            (net, "the network's dtype") if net is not None else (torch.get_default_dtype(), "default dtype")
+        )
         dtype = as_dtype(dtype, source)
     if net is not None and net != dtype:
-        raise ValueError(f"dtype: the run's dtype is {dtype} ({source}) but the network's weights are {net}; "
-                         f"pass dtype={net}, or convert the model first: model.to(dtype={dtype}) "
-                         f"(ds.pretrained.load(name, dtype={dtype}) loads it so)")
+        raise ValueError(
+            f"dtype: the run's dtype is {dtype} ({source}) but the network's weights are {net}; "
+            f"pass dtype={net}, or convert the model first: model.to(dtype={dtype}) "
+            f"(ds.pretrained.load(name, dtype={dtype}) loads it so)"
+        )
     return dtype
 
 
@@ -80,10 +87,14 @@ def _run_device(model: DiffusionModel, device, like: Tensor | None, name: str) -
     elif like is not None:
         device, source = like.device, name
     else:
-        device, source = (net, "the network's device") if net is not None else (torch.get_default_device(), "default device")
+        device, source = (
+            (net, "the network's device") if net is not None else (torch.get_default_device(), "default device")
+        )
     if net is not None and not same_device(net, device):
-        raise ValueError(f"device: the run's device is {device} ({source}) but the network is on {net}; "
-                         f"pass device={str(net)!r}, or move the model first: model.to({str(device)!r})")
+        raise ValueError(
+            f"device: the run's device is {device} ({source}) but the network is on {net}; "
+            f"pass device={str(net)!r}, or move the model first: model.to({str(device)!r})"
+        )
     return device
 
 
@@ -117,16 +128,33 @@ def _describe_t(t) -> str:
     return f"t={float(t):.6g}"
 
 
-def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | None = None, *,
-           shape: Sequence[int] | None = None, x_T: Tensor | None = None,
-           seed: int | Sequence[int] | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None,
-           grid: GridSpec | None = None, t_max: float | None = None, t_min: float | None = None,
-           mu: Tensor | None = None, cond: Mapping[str, Any] | None = None, noise: str | None = None,
-           device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-           progress: bool | None = None, return_trajectory: bool = False,
-           num_inference_steps: int | None = None, latent: Latent | None = None, grad: bool = False,
-           uncond: Mapping[str, Any] | None = None, hooks: Sequence[StepHook] | None = None,
-           row_block: int | None = None, **solver_options: Any) -> SampleResult:
+def sample(
+    model: DiffusionModel,
+    solver: str | Solver = "euler",
+    steps: int | None = None,
+    *,
+    shape: Sequence[int] | None = None,
+    x_T: Tensor | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    grid: GridSpec | None = None,
+    t_max: float | None = None,
+    t_min: float | None = None,
+    mu: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    noise: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    progress: bool | None = None,
+    return_trajectory: bool = False,
+    num_inference_steps: int | None = None,
+    latent: Latent | None = None,
+    grad: bool = False,
+    uncond: Mapping[str, Any] | None = None,
+    hooks: Sequence[StepHook] | None = None,
+    row_block: int | None = None,
+    **solver_options: Any,
+) -> SampleResult:
     """Sample from ``model`` with a registered solver.
 
     Parameters
@@ -203,8 +231,10 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         if x_T is not None:
             raise ValueError("give x_T or latent, not both")
         if latent.aux is not None and latent.solver != slv.name:
-            raise ValueError(f"this latent was made by {latent.solver!r}; its second state means nothing to "
-                             f"{slv.name!r} (sample with solver={latent.solver!r})")
+            raise ValueError(
+                f"this latent was made by {latent.solver!r}; its second state means nothing to "
+                f"{slv.name!r} (sample with solver={latent.solver!r})"
+            )
         x_T = latent.x
         grid = latent.grid.tolist() if grid is None else grid
         if dtype is None and latent.dtype is not None:
@@ -241,8 +271,15 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
         generator = [generator]
     if generator is not None and seed is not None:
         raise ValueError("give seed or generator, not both")
-    src = NoiseSource(shape, seeds=seed, generators=generator, device=device, dtype=work, kind=noise,
-                      t_range=(float(g[-1]), float(g[0])))
+    src = NoiseSource(
+        shape,
+        seeds=seed,
+        generators=generator,
+        device=device,
+        dtype=work,
+        kind=noise,
+        t_range=(float(g[-1]), float(g[0])),
+    )
     if x_T is None:
         x = schedule.prior(shape, mu, noise=src.randn(), t=float(g[0]))
     elif latent is not None and latent.aux is not None:
@@ -258,28 +295,52 @@ def sample(model: DiffusionModel, solver: str | Solver = "euler", steps: int | N
     try:
         if grad:
             counter, start = NFECounter(b), time.perf_counter()
-            out = Outcome(reversible_sample(run_model, slv, x, g, mu=mu, cond=cond, counter=counter, dtype=dtype,
-                                            **aux))
+            out = Outcome(
+                reversible_sample(run_model, slv, x, g, mu=mu, cond=cond, counter=counter, dtype=dtype, **aux)
+            )
             trajectory, wall = None, time.perf_counter() - start
         else:
             run = slv.run(x, g, src, schedule=schedule, mu=mu, **aux)
-            out, counter, trajectory, wall = execute(run, slv, run_model, g, b, mu=mu, cond=cond, progress=progress,
-                                                     return_trajectory=return_trajectory, hooks=hooks,
-                                                     hook_noise=src.derived() if hooks else None, net_dtype=dtype)
+            out, counter, trajectory, wall = execute(
+                run,
+                slv,
+                run_model,
+                g,
+                b,
+                mu=mu,
+                cond=cond,
+                progress=progress,
+                return_trajectory=return_trajectory,
+                hooks=hooks,
+                hook_noise=src.derived() if hooks else None,
+                net_dtype=dtype,
+            )
     finally:
         if run_model is not model:
             count_back(model, run_model)
-    return SampleResult(samples=out.x.to(dtype), nfe=counter.calls, nfe_per_sample=counter.per_sample, grid=g, wall_time=wall,
-                        solver=slv.name, options=slv.options(), seeds=src.seeds, accepted=out.accepted,
-                        rejected=out.rejected, stats=dict(out.stats or {}), trajectory=trajectory)
+    return SampleResult(
+        samples=out.x.to(dtype),
+        nfe=counter.calls,
+        nfe_per_sample=counter.per_sample,
+        grid=g,
+        wall_time=wall,
+        solver=slv.name,
+        options=slv.options(),
+        seeds=src.seeds,
+        accepted=out.accepted,
+        rejected=out.rejected,
+        stats=dict(out.stats or {}),
+        trajectory=trajectory,
+    )
 
 
 def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) -> Tensor:
     """The run's time grid (:func:`make_grid`), with t_max / t_min checked: numbers, and with an
     explicit grid only as its own ends. An end the caller leaves open and the solver cannot reach
     (:meth:`Solver.replace_ends`) is moved, with a warning that says where."""
-    ends: dict[str, float | None] = {k: None if v is None else check_range(k, v)
-                                     for k, v in (("t_max", t_max), ("t_min", t_min))}
+    ends: dict[str, float | None] = {
+        k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))
+    }
     explicit = grid is not None and not isinstance(grid, str)
     if not explicit:
         lo = schedule.t_min if ends["t_min"] is None else ends["t_min"]
@@ -287,9 +348,12 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
         for k, v in slv.replace_ends(schedule, hi, lo).items():
             if ends[k] is None:
                 ends[k] = v
-                warnings.warn(f"solver {slv.name!r} cannot reach {type(schedule).__name__}'s {k}="
-                              f"{getattr(schedule, k):.6g} (a singular end of its variables): the run uses "
-                              f"{k}={v:.6g}; pass {k} to choose", stacklevel=3)
+                warnings.warn(
+                    f"solver {slv.name!r} cannot reach {type(schedule).__name__}'s {k}="
+                    f"{getattr(schedule, k):.6g} (a singular end of its variables): the run uses "
+                    f"{k}={v:.6g}; pass {k} to choose",
+                    stacklevel=3,
+                )
     if steps is None and not explicit:
         if fixed_grid:
             raise ValueError("steps is required (or pass an explicit grid of times)")
@@ -298,8 +362,10 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
     if explicit:
         for (k, given), end in zip(ends.items(), (g[0], g[-1])):
             if given is not None and given != float(end):
-                raise ValueError(f"{k}={given} is not the explicit grid's end ({float(end):.6g}); an explicit grid "
-                                 "sets the time range: leave t_max / t_min out, or give a grid kind")
+                raise ValueError(
+                    f"{k}={given} is not the explicit grid's end ({float(end):.6g}); an explicit grid "
+                    "sets the time range: leave t_max / t_min out, or give a grid kind"
+                )
     return g
 
 
@@ -328,9 +394,21 @@ def _check_hooks(hooks, shape: tuple[int, ...]) -> list:
     return hooks
 
 
-def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: int, *, mu=None, cond=None,
-            progress: bool | None = None, return_trajectory: bool = False, hooks=(),
-            hook_noise: NoiseSource | None = None, net_dtype: torch.dtype | None = None):
+def execute(
+    run,
+    slv: Solver,
+    model: DiffusionModel,
+    grid: Tensor,
+    batch_size: int,
+    *,
+    mu=None,
+    cond=None,
+    progress: bool | None = None,
+    return_trajectory: bool = False,
+    hooks=(),
+    hook_noise: NoiseSource | None = None,
+    net_dtype: torch.dtype | None = None,
+):
     """Pump a solver's generator ``run`` with model calls: every call counted and checked for NaN,
     with the step hooks run around each call and at the end. With ``net_dtype`` (a half-precision
     run) the model gets x and mu in that dtype and its answer comes back for the state's precision.
@@ -357,15 +435,27 @@ def execute(run, slv: Solver, model: DiffusionModel, grid: Tensor, batch_size: i
                 if net_dtype is None or x.dtype == net_dtype:
                     pred = model(x, t, mu=m, counter=counter, index=index, **kw)
                 else:
-                    pred = model(x.to(net_dtype), t, mu=None if m is None else m.to(net_dtype), counter=counter,
-                                 index=index, **kw).rebased(x, m)
+                    pred = model(
+                        x.to(net_dtype),
+                        t,
+                        mu=None if m is None else m.to(net_dtype),
+                        counter=counter,
+                        index=index,
+                        **kw,
+                    ).rebased(x, m)
             except RuntimeError as e:
                 _first_call_error(e, counter, x)
                 raise
             n = counter.calls
-            guard.check(pred.output, lambda: f"solver {slv.name!r}, step {step() if callable(step) else step}{of} "
-                                             f"({_describe_t(t)}), model call {n}")
+            guard.check(
+                pred.output,
+                lambda: (
+                    f"solver {slv.name!r}, step {step() if callable(step) else step}{of} "
+                    f"({_describe_t(t)}), model call {n}"
+                ),
+            )
             return pred
+
         return call
 
     def context(index, step, call):
@@ -408,9 +498,11 @@ def _first_call_error(e: RuntimeError, counter: NFECounter, x: Tensor) -> None:
     """A plain RuntimeError from the run's first model call (the network cannot take the input: a wrong
     shape, channel count ...) re-raised as a ValueError naming ``shape``, the original chained."""
     if counter.calls == 0 and type(e) is RuntimeError:
-        raise ValueError(f"shape: the network failed on its first call, for states of shape {tuple(x.shape)} "
-                         f"({x.dtype}, {x.device}); check the samples' shape (shape=, x_T or x0) against what "
-                         f"the network takes. The network said: {e}") from e
+        raise ValueError(
+            f"shape: the network failed on its first call, for states of shape {tuple(x.shape)} "
+            f"({x.dtype}, {x.device}); check the samples' shape (shape=, x_T or x0) against what "
+            f"the network takes. The network said: {e}"
+        ) from e
 
 
 def _start(model, solver, steps, num_inference_steps, solver_options):
@@ -459,22 +551,38 @@ def check_invertible(slv: Solver) -> None:
     noisy = slv.noise_options()
     if (info is not None and not info.deterministic) or noisy:
         how = f" with {', '.join(f'{k}={v!r}' for k, v in noisy.items())}" if noisy else ""
-        raise ValueError(f"solver {slv.name!r}{how} is stochastic; invert needs a deterministic solver "
-                         "(e.g. ddim with eta=0, heun, dpmpp-2m, or a reversible one such as "
-                         f"{DEFAULT_INVERSION_SOLVER})")
+        raise ValueError(
+            f"solver {slv.name!r}{how} is stochastic; invert needs a deterministic solver "
+            "(e.g. ddim with eta=0, heun, dpmpp-2m, or a reversible one such as "
+            f"{DEFAULT_INVERSION_SOLVER})"
+        )
     if not slv.runs_backward:
         exact = ", ".join(i.name for i in registered() if i.invertible)
-        raise ValueError(f"solver {slv.name!r} cannot invert: its steps only run down in time, from t_max to "
-                         f"t_min, not on the ascending grid an inversion runs. Use a reversible solver, which "
-                         f"inverts exactly ({exact}; the default is {DEFAULT_INVERSION_SOLVER!r}), or a fixed-grid "
-                         "one run backwards (ddim, dpmpp-2m, mrs-pc ...)")
+        raise ValueError(
+            f"solver {slv.name!r} cannot invert: its steps only run down in time, from t_max to "
+            f"t_min, not on the ascending grid an inversion runs. Use a reversible solver, which "
+            f"inverts exactly ({exact}; the default is {DEFAULT_INVERSION_SOLVER!r}), or a fixed-grid "
+            "one run backwards (ddim, dpmpp-2m, mrs-pc ...)"
+        )
 
 
-def invert(model: DiffusionModel, solver: str | Solver = DEFAULT_INVERSION_SOLVER, x0: Tensor | np.ndarray | None = None,
-           steps: int | None = None, *, grid: GridSpec | None = None, t_max: float | None = None,
-           t_min: float | None = None, mu: Tensor | None = None, cond: Mapping[str, Any] | None = None,
-           dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-           progress: bool | None = None, num_inference_steps: int | None = None, **solver_options: Any) -> Latent:
+def invert(
+    model: DiffusionModel,
+    solver: str | Solver = DEFAULT_INVERSION_SOLVER,
+    x0: Tensor | np.ndarray | None = None,
+    steps: int | None = None,
+    *,
+    grid: GridSpec | None = None,
+    t_max: float | None = None,
+    t_min: float | None = None,
+    mu: Tensor | None = None,
+    cond: Mapping[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    num_inference_steps: int | None = None,
+    **solver_options: Any,
+) -> Latent:
     """Map data ``x0`` (the state at t_min) to a :class:`Latent` at t_max with a deterministic solver.
 
     ``solver`` defaults to :data:`DEFAULT_INVERSION_SOLVER` (``"rev-heun"``). Reversible solvers
@@ -511,5 +619,12 @@ def invert(model: DiffusionModel, solver: str | Solver = DEFAULT_INVERSION_SOLVE
     src = NoiseSource(shape, seeds=0, device=x.device, dtype=work, t_range=(float(g[-1]), float(g[0])))
     run = slv.run_inverse(x, g, src, schedule=model.schedule, mu=mu)
     out, counter, _, _ = execute(run, slv, model, g, b, mu=mu, cond=cond, progress=progress, net_dtype=dtype)
-    return Latent(x=out.x, aux=(out.stats or {}).get("aux"), grid=g, solver=slv.name, options=slv.options(),
-                  nfe=counter.calls, dtype=dtype)
+    return Latent(
+        x=out.x,
+        aux=(out.stats or {}).get("aux"),
+        grid=g,
+        solver=slv.name,
+        options=slv.options(),
+        nfe=counter.calls,
+        dtype=dtype,
+    )

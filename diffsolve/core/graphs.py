@@ -36,17 +36,28 @@ class CUDAGraphSampler:
     ``options`` go to :func:`diffsolve.sample` (grid, t_max, cond as tensors of the batch, ...).
     """
 
-    def __init__(self, model: DiffusionModel, solver: str, steps: int, shape: Sequence[int], *,
-                 device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32, warmup: int = 2,
-                 **options: Any):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        solver: str,
+        steps: int,
+        shape: Sequence[int],
+        *,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.float32,
+        warmup: int = 2,
+        **options: Any,
+    ):
         from .driver import resolve_solver, sample
 
         slv = resolve_solver(solver, {k: v for k, v in options.items() if k not in _DRIVER_OPTIONS})
         info = solver_info(slv.name)
         if not info.fixed_grid or not info.deterministic:
-            raise ValueError(f"CUDAGraphSampler replays fixed-grid deterministic solvers; {slv.name!r} is "
-                             f"{'adaptive' if not info.fixed_grid else 'stochastic'} (its steps or its host-side "
-                             "noise differ from run to run)")
+            raise ValueError(
+                f"CUDAGraphSampler replays fixed-grid deterministic solvers; {slv.name!r} is "
+                f"{'adaptive' if not info.fixed_grid else 'stochastic'} (its steps or its host-side "
+                "noise differ from run to run)"
+            )
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"CUDAGraphSampler needs a CUDA device, got device={str(device)!r}")

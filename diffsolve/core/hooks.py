@@ -35,12 +35,12 @@ class HookContext:
     """What a hook may use at one model query."""
 
     schedule: Schedule
-    grid: Tensor                        # the run's time grid (descending)
-    step: int                           # 1-based grid step of the query
-    index: Tensor | None                # the batch rows of the query (None: all)
+    grid: Tensor  # the run's time grid (descending)
+    step: int  # 1-based grid step of the query
+    index: Tensor | None  # the batch rows of the query (None: all)
     mu: Tensor | None
-    call: Callable[..., Prediction]     # call(x, t) -> Prediction, counted, with the run's cond and mu
-    noise: NoiseSource                  # the hooks' own per-sample noise
+    call: Callable[..., Prediction]  # call(x, t) -> Prediction, counted, with the run's cond and mu
+    noise: NoiseSource  # the hooks' own per-sample noise
 
     def randn(self) -> Tensor:
         return self.noise.randn(self.index)

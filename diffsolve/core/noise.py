@@ -42,7 +42,9 @@ def resolve_seeds(batch_size: int, seed: int | Sequence[int] | None = None) -> l
                 raise TypeError
             seeds = [operator.index(s) for s in many]
         except TypeError:
-            raise TypeError(f"{what} (Python or numpy integers; floats such as 3.0 are refused), got {seed!r}") from None
+            raise TypeError(
+                f"{what} (Python or numpy integers; floats such as 3.0 are refused), got {seed!r}"
+            ) from None
         if len(seeds) != batch_size:
             raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch_size} samples")
     if any(s < 0 for s in seeds):
@@ -58,9 +60,17 @@ class NoiseSource:
     for ``kind="gaussian"``, Brownian increments for ``kind="brownian"``).
     """
 
-    def __init__(self, shape: Sequence[int], *, seeds: int | Sequence[int] | None = None,
-                 generators: Sequence[torch.Generator] | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, kind: str = "gaussian", t_range: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        seeds: int | Sequence[int] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        kind: str = "gaussian",
+        t_range: tuple[float, float] | None = None,
+    ):
         if kind not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {', '.join(NOISE_KINDS)}, got {kind!r}")
         self.shape = tuple(int(s) for s in shape)
@@ -89,8 +99,12 @@ class NoiseSource:
     def randn(self, index: Tensor | None = None) -> Tensor:
         """N(0, I) draws of shape [len(rows), *event_shape], each row from its own generator."""
         rows = self._rows(index)
-        return torch.stack([torch.randn(self.event_shape, generator=self.generators[i], device=self.device,
-                                        dtype=self.dtype) for i in rows])
+        return torch.stack(
+            [
+                torch.randn(self.event_shape, generator=self.generators[i], device=self.device, dtype=self.dtype)
+                for i in rows
+            ]
+        )
 
     def derived(self) -> NoiseSource:
         """An independent Gaussian source for the same samples (seeds mixed with a constant): for
@@ -102,8 +116,14 @@ class NoiseSource:
         """The noise of rows ``rows`` only, as a source of its own: it draws from the same generators
         (advancing them) and has the same Brownian paths (a pure function of the seeds)."""
         picked = [int(i) for i in torch.as_tensor(rows).tolist()]
-        return NoiseSource((len(picked), *self.event_shape), generators=[self.generators[i] for i in picked],
-                           device=self.device, dtype=self.dtype, kind=self.kind, t_range=self.t_range)
+        return NoiseSource(
+            (len(picked), *self.event_shape),
+            generators=[self.generators[i] for i in picked],
+            device=self.device,
+            dtype=self.dtype,
+            kind=self.kind,
+            t_range=self.t_range,
+        )
 
     def step(self, t, t_next, index: Tensor | None = None) -> Tensor:
         """The standard normal of the step t -> t_next (either direction)."""
@@ -116,8 +136,9 @@ class NoiseSource:
         """Brownian paths B(v(s) - v(t0)) on [t0, t1] for an increasing clock v, one per sample and
         keyed by its seed (float64): for solvers whose exact noise integrals are Brownian increments
         on another clock (e.g. e^{2 lambda} in log-SNR)."""
-        return BrownianTree(self.seeds, self.event_shape, t0, t1, device=self.device, dtype=torch.float64,
-                            variance=variance)
+        return BrownianTree(
+            self.seeds, self.event_shape, t0, t1, device=self.device, dtype=torch.float64, variance=variance
+        )
 
     def brownian(self) -> BrownianTree:
         """The per-sample Brownian paths of this run (built on first use, over ``t_range``)."""

@@ -37,10 +37,22 @@ class Option(Generic[T]):
     default of its own: None means not given).
     """
 
-    def __init__(self, default: T, help: str = "", *, kind: type | None = None, low: float | None = None,
-                 high: float | None = None, low_open: bool = False, high_open: bool = False,
-                 choices: tuple | None = None, types: tuple[type, ...] | None = None, what: str | None = None,
-                 convert: Callable[[Any], Any] | None = None, alias_of: str | None = None):
+    def __init__(
+        self,
+        default: T,
+        help: str = "",
+        *,
+        kind: type | None = None,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+        choices: tuple | None = None,
+        types: tuple[type, ...] | None = None,
+        what: str | None = None,
+        convert: Callable[[Any], Any] | None = None,
+        alias_of: str | None = None,
+    ):
         self.default, self.help = default, help
         self.kind = kind if kind is not None else (object if default is None or types is not None else type(default))
         if self.kind not in (float, int, bool, str, object):
@@ -78,8 +90,9 @@ class Option(Generic[T]):
 
     def _in_range(self, v: float) -> bool:
         lo, hi = self.low, self.high
-        return ((lo is None or (v > lo if self.low_open else v >= lo))
-                and (hi is None or (v < hi if self.high_open else v <= hi)))
+        return (lo is None or (v > lo if self.low_open else v >= lo)) and (
+            hi is None or (v < hi if self.high_open else v <= hi)
+        )
 
     def check(self, value: Any, name: str | None = None) -> Any:
         """``value`` checked and converted; a clear error naming the option (or ``name``, the alias
@@ -90,8 +103,9 @@ class Option(Generic[T]):
             if not ok or (isinstance(value, bool) and not any(isinstance(c, bool) for c in self.choices)):
                 raise ValueError(f"{name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
         elif self.kind is float:
-            real = isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.ndim == 0
-                                                        and not value.is_complex())
+            real = isinstance(value, numbers.Real) or (
+                isinstance(value, Tensor) and value.ndim == 0 and not value.is_complex()
+            )
             if isinstance(value, bool) or not real:
                 raise TypeError(f"{name} must be a number{self._range_suffix()}, got {value!r}")
             value = float(value)
@@ -108,7 +122,11 @@ class Option(Generic[T]):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         elif self.kind is str and not isinstance(value, str):
             raise TypeError(f"{name} must be a string, got {value!r}")
-        if self.types is not None and not (value is None and self.default is None) and not isinstance(value, self.types):
+        if (
+            self.types is not None
+            and not (value is None and self.default is None)
+            and not isinstance(value, self.types)
+        ):
             what = self.what or " or ".join(t.__name__ for t in self.types)
             raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
         return value if self.convert is None else self.convert(value)
@@ -172,5 +190,11 @@ def resolve(cls: type, solver: str, given: dict[str, Any]) -> tuple[dict[str, An
             raise ValueError(f"give {target} or its alias {k}, not both")
         values[target] = v
         checked[target] = specs[target].check(v, name=k)
-    return ({k: checked[k] if k in checked else spec.check(spec.default) for k, spec in specs.items()
-             if spec.alias_of is None}, frozenset(values))
+    return (
+        {
+            k: checked[k] if k in checked else spec.check(spec.default)
+            for k, spec in specs.items()
+            if spec.alias_of is None
+        },
+        frozenset(values),
+    )

@@ -80,12 +80,12 @@ class Solver:
     def check_options(self) -> None:
         """Checks that involve several options, and what the options imply (override; default none)."""
 
-    def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
-            mu: Tensor | None = None) -> Run:
+    def run(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule, mu: Tensor | None = None) -> Run:
         raise NotImplementedError
 
-    def run_inverse(self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule,
-                    mu: Tensor | None = None) -> Run:
+    def run_inverse(
+        self, x: Tensor, grid: Tensor, noise: NoiseSource, *, schedule: Schedule, mu: Tensor | None = None
+    ) -> Run:
         """Map data ``x`` at grid[-1] to grid[0] (``grid`` descending, as :meth:`run`'s), what
         :func:`diffsolve.invert` runs. Default: :meth:`run` on the ascending grid (DDIM inversion for
         ``ddim``), for solvers whose steps run backwards (:attr:`runs_backward`). Reversible solvers
@@ -194,7 +194,9 @@ def check_batch(name: str, value, b: int, shape: tuple[int, ...] | None = None) 
         try:
             torch.broadcast_shapes(value.shape, shape)
         except RuntimeError:
-            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the samples' shape {shape}") from None
+            raise ValueError(
+                f"{name} of shape {tuple(value.shape)} does not broadcast to the samples' shape {shape}"
+            ) from None
 
 
 def as_outcome(value: Any, solver: str) -> Outcome:

@@ -50,9 +50,19 @@ class SolverInfo:
         return [s.describe() for k, s in declared(self.cls).items() if k not in self.fixed]
 
 
-def register(name: str, *, family: str, order: float, calls_per_step: int, deterministic: bool,
-             description: str, reference: str, invertible: bool = False, fixed_grid: bool = True,
-             fixed: dict | None = None) -> Callable[[type[S]], type[S]]:
+def register(
+    name: str,
+    *,
+    family: str,
+    order: float,
+    calls_per_step: int,
+    deterministic: bool,
+    description: str,
+    reference: str,
+    invertible: bool = False,
+    fixed_grid: bool = True,
+    fixed: dict | None = None,
+) -> Callable[[type[S]], type[S]]:
     """Class decorator adding a solver to the registry under ``name`` (lower-case, hyphens)."""
     if name != name.lower() or " " in name or "_" in name:
         raise ValueError(f"solver names are lower-case with hyphens, got {name!r}")
@@ -62,11 +72,24 @@ def register(name: str, *, family: str, order: float, calls_per_step: int, deter
     def deco(cls: type[S]) -> type[S]:
         if name in _REGISTRY:
             raise ValueError(f"a solver named {name!r} is already registered ({_REGISTRY[name].cls.__name__})")
-        info = SolverInfo(name, cls, family, order, calls_per_step, deterministic, invertible, fixed_grid,
-                          description, reference, dict(fixed or {}))
+        info = SolverInfo(
+            name,
+            cls,
+            family,
+            order,
+            calls_per_step,
+            deterministic,
+            invertible,
+            fixed_grid,
+            description,
+            reference,
+            dict(fixed or {}),
+        )
         if "__init__" in vars(cls):
-            raise TypeError(f"{name}: a registered solver declares its options as Option class attributes "
-                            f"(diffsolve.core.options) instead of an __init__ of its own ({cls.__name__})")
+            raise TypeError(
+                f"{name}: a registered solver declares its options as Option class attributes "
+                f"(diffsolve.core.options) instead of an __init__ of its own ({cls.__name__})"
+            )
         unknown = set(info.fixed) - set(declared(cls))
         if unknown:
             raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
@@ -98,8 +121,9 @@ def get_solver(name: str, **options: Any) -> Solver:
     for k, v in options.items():
         if k in info.fixed:
             if v != info.fixed[k]:
-                raise ValueError(f"solver {info.name!r} fixes {k}={info.fixed[k]!r}; got {k}={v!r} "
-                                 f"(use {info.cls.name!r} to set it)")
+                raise ValueError(
+                    f"solver {info.name!r} fixes {k}={info.fixed[k]!r}; got {k}={v!r} (use {info.cls.name!r} to set it)"
+                )
         elif k not in allowed and k not in aliases:
             close = difflib.get_close_matches(k, list(allowed), n=2)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
@@ -120,9 +144,19 @@ class SolverTable(list):
     COLUMNS = ("name", "family", "order", "calls/step", "stochastic", "invertible", "grid", "description")
 
     def rows(self) -> list[tuple[str, ...]]:
-        return [(i.name, i.family, f"{i.order:g}", str(i.calls_per_step), "no" if i.deterministic else "yes",
-                 "exact" if i.invertible else "-", "fixed" if i.fixed_grid else "adaptive", i.description)
-                for i in self]
+        return [
+            (
+                i.name,
+                i.family,
+                f"{i.order:g}",
+                str(i.calls_per_step),
+                "no" if i.deterministic else "yes",
+                "exact" if i.invertible else "-",
+                "fixed" if i.fixed_grid else "adaptive",
+                i.description,
+            )
+            for i in self
+        ]
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]

@@ -34,7 +34,10 @@ class ReNoise:
     first_fraction: float = 0.25
 
     def __post_init__(self):
-        for name, k, (lo, hi) in (("steps", self.steps, self.average), ("first_steps", self.first_steps, self.first_average)):
+        for name, k, (lo, hi) in (
+            ("steps", self.steps, self.average),
+            ("first_steps", self.first_steps, self.first_average),
+        ):
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"renoise {name} must be an integer >= 1, got {k!r}")
             if not 0 <= lo < hi or lo >= k:
@@ -45,8 +48,10 @@ class ReNoise:
         g = grid.to(torch.float64)
         alpha = schedule.alpha(g)
         if not bool((alpha > 0).all()):
-            raise ValueError("t_max: ReNoise works in y = x / alpha: every grid time needs alpha > 0 "
-                             "(lower t_max, e.g. t_max=0.999 for rectified flow)")
+            raise ValueError(
+                "t_max: ReNoise works in y = x / alpha: every grid time needs alpha > 0 "
+                "(lower t_max, e.g. t_max=0.999 for rectified flow)"
+            )
         s = schedule.sigma(g) / alpha
         n = len(g) - 1
         span = float(g[0] - g[-1])

@@ -29,11 +29,17 @@ Tensor = torch.Tensor
 MANIFEST = "manifest.json"
 
 #: objects that may be saved as solver options: their class (by module path) and init arguments
-SAVABLE = ("diffsolve.core.control.StepSizeController", "diffsolve.core.renoise.ReNoise",
-           "diffsolve.solvers.mcmc.dmcmc.DenoiserNoiseLevel")
+SAVABLE = (
+    "diffsolve.core.control.StepSizeController",
+    "diffsolve.core.renoise.ReNoise",
+    "diffsolve.solvers.mcmc.dmcmc.DenoiserNoiseLevel",
+)
 #: where files written before the core / solvers split name those classes
-MOVED = {"diffsolve.samplers.control.StepSizeController": SAVABLE[0], "diffsolve.samplers.renoise.ReNoise": SAVABLE[1],
-         "diffsolve.samplers.dmcmc.DenoiserNoiseLevel": SAVABLE[2]}
+MOVED = {
+    "diffsolve.samplers.control.StepSizeController": SAVABLE[0],
+    "diffsolve.samplers.renoise.ReNoise": SAVABLE[1],
+    "diffsolve.samplers.dmcmc.DenoiserNoiseLevel": SAVABLE[2],
+}
 
 
 def _init_kwargs(obj) -> dict:
@@ -71,8 +77,10 @@ def _encode(v: Any, tensors: dict[str, Tensor], key: str, strict: bool) -> Any:
     if path in SAVABLE:
         return {"$object": path, "kwargs": _encode(_init_kwargs(v), tensors, f"{key}.kwargs", strict)}
     if strict:
-        raise TypeError(f"{key}: a {type(v).__name__} cannot be saved; allowed: JSON values, tensors and the "
-                        f"objects {', '.join(p.rsplit('.', 1)[1] for p in SAVABLE)}")
+        raise TypeError(
+            f"{key}: a {type(v).__name__} cannot be saved; allowed: JSON values, tensors and the "
+            f"objects {', '.join(p.rsplit('.', 1)[1] for p in SAVABLE)}"
+        )
     return {"$repr": repr(v)}
 
 
@@ -112,16 +120,25 @@ def _save(obj, folder, tensor_file: str, strict: bool, extra: Mapping[str, Any] 
 
     folder = Path(folder)
     if folder.suffix == ".safetensors":
-        raise ValueError(f"path: save takes a folder (it writes {tensor_file} and {MANIFEST} into it), got {str(folder)!r}")
+        raise ValueError(
+            f"path: save takes a folder (it writes {tensor_file} and {MANIFEST} into it), got {str(folder)!r}"
+        )
     tensors: dict[str, Tensor] = {}
     meta = {f.name: _encode(getattr(obj, f.name), tensors, f.name, strict) for f in dataclasses.fields(obj)}
     own = {"format", "version", "tensors", *meta}
     if extra is not None and own & set(extra):
-        raise ValueError(f"manifest: the entries {sorted(own & set(extra))} are the saved object's own; name yours otherwise")
-    manifest = {"format": f"diffsolve.{type(obj).__name__}", "version": 1, **meta,
-                "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                            for k, t in tensors.items()},
-                **_encode(dict(extra or {}), tensors, "manifest", True)}
+        raise ValueError(
+            f"manifest: the entries {sorted(own & set(extra))} are the saved object's own; name yours otherwise"
+        )
+    manifest = {
+        "format": f"diffsolve.{type(obj).__name__}",
+        "version": 1,
+        **meta,
+        "tensors": {
+            k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in tensors.items()
+        },
+        **_encode(dict(extra or {}), tensors, "manifest", True),
+    }
     header = {"format": manifest["format"], "solver": str(getattr(obj, "solver", ""))}
     header.update(_header(obj, meta))
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,8 +201,10 @@ class SampleResult:
     trajectory: list[tuple[Any, Tensor]] | None = None
 
     def __repr__(self) -> str:
-        return (f"SampleResult(samples={tuple(self.samples.shape)} {self.samples.dtype}, nfe={self.nfe}, "
-                f"solver={self.solver!r}, wall_time={self.wall_time:.3f}s)")
+        return (
+            f"SampleResult(samples={tuple(self.samples.shape)} {self.samples.dtype}, nfe={self.nfe}, "
+            f"solver={self.solver!r}, wall_time={self.wall_time:.3f}s)"
+        )
 
     TENSORS = "samples.safetensors"
 
@@ -205,12 +224,20 @@ class SampleResult:
         f = _load(cls, path, cls.TENSORS)
         grid = f.get("grid")
         seeds = f.get("seeds")
-        return cls(samples=f["samples"], nfe=int(f.get("nfe", 0)), nfe_per_sample=f["nfe_per_sample"],
-                   grid=None if grid is None else torch.as_tensor(grid, dtype=torch.float64),
-                   wall_time=float(f.get("wall_time", 0.0)), solver=f.get("solver", ""),
-                   options=f.get("options") or {}, seeds=seeds if isinstance(seeds, list) else None,
-                   accepted=f.get("accepted"), rejected=f.get("rejected"), stats=f.get("stats") or {},
-                   trajectory=f.get("trajectory"))
+        return cls(
+            samples=f["samples"],
+            nfe=int(f.get("nfe", 0)),
+            nfe_per_sample=f["nfe_per_sample"],
+            grid=None if grid is None else torch.as_tensor(grid, dtype=torch.float64),
+            wall_time=float(f.get("wall_time", 0.0)),
+            solver=f.get("solver", ""),
+            options=f.get("options") or {},
+            seeds=seeds if isinstance(seeds, list) else None,
+            accepted=f.get("accepted"),
+            rejected=f.get("rejected"),
+            stats=f.get("stats") or {},
+            trajectory=f.get("trajectory"),
+        )
 
 
 @dataclass
@@ -254,6 +281,12 @@ class Latent:
         ``latent.safetensors``; ``ds.sample(model, latent.solver, latent=lat)`` samples it back with
         its options. Tensors load on the CPU."""
         f = _load(cls, path, cls.TENSORS)
-        return cls(x=f["x"], aux=f.get("aux"), grid=torch.as_tensor(f["grid"], dtype=torch.float64),
-                   solver=f["solver"], options=f.get("options") or {}, nfe=int(f.get("nfe", 0)),
-                   dtype=f.get("dtype"))
+        return cls(
+            x=f["x"],
+            aux=f.get("aux"),
+            grid=torch.as_tensor(f["grid"], dtype=torch.float64),
+            solver=f["solver"],
+            options=f.get("options") or {},
+            nfe=int(f.get("nfe", 0)),
+            dtype=f.get("dtype"),
+        )

@@ -107,8 +107,9 @@ class Threshold(StepHook):
         self.ratio, self.max_value = float(ratio), float(max_value)
 
     def after(self, pred, ctx):
-        return Prediction.from_pair(pred.x, pred.t, dynamic_threshold(pred.x0, self.ratio, self.max_value), pred.eps,
-                                    ctx.schedule, pred.mu)
+        return Prediction.from_pair(
+            pred.x, pred.t, dynamic_threshold(pred.x0, self.ratio, self.max_value), pred.eps, ctx.schedule, pred.mu
+        )
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -141,17 +142,28 @@ class EnKG(StepHook):
     measurement y[g] (several problems in one run); default: the whole batch is one ensemble for one y.
     """
 
-    def __init__(self, forward: Callable[[Tensor], Tensor], y: Tensor, guidance_scale: float = 2.0, *,
-                 num_updates: int = 1, inner_steps: int | None = None, window: tuple[float, float] | None = None,
-                 ensemble_size: int | None = None):
+    def __init__(
+        self,
+        forward: Callable[[Tensor], Tensor],
+        y: Tensor,
+        guidance_scale: float = 2.0,
+        *,
+        num_updates: int = 1,
+        inner_steps: int | None = None,
+        window: tuple[float, float] | None = None,
+        ensemble_size: int | None = None,
+    ):
         if not callable(forward):
             raise TypeError(f"forward must be callable as G(x0) -> y, got {type(forward).__name__}")
         if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 1:
             raise ValueError(f"num_updates must be an int >= 1, got {num_updates!r}")
-        if inner_steps is not None and (isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1):
+        if inner_steps is not None and (
+            isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1
+        ):
             raise ValueError(f"inner_steps must be None or an int >= 1, got {inner_steps!r}")
-        if ensemble_size is not None and (isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int)
-                                          or ensemble_size < 2):
+        if ensemble_size is not None and (
+            isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 2
+        ):
             raise ValueError(f"ensemble_size must be None or an int >= 2, got {ensemble_size!r}")
         self.forward, self.y, self.guidance_scale = forward, y, float(guidance_scale)
         self.num_updates, self.inner_steps, self.window = num_updates, inner_steps, window
@@ -183,7 +195,7 @@ class EnKG(StepHook):
             raise ValueError(f"EnKG: a batch of {b} does not split into ensembles of {j}")
         g = self.forward(x0).reshape(b // j, j, -1)
         r = g - self.y.to(g).reshape(-1, 1, g.shape[-1])
-        c = r @ (g - g.mean(1, keepdim=True)).transpose(1, 2) / j       # [G, J, J]
+        c = r @ (g - g.mean(1, keepdim=True)).transpose(1, 2) / j  # [G, J, J]
         xs = x.reshape(b // j, j, -1)
         dx = c @ (xs - xs.mean(1, keepdim=True))
         step = self.guidance_scale / c.flatten(1).norm(dim=1)[:, None, None]

@@ -27,8 +27,11 @@ TASKS = ("inpaint", "deblur")
 METHODS = ("dps", "enkg", "inpaint", "none")
 #: per method: (default solver, default options); zeta 4 was the best of 0.5 / 1 / 2 / 4 on the digits
 DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dps": ("ddim", {"zeta": 4.0}), "enkg": ("ddim", {"guidance_scale": 2.0, "particles": 16}),
-    "inpaint": ("ddpm", {"resample": 1}), "none": ("ddim", {})}
+    "dps": ("ddim", {"zeta": 4.0}),
+    "enkg": ("ddim", {"guidance_scale": 2.0, "particles": 16}),
+    "inpaint": ("ddpm", {"resample": 1}),
+    "none": ("ddim", {}),
+}
 
 
 @dataclass
@@ -43,8 +46,9 @@ class InverseProblem:
     mask: Tensor | None = None
 
 
-def inverse_problem(task: str, clean: Tensor, *, seed: int = 0, blur_sigma: float = 1.5,
-                    noise_std: float = 0.05) -> InverseProblem:
+def inverse_problem(
+    task: str, clean: Tensor, *, seed: int = 0, blur_sigma: float = 1.5, noise_std: float = 0.05
+) -> InverseProblem:
     """``inpaint``: the top half of each image known exactly (the unknown half shown as 0);
     ``deblur``: Gaussian blur of std ``blur_sigma`` pixels plus N(0, ``noise_std``^2) noise."""
     if task == "inpaint":
@@ -62,9 +66,17 @@ def inverse_problem(task: str, clean: Tensor, *, seed: int = 0, blur_sigma: floa
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
-def restore(model: DiffusionModel, problem: InverseProblem, method: str, *, steps: int = 50,
-            solver: str | None = None, seed: int = 0, progress: bool | None = None,
-            **options: Any) -> tuple[Tensor, SampleResult]:
+def restore(
+    model: DiffusionModel,
+    problem: InverseProblem,
+    method: str,
+    *,
+    steps: int = 50,
+    solver: str | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    **options: Any,
+) -> tuple[Tensor, SampleResult]:
     """Restore ``problem.measurement`` (one image per row) with ``method``:
 
     - ``dps``: the :class:`DPS` model wrapper (option ``zeta``, ``norm``);
@@ -78,11 +90,17 @@ def restore(model: DiffusionModel, problem: InverseProblem, method: str, *, step
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     default_solver, defaults = DEFAULTS[method]
-    unknown = set(options) - set(defaults) - ({"norm"} if method == "dps" else set()) - \
-        ({"num_updates", "inner_steps", "window"} if method == "enkg" else set())
+    unknown = (
+        set(options)
+        - set(defaults)
+        - ({"norm"} if method == "dps" else set())
+        - ({"num_updates", "inner_steps", "window"} if method == "enkg" else set())
+    )
     if unknown:
-        raise ValueError(f"options {sorted(unknown)} are not options of method {method!r}; allowed: "
-                         f"{sorted(set(defaults) | ({'norm'} if method == 'dps' else set()))}")
+        raise ValueError(
+            f"options {sorted(unknown)} are not options of method {method!r}; allowed: "
+            f"{sorted(set(defaults) | ({'norm'} if method == 'dps' else set()))}"
+        )
     opts = {**defaults, **options}
     name = solver or default_solver
     y = problem.measurement
@@ -90,9 +108,16 @@ def restore(model: DiffusionModel, problem: InverseProblem, method: str, *, step
 
     def run(m: DiffusionModel, hooks: Sequence[StepHook] | None = None, per_image: int = 1) -> SampleResult:
         # one seed per row: seed, seed + 1, ... (``per_image`` rows per measured image)
-        return sample(m, name, steps, shape=(k * per_image, *y.shape[1:]),
-                      seed=[seed + i for i in range(k * per_image)], dtype=y.dtype, progress=progress,
-                      hooks=hooks)
+        return sample(
+            m,
+            name,
+            steps,
+            shape=(k * per_image, *y.shape[1:]),
+            seed=[seed + i for i in range(k * per_image)],
+            dtype=y.dtype,
+            progress=progress,
+            hooks=hooks,
+        )
 
     if method == "dps":
         res = run(DPS(model, problem.operator, y, **opts))

@@ -32,8 +32,12 @@ class GuidedModel(DiffusionModel):
         if not isinstance(model, DiffusionModel):
             raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
         self.inner = model
-        self.net, self.schedule, self.prediction, self.time_input = (model.net, model.schedule, model.prediction,
-                                                                      model.time_input)
+        self.net, self.schedule, self.prediction, self.time_input = (
+            model.net,
+            model.schedule,
+            model.prediction,
+            model.time_input,
+        )
 
     @property
     def nfe(self) -> int:
@@ -74,8 +78,16 @@ class GuidedModel(DiffusionModel):
         twin.net = twin.inner.net
         return twin
 
-    def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
-                 index: Tensor | None = None, **cond: Any) -> Prediction:
+    def __call__(
+        self,
+        x: Tensor,
+        t,
+        *,
+        mu: Tensor | None = None,
+        counter: NFECounter | None = None,
+        index: Tensor | None = None,
+        **cond: Any,
+    ) -> Prediction:
         raise NotImplementedError
 
     def check_solver(self, solver) -> None:
@@ -121,8 +133,15 @@ class ClassifierFreeGuidance(GuidedModel):
     (each counted in the NFE).
     """
 
-    def __init__(self, model: DiffusionModel, guidance_scale: float = 3.0, *, uncond: Mapping[str, Any] | None = None,
-                 guidance_rescale: float = 0.0, interval: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        guidance_scale: float = 3.0,
+        *,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        interval: tuple[float, float] | None = None,
+    ):
         super().__init__(model)
         self.guidance_scale = _finite("guidance_scale", guidance_scale)
         self.guidance_rescale = _finite("guidance_rescale", guidance_rescale)
@@ -165,15 +184,23 @@ class ClassifierFreeGuidance(GuidedModel):
         if uncond is None:
             uncond = self.uncond
             if uncond is None:
-                raise ValueError("classifier-free guidance needs the unconditional inputs: give "
-                                 "ClassifierFreeGuidance(..., uncond={...}) or ds.sample(..., uncond={...})")
+                raise ValueError(
+                    "classifier-free guidance needs the unconditional inputs: give "
+                    "ClassifierFreeGuidance(..., uncond={...}) or ds.sample(..., uncond={...})"
+                )
             uncond = {k: take_rows(v, index) for k, v in uncond.items()}
         if rows is None:
             u = self.inner(x, t, mu=mu, counter=counter, index=index, **uncond)
         else:
             tt = t[rows] if isinstance(t, Tensor) and t.ndim > 0 else t
-            u = self.inner(x[rows], tt, mu=take_rows(mu, rows), counter=counter,
-                           index=rows if index is None else index[rows], **{k: take_rows(v, rows) for k, v in uncond.items()})
+            u = self.inner(
+                x[rows],
+                tt,
+                mu=take_rows(mu, rows),
+                counter=counter,
+                index=rows if index is None else index[rows],
+                **{k: take_rows(v, rows) for k, v in uncond.items()},
+            )
         return self.combine(c, u, rows)
 
     def _guided(self, cond_out: Tensor, uncond_out: Tensor) -> Tensor:
@@ -208,8 +235,14 @@ class CFGPlusPlus(ClassifierFreeGuidance):
     eps, such as ``euler`` or ``heun``, the unconditional model). lambda = 0 is unconditional DDIM.
     """
 
-    def __init__(self, model: DiffusionModel, guidance_scale: float = 0.6, *, uncond: Mapping[str, Any] | None = None,
-                 interval: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        guidance_scale: float = 0.6,
+        *,
+        uncond: Mapping[str, Any] | None = None,
+        interval: tuple[float, float] | None = None,
+    ):
         super().__init__(model, guidance_scale, uncond=uncond, interval=interval)
         if not 0.0 <= self.guidance_scale <= 1.0:
             raise ValueError(f"guidance_scale (lambda) of CFG++ must be in [0, 1], got {guidance_scale!r}")
@@ -220,9 +253,11 @@ class CFGPlusPlus(ClassifierFreeGuidance):
     def check_solver(self, solver) -> None:
         if not getattr(solver, "steps_with_pair", False):
             ok = ", ".join(i.name for i in registered() if getattr(i.cls, "steps_with_pair", False))
-            raise ValueError(f"CFGPlusPlus does not work with solver {solver.name!r}: it does not step with x0 and "
-                             f"eps as separate terms, so CFG++'s (guided x0, unconditional eps) pair would not "
-                             f"be stepped as meant; use one of: {ok}")
+            raise ValueError(
+                f"CFGPlusPlus does not work with solver {solver.name!r}: it does not step with x0 and "
+                f"eps as separate terms, so CFG++'s (guided x0, unconditional eps) pair would not "
+                f"be stepped as meant; use one of: {ok}"
+            )
         super().check_solver(solver)
 
     def combine(self, c, u, rows):
@@ -241,11 +276,19 @@ class ClassifierGuidance(GuidedModel):
     ``cond[label_key]`` (taken out of the wrapped model's inputs). One classifier gradient per call.
     """
 
-    def __init__(self, model: DiffusionModel, classifier: Callable[[Tensor, Tensor], Tensor], scale: float = 1.0, *,
-                 label_key: str = "class_labels"):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        classifier: Callable[[Tensor, Tensor], Tensor],
+        scale: float = 1.0,
+        *,
+        label_key: str = "class_labels",
+    ):
         super().__init__(model)
         if not callable(classifier):
-            raise TypeError(f"classifier must be callable as classifier(x, t) -> logits, got {type(classifier).__name__}")
+            raise TypeError(
+                f"classifier must be callable as classifier(x, t) -> logits, got {type(classifier).__name__}"
+            )
         self.classifier, self.scale, self.label_key = classifier, _finite("scale", scale), label_key
 
     def __call__(self, x, t, *, mu=None, counter=None, index=None, **cond):
@@ -263,8 +306,9 @@ class ClassifierGuidance(GuidedModel):
         # where alpha = 0 (a flow's t = 1) x_t holds nothing of x0 and x0 stays (not 0 / 0)
         alpha, sigma = pred.coefs.alpha, pred.coefs.sigma
         shift = torch.where(alpha > 0, sigma * sigma / torch.where(alpha > 0, alpha, 1.0), 0.0)
-        return Prediction.from_pair(x, t, pred.x0 + self.scale * shift * grad, pred.eps - self.scale * sigma * grad,
-                                    self.schedule, mu)
+        return Prediction.from_pair(
+            x, t, pred.x0 + self.scale * shift * grad, pred.eps - self.scale * sigma * grad, self.schedule, mu
+        )
 
 
 class DPS(GuidedModel):
@@ -289,8 +333,9 @@ class DPS(GuidedModel):
 
     NORMS = ("sample", "batch")
 
-    def __init__(self, model: DiffusionModel, operator: Operator, measurement: Tensor,
-                 zeta: float = 1.0, *, norm: str = "sample"):
+    def __init__(
+        self, model: DiffusionModel, operator: Operator, measurement: Tensor, zeta: float = 1.0, *, norm: str = "sample"
+    ):
         super().__init__(model)
         if not callable(operator):
             raise TypeError(f"operator must be callable as A(x0) -> y, got {type(operator).__name__}")
@@ -314,7 +359,8 @@ class DPS(GuidedModel):
                 f"DPS: operator(x0) failed on a query of {x0.shape[0]} rows of the batch ({e}). Per-sample "
                 "solvers query only the rows still running; an operator holding per-sample tensors must "
                 "take them: give it a `rows` parameter (operator(x0, rows): rows are the query's indices "
-                "in the batch, None for all) or use ds.guidance.Masked(mask)") from e
+                "in the batch, None for all) or use ds.guidance.Masked(mask)"
+            ) from e
 
     def residual(self, x0: Tensor, index: Tensor | None = None) -> Tensor:
         """Per-sample residual norms ||y - A(x0)|| ([B]) of x0 on the batch rows ``index`` (None: all)."""

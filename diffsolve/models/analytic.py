@@ -60,8 +60,10 @@ class _OracleNet:
     def __call__(self, x: Tensor, t: Tensor, mu: Tensor | None = None, class_labels=None) -> Tensor:
         event = tuple(self.oracle.event_shape)
         if math.prod(x.shape[1:]) != math.prod(event):
-            raise ValueError(f"shape: the {self.__name__} oracle's samples have shape {event}, got states of "
-                             f"shape {tuple(x.shape)} (batch first)")
+            raise ValueError(
+                f"shape: the {self.__name__} oracle's samples have shape {event}, got states of "
+                f"shape {tuple(x.shape)} (batch first)"
+            )
         if class_labels is None:
             return self.oracle.denoise(x, t, self.schedule, mu)
         return self.oracle.denoise(x, t, self.schedule, mu, class_labels=class_labels)
@@ -104,7 +106,11 @@ class GaussianMixture(_Oracle):
             raise ValueError(f"stds must be a scalar, [K] or [K, D] with K={k}, D={d}; got {tuple(s.shape)}")
         if not bool((s > 0).all()):
             raise ValueError("stds must be > 0")
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (
+            torch.full((k,), 1.0 / k, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if w.shape != (k,) or not bool((w > 0).all()):
             raise ValueError(f"weights must be {k} positive numbers")
         self.means = m
@@ -115,7 +121,9 @@ class GaussianMixture(_Oracle):
         if self.labels is not None and (self.labels.shape != (k,) or bool((self.labels < 0).any())):
             raise ValueError(f"labels must be {k} non-negative class indices, one per component")
         if math.prod(self.event_shape) != d:
-            raise ValueError(f"event_shape {self.event_shape} has {math.prod(self.event_shape)} elements, expected D={d}")
+            raise ValueError(
+                f"event_shape {self.event_shape} has {math.prod(self.event_shape)} elements, expected D={d}"
+            )
 
     @property
     def dim(self) -> int:
@@ -141,8 +149,13 @@ class GaussianMixture(_Oracle):
         t = as_time(t)
         a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
         mu_v = 0.0 if mu is None else torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
-        return GaussianMixture(a * self.means + (1 - a) * mu_v, torch.sqrt(a * a * self.stds**2 + s * s),
-                               self.weights, self.event_shape, self.labels)
+        return GaussianMixture(
+            a * self.means + (1 - a) * mu_v,
+            torch.sqrt(a * a * self.stds**2 + s * s),
+            self.weights,
+            self.event_shape,
+            self.labels,
+        )
 
     def conditional(self, label: int) -> GaussianMixture:
         """The data distribution of one class (a labelled mixture's components of that label)."""
@@ -151,20 +164,23 @@ class GaussianMixture(_Oracle):
         keep = self.labels == int(label)
         if not bool(keep.any()):
             raise ValueError(f"label must be one of {sorted(set(self.labels.tolist()))}, got {label!r}")
-        return GaussianMixture(self.means[keep], self.stds[keep], self.weights[keep], self.event_shape,
-                               self.labels[keep])
+        return GaussianMixture(
+            self.means[keep], self.stds[keep], self.weights[keep], self.event_shape, self.labels[keep]
+        )
 
     # -------------------------------------------------------------------- exact denoiser
     def _components(self, x: Tensor, t, schedule: Schedule, mu):
         xf, a, sg, mu_f = _flat_state(x, t, schedule, mu)
-        a, sg = a[:, None], sg[:, None]                                 # [B,1,1]
-        m = self.means.to(x.device)[None]                               # [1,K,D]
+        a, sg = a[:, None], sg[:, None]  # [B,1,1]
+        m = self.means.to(x.device)[None]  # [1,K,D]
         s2 = (self.stds.to(x.device) ** 2)[None]
         mu_f = mu_f[:, None, :] if isinstance(mu_f, Tensor) else mu_f
-        mean = a * m + (1 - a) * mu_f                                   # [B,K,D]
+        mean = a * m + (1 - a) * mu_f  # [B,K,D]
         var = a * a * s2 + sg * sg
         diff = xf[:, None, :] - mean
-        logp = torch.log(self.weights.to(x.device))[None] - 0.5 * ((diff * diff / var) + torch.log(2 * math.pi * var)).sum(-1)
+        logp = torch.log(self.weights.to(x.device))[None] - 0.5 * (
+            (diff * diff / var) + torch.log(2 * math.pi * var)
+        ).sum(-1)
         return xf, a, m, s2, var, diff, logp
 
     def _restrict(self, logp: Tensor, class_labels) -> Tensor:
@@ -187,7 +203,7 @@ class GaussianMixture(_Oracle):
         _, a, m, s2, var, diff, logp = self._components(x, t, schedule, mu)
         if class_labels is not None:
             logp = self._restrict(logp, class_labels)
-        r = torch.softmax(logp, dim=1)[..., None]                       # [B,K,1]
+        r = torch.softmax(logp, dim=1)[..., None]  # [B,K,1]
         post = m + a * s2 / var * diff
         return (r * post).sum(1).reshape(x.shape).to(x.dtype)
 

@@ -121,8 +121,10 @@ class FiniteGuard:
             return
         k = int(self._first)
         if k >= 0:
-            raise NonFiniteError(f"{self._wheres[k]()}: the model returned non-finite values (on "
-                                 f"{self._first.device.type} the outputs are checked once, at the end of the run)")
+            raise NonFiniteError(
+                f"{self._wheres[k]()}: the model returned non-finite values (on "
+                f"{self._first.device.type} the outputs are checked once, at the end of the run)"
+            )
 
 
 def _coef(value: Tensor, x: Tensor) -> Tensor:
@@ -136,6 +138,7 @@ def _coef(value: Tensor, x: Tensor) -> Tensor:
 def _grid_coefs(schedule: Schedule, t: float, x: Tensor) -> Coefs:
     """Coefs at one time as 0-d tensors in x's dtype and device, memoised on the schedule (with
     :meth:`Schedule.at`): one lookup per model call instead of several tensor evaluations."""
+
     def make():
         a, sg = schedule.at(t)
         return Coefs(torch.tensor(a, dtype=x.dtype, device=x.device), torch.tensor(sg, dtype=x.dtype, device=x.device))
@@ -146,8 +149,7 @@ def _grid_coefs(schedule: Schedule, t: float, x: Tensor) -> Coefs:
 def _device_time(schedule: Schedule, t: float, device: torch.device) -> Tensor:
     """A grid time as a 0-d float64 tensor on ``device``, memoised on the schedule: no host-to-device
     copy per model call (which CUDA-graph capture would also forbid)."""
-    return memoised(schedule, "_time_memo", (t, device),
-                    lambda: torch.tensor(t, dtype=torch.float64, device=device))
+    return memoised(schedule, "_time_memo", (t, device), lambda: torch.tensor(t, dtype=torch.float64, device=device))
 
 
 def timestep_input(t: Tensor, x: Tensor) -> Tensor:
@@ -177,7 +179,9 @@ class Prediction:
         self._coefs: Coefs | None = None
 
     @classmethod
-    def from_pair(cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None) -> Prediction:
+    def from_pair(
+        cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None
+    ) -> Prediction:
         """A prediction given by its (x0, eps) pair, which need not satisfy x = alpha x0 + sigma eps
         (CFG++ and thresholding step with a data part and a noise part from different sources).
         ``output`` is x0; every other parameterisation is derived from the pair."""
@@ -220,8 +224,9 @@ class Prediction:
         c = self.coefs
         if c.alpha_dot is None:
             s = self.schedule
-            c = self._coefs = c._replace(alpha_dot=_coef(s.alpha_dot(self.t), self.x),
-                                         sigma_dot=_coef(s.sigma_dot(self.t), self.x))
+            c = self._coefs = c._replace(
+                alpha_dot=_coef(s.alpha_dot(self.t), self.x), sigma_dot=_coef(s.sigma_dot(self.t), self.x)
+            )
         return c
 
     @property
@@ -305,10 +310,17 @@ class DiffusionModel:
     Calling the model returns a :class:`Prediction`. ``t`` is a scalar or a per-sample ``[B]`` tensor.
     """
 
-    def __init__(self, net: Callable[..., Tensor], schedule: Schedule, prediction: str = "eps",
-                 time_input: str | Callable[[Tensor], Tensor] | None = None, *,
-                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 requires: Sequence[str] = ()):
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        schedule: Schedule,
+        prediction: str = "eps",
+        time_input: str | Callable[[Tensor], Tensor] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        requires: Sequence[str] = (),
+    ):
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
         if not isinstance(schedule, Schedule):
@@ -325,8 +337,9 @@ class DiffusionModel:
         self._dtype = dtype
         self._device = None if device is None else torch.device(device)
         if isinstance(requires, str) or not all(isinstance(k, str) for k in requires):
-            raise TypeError(f"requires must be a sequence of input names (e.g. ('mu',) or ('class_labels',)), "
-                            f"got {requires!r}")
+            raise TypeError(
+                f"requires must be a sequence of input names (e.g. ('mu',) or ('class_labels',)), got {requires!r}"
+            )
         self.requires = tuple(requires)
         self.nfe = 0  # network calls over this object's lifetime (a run's own count lives in its NFECounter)
 
@@ -365,10 +378,13 @@ class DiffusionModel:
         if isinstance(self.net, torch.nn.Module):
             self.net.to(device=device, dtype=dtype)
         else:
+
             def refuse(name: str, new: object, old: object) -> TypeError:
-                return TypeError(f"{name}: the network ({self._net_name()}) is a plain callable declared with "
-                                 f"{name} {old}; DiffusionModel.to cannot convert it to {new}: convert it "
-                                 "yourself and wrap it again, or make it a torch.nn.Module")
+                return TypeError(
+                    f"{name}: the network ({self._net_name()}) is a plain callable declared with "
+                    f"{name} {old}; DiffusionModel.to cannot convert it to {new}: convert it "
+                    "yourself and wrap it again, or make it a torch.nn.Module"
+                )
 
             if dtype is not None and self._dtype is not None and dtype != self._dtype:
                 raise refuse("dtype", dtype, self._dtype)
@@ -385,8 +401,10 @@ class DiffusionModel:
         """Refuse a run that lacks an input the network needs (:attr:`requires`), with a ValueError
         naming the argument: ``mu``, or a key missing from ``cond`` (or from ``uncond``, when given)."""
         if "mu" in self.requires and mu is None:
-            raise ValueError(f"mu: the network ({self._net_name()}) needs mu=, the condition of its "
-                             "mean-reverting schedule (e.g. the degraded image, batch first)")
+            raise ValueError(
+                f"mu: the network ({self._net_name()}) needs mu=, the condition of its "
+                "mean-reverting schedule (e.g. the degraded image, batch first)"
+            )
         self.check_cond(cond, "cond")
         if uncond is not None:
             self.check_cond(uncond, "uncond")
@@ -396,8 +414,10 @@ class DiffusionModel:
         the network needs (:attr:`requires`, ``mu`` aside)."""
         missing = [k for k in self.requires if k != "mu" and k not in (inputs or {})]
         if missing:
-            raise ValueError(f"{name}: the network ({self._net_name()}) needs {name}={{{missing[0]!r}: ...}} on "
-                             f"every call; missing {', '.join(map(repr, missing))}")
+            raise ValueError(
+                f"{name}: the network ({self._net_name()}) needs {name}={{{missing[0]!r}: ...}} on "
+                f"every call; missing {', '.join(map(repr, missing))}"
+            )
 
     def _net_name(self) -> str:
         return getattr(self.net, "__name__", type(self.net).__name__)
@@ -419,8 +439,16 @@ class DiffusionModel:
             return s.log_snr(t)
         return -s.log_snr(t) / 4.0  # c_noise
 
-    def __call__(self, x: Tensor, t, *, mu: Tensor | None = None, counter: NFECounter | None = None,
-                 index: Tensor | None = None, **cond: Any) -> Prediction:
+    def __call__(
+        self,
+        x: Tensor,
+        t,
+        *,
+        mu: Tensor | None = None,
+        counter: NFECounter | None = None,
+        index: Tensor | None = None,
+        **cond: Any,
+    ) -> Prediction:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim < 1:
@@ -435,8 +463,9 @@ class DiffusionModel:
         else:
             raise ValueError(f"t must be a scalar or a [B] tensor with B = {x.shape[0]}, got shape {tuple(tt.shape)}")
         if "uncond" in cond:
-            raise TypeError("uncond= is for classifier-free guidance: wrap the model in "
-                            "diffsolve.guidance.ClassifierFreeGuidance")
+            raise TypeError(
+                "uncond= is for classifier-free guidance: wrap the model in diffsolve.guidance.ClassifierFreeGuidance"
+            )
         kwargs = dict(cond)
         if mu is not None:
             kwargs["mu"] = mu
@@ -463,4 +492,3 @@ class DiffusionModel:
 
     def __repr__(self) -> str:
         return f"DiffusionModel({self._net_name()}, {self.schedule!r}, prediction={self.prediction!r})"
-

@@ -79,6 +79,7 @@ class Schedule:
         """(alpha, sigma) at one time, as Python floats, memoised per schedule: fixed-grid solvers
         and the model wrapper ask for the same few grid times at every step, and a tensor evaluation
         per ask is most of a step's cost outside the model."""
+
         def make():
             tt = torch.tensor(float(t), dtype=torch.float64)
             return float(self.alpha(tt)), float(self.sigma(tt))
@@ -142,8 +143,13 @@ class Schedule:
     def _t_hi(self) -> float:
         return self.t_max
 
-    def prior(self, shape: Sequence[int] | None = None, mu: Tensor | float | None = None,
-              noise: Tensor | None = None, t: float | None = None) -> Tensor:
+    def prior(
+        self,
+        shape: Sequence[int] | None = None,
+        mu: Tensor | float | None = None,
+        noise: Tensor | None = None,
+        t: float | None = None,
+    ) -> Tensor:
         """The prior state x_T = mu + sigma(T) * noise at T = ``t`` (default ``t_max``).
 
         The alpha(T) (x_0 - mu) term of the marginal is dropped (it is small where samplers start).
@@ -177,8 +183,9 @@ class Schedule:
         return {"t_min": self.t_min, "t_max": self.t_max}
 
 
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
-                strict_low: bool = True) -> float:
+def check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None, strict_low: bool = True
+) -> float:
     """Validate a scalar schedule parameter; raise a ValueError naming it."""
     try:
         value = float(value)

@@ -51,11 +51,15 @@ def _check_steps(steps) -> int:
 def check_grid(grid) -> torch.Tensor:
     """Validate an explicit grid and return it as a float64 CPU tensor."""
     try:
-        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu() if not isinstance(grid, torch.Tensor) \
+        g = (
+            torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+            if not isinstance(grid, torch.Tensor)
             else grid.detach().to("cpu", torch.float64)
+        )
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"grid must be a grid kind ({', '.join(GRID_KINDS)}) or a 1-D sequence of times, "
-                        f"got {grid!r}") from None
+        raise TypeError(
+            f"grid must be a grid kind ({', '.join(GRID_KINDS)}) or a 1-D sequence of times, got {grid!r}"
+        ) from None
     if g.ndim != 1 or len(g) < 2:
         raise ValueError(f"grid must be a 1-D sequence of at least 2 times, got shape {tuple(g.shape)}")
     if not bool(torch.isfinite(g).all()):
@@ -69,12 +73,15 @@ def _timestep_hint(schedule: Schedule, t: torch.Tensor) -> str:
     """A hint for times that look like diffusers' integer timesteps (999, 979, ..., 0)."""
     if not (float(t.max()) >= 10 and bool((t == t.round()).all())):
         return ""
-    how = "schedule.t_of_timestep(timesteps)" if hasattr(schedule, "t_of_timestep") else \
-        "timesteps / num_train_timesteps"
+    how = (
+        "schedule.t_of_timestep(timesteps)" if hasattr(schedule, "t_of_timestep") else "timesteps / num_train_timesteps"
+    )
     lo, hi = schedule.time_range
-    return (f". These look like diffusers timesteps; diffsolve grids are times in the schedule's range "
-            f"[{lo:g}, {hi:g}]: convert them ({how}), or step on a pipeline's own timesteps with "
-            "diffsolve.integrations.diffusers.DiffsolveScheduler")
+    return (
+        f". These look like diffusers timesteps; diffsolve grids are times in the schedule's range "
+        f"[{lo:g}, {hi:g}]: convert them ({how}), or step on a pipeline's own timesteps with "
+        "diffsolve.integrations.diffusers.DiffsolveScheduler"
+    )
 
 
 def check_times_in(schedule: Schedule, times: torch.Tensor, names: Sequence[str]) -> None:
@@ -86,20 +93,31 @@ def check_times_in(schedule: Schedule, times: torch.Tensor, names: Sequence[str]
     out = (t < lo) | (t > hi + 1e-12 * max(1.0, abs(hi)))
     if bool(out.any()):
         i = int(out.nonzero()[0])
-        raise ValueError(f"{names[min(i, len(names) - 1)]}: t={float(t[i]):.6g} is outside the times of "
-                         f"{schedule!r}, [{lo:g}, {hi:.6g}]{_timestep_hint(schedule, t)}")
+        raise ValueError(
+            f"{names[min(i, len(names) - 1)]}: t={float(t[i]):.6g} is outside the times of "
+            f"{schedule!r}, [{lo:g}, {hi:.6g}]{_timestep_hint(schedule, t)}"
+        )
     a, s = schedule.alpha(t), schedule.sigma(t)
     bad = (t < 0) | ~torch.isfinite(a) | ~torch.isfinite(s) | (a < 0) | (s < 0)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{names[min(i, len(names) - 1)]}: t={float(t[i]):.6g} is outside the range of {schedule!r} "
-                         f"(alpha={float(a[i]):.4g}, sigma={float(s[i]):.4g}; times must be >= 0 with finite "
-                         "alpha, sigma >= 0)")
+        raise ValueError(
+            f"{names[min(i, len(names) - 1)]}: t={float(t[i]):.6g} is outside the range of {schedule!r} "
+            f"(alpha={float(a[i]):.4g}, sigma={float(s[i]):.4g}; times must be >= 0 with finite "
+            "alpha, sigma >= 0)"
+        )
 
 
-def make_grid(schedule: Schedule, steps: int | None = None, kind: GridSpec | None = None, *,
-              t_max: float | None = None, t_min: float | None = None,
-              rho: float = 7.0, shift: float = 3.0) -> torch.Tensor:
+def make_grid(
+    schedule: Schedule,
+    steps: int | None = None,
+    kind: GridSpec | None = None,
+    *,
+    t_max: float | None = None,
+    t_min: float | None = None,
+    rho: float = 7.0,
+    shift: float = 3.0,
+) -> torch.Tensor:
     """A descending grid of ``steps + 1`` times for ``schedule`` (see the module docstring).
 
     ``kind`` defaults to ``schedule.default_grid``. An explicit grid ignores ``steps``, ``t_max``
@@ -114,7 +132,9 @@ def make_grid(schedule: Schedule, steps: int | None = None, kind: GridSpec | Non
         check_times_in(schedule, g, ["grid"])
         return g
     if kind not in GRID_KINDS:
-        raise ValueError(f"grid kind {kind!r} is unknown; allowed: {', '.join(GRID_KINDS)} or an explicit list of times")
+        raise ValueError(
+            f"grid kind {kind!r} is unknown; allowed: {', '.join(GRID_KINDS)} or an explicit list of times"
+        )
     if steps is None:
         raise ValueError("steps is required unless an explicit grid is given")
     n = _check_steps(steps)

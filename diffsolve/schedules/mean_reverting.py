@@ -32,8 +32,14 @@ class MeanReverting(Schedule):
     default_grid = "log-snr"
     _S = 0.008
 
-    def __init__(self, lam: float = 50.0 / 255.0, theta: str = "cosine", alpha_end: float = 0.005,
-                 t_min: float = 0.01, t_max: float = 1.0):
+    def __init__(
+        self,
+        lam: float = 50.0 / 255.0,
+        theta: str = "cosine",
+        alpha_end: float = 0.005,
+        t_min: float = 0.01,
+        t_max: float = 1.0,
+    ):
         self.lam = check_range("lam", lam, 0.0)
         if theta not in ("cosine", "linear"):
             raise ValueError(f"theta must be 'cosine' or 'linear', got {theta!r}")
@@ -100,8 +106,14 @@ class OUVE(Schedule):
 
     default_grid = "uniform"
 
-    def __init__(self, gamma: float = 1.5, sigma_min: float = 0.05, sigma_max: float = 0.5,
-                 t_min: float = 0.03, t_max: float = 1.0):
+    def __init__(
+        self,
+        gamma: float = 1.5,
+        sigma_min: float = 0.05,
+        sigma_max: float = 0.5,
+        t_min: float = 0.03,
+        t_max: float = 1.0,
+    ):
         self.gamma = check_range("gamma", gamma, 0.0)
         self.sigma_min = check_range("sigma_min", sigma_min, 0.0)
         self.sigma_max = check_range("sigma_max", sigma_max, self.sigma_min)

@@ -57,7 +57,7 @@ class _VPFromLogAlpha(Schedule):
 class VPLinear(_VPFromLogAlpha):
     """Continuous VP-SDE with linear beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021).
 
-        log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2,   sigma = sqrt(1 - alpha^2)
+    log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2,   sigma = sqrt(1 - alpha^2)
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
@@ -129,6 +129,7 @@ def _diffusers_betas(cfg: Mapping[str, Any]) -> torch.Tensor:
     if kind == "scaled_linear":
         return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
     if kind == "squaredcos_cap_v2":
+
         def abar(u: float) -> float:
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -177,9 +178,14 @@ class VPDiscrete(_VPFromLogAlpha):
 
     default_grid = "log-snr"
 
-    def __init__(self, betas: Sequence[float] | Tensor | None = None,
-                 alphas_cumprod: Sequence[float] | Tensor | None = None,
-                 t_min: float | None = None, t_max: float = 1.0, zero_snr_floor: float = 2.0**-24):
+    def __init__(
+        self,
+        betas: Sequence[float] | Tensor | None = None,
+        alphas_cumprod: Sequence[float] | Tensor | None = None,
+        t_min: float | None = None,
+        t_max: float = 1.0,
+        zero_snr_floor: float = 2.0**-24,
+    ):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("VPDiscrete: pass exactly one of `betas` or `alphas_cumprod`")
         if betas is not None:
@@ -260,7 +266,7 @@ class VPDiscrete(_VPFromLogAlpha):
 class SubVP(VPLinear):
     """Sub-VP SDE (Song et al. 2021): VP's alpha with sigma = 1 - alpha^2 (sigma is the std).
 
-        dx = -beta(t)/2 x dt + sqrt(beta(t) (1 - exp(-2 beta_min t - (beta_max - beta_min) t^2))) dw
+    dx = -beta(t)/2 x dt + sqrt(beta(t) (1 - exp(-2 beta_min t - (beta_max - beta_min) t^2))) dw
     """
 
     def sigma(self, t) -> Tensor:

@@ -23,19 +23,30 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out = Path(args.out) if args.out else bench.default_out(args.quick)
     check_out(out, [p.name for n in names for p in bench.outputs(n, out)], args.force)
     if bench.pyplot() is None:
-        warn("matplotlib is not installed: the plots (.png) are left out, the tables are written "
-             "(pip install matplotlib, then rerun with --force for the plots)")
+        warn(
+            "matplotlib is not installed: the plots (.png) are left out, the tables are written "
+            "(pip install matplotlib, then rerun with --force for the plots)"
+        )
     written: list[Path] = []
     for i, n in enumerate(names):
         try:
             written += bench.run([n], out, quick=args.quick, force=True)
         except KeyboardInterrupt:
             rest = ",".join(names[i:])
-            again = " ".join(["diffsolve bench", *(["--quick"] if args.quick else []), "--only", rest,
-                              *(["--out", str(out)] if args.out else []), *(["--force"] if args.force else [])])
+            again = " ".join(
+                [
+                    "diffsolve bench",
+                    *(["--quick"] if args.quick else []),
+                    "--only",
+                    rest,
+                    *(["--out", str(out)] if args.out else []),
+                    *(["--force"] if args.force else []),
+                ]
+            )
             finished = f"{', '.join(names[:i])} finished (in {out}); " if i else ""
-            raise KeyboardInterrupt(f"{finished}a rerun does not resume the benchmarks; run the rest with "
-                                    f"`{again}`") from None
+            raise KeyboardInterrupt(
+                f"{finished}a rerun does not resume the benchmarks; run the rest with `{again}`"
+            ) from None
     for path in written:
         print(path)
     return 0

@@ -69,8 +69,13 @@ def check_grid_spec(grid: str | list[float] | None) -> None:
             ds.schedules.check_grid(grid)
 
 
-def check_time_grid(schedule: ds.schedules.Schedule, steps: int | None, grid: str | list[float] | None,
-                    t_max: float | None, t_min: float | None) -> None:
+def check_time_grid(
+    schedule: ds.schedules.Schedule,
+    steps: int | None,
+    grid: str | list[float] | None,
+    t_max: float | None,
+    t_min: float | None,
+) -> None:
     """``--grid``, ``--steps``, ``--t-max`` and ``--t-min`` against the model's schedule, before the run
     (a CLIError where the library refuses them): an explicit grid's times and step count, else a time
     range inside the schedule's, t_min below t_max. What only a solver knows (an end it cannot start
@@ -99,8 +104,11 @@ def command_line(argv: Sequence[str]) -> str:
 
 def versions(python: bool = False) -> dict[str, Any]:
     """The versions a manifest records."""
-    return {"diffsolve": ds.__version__, "torch": torch.__version__,
-            **({"python": platform.python_version()} if python else {})}
+    return {
+        "diffsolve": ds.__version__,
+        "torch": torch.__version__,
+        **({"python": platform.python_version()} if python else {}),
+    }
 
 
 def device_of(name: str) -> torch.device:

@@ -37,8 +37,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if path.is_dir():
         found = [path / n for n in EVAL_FILES if (path / n).exists()]
         if not found:
-            raise CLIError(f"{path} holds none of {', '.join(EVAL_FILES)} (written by `diffsolve sample` and "
-                           "`diffsolve restore`)")
+            raise CLIError(
+                f"{path} holds none of {', '.join(EVAL_FILES)} (written by `diffsolve sample` and `diffsolve restore`)"
+            )
         path = found[0]
     if not path.exists():
         raise CLIError(f"no samples at {path}")
@@ -47,8 +48,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     key = args.tensor or next((n for n in EVAL_TENSORS if n in tensors), None)
     if key not in tensors:
         held = ", ".join(sorted(tensors))
-        raise CLIError(f"{path} holds {held}; choose one with --tensor" if key
-                       else f"{path} holds none of {', '.join(EVAL_TENSORS)} (it has {held})")
+        raise CLIError(
+            f"{path} holds {held}; choose one with --tensor"
+            if key
+            else f"{path} holds none of {', '.join(EVAL_TENSORS)} (it has {held})"
+        )
     samples = tensors[key]
     check_digits(samples, f"{path} [{key}]")
     if key == "images":
@@ -61,6 +65,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"digits-FD   {res['digits_fd']:.3f}   (vs held-out real digits; lower is better)")
         print(f"confidence  {res['confidence']:.3f}   (mean max class probability)")
         print(f"classes     {res['class_histogram']}", flush=True)
-    print("note: digits-FD depends on the sample count (digits-vp, dpmpp-2m, 20 steps: 327 from 64 samples, 94 "
-          "from 2048); compare scores of equally many samples (benchmarks/digits_fd.md uses 300)", file=sys.stderr)
+    print(
+        "note: digits-FD depends on the sample count (digits-vp, dpmpp-2m, 20 steps: 327 from 64 samples, 94 "
+        "from 2048); compare scores of equally many samples (benchmarks/digits_fd.md uses 300)",
+        file=sys.stderr,
+    )
     return 0

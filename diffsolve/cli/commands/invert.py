@@ -44,18 +44,28 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     src = src / OUTPUT_FILES[0] if src.is_dir() else src
     if not src.exists():
         raise CLIError(f"--input {args.input!r}: no such file")
-    with user_input(OSError, SafetensorError, prefix=f"--input {args.input!r}: "), \
-            safe_open(str(src), framework="pt") as f:
+    with (
+        user_input(OSError, SafetensorError, prefix=f"--input {args.input!r}: "),
+        safe_open(str(src), framework="pt") as f,
+    ):
         if "samples" not in set(f.keys()):
             raise CLIError(f"--input {args.input!r} holds no 'samples' tensor (write one with `diffsolve sample`)")
         x0, recorded = f.get_tensor("samples"), (f.metadata() or {}).get("model")
     args.model = args.model or recorded or DEFAULT_MODEL
-    settings = {"input": file_digest(src), "model_path": model_path(args.model),
-                "options": non_default_options(name, options),
-                "dtype": None if args.dtype == "float32" else args.dtype, "grid": args.grid,
-                "t_max": args.t_max, "t_min": args.t_min}
-    out = Path(args.out) if args.out else \
-        default_out(f"{model_label(args.model)}-{name}-{steps_label(steps)}-latent", settings)
+    settings = {
+        "input": file_digest(src),
+        "model_path": model_path(args.model),
+        "options": non_default_options(name, options),
+        "dtype": None if args.dtype == "float32" else args.dtype,
+        "grid": args.grid,
+        "t_max": args.t_max,
+        "t_min": args.t_min,
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else default_out(f"{model_label(args.model)}-{name}-{steps_label(steps)}-latent", settings)
+    )
     check_out(out, LATENT_FILES, args.force)
     dtype = getattr(torch, args.dtype)
     target = build_target(args.model, torch.device("cpu"), dtype)
@@ -64,18 +74,38 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     with user_input(prefix=f"--model {args.model}: "):
         target.model.check_inputs(None, {})  # a model that needs inputs invert does not give
     if tuple(x0.shape[1:]) != target.event_shape:
-        raise CLIError(f"--input {args.input!r} holds samples of shape {tuple(x0.shape[1:])} (made with --model "
-                       f"{recorded or '?'}); --model {args.model} samples {target.event_shape}")
+        raise CLIError(
+            f"--input {args.input!r} holds samples of shape {tuple(x0.shape[1:])} (made with --model "
+            f"{recorded or '?'}); --model {args.model} samples {target.event_shape}"
+        )
     check_time_grid(target.model.schedule, steps, args.grid, args.t_max, args.t_min)
     x0 = x0.to(dtype)
     with refusals_of((*TIME_RANGE, *options)):
-        lat = ds.invert(target.model, args.solver, x0, steps, grid=args.grid, t_max=args.t_max, t_min=args.t_min,
-                        progress=not args.no_progress, **options)
+        lat = ds.invert(
+            target.model,
+            args.solver,
+            x0,
+            steps,
+            grid=args.grid,
+            t_max=args.t_max,
+            t_min=args.t_min,
+            progress=not args.no_progress,
+            **options,
+        )
     # Latent.save writes the latent's own fields (x, aux, grid, solver, options, nfe, dtype); the rest
     # of the run goes into its manifest beside them
-    extra = {"model": args.model, "input": str(src), "steps": steps, "grid_kind": grid_kind(args.grid),
-             "t_max": args.t_max, "t_min": args.t_min, "shape": list(lat.x.shape), "exact": lat.aux is not None,
-             "command": command_line(argv), "versions": versions()}
+    extra = {
+        "model": args.model,
+        "input": str(src),
+        "steps": steps,
+        "grid_kind": grid_kind(args.grid),
+        "t_max": args.t_max,
+        "t_min": args.t_min,
+        "shape": list(lat.x.shape),
+        "exact": lat.aux is not None,
+        "command": command_line(argv),
+        "versions": versions(),
+    }
 
     def write(tmp: Path) -> list[str]:
         lat.save(tmp, manifest=extra)

@@ -36,8 +36,9 @@ def load_latent(path: str) -> tuple[ds.Latent, dict, Path]:
         lat = ds.Latent.load(p)
         meta = json.loads((p.parent / LATENT_FILES[1]).read_text())
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise CLIError(f"--latent {path!r} is not a latent written by `diffsolve invert` or Latent.save "
-                       f"({type(e).__name__}: {e})") from None
+        raise CLIError(
+            f"--latent {path!r} is not a latent written by `diffsolve invert` or Latent.save ({type(e).__name__}: {e})"
+        ) from None
     dtype = lat.dtype
     if isinstance(dtype, str):  # older latents name it
         dtype = getattr(torch, dtype, None)
@@ -53,8 +54,10 @@ def latent_defaults(args: argparse.Namespace, latent: ds.Latent, meta: dict) -> 
     steps always (with a warning where --steps / --num-samples were given)."""
     for name in ("t_max", "t_min"):
         if getattr(args, name) is not None:
-            raise CLIError(f"{flags([name])} does not apply with --latent: the latent's grid sets the time range "
-                           f"({float(latent.grid[0]):.6g} to {float(latent.grid[-1]):.6g})")
+            raise CLIError(
+                f"{flags([name])} does not apply with --latent: the latent's grid sets the time range "
+                f"({float(latent.grid[0]):.6g} to {float(latent.grid[-1]):.6g})"
+            )
     ignored = [n for n in ("steps", "num_samples") if n in given(args)]
     if ignored:
         warn(f"{flags(ignored)} ignored: the latent sets the steps (its grid) and the number of samples")
@@ -71,5 +74,7 @@ def latent_defaults(args: argparse.Namespace, latent: ds.Latent, meta: dict) -> 
 def check_latent_solver(latent: ds.Latent, solver: str, path: str) -> None:
     """An exact latent (two states) samples back only with the solver that made it."""
     if latent.aux is not None and latent.solver != solver:
-        raise CLIError(f"--latent {path!r} was made by {latent.solver!r}; its second state means nothing to "
-                       f"{solver!r} (sample it with --solver {latent.solver})")
+        raise CLIError(
+            f"--latent {path!r} was made by {latent.solver!r}; its second state means nothing to "
+            f"{solver!r} (sample it with --solver {latent.solver})"
+        )

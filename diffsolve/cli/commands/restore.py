@@ -41,14 +41,21 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         resolve_solver(args.solver, {})
     check_method_options(args.method, options)
     defaults = getattr(args, "defaults", {})
-    settings = {n: getattr(args, n) for n in ("model", "solver", "steps", "num_samples", "seed")
-                if getattr(args, n) != defaults.get(n, getattr(args, n))}
-    out = Path(args.out) if args.out else \
-        default_out(f"restore-{args.task}-{args.method}", {**settings, "options": options})
+    settings = {
+        n: getattr(args, n)
+        for n in ("model", "solver", "steps", "num_samples", "seed")
+        if getattr(args, n) != defaults.get(n, getattr(args, n))
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else default_out(f"restore-{args.task}-{args.method}", {**settings, "options": options})
+    )
     check_out(out, RESTORE_FILES, args.force)
     if args.model not in MODELS or args.model == "gmm-2d":
-        raise CLIError(f"--model must be a digit model ({', '.join(n for n in MODELS if n != 'gmm-2d')}), "
-                       f"got {args.model!r}")
+        raise CLIError(
+            f"--model must be a digit model ({', '.join(n for n in MODELS if n != 'gmm-2d')}), got {args.model!r}"
+        )
     target = build_target(args.model)
     if target.condition is not None or target.classes is not None:
         raise CLIError(f"--model {args.model}: restore needs an unconditional digit model (e.g. digits-vp)")
@@ -59,30 +66,58 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise CLIError(f"--num-samples {args.num_samples}: there are only {len(clean)} held-out digits")
     clean = clean[: args.num_samples]
     if tuple(clean.shape[1:]) != target.event_shape:
-        clean = torch.nn.functional.interpolate(clean, size=target.event_shape[1:], mode="bilinear",
-                                                align_corners=False)
+        clean = torch.nn.functional.interpolate(
+            clean, size=target.event_shape[1:], mode="bilinear", align_corners=False
+        )
     prob = inverse_problem(args.task, clean, seed=args.seed)
     with refusals_of(options):  # an option's value is checked as the method is built
-        restored, res = restore(target.model, prob, args.method, steps=args.steps, solver=args.solver,
-                                seed=args.seed, progress=not args.no_progress, **options)
+        restored, res = restore(
+            target.model,
+            prob,
+            args.method,
+            steps=args.steps,
+            solver=args.solver,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **options,
+        )
     plain_solver = args.solver or DEFAULTS[args.method][0]
-    plain, _ = restore(target.model, prob, "none", steps=args.steps, solver=plain_solver, seed=args.seed,
-                       progress=False)
+    plain, _ = restore(
+        target.model, prob, "none", steps=args.steps, solver=plain_solver, seed=args.seed, progress=False
+    )
     restored, plain = restored.clamp(-1, 1), plain.clamp(-1, 1)
     scores = {"restored": psnr(restored, clean), "unguided": psnr(plain, clean), "degraded": psnr(prob.display, clean)}
-    rows = [("degraded", prob.display), (f"{args.method} ({res.solver})", restored),
-            (f"unguided ({plain_solver})", plain), ("clean", clean)]
+    rows = [
+        ("degraded", prob.display),
+        (f"{args.method} ({res.solver})", restored),
+        (f"unguided ({plain_solver})", plain),
+        ("clean", clean),
+    ]
     image, cols = panel_image(rows)
-    manifest = {"task": args.task, "method": args.method, "model": args.model, "solver": res.solver,
-                "options": jsonable(options), "steps": args.steps, "seed": args.seed, "num_samples": len(clean),
-                "nfe": res.nfe, "wall_time": res.wall_time, "psnr_db": scores,
-                "png_rows": [name for name, _ in rows], "png_columns": cols,
-                "command": command_line(argv), "versions": versions()}
+    manifest = {
+        "task": args.task,
+        "method": args.method,
+        "model": args.model,
+        "solver": res.solver,
+        "options": jsonable(options),
+        "steps": args.steps,
+        "seed": args.seed,
+        "num_samples": len(clean),
+        "nfe": res.nfe,
+        "wall_time": res.wall_time,
+        "psnr_db": scores,
+        "png_rows": [name for name, _ in rows],
+        "png_columns": cols,
+        "command": command_line(argv),
+        "versions": versions(),
+    }
 
     tensors = {"restored": restored, "degraded": prob.display, "unguided": plain, "clean": clean}
     names = write_atomically(out, lambda tmp: write_bundle(tmp, RESTORE_FILES, tensors, image, manifest))
-    print(f"{args.method} ({res.solver}, {args.steps} steps, NFE {res.nfe}): {args.task} of {len(clean)} held-out "
-          f"digits; PSNR {scores['restored']:.2f} dB (unguided {scores['unguided']:.2f}, "
-          f"degraded {scores['degraded']:.2f})")
+    print(
+        f"{args.method} ({res.solver}, {args.steps} steps, NFE {res.nfe}): {args.task} of {len(clean)} held-out "
+        f"digits; PSNR {scores['restored']:.2f} dB (unguided {scores['unguided']:.2f}, "
+        f"degraded {scores['degraded']:.2f})"
+    )
     wrote(out, names)
     return 0

@@ -70,23 +70,32 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     check_grid_spec(args.grid)
     steps = (None if adaptive(name) else args.steps) if latent is not None else run_steps(args, name)
     device = device_of(rank_device(args.device))
-    settings = {"model_path": model_path(args.model),
-                "num_samples": None if latent is not None or args.num_samples == DEFAULT_NUM_SAMPLES
-                else args.num_samples,
-                "options": non_default_options(name, options),
-                "dtype": None if args.dtype == "float32" else args.dtype, "grid": args.grid,
-                "t_max": args.t_max, "t_min": args.t_min,
-                "latent": None if latent_file is None else file_digest(latent_file), "class": args.label,
-                "guidance_scale": None if args.guidance_scale in (None, DEFAULT_GUIDANCE) else args.guidance_scale}
-    out = Path(args.out) if args.out else \
-        default_out(f"{model_label(args.model)}-{name}-{steps_label(steps)}-seed{args.seed}", settings)
+    settings = {
+        "model_path": model_path(args.model),
+        "num_samples": None if latent is not None or args.num_samples == DEFAULT_NUM_SAMPLES else args.num_samples,
+        "options": non_default_options(name, options),
+        "dtype": None if args.dtype == "float32" else args.dtype,
+        "grid": args.grid,
+        "t_max": args.t_max,
+        "t_min": args.t_min,
+        "latent": None if latent_file is None else file_digest(latent_file),
+        "class": args.label,
+        "guidance_scale": None if args.guidance_scale in (None, DEFAULT_GUIDANCE) else args.guidance_scale,
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else default_out(f"{model_label(args.model)}-{name}-{steps_label(steps)}-seed{args.seed}", settings)
+    )
     check_out(out, OUTPUT_FILES, args.force)
 
     # the network lives where the samples are drawn, in their precision
     target = build_target(args.model, device, getattr(torch, args.dtype))
     if latent is not None and tuple(latent.x.shape[1:]) != target.event_shape:
-        raise CLIError(f"--latent {args.latent!r} holds samples of shape {tuple(latent.x.shape[1:])} (made with "
-                       f"--model {meta.get('model', '?')}); --model {args.model} samples {target.event_shape}")
+        raise CLIError(
+            f"--latent {args.latent!r} holds samples of shape {tuple(latent.x.shape[1:])} (made with "
+            f"--model {meta.get('model', '?')}); --model {args.model} samples {target.event_shape}"
+        )
     if latent is None:
         check_time_grid(target.model.schedule, steps, args.grid, args.t_max, args.t_min)
     if args.compile:
@@ -100,11 +109,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if target.condition is not None:
         mu, clean = target.condition(k, args.seed)
     shard_dir = out / SHARD_DIR
-    spec = {"model": args.model, "solver": name, "options": jsonable(options), "steps": steps,
-            "latent": args.latent,
-            "seed": args.seed, "num_samples": k, "shard_size": size, "grid": jsonable(args.grid),
-            "t_max": args.t_max, "t_min": args.t_min,
-            "dtype": args.dtype, "device": device.type, "class": args.label, "guidance_scale": scale}
+    spec = {
+        "model": args.model,
+        "solver": name,
+        "options": jsonable(options),
+        "steps": steps,
+        "latent": args.latent,
+        "seed": args.seed,
+        "num_samples": k,
+        "shard_size": size,
+        "grid": jsonable(args.grid),
+        "t_max": args.t_max,
+        "t_min": args.t_min,
+        "dtype": args.dtype,
+        "device": device.type,
+        "class": args.label,
+        "guidance_scale": scale,
+    }
     out_existed = out.exists()
     if rank == 0:
         done = prepare_shards(shard_dir, spec, args.force)
@@ -120,24 +141,42 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             lo, hi = j * size, min(k, (j + 1) * size)
             start: dict[str, Any] = {"seed": [args.seed + i for i in range(lo, hi)]}
             if latent is not None:
-                start["latent"] = dataclasses.replace(latent, x=latent.x[lo:hi].to(device),
-                                                      aux=None if latent.aux is None else latent.aux[lo:hi].to(device))
+                start["latent"] = dataclasses.replace(
+                    latent,
+                    x=latent.x[lo:hi].to(device),
+                    aux=None if latent.aux is None else latent.aux[lo:hi].to(device),
+                )
             else:
-                start.update(steps=steps, shape=(hi - lo, *target.event_shape), grid=args.grid, t_max=args.t_max,
-                             t_min=args.t_min)
+                start.update(
+                    steps=steps,
+                    shape=(hi - lo, *target.event_shape),
+                    grid=args.grid,
+                    t_max=args.t_max,
+                    t_min=args.t_min,
+                )
             if labels is not None:
                 start["cond"], start["uncond"] = {"class_labels": labels[lo:hi].to(device)}, uncond
             with refusals_of((*TIME_RANGE, *options)):
-                result = ds.sample(model, args.solver, device=device, dtype=args.dtype, progress=not args.no_progress,
-                                   mu=None if mu is None else mu[lo:hi], **start, **options)
+                result = ds.sample(
+                    model,
+                    args.solver,
+                    device=device,
+                    dtype=args.dtype,
+                    progress=not args.no_progress,
+                    mu=None if mu is None else mu[lo:hi],
+                    **start,
+                    **options,
+                )
             save_shard(path, result)
     except BaseException as e:
         if rank == 0:
             saved = after_failure(out, shard_dir, out_existed)
             if isinstance(e, KeyboardInterrupt):
                 raise KeyboardInterrupt(
-                    f"{saved} of {n_shards} shards are saved in {shard_dir}; rerun the same command to resume" if saved
-                    else "no shard was finished, nothing is saved") from None
+                    f"{saved} of {n_shards} shards are saved in {shard_dir}; rerun the same command to resume"
+                    if saved
+                    else "no shard was finished, nothing is saved"
+                ) from None
         raise
     barrier(world)
     if rank != 0:
@@ -167,8 +206,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "world_size": world,
         "device": str(device),
         "dtype": args.dtype,
-        **({"class": args.label if args.label is not None else "i mod num_classes",
-            "guidance_scale": scale} if labels is not None else {}),
+        **(
+            {"class": args.label if args.label is not None else "i mod num_classes", "guidance_scale": scale}
+            if labels is not None
+            else {}
+        ),
         "versions": versions(python=True),
         "command": command_line(argv),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -176,23 +218,40 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if mu is not None and clean is not None:  # restoration: labelled rows of degraded / restored / clean digits
         rows = [("degraded", mu), (f"restored ({name})", samples), ("clean", clean)]
         image, cols = panel_image(rows)
-        manifest["restoration"] = {"png_rows": [n for n, _ in rows], "png_columns": cols,
-                                   "psnr_db": psnr(samples, clean), "psnr_degraded_db": psnr(mu, clean)}
+        manifest["restoration"] = {
+            "png_rows": [n for n, _ in rows],
+            "png_columns": cols,
+            "psnr_db": psnr(samples, clean),
+            "psnr_degraded_db": psnr(mu, clean),
+        }
     else:
         image = render_png(samples)
 
     def write(tmp: Path) -> list[str]:
-        return write_bundle(tmp, OUTPUT_FILES, {"samples": samples, "nfe_per_sample": nfe_per_sample}, image, manifest,
-                            metadata={"solver": name, "model": args.model, "steps": str(steps),
-                                      "seed": str(args.seed), "dtype": args.dtype})
+        return write_bundle(
+            tmp,
+            OUTPUT_FILES,
+            {"samples": samples, "nfe_per_sample": nfe_per_sample},
+            image,
+            manifest,
+            metadata={
+                "solver": name,
+                "model": args.model,
+                "steps": str(steps),
+                "seed": str(args.seed),
+                "dtype": args.dtype,
+            },
+        )
 
     check_out(out, OUTPUT_FILES, args.force)  # again: another run may have written meanwhile
     names = write_atomically(out, write)
     shutil.rmtree(shard_dir, ignore_errors=True)
 
     how = f"in {steps} steps" if steps is not None else "(adaptive steps)"
-    print(f"{name}: {k} samples of {args.model} {how}, "
-          f"NFE {nfe}, {wall:.2f} s ({device}, {args.dtype}, {n_shards} shard(s), {world} process(es))")
+    print(
+        f"{name}: {k} samples of {args.model} {how}, "
+        f"NFE {nfe}, {wall:.2f} s ({device}, {args.dtype}, {n_shards} shard(s), {world} process(es))"
+    )
     wrote(out, names)
     if image is None:
         print(f"(no samples.png: samples of shape {tuple(samples.shape)} are neither 2-D points nor images)")
@@ -205,8 +264,10 @@ def class_conditioning(target: Target, args: argparse.Namespace):
     if target.classes is None:
         if args.label is not None or args.guidance_scale is not None:
             conditional = [n for n in ds.pretrained.SHIPPED if ds.pretrained.classes(n)]
-            raise CLIError(f"--class and --guidance-scale need a class-conditional model ({', '.join(conditional)}); "
-                           f"{args.model} is not one")
+            raise CLIError(
+                f"--class and --guidance-scale need a class-conditional model ({', '.join(conditional)}); "
+                f"{args.model} is not one"
+            )
         return target.model, None, None, None
     n, null = target.classes["num_classes"], target.classes["null_class"]
     if args.label is not None and args.label >= n:
@@ -219,4 +280,3 @@ def class_conditioning(target: Target, args: argparse.Namespace):
     uncond = {"class_labels": torch.tensor(null)}
     model = target.model if scale == 1 else ds.guidance.ClassifierFreeGuidance(target.model, scale)
     return model, labels, uncond, scale
-

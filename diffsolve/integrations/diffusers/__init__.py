@@ -13,12 +13,12 @@ from .pipelines import PipelineOutput, invert_pipeline, pipeline_model, sample_p
 from .scheduler import DiffsolveScheduler, DiffsolveSchedulerOutput
 
 __all__ = [
-           "PREDICTIONS",
-           "DiffsolveScheduler",
-           "DiffsolveSchedulerOutput",
-           "PipelineOutput",
-           "flow_shift",
-           "invert_pipeline",
-           "pipeline_model",
-           "sample_pipeline",
+    "PREDICTIONS",
+    "DiffsolveScheduler",
+    "DiffsolveSchedulerOutput",
+    "PipelineOutput",
+    "flow_shift",
+    "invert_pipeline",
+    "pipeline_model",
+    "sample_pipeline",
 ]

@@ -19,6 +19,7 @@ from .config import PREDICTIONS, flow_shift
 
 Tensor = torch.Tensor
 
+
 @dataclass
 class PipelineOutput:
     """What :func:`sample_pipeline` returns: decoded ``images``, the final ``latents`` and the run's
@@ -56,7 +57,9 @@ def _edm_model(pipe, network):
     cfg = pipe.scheduler.config
     pt = cfg.get("prediction_type", "epsilon")
     if pt not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {pt!r} of the pipeline's EDM scheduler is not supported (epsilon, v_prediction)")
+        raise ValueError(
+            f"prediction_type {pt!r} of the pipeline's EDM scheduler is not supported (epsilon, v_prediction)"
+        )
     sign = 1.0 if pt == "epsilon" else -1.0
     sd = float(cfg.get("sigma_data", 0.5))
 
@@ -74,8 +77,9 @@ def _edm_model(pipe, network):
 def _flow_schedule(pipe, image_seq_len: int) -> RectifiedFlow:
     """The pipeline's flow-matching schedule for this image size (the pipelines' calculate_shift)."""
     cfg = pipe.scheduler.config
-    m = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (cfg.get("max_image_seq_len", 4096) -
-                                                                    cfg.get("base_image_seq_len", 256))
+    m = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (
+        cfg.get("max_image_seq_len", 4096) - cfg.get("base_image_seq_len", 256)
+    )
     mu = image_seq_len * m + cfg.get("base_shift", 0.5) - m * cfg.get("base_image_seq_len", 256)
     return RectifiedFlow(shift=flow_shift(cfg, mu))
 
@@ -87,8 +91,10 @@ def _latent_stats(pipe, like: Tensor):
     if mean is None or std is None:
         return None
     shape = (1, -1, *([1] * (like.ndim - 2)))
-    return (torch.tensor(mean).reshape(shape).to(like.device, like.dtype),
-            torch.tensor(std).reshape(shape).to(like.device, like.dtype))
+    return (
+        torch.tensor(mean).reshape(shape).to(like.device, like.dtype),
+        torch.tensor(std).reshape(shape).to(like.device, like.dtype),
+    )
 
 
 def _decode_vae(pipe, unpack=None):
@@ -104,6 +110,7 @@ def _decode_vae(pipe, unpack=None):
         with torch.no_grad():
             image = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type=output_type)
+
     return decode
 
 
@@ -134,7 +141,9 @@ def _inpaint_inputs(pipe, image, mask_image, height: int, width: int, b: int):
     if processor is None:
         from diffusers.image_processor import VaeImageProcessor
 
-        processor = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        processor = VaeImageProcessor(
+            vae_scale_factor=f, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
     m = processor.preprocess(mask_image, height=height, width=width)
     masked = _encode_vae(pipe, init * (m < 0.5))
     mask = torch.nn.functional.interpolate(m, size=(height // f, width // f)).to(masked)
@@ -152,14 +161,28 @@ def _sdxl_time_ids(pipe, proj: int, original_size, crops, target_size):
     unet = pipe.unet
     want = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
     if want is not None and unet.config.addition_time_embed_dim * len(ids) + proj != want.in_features:
-        raise ValueError(f"{type(pipe).__name__}'s UNet expects added embeddings of length {want.in_features}, but "
-                         f"{len(ids)} time ids and pooled text embeddings of {proj} give "
-                         f"{unet.config.addition_time_embed_dim * len(ids) + proj} (requires_aesthetics_score?)")
+        raise ValueError(
+            f"{type(pipe).__name__}'s UNet expects added embeddings of length {want.in_features}, but "
+            f"{len(ids)} time ids and pooled text embeddings of {proj} give "
+            f"{unet.config.addition_time_embed_dim * len(ids) + proj} (requires_aesthetics_score?)"
+        )
     return [float(v) for v in ids], [float(v) for v in neg]
 
 
-def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width, image, mask_image,
-                original_size, crops_coords_top_left, target_size):
+def _unet_model(
+    pipe,
+    prompt,
+    negative_prompt,
+    guidance_scale,
+    num_images_per_prompt,
+    height,
+    width,
+    image,
+    mask_image,
+    original_size,
+    crops_coords_top_left,
+    target_size,
+):
     """Stable Diffusion-style pipelines (SD, SDXL, img2img, inpainting) and their EDM-style variants."""
     from ...guidance.hooks import Inpaint
 
@@ -172,13 +195,25 @@ def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_pr
     scale = (5.0 if sdxl else 7.5) if guidance_scale is None else float(guidance_scale)
     guided = scale > 1.0 and unet.config.get("time_cond_proj_dim") is None
     if sdxl:
-        pe, ne, ppe, nppe = pipe.encode_prompt(prompt, device=unet.device, num_images_per_prompt=num_images_per_prompt,
-                                               do_classifier_free_guidance=guided, negative_prompt=negative_prompt)
+        pe, ne, ppe, nppe = pipe.encode_prompt(
+            prompt,
+            device=unet.device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt,
+        )
         te2 = getattr(pipe, "text_encoder_2", None)
         proj = int(ppe.shape[-1]) if te2 is None else te2.config.projection_dim
-        ids, neg_ids = _sdxl_time_ids(pipe, proj, tuple(original_size or (height, width)), tuple(crops_coords_top_left),
-                                      tuple(target_size or (height, width)))
-        ids, neg_ids = (torch.tensor([v], dtype=pe.dtype, device=unet.device).repeat(pe.shape[0], 1) for v in (ids, neg_ids))
+        ids, neg_ids = _sdxl_time_ids(
+            pipe,
+            proj,
+            tuple(original_size or (height, width)),
+            tuple(crops_coords_top_left),
+            tuple(target_size or (height, width)),
+        )
+        ids, neg_ids = (
+            torch.tensor([v], dtype=pe.dtype, device=unet.device).repeat(pe.shape[0], 1) for v in (ids, neg_ids)
+        )
         cond = {"encoder_hidden_states": pe, "text_embeds": ppe, "time_ids": ids}
         uncond = {"encoder_hidden_states": ne, "text_embeds": nppe, "time_ids": neg_ids} if guided else None
     else:
@@ -202,8 +237,13 @@ def _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_pr
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         if inpaint is not None:
             x = torch.cat([x, inpaint.to(x.dtype)], dim=1)
-        return unet(x, timestep_input(t, x), encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
-                    return_dict=False)[0]
+        return unet(
+            x,
+            timestep_input(t, x),
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
 
     model = _guided(_denoiser(pipe, network), guided, scale, uncond)
     return model, cond, b, (channels, height // f, width // f), _decode_vae(pipe), hooks
@@ -238,14 +278,22 @@ def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_
     width = int(width or tr.config.sample_size * f)
     scale = 4.5 if guidance_scale is None else float(guidance_scale)
     guided = scale > 1.0
-    pe, pm, ne, nm = pipe.encode_prompt(prompt, guided, negative_prompt="" if negative_prompt is None else negative_prompt,
-                                        num_images_per_prompt=num_images_per_prompt, device=tr.device, **seq)
+    pe, pm, ne, nm = pipe.encode_prompt(
+        prompt,
+        guided,
+        negative_prompt="" if negative_prompt is None else negative_prompt,
+        num_images_per_prompt=num_images_per_prompt,
+        device=tr.device,
+        **seq,
+    )
     b = pe.shape[0]
     cond = {"encoder_hidden_states": pe, "encoder_attention_mask": pm}
     uncond = {"encoder_hidden_states": ne, "encoder_attention_mask": nm} if guided else None
     if getattr(tr, "use_additional_conditions", False):  # PixArt-Alpha 1024: size and aspect ratio
-        size = {"resolution": torch.tensor([[float(height), float(width)]]).repeat(b, 1).to(tr.device, pe.dtype),
-                "aspect_ratio": torch.tensor([[height / width]]).repeat(b, 1).to(tr.device, pe.dtype)}
+        size = {
+            "resolution": torch.tensor([[float(height), float(width)]]).repeat(b, 1).to(tr.device, pe.dtype),
+            "aspect_ratio": torch.tensor([[height / width]]).repeat(b, 1).to(tr.device, pe.dtype),
+        }
         cond.update(size)
         if uncond is not None:  # (guided)
             uncond.update(size)
@@ -253,20 +301,37 @@ def _pixart_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_
     split = tr.config.out_channels is not None and tr.config.out_channels // 2 == c
 
     def network(x, t, encoder_hidden_states, encoder_attention_mask, resolution=None, aspect_ratio=None):
-        out = tr(x, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                 timestep=timestep_input(t, x), added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
-                 return_dict=False)[0]
+        out = tr(
+            x,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep_input(t, x),
+            added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio},
+            return_dict=False,
+        )[0]
         return out.chunk(2, dim=1)[0] if split else out  # learned sigma: keep the prediction
 
     model = _guided(_denoiser(pipe, network), guided, scale, uncond)
     return model, cond, b, (c, height // f, width // f), _decode_vae(pipe)
 
 
-def pipeline_model(pipe, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
-                   guidance_scale: float | None = None, num_images_per_prompt: int = 1, height: int | None = None,
-                   width: int | None = None, max_sequence_length: int | None = None, image=None, mask_image=None,
-                   original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                   target_size: tuple[int, int] | None = None, return_hooks: bool = False):
+def pipeline_model(
+    pipe,
+    prompt: str | list[str] | None = None,
+    *,
+    negative_prompt: str | list[str] | None = None,
+    guidance_scale: float | None = None,
+    num_images_per_prompt: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
+    image=None,
+    mask_image=None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    return_hooks: bool = False,
+):
     """The pipeline's denoiser as a DiffusionModel, with its conditioning.
 
     Returns (model, cond, batch size, shape of one latent, decode); with ``return_hooks`` also the
@@ -285,15 +350,41 @@ def pipeline_model(pipe, prompt: str | list[str] | None = None, *, negative_prom
     mask and the masked image's latents are concatenated to its input, as the pipeline does.
     ``decode(latents, output_type)`` turns latents into the pipeline's images.
     """
-    out = _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width,
-                          max_sequence_length, image, mask_image, original_size, crops_coords_top_left, target_size)
+    out = _pipeline_model(
+        pipe,
+        prompt,
+        negative_prompt,
+        guidance_scale,
+        num_images_per_prompt,
+        height,
+        width,
+        max_sequence_length,
+        image,
+        mask_image,
+        original_size,
+        crops_coords_top_left,
+        target_size,
+    )
     if len(out) == 5:
         out = (*out, [])
     return out if return_hooks else out[:5]
 
 
-def _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width,
-                    max_sequence_length, image, mask_image, original_size, crops_coords_top_left, target_size):
+def _pipeline_model(
+    pipe,
+    prompt,
+    negative_prompt,
+    guidance_scale,
+    num_images_per_prompt,
+    height,
+    width,
+    max_sequence_length,
+    image,
+    mask_image,
+    original_size,
+    crops_coords_top_left,
+    target_size,
+):
     from ...guidance import ClassifierFreeGuidance
     from ...models.model import DiffusionModel
 
@@ -307,46 +398,96 @@ def _pipeline_model(pipe, prompt, negative_prompt, guidance_scale, num_images_pe
         height = height or 2 * f * 8
         width = width or 2 * f * 8
         h, w = 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
-        pe, ppe, txt_ids = pipe.encode_prompt(prompt, None, device=tr.device, num_images_per_prompt=num_images_per_prompt, **seq)
+        pe, ppe, txt_ids = pipe.encode_prompt(
+            prompt, None, device=tr.device, num_images_per_prompt=num_images_per_prompt, **seq
+        )
         img_ids = pipe._prepare_latent_image_ids(pe.shape[0], h // 2, w // 2, tr.device, pe.dtype)
         distilled = float(3.5 if guidance_scale is None else guidance_scale) if tr.config.guidance_embeds else None
 
         def net(x, t, encoder_hidden_states, pooled_projections):
-            g = None if distilled is None else torch.full((x.shape[0],), distilled, device=x.device, dtype=torch.float32)
-            return tr(hidden_states=x, timestep=timestep_input(t, x), guidance=g, pooled_projections=pooled_projections,
-                      encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+            g = (
+                None
+                if distilled is None
+                else torch.full((x.shape[0],), distilled, device=x.device, dtype=torch.float32)
+            )
+            return tr(
+                hidden_states=x,
+                timestep=timestep_input(t, x),
+                guidance=g,
+                pooled_projections=pooled_projections,
+                encoder_hidden_states=encoder_hidden_states,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
 
         c = tr.config.in_channels // 4
         model = DiffusionModel(net, _flow_schedule(pipe, (h // 2) * (w // 2)), "velocity", time_input="timestep")
         decode = _decode_vae(pipe, lambda z: pipe._unpack_latents(z, height, width, f))
-        return model, {"encoder_hidden_states": pe, "pooled_projections": ppe}, pe.shape[0], \
-            ((h // 2) * (w // 2), c * 4), decode
+        return (
+            model,
+            {"encoder_hidden_states": pe, "pooled_projections": ppe},
+            pe.shape[0],
+            ((h // 2) * (w // 2), c * 4),
+            decode,
+        )
     if hasattr(pipe, "transformer"):  # SD3
         tr, f = pipe.transformer, pipe.vae_scale_factor
         height = height or tr.config.sample_size * f
         width = width or tr.config.sample_size * f
         scale = 7.0 if guidance_scale is None else float(guidance_scale)
         guided = scale > 1.0
-        pe, ne, ppe, nppe = pipe.encode_prompt(prompt, None, None, device=tr.device,
-                                               num_images_per_prompt=num_images_per_prompt,
-                                               do_classifier_free_guidance=guided, negative_prompt=negative_prompt, **seq)
+        pe, ne, ppe, nppe = pipe.encode_prompt(
+            prompt,
+            None,
+            None,
+            device=tr.device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt,
+            **seq,
+        )
 
         def net(x, t, encoder_hidden_states, pooled_projections):
-            return tr(hidden_states=x, timestep=timestep_input(t, x), encoder_hidden_states=encoder_hidden_states,
-                      pooled_projections=pooled_projections, return_dict=False)[0]
+            return tr(
+                hidden_states=x,
+                timestep=timestep_input(t, x),
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                return_dict=False,
+            )[0]
 
         patch = tr.config.patch_size
         schedule = _flow_schedule(pipe, (int(height) // f // patch) * (int(width) // f // patch))
         model = DiffusionModel(net, schedule, "velocity", time_input=lambda t: 1000.0 * schedule.sigma(t))
         if guided:
-            model = ClassifierFreeGuidance(model, scale, uncond={"encoder_hidden_states": ne, "pooled_projections": nppe})
-        return model, {"encoder_hidden_states": pe, "pooled_projections": ppe}, pe.shape[0], \
-            (tr.config.in_channels, int(height) // f, int(width) // f), _decode_vae(pipe)
+            model = ClassifierFreeGuidance(
+                model, scale, uncond={"encoder_hidden_states": ne, "pooled_projections": nppe}
+            )
+        return (
+            model,
+            {"encoder_hidden_states": pe, "pooled_projections": ppe},
+            pe.shape[0],
+            (tr.config.in_channels, int(height) // f, int(width) // f),
+            _decode_vae(pipe),
+        )
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):
         raise NotImplementedError(f"driver mode does not know {type(pipe).__name__} yet")
     if hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):  # Stable Diffusion, SDXL, img2img, inpainting
-        return _unet_model(pipe, prompt, negative_prompt, guidance_scale, num_images_per_prompt, height, width, image,
-                           mask_image, original_size, crops_coords_top_left, target_size)
+        return _unet_model(
+            pipe,
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            num_images_per_prompt,
+            height,
+            width,
+            image,
+            mask_image,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+        )
     return _ddpm_model(pipe, prompt, guidance_scale, num_images_per_prompt)
 
 
@@ -400,13 +541,33 @@ def _strength_start(pipe, schedule, steps: int, strength: float) -> tuple[float,
     return float(schedule.t_of_timestep(torch.as_tensor(float(ref.timesteps[i]), dtype=torch.float64))), left
 
 
-def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | None = None, *,
-                    num_inference_steps: int | None = 50, negative_prompt=None, guidance_scale: float | None = None,
-                    num_images_per_prompt: int = 1, generator=None, seed=None, latent=None, output_type: str = "pil",
-                    height: int | None = None, width: int | None = None, max_sequence_length: int | None = None,
-                    image=None, mask_image=None, strength: float | None = None, x_T: Tensor | None = None,
-                    grid=None, t_max: float | None = None, t_min: float | None = None, hooks=None, progress: bool | None = None,
-                    **solver_options) -> PipelineOutput:
+def sample_pipeline(
+    pipe,
+    solver: str = "dpmpp-2m",
+    prompt: str | list[str] | None = None,
+    *,
+    num_inference_steps: int | None = 50,
+    negative_prompt=None,
+    guidance_scale: float | None = None,
+    num_images_per_prompt: int = 1,
+    generator=None,
+    seed=None,
+    latent=None,
+    output_type: str = "pil",
+    height: int | None = None,
+    width: int | None = None,
+    max_sequence_length: int | None = None,
+    image=None,
+    mask_image=None,
+    strength: float | None = None,
+    x_T: Tensor | None = None,
+    grid=None,
+    t_max: float | None = None,
+    t_min: float | None = None,
+    hooks=None,
+    progress: bool | None = None,
+    **solver_options,
+) -> PipelineOutput:
     """Driver mode: run any registered solver (adaptive, Denoising-MCMC and reversible included) on a
     diffusers pipeline's denoiser and conditioning, then decode as the pipeline does.
 
@@ -431,16 +592,33 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
 
     if strength is not None and image is None:
         raise ValueError("strength is for img2img and inpainting: give image= too")
-    if image is not None and mask_image is None and height is None and width is None and hasattr(pipe, "image_processor"):
+    if (
+        image is not None
+        and mask_image is None
+        and height is None
+        and width is None
+        and hasattr(pipe, "image_processor")
+    ):
         height, width = (int(v) for v in pipe.image_processor.preprocess(image).shape[-2:])  # img2img: the image's size
     if latent is not None and num_images_per_prompt == 1 and isinstance(getattr(latent, "x", None), Tensor):
         num_images_per_prompt = _images_per_prompt(prompt, latent.x.shape[0])  # a latent of several images
     model, cond, b, shape, decode, extra_hooks = pipeline_model(
-        pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-        num_images_per_prompt=num_images_per_prompt, height=height, width=width,
-        max_sequence_length=max_sequence_length, image=image, mask_image=mask_image, return_hooks=True)
+        pipe,
+        prompt,
+        negative_prompt=negative_prompt,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=num_images_per_prompt,
+        height=height,
+        width=width,
+        max_sequence_length=max_sequence_length,
+        image=image,
+        mask_image=mask_image,
+        return_hooks=True,
+    )
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    hooks = list(extra_hooks) + ([] if hooks is None else ([hooks] if not isinstance(hooks, (list, tuple)) else list(hooks)))
+    hooks = list(extra_hooks) + (
+        [] if hooks is None else ([hooks] if not isinstance(hooks, (list, tuple)) else list(hooks))
+    )
     kw = dict(cond=cond, hooks=hooks or None, progress=progress, dtype=denoiser.dtype, device=denoiser.device)
     info = solver_info(get_solver(solver, **solver_options).name)
     explicit_grid = grid is not None and not isinstance(grid, str)
@@ -468,14 +646,31 @@ def sample_pipeline(pipe, solver: str = "dpmpp-2m", prompt: str | list[str] | No
             x0 = _batch(_encode_vae(pipe, pipe.image_processor.preprocess(image, height=h, width=w)), b)
             # the start noise is the run's first draw, as ds.sample draws its prior: the solver's own
             # draws continue the same per-sample streams
-            src = NoiseSource((b, *shape), seeds=seed if gens is None else None, generators=gens,
-                              device=denoiser.device, dtype=denoiser.dtype)
+            src = NoiseSource(
+                (b, *shape),
+                seeds=seed if gens is None else None,
+                generators=gens,
+                device=denoiser.device,
+                dtype=denoiser.dtype,
+            )
             a, sg = model.schedule.at(float(g[0]))
             start = a * x0.to(device=src.device, dtype=src.dtype) + sg * src.randn()
             res = sample(model, solver, x_T=start, generator=src.generators, grid=g, **kw, **solver_options)
         else:
-            res = sample(model, solver, steps, shape=None if x_T is not None else (b, *shape), x_T=x_T,
-                         generator=gens, seed=seed, grid=grid, t_max=t_max, t_min=t_min, **kw, **solver_options)
+            res = sample(
+                model,
+                solver,
+                steps,
+                shape=None if x_T is not None else (b, *shape),
+                x_T=x_T,
+                generator=gens,
+                seed=seed,
+                grid=grid,
+                t_max=t_max,
+                t_min=t_min,
+                **kw,
+                **solver_options,
+            )
     return PipelineOutput(decode(res.samples, output_type), res.samples, res)
 
 
@@ -488,8 +683,9 @@ def _image_batch(image) -> Tensor:
         parts = [torch.as_tensor(i) for i in image]
         return torch.cat([i if i.ndim == 4 else i[None] for i in parts])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"image: a list of images must hold tensors or arrays of one shape, [C, H, W] or "
-                         f"[1, C, H, W]; {e}") from None
+        raise ValueError(
+            f"image: a list of images must hold tensors or arrays of one shape, [C, H, W] or [1, C, H, W]; {e}"
+        ) from None
 
 
 def _images_per_prompt(prompt, n: int) -> int:
@@ -501,10 +697,21 @@ def _images_per_prompt(prompt, n: int) -> int:
     raise ValueError(f"prompt: {len(prompt)} prompts for {n} images; give one prompt, or one per image")
 
 
-def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, prompt: str | list[str] | None = None, *,
-                    latents: Tensor | None = None, num_inference_steps: int = 50, negative_prompt=None,
-                    guidance_scale: float | None = None, max_sequence_length: int | None = None,
-                    mask_image=None, progress: bool | None = None, **solver_options):
+def invert_pipeline(
+    pipe,
+    image=None,
+    solver: str = DEFAULT_INVERSION_SOLVER,
+    prompt: str | list[str] | None = None,
+    *,
+    latents: Tensor | None = None,
+    num_inference_steps: int = 50,
+    negative_prompt=None,
+    guidance_scale: float | None = None,
+    max_sequence_length: int | None = None,
+    mask_image=None,
+    progress: bool | None = None,
+    **solver_options,
+):
     """Exact inversion of real images in latent space: encode ``image`` with the pipeline's VAE (its
     posterior mean; or pass ``latents``) and run ``ds.invert`` with the pipeline's conditioning (and
     CFG). Returns the :class:`~diffsolve.Latent`; ``sample_pipeline(pipe, solver, prompt, latent=...)``
@@ -534,9 +741,17 @@ def invert_pipeline(pipe, image=None, solver: str = DEFAULT_INVERSION_SOLVER, pr
         else:
             latents = _encode_vae(pipe, pipe.image_processor.preprocess(image))
     per_prompt = _images_per_prompt(prompt, latents.shape[0])
-    model, cond, _b, _shape, _ = pipeline_model(pipe, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                                              num_images_per_prompt=per_prompt, max_sequence_length=max_sequence_length,
-                                              height=height, width=width,
-                                              image=image if mask_image is not None else None, mask_image=mask_image)
+    model, cond, _b, _shape, _ = pipeline_model(
+        pipe,
+        prompt,
+        negative_prompt=negative_prompt,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=per_prompt,
+        max_sequence_length=max_sequence_length,
+        height=height,
+        width=width,
+        image=image if mask_image is not None else None,
+        mask_image=mask_image,
+    )
     with torch.no_grad():
         return invert(model, solver, latents, num_inference_steps, cond=cond, progress=progress, **solver_options)

@@ -93,30 +93,62 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     order = 1
     # diffusers schedulers whose config keys from_config drops silently (they are not ours)
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler",
-                                                                    "FlowMatchHeunDiscreteScheduler"]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+    ]
 
     @register_to_config
-    def __init__(self, solver: str = "dpmpp-2m", solver_options: dict | None = None, steps_grid: str | None = None,
-                 final: str | None = None, seed: int | None = None, flow: bool = False, source: str | None = None,
-                 source_config: dict | None = None, t_max: float | None = None,
-                 num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas: Any = None, prediction_type: str = "epsilon",
-                 timestep_spacing: str = "leading", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
-                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
-                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
-                 time_shift_type: str = "exponential"):
+    def __init__(
+        self,
+        solver: str = "dpmpp-2m",
+        solver_options: dict | None = None,
+        steps_grid: str | None = None,
+        final: str | None = None,
+        seed: int | None = None,
+        flow: bool = False,
+        source: str | None = None,
+        source_config: dict | None = None,
+        t_max: float | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+    ):
         self.solver = get_solver(solver, **(solver_options or {}))
         info = solver_info(self.solver.name)
         if not info.fixed_grid:
-            raise ValueError(f"solver {self.solver.name!r} chooses its own steps; a diffusers pipeline needs a "
-                             "fixed list of timesteps: use diffsolve.integrations.diffusers.sample_pipeline")
+            raise ValueError(
+                f"solver {self.solver.name!r} chooses its own steps; a diffusers pipeline needs a "
+                "fixed list of timesteps: use diffsolve.integrations.diffusers.sample_pipeline"
+            )
         if final not in (None, "zero", "sigma_min"):
             raise ValueError(f"final must be None, 'zero' or 'sigma_min', got {final!r}")
         if source_config is None:  # made from keyword arguments: a DDPM-style or flow config of its own
             keys = set(inspect.signature(DiffsolveScheduler.__init__).parameters) - {
-                "self", "solver", "solver_options", "steps_grid", "final", "seed", "flow", "source", "source_config",
-                "t_max"}
+                "self",
+                "solver",
+                "solver_options",
+                "steps_grid",
+                "final",
+                "seed",
+                "flow",
+                "source",
+                "source_config",
+                "t_max",
+            }
             source_config = {k: v for k, v in self.config.items() if k in keys}
             if flow:
                 source_config.pop("prediction_type", None)
@@ -138,8 +170,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if cfg.get("_class_name") != cls.__name__ and "source_config" not in kwargs:
             name = name or source_class(cfg)
             kwargs.setdefault("source", name)
-            kwargs["source_config"] = {k: v for k, v in cfg.items()
-                                       if not k.startswith("_") or k == "_use_default_values"}
+            kwargs["source_config"] = {
+                k: v for k, v in cfg.items() if not k.startswith("_") or k == "_use_default_values"
+            }
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --------------------------------------------------------------------------- run state
@@ -157,9 +190,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return int(self.source.config.get("num_train_timesteps", 1000))
 
     # --------------------------------------------------------------------------- the grid
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None, *,
-                      timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
-                      mu: float | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        *,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
         """Place the steps, list one timestep per model call, and reset the run state.
 
         By default the source scheduler places the steps (explicit ``timesteps`` or ``sigmas`` are
@@ -185,9 +224,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         and rex divide by sigma), with a warning."""
         final = self.config["final"]
         if final is None and "t_min" in self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1])):
-            warnings.warn(f"solver {self.solver.name!r} cannot reach the clean end (sigma = 0): its last step "
-                          "ends at the smallest training noise level instead (final='sigma_min'; pass final= "
-                          "to choose)", stacklevel=3)
+            warnings.warn(
+                f"solver {self.solver.name!r} cannot reach the clean end (sigma = 0): its last step "
+                "ends at the smallest training noise level instead (final='sigma_min'; pass final= "
+                "to choose)",
+                stacklevel=3,
+            )
             return "sigma_min"
         return final
 
@@ -195,10 +237,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """``t_max``, or the solver's own where it cannot start where ``grid`` does (alpha = 0 there:
         flow pipelines for the noise-form reversible solvers), with a warning."""
         t_max = self.config["t_max"]
-        if t_max is None and "t_max" in (ends := self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1]))):
+        if t_max is None and "t_max" in (
+            ends := self.solver.replace_ends(self.schedule, float(grid[0]), float(grid[-1]))
+        ):
             t_max = ends["t_max"]
-            warnings.warn(f"solver {self.solver.name!r} cannot start where alpha = 0: the grid is clipped to "
-                          f"t_max={t_max:.6g} (pass t_max= to choose)", stacklevel=3)
+            warnings.warn(
+                f"solver {self.solver.name!r} cannot start where alpha = 0: the grid is clipped to "
+                f"t_max={t_max:.6g} (pass t_max= to choose)",
+                stacklevel=3,
+            )
         return t_max
 
     def _with_final(self, place: Placement) -> Placement:
@@ -231,8 +278,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
         if self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min":
             return to_time(make_grid(schedule, n, kind, t_min=t_min)).to(torch.float64)
-        g = make_grid(schedule, n - 1, kind, t_min=t_min) if n > 1 else \
-            torch.tensor([schedule.t_max], dtype=torch.float64)
+        g = (
+            make_grid(schedule, n - 1, kind, t_min=t_min)
+            if n > 1
+            else torch.tensor([schedule.t_max], dtype=torch.float64)
+        )
         g = to_time(g).to(torch.float64)
         return torch.cat([g, g.new_zeros(1)])
 
@@ -282,8 +332,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         c = self.source.c_in(self._current_time()) if self._run.listed_t else 1.0
         return sample if c == 1.0 else sample * c
 
-    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator=None,
-             return_dict: bool = True, **kwargs: Any) -> DiffsolveSchedulerOutput | tuple:
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: Any,
+        sample: Tensor,
+        generator=None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> DiffsolveSchedulerOutput | tuple:
         """Answer the solver's pending query with ``model_output`` (at ``sample``) and return its next
         query point (or the final samples) as ``prev_sample``. Other schedulers' keyword arguments
         (``prev_timestep``, ...) are accepted and ignored."""
@@ -333,7 +390,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         src = NoiseSource(sample.shape, seeds=seeds, generators=generator, device=sample.device, dtype=sample.dtype)
         if r.grid is None:
             raise RuntimeError("call set_timesteps before step")
-        grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step():]
+        grid = r.grid if r.begin_index in (None, 0) else r.grid[self._begin_step() :]
         r.pump = None
         if len(grid) > 1:
             r.pump = Pump(self.solver.run(sample.to(r.dtype), grid, src, schedule=self.schedule))
@@ -349,8 +406,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         """The times of network timesteps: those this run lists, else the source's own map."""
         ks = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(-1)
         table = self._run.by_timestep or {}
-        return torch.tensor([table[k] if k in table else self.source.t_of_net(k) for k in ks.tolist()],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [table[k] if k in table else self.source.t_of_net(k) for k in ks.tolist()], dtype=torch.float64
+        )
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t = alpha x0 + sigma noise at the pipeline's timesteps (img2img, inpainting)."""

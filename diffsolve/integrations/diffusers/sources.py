@@ -46,18 +46,41 @@ from .config import PREDICTIONS
 Tensor = torch.Tensor
 
 # the diffusers schedulers whose steps diffsolve reproduces, by family
-VP_SOURCES = ("DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler",
-              "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-              "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
-              "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler", "LCMScheduler",
-              "TCDScheduler", "UnCLIPScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+VP_SOURCES = (
+    "DDIMScheduler",
+    "DDIMParallelScheduler",
+    "DDPMScheduler",
+    "DDPMParallelScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "SASolverScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "UnCLIPScheduler",
+    "CogVideoXDDIMScheduler",
+    "CogVideoXDPMScheduler",
+)
 FLOW_SOURCES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
-EDM_SOURCES = {"EDMEulerScheduler": "edm", "EDMDPMSolverMultistepScheduler": "edm",
-               "CosineDPMSolverMultistepScheduler": "cosine"}
-REFUSED = {"DDPMWuerstchenScheduler": "Stable Cascade's pipelines condition the network on r in [0, 1] only "
-                                      "for this class (found by isinstance) and compute r from the betas of any "
-                                      "other scheduler; no drop-in reproduces that (use it as it is)"}
+EDM_SOURCES = {
+    "EDMEulerScheduler": "edm",
+    "EDMDPMSolverMultistepScheduler": "edm",
+    "CosineDPMSolverMultistepScheduler": "cosine",
+}
+REFUSED = {
+    "DDPMWuerstchenScheduler": "Stable Cascade's pipelines condition the network on r in [0, 1] only "
+    "for this class (found by isinstance) and compute r from the betas of any "
+    "other scheduler; no drop-in reproduces that (use it as it is)"
+}
 # sources that step from a timestep to it minus num_train_timesteps // N
 _STRIDE_STEP = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler", "PNDMScheduler")
 # sources whose last step returns the clean estimate whatever set_alpha_to_one says
@@ -75,8 +98,11 @@ def source_class(config: Mapping[str, Any]) -> str | None:
     import diffusers
 
     keys = {k for k in config if not k.startswith("_")}
-    fits = {n: len(p) for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
-            if (p := set(_params(getattr(diffusers, n, None)))) and p <= keys}
+    fits = {
+        n: len(p)
+        for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
+        if (p := set(_params(getattr(diffusers, n, None)))) and p <= keys
+    }
     if not fits:
         return None
     most = max(fits.values())
@@ -116,8 +142,11 @@ class Source:
     def __init__(self, config: Mapping[str, Any], name: str):
         self.config, self.name = dict(config), name
         self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
-        self.threshold = (float(config.get("dynamic_thresholding_ratio", 0.995)),
-                          float(config.get("sample_max_value", 1.0))) if config.get("thresholding", False) else None
+        self.threshold = (
+            (float(config.get("dynamic_thresholding_ratio", 0.995)), float(config.get("sample_max_value", 1.0)))
+            if config.get("thresholding", False)
+            else None
+        )
         self.learned_variance = config.get("variance_type") in ("learned", "learned_range")
 
     # -- the source's steps
@@ -209,8 +238,10 @@ class VPSource(Source):
         super().__init__(config, name)
         pt = config.get("prediction_type", "epsilon")
         if pt not in PREDICTIONS or pt == "flow_prediction":
-            raise ValueError(f"prediction_type {pt!r} is not supported with this config; allowed: epsilon, sample, "
-                             "v_prediction (flow_prediction needs use_flow_sigmas=True)")
+            raise ValueError(
+                f"prediction_type {pt!r} is not supported with this config; allowed: epsilon, sample, "
+                "v_prediction (flow_prediction needs use_flow_sigmas=True)"
+            )
         self.kind = PREDICTIONS[pt]
         tt = config.get("timestep_type", "discrete")
         if tt not in ("discrete", "continuous"):
@@ -269,8 +300,11 @@ class VPSource(Source):
         return Placement(grid, {float(a): float(k) for a, k in zip(t, ts)}, 1.0, float(t[-1]) == end)
 
     def _clean_end(self, ref) -> bool:
-        return self.name in _CLEAN_END or bool(self.config.get("set_alpha_to_one", True)) or \
-            "set_alpha_to_one" not in _params(type(ref))
+        return (
+            self.name in _CLEAN_END
+            or bool(self.config.get("set_alpha_to_one", True))
+            or "set_alpha_to_one" not in _params(type(ref))
+        )
 
     def net_timestep(self, t):
         """Between the source's listed points, diffsolve's own map: timestep N t - 1 for discrete
@@ -371,8 +405,9 @@ class EDMSource(Source):
         super().__init__(config, name)
         pt = config.get("prediction_type", "epsilon")
         if pt not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type {pt!r} is not supported with EDM preconditioning; allowed: epsilon, "
-                             "v_prediction")
+            raise ValueError(
+                f"prediction_type {pt!r} is not supported with EDM preconditioning; allowed: epsilon, v_prediction"
+            )
         self.sign = 1.0 if pt == "epsilon" else -1.0
         self.noise = EDM_SOURCES[name]
         defaults = {"edm": (0.002, 80.0, 0.5), "cosine": (0.3, 500.0, 1.0)}[self.noise]
@@ -441,8 +476,11 @@ def make_source(config: Mapping[str, Any], name: str | None, flow: bool = False)
         raise ValueError(f"_class_name {name!r} is not supported: {REFUSED[name]}")
     if name in EDM_SOURCES:
         return EDMSource(config, name)
-    if flow or name in FLOW_SOURCES or (config.get("prediction_type") == "flow_prediction"
-                                         and config.get("use_flow_sigmas", False)):
+    if (
+        flow
+        or name in FLOW_SOURCES
+        or (config.get("prediction_type") == "flow_prediction" and config.get("use_flow_sigmas", False))
+    ):
         return FlowSource(config, name or "FlowMatchEulerDiscreteScheduler")
     if name is not None and name not in VP_SOURCES:
         known = ", ".join(sorted((*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)))

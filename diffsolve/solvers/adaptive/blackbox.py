@@ -61,7 +61,10 @@ class _BlackBox(Solver):
                 kind, a, b = requests.get()
                 if kind == "done":
                     y, acc, rej = a
-                    counts = torch.full((x.shape[0],), acc, dtype=torch.long), torch.full((x.shape[0],), rej, dtype=torch.long)
+                    counts = (
+                        torch.full((x.shape[0],), acc, dtype=torch.long),
+                        torch.full((x.shape[0],), rej, dtype=torch.long),
+                    )
                     return Outcome(y, *counts)
                 if kind == "error":
                     raise a
@@ -70,18 +73,27 @@ class _BlackBox(Solver):
                 pred = yield a, b
                 v = pred.velocity
                 if not bool(all_finite(v)) and bool(all_finite(pred.output)):
-                    raise ValueError(f"{self.name}: the probability-flow drift is not finite at t={b:.6g}: a "
-                                     f"{pred.kind} prediction gives no velocity where sigma is (nearly) 0, and the "
-                                     "integrator evaluates it at t_min; integrate to t_min > 0 (e.g. t_min=1e-3)")
+                    raise ValueError(
+                        f"{self.name}: the probability-flow drift is not finite at t={b:.6g}: a "
+                        f"{pred.kind} prediction gives no velocity where sigma is (nearly) 0, and the "
+                        "integrator evaluates it at t_min; integrate to t_min > 0 (e.g. t_min=1e-3)"
+                    )
                 replies.put(v)
         finally:
             if kind == "query":  # stopped early (an error in the driver): release the worker
                 replies.put(_STOP)
 
 
-@register("ode-dopri5", family="adaptive", order=5, calls_per_step=6, deterministic=True, fixed_grid=False,
-          description="adaptive probability-flow ODE with torchdiffeq (dopri5 or any adaptive method)",
-          reference="Dormand & Prince 1980; Chen et al. 2018 (torchdiffeq); Song et al. 2021 (probability flow)")
+@register(
+    "ode-dopri5",
+    family="adaptive",
+    order=5,
+    calls_per_step=6,
+    deterministic=True,
+    fixed_grid=False,
+    description="adaptive probability-flow ODE with torchdiffeq (dopri5 or any adaptive method)",
+    reference="Dormand & Prince 1980; Chen et al. 2018 (torchdiffeq); Song et al. 2021 (probability flow)",
+)
 class TorchdiffeqODE(_BlackBox):
     """torchdiffeq ``odeint`` on the probability-flow ODE from t_max to t_min.
 
@@ -105,9 +117,16 @@ class TorchdiffeqODE(_BlackBox):
         return y, f.accepted, f.rejected
 
 
-@register("ode-rk45", family="adaptive", order=5, calls_per_step=6, deterministic=True, fixed_grid=False,
-          description="adaptive probability-flow ODE with scipy solve_ivp RK45 (Score-SDE's ODE sampler)",
-          reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (get_ode_sampler)")
+@register(
+    "ode-rk45",
+    family="adaptive",
+    order=5,
+    calls_per_step=6,
+    deterministic=True,
+    fixed_grid=False,
+    description="adaptive probability-flow ODE with scipy solve_ivp RK45 (Score-SDE's ODE sampler)",
+    reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (get_ode_sampler)",
+)
 class ScipyODE(_BlackBox):
     """scipy ``solve_ivp`` (RK45 by default) on the flattened float64 batch, as Score-SDE's ODE sampler.
 

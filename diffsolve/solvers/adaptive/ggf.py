@@ -39,9 +39,16 @@ from ..sde.euler_maruyama import reverse_sde_coefs
 Tensor = torch.Tensor
 
 
-@register("adaptive-sde", family="adaptive", order=1, calls_per_step=2, deterministic=False, fixed_grid=False,
-          description="Gotta Go Fast: adaptive EM / improved-Euler pair on the reverse SDE, per-sample steps",
-          reference="Jolicoeur-Martineau et al. 2021, Gotta Go Fast When Generating Data with Score-Based Models")
+@register(
+    "adaptive-sde",
+    family="adaptive",
+    order=1,
+    calls_per_step=2,
+    deterministic=False,
+    fixed_grid=False,
+    description="Gotta Go Fast: adaptive EM / improved-Euler pair on the reverse SDE, per-sample steps",
+    reference="Jolicoeur-Martineau et al. 2021, Gotta Go Fast When Generating Data with Score-Based Models",
+)
 class GottaGoFast(AdaptiveSolver):
     """Gotta Go Fast's adaptive reverse-SDE solver; the update rule is in the module docstring.
 
@@ -76,10 +83,13 @@ class GottaGoFast(AdaptiveSolver):
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_max, t_min = float(grid[0]), float(grid[-1])
         if not float(schedule.sigma(t_min)) > 0:
-            raise ValueError(f"adaptive-sde needs sigma(t_min) > 0 (the score is infinite at sigma = 0, t_min = {t_min:g}); "
-                             "pass t_min, e.g. t_min=1e-3 as Score-SDE does")
-        out = yield from self._loop(_Tries(schedule, noise, mu), x, Clock(t_max, t_min, descending=True),
-                                    snap=1e-13, reference="low")
+            raise ValueError(
+                f"adaptive-sde needs sigma(t_min) > 0 (the score is infinite at sigma = 0, t_min = {t_min:g}); "
+                "pass t_min, e.g. t_min=1e-3 as Score-SDE does"
+            )
+        out = yield from self._loop(
+            _Tries(schedule, noise, mu), x, Clock(t_max, t_min, descending=True), snap=1e-13, reference="low"
+        )
         x = out.x
         if self.denoise:
             pred = yield Query(x, t_min, step=out.iterations + 1)

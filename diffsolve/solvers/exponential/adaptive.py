@@ -146,8 +146,10 @@ class _LogSNRAdaptive(AdaptiveSolver):
         t_max, t_min = float(grid[0]), float(grid[-1])
         lam_max, lam_end = float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min))
         if not (abs(lam_max) < float("inf") and abs(lam_end) < float("inf")):
-            raise ValueError(f"{self.name} steps in log-SNR, which must be finite at both ends: use t_min with "
-                             "sigma > 0 (e.g. 1e-3) and, for rectified flow, t_max < 1 (e.g. 0.999)")
+            raise ValueError(
+                f"{self.name} steps in log-SNR, which must be finite at both ends: use t_min with "
+                "sigma > 0 (e.g. 1e-3) and, for rectified flow, t_max < 1 (e.g. 0.999)"
+            )
         b, dev = x.shape[0], x.device
         tries = self._tries(noise, lam_max, lam_end, b, dev, schedule, mu)
         x = yield from tries.start(x, torch.full((b,), lam_max, dtype=torch.float64, device=dev))
@@ -216,8 +218,17 @@ class _MultistepTries:
         every = len(rows) == len(self.count)  # all rows active: no gather of the history
         hist = self.hist if every else self.hist[:, rows]
         y_pred, y_corr, self.new = yield from pc_step(
-            x, m, hist, self.lam[rows], self.count[rows], ls, hr, (a_t, s_t, a_s, s_s), self.param,
-            lambda xp: Query(xp, tt, rows=rows, step=it))
+            x,
+            m,
+            hist,
+            self.lam[rows],
+            self.count[rows],
+            ls,
+            hr,
+            (a_t, s_t, a_s, s_s),
+            self.param,
+            lambda xp: Query(xp, tt, rows=rows, step=it),
+        )
         return _in_x(x, y_pred, y_corr, tt, m)
 
     def commit(self, rows, ok, lam_new):
@@ -240,10 +251,17 @@ _ATOL = Option(0.0078, "the absolute tolerance of the error norm (for data in [-
 _H_INIT = Option(0.05, "the first step size, in log-SNR", low=0.0, low_open=True)
 
 
-@register("mrs-adaptive", family="adaptive", order=4, calls_per_step=1, deterministic=True, fixed_grid=False,
-          description="adaptive MRS / DPM-Solver++ in log-SNR: multistep predictor-corrector (or singlestep) pairs, per-sample steps",
-          reference="Lu et al. 2023 (DPM-Solver++); Zhao et al. 2023 (UniPC); Li et al. 2025 (MR Sampler); "
-                    "k-diffusion dpm_adaptive")
+@register(
+    "mrs-adaptive",
+    family="adaptive",
+    order=4,
+    calls_per_step=1,
+    deterministic=True,
+    fixed_grid=False,
+    description="adaptive MRS / DPM-Solver++ in log-SNR: multistep predictor-corrector (or singlestep) pairs, per-sample steps",
+    reference="Lu et al. 2023 (DPM-Solver++); Zhao et al. 2023 (UniPC); Li et al. 2025 (MR Sampler); "
+    "k-diffusion dpm_adaptive",
+)
 class MRSAdaptive(_LogSNRAdaptive):
     """Adaptive probability-flow ODE solver in log-SNR.
 
@@ -269,12 +287,17 @@ class MRSAdaptive(_LogSNRAdaptive):
     rtol = _RTOL
     atol = _ATOL
     h_init = _H_INIT
-    order: Option[Any] = Option(None, "the corrector's order (multistep: 2, 3 or 4, default 4; singlestep: 2 or 3, "
-                                      "default 3)", kind=object)
-    parameterization = Option("data", "the model output integrated: 'data', 'noise', or for the multistep method "
-                                      "'velocity'", kind=str)
-    method = Option("multistep", "'multistep' (predictor-corrector pairs, one call per try) or 'singlestep' "
-                                 "(embedded singlestep pairs)", choices=("multistep", "singlestep"))
+    order: Option[Any] = Option(
+        None, "the corrector's order (multistep: 2, 3 or 4, default 4; singlestep: 2 or 3, default 3)", kind=object
+    )
+    parameterization = Option(
+        "data", "the model output integrated: 'data', 'noise', or for the multistep method 'velocity'", kind=str
+    )
+    method = Option(
+        "multistep",
+        "'multistep' (predictor-corrector pairs, one call per try) or 'singlestep' (embedded singlestep pairs)",
+        choices=("multistep", "singlestep"),
+    )
 
     ORDERS: ClassVar[dict[str, tuple[int, ...]]] = {"multistep": (2, 3, 4), "singlestep": (2, 3)}
 
@@ -283,8 +306,9 @@ class MRSAdaptive(_LogSNRAdaptive):
         self.order = orders[-1] if self.order is None else self.order
         if self.order not in orders:
             raise ValueError(f"order must be one of {orders} for method={self.method!r}, got {self.order!r}")
-        check_parameterization(self.parameterization, velocity=self.method == "multistep",
-                               where=f" for method={self.method!r}")
+        check_parameterization(
+            self.parameterization, velocity=self.method == "multistep", where=f" for method={self.method!r}"
+        )
         super().check_options()
 
     def default_controller(self) -> StepSizeController:
@@ -301,9 +325,16 @@ class MRSAdaptive(_LogSNRAdaptive):
         return (yield from _pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
 
 
-@register("mrs-sde-adaptive", family="adaptive", order=1, calls_per_step=2, deterministic=False, fixed_grid=False,
-          description="adaptive SDE-DPM-Solver++ / MRS SDE in log-SNR: 1/2S pair on one Brownian path, per-sample steps",
-          reference="Lu et al. 2023 (SDE-DPM-Solver++); Li et al. 2025 (MR Sampler); Jolicoeur-Martineau et al. 2021")
+@register(
+    "mrs-sde-adaptive",
+    family="adaptive",
+    order=1,
+    calls_per_step=2,
+    deterministic=False,
+    fixed_grid=False,
+    description="adaptive SDE-DPM-Solver++ / MRS SDE in log-SNR: 1/2S pair on one Brownian path, per-sample steps",
+    reference="Lu et al. 2023 (SDE-DPM-Solver++); Li et al. 2025 (MR Sampler); Jolicoeur-Martineau et al. 2021",
+)
 class MRSSDEAdaptive(_LogSNRAdaptive):
     """Adaptive reverse-SDE solver; the SDE pair is in the module docstring.
 
@@ -342,11 +373,15 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         if isinstance(path, NoiseSource):  # fresh normals per try, same joint law
             z1, z2 = path.randn(rows).to(like), path.randn(rows).to(like)
             a = per_row(fresh_variance(r * hr).sqrt(), like) * z1
-            return a, per_row(torch.exp(-(1 - r) * hr), like) * a + per_row(fresh_variance((1 - r) * hr).sqrt(), like) * z2
+            return a, per_row(torch.exp(-(1 - r) * hr), like) * a + per_row(
+                fresh_variance((1 - r) * hr).sqrt(), like
+            ) * z2
         lr, lt = (ls + r * hr).clamp_max(path.t1), (ls + hr).clamp_max(path.t1)
         b_s, b_r, b_t = path(ls, rows), path(lr, rows), path(lt, rows)
-        return (per_row(torch.exp(path.t1 - lr), like) * (b_r - b_s).to(like),
-                per_row(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like))
+        return (
+            per_row(torch.exp(path.t1 - lr), like) * (b_r - b_s).to(like),
+            per_row(torch.exp(path.t1 - lt), like) * (b_t - b_s).to(like),
+        )
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
         coefs = partial(at_log_snr, schedule)
@@ -373,14 +408,25 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         return pred.state_at(pred.coefs.alpha, 0.0)
 
 
-def pilot_grid(model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_max=None, t_min=None,
-               **options) -> Tensor:
+def pilot_grid(
+    model, shape, *, seed: int = 0, mu=None, cond=None, grid=None, t_max=None, t_min=None, **options
+) -> Tensor:
     """Run mrs-adaptive once in batch mode on a small batch of ``shape`` and return the times it
     accepted: a grid for any fixed-grid solver and for the diffusers scheduler
     (``set_timesteps(timesteps=...)``). The same steps are ``mrs-pc`` with the same ``order`` and
     ``parameterization`` (the default multistep method) or ``dpmpp-3s`` (``method="singlestep"``)."""
     from ...core.driver import sample
 
-    res = sample(model, "mrs-adaptive", shape=shape, seed=seed, mu=mu, cond=cond, grid=grid, t_max=t_max,
-                 t_min=t_min, **{**options, "mode": "batch"})
+    res = sample(
+        model,
+        "mrs-adaptive",
+        shape=shape,
+        seed=seed,
+        mu=mu,
+        cond=cond,
+        grid=grid,
+        t_max=t_max,
+        t_min=t_min,
+        **{**options, "mode": "batch"},
+    )
     return res.stats["grid"]

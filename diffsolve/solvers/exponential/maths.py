@@ -244,8 +244,7 @@ def posterior_std(scale: Scalar, h: Scalar) -> Scalar:
     return scale * _sqrt(fresh_variance(h))
 
 
-def sde_weights(param: str, a_t: Scalar, s_t: Scalar, a_s: Scalar, s_s: Scalar, h: Scalar,
-                order: int = 2) -> Weights:
+def sde_weights(param: str, a_t: Scalar, s_t: Scalar, a_s: Scalar, s_s: Scalar, h: Scalar, order: int = 2) -> Weights:
     """The reverse-SDE step's (decay, w0, w1) (module docstring; w1 only for ``order`` 2, else None):
 
         data:  decay = (sigma_t / sigma_s) e^{-h},  w0 = alpha_t p1,  w1 = alpha_t (1 - p1 / (2h))
@@ -304,8 +303,9 @@ def lagrange_weights(nodes: list[Tensor], big_j: list[Tensor]) -> list[Tensor]:
         for j, nj in enumerate(nodes):
             if j == i:
                 continue
-            coef = [(coef[k - 1] if k else 0.0) - (nj * coef[k] if k < len(coef) else 0.0)
-                    for k in range(len(coef) + 1)]
+            coef = [
+                (coef[k - 1] if k else 0.0) - (nj * coef[k] if k < len(coef) else 0.0) for k in range(len(coef) + 1)
+            ]
             den = den * (ni - nj)
         out.append(sum(c * jj for c, jj in zip(coef, big_j)) / den)
     return out
@@ -342,7 +342,7 @@ def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: in
     for k in range(1, slots + 1):
         use = k_row == k
         wp = lagrange_weights(theta[:k], big_j[:k])
-        wc = lagrange_weights([torch.ones_like(h)] + theta[:k], big_j[:k + 1])
+        wc = lagrange_weights([torch.ones_like(h)] + theta[:k], big_j[: k + 1])
         w_new = torch.where(use, wc[0], w_new)
         for i in range(k):
             w_pred[i] = torch.where(use, wp[i], w_pred[i])

@@ -91,11 +91,18 @@ class _Multistep(Solver):
     """Shared machinery of the multistep exponential integrators (see the module docstring)."""
 
     order = Option(2, "the order of the multistep update (history length)", choices=(1, 2, 3))
-    parameterization = Option("data", "the model output integrated: 'data' (x0, DPM-Solver++), 'noise' (eps, "
-                                      "DPM-Solver) or 'velocity'", choices=PARAMETERIZATIONS)
+    parameterization = Option(
+        "data",
+        "the model output integrated: 'data' (x0, DPM-Solver++), 'noise' (eps, DPM-Solver) or 'velocity'",
+        choices=PARAMETERIZATIONS,
+    )
     lower_order_final = Option(True, "lower the order at the last steps (stabler at few steps, as diffusers)")
-    solver_type = Option("taylor", "the second-order term: 'taylor' (MR Sampler / DPM-Solver's Taylor "
-                                   "coefficient) or 'midpoint' (DPM-Solver++(2M)'s)", choices=SOLVER_TYPES)
+    solver_type = Option(
+        "taylor",
+        "the second-order term: 'taylor' (MR Sampler / DPM-Solver's Taylor "
+        "coefficient) or 'midpoint' (DPM-Solver++(2M)'s)",
+        choices=SOLVER_TYPES,
+    )
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
@@ -104,11 +111,15 @@ class _Multistep(Solver):
         sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
         lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
         if self.parameterization == "noise" and alpha[0] <= 0:
-            raise ValueError("parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
-                             "use 'data' or 'velocity', or a grid with t_max < 1")
+            raise ValueError(
+                "parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
+                "use 'data' or 'velocity', or a grid with t_max < 1"
+            )
         if sigma[0] == 0.0:
-            raise ValueError(f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
-                             "to invert, start from t_min > 0")
+            raise ValueError(
+                f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
+                "to invert, start from t_min > 0"
+            )
         g = _Grid(ts, alpha, sigma, lam)
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
@@ -137,21 +148,45 @@ class _Multistep(Solver):
         return q[-1], d1, d2
 
 
-@register("mrs-ode", family="ode", order=3, calls_per_step=1, deterministic=True,
-          description="MR Sampler ODE: multistep exponential integrator, orders 1-3, data/noise/velocity",
-          reference="Li et al. 2025, MRS: A Fast Sampler for Mean Reverting Diffusion (ICLR); Lu et al. 2022/2023")
-@register("dpmpp-2m", family="ode", order=2, calls_per_step=1, deterministic=True,
-          fixed={"order": 2, "parameterization": "data", "solver_type": "midpoint"},
-          description="DPM-Solver++(2M) (mrs-ode order 2, data, midpoint)",
-          reference="Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models")
-@register("dpmpp-3m", family="ode", order=3, calls_per_step=1, deterministic=True,
-          fixed={"order": 3, "parameterization": "data", "solver_type": "midpoint"},
-          description="DPM-Solver++(3M) (mrs-ode order 3, data; third-order term with its Taylor factor 2)",
-          reference="Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models")
-@register("dpm-solver-2m", family="ode", order=2, calls_per_step=1, deterministic=True,
-          fixed={"order": 2, "parameterization": "noise", "solver_type": "midpoint"},
-          description="multistep DPM-Solver-2 in noise form (mrs-ode order 2, noise, midpoint)",
-          reference="Lu et al. 2022, DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling")
+@register(
+    "mrs-ode",
+    family="ode",
+    order=3,
+    calls_per_step=1,
+    deterministic=True,
+    description="MR Sampler ODE: multistep exponential integrator, orders 1-3, data/noise/velocity",
+    reference="Li et al. 2025, MRS: A Fast Sampler for Mean Reverting Diffusion (ICLR); Lu et al. 2022/2023",
+)
+@register(
+    "dpmpp-2m",
+    family="ode",
+    order=2,
+    calls_per_step=1,
+    deterministic=True,
+    fixed={"order": 2, "parameterization": "data", "solver_type": "midpoint"},
+    description="DPM-Solver++(2M) (mrs-ode order 2, data, midpoint)",
+    reference="Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+)
+@register(
+    "dpmpp-3m",
+    family="ode",
+    order=3,
+    calls_per_step=1,
+    deterministic=True,
+    fixed={"order": 3, "parameterization": "data", "solver_type": "midpoint"},
+    description="DPM-Solver++(3M) (mrs-ode order 3, data; third-order term with its Taylor factor 2)",
+    reference="Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+)
+@register(
+    "dpm-solver-2m",
+    family="ode",
+    order=2,
+    calls_per_step=1,
+    deterministic=True,
+    fixed={"order": 2, "parameterization": "noise", "solver_type": "midpoint"},
+    description="multistep DPM-Solver-2 in noise form (mrs-ode order 2, noise, midpoint)",
+    reference="Lu et al. 2022, DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling",
+)
 class MRSODE(_Multistep):
     """The MR Sampler's ODE solver (see the module docstring for the update rules).
 
@@ -161,7 +196,6 @@ class MRSODE(_Multistep):
     this is DPM-Solver++ (data) / DPM-Solver (noise); for mean-reverting schedules
     MRS(x; mu) = mu + DPM-Solver(x - mu).
     """
-
 
     def _step(self, y, q, i, k, g, noise):
         if self.parameterization == "velocity":
@@ -190,13 +224,25 @@ class MRSODE(_Multistep):
         return r_t * u
 
 
-@register("mrs-sde", family="sde", order=2, calls_per_step=1, deterministic=False,
-          description="MR Sampler SDE: multistep exponential integrator, orders 1-2, data/noise",
-          reference="Li et al. 2025, MRS: A Fast Sampler for Mean Reverting Diffusion (ICLR); Lu et al. 2023")
-@register("dpmpp-2m-sde", family="sde", order=2, calls_per_step=1, deterministic=False,
-          fixed={"order": 2, "parameterization": "data", "solver_type": "midpoint"},
-          description="SDE-DPM-Solver++(2M) (mrs-sde order 2, data, midpoint)",
-          reference="Lu et al. 2023, DPM-Solver++ (SDE-DPM-Solver++(2M))")
+@register(
+    "mrs-sde",
+    family="sde",
+    order=2,
+    calls_per_step=1,
+    deterministic=False,
+    description="MR Sampler SDE: multistep exponential integrator, orders 1-2, data/noise",
+    reference="Li et al. 2025, MRS: A Fast Sampler for Mean Reverting Diffusion (ICLR); Lu et al. 2023",
+)
+@register(
+    "dpmpp-2m-sde",
+    family="sde",
+    order=2,
+    calls_per_step=1,
+    deterministic=False,
+    fixed={"order": 2, "parameterization": "data", "solver_type": "midpoint"},
+    description="SDE-DPM-Solver++(2M) (mrs-sde order 2, data, midpoint)",
+    reference="Lu et al. 2023, DPM-Solver++ (SDE-DPM-Solver++(2M))",
+)
 class MRSSDE(_Multistep):
     """The MR Sampler's SDE solver (see the module docstring for the update rules).
 
@@ -206,8 +252,9 @@ class MRSSDE(_Multistep):
     """
 
     order = Option(2, "the order of the multistep update (history length)", choices=(1, 2))
-    parameterization = Option("data", "the model output integrated: 'data' (x0, SDE-DPM-Solver++) or 'noise' "
-                                      "(eps)", choices=("data", "noise"))
+    parameterization = Option(
+        "data", "the model output integrated: 'data' (x0, SDE-DPM-Solver++) or 'noise' (eps)", choices=("data", "noise")
+    )
 
     def _step(self, y, q, i, k, g, noise):
         coefs = (self.parameterization, g.alpha[i + 1], g.sigma[i + 1], g.alpha[i], g.sigma[i], g.lam[i + 1] - g.lam[i])

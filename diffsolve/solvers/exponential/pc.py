@@ -51,8 +51,7 @@ def combine(a: Tensor, y: Tensor, c: Tensor, w: Tensor, hist: Tensor) -> Tensor:
     return out
 
 
-def pc_step(x: Tensor, m, hist: Tensor, lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, coefs, param: str,
-            ask):
+def pc_step(x: Tensor, m, hist: Tensor, lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, coefs, param: str, ask):
     """One predictor-corrector step of x (at ``ls``, per row) by ``h``: ``coefs`` = (alpha_t, sigma_t,
     alpha_s, sigma_s); ``ask(x_pred)`` is the query at the predicted point, which this generator
     yields. Returns (y_pred, y_corr, q_new), with y = x - m."""
@@ -64,10 +63,16 @@ def pc_step(x: Tensor, m, hist: Tensor, lam_hist: Tensor, count: Tensor, ls: Ten
     return y_pred, combine(a, y, c, w_corr, hist) + per_row(c * w_new, y) * q_new, q_new
 
 
-@register("mrs-pc", family="ode", order=4, calls_per_step=1, deterministic=True,
-          description="multistep MRS / DPM-Solver++ predictor-corrector (UniPC-type, PEC) on any grid; "
-                      "replays mrs-adaptive's pilot grid",
-          reference="Zhao et al. 2023 (UniPC); Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler)")
+@register(
+    "mrs-pc",
+    family="ode",
+    order=4,
+    calls_per_step=1,
+    deterministic=True,
+    description="multistep MRS / DPM-Solver++ predictor-corrector (UniPC-type, PEC) on any grid; "
+    "replays mrs-adaptive's pilot grid",
+    reference="Zhao et al. 2023 (UniPC); Lu et al. 2023 (DPM-Solver++); Li et al. 2025 (MR Sampler)",
+)
 class MultistepPC(Solver):
     """The predictor-corrector steps of :mod:`.pc` (module docstring) on a fixed grid of
     any spacing: the predictor uses the last ``order - 1`` model outputs, the corrector adds the
@@ -80,8 +85,9 @@ class MultistepPC(Solver):
     """
 
     order = Option(4, "the order of the predictor-corrector pair (history length + 1)", choices=(2, 3, 4))
-    parameterization = Option("data", "the model output integrated: 'data' (x0), 'noise' (eps) or 'velocity'",
-                              choices=PARAMETERIZATIONS)
+    parameterization = Option(
+        "data", "the model output integrated: 'data' (x0), 'noise' (eps) or 'velocity'", choices=PARAMETERIZATIONS
+    )
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         b, dev, f64 = x.shape[0], x.device, torch.float64
@@ -90,8 +96,10 @@ class MultistepPC(Solver):
         count = torch.zeros(b, dtype=torch.long, device=dev)
         hist = None
         if schedule.at(float(grid[0]))[1] <= 0:  # as mrs-ode: inversion from the clean end
-            raise ValueError(f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
-                             "to invert, start from t_min > 0")
+            raise ValueError(
+                f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
+                "to invert, start from t_min > 0"
+            )
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
             lam_s, lam_t = float(schedule.log_snr(t)), float(schedule.log_snr(t_next))
@@ -111,11 +119,20 @@ class MultistepPC(Solver):
             ls = torch.full((b,), lam_s, dtype=f64, device=dev)
             hr = torch.full((b,), lam_t - lam_s, dtype=f64, device=dev)
             coefs = (schedule.alpha(t_next), schedule.sigma(t_next), schedule.alpha(t), schedule.sigma(t))
-            _, y, q_new = yield from pc_step(x, mu, hist, lam_hist, count, ls, hr, coefs, self.parameterization,
-                                             lambda xp, t=t_next, i=i: Query(xp, t, step=i + 1))
+            _, y, q_new = yield from pc_step(
+                x,
+                mu,
+                hist,
+                lam_hist,
+                count,
+                ls,
+                hr,
+                coefs,
+                self.parameterization,
+                lambda xp, t=t_next, i=i: Query(xp, t, step=i + 1),
+            )
             x = y if mu is None else y + mu
             hist = torch.cat([q_new[None], hist[:-1]])
             lam_hist = torch.cat([torch.full((b, 1), lam_t, dtype=f64, device=dev), lam_hist[:, :-1]], 1)
             count += 1
         return x
-

@@ -19,9 +19,15 @@ from ...core.registry import register
 from .adaptive import _pair
 
 
-@register("dpmpp-3s", family="ode", order=3, calls_per_step=3, deterministic=True,
-          description="singlestep DPM-Solver++(3S) / MRS on a fixed grid (mrs-adaptive's step; replays a pilot grid)",
-          reference="Lu et al. 2023, DPM-Solver++ (singlestep); Li et al. 2025 (MR Sampler)")
+@register(
+    "dpmpp-3s",
+    family="ode",
+    order=3,
+    calls_per_step=3,
+    deterministic=True,
+    description="singlestep DPM-Solver++(3S) / MRS on a fixed grid (mrs-adaptive's step; replays a pilot grid)",
+    reference="Lu et al. 2023, DPM-Solver++ (singlestep); Li et al. 2025 (MR Sampler)",
+)
 class SinglestepMRS(Solver):
     """The higher-order solution of mrs-adaptive's singlestep pair (:mod:`.adaptive`) on a fixed grid:
     ``order=3`` is DPM-Solver++(3S) (3 calls per step), ``order=2`` DPM-Solver++(2S) with r = 1/2

@@ -63,7 +63,9 @@ class ExactNoiseLevel(NoiseLevelEstimator):
 
     def __init__(self, oracle: Any):
         if not callable(getattr(oracle, "log_prob", None)):
-            raise TypeError(f"ExactNoiseLevel needs an oracle with log_prob(x, t, schedule), got {type(oracle).__name__}")
+            raise TypeError(
+                f"ExactNoiseLevel needs an oracle with log_prob(x, t, schedule), got {type(oracle).__name__}"
+            )
         self.oracle = oracle
 
     def levels(self, x, pred, times, schedule, mu):
@@ -95,7 +97,9 @@ class ClassifierNoiseLevel(NoiseLevelEstimator):
         with torch.no_grad():
             logits = self.classifier(x if p is None else x.to(p.dtype))
         if logits.shape != (x.shape[0], len(times)):
-            raise ValueError(f"the classifier gave logits of shape {tuple(logits.shape)}, expected {(x.shape[0], len(times))}")
+            raise ValueError(
+                f"the classifier gave logits of shape {tuple(logits.shape)}, expected {(x.shape[0], len(times))}"
+            )
         return logits.argmax(dim=1).to(x.device)
 
 
@@ -116,15 +120,24 @@ def _estimator(v) -> NoiseLevelEstimator:
         return DenoiserNoiseLevel()
     if isinstance(v, str):  # by name, for the command line
         if v not in ("denoiser", *SHIPPED_CLASSIFIERS):
-            raise ValueError(f"estimator {v!r} is unknown; allowed names: 'denoiser', "
-                             f"{', '.join(repr(c) for c in SHIPPED_CLASSIFIERS)} (or a NoiseLevelEstimator)")
+            raise ValueError(
+                f"estimator {v!r} is unknown; allowed names: 'denoiser', "
+                f"{', '.join(repr(c) for c in SHIPPED_CLASSIFIERS)} (or a NoiseLevelEstimator)"
+            )
         return DenoiserNoiseLevel() if v == "denoiser" else ClassifierNoiseLevel.shipped(v)
     return v
 
 
-@register("dmcmc", family="mcmc", order=1, calls_per_step=1, deterministic=False, fixed_grid=False,
-          description="Denoising MCMC: Langevin-Gibbs chain over (x, noise level), then any solver per sample",
-          reference="Kim & Ye 2023, Denoising MCMC for Accelerating Diffusion-Based Generative Models (ICML)")
+@register(
+    "dmcmc",
+    family="mcmc",
+    order=1,
+    calls_per_step=1,
+    deterministic=False,
+    fixed_grid=False,
+    description="Denoising MCMC: Langevin-Gibbs chain over (x, noise level), then any solver per sample",
+    reference="Kim & Ye 2023, Denoising MCMC for Accelerating Diffusion-Based Generative Models (ICML)",
+)
 class DenoisingMCMC(Solver):
     """Denoising Langevin Gibbs pre-sampling; the algorithm is in the module docstring.
 
@@ -146,24 +159,32 @@ class DenoisingMCMC(Solver):
     ``nfe_per_sample`` too) and ``chains``.
     """
 
-    integrator = Option("heun", "the registered solver that integrates from each chain's level to t_min",
-                        kind=str)
+    integrator = Option("heun", "the registered solver that integrates from each chain's level to t_min", kind=str)
     integrator_steps = Option(3, "the integrator's steps", low=1)
-    integrator_options: Option[Any] = Option(None, "the integrator's options (a dict)", types=(dict,), what="a dict",
-                                convert=lambda v: dict(v or {}))
-    estimator: Option[Any] = Option(None, "the noise-level estimator: a NoiseLevelEstimator, or by name 'denoiser' or a "
-                             "shipped classifier such as 'digits-sigma' (default: the training-free denoiser's)",
-                       types=(str, NoiseLevelEstimator),
-                       what="a NoiseLevelEstimator, 'denoiser' or a shipped classifier's name",
-                       convert=lambda v: _estimator(v))
+    integrator_options: Option[Any] = Option(
+        None, "the integrator's options (a dict)", types=(dict,), what="a dict", convert=lambda v: dict(v or {})
+    )
+    estimator: Option[Any] = Option(
+        None,
+        "the noise-level estimator: a NoiseLevelEstimator, or by name 'denoiser' or a "
+        "shipped classifier such as 'digits-sigma' (default: the training-free denoiser's)",
+        types=(str, NoiseLevelEstimator),
+        what="a NoiseLevelEstimator, 'denoiser' or a shipped classifier's name",
+        convert=lambda v: _estimator(v),
+    )
     levels = Option(1000, "the number of noise levels K (when the estimator fixes none)", low=2)
     langevin_step = Option(0.01, "the Langevin step eta, in x's units", low=0.0, low_open=True)
     eta: Option[Any] = Option(None, alias_of="langevin_step")
     n_skip = Option(3, "Gibbs steps between outputs", low=0)
     rounds = Option(1, "outputs per chain", low=1)
     burn_in_steps = Option(10, "integrator steps of the initial sample", low=1)
-    renoise_sigma = Option(0.5, "the chain starts from the initial sample noised to the level with sigma/alpha "
-                                "nearest this (the paper's x + 0.5 z)", low=0.0, low_open=True)
+    renoise_sigma = Option(
+        0.5,
+        "the chain starts from the initial sample noised to the level with sigma/alpha "
+        "nearest this (the paper's x + 0.5 z)",
+        low=0.0,
+        low_open=True,
+    )
     burn_in = Option(20, "Gibbs iterations before the first round", low=0)
     denoise = Option(True, "the final Tweedie step")
 
@@ -175,16 +196,30 @@ class DenoisingMCMC(Solver):
         if b % r_per:
             raise ValueError(f"dmcmc: the batch size ({b}) must be a multiple of rounds ({r_per})")
         t_max, t_min = float(grid[0]), float(grid[-1])
-        times = self.estimator.times if self.estimator.times is not None else \
-            make_grid(schedule, self.levels - 1, "log-snr", t_max=t_max, t_min=t_min)
+        times = (
+            self.estimator.times
+            if self.estimator.times is not None
+            else make_grid(schedule, self.levels - 1, "log-snr", t_max=t_max, t_min=t_min)
+        )
         times = times.to(torch.float64)
         chains = torch.arange(0, b, r_per, device=x.device)  # the row of each chain's first output
-        stats = {"start_time": torch.empty(b, dtype=torch.float64), "chains": len(chains),
-                 "nfe_per_output": torch.empty(b, dtype=torch.long)}
+        stats = {
+            "start_time": torch.empty(b, dtype=torch.float64),
+            "chains": len(chains),
+            "nfe_per_output": torch.empty(b, dtype=torch.long),
+        }
 
         # burn-in: a sample from the integrator, noised back to sigma/alpha ~ renoise_sigma, Gibbs steps
-        xc, calls = yield from self._integrate(x[chains], torch.full((len(chains),), t_max, dtype=torch.float64),
-                                               t_min, self.burn_in_steps, chains, noise, schedule, mu)
+        xc, calls = yield from self._integrate(
+            x[chains],
+            torch.full((len(chains),), t_max, dtype=torch.float64),
+            t_min,
+            self.burn_in_steps,
+            chains,
+            noise,
+            schedule,
+            mu,
+        )
         stats["burn_in_nfe"] = int(calls.max()) + self.burn_in
         log_s = (schedule.sigma(times) / schedule.alpha(times)).log()
         k = torch.full((len(chains),), int((log_s - math.log(self.renoise_sigma)).abs().argmin()), dtype=torch.long)
@@ -230,7 +265,9 @@ class DenoisingMCMC(Solver):
             if float(t_start) <= t_min * (1 + 1e-12) + 1e-300:
                 continue  # already at t_min
             g = make_grid(schedule, steps, t_max=float(t_start), t_min=t_min)
-            run = self._integrator.run(x[sel], g, noise.subset(rows[sel]), schedule=schedule, mu=take_rows(mu, rows[sel]))
+            run = self._integrator.run(
+                x[sel], g, noise.subset(rows[sel]), schedule=schedule, mu=take_rows(mu, rows[sel])
+            )
             runs.append(run)
             slots.append(sel)
         calls = torch.zeros(len(x), dtype=torch.long)  # model calls per row
@@ -256,4 +293,3 @@ class DenoisingMCMC(Solver):
         for p, sel in zip(pumps, slots):
             out[sel] = as_outcome(p.value, self.integrator).x
         return out, calls
-

@@ -18,8 +18,13 @@ from ..exponential.maths import alpha_sigma, half_log_snr, model_output, posteri
 
 SPACES = ("t", "sigma")
 #: the ``space`` option of Euler and Heun
-SPACE = Option("sigma", "the variables stepped in: k-diffusion's y = (x - mu)/c against sigma/c ('sigma'), or "
-                        "the schedule's own time ('t')", choices=SPACES)
+SPACE = Option(
+    "sigma",
+    "the variables stepped in: k-diffusion's y = (x - mu)/c against sigma/c ('sigma'), or "
+    "the schedule's own time ('t')",
+    choices=SPACES,
+)
+
 
 def _sigma_step(x, t: float, t_next: float, d, schedule: Schedule, mu):
     """Euler in k-diffusion's variables y = (x - mu)/c against s = sigma/c (c = the schedule's
@@ -47,9 +52,15 @@ def _sigma_derivative(pred, t: float, schedule: Schedule):
     return pred.eps + k * model_output(pred, pred.mu, "data")
 
 
-@register("euler", family="ode", order=1, calls_per_step=1, deterministic=True,
-          description="Euler (k-diffusion / diffusers: x/alpha against sigma/alpha; space='t': in t)",
-          reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)")
+@register(
+    "euler",
+    family="ode",
+    order=1,
+    calls_per_step=1,
+    deterministic=True,
+    description="Euler (k-diffusion / diffusers: x/alpha against sigma/alpha; space='t': in t)",
+    reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)",
+)
 class Euler(Solver):
     """Euler, as diffusers' EulerDiscreteScheduler, k-diffusion's sample_euler and EDM step
     (``space="sigma"``, the default): in k-diffusion's variables y = (x - mu)/c against
@@ -78,9 +89,15 @@ class Euler(Solver):
         return x
 
 
-@register("heun", family="ode", order=2, calls_per_step=2, deterministic=True,
-          description="EDM Heun (Algorithm 1; Algorithm 2 with s_churn > 0), in k-diffusion's variables",
-          reference="Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models")
+@register(
+    "heun",
+    family="ode",
+    order=2,
+    calls_per_step=2,
+    deterministic=True,
+    description="EDM Heun (Algorithm 1; Algorithm 2 with s_churn > 0), in k-diffusion's variables",
+    reference="Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models",
+)
 class Heun(Solver):
     """Heun's second-order method of EDM (Karras et al. 2022, Algorithms 1 and 2).
 
@@ -145,14 +162,21 @@ class Heun(Solver):
                 if self.space == "t":
                     x = x_hat + (0.5 * (t_next - t_hat)) * (d + pred2.velocity)
                 else:
-                    x = _sigma_step(x_hat, t_hat, t_next, 0.5 * (d + _sigma_derivative(pred2, t_next, schedule)),
-                                    schedule, mu)
+                    x = _sigma_step(
+                        x_hat, t_hat, t_next, 0.5 * (d + _sigma_derivative(pred2, t_next, schedule)), schedule, mu
+                    )
         return x
 
 
-@register("ddim", family="ode", order=1, calls_per_step=1, deterministic=True,
-          description="DDIM (eta = 0: deterministic; eta = 1: DDPM)",
-          reference="Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models")
+@register(
+    "ddim",
+    family="ode",
+    order=1,
+    calls_per_step=1,
+    deterministic=True,
+    description="DDIM (eta = 0: deterministic; eta = 1: DDPM)",
+    reference="Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models",
+)
 class DDIM(Solver):
     """DDIM (Song et al. 2021, eq. 12) in the general schedule form. With h = lambda_{i+1} - lambda_i:
 
@@ -175,10 +199,16 @@ class DDIM(Solver):
 
     steps_with_pair = True  # the step above uses the prediction's own (x0, eps), so CFG++'s pair acts as given
 
-    eta = Option(0.0, "the fraction of the posterior's noise drawn: 0 is deterministic DDIM, 1 is DDPM",
-                 low=0.0, high=1.0)
-    renoise = Option(False, "inversion only: refine DDIM inversion by ReNoise's fixed-point iteration (True, or "
-                            "a ReNoise with other settings)", types=(bool, ReNoise), what="True, False or a ReNoise")
+    eta = Option(
+        0.0, "the fraction of the posterior's noise drawn: 0 is deterministic DDIM, 1 is DDPM", low=0.0, high=1.0
+    )
+    renoise = Option(
+        False,
+        "inversion only: refine DDIM inversion by ReNoise's fixed-point iteration (True, or "
+        "a ReNoise with other settings)",
+        types=(bool, ReNoise),
+        what="True, False or a ReNoise",
+    )
 
     def check_options(self):
         if self.renoise is not False and self.eta != 0:
@@ -195,7 +225,6 @@ class DDIM(Solver):
             if c > 0:
                 x = x + c * noise.step(t, t_next)
         return x
-
 
     def run_inverse(self, x, grid, noise, *, schedule, mu=None):
         """Data at grid[-1] to the latent at grid[0]: DDIM inversion, or ReNoise's refinement."""

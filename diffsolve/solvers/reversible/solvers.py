@@ -47,9 +47,12 @@ def _as(x: Tensor, dtype) -> Tensor:
 
 
 def _form_option(default: str) -> Option:
-    return Option(default, "the variables stepped in: 'data' (u = (x - mu)/sigma against alpha/sigma, field "
-                           "x0_hat - mu) or 'noise' (u = (x - mu)/alpha against sigma/alpha, field eps_hat)",
-                  choices=FORMS)
+    return Option(
+        default,
+        "the variables stepped in: 'data' (u = (x - mu)/sigma against alpha/sigma, field "
+        "x0_hat - mu) or 'noise' (u = (x - mu)/alpha against sigma/alpha, field eps_hat)",
+        choices=FORMS,
+    )
 
 
 def _work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -83,8 +86,14 @@ class _Form:
         self.t, self.mu, self.data = g, mu, form == "data"
         self.scale = sigma if self.data else alpha
         if not bool((self.scale > 0).all()):
-            need = "sigma > 0 (raise t_min)" if self.data else "alpha > 0 (lower t_max, e.g. t_max=0.999 for rectified flow)"
-            raise ValueError(f"form={form!r} works in x / {'sigma' if self.data else 'alpha'}: every grid time needs {need}")
+            need = (
+                "sigma > 0 (raise t_min)"
+                if self.data
+                else "alpha > 0 (lower t_max, e.g. t_max=0.999 for rectified flow)"
+            )
+            raise ValueError(
+                f"form={form!r} works in x / {'sigma' if self.data else 'alpha'}: every grid time needs {need}"
+            )
         self.s = (alpha if self.data else sigma) / self.scale
 
     def y(self, x: Tensor, i: int) -> Tensor:
@@ -124,6 +133,7 @@ class _Watch:
     def gap(self, gap: Tensor, u: Tensor, step: int) -> None:
         def rms(v):
             return v.detach().flatten(1).to(torch.float32).pow(2).mean(1).sqrt()
+
         self.ratios.append((rms(gap) / rms(u).clamp_min(torch.finfo(torch.float32).tiny)).max())
         self.steps.append(step)
 
@@ -135,10 +145,16 @@ class _Watch:
         i = int(torch.where(bad.any(), bad.to(torch.int8).argmax(), -1))  # the run's one host read
         if i >= 0:
             opts = ", ".join(f"{k}={v!r}" for k, v in solver.options().items())
-            what = (f"its parasitic mode reached {float(r[i]):.3g} times the state (above {self.limit}), so the "
-                    "samples would be noise" if bool(torch.isfinite(r[i])) else "its state is no longer finite")
-            raise UnstableError(f"solver {solver.name!r} ({opts}) went unstable at step {self.steps[i]} of "
-                                f"{n_steps}: {what}. {solver.remedy}")
+            what = (
+                f"its parasitic mode reached {float(r[i]):.3g} times the state (above {self.limit}), so the "
+                "samples would be noise"
+                if bool(torch.isfinite(r[i]))
+                else "its state is no longer finite"
+            )
+            raise UnstableError(
+                f"solver {solver.name!r} ({opts}) went unstable at step {self.steps[i]} of "
+                f"{n_steps}: {what}. {solver.remedy}"
+            )
 
 
 class _Idle(_Watch):
@@ -165,8 +181,9 @@ class Reversible(ExactInverse):
         option = declared(type(self)).get("form")
         default = None if option is None else option.default
         if default is not None and default != self.form:
-            return (f"Its default, form={default!r}, is stable on this kind of model; or use more steps, "
-                    "or another solver")
+            return (
+                f"Its default, form={default!r}, is stable on this kind of model; or use more steps, or another solver"
+            )
         return "Use more steps, or another solver (rex is stable in sampling)"
 
     #: where a singular end is replaced: sigma / alpha = 0.002 (EDM's sigma_min) and its inverse
@@ -223,9 +240,16 @@ class Reversible(ExactInverse):
         return Outcome(x_T, stats={"aux": aux})
 
 
-@register("rev-heun", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
-          description="reversible Heun (Kidger et al.): second-order, exactly invertible, 1 call per step",
-          reference="Kidger, Foster, Li, Lyons 2021, Efficient and Accurate Gradients for Neural SDEs (NeurIPS)")
+@register(
+    "rev-heun",
+    family="reversible",
+    order=2,
+    calls_per_step=1,
+    deterministic=True,
+    invertible=True,
+    description="reversible Heun (Kidger et al.): second-order, exactly invertible, 1 call per step",
+    reference="Kidger, Foster, Li, Lyons 2021, Efficient and Accurate Gradients for Neural SDEs (NeurIPS)",
+)
 class ReversibleHeun(Reversible):
     """Reversible Heun on the ODE dy/ds = f(y, s) in ``form`` (default ``"data"``: f = x0_hat - mu,
     s = alpha / sigma; ``"noise"``: f = eps_hat, s = sigma / alpha, unstable on trained models). State
@@ -329,9 +353,16 @@ class _TwoLevel(Reversible):
         return fr.x(st[0], 0), fr.x(st[1], 1)
 
 
-@register("bdia", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
-          description="BDIA: bidirectional integration approximation over DDIM (gamma = 1: symmetric)",
-          reference="Zhang, Lewis, Kleijn 2024, Exact Diffusion Inversion via Bidirectional Integration Approximation (ECCV)")
+@register(
+    "bdia",
+    family="reversible",
+    order=2,
+    calls_per_step=1,
+    deterministic=True,
+    invertible=True,
+    description="BDIA: bidirectional integration approximation over DDIM (gamma = 1: symmetric)",
+    reference="Zhang, Lewis, Kleijn 2024, Exact Diffusion Inversion via Bidirectional Integration Approximation (ECCV)",
+)
 class BDIA(_TwoLevel):
     """BDIA-DDIM in ``form`` (default ``"data"``; ``"noise"`` is unstable on trained models). With
     Delta_{k->j} = (s_j - s_k) e_k (the DDIM increment from u_k):
@@ -347,8 +378,9 @@ class BDIA(_TwoLevel):
     noise level falls fast. Here the correction is taken in u, with gamma as given.)
     """
 
-    gamma = Option(1.0, "the weight of the backward DDIM step (1: the exactly invertible BDIA)",
-                   low=0.0, high=1.0, low_open=True)
+    gamma = Option(
+        1.0, "the weight of the backward DDIM step (1: the exactly invertible BDIA)", low=0.0, high=1.0, low_open=True
+    )
     form = _form_option("data")
 
     def coefs(self, s_prev, s, s_next):
@@ -356,9 +388,16 @@ class BDIA(_TwoLevel):
         return g, 1.0 - g, (s_next - s) - g * (s_prev - s)
 
 
-@register("o-belm", family="reversible", order=2, calls_per_step=1, deterministic=True, invertible=True,
-          description="O-BELM: the optimal 2-step bidirectional explicit linear multistep method (second order)",
-          reference="Wang et al. 2024, BELM: Bidirectional Explicit Linear Multi-step Sampler for Exact Inversion (NeurIPS)")
+@register(
+    "o-belm",
+    family="reversible",
+    order=2,
+    calls_per_step=1,
+    deterministic=True,
+    invertible=True,
+    description="O-BELM: the optimal 2-step bidirectional explicit linear multistep method (second order)",
+    reference="Wang et al. 2024, BELM: Bidirectional Explicit Linear Multi-step Sampler for Exact Inversion (NeurIPS)",
+)
 class OBELM(_TwoLevel):
     """O-BELM in ``form`` (default ``"noise"``, the paper's x-bar = x / alpha; ``"data"`` is unstable on
     trained models), with a = s_{k-1} - s_k and b = s_k - s_{k+1}:
@@ -378,9 +417,16 @@ class OBELM(_TwoLevel):
         return (b / a) ** 2, 1.0 - (b / a) ** 2, -b * (a + b) / a
 
 
-@register("edict", family="reversible", order=1, calls_per_step=2, deterministic=True, invertible=True,
-          description="EDICT: two coupled DDIM chains with mixing p (default 0.93)",
-          reference="Wallace, Gokul, Naik 2023, EDICT: Exact Diffusion Inversion via Coupled Transformations (CVPR)")
+@register(
+    "edict",
+    family="reversible",
+    order=1,
+    calls_per_step=2,
+    deterministic=True,
+    invertible=True,
+    description="EDICT: two coupled DDIM chains with mixing p (default 0.93)",
+    reference="Wallace, Gokul, Naik 2023, EDICT: Exact Diffusion Inversion via Coupled Transformations (CVPR)",
+)
 class EDICT(Reversible):
     """EDICT in ``form`` (where a DDIM step is u + h f): states (x, y), x_0 = y_0; per step, with
     h = s_{k+1} - s_k,
@@ -457,13 +503,22 @@ class _DataForm:
         """D(v, g) = x0_hat - mu at log-SNR log g (t: its time when known; a generator, one call)."""
         s = self.schedule
         t = float(s.t_of_log_snr(torch.tensor(g, dtype=torch.float64).log())) if t is None else t
-        pred = yield Query(_as(self.x(v, float(s.sigma(torch.tensor(t, dtype=torch.float64)))), self.dtype), t, step=step)
+        pred = yield Query(
+            _as(self.x(v, float(s.sigma(torch.tensor(t, dtype=torch.float64)))), self.dtype), t, step=step
+        )
         return model_output(pred, self.mu, "data")
 
 
-@register("rex", family="reversible", order=2, calls_per_step=4, deterministic=True, invertible=True,
-          description="Rex: McCallum-Foster coupling over an exponential-integrator base (euler = DDIM, midpoint)",
-          reference="Blasingame & Liu 2025, Rex: Reversible Solvers for Diffusion Models; McCallum & Foster 2024")
+@register(
+    "rex",
+    family="reversible",
+    order=2,
+    calls_per_step=4,
+    deterministic=True,
+    invertible=True,
+    description="Rex: McCallum-Foster coupling over an exponential-integrator base (euler = DDIM, midpoint)",
+    reference="Blasingame & Liu 2025, Rex: Reversible Solvers for Diffusion Models; McCallum & Foster 2024",
+)
 class Rex(Reversible):
     """Rex in the data form: v = (x - mu) / sigma, time g = alpha / sigma, dv/dg = x0_hat - mu =: D(v, g),
     where an Euler step is exactly DDIM (DPM-Solver++(1)). The base increment Phi_h(g, v) is

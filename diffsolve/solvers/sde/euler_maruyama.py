@@ -16,12 +16,25 @@ from ...core.protocol import Solver
 from ...core.registry import register
 
 
-@register("euler-maruyama", family="sde", order=1, calls_per_step=1, deterministic=False,
-          description="Euler-Maruyama on the reverse-time SDE (Score-SDE's predictor)",
-          reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (Alg. 'euler_maruyama')")
-@register("irsde", family="sde", order=1, calls_per_step=1, deterministic=False, fixed={"denoise": False},
-          description="IR-SDE's reverse-SDE step (Euler-Maruyama with noise at every step)",
-          reference="Luo et al. 2023, Image Restoration with Mean-Reverting SDEs (reverse_sde_step)")
+@register(
+    "euler-maruyama",
+    family="sde",
+    order=1,
+    calls_per_step=1,
+    deterministic=False,
+    description="Euler-Maruyama on the reverse-time SDE (Score-SDE's predictor)",
+    reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (Alg. 'euler_maruyama')",
+)
+@register(
+    "irsde",
+    family="sde",
+    order=1,
+    calls_per_step=1,
+    deterministic=False,
+    fixed={"denoise": False},
+    description="IR-SDE's reverse-SDE step (Euler-Maruyama with noise at every step)",
+    reference="Luo et al. 2023, Image Restoration with Mean-Reverting SDEs (reverse_sde_step)",
+)
 class EulerMaruyama(Solver):
     """Euler-Maruyama on the reverse-time SDE (Score-SDE's ``EulerMaruyamaPredictor``):
 
@@ -66,6 +79,8 @@ def reverse_sde_coefs(schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
     if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(g2).all())):
         tt = torch.as_tensor(t)
         where = f"t = {float(tt.max()):.6g}" if tt.ndim else f"t = {float(tt):.6g}"
-        raise ValueError(f"the reverse SDE of {type(schedule).__name__} has an infinite drift at {where} "
-                         f"(alpha = 0 there); start SDE solvers below it, e.g. t_max=0.999")
+        raise ValueError(
+            f"the reverse SDE of {type(schedule).__name__} has an infinite drift at {where} "
+            f"(alpha = 0 there); start SDE solvers below it, e.g. t_max=0.999"
+        )
     return f, g2

@@ -55,9 +55,15 @@ def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, per_sam
     return eps.reshape(-1, *([1] * (score.ndim - 1)))
 
 
-@register("pc", family="pc", order=1, calls_per_step=2, deterministic=False,
-          description="Score-SDE predictor-corrector (predictor x corrector by name, snr step size)",
-          reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (Algorithms 1-5)")
+@register(
+    "pc",
+    family="pc",
+    order=1,
+    calls_per_step=2,
+    deterministic=False,
+    description="Score-SDE predictor-corrector (predictor x corrector by name, snr step size)",
+    reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (Algorithms 1-5)",
+)
 class PredictorCorrector(Solver):
     """Score-SDE's predictor-corrector sampler; see the module docstring for the rules.
 
@@ -72,8 +78,12 @@ class PredictorCorrector(Solver):
     snr = Option(0.16, "the corrector's signal-to-noise ratio r (its step size)", low=0.0, low_open=True)
     n_corrector_steps = Option(1, "corrector steps per predictor step", low=0)
     denoise = Option(True, "the last step is the noiseless mean (Tweedie's denoising step)")
-    langevin_norm = Option("batch", "the Langevin step size from the batch's mean gradient norm ('batch', as "
-                                     "Score-SDE's code) or each sample's own ('sample')", choices=("batch", "sample"))
+    langevin_norm = Option(
+        "batch",
+        "the Langevin step size from the batch's mean gradient norm ('batch', as "
+        "Score-SDE's code) or each sample's own ('sample')",
+        choices=("batch", "sample"),
+    )
 
     def check_options(self):
         if self.predictor == "none" and (self.corrector == "none" or self.n_corrector_steps == 0):

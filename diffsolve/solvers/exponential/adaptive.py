@@ -186,7 +186,7 @@ class _SinglestepTries:
         xr, raw, low, high, tt = yield from self.pair(x, ls, hr, m, self.schedule, rows, it, self.path, cached)
         if self.q is None:
             self.q = raw.new_zeros((len(self.fresh), *raw.shape[1:]))
-        self.q = self.q.rows_copy(0, rows, raw)
+        self.q = self.q.index_copy(0, rows, raw)
         return _in_x(xr, low, high, tt, m)
 
     def commit(self, rows, ok, lam_new):

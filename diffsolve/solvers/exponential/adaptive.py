@@ -69,61 +69,14 @@ from .maths import (
     check_parameterization,
     fresh_variance,
     model_output,
-    ode_weights_expm1,
     raw_output,
     sde_weights,
     shift_output,
 )
 from .pc import pc_step
+from .singlestep import first_call, singlestep_pair
 
 Tensor = torch.Tensor
-
-
-def _first(x: Tensor, ts: Tensor, rows, it, q, cached):
-    """The model's q at the start of a try: ``cached`` = (q, fresh) reuses the q of rows whose last
-    try was rejected (their state and time are unchanged) and queries only the ``fresh`` rows.
-    Returns (the state the model saw, q)."""
-    if cached is None:
-        pred = yield Query(x, ts, rows=rows, step=it)
-        return pred.x, q(pred)
-    q_old, fresh = cached
-    idx = fresh.nonzero().squeeze(1)
-    if len(idx) == 0:
-        return x, q_old
-    sel = rows[idx] if rows is not None else idx
-    pred = yield Query(x[idx], ts[idx], rows=sel, step=it)
-    return x.index_copy(0, idx, pred.x), q_old.index_copy(0, idx, q(pred))
-
-
-def _pair(x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, param: str = "data", cached=None):
-    """One try from log-SNR ``ls`` by ``hr`` (per row): yields the model queries and returns
-    (the state the model saw, the model output at the start, low-order y, high-order y, the end time). See the
-    module docstring; ``cached``: see :func:`_first`."""
-
-    at = partial(at_log_snr, schedule)
-    out = partial(raw_output, param=param)  # the model output the solver uses (cached raw: mu is per row)
-
-    ts, a_s, s_s = at(ls)
-    xr, raw = yield from _first(x, ts, rows, it, out, cached)
-    q_s = shift_output(raw, m, param)
-    y = xr if m is None else xr - m
-    tt, a_t, s_t = at(ls + hr)
-    w = ode_weights_expm1(param, a_t, s_t, a_s, s_s, hr)  # y_t = decay y_s + w0 q_s + w1 D1
-    y1 = per_row(w.decay, y) * y + per_row(w.w0, y) * q_s
-    r1 = 0.5 if order == 2 else 1.0 / 3.0
-    t1, a1, s1 = at(ls + r1 * hr)
-    w_1 = ode_weights_expm1(param, a1, s1, a_s, s_s, r1 * hr)
-    u1 = per_row(w_1.decay, y) * y + per_row(w_1.w0, y) * q_s
-    q_1 = model_output((yield Query(u1 if m is None else u1 + m, t1, rows=rows, step=it)), m, param)
-    y2 = y1 + per_row(w.w0 / (2 * r1), y) * (q_1 - q_s)
-    if order == 2:
-        return xr, raw, y1, y2, tt
-    r2 = 2.0 / 3.0
-    t2, a2, s2 = at(ls + r2 * hr)
-    w_2 = ode_weights_expm1(param, a2, s2, a_s, s_s, r2 * hr)
-    u2 = per_row(w_2.decay, y) * y + per_row(w_2.w0, y) * q_s + per_row(w_2.w1 * (r2 / r1), y) * (q_1 - q_s)
-    q_2 = model_output((yield Query(u2 if m is None else u2 + m, t2, rows=rows, step=it)), m, param)
-    return xr, raw, y2, y1 + per_row(w.w1 / r2, y) * (q_2 - q_s), tt
 
 
 class _LogSNRAdaptive(AdaptiveSolver):
@@ -322,7 +275,7 @@ class MRSAdaptive(_LogSNRAdaptive):
         return _SinglestepTries(self._pair, None, b, dev, schedule, mu)
 
     def _pair(self, x, ls, hr, m, schedule, rows, it, path, cached):
-        return (yield from _pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
+        return (yield from singlestep_pair(x, ls, hr, m, schedule, self.order, rows, it, self.parameterization, cached))
 
 
 @register(
@@ -387,7 +340,7 @@ class MRSSDEAdaptive(_LogSNRAdaptive):
         coefs = partial(at_log_snr, schedule)
         r = 0.5
         ts, a_s, s_s = coefs(ls)
-        xr, raw = yield from _first(x, ts, rows, it, partial(raw_output, param="data"), cached)
+        xr, raw = yield from first_call(x, ts, rows, it, partial(raw_output, param="data"), cached)
         q_s = shift_output(raw, m, "data")
         y = xr if m is None else xr - m
         n_r, n_t = self._noises(path, ls, hr, r, rows, y)

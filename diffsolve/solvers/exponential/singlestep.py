@@ -10,13 +10,65 @@ Li et al. 2025, MRS, for the mean-reverting form y = x - mu). Replaying the grid
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
 from ...core.options import Option
-from ...core.protocol import Query, Solver
+from ...core.protocol import Query, Solver, per_row
 from ...core.registry import register
-from .adaptive import _pair
+from .maths import at_log_snr, model_output, ode_weights_expm1, raw_output, shift_output
+
+Tensor = torch.Tensor
+
+
+def first_call(x: Tensor, ts: Tensor, rows, it, q, cached):
+    """The model's q at the start of a try: ``cached`` = (q, fresh) reuses the q of rows whose last
+    try was rejected (their state and time are unchanged) and queries only the ``fresh`` rows.
+    Returns (the state the model saw, q)."""
+    if cached is None:
+        pred = yield Query(x, ts, rows=rows, step=it)
+        return pred.x, q(pred)
+    q_old, fresh = cached
+    idx = fresh.nonzero().squeeze(1)
+    if len(idx) == 0:
+        return x, q_old
+    sel = rows[idx] if rows is not None else idx
+    pred = yield Query(x[idx], ts[idx], rows=sel, step=it)
+    return x.index_copy(0, idx, pred.x), q_old.index_copy(0, idx, q(pred))
+
+
+def singlestep_pair(
+    x: Tensor, ls: Tensor, hr: Tensor, m, schedule, order: int, rows, it, param: str = "data", cached=None
+):
+    """One try from log-SNR ``ls`` by ``hr`` (per row): yields the model queries and returns
+    (the state the model saw, the model output at the start, low-order y, high-order y, the end time). The 2S / 3S
+    rules are written out in :mod:`.adaptive`'s docstring, whose embedded pairs these are; ``cached``: see :func:`first_call`."""
+
+    at = partial(at_log_snr, schedule)
+    out = partial(raw_output, param=param)  # the model output the solver uses (cached raw: mu is per row)
+
+    ts, a_s, s_s = at(ls)
+    xr, raw = yield from first_call(x, ts, rows, it, out, cached)
+    q_s = shift_output(raw, m, param)
+    y = xr if m is None else xr - m
+    tt, a_t, s_t = at(ls + hr)
+    w = ode_weights_expm1(param, a_t, s_t, a_s, s_s, hr)  # y_t = decay y_s + w0 q_s + w1 D1
+    y1 = per_row(w.decay, y) * y + per_row(w.w0, y) * q_s
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    t1, a1, s1 = at(ls + r1 * hr)
+    w_1 = ode_weights_expm1(param, a1, s1, a_s, s_s, r1 * hr)
+    u1 = per_row(w_1.decay, y) * y + per_row(w_1.w0, y) * q_s
+    q_1 = model_output((yield Query(u1 if m is None else u1 + m, t1, rows=rows, step=it)), m, param)
+    y2 = y1 + per_row(w.w0 / (2 * r1), y) * (q_1 - q_s)
+    if order == 2:
+        return xr, raw, y1, y2, tt
+    r2 = 2.0 / 3.0
+    t2, a2, s2 = at(ls + r2 * hr)
+    w_2 = ode_weights_expm1(param, a2, s2, a_s, s_s, r2 * hr)
+    u2 = per_row(w_2.decay, y) * y + per_row(w_2.w0, y) * q_s + per_row(w_2.w1 * (r2 / r1), y) * (q_1 - q_s)
+    q_2 = model_output((yield Query(u2 if m is None else u2 + m, t2, rows=rows, step=it)), m, param)
+    return xr, raw, y2, y1 + per_row(w.w1 / r2, y) * (q_2 - q_s), tt
 
 
 @register(
@@ -49,6 +101,6 @@ class SinglestepMRS(Solver):
                 continue
             ls = torch.full((b,), lam_s, dtype=torch.float64, device=x.device)
             hr = torch.full((b,), lam_t - lam_s, dtype=torch.float64, device=x.device)
-            _, _, _, high, _ = yield from _pair(x, ls, hr, mu, schedule, self.order, None, i + 1)
+            _, _, _, high, _ = yield from singlestep_pair(x, ls, hr, mu, schedule, self.order, None, i + 1)
             x = high if mu is None else high + mu
         return x

@@ -106,7 +106,7 @@ def test_one_step_by_hand_shared_noise():
     q1 = next(run)
     assert torch.equal(q1.x, x) and torch.equal(q1.t, torch.tensor([1.0, 1.0], dtype=torch.float64))
     h, t = 0.01, 1.0
-    z = noise.step(torch.full((2,), t, dtype=torch.float64), torch.full((2,), t - h, dtype=torch.float64), q1.index)
+    z = noise.step(torch.full((2,), t, dtype=torch.float64), torch.full((2,), t - h, dtype=torch.float64), q1.rows)
     g_t, g_th = math.sqrt(float(ve.g2(t))), math.sqrt(float(ve.g2(t - h)))
     k1 = g_t * math.sqrt(h) * z
     q2 = run.send(model(q1.x, q1.t))

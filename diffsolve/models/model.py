@@ -264,11 +264,15 @@ class Prediction:
 
     @property
     def v(self) -> Tensor:
+        """The v-prediction target alpha eps - sigma (x0 - mu) (Salimans & Ho 2022; diffusers'
+        ``prediction_type="v_prediction"``). Not a velocity: for the drift of the probability-flow ODE
+        see :attr:`velocity`."""
         return self._as("v")
 
     @property
     def velocity(self) -> Tensor:
-        """The probability-flow ODE drift dx/dt at (x, t)."""
+        """The probability-flow ODE drift dx/dt at (x, t): alpha' (x0 - mu) + sigma' eps (the
+        flow-matching velocity on rectified flow). Not the v-prediction target (:attr:`v`)."""
         return self._as("velocity")
 
     def state_at(self, alpha, sigma, eps: Tensor | None = None) -> Tensor:

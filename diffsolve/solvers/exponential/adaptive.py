@@ -3,7 +3,7 @@ size per sample.
 
 mrs-adaptive's default pair is multistep: the variable-step predictor (order k, from the last k
 model outputs) against the corrector that adds the output at the predicted point (order k + 1), one
-model call per try; the update rules are in :mod:`.exponential_pc`. ``method="singlestep"`` and the
+model call per try; the update rules are in :mod:`.pc`. ``method="singlestep"`` and the
 SDE pair use the singlestep rules below, as k-diffusion's ``dpm_adaptive`` does.
 
 With y = x - mu, q = x0_hat - mu (the data parameterisation of MRS, i.e. DPM-Solver++), a step from
@@ -147,7 +147,7 @@ class _SinglestepTries:
 
 
 class _MultistepTries:
-    """Multistep predictor-corrector pairs (:mod:`.exponential_pc`): one model call before the first
+    """Multistep predictor-corrector pairs (:mod:`.pc`): one model call before the first
     try, then one per try, at the predicted point; an accepted try adds it to the row's history of
     ``order - 1`` outputs."""
 
@@ -218,7 +218,7 @@ _H_INIT = Option(0.05, "the first step size, in log-SNR", low=0.0, low_open=True
 class MRSAdaptive(_LogSNRAdaptive):
     """Adaptive probability-flow ODE solver in log-SNR.
 
-    ``method="multistep"`` (default): the predictor-corrector pairs of :mod:`.exponential_pc`, one
+    ``method="multistep"`` (default): the predictor-corrector pairs of :mod:`.pc`, one
     model call per try (NFE = 1 + accepted + rejected); ``order`` is the corrector's (2, 3 or 4,
     default 4: the third-order multistep predictor against the fourth-order corrector), and the
     corrected solution continues. Default controller: I-control, safety 0.7, exponent 1/order,

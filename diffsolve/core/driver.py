@@ -507,7 +507,7 @@ def _first_call_error(e: RuntimeError, counter: NFECounter, x: Tensor) -> None:
 
 def _start(model, solver, steps, num_inference_steps, solver_options):
     """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps).
-    A model with a ``check_solver(solver)`` method (the guidance wrappers) may refuse the solver."""
+    The model may refuse the solver (:meth:`DiffusionModel.check_solver`: the guidance wrappers)."""
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
     if num_inference_steps is not None:
@@ -515,9 +515,7 @@ def _start(model, solver, steps, num_inference_steps, solver_options):
             raise ValueError("give steps or num_inference_steps, not both")
         steps = num_inference_steps
     slv = resolve_solver(solver, solver_options)
-    check = getattr(model, "check_solver", None)
-    if check is not None:
-        check(slv)
+    model.check_solver(slv)
     return (slv, *_info(slv), steps)
 
 

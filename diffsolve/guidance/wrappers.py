@@ -93,9 +93,7 @@ class GuidedModel(DiffusionModel):
     def check_solver(self, solver) -> None:
         """Raise if this wrapper (or a model it wraps) cannot be sampled with ``solver`` (a Solver);
         :func:`diffsolve.sample` and :func:`diffsolve.invert` ask before the run. Default: any solver."""
-        check = getattr(self.inner, "check_solver", None)
-        if check is not None:
-            check(solver)
+        self.inner.check_solver(solver)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"

@@ -401,6 +401,11 @@ class DiffusionModel:
             self._device = device
         return self
 
+    def check_solver(self, solver: Any) -> None:
+        """Raise if this model cannot be sampled with ``solver`` (a Solver): :func:`diffsolve.sample`
+        and :func:`diffsolve.invert` ask before the run. A plain model takes any solver; guidance
+        wrappers may refuse some (CFG++ needs a solver that steps with the (x0, eps) pair)."""
+
     def check_inputs(self, mu: Tensor | None = None, cond: Any = None, uncond: Any = None) -> None:
         """Refuse a run that lacks an input the network needs (:attr:`requires`), with a ValueError
         naming the argument: ``mu``, or a key missing from ``cond`` (or from ``uncond``, when given)."""

@@ -22,6 +22,13 @@ S = TypeVar("S", bound=Solver)
 FAMILIES = ("ode", "sde", "pc", "adaptive", "mcmc", "reversible")
 
 _REGISTRY: dict[str, SolverInfo] = {}
+_ALIASES: dict[str, str] = {}  # another name people know -> the registry name
+
+
+def normalize(name: str) -> str:
+    """A solver name as the registry keys it: lower case, hyphens for underscores and spaces (so
+    ComfyUI's and k-diffusion's ``dpmpp_2m_sde`` and ``euler_ancestral`` find their entries)."""
+    return "-".join(name.strip().lower().replace("_", " ").split())
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,14 @@ class SolverInfo:
     description: str
     reference: str
     fixed: dict = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name this entry answers to: its own, the underscore spelling of ComfyUI and
+        k-diffusion (where it differs), and its aliases."""
+        snake = self.name.replace("-", "_")
+        return (self.name, *((snake,) if snake != self.name else ()), *self.aliases)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -62,10 +77,15 @@ def register(
     invertible: bool = False,
     fixed_grid: bool = True,
     fixed: dict | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Callable[[type[S]], type[S]]:
-    """Class decorator adding a solver to the registry under ``name`` (lower-case, hyphens)."""
-    if name != name.lower() or " " in name or "_" in name:
+    """Class decorator adding a solver to the registry under ``name`` (lower-case, hyphens), also
+    found under ``aliases`` (other names people know it by, e.g. a peer's spelling)."""
+    if name != normalize(name):
         raise ValueError(f"solver names are lower-case with hyphens, got {name!r}")
+    for a in aliases:
+        if normalize(a) in _REGISTRY or normalize(a) in _ALIASES or normalize(a) == name:
+            raise ValueError(f"{name}: the alias {a!r} already names a solver")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
@@ -84,6 +104,7 @@ def register(
             description,
             reference,
             dict(fixed or {}),
+            tuple(aliases),
         )
         if "__init__" in vars(cls):
             raise TypeError(
@@ -93,7 +114,10 @@ def register(
         unknown = set(info.fixed) - set(declared(cls))
         if unknown:
             raise ValueError(f"{name}: fixed options {sorted(unknown)} are not options of {cls.__name__}")
+        if name in _ALIASES:
+            raise ValueError(f"{name!r} is already an alias of {_ALIASES[name]!r}")
         _REGISTRY[name] = info
+        _ALIASES.update({normalize(a): name for a in aliases})
         if not info.fixed:
             cls.name = name  # the canonical name (aliases fix options and keep it)
         return cls
@@ -105,10 +129,11 @@ def solver_info(name: str) -> SolverInfo:
     """The registry entry for ``name``; an unknown name gets the closest names in the error."""
     if not isinstance(name, str):
         raise TypeError(f"solver must be a name (str) or a Solver, got {type(name).__name__}")
-    key = name.strip().lower().replace("_", "-")
+    key = normalize(name)
+    key = _ALIASES.get(key, key)
     if key in _REGISTRY:
         return _REGISTRY[key]
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"unknown solver {name!r}{hint} Known solvers: {', '.join(sorted(_REGISTRY))}")
 
@@ -141,7 +166,7 @@ def registered() -> list[SolverInfo]:
 class SolverTable(list):
     """A list of :class:`SolverInfo` that prints as a table."""
 
-    COLUMNS = ("name", "family", "order", "calls/step", "stochastic", "invertible", "grid", "description")
+    COLUMNS = ("name", "family", "order", "calls/step", "stochastic", "invertible", "grid", "also", "description")
 
     def rows(self) -> list[tuple[str, ...]]:
         return [
@@ -153,6 +178,7 @@ class SolverTable(list):
                 "no" if i.deterministic else "yes",
                 "exact" if i.invertible else "-",
                 "fixed" if i.fixed_grid else "adaptive",
+                ", ".join(i.names[1:]) or "-",
                 i.description,
             )
             for i in self

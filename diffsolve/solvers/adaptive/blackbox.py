@@ -93,6 +93,7 @@ class _BlackBox(Solver):
     fixed_grid=False,
     description="adaptive probability-flow ODE with torchdiffeq (dopri5 or any adaptive method)",
     reference="Dormand & Prince 1980; Chen et al. 2018 (torchdiffeq); Song et al. 2021 (probability flow)",
+    aliases=("dopri5",),
 )
 class TorchdiffeqODE(_BlackBox):
     """torchdiffeq ``odeint`` on the probability-flow ODE from t_max to t_min.
@@ -126,6 +127,7 @@ class TorchdiffeqODE(_BlackBox):
     fixed_grid=False,
     description="adaptive probability-flow ODE with scipy solve_ivp RK45 (Score-SDE's ODE sampler)",
     reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (get_ode_sampler)",
+    aliases=("rk45",),
 )
 class ScipyODE(_BlackBox):
     """scipy ``solve_ivp`` (RK45 by default) on the flattened float64 batch, as Score-SDE's ODE sampler.

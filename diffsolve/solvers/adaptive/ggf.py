@@ -48,6 +48,7 @@ Tensor = torch.Tensor
     fixed_grid=False,
     description="Gotta Go Fast: adaptive EM / improved-Euler pair on the reverse SDE, per-sample steps",
     reference="Jolicoeur-Martineau et al. 2021, Gotta Go Fast When Generating Data with Score-Based Models",
+    aliases=("gotta-go-fast",),
 )
 class GottaGoFast(AdaptiveSolver):
     """Gotta Go Fast's adaptive reverse-SDE solver; the update rule is in the module docstring.

@@ -137,6 +137,7 @@ def _estimator(v) -> NoiseLevelEstimator:
     fixed_grid=False,
     description="Denoising MCMC: Langevin-Gibbs chain over (x, noise level), then any solver per sample",
     reference="Kim & Ye 2023, Denoising MCMC for Accelerating Diffusion-Based Generative Models (ICML)",
+    aliases=("denoising-mcmc",),
 )
 class DenoisingMCMC(Solver):
     """Denoising Langevin Gibbs pre-sampling; the algorithm is in the module docstring.

@@ -249,6 +249,7 @@ class Reversible(ExactInverse):
     invertible=True,
     description="reversible Heun (Kidger et al.): second-order, exactly invertible, 1 call per step",
     reference="Kidger, Foster, Li, Lyons 2021, Efficient and Accurate Gradients for Neural SDEs (NeurIPS)",
+    aliases=("reversible-heun",),
 )
 class ReversibleHeun(Reversible):
     """Reversible Heun on the ODE dy/ds = f(y, s) in ``form`` (default ``"data"``: f = x0_hat - mu,

@@ -63,6 +63,7 @@ def langevin_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, per_sam
     deterministic=False,
     description="Score-SDE predictor-corrector (predictor x corrector by name, snr step size)",
     reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (Algorithms 1-5)",
+    aliases=("score-sde-pc",),
 )
 class PredictorCorrector(Solver):
     """Score-SDE's predictor-corrector sampler; see the module docstring for the rules.

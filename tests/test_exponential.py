@@ -97,6 +97,45 @@ def test_parity_with_diffusers_dpmsolver_multistep(algo, solver, n):
     assert rel < 1e-5
 
 
+@pytest.mark.parametrize("n", [8, 20])
+@pytest.mark.parametrize("algo,param", [("dpmsolver++", "data")])  # diffusers no longer runs "dpmsolver"
+def test_published_third_order_matches_diffusers_3m(algo, param, n):
+    """dpmpp-3m (and mrs-ode order 3) with ``published_d2=True`` is diffusers' DPMSolverMultistep at
+    solver_order=3: the same eps network, timesteps and initial state give the same samples. Without
+    the option the D2 term is twice as large (the Taylor-exact coefficient) and the samples differ."""
+    net = _eps_net_3d()
+    ref = DPMSolverMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, algorithm_type=algo, solver_order=3
+    )
+    ref.set_timesteps(n)
+    x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xd = x_T.clone()
+    for t in ref.timesteps:
+        xd = ref.step(net(xd, t.expand(4)), t, xd).prev_sample
+    sched = S.VPDiscrete.from_diffusers_config(ref.config)
+    model = ds.DiffusionModel(net, sched, "eps")
+    grid = [float(sched.t_of_timestep(float(t))) for t in ref.timesteps] + [0.0]
+    opts = {"order": 3, "parameterization": param, "solver_type": "midpoint"}
+    ours = ds.sample(model, "mrs-ode", grid=grid, x_T=x_T, published_d2=True, **opts)
+    assert ours.nfe == n
+    rel = float((ours.samples - xd).abs().max() / xd.abs().max())
+    exact = ds.sample(model, "mrs-ode", grid=grid, x_T=x_T, **opts).samples
+    gap = float((exact - xd).abs().max() / xd.abs().max())
+    print(algo, n, "published: relative difference to diffusers", rel, "Taylor-exact:", gap)
+    assert rel < 1e-5 and gap > 100 * max(rel, 1e-12)
+    if param == "data":
+        assert torch.equal(ds.sample(model, "dpmpp-3m", grid=grid, x_T=x_T, published_d2=True).samples, ours.samples)
+
+
+def test_published_third_order_is_second_order():
+    """The published coefficient leaves a local error O(h^3): measured order about 2, against 3 for the
+    default (tests above)."""
+    errs = _errors("mrs-ode", S.VPLinear(), None, (20, 40, 80, 160), order=3, published_d2=True)
+    orders = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
+    print("published 3M", [f"{e:.2e}" for e in errs], [f"{o:.2f}" for o in orders])
+    assert 1.7 < orders[-1] < 2.5
+
+
 GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]])
 
 

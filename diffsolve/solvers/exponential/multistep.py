@@ -195,7 +195,18 @@ class MRSODE(_Multistep):
     ``solver_type`` ``"taylor"`` (default, MRS) or ``"midpoint"``. One model call per step. With mu = 0
     this is DPM-Solver++ (data) / DPM-Solver (noise); for mean-reverting schedules
     MRS(x; mu) = mu + DPM-Solver(x - mu).
+
+    ``published_d2=True`` takes the published third-order coefficient, half the Taylor-exact one
+    (module docstring): -alpha_t phi3 D2 (data) / -sigma_t phi3 D2 (noise), as DPM-Solver's reference
+    code, diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and k-diffusion do. The method is
+    then second order; the option exists for parity with those peers.
     """
+
+    published_d2 = Option(
+        False,
+        "order 3 with the published D2 coefficient (DPM-Solver's code, diffusers, k-diffusion): half the "
+        "Taylor-exact one, second order; for parity with those peers",
+    )
 
     def _step(self, y, q, i, k, g, noise):
         if self.parameterization == "velocity":
@@ -208,7 +219,7 @@ class MRSODE(_Multistep):
         if d1 is not None:
             y.add_(d1, alpha=midpoint_weight(w.w0) if (self.solver_type == "midpoint" and d2 is None) else w.w1)
         if d2 is not None:
-            y.add_(d2, alpha=w.w2)
+            y.add_(d2, alpha=0.5 * w.w2 if self.published_d2 else w.w2)
         return y
 
     @staticmethod

@@ -32,7 +32,11 @@ def test_every_entry_lists_the_names_it_answers_to():
             assert ds.samplers.solver_info(n) is info, n
     table = ds.list_solvers()
     assert "also" in str(table).splitlines()[0]
-    assert "| adaptive-sde | adaptive | 1 | 2 | yes | - | adaptive | adaptive_sde, gotta-go-fast |" in table.markdown()
+    assert (
+        "| adaptive-sde | adaptive | 1 | 2 | yes | - | adaptive | adaptive_sde, gotta-go-fast | Gotta Go Fast"
+        in table.markdown()
+    )
+    assert all(i.reference in table.markdown() for i in registered())
 
 
 def test_register_refuses_a_taken_alias_and_bad_names():

@@ -166,7 +166,18 @@ def registered() -> list[SolverInfo]:
 class SolverTable(list):
     """A list of :class:`SolverInfo` that prints as a table."""
 
-    COLUMNS = ("name", "family", "order", "calls/step", "stochastic", "invertible", "grid", "also", "description")
+    COLUMNS = (
+        "name",
+        "family",
+        "order",
+        "calls/step",
+        "stochastic",
+        "invertible",
+        "grid",
+        "also",
+        "description",
+        "paper",
+    )
 
     def rows(self) -> list[tuple[str, ...]]:
         return [
@@ -180,6 +191,7 @@ class SolverTable(list):
                 "fixed" if i.fixed_grid else "adaptive",
                 ", ".join(i.names[1:]) or "-",
                 i.description,
+                i.reference,
             )
             for i in self
         ]

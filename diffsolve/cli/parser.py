@@ -71,12 +71,13 @@ def grid_spec(text: str) -> str | list[float]:
             return [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"an explicit grid is comma-separated numbers, got {text!r}") from None
-    kinds = tuple(ds.schedules.GRID_KINDS)
-    if text not in kinds:
+    kinds = tuple(ds.schedules.ALL_GRID_KINDS)
+    try:
+        return ds.schedules.grid_kind_name(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid grid {text!r} (choose from {', '.join(map(repr, kinds))}, or give comma-separated times)"
-        )
-    return text
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

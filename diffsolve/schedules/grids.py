@@ -11,6 +11,12 @@ Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing time
 - ``"flow-shift"``: uniform u in [0, 1] mapped by SD3's shift u -> shift u / (1 + (shift - 1) u),
   then affinely onto [t_min, t_max] (on a rectified-flow schedule with t in [0, 1] this is exactly
   SD3's shifted sigmas).
+- the kinds known by name in k-diffusion, ComfyUI and diffusers (see
+  :mod:`diffsolve.schedules.named_grids` for each definition and its source), in the noise level
+  s = sigma/alpha: ``"exponential"`` (uniform in log s: the same grid as ``"log-snr"``, an alias of
+  it), ``"polyexponential"`` (``rho``, default 1), ``"vp"``, ``"kl-optimal"``, ``"laplace"`` (``mu``
+  = 0, ``beta`` = 0.5), ``"beta-sigmas"`` (``alpha`` = ``beta`` = 0.6), and ``"linear-quadratic"``
+  (Mochi, affinely in t). ComfyUI's spellings with underscores (``"kl_optimal"``) name the same kinds.
 - an explicit list or tensor of times (checked to be finite and strictly decreasing).
 """
 
@@ -22,9 +28,39 @@ from collections.abc import Sequence
 
 import torch
 
+from . import named_grids as ng
 from .base import Schedule, as_time
 
-GRID_KINDS = ("uniform", "log-snr", "karras", "quadratic", "flow-shift")
+GRID_KINDS = (
+    "uniform",
+    "log-snr",
+    "karras",
+    "quadratic",
+    "flow-shift",
+    "exponential",
+    "polyexponential",
+    "vp",
+    "kl-optimal",
+    "beta-sigmas",
+    "linear-quadratic",
+)
+#: kinds that hold only on some ranges: ``"laplace"`` clamps, so a narrow range repeats its ends
+RANGE_GRID_KINDS = ("laplace",)
+ALL_GRID_KINDS = GRID_KINDS + RANGE_GRID_KINDS
+#: other names of the same grids
+GRID_ALIASES = {"exponential": "log-snr"}
+
+
+def grid_kind_name(kind: str) -> str:
+    """The canonical name of a grid kind: lower case, hyphens for ComfyUI's underscores
+    (``"kl_optimal"`` -> ``"kl-optimal"``); raises a ValueError for unknown kinds."""
+    name = kind.strip().lower().replace("_", "-")
+    if name not in ALL_GRID_KINDS:
+        raise ValueError(
+            f"grid kind {kind!r} is unknown; allowed: {', '.join(ALL_GRID_KINDS)} or an explicit list of times"
+        )
+    return name
+
 
 GridSpec = str | Sequence[float] | torch.Tensor
 
@@ -115,10 +151,17 @@ def make_grid(
     *,
     t_max: float | None = None,
     t_min: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     shift: float = 3.0,
+    mu: float = 0.0,
+    beta: float | None = None,
+    alpha: float = 0.6,
 ) -> torch.Tensor:
     """A descending grid of ``steps + 1`` times for ``schedule`` (see the module docstring).
+
+    Options of some kinds: ``rho`` (``"karras"``: 7, ``"polyexponential"``: 1), ``shift``
+    (``"flow-shift"``), ``mu`` and ``beta`` (``"laplace"``: 0 and 0.5), ``alpha`` and ``beta``
+    (``"beta-sigmas"``: 0.6 and 0.6).
 
     ``kind`` defaults to ``schedule.default_grid``. An explicit grid ignores ``steps``, ``t_max``
     and ``t_min`` (but if ``steps`` is given it must match).
@@ -131,10 +174,8 @@ def make_grid(
             raise ValueError(f"steps={steps} does not match the explicit grid of {len(g)} times ({len(g) - 1} steps)")
         check_times_in(schedule, g, ["grid"])
         return g
-    if kind not in GRID_KINDS:
-        raise ValueError(
-            f"grid kind {kind!r} is unknown; allowed: {', '.join(GRID_KINDS)} or an explicit list of times"
-        )
+    kind = grid_kind_name(kind)
+    kind = GRID_ALIASES.get(kind, kind)
     if steps is None:
         raise ValueError("steps is required unless an explicit grid is given")
     n = _check_steps(steps)
@@ -155,6 +196,8 @@ def make_grid(
         v = 1.0 - u
         v = shift * v / (1.0 + (shift - 1.0) * v)
         g = t_min + v * (t_max - t_min)
+    elif kind == "linear-quadratic":
+        g = t_min + ng.linear_quadratic(n) * (t_max - t_min)
     else:
         lam_hi = float(schedule.log_snr(as_time(t_max)))  # at t_max: lowest log-SNR
         lam_lo = float(schedule.log_snr(as_time(t_min)))
@@ -166,11 +209,20 @@ def make_grid(
             )
         if kind == "log-snr":
             lam = lam_hi + u * (lam_lo - lam_hi)
-        else:  # karras, in the EDM noise level s = exp(-lambda)
-            if rho <= 0:
-                raise ValueError(f"rho must be > 0, got {rho}")
+        else:  # the kinds defined in the EDM noise level s = sigma/alpha = exp(-lambda)
             s_max, s_min = math.exp(-lam_hi), math.exp(-lam_lo)
-            s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            if kind == "karras":
+                s = ng.karras(u, s_max, s_min, 7.0 if rho is None else rho)
+            elif kind == "polyexponential":
+                s = ng.polyexponential(u, s_max, s_min, 1.0 if rho is None else rho)
+            elif kind == "vp":
+                s = ng.vp(u, s_max, s_min)
+            elif kind == "kl-optimal":
+                s = ng.kl_optimal(u, s_max, s_min)
+            elif kind == "laplace":
+                s = ng.laplace(u, s_max, s_min, mu, 0.5 if beta is None else beta)
+            else:  # beta-sigmas
+                s = ng.beta_sigmas(u, s_max, s_min, alpha, 0.6 if beta is None else beta)
             lam = -torch.log(s)
         g = schedule.t_of_log_snr(lam)
     g = g.to(torch.float64).cpu()

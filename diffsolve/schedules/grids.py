@@ -17,6 +17,13 @@ Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing time
   it), ``"polyexponential"`` (``rho``, default 1), ``"vp"``, ``"kl-optimal"``, ``"laplace"`` (``mu``
   = 0, ``beta`` = 0.5), ``"beta-sigmas"`` (``alpha`` = ``beta`` = 0.6), and ``"linear-quadratic"``
   (Mochi, affinely in t). ComfyUI's spellings with underscores (``"kl_optimal"``) name the same kinds.
+- kinds read off a model's own noise levels (:data:`MODEL_GRID_KINDS`): ComfyUI's ``"simple"``,
+  ``"sgm-uniform"``, ``"normal"`` and ``"ddim-uniform"`` on a :class:`~diffsolve.schedules.VPDiscrete`
+  schedule's table, and Align Your Steps' tables ``"ays-sd1"``, ``"ays-sdxl"`` (Stable Diffusion's
+  discrete schedule, 14.6146 .. 0.0292) and ``"ays-svd"`` (EDM noise levels 700 .. 0.002),
+  log-linearly interpolated to any step count. These start where the kind starts (``t_max`` may
+  not be moved) and end, as ComfyUI's lists do, at noise level 0 (t = 0) unless ``t_min`` is given;
+  any other schedule is refused.
 - an explicit list or tensor of times (checked to be finite and strictly decreasing).
 """
 
@@ -30,6 +37,7 @@ import torch
 
 from . import named_grids as ng
 from .base import Schedule, as_time
+from .vp import VPDiscrete
 
 GRID_KINDS = (
     "uniform",
@@ -46,7 +54,9 @@ GRID_KINDS = (
 )
 #: kinds that hold only on some ranges: ``"laplace"`` clamps, so a narrow range repeats its ends
 RANGE_GRID_KINDS = ("laplace",)
-ALL_GRID_KINDS = GRID_KINDS + RANGE_GRID_KINDS
+#: kinds read off one model's noise levels (a discrete table, or Align Your Steps' tables)
+MODEL_GRID_KINDS = ("simple", "sgm-uniform", "normal", "ddim-uniform", *ng.AYS_TABLES)
+ALL_GRID_KINDS = GRID_KINDS + RANGE_GRID_KINDS + MODEL_GRID_KINDS
 #: other names of the same grids
 GRID_ALIASES = {"exponential": "log-snr"}
 
@@ -179,6 +189,8 @@ def make_grid(
     if steps is None:
         raise ValueError("steps is required unless an explicit grid is given")
     n = _check_steps(steps)
+    if kind in MODEL_GRID_KINDS:
+        return _model_grid(schedule, n, kind, t_max, t_min)
     t_max = schedule.t_max if t_max is None else float(t_max)
     t_min = schedule.t_min if t_min is None else float(t_min)
     if not t_min < t_max:
@@ -229,4 +241,46 @@ def make_grid(
     g[0], g[-1] = t_max, t_min
     if not bool((g[1:] < g[:-1]).all()):
         raise ValueError(f"grid {kind!r} with {n} steps is not strictly decreasing (too many steps for the range?)")
+    return g
+
+
+def _noise_level(schedule: Schedule, t: float) -> float:
+    a, s = schedule.at(float(t))
+    return s / a
+
+
+def _model_grid(schedule: Schedule, n: int, kind: str, t_max: float | None, t_min: float | None) -> torch.Tensor:
+    """A grid of :data:`MODEL_GRID_KINDS` (see the module docstring)."""
+    if kind in ng.AYS_TABLES:
+        table = ng.AYS_TABLES[kind]
+        hi, lo = _noise_level(schedule, schedule.t_max), _noise_level(schedule, schedule.t_min)
+        if not (math.isclose(hi, table[0], rel_tol=2e-3) and math.isclose(lo, table[-1], rel_tol=2e-3)):
+            raise ValueError(
+                f"grid kind {kind!r} is Align Your Steps' table for noise levels sigma/alpha from {table[0]:g} "
+                f"to {table[-1]:g}, but {schedule!r} runs from {hi:.6g} to {lo:.6g}; it holds only for the "
+                "model it was tuned on (ays-sd1 / ays-sdxl: Stable Diffusion's discrete scaled-linear "
+                "schedule; ays-svd: EDM(sigma_min=0.002, sigma_max=700))"
+            )
+        start = float(schedule.t_max)
+        inner = schedule.t_of_log_snr(-torch.log(ng.ays(table, n)[1:-1])).to(torch.float64)
+    else:
+        if not isinstance(schedule, VPDiscrete):
+            raise ValueError(
+                f"grid kind {kind!r} is read off a discrete model's table of noise levels; it needs a "
+                f"VPDiscrete schedule, not {schedule!r}"
+            )
+        pts = schedule.t_of_timestep(ng.comfy_discrete(kind, schedule.num_train_timesteps, n)).to(torch.float64)
+        start, inner = float(pts[0]), pts[1:]
+        if start > schedule.t_max:
+            raise ValueError(f"grid kind {kind!r} starts at t={start:.6g}, past {schedule!r}'s t_max")
+    if t_max is not None and float(t_max) != start:
+        raise ValueError(f"grid kind {kind!r} starts at t={start:.6g}; leave t_max out (got t_max={t_max})")
+    end = 0.0 if t_min is None else float(t_min)
+    g = torch.cat([torch.tensor([start], dtype=torch.float64), inner.cpu(), torch.tensor([end], dtype=torch.float64)])
+    check_times_in(schedule, g[-1:], ["t_min"])
+    if not bool((g[1:] < g[:-1]).all()):
+        raise ValueError(
+            f"grid {kind!r} with {n} steps is not strictly decreasing (t_min={end:.6g} must lie below its last "
+            f"point t={float(g[-2]):.6g})"
+        )
     return g

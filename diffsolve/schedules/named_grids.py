@@ -117,3 +117,58 @@ def linear_quadratic(steps: int, threshold: float = 0.025, linear_steps: int | N
     i = torch.arange(steps, dtype=torch.float64)
     x = torch.where(i < m, i * threshold / m, quad * i * i + lin * i + const)
     return 1.0 - torch.cat([x, torch.ones(1, dtype=torch.float64)])
+
+
+# ---------------------------------------------------------------- tables of a discrete model
+#: Align Your Steps' 10-step tables of noise levels (Sabour, Fidler, Kreis 2024, arXiv 2404.14507),
+#: as ComfyUI's AlignYourStepsScheduler holds them: SD1 and SDXL on Stable Diffusion's discrete
+#: scaled-linear schedule (14.6146 .. 0.0292), SVD on the EDM noise levels 700 .. 0.002
+AYS_TABLES: dict[str, tuple[float, ...]] = {
+    "ays-sd1": (14.6146, 6.4746, 3.8637, 2.6946, 1.8842, 1.3944, 0.9643, 0.6524, 0.3977, 0.1515, 0.0292),
+    "ays-sdxl": (14.6146, 6.3184, 3.7682, 2.1811, 1.3405, 0.8621, 0.5551, 0.3799, 0.2332, 0.1114, 0.0292),
+    "ays-svd": (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+
+
+def ays(table: tuple[float, ...], steps: int) -> Tensor:
+    """Align Your Steps at any step count as ComfyUI's AlignYourStepsScheduler: the table's points
+    sit evenly on [0, 1] and log s is interpolated linearly at ``steps + 1`` even positions
+    (the table itself at 10 steps). Returns ``steps + 1`` descending noise levels."""
+    xs = torch.linspace(0.0, 1.0, len(table), dtype=torch.float64)
+    ys = torch.log(torch.tensor(table, dtype=torch.float64))
+    x = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    j = torch.searchsorted(xs, x).clamp(1, len(xs) - 1)
+    w = (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+    return torch.exp(ys[j - 1] + w * (ys[j] - ys[j - 1]))
+
+
+def comfy_discrete(kind: str, num_train_timesteps: int, steps: int) -> Tensor:
+    """ComfyUI's schedulers on a discrete model's table of N = ``num_train_timesteps`` noise levels
+    (``comfy/samplers.py``), as diffusers timesteps tau in [0, N - 1] of the ``steps`` noisy points
+    (ComfyUI then appends the noise level 0):
+
+    - ``simple``: table entries N - 1 - floor(i N/steps), i = 0 .. steps - 1;
+    - ``sgm-uniform``: ``steps + 1`` timesteps uniform from N - 1 to 0, the last dropped (Stability's
+      sgm code);
+    - ``normal``: ``steps`` timesteps uniform from N - 1 to 0;
+    - ``ddim-uniform``: table entries 1, 1 + c, 1 + 2c, ... below N, c = floor(N/steps), reversed
+      (this list has ``steps`` entries only when ceil((N - 1)/c) = steps; otherwise it is refused).
+    """
+    n = num_train_timesteps
+    if kind == "simple":
+        ss = n / steps
+        return torch.tensor([float(n - 1 - int(i * ss)) for i in range(steps)], dtype=torch.float64)
+    if kind == "sgm-uniform":
+        return torch.linspace(n - 1, 0, steps + 1, dtype=torch.float64)[:-1]
+    if kind == "normal":
+        return torch.linspace(n - 1, 0, steps, dtype=torch.float64)
+    if kind == "ddim-uniform":
+        c = max(n // steps, 1)
+        k = list(range(1, n, c))[::-1]
+        if len(k) != steps:
+            raise ValueError(
+                f"grid kind 'ddim-uniform' gives {len(k)} steps, not {steps}, on {n} training steps (as ComfyUI's "
+                f"ddim_uniform: table entries 1, 1 + {c}, ... below {n}); ask for {len(k)} steps"
+            )
+        return torch.tensor(k, dtype=torch.float64)
+    raise AssertionError(kind)

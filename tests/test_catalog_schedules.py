@@ -172,3 +172,101 @@ def test_sample_runs_on_kl_optimal():
     for kind in ("kl-optimal", "kl_optimal", "vp", "beta-sigmas"):
         out = ds.sample(model, "euler", grid=kind, steps=10, shape=(4, 2), seed=0)
         assert out.samples.shape == (4, 2) and bool(torch.isfinite(out.samples).all())
+
+
+# ---------------------------------------------------------------- a model's own noise levels
+def comfy_table():
+    """ComfyUI's ModelSamplingDiscrete sigma table of Stable Diffusion (in float64)."""
+    s = sd()
+    return ((1 - s.alphas_cumprod) / s.alphas_cumprod).sqrt()
+
+
+def comfy_sigma(table, tau):
+    """ComfyUI's sigma(timestep): log sigma linear between table entries."""
+    lo = math.floor(tau)
+    hi = min(lo + 1, len(table) - 1)
+    w = tau - lo
+    return math.exp((1 - w) * math.log(float(table[lo])) + w * math.log(float(table[hi])))
+
+
+def comfy_reference(kind, steps):
+    """ComfyUI's comfy/samplers.py schedulers, written out here (without the trailing 0)."""
+    table = comfy_table()
+    n = len(table)
+    if kind == "simple":
+        ss = n / steps
+        return [float(table[-(1 + int(x * ss))]) for x in range(steps)]
+    if kind == "sgm-uniform":
+        return [comfy_sigma(table, float(t)) for t in np.linspace(n - 1, 0, steps + 1)[:-1]]
+    if kind == "normal":
+        return [comfy_sigma(table, float(t)) for t in np.linspace(n - 1, 0, steps)]
+    if kind == "ddim-uniform":
+        c = max(n // steps, 1)
+        return [float(table[x]) for x in range(1, n, c)][::-1]
+    raise AssertionError(kind)
+
+
+COMFY_REL: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("kind", ["simple", "sgm-uniform", "normal", "ddim-uniform"])
+@pytest.mark.parametrize("steps", [1, 4, 10, 20, 50])
+def test_comfy_discrete_kinds(kind, steps):
+    s = sd()
+    if kind == "ddim-uniform" and len(range(1, 1000, 1000 // steps)) != steps:
+        with pytest.raises(ValueError, match="ddim-uniform' gives"):
+            S.make_grid(s, steps, kind)
+        return
+    g = S.make_grid(s, steps, kind)
+    assert g.shape == (steps + 1,) and g[-1] == 0.0 and bool((g[1:] < g[:-1]).all())
+    got = noise_levels(s, g)[:-1].numpy()
+    want = np.array(comfy_reference(kind, steps))
+    rel = float(np.abs(got / want - 1).max())
+    COMFY_REL[kind] = max(COMFY_REL.get(kind, 0.0), rel)
+    # table entries exactly; between entries ComfyUI interpolates log sigma, VPDiscrete log alpha
+    assert rel < (1e-12 if kind in ("simple", "ddim-uniform") else 2e-3), rel
+    # t_min given: the last point is there instead of t = 0
+    g2 = S.make_grid(s, steps, kind, t_min=float(g[-2]) / 2)
+    assert torch.equal(g2[:-1], g[:-1]) and g2[-1] == float(g[-2]) / 2
+
+
+def test_comfy_discrete_kinds_need_a_discrete_schedule():
+    for kind in ("simple", "sgm_uniform", "normal", "ddim_uniform"):
+        with pytest.raises(ValueError, match="needs a VPDiscrete schedule"):
+            S.make_grid(S.VPLinear(), 10, kind)
+    with pytest.raises(ValueError, match="leave t_max out"):
+        S.make_grid(sd(), 10, "simple", t_max=0.9)
+
+
+def test_ays_tables():
+    s = sd()
+    # at 10 steps: the table, at diffusers' AysSchedules timesteps, and 0
+    for kind, ts in [
+        ("ays-sd1", [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]),
+        ("ays-sdxl", [999, 845, 730, 587, 443, 310, 193, 116, 53, 13]),
+    ]:
+        g = S.make_grid(s, 10, kind)
+        assert g[-1] == 0.0
+        lev = noise_levels(s, g)[:-1].numpy()
+        assert np.allclose(lev[1:], ng.AYS_TABLES[kind][1:-1], rtol=1e-9)
+        assert np.array_equal(np.round(s.timestep(g[:-1]).numpy()), ts)
+        # other step counts: log-linear interpolation of the table (every other point at 20 steps)
+        g20 = S.make_grid(s, 20, kind)
+        assert np.allclose(noise_levels(s, g20)[2:-1:2].numpy(), ng.AYS_TABLES[kind][1:-1], rtol=1e-9)
+        lev5 = noise_levels(s, S.make_grid(s, 5, kind))[1:-1].numpy()
+        assert np.allclose(lev5, ng.AYS_TABLES[kind][2:-1:2], rtol=1e-9)
+    svd = S.EDM(sigma_min=0.002, sigma_max=700.0)
+    g = S.make_grid(svd, 10, "ays_svd")
+    assert np.allclose(g[:-1].numpy(), ng.AYS_TABLES["ays-svd"][:-1], rtol=1e-12) and g[-1] == 0.0
+    for kind, other in [("ays-sd1", S.VPLinear()), ("ays-sdxl", S.EDM()), ("ays-svd", s)]:
+        with pytest.raises(ValueError, match="Align Your Steps' table"):
+            S.make_grid(other, 10, kind)
+    assert torch.equal(S.make_grid(s, 7, "ays-sd1", t_min=s.t_min)[:-1], S.make_grid(s, 7, "ays-sd1")[:-1])
+
+
+def test_sample_runs_on_model_kinds():
+    sched = sd()
+    model = ds.models.GaussianMixture.gmm_2d().model(sched)
+    for kind in ("ays-sd1", "simple", "normal"):
+        out = ds.sample(model, "euler", grid=kind, steps=10, shape=(4, 2), seed=0)
+        assert out.samples.shape == (4, 2) and bool(torch.isfinite(out.samples).all())

@@ -58,7 +58,11 @@ def test_many_steps_and_narrow_ranges_stay_strictly_decreasing(kind):
 
 def test_comfyui_spellings_and_aliases():
     s = sd()
-    for comfy, ours in [("kl_optimal", "kl-optimal"), ("linear_quadratic", "linear-quadratic"), ("beta_sigmas", "beta-sigmas")]:
+    for comfy, ours in [
+        ("kl_optimal", "kl-optimal"),
+        ("linear_quadratic", "linear-quadratic"),
+        ("beta_sigmas", "beta-sigmas"),
+    ]:
         assert S.grid_kind_name(comfy) == ours
         assert torch.equal(S.make_grid(s, 9, comfy), S.make_grid(s, 9, ours))
     # uniform in log(sigma/alpha) is uniform in lambda = -log(sigma/alpha): the log-SNR grid
@@ -142,7 +146,8 @@ MAX_REL: dict[str, float] = {}
 
 
 @pytest.mark.parametrize(
-    "kind,flag", [("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"), ("beta-sigmas", "use_beta_sigmas")]
+    "kind,flag",
+    [("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"), ("beta-sigmas", "use_beta_sigmas")],
 )
 @pytest.mark.parametrize("n", [2, 5, 10, 25, 50])
 def test_matches_diffusers_sigmas(kind, flag, n):

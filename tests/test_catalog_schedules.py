@@ -275,3 +275,13 @@ def test_sample_runs_on_model_kinds():
     for kind in ("ays-sd1", "simple", "normal"):
         out = ds.sample(model, "euler", grid=kind, steps=10, shape=(4, 2), seed=0)
         assert out.samples.shape == (4, 2) and bool(torch.isfinite(out.samples).all())
+
+
+def test_cli_takes_the_names():
+    import argparse
+
+    from diffsolve.cli.parser import grid_spec
+
+    assert grid_spec("kl_optimal") == "kl-optimal" and grid_spec("ays-sd1") == "ays-sd1"
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid grid"):
+        grid_spec("beta")

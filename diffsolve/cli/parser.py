@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         type=grid_spec,
         default=None,
-        help=f"time grid: {', '.join(ds.schedules.GRID_KINDS)}, or comma-separated descending times "
+        help=f"time grid: {', '.join(ds.schedules.ALL_GRID_KINDS)}, or comma-separated descending times "
         "(default: the schedule's)",
     )
     p.add_argument("--t-max", type=finite_float, default=None, metavar="T", help=TIME_RANGE_HELP)

@@ -71,12 +71,13 @@ def grid_spec(text: str) -> str | list[float]:
             return [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"an explicit grid is comma-separated numbers, got {text!r}") from None
-    kinds = tuple(ds.schedules.GRID_KINDS)
-    if text not in kinds:
+    kinds = tuple(ds.schedules.ALL_GRID_KINDS)
+    try:
+        return ds.schedules.grid_kind_name(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid grid {text!r} (choose from {', '.join(map(repr, kinds))}, or give comma-separated times)"
-        )
-    return text
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         type=grid_spec,
         default=None,
-        help=f"time grid: {', '.join(ds.schedules.GRID_KINDS)}, or comma-separated descending times "
+        help=f"time grid: {', '.join(ds.schedules.ALL_GRID_KINDS)}, or comma-separated descending times "
         "(default: the schedule's)",
     )
     p.add_argument("--t-max", type=finite_float, default=None, metavar="T", help=TIME_RANGE_HELP)

@@ -6,12 +6,13 @@ Every schedule has the form x_t = alpha(t) x_0 + (1 - alpha(t)) mu + sigma(t) ep
 
 from .base import Schedule
 from .flow import RectifiedFlow
-from .grids import GRID_KINDS, check_grid, make_grid
+from .grids import ALL_GRID_KINDS, GRID_KINDS, check_grid, grid_kind_name, make_grid
 from .mean_reverting import OUVE, MeanReverting
 from .ve import EDM, VE
 from .vp import SubVP, VPCosine, VPDiscrete, VPLinear
 
 __all__ = [
+    "ALL_GRID_KINDS",
     "EDM",
     "GRID_KINDS",
     "OUVE",
@@ -24,5 +25,6 @@ __all__ = [
     "VPDiscrete",
     "VPLinear",
     "check_grid",
+    "grid_kind_name",
     "make_grid",
 ]

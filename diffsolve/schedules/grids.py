@@ -11,6 +11,19 @@ Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing time
 - ``"flow-shift"``: uniform u in [0, 1] mapped by SD3's shift u -> shift u / (1 + (shift - 1) u),
   then affinely onto [t_min, t_max] (on a rectified-flow schedule with t in [0, 1] this is exactly
   SD3's shifted sigmas).
+- the kinds known by name in k-diffusion, ComfyUI and diffusers (see
+  :mod:`diffsolve.schedules.named_grids` for each definition and its source), in the noise level
+  s = sigma/alpha: ``"exponential"`` (uniform in log s: the same grid as ``"log-snr"``, an alias of
+  it), ``"polyexponential"`` (``rho``, default 1), ``"vp"``, ``"kl-optimal"``, ``"laplace"`` (``mu``
+  = 0, ``beta`` = 0.5), ``"beta-sigmas"`` (``alpha`` = ``beta`` = 0.6), and ``"linear-quadratic"``
+  (Mochi, affinely in t). ComfyUI's spellings with underscores (``"kl_optimal"``) name the same kinds.
+- kinds read off a model's own noise levels (:data:`MODEL_GRID_KINDS`): ComfyUI's ``"simple"``,
+  ``"sgm-uniform"``, ``"normal"`` and ``"ddim-uniform"`` on a :class:`~diffsolve.schedules.VPDiscrete`
+  schedule's table, and Align Your Steps' tables ``"ays-sd1"``, ``"ays-sdxl"`` (Stable Diffusion's
+  discrete schedule, 14.6146 .. 0.0292) and ``"ays-svd"`` (EDM noise levels 700 .. 0.002),
+  log-linearly interpolated to any step count. These start where the kind starts (``t_max`` may
+  not be moved) and end, as ComfyUI's lists do, at noise level 0 (t = 0) unless ``t_min`` is given;
+  any other schedule is refused.
 - an explicit list or tensor of times (checked to be finite and strictly decreasing).
 """
 
@@ -22,9 +35,42 @@ from collections.abc import Sequence
 
 import torch
 
+from . import named_grids as ng
 from .base import Schedule, as_time
+from .vp import VPDiscrete
 
-GRID_KINDS = ("uniform", "log-snr", "karras", "quadratic", "flow-shift")
+GRID_KINDS = (
+    "uniform",
+    "log-snr",
+    "karras",
+    "quadratic",
+    "flow-shift",
+    "exponential",
+    "polyexponential",
+    "vp",
+    "kl-optimal",
+    "beta-sigmas",
+    "linear-quadratic",
+)
+#: kinds that hold only on some ranges: ``"laplace"`` clamps, so a narrow range repeats its ends
+RANGE_GRID_KINDS = ("laplace",)
+#: kinds read off one model's noise levels (a discrete table, or Align Your Steps' tables)
+MODEL_GRID_KINDS = ("simple", "sgm-uniform", "normal", "ddim-uniform", *ng.AYS_TABLES)
+ALL_GRID_KINDS = GRID_KINDS + RANGE_GRID_KINDS + MODEL_GRID_KINDS
+#: other names of the same grids
+GRID_ALIASES = {"exponential": "log-snr"}
+
+
+def grid_kind_name(kind: str) -> str:
+    """The canonical name of a grid kind: lower case, hyphens for ComfyUI's underscores
+    (``"kl_optimal"`` -> ``"kl-optimal"``); raises a ValueError for unknown kinds."""
+    name = kind.strip().lower().replace("_", "-")
+    if name not in ALL_GRID_KINDS:
+        raise ValueError(
+            f"grid kind {kind!r} is unknown; allowed: {', '.join(ALL_GRID_KINDS)} or an explicit list of times"
+        )
+    return name
+
 
 GridSpec = str | Sequence[float] | torch.Tensor
 
@@ -115,10 +161,17 @@ def make_grid(
     *,
     t_max: float | None = None,
     t_min: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     shift: float = 3.0,
+    mu: float = 0.0,
+    beta: float | None = None,
+    alpha: float = 0.6,
 ) -> torch.Tensor:
     """A descending grid of ``steps + 1`` times for ``schedule`` (see the module docstring).
+
+    Options of some kinds: ``rho`` (``"karras"``: 7, ``"polyexponential"``: 1), ``shift``
+    (``"flow-shift"``), ``mu`` and ``beta`` (``"laplace"``: 0 and 0.5), ``alpha`` and ``beta``
+    (``"beta-sigmas"``: 0.6 and 0.6).
 
     ``kind`` defaults to ``schedule.default_grid``. An explicit grid ignores ``steps``, ``t_max``
     and ``t_min`` (but if ``steps`` is given it must match).
@@ -131,13 +184,13 @@ def make_grid(
             raise ValueError(f"steps={steps} does not match the explicit grid of {len(g)} times ({len(g) - 1} steps)")
         check_times_in(schedule, g, ["grid"])
         return g
-    if kind not in GRID_KINDS:
-        raise ValueError(
-            f"grid kind {kind!r} is unknown; allowed: {', '.join(GRID_KINDS)} or an explicit list of times"
-        )
+    kind = grid_kind_name(kind)
+    kind = GRID_ALIASES.get(kind, kind)
     if steps is None:
         raise ValueError("steps is required unless an explicit grid is given")
     n = _check_steps(steps)
+    if kind in MODEL_GRID_KINDS:
+        return _model_grid(schedule, n, kind, t_max, t_min)
     t_max = schedule.t_max if t_max is None else float(t_max)
     t_min = schedule.t_min if t_min is None else float(t_min)
     if not t_min < t_max:
@@ -155,6 +208,8 @@ def make_grid(
         v = 1.0 - u
         v = shift * v / (1.0 + (shift - 1.0) * v)
         g = t_min + v * (t_max - t_min)
+    elif kind == "linear-quadratic":
+        g = t_min + ng.linear_quadratic(n) * (t_max - t_min)
     else:
         lam_hi = float(schedule.log_snr(as_time(t_max)))  # at t_max: lowest log-SNR
         lam_lo = float(schedule.log_snr(as_time(t_min)))
@@ -166,15 +221,66 @@ def make_grid(
             )
         if kind == "log-snr":
             lam = lam_hi + u * (lam_lo - lam_hi)
-        else:  # karras, in the EDM noise level s = exp(-lambda)
-            if rho <= 0:
-                raise ValueError(f"rho must be > 0, got {rho}")
+        else:  # the kinds defined in the EDM noise level s = sigma/alpha = exp(-lambda)
             s_max, s_min = math.exp(-lam_hi), math.exp(-lam_lo)
-            s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            if kind == "karras":
+                s = ng.karras(u, s_max, s_min, 7.0 if rho is None else rho)
+            elif kind == "polyexponential":
+                s = ng.polyexponential(u, s_max, s_min, 1.0 if rho is None else rho)
+            elif kind == "vp":
+                s = ng.vp(u, s_max, s_min)
+            elif kind == "kl-optimal":
+                s = ng.kl_optimal(u, s_max, s_min)
+            elif kind == "laplace":
+                s = ng.laplace(u, s_max, s_min, mu, 0.5 if beta is None else beta)
+            else:  # beta-sigmas
+                s = ng.beta_sigmas(u, s_max, s_min, alpha, 0.6 if beta is None else beta)
             lam = -torch.log(s)
         g = schedule.t_of_log_snr(lam)
     g = g.to(torch.float64).cpu()
     g[0], g[-1] = t_max, t_min
     if not bool((g[1:] < g[:-1]).all()):
         raise ValueError(f"grid {kind!r} with {n} steps is not strictly decreasing (too many steps for the range?)")
+    return g
+
+
+def _noise_level(schedule: Schedule, t: float) -> float:
+    a, s = schedule.at(float(t))
+    return s / a
+
+
+def _model_grid(schedule: Schedule, n: int, kind: str, t_max: float | None, t_min: float | None) -> torch.Tensor:
+    """A grid of :data:`MODEL_GRID_KINDS` (see the module docstring)."""
+    if kind in ng.AYS_TABLES:
+        table = ng.AYS_TABLES[kind]
+        hi, lo = _noise_level(schedule, schedule.t_max), _noise_level(schedule, schedule.t_min)
+        if not (math.isclose(hi, table[0], rel_tol=2e-3) and math.isclose(lo, table[-1], rel_tol=2e-3)):
+            raise ValueError(
+                f"grid kind {kind!r} is Align Your Steps' table for noise levels sigma/alpha from {table[0]:g} "
+                f"to {table[-1]:g}, but {schedule!r} runs from {hi:.6g} to {lo:.6g}; it holds only for the "
+                "model it was tuned on (ays-sd1 / ays-sdxl: Stable Diffusion's discrete scaled-linear "
+                "schedule; ays-svd: EDM(sigma_min=0.002, sigma_max=700))"
+            )
+        start = float(schedule.t_max)
+        inner = schedule.t_of_log_snr(-torch.log(ng.ays(table, n)[1:-1])).to(torch.float64)
+    else:
+        if not isinstance(schedule, VPDiscrete):
+            raise ValueError(
+                f"grid kind {kind!r} is read off a discrete model's table of noise levels; it needs a "
+                f"VPDiscrete schedule, not {schedule!r}"
+            )
+        pts = schedule.t_of_timestep(ng.comfy_discrete(kind, schedule.num_train_timesteps, n)).to(torch.float64)
+        start, inner = float(pts[0]), pts[1:]
+        if start > schedule.t_max:
+            raise ValueError(f"grid kind {kind!r} starts at t={start:.6g}, past {schedule!r}'s t_max")
+    if t_max is not None and float(t_max) != start:
+        raise ValueError(f"grid kind {kind!r} starts at t={start:.6g}; leave t_max out (got t_max={t_max})")
+    end = 0.0 if t_min is None else float(t_min)
+    g = torch.cat([torch.tensor([start], dtype=torch.float64), inner.cpu(), torch.tensor([end], dtype=torch.float64)])
+    check_times_in(schedule, g[-1:], ["t_min"])
+    if not bool((g[1:] < g[:-1]).all()):
+        raise ValueError(
+            f"grid {kind!r} with {n} steps is not strictly decreasing (t_min={end:.6g} must lie below its last "
+            f"point t={float(g[-2]):.6g})"
+        )
     return g

@@ -115,7 +115,7 @@ def test_ipndm_weights_by_hand():
     assert (x[4] - step4).abs().max() < 1e-12
     assert (x[5] - seen[-1][2].x0).abs().max() < 1e-12  # sigma_next = 0: Euler, to the denoised sample
 
-    out_v, seen_v = _recorded_run("ipndm-v", x0, grid, sched)
+    _, seen_v = _recorded_run("ipndm-v", x0, grid, sched)
     xv = [q[0] for q in seen_v]
     dv = [q[2].eps for q in seen_v]
     r = (s[2] - s[1]) / (s[1] - s[0])

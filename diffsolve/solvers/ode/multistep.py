@@ -52,8 +52,7 @@ class _Multistep(Solver):
         raise NotImplementedError
 
     def run(self, x, grid, noise, *, schedule, mu=None):
-        ds_hist: list = []  # newest first
-        s_hist: list[float] = []
+        ds_hist, s_hist = [], []  # the derivatives d and their nodes s, newest first
         k_max = self.max_history()
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
@@ -91,9 +90,10 @@ class LMS(_Multistep):
 
     l_j the Lagrange basis polynomial of node s_{i-j} on those k nodes (exact on any grid; the
     integrals are :func:`~diffsolve.solvers.exponential.maths.ab_weights`). The first k - 1 steps
-    warm up with the history there is (Euler, then AB2, ...), as k-diffusion and diffusers do, so the
-    first step's O(h^2) local error bounds the global error from below: ``order`` is the method's
-    order once warm. Cf. PLMS (Liu et al. 2022, Pseudo Numerical Methods for Diffusion Models on
+    warm up with the history there is (Euler, then AB2, ...), as k-diffusion and diffusers do. Order
+    4 (``order=4``) as measured on the closed-form Gaussian flow on log-SNR grids and over the first
+    doublings of equal steps; the first (Euler) step's O(h^2) local error stays in the result, and on
+    equal steps it takes over at fine grids (tests/test_catalog_lms.py). Cf. PLMS (Liu et al. 2022, Pseudo Numerical Methods for Diffusion Models on
     Manifolds). One model call per step.
     """
 
@@ -129,8 +129,9 @@ class IPNDM(_Multistep):
 
     A step ending at sigma = 0 is an Euler step (to the denoised sample), as ComfyUI's; diffusers'
     IPNDMScheduler takes its full step there (on its own fixed schedule, with a v-prediction model).
-    On a nonuniform grid the fixed weights are not the AB weights of the actual steps (``ipndm-v``
-    uses those). One model call per step.
+    On steps equal in s this is ``lms`` (order 4, with its warm-up); on other grids (log-SNR, Karras)
+    the fixed weights are not the AB weights of the actual steps and the measured order is 2
+    (``ipndm-v`` uses the actual steps' weights). One model call per step.
     """
 
     max_order = Option(4, "the most past derivatives used (1 to 4)", low=1, high=4)

@@ -16,11 +16,11 @@ GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]
 STEPS = (20, 40, 80, 160)
 
 
-def _errors(solver, sched, grid_of, t_max, t_min, steps=STEPS, **opts):
+def _errors(solver, sched, grid_of, t_max, t_min, steps=STEPS, mu=None, **opts):
     model = GAUSS.model(sched)
-    x_T = GAUSS.marginal(t_max, sched, None).sample(64, torch.Generator().manual_seed(0))
-    exact = GAUSS.flow_map(x_T, t_max, t_min, sched, None)
-    out = [ds.sample(model, solver, n, x_T=x_T, grid=grid_of(n), **opts).samples for n in steps]
+    x_T = GAUSS.marginal(t_max, sched, mu).sample(64, torch.Generator().manual_seed(0))
+    exact = GAUSS.flow_map(x_T, t_max, t_min, sched, mu)
+    out = [ds.sample(model, solver, n, x_T=x_T, grid=grid_of(n), mu=mu, **opts).samples for n in steps]
     return [float((x - exact).abs().max()) for x in out], out
 
 
@@ -28,10 +28,12 @@ def _orders(errs):
     return [math.log2(a / b) for a, b in zip(errs, errs[1:])]
 
 
+MU = torch.tensor([0.3, 0.3, -0.2, 0.1], dtype=torch.float64)
 SCHEDULES = {
-    "vp": S.VPLinear,
-    "ve": S.VE,
-    "flow": lambda: S.RectifiedFlow(t_min=1e-3, t_max=1 - 1e-3),
+    "vp": (S.VPLinear, None),
+    "ve": (S.VE, None),
+    "flow": (lambda: S.RectifiedFlow(t_min=1e-3, t_max=1 - 1e-3), None),
+    "mean-reverting": (lambda: S.MeanReverting(lam=0.5), MU),
 }
 
 
@@ -40,22 +42,23 @@ def test_lms_order_on_log_snr_grid(schedule):
     """lms (order 4, the default) on the log-SNR grid: the error falls about 16-fold per doubling at
     the finest steps (the registry's order 4); ipndm-v is the same rule (AB weights of the actual
     steps), so its samples agree; ipndm's fixed weights on these unequal steps are second order."""
-    sched = SCHEDULES[schedule]()
+    make, mu = SCHEDULES[schedule]
+    sched = make()
     assert solver_info("lms").order == 4
 
     def grid_of(n):
         return S.make_grid(sched, n, "log-snr")
 
-    errs, lms = _errors("lms", sched, grid_of, sched.t_max, sched.t_min)
+    errs, lms = _errors("lms", sched, grid_of, sched.t_max, sched.t_min, mu=mu)
     orders = _orders(errs)
     print(schedule, "lms errors", [f"{e:.2e}" for e in errs], "orders", [f"{o:.2f}" for o in orders])
     assert all(b < a for a, b in zip(errs, errs[1:]))
     assert orders[-1] > 3.5, orders
 
-    _, v = _errors("ipndm-v", sched, grid_of, sched.t_max, sched.t_min)
+    _, v = _errors("ipndm-v", sched, grid_of, sched.t_max, sched.t_min, mu=mu)
     assert max(float((a - b).abs().max()) for a, b in zip(lms, v)) < 1e-10
 
-    errs_i, _ = _errors("ipndm", sched, grid_of, sched.t_max, sched.t_min)
+    errs_i, _ = _errors("ipndm", sched, grid_of, sched.t_max, sched.t_min, mu=mu)
     orders_i = _orders(errs_i)
     print(schedule, "ipndm errors", [f"{e:.2e}" for e in errs_i], "orders", [f"{o:.2f}" for o in orders_i])
     assert abs(orders_i[-1] - 2.0) < 0.3, orders_i

@@ -348,3 +348,40 @@ def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: in
             w_pred[i] = torch.where(use, wp[i], w_pred[i])
             w_corr[i] = torch.where(use, wc[i + 1], w_corr[i])
     return torch.stack(w_pred, 1), w_new, torch.stack(w_corr, 1)
+
+
+# ----------------------------------------------------------------------------- UniPC's B(h) and rho
+#: UniPC's choices of B(h) (Zhao et al. 2023, section 3.3): "bh1" B(h) = hh, "bh2" B(h) = e^{hh} - 1
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def unipc_b(hh: float, variant: str) -> float:
+    """UniPC's B(h) at the signed step hh = kappa h (-h for data, +h for noise, :func:`kernel_sign`):
+    hh for ``"bh1"``, expm1(hh) for ``"bh2"``; any B(h) = O(h) with B(h) != 0 keeps the order."""
+    if variant == "bh1":
+        return hh
+    if variant == "bh2":
+        return math.expm1(hh)
+    raise ValueError(f"variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}")
+
+
+def unipc_rhos(hh: float, rks: list[float], variant: str) -> list[float]:
+    """UniPC's coefficients rho_1 .. rho_p of the differences D1_k = (q_k - q_s) / r_k at the nodes
+    r_k = (lambda_k - lambda_s) / h (Zhao et al. 2023, eq. (8)): the solution of
+
+        sum_k rho_k r_k^{i-1} = b_i = i! hh phi_{i+1}(hh) / B(h),   i = 1 .. p,
+
+    i.e. the weights that integrate the polynomial through the nodes exactly against the kernel (so
+    B(h) rho_k does not depend on B and the rule is the Lagrange one of :func:`lagrange_weights`).
+    With a single node (UniP-2's predictor, UniC-1's corrector) rho = 1/2, as the paper and diffusers
+    take it: then B(h) matters (b_1 = 1/2 + O(h) for both variants, so the order is kept)."""
+    if len(rks) == 1:
+        return [0.5]
+    b_h = unipc_b(hh, variant)
+    phis = phi_functions(torch.tensor([hh], dtype=torch.float64), len(rks) + 1)
+    b = torch.tensor(
+        [math.factorial(i) * hh * float(phis[i][0]) / b_h for i in range(1, len(rks) + 1)], dtype=torch.float64
+    )
+    r = torch.tensor(rks, dtype=torch.float64)
+    mat = torch.stack([r**i for i in range(len(rks))])
+    return [float(v) for v in torch.linalg.solve(mat, b)]

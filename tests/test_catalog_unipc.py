@@ -82,6 +82,19 @@ def test_aliases_fix_the_variant(variant):
     assert a.variant == variant
 
 
+def test_rhos_times_b_do_not_depend_on_the_variant():
+    """Where the rhos are solved (two nodes or more) B(h) rho is the exact polynomial weight: bh1 and
+    bh2 agree; with one node rho = 1/2 for both."""
+    from diffsolve.solvers.exponential.maths import unipc_b, unipc_rhos
+
+    for hh in (-0.7, -0.05, 0.3):
+        for rks in ([-1.3, 1.0], [-0.8, -1.9], [-1.1, -2.0, 1.0]):
+            a = [unipc_b(hh, "bh1") * r for r in unipc_rhos(hh, rks, "bh1")]
+            b = [unipc_b(hh, "bh2") * r for r in unipc_rhos(hh, rks, "bh2")]
+            assert max(abs(u - v) for u, v in zip(a, b)) < 1e-12
+        assert unipc_rhos(hh, [1.0], "bh1") == unipc_rhos(hh, [1.0], "bh2") == [0.5]
+
+
 GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]])
 STEPS = (20, 40, 80, 160)
 
@@ -105,12 +118,25 @@ ORDER_CASES = [
 ]
 
 
+#: measured (finest doubling, 80 -> 160 log-SNR steps): UniP-2 2.0, UniPC-2 2.95-3.04; UniP-3 3.3-4.8
+#: (superconvergent on this problem, as mrs-ode order 3), UniPC-3 3.75 (data) - 4.1 (noise), the
+#: first steps' lower orders (UniC-1 with rho = 1/2 has a local error O(h^3)) cap it at 3 in theory.
+EXPECTED = {(2, False): 2.0, (2, True): 3.0, (3, False): 3.0, (3, True): 3.0}
+
+
 @pytest.mark.parametrize("order,variant,corrector,param", ORDER_CASES)
 def test_unipc_orders(order, variant, corrector, param):
-    """Closed-form Gaussian flow (VP, and MeanReverting with mu != 0), lower_order_final=False."""
+    """Closed-form Gaussian flow (VP, and MeanReverting with mu != 0), lower_order_final=False:
+    UniP-p has order p, UniC-p raises it to p + 1 (order 2), at least 3 for order 3."""
     for sched, mu in ((S.VPLinear(), None), (S.MeanReverting(lam=0.5), torch.tensor([0.3, 0.3, -0.2, 0.1]).double())):
         errs = _errors(
-            sched, mu, order=order, variant=variant, corrector=corrector, parameterization=param, lower_order_final=False
+            sched,
+            mu,
+            order=order,
+            variant=variant,
+            corrector=corrector,
+            parameterization=param,
+            lower_order_final=False,
         )
         orders = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
         print(
@@ -123,4 +149,7 @@ def test_unipc_orders(order, variant, corrector, param):
             [f"{e:.2e}" for e in errs],
             [f"{o:.2f}" for o in orders],
         )
-        assert orders[-1] > order - 0.25 + (1 if corrector else 0) * 0, orders
+        expected = EXPECTED[order, corrector]
+        assert orders[-1] > expected - 0.25, orders
+        if order == 2:
+            assert orders[-1] < expected + 0.25, orders

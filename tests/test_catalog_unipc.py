@@ -153,3 +153,22 @@ def test_unipc_orders(order, variant, corrector, param):
         assert orders[-1] > expected - 0.25, orders
         if order == 2:
             assert orders[-1] < expected + 0.25, orders
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_starts_at_alpha_zero(order, variant):
+    """Rectified flow from t = 1 (alpha = 0, lambda = -inf, h = inf on the first step): the first step
+    is DDIM's jump and is not corrected, the node at -inf drops out; finite, and converging (uniform
+    grid; measured 20 -> 80 steps at the defaults: errors fall 7.6x to 19x)."""
+    sched = S.RectifiedFlow(t_min=1e-3)
+    model = GAUSS.model(sched)
+    x_T = GAUSS.marginal(sched.t_max, sched, None).sample(64, torch.Generator().manual_seed(0))
+    exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched, None)
+    errs = []
+    for n in (20, 80):
+        out = ds.sample(model, "unipc", n, x_T=x_T, grid="uniform", order=order, variant=variant).samples
+        assert out.isfinite().all()
+        errs.append(float((out - exact).abs().max()))
+    print("unipc alpha = 0", order, variant, errs)
+    assert errs[1] < errs[0] / 4

@@ -29,10 +29,14 @@ The corrected y_t continues, and q_t (from the predicted point) joins the histor
 step, the corrector reuses it. The last step is not corrected (no model call after it). Orders, as
 diffusers: step i predicts with order min(order, i + 1) (warm-up) and, with ``lower_order_final``,
 min(order, N - i) (so the last step is first order, DDIM); the corrector of step i uses the order of
-its predictor. A step that ends at sigma = 0 (h = inf) is first order.
+its predictor. A step with h = inf (it ends at sigma = 0, or starts at alpha = 0 as rectified flow's
+t = 1) is the first-order step and is not corrected (bh1's B(h) = hh is infinite there); a node at
+alpha = 0 (lambda = -inf) drops out of the later steps' differences (the order is lowered by one).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -149,6 +153,10 @@ class UniPC(Solver):
         w = ode_weights(param, *coefs, h)
         qs = hist[-1]
         out = torch.mul(y, w.decay).add_(qs, alpha=w.w0)
+        if not math.isfinite(h):  # from alpha = 0 or to sigma = 0: the first-order (DDIM) step
+            return out
+        while k > 1 and not math.isfinite(lam[i - k + 1]):  # a node at alpha = 0 (lambda = -inf) drops out
+            k -= 1
         rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)]
         diffs = [(hist[-1 - j] - qs) / r for j, r in zip(range(1, k), rks)]
         if q_t is not None:

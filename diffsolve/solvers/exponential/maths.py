@@ -55,6 +55,9 @@ to the weights w_i = sum_j c_ij J_j (:func:`phi_integrals`, :func:`lagrange_weig
 variable-step Adams-Bashforth-type predictor on the last k outputs and the UniPC-type corrector that
 adds the output at theta = 1 (:func:`pc_weights`; Zhao et al. 2023, UniPC). With plain integrals
 J_j = (b - a) / (j + 1) the same weights are Adams-Bashforth's (:func:`ab_weights`, the velocity form).
+UniPC itself writes the same steps as kappa C B(h) sum_k rho_k D1_k over differences D1_k = (q_k - q_s) / r_k
+with B(h) = hh or e^{hh} - 1 (:func:`unipc_b`) and rho from its order conditions (:func:`unipc_rhos`),
+but takes rho = 1/2 with a single node, which makes its bh1 and bh2 variants differ.
 
 Building on it: DEIS's rhoAB (Zhang & Chen 2023) is :func:`ab_weights` in rho = sigma / alpha on eps;
 SA-Solver (Xue et al. 2023) with a constant tau has the data-form kernel e^{-(1 + tau^2)(h - tau')}

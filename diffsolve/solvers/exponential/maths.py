@@ -55,6 +55,9 @@ to the weights w_i = sum_j c_ij J_j (:func:`phi_integrals`, :func:`lagrange_weig
 variable-step Adams-Bashforth-type predictor on the last k outputs and the UniPC-type corrector that
 adds the output at theta = 1 (:func:`pc_weights`; Zhao et al. 2023, UniPC). With plain integrals
 J_j = (b - a) / (j + 1) the same weights are Adams-Bashforth's (:func:`ab_weights`, the velocity form).
+UniPC itself writes the same steps as kappa C B(h) sum_k rho_k D1_k over differences D1_k = (q_k - q_s) / r_k
+with B(h) = hh or e^{hh} - 1 (:func:`unipc_b`) and rho from its order conditions (:func:`unipc_rhos`),
+but takes rho = 1/2 with a single node, which makes its bh1 and bh2 variants differ.
 
 Building on it: DEIS's rhoAB (Zhang & Chen 2023) is :func:`ab_weights` in rho = sigma / alpha on eps;
 SA-Solver (Xue et al. 2023) with a constant tau has the data-form kernel e^{-(1 + tau^2)(h - tau')}
@@ -348,3 +351,40 @@ def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: in
             w_pred[i] = torch.where(use, wp[i], w_pred[i])
             w_corr[i] = torch.where(use, wc[i + 1], w_corr[i])
     return torch.stack(w_pred, 1), w_new, torch.stack(w_corr, 1)
+
+
+# ----------------------------------------------------------------------------- UniPC's B(h) and rho
+#: UniPC's choices of B(h) (Zhao et al. 2023, section 3.3): "bh1" B(h) = hh, "bh2" B(h) = e^{hh} - 1
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def unipc_b(hh: float, variant: str) -> float:
+    """UniPC's B(h) at the signed step hh = kappa h (-h for data, +h for noise, :func:`kernel_sign`):
+    hh for ``"bh1"``, expm1(hh) for ``"bh2"``; any B(h) = O(h) with B(h) != 0 keeps the order."""
+    if variant == "bh1":
+        return hh
+    if variant == "bh2":
+        return math.expm1(hh)
+    raise ValueError(f"variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}")
+
+
+def unipc_rhos(hh: float, rks: list[float], variant: str) -> list[float]:
+    """UniPC's coefficients rho_1 .. rho_p of the differences D1_k = (q_k - q_s) / r_k at the nodes
+    r_k = (lambda_k - lambda_s) / h (Zhao et al. 2023, eq. (8)): the solution of
+
+        sum_k rho_k r_k^{i-1} = b_i = i! hh phi_{i+1}(hh) / B(h),   i = 1 .. p,
+
+    i.e. the weights that integrate the polynomial through the nodes exactly against the kernel (so
+    B(h) rho_k does not depend on B and the rule is the Lagrange one of :func:`lagrange_weights`).
+    With a single node (UniP-2's predictor, UniC-1's corrector) rho = 1/2, as the paper and diffusers
+    take it: then B(h) matters (b_1 = 1/2 + O(h) for both variants, so the order is kept)."""
+    if len(rks) == 1:
+        return [0.5]
+    b_h = unipc_b(hh, variant)
+    phis = phi_functions(torch.tensor([hh], dtype=torch.float64), len(rks) + 1)
+    b = torch.tensor(
+        [math.factorial(i) * hh * float(phis[i][0]) / b_h for i in range(1, len(rks) + 1)], dtype=torch.float64
+    )
+    r = torch.tensor(rks, dtype=torch.float64)
+    mat = torch.stack([r**i for i in range(len(rks))])
+    return [float(v) for v in torch.linalg.solve(mat, b)]

@@ -53,6 +53,7 @@ def test_dpm2_order_two(schedule):
 def test_registry_entries():
     assert (INFO["dpm-2"].order, INFO["dpm-2"].calls_per_step, INFO["dpm-2"].family) == (2, 2, "ode")
     assert INFO["dpm-2"].deterministic
+    assert ds.get_solver("dpm-2").options() == {}  # no options declared: none reported
     for name, calls in (("euler-ancestral", 1), ("dpm-2-ancestral", 2)):
         info = INFO[name]
         assert (info.family, info.calls_per_step, info.deterministic) == ("sde", calls, False)

@@ -234,3 +234,13 @@ def run_plain(ref, net, n):
         calls += 1
         x = ref.step(out, t, x).prev_sample
     return x, calls
+
+
+@pytest.mark.parametrize("solver,steps", [("euler-ancestral", 200), ("dpm-2-ancestral", 100)])
+def test_ancestral_on_rectified_flow_passes_two_sample_test(solver, steps, threshold, reference):
+    """On a flow model the step is taken in x/alpha against sigma/alpha: the law is still right."""
+    flow = S.RectifiedFlow(t_max=0.999)
+    res = ds.sample(GMM.model(flow), solver, steps, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform")
+    d = mmd2(res.samples, reference)
+    print(solver, "rectified flow", steps, "mmd2", d, "threshold", threshold)
+    assert d < threshold

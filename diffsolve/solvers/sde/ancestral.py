@@ -57,11 +57,12 @@ class EulerAncestral(Solver):
 
     Flow models (alpha != 1): the step is the same in the scaled variables y = x/alpha against
     s = sigma/alpha, so the added noise is the posterior's. ComfyUI's ``sample_euler_ancestral_RF``
-    steps x itself against sigma = t instead: Euler to
-    sigma_down = s'(1 + (s'/s - 1) eta) in t, rescales by alpha_{i+1}/alpha_down, and adds
-    sqrt(s'^2 - sigma_down^2 alpha_{i+1}^2/alpha_down^2) z, so its eta and ours name different
-    noise amounts (both re-noise to s' exactly; eta = 0 is deterministic in both). We implement the
-    scaled form.
+    steps rectified flow's x against its own sigma = t instead (alpha = 1 - t): Euler in t to
+    t_down = t'(1 + (t'/t - 1) eta), x scaled by (1 - t')/(1 - t_down), then
+    sqrt(t'^2 - t_down^2 (1 - t')^2/(1 - t_down)^2) z added. Both reach the marginal noise level at
+    t' and both are deterministic at eta = 0 (ours is then DDIM, ComfyUI's rectified-flow Euler), but
+    the amount of fresh noise a given eta names differs: ours at eta = 1 is the DDPM posterior. We
+    implement the scaled form.
     """
 
     eta = ETA

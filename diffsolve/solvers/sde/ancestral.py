@@ -60,7 +60,7 @@ class EulerAncestral(Solver):
     steps rectified flow's x against its own sigma = t instead (alpha = 1 - t): Euler in t to
     t_down = t'(1 + (t'/t - 1) eta), x scaled by (1 - t')/(1 - t_down), then
     sqrt(t'^2 - t_down^2 (1 - t')^2/(1 - t_down)^2) z added. Both reach the marginal noise level at
-    t' and both are deterministic at eta = 0 (ours is then DDIM, ComfyUI's rectified-flow Euler), but
+    t' and both are DDIM at eta = 0 (rectified-flow Euler in t is the DDIM step), but
     the amount of fresh noise a given eta names differs: ours at eta = 1 is the DDPM posterior. We
     implement the scaled form.
     """

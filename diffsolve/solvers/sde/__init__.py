@@ -2,4 +2,4 @@
 sampling (:mod:`.ddpm`) and Score-SDE's predictor-corrector
 (:mod:`.pc`)."""
 
-from . import ddpm, euler_maruyama, pc  # noqa: F401
+from . import ancestral, ddpm, euler_maruyama, pc  # noqa: F401

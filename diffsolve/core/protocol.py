@@ -108,7 +108,7 @@ class Solver:
     def options(self) -> dict[str, Any]:
         """The hyperparameters this solver was built with."""
         specs = declared(type(self))
-        if specs:
+        if specs or type(self).__init__ is Solver.__init__:  # declared options (none: {})
             return {k: getattr(self, k) for k, s in specs.items() if s.alias_of is None}
         sig = inspect.signature(type(self).__init__)  # a solver with an __init__ of its own
         return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}

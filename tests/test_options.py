@@ -145,3 +145,10 @@ def test_dmcmc_keeps_a_hook_s_prediction_pair():
         hooks=[_ZeroPair()],
     )
     assert res.samples.abs().max() == 0
+
+
+def test_a_solver_without_options_has_none():
+    class Plain(Solver):
+        pass
+
+    assert Plain().options() == {} and repr(Plain()) == "Plain[solver]()"

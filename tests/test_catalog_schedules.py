@@ -195,7 +195,8 @@ def comfy_sigma(table, tau):
 
 
 def comfy_reference(kind, steps):
-    """ComfyUI's comfy/samplers.py schedulers, written out here (without the trailing 0)."""
+    """The four schedules' definitions (solver_catalog.md section 3: ComfyUI's simple, sgm_uniform,
+    normal and ddim_uniform) as formulas on the sigma table, without the trailing 0."""
     table = comfy_table()
     n = len(table)
     if kind == "simple":

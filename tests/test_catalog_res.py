@@ -230,7 +230,8 @@ def test_passes_two_sample_test(solver, steps, threshold, reference):
 
 
 def test_two_sample_test_fails_with_three_steps(threshold, reference):
-    res = ds.sample(GMM.model(SCHED), "res-multistep-ancestral", 3, shape=(N, 2), seed=0, dtype=torch.float64)
+    model = GMM.model(SCHED)
+    res = ds.sample(model, "res-multistep-ancestral", 3, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform")
     d = mmd2(res.samples, reference)
     print("res-multistep-ancestral", 3, "mmd2", d, "threshold", threshold)
     assert d > 5 * threshold

@@ -235,3 +235,91 @@ def test_two_sample_test_fails_with_three_steps(threshold, reference):
     d = mmd2(res.samples, reference)
     print("res-multistep-ancestral", 3, "mmd2", d, "threshold", threshold)
     assert d > 5 * threshold
+
+
+# ------------------------------------------------------------------ parity with ComfyUI's loops (transcribed)
+def _comfy_res_multistep(denoise, x, sigmas, noise, eta=0.0, s_noise=1.0):
+    """ComfyUI's ``res_multistep`` (k_diffusion/sampling.py, cfg_pp=False) in its variables x = y, sigma."""
+    old_denoised, old_sigma_down = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i])
+        sigma_down, sigma_up = ancestral_split(sigmas[i], sigmas[i + 1], eta)  # = get_ancestral_step
+        if sigma_down == 0 or old_denoised is None:
+            x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = (-math.log(v) for v in (sigmas[i], old_sigma_down, sigma_down, sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1, b2 = phi1 - phi2 / c2, phi2 / c2
+            x = math.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0 and sigma_up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+def _comfy_gradient_estimation(denoise, x, sigmas, ge_gamma=2.0):
+    """ComfyUI's ``sample_gradient_estimation`` (cfg_pp=False)."""
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        x = x + d * dt if i == 0 else x + (ge_gamma * d + (1 - ge_gamma) * old_d) * dt
+        old_d = d
+    return x
+
+
+@pytest.mark.parametrize("n", [4, 15])
+@pytest.mark.parametrize(
+    "solver,opts",
+    [("res-multistep", {}), ("res-multistep-ancestral", {"eta": 1.0, "s_noise": 0.8}), ("gradient-estimation", {})],
+)
+def test_parity_with_comfyui(solver, opts, n):
+    """The same model, sigmas (Karras, ending at 0), initial latent and step noise as ComfyUI's loop."""
+    sched = S.VPDiscrete.from_diffusers_config(SD)
+    model = GMM3.model(sched)
+    rho, smax, smin = 7.0, 14.6, 0.03
+    ramp = [i / (n - 1) for i in range(n)]
+    sigmas = [(smax ** (1 / rho) + r * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho for r in ramp] + [0.0]
+
+    def t_of(sigma):
+        return float(sched.t_of_log_snr(-math.log(sigma))) if sigma > 0 else 0.0
+
+    grid = torch.tensor([t_of(s) for s in sigmas], dtype=torch.float64)
+    calls = []
+
+    def denoise(y, sigma):
+        t = t_of(sigma)
+        calls.append(t)
+        return model(y * float(sched.alpha(t)), t).x0
+
+    y_T = sigmas[0] * torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    class Replay:
+        def __init__(self):
+            self.gen = torch.Generator().manual_seed(9)
+
+        def step(self, t, t_next, index=None):
+            return torch.randn(6, 3, generator=self.gen, dtype=torch.float64)
+
+    if solver == "gradient-estimation":
+        theirs = _comfy_gradient_estimation(denoise, y_T, sigmas)
+    else:
+        z = Replay()
+        theirs = _comfy_res_multistep(denoise, y_T, sigmas, lambda a, b: z.step(a, b), **opts)
+    their_calls = len(calls)
+    run = ds.get_solver(solver, **opts).run(y_T * float(sched.alpha(grid[0])), grid, Replay(), schedule=sched)
+    item, ours_calls = next(run), 0
+    try:
+        while True:
+            ours_calls += 1
+            item = run.send(model(*item[:2]))
+    except StopIteration as stop:
+        ours = stop.value  # at sigma = 0: x = y
+    rel = float((ours - theirs).abs().max() / theirs.abs().max())
+    print(solver, n, "calls", ours_calls, their_calls, "relative difference to ComfyUI's loop", rel)
+    assert ours_calls == their_calls == n
+    assert rel < 1e-10

@@ -63,8 +63,9 @@ class ResMultistep(Solver):
 
     with phi_1(z) = (e^z - 1)/z, phi_2(z) = (phi_1(z) - 1)/z. The first step and the step to s' = 0
     are Euler, y_{i+1} = y_i + (s' - s) eps_i (= DDIM). One model call per step; order 2. For
-    diffusion schedules these are ComfyUI's variables; on rectified flow the step is taken in
-    x/alpha against sigma/alpha, which is ComfyUI's x against its sigma only up to the scaling.
+    diffusion schedules these are ComfyUI's variables (its latents x/alpha against sigma/alpha). On
+    rectified flow the step is taken in x/alpha against sigma/alpha too, whereas ComfyUI applies the
+    same formulas to x against its own sigma = t: a different discretisation of the same ODE.
     """
 
     def run(self, x, grid, noise, *, schedule, mu=None):

@@ -1,5 +1,5 @@
 """Stochastic fixed-grid solvers: Euler-Maruyama (:mod:`.euler_maruyama`), DDPM and IR-SDE posterior
-sampling (:mod:`.ddpm`) and Score-SDE's predictor-corrector
-(:mod:`.pc`)."""
+sampling (:mod:`.ddpm`), Score-SDE's predictor-corrector
+(:mod:`.pc`), and the ancestral samplers of k-diffusion and ComfyUI (:mod:`.ancestral`)."""
 
 from . import ancestral, ddpm, euler_maruyama, pc  # noqa: F401

@@ -1,5 +1,5 @@
 """Stochastic fixed-grid solvers: Euler-Maruyama (:mod:`.euler_maruyama`), DDPM and IR-SDE posterior
-sampling (:mod:`.ddpm`) and Score-SDE's predictor-corrector
-(:mod:`.pc`)."""
+sampling (:mod:`.ddpm`), Score-SDE's predictor-corrector (:mod:`.pc`), k-diffusion's ancestral
+samplers (:mod:`.ancestral`) and the consistency-model samplers lcm and tcd (:mod:`.consistency`)."""
 
-from . import ancestral, ddpm, euler_maruyama, pc  # noqa: F401
+from . import ancestral, consistency, ddpm, euler_maruyama, pc  # noqa: F401

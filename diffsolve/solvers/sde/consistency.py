@@ -48,6 +48,7 @@ class LCM(Solver):
     """
 
     steps_with_pair = True  # the step uses the prediction's own x0
+    runs_backward = False  # the last step returns x0: no inversion
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
@@ -88,6 +89,7 @@ class TCD(Solver):
     """
 
     steps_with_pair = True  # the step uses the prediction's own (x0, eps)
+    runs_backward = False  # s is measured from the grid's data end: no inversion
 
     gamma = Option(
         0.3,
@@ -96,9 +98,6 @@ class TCD(Solver):
         low=0.0,
         high=1.0,
     )
-
-    def noise_options(self):
-        return {"gamma": self.gamma} if self.gamma > 0 else {}
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         t_end = float(grid[-1])

@@ -80,6 +80,23 @@ def grid_spec(text: str) -> str | list[float]:
         ) from None
 
 
+def add_run_flags(p: argparse.ArgumentParser, *, option_help: str, force_help: str) -> None:
+    """The flags every command that runs a solver takes: ``-o KEY=VALUE`` (repeatable, parsed as
+    YAML), ``--force`` and ``--no-progress``."""
+    p.add_argument(
+        "-o",
+        "--option",
+        dest="options",
+        action="append",
+        type=parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help=option_help,
+    )
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``diffsolve`` and its subcommands."""
     parser = argparse.ArgumentParser(prog=PROG, description=ds.__doc__)
@@ -160,18 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--t-max", type=finite_float, default=None, metavar="T", help=TIME_RANGE_HELP)
     p.add_argument("--t-min", type=finite_float, default=None, metavar="T", help="see --t-max")
-    p.add_argument(
-        "-o",
-        "--option",
-        dest="options",
-        action="append",
-        type=parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a solver option, value parsed as YAML (repeatable), e.g. -o s_churn=10",
+    add_run_flags(
+        p,
+        option_help="a solver option, value parsed as YAML (repeatable), e.g. -o s_churn=10",
+        force_help="overwrite existing results in --out",
     )
-    p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p.add_argument(
         "--shard-size",
         type=positive_int,
@@ -252,18 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the input and settings>)",
     )
     p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP + ")")
-    p.add_argument(
-        "-o",
-        "--option",
-        dest="options",
-        action="append",
-        type=parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a solver option, repeatable",
-    )
-    p.add_argument("--force", action="store_true", help="overwrite an existing latent in --out")
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    add_run_flags(p, option_help="a solver option, repeatable", force_help="overwrite an existing latent in --out")
 
     p = sub.add_parser(
         "restore",
@@ -293,19 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (default: diffsolve-out/restore-<task>-<method>, plus -<hash> of any "
         "other setting not at its default)",
     )
-    p.add_argument(
-        "-o",
-        "--option",
-        dest="options",
-        action="append",
-        type=parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method option, repeatable: zeta (dps, default 4), particles / guidance_scale "
+    add_run_flags(
+        p,
+        option_help="a method option, repeatable: zeta (dps, default 4), particles / guidance_scale "
         "(enkg, default 16 / 2), resample (inpaint, default 1)",
+        force_help="overwrite existing results in --out",
     )
-    p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
     p = sub.add_parser(
         "bench",

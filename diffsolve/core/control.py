@@ -136,18 +136,3 @@ class StepSizeController:
 
 
 MODES = ("per_sample", "batch")
-
-
-def check_adaptive(
-    controller: StepSizeController | None, default: StepSizeController, mode: str, **positive: float
-) -> StepSizeController:
-    """Shared option checks of the adaptive solvers: the named tolerances and step sizes must be
-    numbers > 0, ``mode`` one of :data:`MODES`; returns ``controller`` or ``default``."""
-    for name, v in positive.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{name} must be a number > 0, got {v!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if controller is not None and not isinstance(controller, StepSizeController):
-        raise TypeError(f"controller must be a StepSizeController, got {type(controller).__name__}")
-    return default if controller is None else controller

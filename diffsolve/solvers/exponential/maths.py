@@ -272,6 +272,27 @@ def sde_noise_std(param: str, a_t: float, s_t: float, a_s: float, s_s: float, h:
     return math.sqrt(max((a_t * s_s / a_s) ** 2 - s_t**2, 0.0))
 
 
+def eta_sde_weights(a_t: float, s_t: float, s_s: float, h: float, eta: float) -> Weights:
+    """The data-form step of the reverse-time SDE family with noise fraction ``eta`` (0: the
+    probability-flow ODE, 1: the reverse SDE; k-diffusion's ``sample_dpmpp_2m_sde`` and
+    ``sample_dpmpp_3m_sde``), to third order. In lambda the drift of y has the kernel
+    e^{-(1 + eta)(h - tau)} with weight (1 + eta) alpha_t, so with H = (1 + eta) h the Taylor term of
+    q^(k) integrates to alpha_t h^k H phi_{k+1}(-H) q^(k), and with D1 = h q', D2 = h^2 q'' / 2:
+
+        decay = (sigma_t / sigma_s) e^{-eta h},   w0 = alpha_t (1 - e^{-H}),
+        w1 = alpha_t H phi_2(-H),                  w2 = 2 alpha_t H phi_3(-H)
+
+    (k-diffusion's phi_2 = H phi_2(-H) and phi_3 = -H phi_3(-H); its 3M SDE weighs D2 by -phi_3, half
+    of w2). The noise std is ``posterior_std(sigma_t, eta h)``. eta = 0 gives :func:`ode_weights`'
+    data weights, eta = 1 :func:`sde_weights`'. Needs sigma_t > 0 (h finite)."""
+    big = (1.0 + eta) * h
+    if math.isinf(big):  # from alpha_s = 0 (lambda_s = -inf): the limits H phi_2(-H), 2 H phi_3(-H) -> 1
+        return Weights(s_t / s_s if eta == 0 else 0.0, a_t, a_t, a_t)
+    phi = phi_functions(torch.tensor([-big], dtype=torch.float64), 3)
+    decay = s_t / s_s * math.exp(-eta * h)
+    return Weights(decay, -a_t * math.expm1(-big), a_t * big * float(phi[1][0]), 2.0 * a_t * big * float(phi[2][0]))
+
+
 # ----------------------------------------------------------------------------- phi functions, polynomial weights
 def phi_functions(z: Tensor, n: int) -> list[Tensor]:
     """phi_1(z) .. phi_n(z) (per row, float64): the closed-form recursion phi_{k+1} = (phi_k - 1/k!) / z

@@ -19,6 +19,7 @@ INFO = {i.name: i for i in registered()}
 NAMES = ("dpmpp-2s-ancestral", "dpmpp-sde", "dpmpp-3m-sde")
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
+
 # ------------------------------------------------------------------ registry
 def test_registry_entries():
     for name, order, calls in (("dpmpp-2s-ancestral", 2, 2), ("dpmpp-sde", 2, 2), ("dpmpp-3m-sde", 3, 1)):
@@ -124,7 +125,9 @@ def test_hand_computed_steps():
             return z[self.k - 1]
 
     def run(name, **opts):
-        out = ds.get_solver(name, **opts).run(x, torch.tensor([t, t_next], dtype=torch.float64), Draws(), schedule=sched)
+        out = ds.get_solver(name, **opts).run(
+            x, torch.tensor([t, t_next], dtype=torch.float64), Draws(), schedule=sched
+        )
         item = next(out)
         try:
             while True:
@@ -202,7 +205,9 @@ def _sde_diffusers_and_ours(n, seed=5, b=6):
     def t_of(sigma):
         return float(sched.t_of_log_snr(-math.log(sigma))) if sigma > 0 else 0.0
 
-    y_T = float(ref.init_noise_sigma) * torch.randn(b, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_T = float(ref.init_noise_sigma) * torch.randn(
+        b, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     pos = ref.sigmas[ref.sigmas > 0]
     sampler = BrownianTreeNoiseSampler(y_T, pos.min().item(), pos.max().item(), seed)
     tree, record = sampler.tree, []
@@ -298,7 +303,9 @@ class SignFixedMultistep(DPMSolverMultistepScheduler):
     i.e. -phi_3 of sample_dpmpp_3m_sde at eta = 1 (this adds the missing alpha_t D2)."""
 
     def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kw):
-        out = super().multistep_dpm_solver_third_order_update(model_output_list, *args, sample=sample, noise=noise, **kw)
+        out = super().multistep_dpm_solver_third_order_update(
+            model_output_list, *args, sample=sample, noise=noise, **kw
+        )
         i = self.step_index
         pairs = [self._sigma_to_alpha_sigma_t(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
         lam = [torch.log(a) - torch.log(s) for a, s in pairs]
@@ -311,12 +318,12 @@ class SignFixedMultistep(DPMSolverMultistepScheduler):
 
 def _multistep_sde(ref_cls, n, **opts):
     net = _eps_net_3d()
-    ref = ref_cls(
-        **SD, algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun", lower_order_final=False
-    )
+    ref = ref_cls(**SD, algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun", lower_order_final=False)
     ref.set_timesteps(n)
     x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    noises = [torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+    noises = [
+        torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)
+    ]
     xd = x_T.clone()
     for i, t in enumerate(ref.timesteps):
         xd = ref.step(net(xd, t.expand(4)), t, xd, variance_noise=noises[i]).prev_sample

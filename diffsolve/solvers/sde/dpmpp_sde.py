@@ -280,7 +280,8 @@ class DPMPP3MSDE(Solver):
                     y = y + (0.5 * w.w2 if self.published_d2 else w.w2) * d2
                 if levels is not None:
                     std = posterior_std(sigma[i + 1], self.eta * h)
-                    s_i, s_to = sigma[i] / alpha[i], sigma[i + 1] / alpha[i + 1]
+                    s_i = sigma[i] / alpha[i] if alpha[i] > 0 else math.inf  # inf: a fresh normal
+                    s_to = sigma[i + 1] / alpha[i + 1]
                     y = y + (self.s_noise * std) * levels.one(y, ts[i], ts[i + 1], s_i, s_to)
             x = y if mu is None else y + mu
         return x

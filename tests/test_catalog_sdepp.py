@@ -412,3 +412,34 @@ def test_on_rectified_flow_passes_two_sample_test(solver, threshold, reference):
     d = mmd2(res.samples, reference)
     print(solver, "rectified flow mmd2", d, "threshold", threshold)
     assert d < threshold
+
+
+@pytest.mark.parametrize("n", [8, 20])
+def test_3m_sde_drop_in_for_diffusers(n):
+    """DiffsolveScheduler.from_config(sde-dpmsolver++ at order 3, solver='dpmpp-3m-sde',
+    published_d2=True) in a plain loop with one generator for the run: the same timesteps, model calls
+    and noise draws as (sign-fixed) diffusers, so the same latents to 1e-5."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    net = _eps_net_3d()
+
+    def run(s):
+        s.set_timesteps(n)
+        x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * s.init_noise_sigma
+        g, calls = torch.Generator().manual_seed(7), 0
+        for t in s.timesteps:
+            out = net(s.scale_model_input(x, t), t)
+            calls += 1
+            x = s.step(out, t, x, generator=g).prev_sample
+        return x, calls
+
+    cfg = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun", "lower_order_final": False}
+    ref = SignFixedMultistep(**SD, **cfg)
+    base = DPMSolverMultistepScheduler(**SD, **cfg)
+    ours = DiffsolveScheduler.from_config(base, solver="dpmpp-3m-sde", solver_options={"published_d2": True})
+    a, ca = run(ref)
+    b, cb = run(ours)
+    rel = float((a - b).abs().max() / a.abs().max())
+    dt = float((ours.timesteps - ref.timesteps).abs().max())
+    print("dpmpp-3m-sde", n, "calls", ca, cb, "max timestep difference", dt, "relative difference", rel)
+    assert ca == cb == n and dt < 0.02 and rel < 1e-5

@@ -43,8 +43,6 @@ that ends at sigma = 0 is always first order (diffusers' ``final_sigmas_type="ze
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ...core.options import Option
@@ -53,8 +51,7 @@ from ...core.registry import register
 from .maths import (
     PARAMETERIZATIONS,
     ab_weights,
-    alpha_sigma,
-    half_log_snr,
+    grid_nodes,
     midpoint_weight,
     model_output,
     ode_weights,
@@ -78,15 +75,6 @@ def _step_orders(order: int, n: int, lower_order_final: bool, final_zero: bool) 
     return orders
 
 
-class _Grid(NamedTuple):
-    """Per-grid-point floats: times, alpha, sigma and lambda (inf where sigma = 0)."""
-
-    t: list[float]
-    alpha: list[float]
-    sigma: list[float]
-    lam: list[float]
-
-
 class _Multistep(Solver):
     """Shared machinery of the multistep exponential integrators (see the module docstring)."""
 
@@ -106,21 +94,8 @@ class _Multistep(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
-        ts = [float(t) for t in grid]
-        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
-        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
-        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
-        if self.parameterization == "noise" and alpha[0] <= 0:
-            raise ValueError(
-                "parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
-                "use 'data' or 'velocity', or a grid with t_max < 1"
-            )
-        if sigma[0] == 0.0:
-            raise ValueError(
-                f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
-                "to invert, start from t_min > 0"
-            )
-        g = _Grid(ts, alpha, sigma, lam)
+        g = grid_nodes(self.name, grid, schedule, self.parameterization)
+        ts, sigma = g.t, g.sigma
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         for i in range(n):

@@ -45,8 +45,7 @@ from ...core.protocol import Solver
 from ...core.registry import register
 from .maths import (
     UNIPC_VARIANTS,
-    alpha_sigma,
-    half_log_snr,
+    grid_nodes,
     kernel_sign,
     model_output,
     ode_weights,
@@ -113,20 +112,8 @@ class UniPC(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
-        ts = [float(t) for t in grid]
-        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
-        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
-        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
-        if self.parameterization == "noise" and alpha[0] <= 0:
-            raise ValueError(
-                "parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
-                "use 'data', or a grid with t_max < 1"
-            )
-        if sigma[0] == 0.0:
-            raise ValueError(
-                f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): to invert, start from t_min > 0"
-            )
-        g = (alpha, sigma, lam)
+        g = grid_nodes(self.name, grid, schedule, self.parameterization)
+        ts, sigma = g.t, g.sigma
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         y_last = None  # the state the last step started from
@@ -145,8 +132,8 @@ class UniPC(Solver):
 
     def _update(self, g, y, hist, i, k, q_t):
         """UniP-k from step i's start y (q_t None) or UniC-k with the new output q_t; ``g`` =
-        (alpha, sigma, lambda) on the grid, ``hist`` ends with step i's q_s."""
-        alpha, sigma, lam = g
+        the :class:`.maths.GridNodes`, ``hist`` ends with step i's q_s."""
+        alpha, sigma, lam = g.alpha, g.sigma, g.lam
         param = self.parameterization
         h = lam[i + 1] - lam[i]
         coefs = (alpha[i + 1], sigma[i + 1], alpha[i], sigma[i])

@@ -26,7 +26,7 @@ def noise_level(schedule: Schedule, t: float) -> float:
     a, sig = alpha_sigma(schedule, t)
     if a <= 0:
         raise ValueError(
-            f"dpm-2 and the ancestral samplers step in sigma/alpha, infinite at t = {t:.6g} (alpha = 0); "
+            f"the k-diffusion-style samplers step in sigma/alpha, infinite at t = {t:.6g} (alpha = 0); "
             "start below the schedule's end, e.g. t_max=0.999"
         )
     return sig / a
@@ -45,6 +45,12 @@ class ScaledVariables:
     def x(self, y, t: float):
         x = float(self.schedule.alpha(t)) * y
         return x if self.mu is None else x + self.mu
+
+    def steps(self, grid):
+        """(i, t_i, t_{i+1}, s_i, s_{i+1}) for each step of ``grid``."""
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            yield i, t, t_next, noise_level(self.schedule, t), noise_level(self.schedule, t_next)
 
     def t(self, s: float) -> float:
         """The schedule time at noise level s = sigma/alpha > 0."""
@@ -89,9 +95,7 @@ class DPM2(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
+        for i, t, t_next, s, s_next in maps.steps(grid):
             pred = yield Query(x, t, step=i + 1)
             y = yield from dpm2_step(maps, pred.x, t, s, s_next, pred.eps, i + 1)
             x = maps.x(y, t_next)

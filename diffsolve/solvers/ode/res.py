@@ -15,7 +15,7 @@ from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import model_output, phi_functions
-from .dpm2 import ScaledVariables, noise_level
+from .dpm2 import ScaledVariables
 
 
 def res_weights(h: float, h_prev: float) -> tuple[float, float]:
@@ -71,9 +71,7 @@ class ResMultistep(Solver):
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
         d_prev, h_prev = None, None
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
+        for i, t, t_next, s, s_next in maps.steps(grid):
             pred = yield Query(x, t, step=i + 1)
             d = model_output(pred, mu, "data")
             y = res_step(maps.y(pred.x, t), pred.eps, d, d_prev, s, s_next, h_prev)
@@ -113,9 +111,7 @@ class GradientEstimation(Solver):
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
         d_prev = None
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
+        for i, t, t_next, s, s_next in maps.steps(grid):
             pred = yield Query(x, t, step=i + 1)
             d = pred.eps
             d_bar = d if d_prev is None else d + (self.ge_gamma - 1.0) * (d - d_prev)

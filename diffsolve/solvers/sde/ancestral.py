@@ -11,7 +11,7 @@ from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import model_output
-from ..ode.dpm2 import ScaledVariables, dpm2_step, noise_level
+from ..ode.dpm2 import ScaledVariables, dpm2_step
 from ..ode.res import res_step
 
 ETA = Option(
@@ -72,9 +72,7 @@ class EulerAncestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
+        for i, t, t_next, s, s_next in maps.steps(grid):
             pred = yield Query(x, t, step=i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             y = maps.y(pred.x, t) + (down - s) * pred.eps
@@ -113,9 +111,7 @@ class DPM2Ancestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
+        for i, t, t_next, s, s_next in maps.steps(grid):
             pred = yield Query(x, t, step=i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             y = yield from dpm2_step(maps, pred.x, t, s, down, pred.eps, i + 1)
@@ -157,9 +153,7 @@ class ResMultistepAncestral(Solver):
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
         d_prev, h_prev = None, None
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
+        for i, t, t_next, s, s_next in maps.steps(grid):
             pred = yield Query(x, t, step=i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             d = model_output(pred, mu, "data")

@@ -37,7 +37,7 @@ def test_registry_entries():
         assert (info.family, info.order, info.calls_per_step, info.deterministic) == (family, order, calls, det)
         assert INFO[name].options == opts
         assert solver_info(name.replace("-", "_")).name == name  # ComfyUI's spelling finds it
-    with pytest.raises(ValueError, match="fixes r=1.0.*seeds-2"):
+    with pytest.raises(ValueError, match=r"fixes r=1\.0.*seeds-2"):
         ds.get_solver("exp-heun-2-x0-sde", r=0.5)
     with pytest.raises(ValueError, match="r_1 < r_2"):
         ds.get_solver("seeds-3", r_1=0.7, r_2=0.6)
@@ -288,7 +288,9 @@ def test_er_sde_special_cases():
 def test_eta_zero_draws_nothing():
     a = _sample("seeds-3", eta=0.0, seed=1)
     assert torch.equal(a, _sample("seeds-3", eta=0.0, seed=2))
-    assert torch.equal(_sample("seeds-2", eta=0.7, s_noise=0.0, seed=1), _sample("seeds-2", eta=0.7, s_noise=0.0, seed=5))
+    assert torch.equal(
+        _sample("seeds-2", eta=0.7, s_noise=0.0, seed=1), _sample("seeds-2", eta=0.7, s_noise=0.0, seed=5)
+    )
 
 
 # ------------------------------------------------------------------ order of the deterministic limits (as tests/test_orders.py)

@@ -134,8 +134,12 @@ class Seeds2(_ExponentialStages):
     reverse SDE in lambda over each segment, so the step reaches the marginal noise level at s'.
     """
 
-    r = Option(0.5, "the intermediate stage's node in lambda, as a fraction of the step", low=0.0, low_open=True, high=1.0)
-    solver_type = Option("phi_1", "the final stage's weights: phi_1 (a blend of D_0, D_r) or phi_2", choices=SOLVER_TYPES)
+    r = Option(
+        0.5, "the intermediate stage's node in lambda, as a fraction of the step", low=0.0, low_open=True, high=1.0
+    )
+    solver_type = Option(
+        "phi_1", "the final stage's weights: phi_1 (a blend of D_0, D_r) or phi_2", choices=SOLVER_TYPES
+    )
 
     def nodes(self) -> list[float]:
         return [self.r, 1.0]
@@ -207,8 +211,12 @@ class Seeds3(_ExponentialStages):
     order 3 (measured on the closed-form Gaussian); the noise segments are one Ornstein-Uhlenbeck path.
     """
 
-    r_1 = Option(1.0 / 3.0, "the first intermediate node in lambda (fraction of the step)", low=0.0, low_open=True, high=1.0)
-    r_2 = Option(2.0 / 3.0, "the second intermediate node in lambda (fraction of the step)", low=0.0, low_open=True, high=1.0)
+    r_1 = Option(
+        1.0 / 3.0, "the first intermediate node in lambda (fraction of the step)", low=0.0, low_open=True, high=1.0
+    )
+    r_2 = Option(
+        2.0 / 3.0, "the second intermediate node in lambda (fraction of the step)", low=0.0, low_open=True, high=1.0
+    )
 
     def check_options(self) -> None:
         if not self.r_1 < self.r_2:

@@ -157,7 +157,9 @@ class SASolver(Solver):
         (0.2, 0.8), "times (lo, hi) of the steps that get tau, others 0 (None: all)", kind=object, convert=_window
     )
     tau_at = Option(
-        "start", "which time of a step tau_window tests: 'start' (diffusers) or 'end' (ComfyUI)", choices=("start", "end")
+        "start",
+        "which time of a step tau_window tests: 'start' (diffusers) or 'end' (ComfyUI)",
+        choices=("start", "end"),
     )
     s_noise = Option(1.0, "a scale on the drawn noise (k-diffusion's s_noise)", low=0.0)
     parameterization = Option(
@@ -239,7 +241,7 @@ class SASolver(Solver):
 @register(
     "sa-solver-pece",
     family="sde",
-    order=4,
+    order=2,
     calls_per_step=2,
     deterministic=False,
     description="SA-Solver in PECE mode (ComfyUI sa_solver_pece): the model called again after the corrector",

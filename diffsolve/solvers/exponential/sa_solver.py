@@ -124,8 +124,8 @@ def sa_step(
         decay, scale = a_t / a_s, -c * s_t
         std = tau * s_t * math.sqrt(math.expm1(2.0 * h))
     out = torch.mul(y, decay)
-    for w, q in zip(weights, outs):
-        out.add_(q, alpha=scale * float(w))
+    for wi, q in zip(weights, outs):
+        out.add_(q, alpha=scale * float(wi))
     if z is not None and std > 0:
         out.add_(z, alpha=std)
     return out

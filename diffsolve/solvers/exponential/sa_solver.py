@@ -6,7 +6,7 @@ Notation as :mod:`.maths`: y = x - mu, the model output q (x0_hat - mu for ``"da
 ``"noise"``), lambda the half log-SNR, a step from s to t by h = lambda_t - lambda_s, and tau >= 0
 the step's stochasticity (below). The reverse SDE with noise scale tau (tau = 0: the
 probability-flow ODE, tau = 1: the reverse diffusion SDE) has the variation-of-constants solution
-(Xue et al. 2023, Prop. 4.1 / eqs. (15), (18)); with c = 1 + tau^2 and z ~ N(0, I):
+(Xue et al. 2023, section 4; the predictor's and corrector's coefficients are its eqs. (15), (18)); with c = 1 + tau^2 and z ~ N(0, I):
 
     data:  y_t = (sigma_t/sigma_s) e^{-tau^2 h} y_s + c alpha_t int_0^h e^{-c (h - u)} q(lambda_s + u) du
                  + sigma_t sqrt(1 - e^{-2 tau^2 h}) z
@@ -23,7 +23,7 @@ SA-Predictor (k = predictor order): nodes s, s_{-1}, .., s_{-k+1} (the newest ou
 model call at the predicted y_t gives q_t, the SA-Corrector (k = corrector order) repeats the step
 from the same y_s with the same z and the nodes t, s, s_{-1}, .., s_{-k+2}. One model call per step:
 the corrected y_t continues and q_t (from the predicted point) joins the history, as diffusers does;
-with ``pece`` (PECE, ComfyUI's ``sa_solver_pece``) the model is called again at the corrected y_t
+``sa-solver-pece`` (PECE, ComfyUI's ``sa_solver_pece``) calls the model again at the corrected y_t
 and that output replaces q_t (two calls per step). The last step is not corrected (no model call
 after it).
 
@@ -47,9 +47,21 @@ the limit of the first-order step on its newest node; a node at alpha = 0 (lambd
 out of the later steps. One normal draw per step even where tau = 0 (as diffusers draws it), so that
 a replayed generator gives diffusers' noise; the predictor's draw is reused by the corrector.
 
-Order: at tau = 0 the ODE solver has order min(P + 1, C) with the corrector (C >= 1) and P
-without it (``corrector_order=0``); measured in tests/test_catalog_sa_solver.py. With tau > 0 the
-sampler is a weak first-order SDE scheme where the noise is on.
+Order: at tau = 0 (the ODE) the predictor alone (``corrector_order=0``) has order P and with the
+corrector order min(P + 1, C), without ``lower_order_final`` (measured: (1, 0) 1, (2, 0) 2, (1, 2) 2,
+(2, 3) 3, (3, 4) about 3.8 on fine grids). With it the last step is a first-order predictor step that
+nothing corrects, which holds any (P, C) to order 2: both entries register order 2 (measured 2.2 at
+their defaults). With tau > 0 the sampler is a weak first-order SDE scheme where the noise is on.
+
+Peers. ``sa-solver`` is diffusers' SASolverScheduler (same noise, weights and orders; diffusers
+builds its weights from monomials in the absolute log-SNR in float32, which drifts by up to 2e-4 at
+orders 3-4). ComfyUI's ``sa_solver`` / ``sa_solver_pece`` (comfy/k_diffusion/sa_solver.py) take
+predictor_order=3, corrector_order=4, tau_at="end", simple_order_2=False (``sa-solver-pece``'s
+defaults) and differ from these steps in three details we do not copy: its window is the model's
+20 % and 80 % points in sigma (t within a grid step of [0.2, 0.8]), it lowers the corrector's order
+at the end one step earlier (min(C, n - j) at grid point j, where the grid ends at sigma = 0; on
+other grids it lowers nothing, our lower_order_final=False), and it draws noise only on the steps
+with tau > 0.
 """
 
 from __future__ import annotations

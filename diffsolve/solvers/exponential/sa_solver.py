@@ -6,7 +6,8 @@ Notation as :mod:`.maths`: y = x - mu, the model output q (x0_hat - mu for ``"da
 ``"noise"``), lambda the half log-SNR, a step from s to t by h = lambda_t - lambda_s, and tau >= 0
 the step's stochasticity (below). The reverse SDE with noise scale tau (tau = 0: the
 probability-flow ODE, tau = 1: the reverse diffusion SDE) has the variation-of-constants solution
-(Xue et al. 2023, section 4; the predictor's and corrector's coefficients are its eqs. (15), (18)); with c = 1 + tau^2 and z ~ N(0, I):
+(Xue et al. 2023, section 4; the predictor's and corrector's coefficients are its eqs. (15) and
+(18)); with c = 1 + tau^2 and z ~ N(0, I):
 
     data:  y_t = (sigma_t/sigma_s) e^{-tau^2 h} y_s + c alpha_t int_0^h e^{-c (h - u)} q(lambda_s + u) du
                  + sigma_t sqrt(1 - e^{-2 tau^2 h}) z

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core.protocol import take_rows
-from ..core.registry import registered
+from ..core.registry import pair_solvers
 from ..models.model import DiffusionModel, NFECounter, Prediction
 
 Tensor = torch.Tensor
@@ -160,6 +160,24 @@ class ClassifierFreeGuidance(GuidedModel):
         if self.uncond is not None:
             model.check_cond(self.uncond, "uncond")  # the unconditional call needs them too
 
+    def for_solver(self, solver) -> DiffusionModel:
+        """A solver got by a CFG++ name (``solver.cfg_pp``: ``euler-cfg-pp``, ComfyUI's
+        ``euler_cfg_pp``) runs under :class:`CFGPlusPlus` with this guidance scale as its lambda, the
+        same uncond inputs and interval: ComfyUI's cfg_pp samplers read the cfg value so, guiding the
+        denoised prediction U + cfg (C - U) that renoises with the unconditional one; lambda must be
+        in [0, 1]. Other solvers run with this model."""
+        if not getattr(solver, "cfg_pp", False) or isinstance(self, CFGPlusPlus):
+            return self
+        if self.guidance_rescale != 0:
+            raise ValueError(f"solver {solver.name!r} is a CFG++ sampler: CFG++ has no guidance_rescale")
+        try:
+            return CFGPlusPlus(self.inner, self.guidance_scale, uncond=self.uncond, interval=self.interval)
+        except ValueError as e:
+            raise ValueError(
+                f"solver {solver.name!r} runs this ClassifierFreeGuidance as CFGPlusPlus, with its "
+                f"guidance_scale as lambda: {e}"
+            ) from None
+
     def skips_uncond(self) -> bool:
         """Whether the guided prediction is the conditional one everywhere."""
         return self.guidance_scale == 1.0 and self.guidance_rescale == 0.0
@@ -250,7 +268,7 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
     def check_solver(self, solver) -> None:
         if not getattr(solver, "steps_with_pair", False):
-            ok = ", ".join(i.name for i in registered() if getattr(i.cls, "steps_with_pair", False))
+            ok = ", ".join(pair_solvers())
             raise ValueError(
                 f"CFGPlusPlus does not work with solver {solver.name!r}: it does not step with x0 and "
                 f"eps as separate terms, so CFG++'s (guided x0, unconditional eps) pair would not "

@@ -275,6 +275,26 @@ class Prediction:
         flow-matching velocity on rectified flow). Not the v-prediction target (:attr:`v`)."""
         return self._as("velocity")
 
+    @property
+    def pair_x(self) -> Tensor:
+        """The state the (x0, eps) pair composes, alpha x0 + (1 - alpha) mu + sigma eps: ``x`` itself
+        (the same tensor) unless the pair was given by :meth:`from_pair` and need not be consistent
+        with x. Solvers that step with the pair (``Solver.steps_with_pair``) step from this state, so
+        that CFG++'s (guided x0, unconditional eps) pair gives its renoised step."""
+        if not self._pair_given:
+            return self.x
+        x0, eps = self._pair()
+        return compose(x0, eps, self.coefs.alpha, self.coefs.sigma, self._mu)
+
+    def eps_prediction(self) -> Prediction:
+        """The consistent prediction that this one's eps alone makes at x (its x0 is
+        (x - (1 - alpha) mu - sigma eps) / alpha): this prediction itself unless the pair was given by
+        :meth:`from_pair`, or where alpha = 0 (x then holds nothing of x0). For CFG++'s pair it is
+        the unconditional prediction; multistep solvers keep it as their history."""
+        if not self._pair_given or bool((self.coefs.alpha <= 0).any()):
+            return self
+        return Prediction(self.x, self.t, self._pair()[1], "eps", self.schedule, self.mu)
+
     def state_at(self, alpha, sigma, eps: Tensor | None = None) -> Tensor:
         """alpha x0 + (1 - alpha) mu + sigma eps, with this prediction's x0 (and eps unless given)."""
         return compose(self.x0, self.eps if eps is None else eps, alpha, sigma, self._mu)
@@ -405,6 +425,20 @@ class DiffusionModel:
         """Raise if this model cannot be sampled with ``solver`` (a Solver): :func:`diffsolve.sample`
         and :func:`diffsolve.invert` ask before the run. A plain model takes any solver; guidance
         wrappers may refuse some (CFG++ needs a solver that steps with the (x0, eps) pair)."""
+
+    def for_solver(self, solver: Any) -> DiffusionModel:
+        """The model to run ``solver`` (a Solver) with: this one, asked before :meth:`check_solver`
+        by :func:`diffsolve.sample` and :func:`diffsolve.invert`. A solver got by a CFG++ name
+        (``solver.cfg_pp``: ``euler-cfg-pp``, ComfyUI's ``euler_cfg_pp``) needs classifier-free
+        guidance: :class:`~diffsolve.guidance.ClassifierFreeGuidance` answers with its
+        :class:`~diffsolve.guidance.CFGPlusPlus` twin; any other model refuses it here."""
+        if getattr(solver, "cfg_pp", False):
+            raise ValueError(
+                f"solver {solver.name!r} is a CFG++ sampler: give a classifier-free guided model, "
+                "ds.guidance.CFGPlusPlus(model, lam, uncond=...) (or ClassifierFreeGuidance(model, lam, "
+                f"uncond=...), which it then runs as CFGPlusPlus), or use {solver.name[: -len('-cfg-pp')]!r}"
+            )
+        return self
 
     def check_inputs(self, mu: Tensor | None = None, cond: Any = None, uncond: Any = None) -> None:
         """Refuse a run that lacks an input the network needs (:attr:`requires`), with a ValueError

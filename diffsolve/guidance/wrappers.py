@@ -246,9 +246,18 @@ class CFGPlusPlus(ClassifierFreeGuidance):
     so a DDIM step alpha' x0 + sigma' eps is the paper's CFG++ DDIM step (with eta > 0, or ``ddpm``,
     its ancestral form). The pair is deliberately inconsistent (x != alpha x0 + sigma eps), so only
     solvers that step with x0 and eps as separate terms (``steps_with_pair``: ``ddim``, ``ddpm``,
-    ``irsde-posterior``) take it as meant; the others are refused before the run (a solver stepping
-    from x and x0, such as ``dpmpp-2m``, would see CFG at scale lambda <= 1; one stepping from x and
-    eps, such as ``euler`` or ``heun``, the unconditional model). lambda = 0 is unconditional DDIM.
+    ``euler``, ``euler-ancestral``, ``dpmpp-2m``, ``res-multistep``, ``res-multistep-ancestral``,
+    ``gradient-estimation``, ...; :func:`diffsolve.core.registry.pair_solvers`) take it as meant;
+    the others are refused before the run (a solver stepping from x and x0, such as ``heun``'s
+    second stage, would see CFG at scale lambda <= 1; one stepping from x and eps the unconditional
+    model). lambda = 0 is the unconditional model.
+
+    ComfyUI's cfg_pp samplers (``euler_cfg_pp``, ``euler_ancestral_cfg_pp``, ``dpmpp_2m_cfg_pp``,
+    ``res_multistep_cfg_pp``, ``res_multistep_ancestral_cfg_pp``, ``gradient_estimation_cfg_pp``)
+    are these solvers under this wrapper, also by those names (``ds.sample(cfg, "euler_cfg_pp")``
+    with a :class:`ClassifierFreeGuidance` ``cfg`` runs it as CFGPlusPlus). ComfyUI's cfg value is
+    lambda itself: it guides the denoised prediction, U + cfg (C - U), which for an affine
+    parameterisation is the x0 of eps_lambda above, and renoises with the unconditional one.
     """
 
     def __init__(
@@ -279,7 +288,7 @@ class CFGPlusPlus(ClassifierFreeGuidance):
     def combine(self, c, u, rows):
         g = super().combine(c, u, rows)
         eps = u.eps if rows is None else c.eps.index_copy(0, rows, u.eps)
-        return Prediction.from_pair(c.x, c.t, g.x0, eps, self.schedule, c.mu)
+        return Prediction.from_pair(c.x, c.t, g.x0, eps, self.schedule, c.mu, renoise=True)
 
 
 class ClassifierGuidance(GuidedModel):

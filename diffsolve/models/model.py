@@ -176,18 +176,34 @@ class Prediction:
         self.mu = mu
         self._x0_eps: tuple[Tensor, Tensor] | None = None
         self._pair_given = False  # _x0_eps given by from_pair (not derived from output)
+        self._renoise = False  # from_pair(renoise=True): solvers step from the state the pair composes
         self._coefs: Coefs | None = None
 
     @classmethod
     def from_pair(
-        cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None
+        cls,
+        x: Tensor,
+        t,
+        x0: Tensor,
+        eps: Tensor,
+        schedule: Schedule,
+        mu: Tensor | None = None,
+        *,
+        renoise: bool = False,
     ) -> Prediction:
         """A prediction given by its (x0, eps) pair, which need not satisfy x = alpha x0 + sigma eps
         (CFG++ and thresholding step with a data part and a noise part from different sources).
-        ``output`` is x0; every other parameterisation is derived from the pair."""
+        ``output`` is x0; every other parameterisation is derived from the pair.
+
+        ``renoise=True`` (CFG++): x0 is the point to denoise toward and eps the noise to renoise
+        with, so the solvers that step with the pair (``Solver.steps_with_pair``) step from the state
+        they compose (:attr:`pair_x`) and keep the prediction eps makes at x as their history
+        (:meth:`eps_prediction`). Otherwise (thresholding, clipping) they step from x with this x0
+        and eps, as diffusers' schedulers do with a thresholded x0."""
         pred = cls(x, t, x0, "x0", schedule, mu)
         pred._x0_eps = (x0, eps)
         pred._pair_given = True
+        pred._renoise = bool(renoise)
         return pred
 
     def rebased(self, x: Tensor, mu: Tensor | None = None) -> Prediction:
@@ -196,7 +212,9 @@ class Prediction:
         :meth:`from_pair`) cast to x's dtype; every other form is derived afresh in that dtype."""
         if self._pair_given:
             x0, eps = self._pair()  # the pair as given
-            return Prediction.from_pair(x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu)
+            return Prediction.from_pair(
+                x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu, renoise=self._renoise
+            )
         return Prediction(x, self.t, self.output.to(x.dtype), self.kind, self.schedule, mu)
 
     def rows(self, index: Tensor | slice) -> Prediction:
@@ -206,7 +224,9 @@ class Prediction:
         mu = self.mu[index] if isinstance(self.mu, Tensor) and self.mu.ndim > 0 and self.mu.shape[0] > 1 else self.mu
         if self._pair_given:
             x0, eps = self._pair()  # the pair as given
-            return Prediction.from_pair(self.x[index], t, x0[index], eps[index], self.schedule, mu)
+            return Prediction.from_pair(
+                self.x[index], t, x0[index], eps[index], self.schedule, mu, renoise=self._renoise
+            )
         return Prediction(self.x[index], t, self.output[index], self.kind, self.schedule, mu)
 
     @property
@@ -277,21 +297,21 @@ class Prediction:
 
     @property
     def pair_x(self) -> Tensor:
-        """The state the (x0, eps) pair composes, alpha x0 + (1 - alpha) mu + sigma eps: ``x`` itself
-        (the same tensor) unless the pair was given by :meth:`from_pair` and need not be consistent
-        with x. Solvers that step with the pair (``Solver.steps_with_pair``) step from this state, so
-        that CFG++'s (guided x0, unconditional eps) pair gives its renoised step."""
-        if not self._pair_given:
+        """The state the solvers that step with the pair (``Solver.steps_with_pair``) step from: for a
+        pair given by :meth:`from_pair` with ``renoise=True`` (CFG++) the state it composes,
+        alpha x0 + (1 - alpha) mu + sigma eps, so that CFG++'s (guided x0, unconditional eps) pair
+        gives its renoised step; otherwise ``x`` itself (the same tensor)."""
+        if not self._renoise:
             return self.x
         x0, eps = self._pair()
         return compose(x0, eps, self.coefs.alpha, self.coefs.sigma, self._mu)
 
     def eps_prediction(self) -> Prediction:
-        """The consistent prediction that this one's eps alone makes at x (its x0 is
-        (x - (1 - alpha) mu - sigma eps) / alpha): this prediction itself unless the pair was given by
-        :meth:`from_pair`, or where alpha = 0 (x then holds nothing of x0). For CFG++'s pair it is
-        the unconditional prediction; multistep solvers keep it as their history."""
-        if not self._pair_given or bool((self.coefs.alpha <= 0).any()):
+        """For a pair given by :meth:`from_pair` with ``renoise=True`` (CFG++), the consistent
+        prediction its eps alone makes at x (x0 = (x - (1 - alpha) mu - sigma eps) / alpha): CFG++'s
+        unconditional prediction, which multistep solvers keep as their history. Otherwise, and where
+        alpha = 0 (x then holds nothing of x0), this prediction itself."""
+        if not self._renoise or bool((self.coefs.alpha <= 0).any()):
             return self
         return Prediction(self.x, self.t, self._pair()[1], "eps", self.schedule, self.mu)
 

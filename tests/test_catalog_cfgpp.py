@@ -277,3 +277,12 @@ def test_comfyui_cfg_pp_samplers_give_the_requested_digits():
             acc = float((classifier(x).argmax(1) == labels).float().mean())
         print(f"{name} (lambda {lam}), 10 steps: class accuracy {acc}")
         assert acc >= bound, name
+
+
+def test_a_diffusers_scheduler_refuses_a_cfg_pp_name():
+    """A scheduler gets the pipeline's guided output only, not CFG++'s two predictions."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    with pytest.raises(ValueError, match="'euler-cfg-pp' is a CFG\\+\\+ sampler.*guided output only"):
+        DiffsolveScheduler(solver="euler_cfg_pp")
+    assert DiffsolveScheduler(solver="euler").solver.name == "euler"

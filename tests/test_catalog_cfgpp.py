@@ -283,6 +283,6 @@ def test_a_diffusers_scheduler_refuses_a_cfg_pp_name():
     """A scheduler gets the pipeline's guided output only, not CFG++'s two predictions."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
 
-    with pytest.raises(ValueError, match="'euler-cfg-pp' is a CFG\\+\\+ sampler.*guided output only"):
+    with pytest.raises(ValueError, match=r"'euler-cfg-pp' is a CFG\+\+ sampler.*guided output only"):
         DiffsolveScheduler(solver="euler_cfg_pp")
     assert DiffsolveScheduler(solver="euler").solver.name == "euler"

@@ -27,6 +27,8 @@ DTYPE_HELP = (
 DEFAULT_STEPS = 20
 DEFAULT_NUM_SAMPLES = 64
 DEFAULT_GUIDANCE = 3.0
+#: --guidance-scale's default with a CFG++ solver name: CFGPlusPlus's lambda
+DEFAULT_CFGPP_GUIDANCE = 0.6
 
 TIME_RANGE_HELP = (
     "the time range: sampling starts at t_max and ends at t_min (default: the schedule's; flow models "
@@ -209,11 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guidance-scale",
+        "--cfg",
+        dest="guidance_scale",
         type=float,
         default=None,
         metavar="S",
         help="classifier-free guidance scale for class-conditional models (default: 3; 1 = the "
-        "conditional model, no unconditional calls)",
+        "conditional model, no unconditional calls); with a CFG++ solver name (--solver "
+        "euler_cfg_pp, dpmpp-2m-cfg-pp, ...) CFG++'s lambda in [0, 1], as ComfyUI's cfg (default: 0.6)",
     )
     p.add_argument(
         "--config",

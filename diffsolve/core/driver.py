@@ -215,7 +215,7 @@ def sample(
     """
     if isinstance(latent, Latent) and isinstance(solver, str) and solver_info(solver).name == latent.solver:
         solver_options = {**latent.options, **solver_options}  # the options it was made with
-    slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    model, slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
     if row_block is not None:
         row_block = check_row_block(row_block)
@@ -506,8 +506,10 @@ def _first_call_error(e: RuntimeError, counter: NFECounter, x: Tensor) -> None:
 
 
 def _start(model, solver, steps, num_inference_steps, solver_options):
-    """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps).
-    The model may refuse the solver (:meth:`DiffusionModel.check_solver`: the guidance wrappers)."""
+    """Checks shared by sample and invert: (model to run, solver instance, registry entry, fixed
+    grid?, steps). The model answers for the solver (:meth:`DiffusionModel.for_solver`: a CFG++
+    name's solver runs classifier-free guidance as CFG++) and may refuse it
+    (:meth:`DiffusionModel.check_solver`: the guidance wrappers)."""
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
     if num_inference_steps is not None:
@@ -515,8 +517,9 @@ def _start(model, solver, steps, num_inference_steps, solver_options):
             raise ValueError("give steps or num_inference_steps, not both")
         steps = num_inference_steps
     slv = resolve_solver(solver, solver_options)
+    model = model.for_solver(slv)
     model.check_solver(slv)
-    return (slv, *_info(slv), steps)
+    return (model, slv, *_info(slv), steps)
 
 
 def _info(slv: Solver):
@@ -599,7 +602,7 @@ def invert(
     result to disk.
     """
     x0, like = _state_arg(x0, "x0")
-    slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    model, slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     check_invertible(slv)
     shape = _check_shape(x0.shape)
     device = _run_device(model, device, like, "x0's device")

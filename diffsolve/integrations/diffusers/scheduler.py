@@ -129,6 +129,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     ):
         self.solver = get_solver(solver, **(solver_options or {}))
         info = solver_info(self.solver.name)
+        if self.solver.cfg_pp:
+            raise ValueError(
+                f"solver {self.solver.name!r} is a CFG++ sampler: it needs the conditional and the "
+                "unconditional predictions, and a scheduler gets the pipeline's guided output only; "
+                "sample with ds.sample and ds.guidance.CFGPlusPlus"
+            )
         if not info.fixed_grid:
             raise ValueError(
                 f"solver {self.solver.name!r} chooses its own steps; a diffusers pipeline needs a "

@@ -100,10 +100,13 @@ class _Multistep(Solver):
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         for i in range(n):
             pred = yield x, ts[i]
-            y = pred.x if mu is None else pred.x - mu
+            y = pred.pair_x if mu is None else pred.pair_x - mu  # x itself unless the pair is not consistent
             hist = (hist + [model_output(pred, mu, self.parameterization)])[-3:]
             y = self._step(y, hist, i, orders[i], g, noise)
             x = y if mu is None else y + mu
+            own = pred.eps_prediction()
+            if own is not pred:  # a (x0, eps) pair not consistent with x: the history keeps what eps says
+                hist[-1] = model_output(own, mu, self.parameterization)
         return x
 
     @staticmethod
@@ -175,7 +178,22 @@ class MRSODE(_Multistep):
     (module docstring): -alpha_t phi3 D2 (data) / -sigma_t phi3 D2 (noise), as DPM-Solver's reference
     code, diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and k-diffusion do. The method is
     then second order; the option exists for parity with those peers.
+
+    With ``parameterization`` "data" or "noise" the step takes x0 and eps as separate terms
+    (``steps_with_pair``): it steps from the state the pair composes, alpha x0 + (1 - alpha) mu +
+    sigma eps (``Prediction.pair_x``; x for a plain model), with the current step's q from the pair
+    and the past ones from the prediction eps makes at their x (``Prediction.eps_prediction``).
+    Under :class:`~diffsolve.guidance.CFGPlusPlus` (guided x0, unconditional eps) ``dpmpp-2m``
+    (the name ``dpmpp-2m-cfg-pp``) is then, in y = (x - mu)/alpha against s = sigma/alpha,
+
+        y_{i+1} = (x0 - mu) + s' eps_u + ((1 - e^{-h}) / (2 r)) ((x0 - mu) - D_u,prev)
+
+    ComfyUI's ``sample_dpmpp_2m_cfg_pp`` (D_u,prev: the previous step's unconditional x0 - mu).
     """
+
+    @property
+    def steps_with_pair(self) -> bool:  # type: ignore[override]
+        return self.parameterization in ("data", "noise")
 
     published_d2 = Option(
         False,

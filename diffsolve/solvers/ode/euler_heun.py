@@ -74,9 +74,23 @@ class Euler(Solver):
         x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i),    v = a' (x0 - mu) + s' eps = dx/dt.
 
     The two agree for rectified flow. One model call per step; global order 1.
+
+    With ``space="sigma"`` the step takes x0 and eps as separate terms (``steps_with_pair``): it
+    steps from the state the pair composes, x~ = alpha x0 + (1 - alpha) mu + sigma eps (x itself for
+    a plain model), which makes it, in y = (x - mu)/alpha against s = sigma/alpha,
+
+        y_{i+1} = (x0 - mu) + s_{i+1} eps        (x_{i+1} = alpha' x0 + sigma' eps for diffusion and flow)
+
+    so under :class:`~diffsolve.guidance.CFGPlusPlus` (guided x0, unconditional eps; the name
+    ``euler-cfg-pp``) it is ComfyUI's ``sample_euler_cfg_pp``, the CFG++ DDIM step of Chung et al.
+    (2024, arXiv 2406.08070).
     """
 
     space = SPACE
+
+    @property
+    def steps_with_pair(self) -> bool:  # type: ignore[override]
+        return self.space == "sigma"
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         for i in range(len(grid) - 1):
@@ -85,7 +99,7 @@ class Euler(Solver):
             if self.space == "t":
                 x = pred.x + (t_next - t) * pred.velocity
             else:
-                x = _sigma_step(pred.x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
+                x = _sigma_step(pred.pair_x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
         return x
 
 

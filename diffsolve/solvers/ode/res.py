@@ -80,9 +80,10 @@ class ResMultistep(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         d_prev, h_prev = None, None
         for i, t, t_next, s, s_next in maps.steps(grid):
-            pred = yield Query(x, t, step=i + 1)
+            pred = yield Query(x, t, step=maps.first + i + 1)
             d = model_output(pred.eps_prediction(), mu, "data")
             y = res_step(maps.y(pred.pair_x, t), pred.eps, d, d_prev, s, s_next, h_prev)
             x = maps.x(y, t_next)
@@ -128,9 +129,10 @@ class GradientEstimation(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         d_prev = None
         for i, t, t_next, s, s_next in maps.steps(grid):
-            pred = yield Query(x, t, step=i + 1)
+            pred = yield Query(x, t, step=maps.first + i + 1)
             d = pred.eps
             d_bar = d if d_prev is None else d + (self.ge_gamma - 1.0) * (d - d_prev)
             y = maps.y(pred.pair_x, t) + (s_next - s) * d_bar

@@ -80,8 +80,9 @@ class EulerAncestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         for i, t, t_next, s, s_next in maps.steps(grid):
-            pred = yield Query(x, t, step=i + 1)
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             y = maps.y(pred.pair_x, t) + (down - s) * pred.eps
             if up > 0 and self.s_noise > 0:
@@ -119,10 +120,11 @@ class DPM2Ancestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         for i, t, t_next, s, s_next in maps.steps(grid):
-            pred = yield Query(x, t, step=i + 1)
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
-            y = yield from dpm2_step(maps, pred.x, t, s, down, pred.eps, i + 1)
+            y = yield from dpm2_step(maps, pred.x, t, s, down, pred.eps, maps.first + i + 1)
             if up > 0 and self.s_noise > 0:
                 y = y + (self.s_noise * up) * noise.step(t, t_next)
             x = maps.x(y, t_next)
@@ -166,9 +168,10 @@ class ResMultistepAncestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         d_prev, h_prev = None, None
         for i, t, t_next, s, s_next in maps.steps(grid):
-            pred = yield Query(x, t, step=i + 1)
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             d = model_output(pred.eps_prediction(), mu, "data")
             y = res_step(maps.y(pred.pair_x, t), pred.eps, d, d_prev, s, down, h_prev)

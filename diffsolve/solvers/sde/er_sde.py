@@ -47,7 +47,7 @@ from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import model_output
-from ..ode.dpm2 import ScaledVariables, noise_level
+from ..ode.dpm2 import ScaledVariables
 
 Scaler = Callable[[torch.Tensor], torch.Tensor]
 SOLVER_TYPES = ("er-sde", "reverse-sde", "ode")
@@ -111,13 +111,12 @@ class ERSDE(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         f = noise_scaler(self.solver_type, self.eta)
         inject = self.solver_type != "ode" and self.eta > 0 and self.s_noise > 0
         d_prev, dd_prev, s_hist = None, None, []
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             y = maps.y(pred.x, t)
             d = model_output(pred, mu, "data")
             stage = min(self.max_stage, i + 1)

@@ -40,7 +40,7 @@ from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import model_output, phi_functions
-from ..ode.dpm2 import ScaledVariables, noise_level
+from ..ode.dpm2 import ScaledVariables
 
 ETA = Option(1.0, "the SDE's noise strength: 0 is the deterministic exponential integrator", low=0.0)
 S_NOISE = Option(1.0, "a scale on the drawn noise (ComfyUI's s_noise)", low=0.0)
@@ -69,12 +69,11 @@ class _ExponentialStages(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         nodes = self.nodes()
         inject = self.eta > 0 and self.s_noise > 0
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             y = maps.y(pred.x, t)
             if s_next <= 0 or s <= 0:  # the jump to D (s' = 0) or DDIM from s = 0
                 x = maps.x(y + (s_next - s) * pred.eps, t_next)
@@ -101,7 +100,7 @@ class _ExponentialStages(Solver):
                 if final:
                     y = y_c
                 else:
-                    pred_c = yield Query(maps.x(y_c, t_c), t_c, step=i + 1)
+                    pred_c = yield Query(maps.x(y_c, t_c), t_c, step=maps.first + i + 1)
                     d.append(model_output(pred_c, mu, "data"))
                 c_prev, t_prev = c, t_c
             x = maps.x(y, t_next)

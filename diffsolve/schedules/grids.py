@@ -103,13 +103,20 @@ def grid_kind_name(kind: str) -> str:
     return name
 
 
+def is_grid_kind(grid) -> bool:
+    """Whether ``grid`` names a kind (a name, or a ``(name, {parameters})`` pair) rather than listing times."""
+    return isinstance(grid, str) or (
+        isinstance(grid, (tuple, list)) and len(grid) == 2 and isinstance(grid[0], str) and isinstance(grid[1], Mapping)
+    )
+
+
 def grid_kind_params(grid) -> tuple[str, dict[str, Any]] | None:
     """``(canonical kind, parameters)`` of a grid kind given by name (``"karras"``) or as a pair of a
     name and its parameters (``("karras", {"rho": 5})``, or a list, as a JSON config stores it); None
     for an explicit grid of times. Unknown kinds and parameters the kind does not take are refused."""
     if isinstance(grid, str):
         return grid_kind_name(grid), {}
-    if isinstance(grid, (tuple, list)) and len(grid) == 2 and isinstance(grid[0], str) and isinstance(grid[1], Mapping):
+    if is_grid_kind(grid):
         kind = grid_kind_name(grid[0])
         params = dict(grid[1])
         _check_params(kind, params)

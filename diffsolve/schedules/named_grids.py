@@ -248,5 +248,5 @@ def diffusers_spacing(
     if kind == "linspace":
         if rounded:
             return torch.linspace(0, n - 1, steps, dtype=torch.float64).round().flip(0)
-        return torch.linspace(0, n - 1, steps, dtype=torch.float32).to(torch.float64).flip(0)
+        return torch.linspace(0, n - 1, steps, dtype=torch.float64).to(torch.float32).to(torch.float64).flip(0)
     raise AssertionError(kind)

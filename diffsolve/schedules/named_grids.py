@@ -238,10 +238,10 @@ def diffusers_spacing(
     """
     n = num_train_timesteps
     if kind == "leading":
-        ratio = n // steps
-        if ratio < 1:
+        stride = n // steps
+        if stride < 1:
             raise ValueError(f"grid kind 'leading' needs steps <= {n}, got {steps}")
-        return torch.arange(steps - 1, -1, -1, dtype=torch.float64) * ratio + int(steps_offset)
+        return torch.arange(steps - 1, -1, -1, dtype=torch.float64) * stride + int(steps_offset)
     if kind == "trailing":
         ratio = n / steps
         return torch.round(n - torch.arange(steps, dtype=torch.float64) * ratio) - 1.0

@@ -17,14 +17,28 @@ Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing time
   it), ``"polyexponential"`` (``rho``, default 1), ``"vp"``, ``"kl-optimal"``, ``"laplace"`` (``mu``
   = 0, ``beta`` = 0.5), ``"beta-sigmas"`` (``alpha`` = ``beta`` = 0.6), and ``"linear-quadratic"``
   (Mochi, affinely in t). ComfyUI's spellings with underscores (``"kl_optimal"``) name the same kinds.
-- kinds read off a model's own noise levels (:data:`MODEL_GRID_KINDS`): ComfyUI's ``"simple"``,
-  ``"sgm-uniform"``, ``"normal"`` and ``"ddim-uniform"`` on a :class:`~diffsolve.schedules.VPDiscrete`
-  schedule's table, and Align Your Steps' tables ``"ays-sd1"``, ``"ays-sdxl"`` (Stable Diffusion's
-  discrete schedule, 14.6146 .. 0.0292) and ``"ays-svd"`` (EDM noise levels 700 .. 0.002),
-  log-linearly interpolated to any step count. These start where the kind starts (``t_max`` may
-  not be moved) and end, as ComfyUI's lists do, at noise level 0 (t = 0) unless ``t_min`` is given;
-  any other schedule is refused.
+- kinds read off a discrete model's training timesteps (:data:`DISCRETE_GRID_KINDS`, on a
+  :class:`~diffsolve.schedules.VPDiscrete` schedule's table): ComfyUI's ``"simple"``,
+  ``"sgm-uniform"``, ``"normal"``, ``"ddim-uniform"``, ``"beta"`` (Beta(``alpha``, ``beta``)
+  quantiles in timestep, 0.6 and 0.6; not diffusers' ``"beta-sigmas"``) and ``"sd-turbo"``
+  (timesteps 999, 899, .., 99), and diffusers' ``timestep_spacing`` ``"leading"`` (``steps_offset``),
+  ``"trailing"`` and ``"linspace"`` (``rounded`` as DDIM rounds it).
+- published tables (:data:`TABLE_GRID_KINDS`, in :mod:`diffsolve.schedules.tables`), log-linearly
+  interpolated to other step counts: Align Your Steps' ``"ays-sd1"``, ``"ays-sdxl"`` (Stable
+  Diffusion's discrete schedule, 14.6146 .. 0.0292) and ``"ays-svd"`` (EDM noise levels 700 ..
+  0.002); GITS' ``"gits"`` (``coeff`` 0.80 .. 1.50, default 1.20; rows for 2 .. 20 steps, past 20 the
+  20-step row interpolated; Stable Diffusion 1.x's range); OptimalSteps' ``"optimal-steps"``
+  (``model`` ``"flux"``, ``"wan"`` or ``"chroma"``; flow noise levels, on a
+  :class:`~diffsolve.schedules.RectifiedFlow`). A schedule other than the table's is refused unless
+  ``force=True``, which uses the table's noise levels as they are.
+
+  These model kinds start where the kind starts (``t_max`` may not be moved) and end, as ComfyUI's
+  and diffusers' lists do, at noise level 0 (t = 0) unless ``t_min`` is given.
 - an explicit list or tensor of times (checked to be finite and strictly decreasing).
+
+A kind's parameters are given as keywords of :func:`make_grid` or, wherever a grid is named
+(``ds.sample(grid=...)``, ``DiffsolveScheduler(steps_grid=...)``), as a ``(kind, {parameters})``
+pair: ``("karras", {"rho": 5})``; on the command line ``--grid karras:rho=5``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ..models.model import (
     same_device,
 )
 from ..schedules.base import check_range
-from ..schedules.grids import GridSpec, make_grid
+from ..schedules.grids import GridSpec, is_grid_kind, make_grid
 from .adjoint import require_reversible, reversible_sample
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
@@ -170,7 +170,8 @@ def sample(
         per sample (or one, for a batch of one). Same seed, device and dtype: the same samples,
         whatever the batch size, bitwise where the network's output for a row does not depend on
         the other rows it is called with (the oracles; any network with ``row_block``).
-    grid: a grid kind (``"uniform"``, ``"log-snr"``, ``"karras"``, ``"quadratic"``, ``"flow-shift"``)
+    grid: a grid kind (``"uniform"``, ``"log-snr"``, ``"karras"``, ... :data:`~diffsolve.schedules.ALL_GRID_KINDS`),
+        a kind with its parameters (``("karras", {"rho": 5})``, see :func:`~diffsolve.schedules.make_grid`)
         or an explicit descending list of times in the schedule's :attr:`~Schedule.time_range`
         (diffusers' integer timesteps are refused: convert them, or use ``DiffsolveScheduler``);
         default: the schedule's ``default_grid``.
@@ -341,7 +342,7 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
     ends: dict[str, float | None] = {
         k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))
     }
-    explicit = grid is not None and not isinstance(grid, str)
+    explicit = grid is not None and not is_grid_kind(grid)
     if not explicit:
         lo = schedule.t_min if ends["t_min"] is None else ends["t_min"]
         hi = schedule.t_max if ends["t_max"] is None else ends["t_max"]

@@ -52,6 +52,8 @@ class StepSizeController:
                        accept_factor <= 1, so it shrinks); k-diffusion's accept_safety.
     ``start``          the (err_prev, err_prev2) before any accepted step: ``"one"`` (1, diffrax) or
                        ``"first"`` (the first try's error norm, k-diffusion's).
+    ``offset``         added to every error norm before the factor is taken (k-diffusion's eps, 1e-8:
+                       it bounds the growth where the norms are tiny); default 0.
     ``batch_norm``     how the loop's ``mode="batch"`` pools the rows' norms into one: ``"max"`` (every
                        row within tolerance) or ``"rms"`` (the RMS over the rows, i.e. the RMS norm of
                        the whole batch as one vector, as k-diffusion's).
@@ -69,6 +71,7 @@ class StepSizeController:
     atol: float | None = None
     accept_factor: float | None = None
     start: str = "one"
+    offset: float = 0.0
     batch_norm: str = "max"
 
     def __post_init__(self):
@@ -89,6 +92,8 @@ class StepSizeController:
         af = self.accept_factor
         if af is not None and (isinstance(af, bool) or not isinstance(af, (int, float)) or not 0 < af <= 1):
             raise ValueError(f"accept_factor must be None or in (0, 1], got {af!r}")
+        if not self.offset >= 0:
+            raise ValueError(f"offset must be >= 0, got {self.offset}")
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.batch_norm not in BATCH_NORMS:
@@ -159,10 +164,10 @@ class StepSizeController:
             e = err.double()
             # err^-a as exp(-a log err): Tensor.pow's vectorised and scalar paths differ in the last
             # bit, which would make a row's step sizes depend on its batch
-            f = self.safety * torch.exp(-self.exponent * e.log())
+            f = self.safety * torch.exp(-self.exponent * (e + self.offset).log())
             if history is not None:
                 hist = history.double().reshape(len(err), -1)
-                hist = torch.where(hist.isnan(), e.clamp_min(1e-10)[:, None], hist)  # start="first"
+                hist = torch.where(hist.isnan(), e.clamp_min(1e-10)[:, None], hist) + self.offset  # NaN: start="first"
                 if self.exponent_prev:
                     f = f * torch.exp(self.exponent_prev * hist[:, 0].log())
                 if self.exponent_prev2 and hist.shape[1] > 1:

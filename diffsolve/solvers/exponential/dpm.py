@@ -206,13 +206,13 @@ class DPMAdaptive(AdaptiveSolver):
 
         E = u_high - u_low,   delta = max(atol, rtol max(|u_low|, |u_prev|))    (u_prev: the last accepted u_low)
         err = RMS(E / delta)
-        f = 1 + atan(err^-b1 err_prev^-b2 err_prev2^-b3 - 1),   b1 = (p + i + d)/k, b2 = -(p + 2d)/k, b3 = d/k
+        f = 1 + atan(e^-b1 e_prev^-b2 e_prev2^-b3 - 1),   e = err + 1e-8,   b1 = (p + i + d)/k, b2 = -(p + 2d)/k, b3 = d/k
         accept when f >= accept_safety;  h <- h f  (accepted or not; the step taken is min(h, what is left))
 
-    with k = ``order`` (1.5 when eta > 0) and err_prev, err_prev2 the norms of the last two accepted
+    with k = ``order`` (1.5 when eta > 0) and e_prev, e_prev2 from the norms of the last two accepted
     steps (the first try's before there are any): :meth:`StepSizeController.pid
     <diffsolve.core.control.StepSizeController.pid>` with safety 1, ``limiter="atan"``,
-    ``accept_factor=accept_safety`` and ``start="first"`` (:meth:`default_controller`).
+    ``accept_factor=accept_safety``, ``start="first"`` and ``offset=1e-8`` (:meth:`default_controller`).
 
     Options (k-diffusion's defaults): ``order`` 3, ``rtol`` 0.05, ``atol`` 0.0078, ``h_init`` 0.05 (in
     lambda), ``pcoeff`` 0, ``icoeff`` 1, ``dcoeff`` 0, ``accept_safety`` 0.81, ``eta`` 0 and ``s_noise`` 1
@@ -250,6 +250,7 @@ class DPMAdaptive(AdaptiveSolver):
             limiter="atan",
             accept_factor=self.accept_safety,
             start="first",
+            offset=1e-8,
             batch_norm="rms",
         )
 

@@ -420,10 +420,12 @@ class _Exp:
         pass
 
 
-def _run_loop(cap, end=1.0):
+def _run_loop(cap):
     tries = _Exp()
     c = StepSizeController(safety=0.9, exponent=0.5, rtol=1e-2, atol=1e-2)
-    gen = adaptive_loop(tries, torch.ones(1, 1, dtype=F64), Clock(0.0, end), c, h_init=0.7, mode="batch", name="t", snap=1e-12, cap=cap)
+    gen = adaptive_loop(
+        tries, torch.ones(1, 1, dtype=F64), Clock(0.0, 0.9), c, h_init=5.0, mode="batch", name="t", snap=1e-12, cap=cap
+    )
     try:
         next(gen)
     except StopIteration as stop:
@@ -431,15 +433,16 @@ def _run_loop(cap, end=1.0):
 
 
 def test_loop_carries_the_uncapped_proposal():
-    """cap=True (default): the carried h never exceeds what is left; cap=False: the try takes
-    min(h, what is left) but the next h is h * factor from the uncapped h (k-diffusion's)."""
-    capped, hs_c = _run_loop(True, end=0.9)
-    free, hs_f = _run_loop(False, end=0.9)
-    assert hs_c[0] == hs_f[0] == 0.7
-    assert abs(float(capped.x) - math.exp(-0.9)) < 0.02 and abs(float(free.x) - math.exp(-0.9)) < 0.02
-    print("capped", hs_c, "free", hs_f)
-    assert int(capped.accepted[0]) >= 2 and int(capped.rejected[0] + free.rejected[0]) >= 1
-    assert abs(sum(hs_f) - sum(h for h in hs_f)) < 1e-15
+    """h_init = 5 on a clock of 0.9: both first try the whole 0.9 (rejected, err = 30.7, f = 0.9 err^-1/2);
+    cap=True (default) retries 0.9 f, cap=False h_init f = 5 f (k-diffusion's h *= f on its own h)."""
+    capped, hs_c = _run_loop(True)
+    free, hs_f = _run_loop(False)
+    f = 0.9 * ((math.exp(-0.9) - 0.1) / 0.01) ** -0.5  # E = e^-0.9 - (1 - 0.9), delta = 0.01
+    print("capped", hs_c, "free", hs_f, "f", f)
+    assert hs_c[0] == hs_f[0] == 0.9
+    assert abs(hs_c[1] - 0.9 * f) < 1e-12 and abs(hs_f[1] - 5 * f) < 1e-12
+    for out in (capped, free):
+        assert abs(float(out.x) - math.exp(-0.9)) < 0.02 and int(out.rejected[0]) >= 1
 
 
 # ------------------------------------------------------------------ the law of the samples with eta > 0

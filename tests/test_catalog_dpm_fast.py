@@ -36,8 +36,19 @@ KD_ADAPTIVE = {
 
 def test_registry_entries():
     fast, adaptive = INFO["dpm-fast"], INFO["dpm-adaptive"]
-    assert (fast.family, fast.order, fast.calls_per_step, fast.deterministic, fast.fixed_grid) == ("ode", 3, 1, True, True)
-    assert (adaptive.family, adaptive.order, adaptive.deterministic, adaptive.fixed_grid) == ("adaptive", 3, True, False)
+    assert (fast.family, fast.order, fast.calls_per_step, fast.deterministic, fast.fixed_grid) == (
+        "ode",
+        3,
+        1,
+        True,
+        True,
+    )
+    assert (adaptive.family, adaptive.order, adaptive.deterministic, adaptive.fixed_grid) == (
+        "adaptive",
+        3,
+        True,
+        False,
+    )
     assert ds.get_solver("dpm-fast").options() == {"eta": 0.0, "s_noise": 1.0}
     opts = ds.get_solver("dpm-adaptive").options()
     assert {k: opts[k] for k in KD_ADAPTIVE} == KD_ADAPTIVE  # k-diffusion's defaults
@@ -82,7 +93,7 @@ def kd_pair(ve, x, t, t_next, order):
     returns (the lower solution of the embedded pair, the order-``order`` one); orders 2 and 3 share
     their calls as k-diffusion's pairs do (order 3's lower one is DPM-Solver-2 with r = 1/3)."""
     h = t_next - t
-    sig = lambda v: math.exp(-v)  # noqa: E731
+    sig = lambda v: math.exp(-v)
     e0 = ve.eps(x, t)
     x1 = x - sig(t_next) * math.expm1(h) * e0
     if order == 1:
@@ -228,17 +239,20 @@ def test_dpm_fast_first_step_by_hand(schedule):
     except StopIteration as stop:
         out = stop.value
     assert len(queries) == 4
-    lam = lambda t: float(sched.log_snr(t))  # noqa: E731
+    lam = lambda t: float(sched.log_snr(t))
     l0, l2 = lam(0.9), lam(0.35)
     h = (l2 - l0) / 2  # the interior points 0.7, 0.6, 0.5 are ignored
     m = 0.0 if mu is None else mu
-    alpha = lambda v: float(sched.alpha(sched.t_of_log_snr(torch.tensor(v, dtype=F64))))  # noqa: E731
-    sig = lambda v: math.exp(-v)  # noqa: E731  (sigma / alpha)
+    alpha = lambda v: float(sched.alpha(sched.t_of_log_snr(torch.tensor(v, dtype=F64))))
+    sig = lambda v: math.exp(-v)
     y0 = (x - m) / alpha(l0)
     e0 = model(x, 0.9, mu=mu).eps
     u1 = y0 - sig(l0 + h / 3) * math.expm1(h / 3) * e0
     for q, v in zip(queries, (l0, l0 + h / 3, l0 + 2 * h / 3, l0 + h)):
-        assert abs(float(torch.as_tensor(q.t).flatten()[0]) - float(sched.t_of_log_snr(torch.tensor(v, dtype=F64)))) < 1e-12
+        assert (
+            abs(float(torch.as_tensor(q.t).flatten()[0]) - float(sched.t_of_log_snr(torch.tensor(v, dtype=F64))))
+            < 1e-12
+        )
     assert float((queries[1].x - (m + alpha(l0 + h / 3) * u1)).abs().max()) < 1e-12
     e1 = model(queries[1].x, queries[1].t, mu=mu).eps
     g = math.expm1(2 * h / 3)
@@ -293,7 +307,7 @@ def _gauss(schedule):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_dpm_fast_order_three(schedule):
     """Steps (= NFE) 9 / 18 / 36 / 72, each a multiple of 3 (so the run ends with orders 2, 1)."""
-    sched, mu, model, x_T, exact = _gauss(schedule)
+    _, mu, model, x_T, exact = _gauss(schedule)
     errs = []
     for n in STEPS:
         res = ds.sample(model, "dpm-fast", n, x_T=x_T, mu=mu)
@@ -346,7 +360,7 @@ def test_dpm_adaptive_matches_k_diffusion_loop(schedule, opts):
 def test_dpm_adaptive_error_falls_with_rtol():
     """Measured on vp (64 samples of the closed-form Gaussian, atol = rtol / 10): errors and NFE in the
     printout; the error falls by more than 10x from rtol 0.05 to 5e-4."""
-    sched, mu, model, x_T, exact = _gauss("vp")
+    _, _, model, x_T, exact = _gauss("vp")
     errs, nfes = [], []
     for rtol in (0.05, 5e-3, 5e-4):
         res = ds.sample(model, "dpm-adaptive", x_T=x_T, rtol=rtol, atol=rtol / 10)
@@ -355,13 +369,24 @@ def test_dpm_adaptive_error_falls_with_rtol():
         acc, rej = res.accepted, res.rejected
         assert bool((acc >= 3).all()) and bool((rej <= acc).all())
         assert torch.equal(res.nfe_per_sample, 3 * acc + 2 * rej)
-        print("rtol", rtol, "error", f"{errs[-1]:.3e}", "nfe", res.nfe, "accepted", acc.float().mean().item(), "rejected", rej.float().mean().item())
+        print(
+            "rtol",
+            rtol,
+            "error",
+            f"{errs[-1]:.3e}",
+            "nfe",
+            res.nfe,
+            "accepted",
+            acc.float().mean().item(),
+            "rejected",
+            rej.float().mean().item(),
+        )
     assert errs[1] < errs[0] and errs[2] < errs[1] and errs[2] < errs[0] / 10
     assert nfes[0] < nfes[1] < nfes[2]
 
 
 def test_dpm_adaptive_per_sample_whatever_the_batch():
-    sched, mu, model, x_T, _ = _gauss("vp")
+    model, x_T = _gauss("vp")[2:4]
     full = ds.sample(model, "dpm-adaptive", x_T=x_T[:8])
     for rows in (slice(0, 1), slice(2, 5), slice(7, 8)):
         part = ds.sample(model, "dpm-adaptive", x_T=x_T[rows])
@@ -384,7 +409,9 @@ def test_dpm_adaptive_grid_and_ends():
 
 # ------------------------------------------------------------------ the controller's k-diffusion switches
 def test_controller_accept_factor_start_and_rms():
-    c = StepSizeController.pid(3, 0.2, 0.7, 0.1, safety=1.0, limiter="atan", accept_factor=0.81, start="first", batch_norm="rms")
+    c = StepSizeController.pid(
+        3, 0.2, 0.7, 0.1, safety=1.0, limiter="atan", accept_factor=0.81, start="first", batch_norm="rms"
+    )
     hist = c.fresh_history(2)
     assert bool(hist.isnan().all())
     err = torch.tensor([0.5, 4.0], dtype=F64)
@@ -453,7 +480,12 @@ SCHED = S.VPLinear()
 
 @pytest.mark.parametrize(
     "solver,steps,opts",
-    [("dpm-fast", 60, {"eta": 1.0}), ("dpm-fast", 30, {}), ("dpm-adaptive", None, {"eta": 1.0}), ("dpm-adaptive", None, {})],
+    [
+        ("dpm-fast", 60, {"eta": 1.0}),
+        ("dpm-fast", 30, {}),
+        ("dpm-adaptive", None, {"eta": 1.0}),
+        ("dpm-adaptive", None, {}),
+    ],
 )
 def test_passes_two_sample_test(solver, steps, opts, threshold, reference):
     res = ds.sample(GMM.model(SCHED), solver, steps, shape=(N, 2), seed=0, dtype=F64, **opts)

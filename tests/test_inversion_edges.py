@@ -22,7 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DETERMINISTIC = [i.name for i in registered() if i.deterministic]
 EXACT = [i.name for i in registered() if i.invertible]
 #: solvers whose steps only run down in time (Solver.runs_backward False): ds.invert refuses them
-REFUSED = {"mrs-adaptive", "dpm-adaptive", "lms", "ipndm-v"}  # lms, ipndm-v: at their default order 4 (unstable run backwards)
+REFUSED = {
+    "mrs-adaptive",
+    "dpm-adaptive",
+    "lms",
+    "ipndm-v",
+}  # lms, ipndm-v: at their default order 4 (unstable run backwards)
 #: max |sample(invert(x0)) - x0| on 4 held-out digits, digits-vp in float32, 20 steps. Measured:
 #: ddim / euler 1.44, heun 1.40, dpmpp-3s 1.33, dpm-solver-2m 0.30, dpmpp-2m 0.29, mrs-ode 0.29,
 #: dpmpp-3m 0.28, dpm-2 0.24, unipc / unipc-bh2 0.27, unipc-bh1 0.28, mrs-pc 0.23, ipndm 0.24, ode-dopri5 0.27,

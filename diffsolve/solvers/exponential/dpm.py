@@ -29,6 +29,7 @@ sigma_min and sigma_max). Where an end has sigma = 0 (infinite log-SNR: a ComfyU
 from __future__ import annotations
 
 import math
+
 import torch
 
 from ...core.adaptive import AdaptiveSolver, Clock, Try
@@ -167,7 +168,9 @@ class _ScaledTries(_SinglestepTries):
         lt = ls + hr
         up = None
         if self.eta > 0:
-            split = [_down(math.exp(-a), math.exp(-b), self.eta, self.lam_end) for a, b in zip(ls.tolist(), lt.tolist())]
+            split = [
+                _down(math.exp(-a), math.exp(-b), self.eta, self.lam_end) for a, b in zip(ls.tolist(), lt.tolist())
+            ]
             lt_to = torch.tensor([d for d, _ in split], dtype=ls.dtype, device=ls.device)
             up = torch.tensor([s for _, s in split], dtype=ls.dtype, device=ls.device)
         else:

@@ -286,7 +286,6 @@ def test_dpm_fast_ignores_the_interior_and_a_zero_end():
 
 # ------------------------------------------------------------------ order of dpm-fast (as tests/test_orders.py)
 GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]])
-STEPS = (9, 18, 36, 72)
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 SCHEDULES = {
     "vp": (lambda: S.VPLinear(), None),
@@ -304,20 +303,34 @@ def _gauss(schedule):
     return sched, mu, GAUSS.model(sched), x_T, GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched, mu)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_dpm_fast_order_three(schedule):
-    """Steps (= NFE) 9 / 18 / 36 / 72, each a multiple of 3 (so the run ends with orders 2, 1)."""
+def _orders(schedule, steps):
     _, mu, model, x_T, exact = _gauss(schedule)
     errs = []
-    for n in STEPS:
+    for n in steps:
         res = ds.sample(model, "dpm-fast", n, x_T=x_T, mu=mu)
         assert res.nfe == n and res.samples.dtype == F64
         errs.append(float((res.samples - exact).abs().max()))
     orders = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
-    print("dpm-fast", schedule, "errors", [f"{e:.3e}" for e in errs], "orders", [f"{o:.2f}" for o in orders])
+    print("dpm-fast", schedule, steps, "errors", [f"{e:.3e}" for e in errs], "orders", [f"{o:.2f}" for o in orders])
     assert all(e2 < e1 for e1, e2 in zip(errs, errs[1:]))
-    for o in orders[1:]:
-        assert abs(o - INFO["dpm-fast"].order) < 0.35, (schedule, orders)
+    return orders
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_dpm_fast_order_three(schedule):
+    """NFE 11 / 23 / 47 / 95 = 4 / 8 / 16 / 32 steps (h halves), the last one DPM-Solver-2. Measured:
+    3.69 3.54 3.29 (vp), 4.07 3.35 3.27 (ve), 3.65 3.89 3.36 (flow), 3.41 3.35 3.21 (sd-discrete),
+    4.33 3.29 3.30 (mean-reverting)."""
+    orders = _orders(schedule, (11, 23, 47, 95))
+    assert abs(orders[-1] - INFO["dpm-fast"].order) < 0.4 and 2.6 < orders[-2] < 4.0, (schedule, orders)
+
+
+def test_dpm_fast_multiples_of_three_end_first_order():
+    """NFE a multiple of 3 ends with (2, 1): the last step's O(h^2) local error makes the run second
+    order as h -> 0, seen where it is not negligible: sd-discrete 12 / 24 / 48 / 96 NFE, measured 3.60
+    1.66 1.92 (vp 3.88 3.13 3.18: there it is still below the third-order error)."""
+    orders = _orders("sd-discrete", (12, 24, 48, 96))
+    assert 1.4 < orders[-1] < 2.5 and orders[-2] < 2.5
 
 
 # ------------------------------------------------------------------ dpm-adaptive

@@ -115,7 +115,9 @@ class DPMFast(Solver):
     **interior points of the grid are ignored** (only its ends and its length count). The steps are
     DPM-Solver-3 (3 calls) but for the last ones: (..., 3, 2, 1) when 3 divides n, else
     (..., 3, n mod 3) (:func:`fast_orders`), so the calls add up to n exactly. The update rules are the
-    module docstring's (noise prediction, DPM-Solver, not ++). Order 3 in the number of steps.
+    module docstring's (noise prediction, DPM-Solver, not ++). Order 3 when n = 2 (mod 3), where the
+    run ends with DPM-Solver-2; otherwise its last step is DPM-Solver-1, whose O(h^2) local error makes
+    the run second order as h -> 0 (measured on the closed-form Gaussian: tests/test_catalog_dpm_fast.py).
 
     ``eta`` > 0 adds k-diffusion's ancestral noise after each step (module docstring; sampling only),
     ``s_noise`` scales it. Runs backwards in time (inversion) with eta = 0.

@@ -2,9 +2,10 @@
 multistep weights, phi functions, UniPC's B(h) and rho), DPM-Solver++ / MR Sampler multistep
 (:mod:`.multistep`), the UniPC-type predictor-corrector (:mod:`.pc`), UniPC itself (:mod:`.unipc`),
 the adaptive log-SNR solvers (:mod:`.adaptive`), the fixed-grid singlestep one (:mod:`.singlestep`)
-and SA-Solver, the stochastic Adams predictor-corrector (:mod:`.sa_solver`)."""
+and SA-Solver, the stochastic Adams predictor-corrector (:mod:`.sa_solver`), and k-diffusion's
+DPM-Solver-fast / adaptive (:mod:`.dpm`)."""
 
-from . import adaptive, maths, multistep, pc, sa_solver, singlestep, unipc  # noqa: F401
+from . import adaptive, dpm, maths, multistep, pc, sa_solver, singlestep, unipc  # noqa: F401
 from .adaptive import pilot_grid
 
 __all__ = ["pilot_grid"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import diffsolve as ds
-from diffsolve.core.protocol import drive
+from diffsolve.core.protocol import as_outcome, drive
 
 SHAPE = (16, 3)
 MIX = ds.models.GaussianMixture([[1.0, -0.5, 0.2], [-1.0, 0.5, 0.0]], 0.4)
@@ -80,7 +80,13 @@ def theirs(K, name: str, sigmas: torch.Tensor, x_T: torch.Tensor, sched, kw: dic
     if name in ("dpm_fast", "dpm_adaptive"):
         lo, hi = float(sigmas[-2]), float(sigmas[0])
         args = (lo, hi) + ((len(sigmas) - 1,) if name == "dpm_fast" else ())
-        out = fn(denoiser, x_T.clone(), *args, disable=True, **extra)
+        # they make tensors of these floats (torch.tensor(sigma_max)): float64 ones, as ours
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            out = fn(denoiser, x_T.clone(), *args, disable=True, **extra)
+        finally:
+            torch.set_default_dtype(default)
     else:
         out = fn(denoiser, x_T.clone(), sigmas, disable=True, **extra)
     if isinstance(out, tuple):
@@ -96,8 +102,7 @@ def ours(solver: str, sigmas: torch.Tensor, x_T: torch.Tensor, sched, opts: dict
         return model(query.x, query.t)
 
     slv = ds.get_solver(solver, **opts)
-    grid = sigmas if solver not in ("dpm-fast", "dpm-adaptive") else sigmas[:-1]
-    out = drive(slv.run(x_T.clone(), grid, Draws(seed), schedule=sched), answer)
+    out = as_outcome(drive(slv.run(x_T.clone(), sigmas, Draws(seed), schedule=sched), answer), solver).x
     return out, calls[0]
 
 
@@ -116,7 +121,9 @@ CASES = [
     ("dpmpp_2s_ancestral", {}, "dpmpp-2s-ancestral", {}),
     ("dpmpp_sde", {}, "dpmpp-sde", {}),
     ("dpm_fast", {}, "dpm-fast", {}),
-    ("dpm_adaptive", {}, "dpm-adaptive", {}),
+    ("dpm_fast", {"eta": 0.5}, "dpm-fast", {"eta": 0.5}),
+    ("dpm_adaptive", {}, "dpm-adaptive", {"mode": "batch"}),
+    ("dpm_adaptive", {"order": 2, "rtol": 0.01}, "dpm-adaptive", {"mode": "batch", "order": 2, "rtol": 0.01}),
 ]
 
 

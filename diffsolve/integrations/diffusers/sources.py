@@ -280,6 +280,8 @@ class VPSource(Source):
             # k-diffusion style: the latents are x/alpha; the run starts at x and ends back in x/alpha
             return Placement(grid, net, init * float(s.alpha(grid[0])), identity_last=same, over_alpha=True)
         listed = _unique_desc(ts)
+        if len(getattr(ref, "prk_timesteps", ())):  # PNDM's Runge-Kutta warm-up lists its half steps too
+            listed = _unique_desc(torch.as_tensor(ref._timesteps, dtype=torch.float64).sort(descending=True).values)
         end = 0.0 if self._clean_end(ref) else float(s.t_of_timestep(0))
         # DDIM-style sources step from each listed timestep to it minus 1000 // N, then read the next
         # call at the next listed timestep (the two differ by one with trailing / linspace spacing)

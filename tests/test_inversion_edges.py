@@ -51,6 +51,8 @@ BOUND = {
     "unipc-bh1": 0.4,
     "unipc-bh2": 0.4,
     "deis": 0.4,
+    "pndm": 1.0,
+    "plms": 1.0,
     "ode-dopri5": 0.35,
     "ode-rk45": 0.35,
     **dict.fromkeys(EXACT, 0.0001),

@@ -131,7 +131,7 @@ def test_prk_and_plms_steps_by_hand():
     sched = S.VPLinear()
     grid = torch.tensor([0.9, 0.7, 0.55, 0.4, 0.3, 0.2], dtype=torch.float64)
     x0 = GAUSS.marginal(0.9, sched, None).sample(5, torch.Generator().manual_seed(1))
-    out, seen = _recorded("pndm", x0, grid, sched)
+    _, seen = _recorded("pndm", x0, grid, sched)
     assert len(seen) == 3 * 4 + 2
     g = grid.tolist()
     tm = 0.5 * (g[0] + g[1])
@@ -148,7 +148,7 @@ def test_prk_and_plms_steps_by_hand():
     x4 = _phi(sched, x3, (55 * e_grid[3] - 59 * e_grid[2] + 37 * e_grid[1] - 9 * e_grid[0]) / 24, g[3], g[4])
     assert (seen[13][0] - x4).abs().max() < 1e-12
 
-    out, seen = _recorded("plms", x0, grid, sched)
+    _, seen = _recorded("plms", x0, grid, sched)
     assert len(seen) == len(grid)  # N + 1 calls
     e = [q[2].eps for q in seen]
     assert [q[1] for q in seen[:3]] == [g[0], g[1], g[1]]

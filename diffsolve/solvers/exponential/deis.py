@@ -155,7 +155,7 @@ class DEIS(Solver):
             scale = [schedule.sampling_scale(t) for t in ts]
             if min(scale) <= 0:
                 raise ValueError(f"{self.name} (mode={self.mode!r}) steps in sigma/alpha, which needs alpha > 0")
-        rho = [s / c for s, c in zip(sigma, scale)]
+        rho = [s / c if c > 0 else math.inf for s, c in zip(sigma, scale)]  # inf: an inversion's end at alpha = 0
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # eps (logrho) or d = dy/ds, newest first
         for i in range(n):
@@ -170,7 +170,7 @@ class DEIS(Solver):
                 x = pred.x
                 continue
             if self.mode == "logrho":
-                x = self._logrho_step(pred.x, hist[:k], i, alpha, sigma, ts, mu)
+                x = self._logrho_step(pred.x, hist[:k], i, alpha, sigma, mu)
             else:
                 nodes = rho[i : i - k : -1] if i - k >= 0 else rho[i::-1]
                 w = (tab_weights if self.mode == "tab" else ab_weights)(nodes, rho[i], rho[i + 1])
@@ -179,7 +179,7 @@ class DEIS(Solver):
         return x
 
     @staticmethod
-    def _logrho_step(x, eps, i, alpha, sigma, ts, mu):
+    def _logrho_step(x, eps, i, alpha, sigma, mu):
         """y_t = (alpha_t / alpha_s) y_s - sigma_t sum_j w_j eps_j, the Lagrange polynomial in lambda
         through the k = len(eps) newest nodes (module docstring)."""
         a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]

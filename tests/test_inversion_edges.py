@@ -32,7 +32,7 @@ REFUSED = {
 #: ddim / euler 1.44, heun 1.40, dpmpp-3s 1.33, dpm-solver-2m 0.30, dpmpp-2m 0.29, mrs-ode 0.29,
 #: dpmpp-3m 0.28, dpm-2 0.24, unipc / unipc-bh2 0.27, unipc-bh1 0.28, mrs-pc 0.23, ipndm 0.24, ode-dopri5 0.27,
 #: res-multistep 0.29, gradient-estimation 0.54, exp-heun-2-x0 0.21, dpm-fast 0.41 (7 steps uniform in
-#: log-SNR for its 20 calls)
+#: log-SNR for its 20 calls), deis 0.30, pndm 0.25 (29 calls), plms 0.25 (21 calls)
 #: and ode-rk45 0.28 (rtol = atol = 1e-3: 44 + 74 to 92
 #: NFE); exact: rev-heun 3.9e-7, o-belm 9e-15, edict 6e-17, bdia and rex 0 to 1e-18 (their states are
 #: float64). The plain inversions are that far off because the held-out digits sit where the
@@ -58,6 +58,9 @@ BOUND = {
     "unipc": 0.4,
     "unipc-bh1": 0.4,
     "unipc-bh2": 0.4,
+    "deis": 0.4,
+    "pndm": 0.3,
+    "plms": 0.3,
     "ode-dopri5": 0.35,
     "ode-rk45": 0.35,
     "dpm-fast": 0.55,

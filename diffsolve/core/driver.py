@@ -561,8 +561,7 @@ def check_invertible(slv: Solver) -> None:
     if not slv.runs_backward:
         exact = ", ".join(i.name for i in registered() if i.invertible)
         raise ValueError(
-            f"solver {slv.name!r} cannot invert: its steps only run down in time, from t_max to "
-            f"t_min, not on the ascending grid an inversion runs. Use a reversible solver, which "
+            f"solver {slv.name!r} cannot invert: {slv.backward_refusal}. Use a reversible solver, which "
             f"inverts exactly ({exact}; the default is {DEFAULT_INVERSION_SOLVER!r}), or a fixed-grid "
             "one run backwards (ddim, dpmpp-2m, mrs-pc ...)"
         )

@@ -71,6 +71,10 @@ class Solver:
     #: for solvers whose loop only goes down in time (an adaptive one that steps until it reaches
     #: the grid's lower end); ``invert`` refuses those, naming them.
     runs_backward: bool = True
+    #: why the steps cannot run backwards where :attr:`runs_backward` is False (``invert`` says it)
+    backward_refusal: str = (
+        "its steps only run down in time, from t_max to t_min, not on the ascending grid an inversion runs"
+    )
 
     def __init__(self, **options: Any):
         """Takes the options the class declares (:class:`~diffsolve.core.options.Option` class

@@ -27,7 +27,8 @@ REFUSED = {
     "dpm-adaptive",
     "lms",
     "ipndm-v",
-}  # lms, ipndm-v: at their default order 4 (unstable run backwards)
+    "heunpp2",
+}  # lms, ipndm-v: at their default order 4 (unstable run backwards); heunpp2: its lookahead
 #: max |sample(invert(x0)) - x0| on 4 held-out digits, digits-vp in float32, 20 steps. Measured:
 #: ddim / euler 1.44, heun 1.40, dpmpp-3s 1.33, dpm-solver-2m 0.30, dpmpp-2m 0.29, mrs-ode 0.29,
 #: dpmpp-3m 0.28, dpm-2 0.24, unipc / unipc-bh2 0.27, unipc-bh1 0.28, mrs-pc 0.23, ipndm 0.24, ode-dopri5 0.27,

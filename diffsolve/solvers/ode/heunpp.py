@@ -34,8 +34,16 @@ class HeunPP2(Solver):
     w_1 = 1 - w_2 (Heun's lookahead), and the last step is Euler. Three model calls per step (two on
     the step before the last, one on the last: 3N - 3 in all). The weights fall with the noise level,
     so away from the start it is Euler with a small correction: it converges with order 1 (the
-    registered order; it is meant for few steps, not for convergence).
+    registered order; it is meant for few steps, not for convergence). Its lookahead extrapolates
+    against the flow when run backwards (digits-vp round trip at 20 steps: 3.9e4), so it does not
+    invert.
     """
+
+    runs_backward = False
+    backward_refusal = (
+        "its lookahead to the next two grid points extrapolates against the flow when run backwards "
+        "(a round trip on digits-vp is off by 3.9e4 at 20 steps)"
+    )
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)

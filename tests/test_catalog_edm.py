@@ -259,3 +259,121 @@ def test_flow_match_heun_matches_heun(shift, n):
     print("heun flow shift", shift, n, "calls", calls, ours.nfe, calls_b, "relative difference", e1, e2)
     assert calls == ours.nfe == calls_b == 2 * n - 1
     assert e1 < 1e-5 and e2 < 1e-5
+
+
+# ------------------------------------------------------------------ DPMSolverSinglestepScheduler: dpmpp-singlestep
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+GMM3 = ds.models.GaussianMixture([[1.0, -0.5, 0.2], [-1.0, 0.5, 0.0]], 0.4)
+
+
+def test_group_orders_are_diffusers():
+    from diffusers import DPMSolverSinglestepScheduler
+
+    from diffsolve.solvers.exponential.grouped import group_orders
+
+    for order in (1, 2, 3):
+        for lof in (True, False):
+            for final in ("zero", "sigma_min"):
+                for n in range(1, 20):
+                    ref = DPMSolverSinglestepScheduler(
+                        solver_order=order, lower_order_final=lof, final_sigmas_type=final
+                    )
+                    ref.set_timesteps(n)
+                    assert group_orders(order, n, lof, final == "zero") == ref.order_list[:n], (order, lof, final, n)
+
+
+@pytest.mark.parametrize("n", [5, 9, 20])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"solver_order": 1},
+        {"solver_order": 2},
+        {"solver_order": 3},
+        {"solver_order": 2, "solver_type": "heun"},
+        {"solver_order": 3, "solver_type": "heun"},
+        {"solver_order": 3, "use_karras_sigmas": True},
+        {"solver_order": 3, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        {"solver_order": 3, "final_sigmas_type": "sigma_min"},
+        {"solver_order": 2, "final_sigmas_type": "sigma_min", "lower_order_final": True},
+    ],
+    ids=lambda k: "-".join(str(v) for v in k.values()),
+)
+def test_dpm_solver_singlestep_matches(kw, n):
+    """diffusers' DPMSolverSinglestepScheduler (its stages are grid points) against dpmpp-singlestep:
+    a plain eps loop against the driver on the same sigmas, and DiffsolveScheduler in the same loop."""
+    from diffusers import DPMSolverSinglestepScheduler
+
+    ref = DPMSolverSinglestepScheduler(num_train_timesteps=1000, **SD, **kw)
+    ref.set_timesteps(n)
+    sched = S.VPDiscrete.from_diffusers_config(ref.config)
+    model = GMM3.model(sched)
+
+    def t_of(sigma):  # float32 sigmas: the top one may map a rounding past t_max
+        return min(float(sched.t_of_log_snr(-math.log(sigma))), sched.t_max) if sigma > 0 else 0.0
+
+    x_T = start() * float(ref.init_noise_sigma)
+    x, calls = x_T.clone(), 0
+    for i, t in enumerate(ref.timesteps):
+        eps = model(ref.scale_model_input(x, t), t_of(float(ref.sigmas[i]))).eps
+        calls += 1
+        x = ref.step(eps, t, x).prev_sample
+    opts = {
+        "order": kw["solver_order"],
+        "solver_type": kw.get("solver_type", "midpoint"),
+        "parameterization": "noise" if kw.get("algorithm_type") == "dpmsolver" else "data",
+        "lower_order_final": kw.get("lower_order_final", False),
+    }
+    grid = torch.tensor([t_of(float(s)) for s in ref.sigmas], dtype=torch.float64)
+    ours = ds.sample(model, "dpmpp-singlestep", grid=grid, x_T=x_T, dtype=torch.float64, **opts)
+    e1 = rel(ours.samples, x)
+    # through DiffsolveScheduler, on a time-conditioned network
+    ref2 = DPMSolverSinglestepScheduler(num_train_timesteps=1000, **SD, **kw)
+    theirs_b, calls_a = diffusers_loop(ref2, n, x_T)
+    ours_b, calls_b = diffusers_loop(
+        DiffsolveScheduler.from_config(ref2, solver="dpmpp-singlestep", solver_options=opts), n, x_T
+    )
+    e2 = rel(ours_b, theirs_b)
+    print(kw, n, "calls", calls, ours.nfe, calls_a, calls_b, "relative difference: driver", e1, "scheduler", e2)
+    assert calls == ours.nfe == calls_a == calls_b == n
+    assert e1 < 1e-5 and e2 < 1e-5
+
+
+GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]])
+MU = torch.tensor([0.3, 0.3, -0.2, 0.1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "schedule,mu",
+    [
+        (S.VPLinear(), None),
+        (S.VE(), None),
+        (S.VPDiscrete.from_diffusers_config(SD), None),
+        (S.MeanReverting(lam=0.5), MU),
+    ],
+    ids=["vp", "ve", "sd-discrete", "mean-reverting"],
+)
+@pytest.mark.parametrize("order,solver_type", [(3, "midpoint"), (3, "heun"), (2, "midpoint"), (1, "midpoint")])
+def test_dpmpp_singlestep_order(schedule, mu, order, solver_type):
+    """The order of each group on the closed-form Gaussian (whole groups: n a multiple of 6, no shortened
+    last group), uniform in log-SNR; registered order 3 = the highest."""
+    model = GAUSS.model(schedule)
+    x_T = GAUSS.marginal(schedule.t_max, schedule, mu).sample(64, torch.Generator().manual_seed(0))
+    exact = GAUSS.flow_map(x_T, schedule.t_max, schedule.t_min, schedule, mu)
+    errs = []
+    for n in (12, 24, 48, 96):
+        res = ds.sample(
+            model,
+            "dpmpp-singlestep",
+            n,
+            x_T=x_T,
+            grid="log-snr",
+            mu=mu,
+            order=order,
+            solver_type=solver_type,
+            lower_order_final=False,
+        )
+        errs.append(float((res.samples - exact).abs().max()))
+    orders = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
+    print(order, solver_type, "errors", [f"{e:.3e}" for e in errs], "orders", [f"{o:.2f}" for o in orders])
+    assert all(e2 < e1 for e1, e2 in zip(errs, errs[1:]))
+    assert abs(orders[-1] - order) < 0.3, orders

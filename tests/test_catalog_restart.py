@@ -28,7 +28,14 @@ def test_registry_entry_and_options():
     info = INFO["restart"]
     assert (info.family, info.order, info.calls_per_step, info.deterministic) == ("sde", 2, 2, False)
     opts = ds.get_solver("restart").options()
-    assert opts == {"restarts": ((3, 2, 0.06, 0.30),), "s_noise": 1.0, "rho": 7.0}
+    assert opts == {
+        "restarts": ((3, 2, 0.06, 0.30),),
+        "s_noise": 1.0,
+        "rho": 7.0,
+        "restart_gamma": 0.0,
+        "s_tmin": 0.0,
+        "s_tmax": float("inf"),
+    }
     # the official code's restart_info text is taken as well
     solver = ds.get_solver("restart", restarts='{"0": [4, 1, 19.35, 40.79], "1": [6, 6, 0.06, 0.30]}')
     assert solver.restarts == ((4, 1, 19.35, 40.79), (6, 6, 0.06, 0.30))
@@ -101,11 +108,12 @@ class Replay:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("s_noise", [1.0, 0.7])
-def test_restart_noise_by_hand(schedule, s_noise):
+@pytest.mark.parametrize("s_noise,gamma", [(1.0, 0.0), (0.7, 0.0), (1.003, 0.05)])
+def test_restart_noise_by_hand(schedule, s_noise, gamma):
     """The state the first restart step queries is the state at t_k noised forward to s_max in
-    y = (x - mu)/alpha: alpha(t_max) (y_k + s_noise sqrt(s_max^2 - s_k^2) z) + mu, at the time of s_max;
-    the restart grid is EDM's from s_max to s_k."""
+    y = (x - mu)/alpha: alpha(t_max) (y_k + s_noise sqrt(s_max^2 - s_k^2) z) + mu, at the time of s_max
+    (with restart_gamma: then churned to s_max (1 + gamma) with a second draw); the restart grid is
+    EDM's from s_max to s_k."""
     make, mu = SCHEDULES[schedule]
     sched = make()
     model = GAUSS.model(sched)
@@ -113,30 +121,33 @@ def test_restart_noise_by_hand(schedule, s_noise):
     lv = _levels(sched, grid)
     k = 6
     lo, hi = lv[k] * 1.01, lv[k] * 4.0  # snaps to grid point k
-    solver = ds.get_solver("restart", restarts=[[4, 1, lo, hi]], s_noise=s_noise)
+    solver = ds.get_solver("restart", restarts=[[4, 1, lo, hi]], s_noise=s_noise, restart_gamma=gamma)
     x = GAUSS.marginal(sched.t_max, sched, mu).sample(5, torch.Generator().manual_seed(0))
     noise = Replay(x.shape)
     queries: list = []
     drive(solver.run(x, grid, noise, schedule=sched, mu=mu), model, queries)
-    assert len(noise.drawn) == 1
-    t_hi = float(sched.t_of_log_snr(-math.log(hi)))
+    assert len(noise.drawn) == (1 if gamma == 0 else 4)  # the restart, then a churn per restart Heun step
     first = 2 * k  # the query after heun's 2k calls of the first k steps
     xq, tq = queries[first]
-    assert abs(tq - t_hi) < 1e-12
+    s_hat = hi * (1 + gamma)
+    t_hat = float(sched.t_of_log_snr(-math.log(s_hat)))
+    assert abs(tq - t_hat) < 1e-12
     x_k = drive(ds.get_solver("heun").run(x, grid[: k + 1], None, schedule=sched, mu=mu), model)  # heun to t_k
-    a_k, a_hi = float(sched.alpha(grid[k])), float(sched.alpha(t_hi))
     m = 0.0 if mu is None else mu
-    y_k = (x_k - m) / a_k
-    expected = a_hi * (y_k + s_noise * math.sqrt(hi**2 - lv[k] ** 2) * noise.drawn[0]) + m
+    y = (x_k - m) / float(sched.alpha(grid[k])) + s_noise * math.sqrt(hi**2 - lv[k] ** 2) * noise.drawn[0]
+    if gamma > 0:
+        y = y + s_noise * math.sqrt(s_hat**2 - hi**2) * noise.drawn[1]
+    expected = float(sched.alpha(t_hat)) * y + m
     err = float((xq - expected).abs().max())
-    print(schedule, s_noise, "restart state by hand: max difference", err)
+    print(schedule, s_noise, gamma, "restart state by hand: max difference", err)
     assert err < 1e-12
-    # the restart grid: EDM's from s_max to s_k, 4 points, then the main grid again
+    # the restart grid: EDM's from s_max to s_k, 4 points (3 Heun steps), then the main grid again
     times = [q[1] for q in queries[first : first + 6 : 2]]
     levels = [float(sched.sigma(t) / sched.alpha(t)) for t in times]
-    expect = karras_levels(hi, lv[k], 4, 7.0)[:3]
+    expect = [s * (1 + gamma) for s in karras_levels(hi, lv[k], 4, 7.0)[:3]]
     assert max(abs(a / b - 1) for a, b in zip(levels, expect)) < 1e-9
-    assert queries[first + 6][1] == float(grid[k])  # back at t_k (the third Heun step's start)
+    assert queries[first + 5][1] == float(grid[k])  # the last restart step ends at t_k
+    assert queries[first + 6][1] == float(grid[k])  # and the main process goes on from there
 
 
 def test_restart_noise_variance():
@@ -167,12 +178,18 @@ GMM = ds.models.GaussianMixture.gmm_2d()
 SCHED = S.VPLinear()
 
 
-@pytest.mark.parametrize("restarts", [None, [[4, 2, 0.1, 1.0], [3, 1, 1.0, 3.0]]])
-def test_passes_two_sample_test(restarts, threshold, reference):
-    kw = {} if restarts is None else {"restarts": restarts}
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"restarts": [[4, 2, 0.1, 1.0], [3, 1, 1.0, 3.0]]},
+        {"restart_gamma": 0.05, "s_tmin": 0.01, "s_tmax": 1.0, "s_noise": 1.003},  # the official README's
+    ],
+)
+def test_passes_two_sample_test(kw, threshold, reference):
     res = ds.sample(GMM.model(SCHED), "restart", 30, shape=(N, 2), seed=0, dtype=torch.float64, **kw)
     d = mmd2(res.samples, reference)
-    print("restart", restarts, "nfe", res.nfe, "mmd2", d, "threshold", threshold)
+    print("restart", kw, "nfe", res.nfe, "mmd2", d, "threshold", threshold)
     assert d < threshold
 
 

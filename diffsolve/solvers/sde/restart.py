@@ -16,7 +16,7 @@ from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import alpha_sigma
 from ..ode.dpm2 import ScaledVariables, noise_level
-from ..ode.euler_heun import _sigma_derivative, _sigma_step
+from ..ode.euler_heun import S_TMAX, S_TMIN, _check_churn, _churn, _sigma_derivative, _sigma_step
 
 #: the paper's example configuration (the official code's README, CIFAR-10): one interval
 #: [t_min, t_max] = [0.06, 0.30] in EDM noise level, 3 points (2 Heun steps), restarted K = 2 times
@@ -72,7 +72,10 @@ class Restart(Solver):
         n - 1 Heun steps from s_max down to s_k on the EDM grid
             s_j = (s_max^(1/rho) + j/(n-1) (s_k^(1/rho) - s_max^(1/rho)))^rho,   j = 0 .. n-1
 
-    then the main process goes on from t_k. The forward step is the exact transition of the
+    then the main process goes on from t_k. With ``restart_gamma`` > 0 each restart Heun step is first
+    churned as EDM's Algorithm 2 (``heun``'s churn with gamma = restart_gamma where s_tmin <= s <= s_tmax),
+    as the official code does (its README runs gamma = 0.05, s_tmin = 0.01, s_tmax = 1, s_noise = 1.003).
+    The forward step is the exact transition of the
     variance-exploding process in y, so re-noising keeps the right marginal while the repeated
     backward ODE contracts the error accumulated so far (the paper's argument). With no restarts
     (``restarts=[]`` or K = 0) this is ``heun``. A Heun step ending at sigma = 0 is Euler (one call).
@@ -90,8 +93,15 @@ class Restart(Solver):
         what="a list of [n, K, s_min, s_max]",
         convert=restart_list,
     )
-    s_noise = Option(1.0, "a scale on the restart noise (the official code's S_noise)", low=0.0)
+    s_noise = Option(1.0, "a scale on the restart (and churn) noise (the official code's S_noise)", low=0.0)
     rho = Option(7.0, "the exponent of the restart intervals' EDM grid", low=0.0, low_open=True)
+    restart_gamma = Option(
+        0.0, "EDM churn gamma of the restart intervals' Heun steps (the official code's restart_gamma)", low=0.0
+    )
+    s_tmin = S_TMIN
+    s_tmax = S_TMAX
+
+    check_options = _check_churn
 
     def noise_options(self):
         return {"restarts": self.restarts} if any(k > 0 for _, k, _, _ in self.restarts) else {}
@@ -117,7 +127,8 @@ class Restart(Solver):
                     y = maps.y(x, t_next) + scale * noise.randn()
                     x = maps.x(y, times[0])
                     for j in range(pts - 1):
-                        x = yield from heun_step(x, times[j], times[j + 1], schedule, mu, i + 1)
+                        x, t_hat = _churn(self, x, times[j], self.restart_gamma, schedule, mu, noise)
+                        x = yield from heun_step(x, t_hat, times[j + 1], schedule, mu, i + 1)
         return x
 
 

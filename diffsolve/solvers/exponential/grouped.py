@@ -9,6 +9,8 @@ with the weights of :func:`.maths.ode_weights`.
 
 from __future__ import annotations
 
+import math
+
 from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
@@ -64,7 +66,8 @@ class GroupedSinglestep(Solver):
 
     where (decay, w0, w1, w2) are the step's exponential-integrator weights from s to the node reached
     (:func:`.maths.ode_weights`). One model call per grid step (the stages are the grid's own points);
-    order ``order`` per group.
+    order ``order`` per group. A group that would start where alpha = 0 (lambda = -inf, rectified flow's
+    t = 1) has no log-SNR for its stages: its first step is taken alone and the group starts at the next point.
     """
 
     order = Option(2, "the singlestep order (steps per group)", choices=(1, 2, 3))
@@ -95,6 +98,9 @@ class GroupedSinglestep(Solver):
             pred = yield Query(x, ts[i], step=i + 1)
             y = pred.x if mu is None else pred.x - mu
             k = orders[i]
+            if k > 1 and not math.isfinite(lam[start]):  # a group from alpha = 0 (t = 1 of rectified flow):
+                k = 1  # no log-SNR to place its stages in, so this step starts a new group
+            k = min(k, i - start + 1)  # (so a later step of that group has fewer stages)
             if k == 1:
                 start, y_s, q = i, y, []
             q.append(model_output(pred, mu, self.parameterization))

@@ -111,6 +111,16 @@ class Euler(Solver):
 
     The two agree for rectified flow. One model call per step; global order 1.
 
+    With ``space="sigma"`` the step takes x0 and eps as separate terms (``steps_with_pair``): it
+    steps from the state the pair composes, x~ = alpha x0 + (1 - alpha) mu + sigma eps (x itself for
+    a plain model), which makes it, in y = (x - mu)/alpha against s = sigma/alpha,
+
+        y_{i+1} = (x0 - mu) + s_{i+1} eps        (x_{i+1} = alpha' x0 + sigma' eps for diffusion and flow)
+
+    so under :class:`~diffsolve.guidance.CFGPlusPlus` (guided x0, unconditional eps; the name
+    ``euler-cfg-pp``) it is ComfyUI's ``sample_euler_cfg_pp``, the CFG++ DDIM step of Chung et al.
+    (2024, arXiv 2406.08070).
+
     With ``s_churn`` > 0 each step is first churned as EDM's stochastic sampler (Karras et al. 2022,
     Algorithm 2, with Euler for its Heun step; k-diffusion's ``sample_euler``): see ``heun``. The noise
     level s = sigma/alpha is raised to s_hat = (1 + gamma_i) s with gamma_i = min(s_churn/N, sqrt(2) - 1)
@@ -129,6 +139,10 @@ class Euler(Solver):
     check_options = _check_churn
     noise_options = _churn_noise
 
+    @property
+    def steps_with_pair(self) -> bool:  # type: ignore[override]
+        return self.space == "sigma"
+
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
         gamma_max = min(self.s_churn / n, math.sqrt(2.0) - 1.0) if n > 0 else 0.0
@@ -139,7 +153,7 @@ class Euler(Solver):
             if self.space == "t":
                 x = pred.x + (t_next - t) * pred.velocity
             else:
-                x = _sigma_step(pred.x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
+                x = _sigma_step(pred.pair_x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
         return x
 
 

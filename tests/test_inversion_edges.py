@@ -33,7 +33,8 @@ REFUSED = {
 #: ddim / euler 1.44, heun 1.40, dpmpp-3s 1.33, dpm-solver-2m 0.30, dpmpp-2m 0.29, mrs-ode 0.29,
 #: dpmpp-3m 0.28, dpm-2 0.24, unipc / unipc-bh2 0.27, unipc-bh1 0.28, mrs-pc 0.23, ipndm 0.24, ode-dopri5 0.27,
 #: res-multistep 0.29, gradient-estimation 0.54, exp-heun-2-x0 0.21, dpm-fast 0.41 (7 steps uniform in
-#: log-SNR for its 20 calls), deis 0.30, pndm 0.25 (29 calls), plms 0.25 (21 calls)
+#: log-SNR for its 20 calls), deis 0.30, pndm 0.25 (29 calls), plms 0.25 (21 calls), dpmpp-singlestep
+#: 0.65 (order 2)
 #: and ode-rk45 0.28 (rtol = atol = 1e-3: 44 + 74 to 92
 #: NFE); exact: rev-heun 3.9e-7, o-belm 9e-15, edict 6e-17, bdia and rex 0 to 1e-18 (their states are
 #: float64). The plain inversions are that far off because the held-out digits sit where the
@@ -55,6 +56,7 @@ BOUND = {
     "res-multistep": 0.4,
     "gradient-estimation": 0.7,
     "exp-heun-2-x0": 0.3,
+    "dpmpp-singlestep": 0.8,
     "mrs-pc": 0.3,
     "unipc": 0.4,
     "unipc-bh1": 0.4,

@@ -1,7 +1,7 @@
 """Stochastic fixed-grid solvers: Euler-Maruyama (:mod:`.euler_maruyama`), DDPM and IR-SDE posterior
 sampling (:mod:`.ddpm`), Score-SDE's predictor-corrector (:mod:`.pc`), the ancestral samplers of
 k-diffusion and ComfyUI (:mod:`.ancestral`) and the consistency-model samplers lcm and tcd
-(:mod:`.consistency`), and ComfyUI's exponential SDE samplers SEEDS / exp-heun-2-x0 (:mod:`.seeds`) and
-ER-SDE (:mod:`.er_sde`)."""
+(:mod:`.consistency`), ComfyUI's exponential SDE samplers SEEDS / exp-heun-2-x0 (:mod:`.seeds`) and
+ER-SDE (:mod:`.er_sde`), and restart sampling (:mod:`.restart`)."""
 
-from . import ancestral, consistency, ddpm, er_sde, euler_maruyama, pc, seeds  # noqa: F401
+from . import ancestral, consistency, ddpm, er_sde, euler_maruyama, pc, restart, seeds  # noqa: F401

@@ -244,3 +244,35 @@ def test_ancestral_on_rectified_flow_passes_two_sample_test(solver, steps, thres
     d = mmd2(res.samples, reference)
     print(solver, "rectified flow", steps, "mmd2", d, "threshold", threshold)
     assert d < threshold
+
+
+# ------------------------------------------------------------------ rectified flow from t = 1 (alpha = 0)
+SCALED = ["dpm-2", "res-multistep", "gradient-estimation", "exp-heun-2-x0"]
+SCALED_SDE = ["euler-ancestral", "dpm-2-ancestral", "res-multistep-ancestral", "seeds-2", "seeds-3", "er-sde"]
+
+
+@pytest.mark.parametrize("solver", SCALED)
+def test_starts_at_alpha_zero_and_converges(solver):
+    """The samplers stepping in sigma/alpha start from rectified flow's t = 1 (s infinite) with DDIM's
+    jump, the limit of their step: finite, converging to the exact flow map, the calls counted."""
+    flow = S.RectifiedFlow(t_min=1e-3)
+    model = GAUSS.model(flow)
+    x_T = GAUSS.marginal(flow.t_max, flow).sample(64, torch.Generator().manual_seed(0))
+    exact = GAUSS.flow_map(x_T, flow.t_max, flow.t_min, flow)
+    errs = []
+    for n in (20, 80):
+        res = ds.sample(model, solver, n, x_T=x_T, grid="uniform")
+        assert res.samples.isfinite().all()
+        assert res.nfe == 1 + (n - 1) * INFO[solver].calls_per_step  # the jump is one call
+        errs.append(float((res.samples - exact).abs().max()))
+    print(solver, "from t = 1: errors at 20 and 80 steps", errs)
+    assert errs[0] / errs[1] > 2 ** INFO[solver].order  # 4x the steps: at least half the order
+
+
+@pytest.mark.parametrize("solver", SCALED_SDE)
+def test_stochastic_ones_start_at_alpha_zero(solver, threshold, reference):
+    flow = S.RectifiedFlow()
+    res = ds.sample(GMM.model(flow), solver, 60, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform")
+    d = mmd2(res.samples, reference)
+    print(solver, "rectified flow from t = 1", "mmd2", d, "threshold", threshold)
+    assert d < threshold

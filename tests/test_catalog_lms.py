@@ -221,3 +221,28 @@ def test_invert_refuses_four_node_variable_step_weights():
         err = float((back.double() - x0.double()).abs().max())
         print(name, opts, "round trip", err)
         assert err < bound
+
+
+def test_ipndm_registered_order_is_the_measured_one():
+    """ipndm's registered order is what the closed-form Gaussian measures on log-SNR grids (2,
+    test_lms_order_on_log_snr_grid); lms and ipndm-v (the actual steps' AB weights) measure 4."""
+    assert solver_info("ipndm").order == 2
+    assert solver_info("lms").order == solver_info("ipndm-v").order == 4
+
+
+@pytest.mark.parametrize("name,opt", [("lms", "order"), ("ipndm-v", "max_order")])
+def test_refusal_to_invert_says_why(name, opt):
+    """At four nodes (their default) lms and ipndm-v refuse to invert, and say the true reason: their
+    variable-step weights are unstable run backwards, not that their steps only run down in time;
+    with three nodes they invert."""
+    slv = ds.get_solver(name)
+    assert not slv.runs_backward
+    from diffsolve.core.driver import check_invertible
+
+    with pytest.raises(ValueError) as err:
+        check_invertible(slv)
+    msg = str(err.value)
+    print(msg)
+    assert f"{opt}=4" in msg and "unstable run backwards" in msg and f"{opt}=3 or less" in msg
+    assert "only run down in time" not in msg and "rev-heun" in msg
+    assert ds.get_solver(name, **{opt: 3}).runs_backward

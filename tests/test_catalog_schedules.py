@@ -69,8 +69,8 @@ def test_comfyui_spellings_and_aliases():
     assert torch.equal(S.make_grid(s, 9, "exponential"), S.make_grid(s, 9, "log-snr"))
     # polyexponential with rho = 1 is exponential
     assert torch.allclose(S.make_grid(s, 9, "polyexponential"), S.make_grid(s, 9, "exponential"), rtol=1e-12)
-    with pytest.raises(ValueError, match="grid kind 'beta' is unknown"):
-        S.make_grid(s, 9, "beta")  # ComfyUI's beta is another grid than diffusers' beta sigmas
+    # ComfyUI's beta (quantiles in timestep) is another grid than diffusers' beta sigmas (linear in sigma)
+    assert not torch.allclose(S.make_grid(s, 9, "beta"), S.make_grid(s, 9, "beta-sigmas"), rtol=1e-3)
 
 
 def _closed(kind, r, s_max, s_min):
@@ -285,4 +285,4 @@ def test_cli_takes_the_names():
 
     assert grid_spec("kl_optimal") == "kl-optimal" and grid_spec("ays-sd1") == "ays-sd1"
     with pytest.raises(argparse.ArgumentTypeError, match="invalid grid"):
-        grid_spec("beta")
+        grid_spec("betas")

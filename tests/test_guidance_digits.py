@@ -40,8 +40,8 @@ def test_cfg_samples_are_the_requested_class():
 
 def test_cfgpp_gives_the_requested_classes_with_ddim_and_ddpm_and_other_solvers_refuse_it():
     """CFG++ steps a (guided x0, unconditional eps) pair: ddim / ddpm step with both and give the
-    requested classes; a solver stepping from x and x0 (dpmpp-2m: CFG at scale lambda) or x and eps
-    (euler, heun: the unconditional model) would not, so it is refused before the run."""
+    requested classes; a solver that does not step with both (heun's second stage steps from x and
+    x0: CFG at scale lambda) would not, so it is refused before the run."""
     model = ds.pretrained.load("digits-vp-cond")
     null = ds.pretrained.classes("digits-vp-cond")["null_class"]
     labels = torch.arange(20) % 10
@@ -54,11 +54,11 @@ def test_cfgpp_gives_the_requested_classes_with_ddim_and_ddpm_and_other_solvers_
             acc = float((classifier(x).argmax(1) == labels).float().mean())
         print(f"CFG++ (lambda 0.6) with {solver}, 10 steps: class accuracy {acc}")
         assert acc >= 0.9, solver
-    for solver in ("dpmpp-2m", "euler", "heun", "mrs-adaptive"):
+    for solver in ("heun", "dpmpp-2m-sde", "mrs-adaptive"):
         with pytest.raises(ValueError, match=f"solver '{solver}'.*use one of: ddim, ddpm"):
             ds.sample(cfgpp, solver, 10, **kw)
-    with pytest.raises(ValueError, match="solver 'dpmpp-2m'"):
-        ds.invert(cfgpp, "dpmpp-2m", torch.zeros(2, 1, 16, 16), 10, cond={"class_labels": labels[:2]})
+    with pytest.raises(ValueError, match="solver 'heun'"):
+        ds.invert(cfgpp, "heun", torch.zeros(2, 1, 16, 16), 10, cond={"class_labels": labels[:2]})
 
 
 @pytest.mark.parametrize("method,opts", [("dps", {}), ("inpaint", {})])

@@ -74,6 +74,9 @@ def load_config(path: str) -> list[str]:
             args += [flag] if value else []
         elif value is None:
             continue
+        elif key == "grid" and isinstance(value, list) and len(value) == 2 and isinstance(value[1], dict):
+            kind, params = value  # [kind, {parameters}]
+            args += ["--grid", ":".join([str(kind), *(f"{k}={json.dumps(v)}" for k, v in params.items())])]
         elif key == "grid" and isinstance(value, list):
             args += ["--grid", ",".join(str(v) for v in value)]
         else:

@@ -7,6 +7,7 @@ import argparse
 import math
 import platform
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ DTYPE_HELP = (
 DEFAULT_STEPS = 20
 DEFAULT_NUM_SAMPLES = 64
 DEFAULT_GUIDANCE = 3.0
+#: --guidance-scale's default with a CFG++ solver name: CFGPlusPlus's lambda
+DEFAULT_CFGPP_GUIDANCE = 0.6
 
 TIME_RANGE_HELP = (
     "the time range: sampling starts at t_max and ends at t_min (default: the schedule's; flow models "
@@ -64,20 +67,37 @@ def finite_float(text: str) -> float:
     return v
 
 
-def grid_spec(text: str) -> str | list[float]:
-    """A grid kind, or an explicit comma-separated descending list of times."""
+def grid_spec(text: str) -> str | tuple[str, dict[str, Any]] | list[float]:
+    """A grid kind, a kind with parameters (``KIND:KEY=VALUE[:KEY=VALUE...]``, values parsed as YAML:
+    ``karras:rho=5``, ``gits:coeff=1.15``, ``optimal-steps:model=wan``), or an explicit comma-separated
+    descending list of times."""
     if "," in text:
         try:
             return [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"an explicit grid is comma-separated numbers, got {text!r}") from None
     kinds = tuple(ds.schedules.ALL_GRID_KINDS)
+    name, *pairs = text.split(":")
     try:
-        return ds.schedules.grid_kind_name(text)
+        kind = ds.schedules.grid_kind_name(name)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid grid {text!r} (choose from {', '.join(map(repr, kinds))}, or give comma-separated times)"
+            f"invalid grid {text!r} (choose from {', '.join(map(repr, kinds))}, optionally with parameters "
+            "KIND:KEY=VALUE, or give comma-separated times)"
         ) from None
+    if not pairs:
+        return kind
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise argparse.ArgumentTypeError(f"grid parameters are KEY=VALUE after the kind, got {pair!r} in {text!r}")
+        key, value = parse_option(pair)
+        params[key] = value
+    try:
+        ds.schedules.grid_kind_params((kind, params))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return kind, params
 
 
 def add_run_flags(p: argparse.ArgumentParser, *, option_help: str, force_help: str) -> None:
@@ -172,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         type=grid_spec,
         default=None,
-        help=f"time grid: {', '.join(ds.schedules.ALL_GRID_KINDS)}, or comma-separated descending times "
+        help=f"time grid: {', '.join(ds.schedules.ALL_GRID_KINDS)}, with parameters as KIND:KEY=VALUE[:KEY=VALUE] "
+        "(karras:rho=5, gits:coeff=1.15, optimal-steps:model=wan), or comma-separated descending times "
         "(default: the schedule's)",
     )
     p.add_argument("--t-max", type=finite_float, default=None, metavar="T", help=TIME_RANGE_HELP)
@@ -209,11 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guidance-scale",
+        "--cfg",
+        dest="guidance_scale",
         type=float,
         default=None,
         metavar="S",
         help="classifier-free guidance scale for class-conditional models (default: 3; 1 = the "
-        "conditional model, no unconditional calls)",
+        "conditional model, no unconditional calls); with a CFG++ solver name (--solver "
+        "euler_cfg_pp, dpmpp-2m-cfg-pp, ...) CFG++'s lambda in [0, 1], as ComfyUI's cfg (default: 0.6)",
     )
     p.add_argument(
         "--config",

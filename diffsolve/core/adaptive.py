@@ -17,15 +17,17 @@ start). The loop, per iteration, on the rows still running (all of them in ``mod
     try        (x_low, x_high, E) = attempt(x, s, h)                  E = x_high - x_low unless given
     norm       err = controller.error_norm(E, x_ref, x_low)            x_ref: the reference of the row's
                                                                        last accepted step (below)
-               batch mode: err <- max over the batch (one step size for all)
-    decide     ok = err <= controller.accept
+               batch mode: err <- controller.pool(err) (the max or RMS over the batch: one step size)
+    decide     ok, f = controller.decide(err, history)                 (ok: err <= controller.accept by default)
     advance    s <- s +- h where ok (onto the end itself when within ``snap`` of it)
-    step size  h <- min(h * controller.factor(err, history), what is left of the clock)
+    step size  h <- min(h * f, what is left of the clock)
     keep       x <- x_high, x_ref <- x_high (``reference="high"``) or x_low (``"low"``) where ok;
                a rejected row keeps its state (as the model saw it) and retries with the smaller h
 
 and a row leaves the batch (``mode="per_sample"``: its later iterations cost no model rows) once its
-clock reaches the end. A step size below ``snap`` times the clock's span raises an error naming the
+clock reaches the end. With ``cap=False`` the loop carries the controller's proposal h * f as it is
+and each try takes min(h, what is left of the clock) (k-diffusion's ``dpm_adaptive``: a rejected last
+step then retries with its uncapped proposal times f). A step size below ``snap`` times the clock's span raises an error naming the
 tolerances. The counts ``accepted`` / ``rejected`` and, when asked, each row's accepted times come back
 in a :class:`LoopResult`.
 
@@ -129,6 +131,7 @@ def adaptive_loop(
     name: str,
     snap: float,
     reference: str = "high",
+    cap: bool = True,
 ) -> Generator[Query, Prediction, LoopResult]:
     """Step every row of ``x`` from ``clock.start`` to ``clock.end`` with ``tries`` under
     ``controller`` (which must hold ``rtol`` and ``atol``): the module docstring's loop. ``h_init``:
@@ -136,7 +139,8 @@ def adaptive_loop(
     ``name``: the solver's, for messages; ``snap``: the fraction of the span within which a step
     lands on the end, and below which a step size is an underflow; ``reference``: which solution of
     an accepted step scales the next step's error norm (``"high"``: the state the row continues
-    from; ``"low"``: Gotta Go Fast's x'_prev)."""
+    from; ``"low"``: Gotta Go Fast's x'_prev); ``cap``: whether the carried step size is capped by
+    what is left of the clock (the module docstring)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     if controller.rtol is None or controller.atol is None:
@@ -144,9 +148,9 @@ def adaptive_loop(
     b, dev, f64 = x.shape[0], x.device, torch.float64
     span = clock.span
     s = torch.full((b,), clock.start, dtype=f64, device=dev)
-    h = torch.full((b,), min(h_init, span), dtype=f64, device=dev)
+    h = torch.full((b,), min(h_init, span) if cap else h_init, dtype=f64, device=dev)
     x_ref = x.clone()
-    err_hist = controller.history(b, dev)
+    err_hist = controller.fresh_history(b, dev)
     accepted = torch.zeros(b, dtype=torch.long, device=dev)
     rejected = torch.zeros(b, dtype=torch.long, device=dev)
     times = clock.times
@@ -159,7 +163,8 @@ def adaptive_loop(
     while bool(clock.active(s).any()):
         it += 1
         rows = clock.active(s).nonzero().squeeze(1)
-        sr, hr = s[rows], h[rows]
+        sr, hp = s[rows], h[rows]
+        hr = hp if cap else torch.minimum(hp, clock.remaining(sr))  # the step this try takes
         if bool((hr < tiny).any()):
             raise RuntimeError(
                 f"{name}: the step size underflowed at {clock.label} {clock.laggard(sr):.6g} "
@@ -170,12 +175,12 @@ def adaptive_loop(
         error = step.high - step.low if step.error is None else step.error
         err = controller.error_norm(error, xp, step.low)
         if mode == "batch":
-            err = err.max().expand_as(err)
-        ok = controller.accepts(err)
+            err = controller.pool(err)
+        ok, f = controller.decide(err, err_hist[rows])
         last = hr >= clock.remaining(sr) - tiny
         s_new = torch.where(ok, torch.where(last, torch.full_like(sr, clock.end), clock.advance(sr, hr)), sr)
-        h_new = torch.minimum(hr * controller.factor(err, err_hist[rows]), clock.remaining(s_new))
-        h_new = torch.where(clock.active(s_new), h_new, hr)  # a finished row keeps its last h
+        h_new = torch.minimum(hr * f, clock.remaining(s_new)) if cap else hp * f
+        h_new = torch.where(clock.active(s_new), h_new, hp)  # a finished row keeps its last h
         okx = per_row(ok, xr).bool()
         x = x.index_copy(0, rows, torch.where(okx, step.high, xr))
         x_ref = x_ref.index_copy(0, rows, torch.where(okx, step.high if reference == "high" else step.low, xp))
@@ -235,7 +240,7 @@ class AdaptiveSolver(Solver):
         self._control = dataclasses.replace(self.controller, rtol=self.rtol, atol=self.atol)
 
     def _loop(
-        self, tries: Tries, x: Tensor, clock: Clock, *, snap: float, reference: str = "high"
+        self, tries: Tries, x: Tensor, clock: Clock, *, snap: float, reference: str = "high", cap: bool = True
     ) -> Generator[Query, Prediction, LoopResult]:
         """:func:`adaptive_loop` with this solver's controller, h_init, mode and name."""
         return adaptive_loop(
@@ -248,4 +253,5 @@ class AdaptiveSolver(Solver):
             name=self.name,
             snap=snap,
             reference=reference,
+            cap=cap,
         )

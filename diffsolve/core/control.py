@@ -42,6 +42,21 @@ class StepSizeController:
     PI term, no limits on the factor (its code caps h only by the time left), accept at err <= 1.
     With ``err = 0`` the factor is ``factor_max``. A rejected step always shrinks: its factor is at
     most safety * (accept / err)^exponent < 1 (as diffrax caps it on rejections).
+
+    Three switches reproduce other codes' controllers (k-diffusion's PIDStepSizeController, which
+    ``dpm-adaptive`` uses, takes all three):
+
+    ``accept_factor``  None: accept when err <= ``accept`` (above). A number in (0, 1]: accept when the
+                       (limited) factor f >= accept_factor, so the history takes part in the decision,
+                       and every try, accepted or not, multiplies h by f (a rejected one's f is below
+                       accept_factor <= 1, so it shrinks); k-diffusion's accept_safety.
+    ``start``          the (err_prev, err_prev2) before any accepted step: ``"one"`` (1, diffrax) or
+                       ``"first"`` (the first try's error norm, k-diffusion's).
+    ``offset``         added to every error norm before the factor is taken (k-diffusion's eps, 1e-8:
+                       it bounds the growth where the norms are tiny); default 0.
+    ``batch_norm``     how the loop's ``mode="batch"`` pools the rows' norms into one: ``"max"`` (every
+                       row within tolerance) or ``"rms"`` (the RMS over the rows, i.e. the RMS norm of
+                       the whole batch as one vector, as k-diffusion's).
     """
 
     safety: float = 0.9
@@ -54,6 +69,10 @@ class StepSizeController:
     accept: float = 1.0
     rtol: float | None = None
     atol: float | None = None
+    accept_factor: float | None = None
+    start: str = "one"
+    offset: float = 0.0
+    batch_norm: str = "max"
 
     def __post_init__(self):
         if not 0 < self.safety <= 1:
@@ -70,6 +89,15 @@ class StepSizeController:
             raise ValueError(f"limiter must be one of {', '.join(LIMITERS)}, got {self.limiter!r}")
         if not self.accept > 0:
             raise ValueError(f"accept must be > 0, got {self.accept}")
+        af = self.accept_factor
+        if af is not None and (isinstance(af, bool) or not isinstance(af, (int, float)) or not 0 < af <= 1):
+            raise ValueError(f"accept_factor must be None or in (0, 1], got {af!r}")
+        if not self.offset >= 0:
+            raise ValueError(f"offset must be >= 0, got {self.offset}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
+        if self.batch_norm not in BATCH_NORMS:
+            raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORMS)}, got {self.batch_norm!r}")
         for name in ("rtol", "atol"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
@@ -99,40 +127,68 @@ class StepSizeController:
         return (err / delta).double().flatten(1).pow(2).mean(dim=1).sqrt()
 
     def accepts(self, err: Tensor) -> Tensor:
-        """Which rows' steps are accepted ([B] bool)."""
+        """Which rows' steps the error rule accepts, err <= ``accept`` ([B] bool); with
+        ``accept_factor`` the decision is :meth:`decide`'s."""
         return err <= self.accept
+
+    def pool(self, err: Tensor) -> Tensor:
+        """The rows' norms pooled into one for ``mode="batch"`` (``batch_norm``), expanded to [B]."""
+        one = err.max() if self.batch_norm == "max" else err.double().pow(2).mean().sqrt().to(err.dtype)
+        return one.expand_as(err)
 
     @staticmethod
     def history(n: int, device=None) -> Tensor:
-        """A fresh [n, 2] record of (err_prev, err_prev2)."""
+        """A fresh [n, 2] record of (err_prev, err_prev2), all 1."""
         return torch.ones(n, 2, dtype=torch.float64, device=device)
+
+    def fresh_history(self, n: int, device=None) -> Tensor:
+        """The [n, 2] record a run starts with: :meth:`history`, or NaN (unset) with ``start="first"``,
+        which the first try's norm fills (:meth:`push`, and :meth:`decide` for that try itself)."""
+        if self.start == "one":
+            return self.history(n, device)
+        return torch.full((n, 2), math.nan, dtype=torch.float64, device=device)
 
     @staticmethod
     def push(history: Tensor, err: Tensor, ok: Tensor) -> Tensor:
-        """``history`` after the tries with norms ``err``: accepted rows shift ``err`` in."""
-        new = torch.stack([err.double().clamp_min(1e-10), history[:, 0]], 1)
+        """``history`` after the tries with norms ``err``: unset entries take ``err``, and accepted rows
+        shift ``err`` in."""
+        e = err.double().clamp_min(1e-10)
+        history = torch.where(history.isnan(), e[:, None], history)
+        new = torch.stack([e, history[:, 0]], 1)
         return torch.where(ok[:, None], new, history)
 
-    def factor(self, err: Tensor, history: Tensor | None = None) -> Tensor:
-        """The factor h_next / h for error norms ``err`` ([B]); ``history``: the rows' [B, 2]
-        (err_prev, err_prev2), or their [B] err_prev, or None (I-control)."""
+    def decide(self, err: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(accepted [B] bool, the factor h_next / h [B]) for error norms ``err`` ([B]); ``history``:
+        the rows' [B, 2] (err_prev, err_prev2), or their [B] err_prev, or None (I-control)."""
         with torch.no_grad():
+            e = err.double()
             # err^-a as exp(-a log err): Tensor.pow's vectorised and scalar paths differ in the last
             # bit, which would make a row's step sizes depend on its batch
-            f = self.safety * torch.exp(-self.exponent * err.double().log())
+            f = self.safety * torch.exp(-self.exponent * (e + self.offset).log())
             if history is not None:
                 hist = history.double().reshape(len(err), -1)
+                hist = torch.where(hist.isnan(), e.clamp_min(1e-10)[:, None], hist) + self.offset  # NaN: start="first"
                 if self.exponent_prev:
                     f = f * torch.exp(self.exponent_prev * hist[:, 0].log())
                 if self.exponent_prev2 and hist.shape[1] > 1:
                     f = f * torch.exp(-self.exponent_prev2 * hist[:, 1].log())
             if self.limiter == "atan":
                 f = 1.0 + torch.atan(f - 1.0)
-            # a rejected try must shrink (the PI / PID terms, or accept < 1, could say otherwise and
-            # retry the same step for ever): at most the I-part's factor towards err = accept
-            shrink = self.safety * torch.exp(-self.exponent * (err.double() / self.accept).log())
-            f = torch.where(self.accepts(err), f, torch.minimum(f, shrink))
-            return f.nan_to_num(nan=self.factor_max, posinf=self.factor_max).clamp(self.factor_min, self.factor_max)
+            if self.accept_factor is None:
+                ok = self.accepts(err)
+                # a rejected try must shrink (the PI / PID terms, or accept < 1, could say otherwise
+                # and retry the same step for ever): at most the I-part's factor towards err = accept
+                shrink = self.safety * torch.exp(-self.exponent * (e / self.accept).log())
+                f = torch.where(ok, f, torch.minimum(f, shrink))
+            else:  # accepted on the factor itself; a rejected try's f < accept_factor <= 1 shrinks
+                ok = f.nan_to_num(nan=0.0) >= self.accept_factor
+            return ok, f.nan_to_num(nan=self.factor_max, posinf=self.factor_max).clamp(self.factor_min, self.factor_max)
+
+    def factor(self, err: Tensor, history: Tensor | None = None) -> Tensor:
+        """The factor h_next / h for error norms ``err`` ([B]): :meth:`decide`'s."""
+        return self.decide(err, history)[1]
 
 
 MODES = ("per_sample", "batch")
+STARTS = ("one", "first")
+BATCH_NORMS = ("max", "rms")

@@ -20,7 +20,7 @@ from ..models.model import (
     same_device,
 )
 from ..schedules.base import check_range
-from ..schedules.grids import GridSpec, make_grid
+from ..schedules.grids import GridSpec, is_grid_kind, make_grid
 from .adjoint import require_reversible, reversible_sample
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
@@ -170,7 +170,8 @@ def sample(
         per sample (or one, for a batch of one). Same seed, device and dtype: the same samples,
         whatever the batch size, bitwise where the network's output for a row does not depend on
         the other rows it is called with (the oracles; any network with ``row_block``).
-    grid: a grid kind (``"uniform"``, ``"log-snr"``, ``"karras"``, ``"quadratic"``, ``"flow-shift"``)
+    grid: a grid kind (``"uniform"``, ``"log-snr"``, ``"karras"``, ... :data:`~diffsolve.schedules.ALL_GRID_KINDS`),
+        a kind with its parameters (``("karras", {"rho": 5})``, see :func:`~diffsolve.schedules.make_grid`)
         or an explicit descending list of times in the schedule's :attr:`~Schedule.time_range`
         (diffusers' integer timesteps are refused: convert them, or use ``DiffsolveScheduler``);
         default: the schedule's ``default_grid``.
@@ -215,7 +216,7 @@ def sample(
     """
     if isinstance(latent, Latent) and isinstance(solver, str) and solver_info(solver).name == latent.solver:
         solver_options = {**latent.options, **solver_options}  # the options it was made with
-    slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    model, slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     noise = slv.default_noise if noise is None else noise
     if row_block is not None:
         row_block = check_row_block(row_block)
@@ -341,7 +342,7 @@ def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) ->
     ends: dict[str, float | None] = {
         k: None if v is None else check_range(k, v) for k, v in (("t_max", t_max), ("t_min", t_min))
     }
-    explicit = grid is not None and not isinstance(grid, str)
+    explicit = grid is not None and not is_grid_kind(grid)
     if not explicit:
         lo = schedule.t_min if ends["t_min"] is None else ends["t_min"]
         hi = schedule.t_max if ends["t_max"] is None else ends["t_max"]
@@ -506,8 +507,10 @@ def _first_call_error(e: RuntimeError, counter: NFECounter, x: Tensor) -> None:
 
 
 def _start(model, solver, steps, num_inference_steps, solver_options):
-    """Checks shared by sample and invert: (solver instance, registry entry, fixed grid?, steps).
-    The model may refuse the solver (:meth:`DiffusionModel.check_solver`: the guidance wrappers)."""
+    """Checks shared by sample and invert: (model to run, solver instance, registry entry, fixed
+    grid?, steps). The model answers for the solver (:meth:`DiffusionModel.for_solver`: a CFG++
+    name's solver runs classifier-free guidance as CFG++) and may refuse it
+    (:meth:`DiffusionModel.check_solver`: the guidance wrappers)."""
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
     if num_inference_steps is not None:
@@ -515,8 +518,9 @@ def _start(model, solver, steps, num_inference_steps, solver_options):
             raise ValueError("give steps or num_inference_steps, not both")
         steps = num_inference_steps
     slv = resolve_solver(solver, solver_options)
+    model = model.for_solver(slv)
     model.check_solver(slv)
-    return (slv, *_info(slv), steps)
+    return (model, slv, *_info(slv), steps)
 
 
 def _info(slv: Solver):
@@ -557,8 +561,7 @@ def check_invertible(slv: Solver) -> None:
     if not slv.runs_backward:
         exact = ", ".join(i.name for i in registered() if i.invertible)
         raise ValueError(
-            f"solver {slv.name!r} cannot invert: its steps only run down in time, from t_max to "
-            f"t_min, not on the ascending grid an inversion runs. Use a reversible solver, which "
+            f"solver {slv.name!r} cannot invert: {slv.backward_refusal}. Use a reversible solver, which "
             f"inverts exactly ({exact}; the default is {DEFAULT_INVERSION_SOLVER!r}), or a fixed-grid "
             "one run backwards (ddim, dpmpp-2m, mrs-pc ...)"
         )
@@ -599,7 +602,7 @@ def invert(
     result to disk.
     """
     x0, like = _state_arg(x0, "x0")
-    slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    model, slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
     check_invertible(slv)
     shape = _check_shape(x0.shape)
     device = _run_device(model, device, like, "x0's device")

@@ -59,14 +59,22 @@ class Solver:
 
     name: str = "solver"
     default_noise: str = "gaussian"  # the driver's noise kind when the caller names none
-    #: True for solvers whose step is alpha' x0 + sigma' eps (+ noise) with the prediction's own x0 and
-    #: eps, so a pair that is not consistent with x (``Prediction.from_pair``: CFG++) is stepped as given
+    #: True for solvers that step with the prediction's x0 and eps as separate terms (alpha' x0 +
+    #: sigma' eps + ..., from ``Prediction.pair_x`` rather than x), so a pair that is not consistent
+    #: with x (``Prediction.from_pair``: CFG++) is stepped as given; may be a property of the options
     steps_with_pair: bool = False
+    #: set by the registry on a solver got by a CFG++ name (``euler-cfg-pp``, ComfyUI's
+    #: ``euler_cfg_pp``): the run needs CFG++ (``DiffusionModel.for_solver``)
+    cfg_pp: bool = False
     #: whether ``run`` also steps on an ascending grid (from t_min to t_max): what the default
     #: :meth:`run_inverse` (and so :func:`diffsolve.invert`) does. False
     #: for solvers whose loop only goes down in time (an adaptive one that steps until it reaches
     #: the grid's lower end); ``invert`` refuses those, naming them.
     runs_backward: bool = True
+    #: why the steps cannot run backwards where :attr:`runs_backward` is False (``invert`` says it)
+    backward_refusal: str = (
+        "its steps only run down in time, from t_max to t_min, not on the ascending grid an inversion runs"
+    )
 
     def __init__(self, **options: Any):
         """Takes the options the class declares (:class:`~diffsolve.core.options.Option` class

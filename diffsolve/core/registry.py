@@ -125,21 +125,54 @@ def register(
     return deco
 
 
+#: the ending of a CFG++ name: ``<solver>-cfg-pp`` (ComfyUI's ``euler_cfg_pp``) is ``<solver>`` run under
+#: :class:`~diffsolve.guidance.CFGPlusPlus`, for the solvers that step with the (x0, eps) pair
+CFG_PP = "-cfg-pp"
+
+
+def cfg_pp_base(name: str) -> str | None:
+    """The registry name ``name`` is the CFG++ name of (``euler_cfg_pp`` -> ``euler``), else None."""
+    key = normalize(name)
+    if _ALIASES.get(key, key) in _REGISTRY or not key.endswith(CFG_PP):
+        return None
+    base = key[: -len(CFG_PP)]
+    return _ALIASES.get(base, base)
+
+
 def solver_info(name: str) -> SolverInfo:
-    """The registry entry for ``name``; an unknown name gets the closest names in the error."""
+    """The registry entry for ``name``; an unknown name gets the closest names in the error. A CFG++
+    name (``<solver>-cfg-pp``) finds its solver's entry."""
     if not isinstance(name, str):
         raise TypeError(f"solver must be a name (str) or a Solver, got {type(name).__name__}")
     key = normalize(name)
     key = _ALIASES.get(key, key)
     if key in _REGISTRY:
         return _REGISTRY[key]
+    base = cfg_pp_base(name)
+    if base is not None and base in _REGISTRY:
+        return _REGISTRY[base]
     close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"unknown solver {name!r}{hint} Known solvers: {', '.join(sorted(_REGISTRY))}")
 
 
 def get_solver(name: str, **options: Any) -> Solver:
-    """Instantiate the solver ``name`` with ``options``; bad option names get a clear error."""
+    """Instantiate the solver ``name`` with ``options``; bad option names get a clear error.
+
+    A CFG++ name, ``<solver>-cfg-pp`` (ComfyUI's ``euler_cfg_pp``, ``dpmpp_2m_cfg_pp``, ...), gives
+    ``<solver>`` flagged ``cfg_pp`` (named ``<solver>-cfg-pp``): :func:`diffsolve.sample` then runs it
+    under :class:`~diffsolve.guidance.CFGPlusPlus` (see :meth:`DiffusionModel.for_solver`). Only
+    solvers that step with the (x0, eps) pair (``steps_with_pair``) have one."""
+    base = cfg_pp_base(name)
+    if base is not None and base in _REGISTRY:
+        solver = get_solver(base, **options)
+        if not solver.steps_with_pair:
+            raise ValueError(
+                f"no CFG++ solver {name!r}: {base!r}{_given(solver)} does not step with x0 and eps as "
+                f"separate terms; CFG++ names: {', '.join(n + CFG_PP for n in pair_solvers())}"
+            )
+        solver.cfg_pp, solver.name = True, base + CFG_PP
+        return solver
     info = solver_info(name)
     allowed = info.options
     aliases = {k for k, s in declared(info.cls).items() if s.alias_of is not None}
@@ -161,6 +194,17 @@ def get_solver(name: str, **options: Any) -> Solver:
 
 def registered() -> list[SolverInfo]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def pair_solvers() -> list[str]:
+    """The entries that step with the (x0, eps) pair at their default options (``steps_with_pair``,
+    which may depend on the options): those CFG++ works with."""
+    return [i.name for i in registered() if get_solver(i.name).steps_with_pair]
+
+
+def _given(solver: Solver) -> str:
+    opts = {k: getattr(solver, k) for k in sorted(getattr(solver, "given", ()))}
+    return f" ({', '.join(f'{k}={v!r}' for k, v in opts.items())})" if opts else ""
 
 
 class SolverTable(list):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core.protocol import take_rows
-from ..core.registry import registered
+from ..core.registry import pair_solvers
 from ..models.model import DiffusionModel, NFECounter, Prediction
 
 Tensor = torch.Tensor
@@ -160,6 +160,24 @@ class ClassifierFreeGuidance(GuidedModel):
         if self.uncond is not None:
             model.check_cond(self.uncond, "uncond")  # the unconditional call needs them too
 
+    def for_solver(self, solver) -> DiffusionModel:
+        """A solver got by a CFG++ name (``solver.cfg_pp``: ``euler-cfg-pp``, ComfyUI's
+        ``euler_cfg_pp``) runs under :class:`CFGPlusPlus` with this guidance scale as its lambda, the
+        same uncond inputs and interval: ComfyUI's cfg_pp samplers read the cfg value so, guiding the
+        denoised prediction U + cfg (C - U) that renoises with the unconditional one; lambda must be
+        in [0, 1]. Other solvers run with this model."""
+        if not getattr(solver, "cfg_pp", False) or isinstance(self, CFGPlusPlus):
+            return self
+        if self.guidance_rescale != 0:
+            raise ValueError(f"solver {solver.name!r} is a CFG++ sampler: CFG++ has no guidance_rescale")
+        try:
+            return CFGPlusPlus(self.inner, self.guidance_scale, uncond=self.uncond, interval=self.interval)
+        except ValueError as e:
+            raise ValueError(
+                f"solver {solver.name!r} runs this ClassifierFreeGuidance as CFGPlusPlus, with its "
+                f"guidance_scale as lambda: {e}"
+            ) from None
+
     def skips_uncond(self) -> bool:
         """Whether the guided prediction is the conditional one everywhere."""
         return self.guidance_scale == 1.0 and self.guidance_rescale == 0.0
@@ -228,9 +246,18 @@ class CFGPlusPlus(ClassifierFreeGuidance):
     so a DDIM step alpha' x0 + sigma' eps is the paper's CFG++ DDIM step (with eta > 0, or ``ddpm``,
     its ancestral form). The pair is deliberately inconsistent (x != alpha x0 + sigma eps), so only
     solvers that step with x0 and eps as separate terms (``steps_with_pair``: ``ddim``, ``ddpm``,
-    ``irsde-posterior``) take it as meant; the others are refused before the run (a solver stepping
-    from x and x0, such as ``dpmpp-2m``, would see CFG at scale lambda <= 1; one stepping from x and
-    eps, such as ``euler`` or ``heun``, the unconditional model). lambda = 0 is unconditional DDIM.
+    ``euler``, ``euler-ancestral``, ``dpmpp-2m``, ``res-multistep``, ``res-multistep-ancestral``,
+    ``gradient-estimation``, ...; :func:`diffsolve.core.registry.pair_solvers`) take it as meant;
+    the others are refused before the run (a solver stepping from x and x0, such as ``heun``'s
+    second stage, would see CFG at scale lambda <= 1; one stepping from x and eps the unconditional
+    model). lambda = 0 is the unconditional model.
+
+    ComfyUI's cfg_pp samplers (``euler_cfg_pp``, ``euler_ancestral_cfg_pp``, ``dpmpp_2m_cfg_pp``,
+    ``res_multistep_cfg_pp``, ``res_multistep_ancestral_cfg_pp``, ``gradient_estimation_cfg_pp``)
+    are these solvers under this wrapper, also by those names (``ds.sample(cfg, "euler_cfg_pp")``
+    with a :class:`ClassifierFreeGuidance` ``cfg`` runs it as CFGPlusPlus). ComfyUI's cfg value is
+    lambda itself: it guides the denoised prediction, U + cfg (C - U), which for an affine
+    parameterisation is the x0 of eps_lambda above, and renoises with the unconditional one.
     """
 
     def __init__(
@@ -250,7 +277,7 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
     def check_solver(self, solver) -> None:
         if not getattr(solver, "steps_with_pair", False):
-            ok = ", ".join(i.name for i in registered() if getattr(i.cls, "steps_with_pair", False))
+            ok = ", ".join(pair_solvers())
             raise ValueError(
                 f"CFGPlusPlus does not work with solver {solver.name!r}: it does not step with x0 and "
                 f"eps as separate terms, so CFG++'s (guided x0, unconditional eps) pair would not "
@@ -261,7 +288,7 @@ class CFGPlusPlus(ClassifierFreeGuidance):
     def combine(self, c, u, rows):
         g = super().combine(c, u, rows)
         eps = u.eps if rows is None else c.eps.index_copy(0, rows, u.eps)
-        return Prediction.from_pair(c.x, c.t, g.x0, eps, self.schedule, c.mu)
+        return Prediction.from_pair(c.x, c.t, g.x0, eps, self.schedule, c.mu, renoise=True)
 
 
 class ClassifierGuidance(GuidedModel):

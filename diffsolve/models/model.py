@@ -176,18 +176,34 @@ class Prediction:
         self.mu = mu
         self._x0_eps: tuple[Tensor, Tensor] | None = None
         self._pair_given = False  # _x0_eps given by from_pair (not derived from output)
+        self._renoise = False  # from_pair(renoise=True): solvers step from the state the pair composes
         self._coefs: Coefs | None = None
 
     @classmethod
     def from_pair(
-        cls, x: Tensor, t, x0: Tensor, eps: Tensor, schedule: Schedule, mu: Tensor | None = None
+        cls,
+        x: Tensor,
+        t,
+        x0: Tensor,
+        eps: Tensor,
+        schedule: Schedule,
+        mu: Tensor | None = None,
+        *,
+        renoise: bool = False,
     ) -> Prediction:
         """A prediction given by its (x0, eps) pair, which need not satisfy x = alpha x0 + sigma eps
         (CFG++ and thresholding step with a data part and a noise part from different sources).
-        ``output`` is x0; every other parameterisation is derived from the pair."""
+        ``output`` is x0; every other parameterisation is derived from the pair.
+
+        ``renoise=True`` (CFG++): x0 is the point to denoise toward and eps the noise to renoise
+        with, so the solvers that step with the pair (``Solver.steps_with_pair``) step from the state
+        they compose (:attr:`pair_x`) and keep the prediction eps makes at x as their history
+        (:meth:`eps_prediction`). Otherwise (thresholding, clipping) they step from x with this x0
+        and eps, as diffusers' schedulers do with a thresholded x0."""
         pred = cls(x, t, x0, "x0", schedule, mu)
         pred._x0_eps = (x0, eps)
         pred._pair_given = True
+        pred._renoise = bool(renoise)
         return pred
 
     def rebased(self, x: Tensor, mu: Tensor | None = None) -> Prediction:
@@ -196,7 +212,9 @@ class Prediction:
         :meth:`from_pair`) cast to x's dtype; every other form is derived afresh in that dtype."""
         if self._pair_given:
             x0, eps = self._pair()  # the pair as given
-            return Prediction.from_pair(x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu)
+            return Prediction.from_pair(
+                x, self.t, x0.to(x.dtype), eps.to(x.dtype), self.schedule, mu, renoise=self._renoise
+            )
         return Prediction(x, self.t, self.output.to(x.dtype), self.kind, self.schedule, mu)
 
     def rows(self, index: Tensor | slice) -> Prediction:
@@ -206,7 +224,9 @@ class Prediction:
         mu = self.mu[index] if isinstance(self.mu, Tensor) and self.mu.ndim > 0 and self.mu.shape[0] > 1 else self.mu
         if self._pair_given:
             x0, eps = self._pair()  # the pair as given
-            return Prediction.from_pair(self.x[index], t, x0[index], eps[index], self.schedule, mu)
+            return Prediction.from_pair(
+                self.x[index], t, x0[index], eps[index], self.schedule, mu, renoise=self._renoise
+            )
         return Prediction(self.x[index], t, self.output[index], self.kind, self.schedule, mu)
 
     @property
@@ -274,6 +294,26 @@ class Prediction:
         """The probability-flow ODE drift dx/dt at (x, t): alpha' (x0 - mu) + sigma' eps (the
         flow-matching velocity on rectified flow). Not the v-prediction target (:attr:`v`)."""
         return self._as("velocity")
+
+    @property
+    def pair_x(self) -> Tensor:
+        """The state the solvers that step with the pair (``Solver.steps_with_pair``) step from: for a
+        pair given by :meth:`from_pair` with ``renoise=True`` (CFG++) the state it composes,
+        alpha x0 + (1 - alpha) mu + sigma eps, so that CFG++'s (guided x0, unconditional eps) pair
+        gives its renoised step; otherwise ``x`` itself (the same tensor)."""
+        if not self._renoise:
+            return self.x
+        x0, eps = self._pair()
+        return compose(x0, eps, self.coefs.alpha, self.coefs.sigma, self._mu)
+
+    def eps_prediction(self) -> Prediction:
+        """For a pair given by :meth:`from_pair` with ``renoise=True`` (CFG++), the consistent
+        prediction its eps alone makes at x (x0 = (x - (1 - alpha) mu - sigma eps) / alpha): CFG++'s
+        unconditional prediction, which multistep solvers keep as their history. Otherwise, and where
+        alpha = 0 (x then holds nothing of x0), this prediction itself."""
+        if not self._renoise or bool((self.coefs.alpha <= 0).any()):
+            return self
+        return Prediction(self.x, self.t, self._pair()[1], "eps", self.schedule, self.mu)
 
     def state_at(self, alpha, sigma, eps: Tensor | None = None) -> Tensor:
         """alpha x0 + (1 - alpha) mu + sigma eps, with this prediction's x0 (and eps unless given)."""
@@ -405,6 +445,20 @@ class DiffusionModel:
         """Raise if this model cannot be sampled with ``solver`` (a Solver): :func:`diffsolve.sample`
         and :func:`diffsolve.invert` ask before the run. A plain model takes any solver; guidance
         wrappers may refuse some (CFG++ needs a solver that steps with the (x0, eps) pair)."""
+
+    def for_solver(self, solver: Any) -> DiffusionModel:
+        """The model to run ``solver`` (a Solver) with: this one, asked before :meth:`check_solver`
+        by :func:`diffsolve.sample` and :func:`diffsolve.invert`. A solver got by a CFG++ name
+        (``solver.cfg_pp``: ``euler-cfg-pp``, ComfyUI's ``euler_cfg_pp``) needs classifier-free
+        guidance: :class:`~diffsolve.guidance.ClassifierFreeGuidance` answers with its
+        :class:`~diffsolve.guidance.CFGPlusPlus` twin; any other model refuses it here."""
+        if getattr(solver, "cfg_pp", False):
+            raise ValueError(
+                f"solver {solver.name!r} is a CFG++ sampler: give a classifier-free guided model, "
+                "ds.guidance.CFGPlusPlus(model, lam, uncond=...) (or ClassifierFreeGuidance(model, lam, "
+                f"uncond=...), which it then runs as CFGPlusPlus), or use {solver.name[: -len('-cfg-pp')]!r}"
+            )
+        return self
 
     def check_inputs(self, mu: Tensor | None = None, cond: Any = None, uncond: Any = None) -> None:
         """Refuse a run that lacks an input the network needs (:attr:`requires`), with a ValueError

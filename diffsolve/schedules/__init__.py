@@ -6,7 +6,16 @@ Every schedule has the form x_t = alpha(t) x_0 + (1 - alpha(t)) mu + sigma(t) ep
 
 from .base import Schedule
 from .flow import RectifiedFlow
-from .grids import ALL_GRID_KINDS, GRID_KINDS, check_grid, grid_kind_name, make_grid
+from .grids import (
+    ALL_GRID_KINDS,
+    GRID_KINDS,
+    GRID_PARAMS,
+    check_grid,
+    grid_kind_name,
+    grid_kind_params,
+    is_grid_kind,
+    make_grid,
+)
 from .mean_reverting import OUVE, MeanReverting
 from .ve import EDM, VE
 from .vp import SubVP, VPCosine, VPDiscrete, VPLinear
@@ -15,6 +24,7 @@ __all__ = [
     "ALL_GRID_KINDS",
     "EDM",
     "GRID_KINDS",
+    "GRID_PARAMS",
     "OUVE",
     "VE",
     "MeanReverting",
@@ -26,5 +36,7 @@ __all__ = [
     "VPLinear",
     "check_grid",
     "grid_kind_name",
+    "grid_kind_params",
+    "is_grid_kind",
     "make_grid",
 ]

@@ -17,26 +17,41 @@ Every grid is a 1-D float64 CPU tensor of ``steps + 1`` strictly decreasing time
   it), ``"polyexponential"`` (``rho``, default 1), ``"vp"``, ``"kl-optimal"``, ``"laplace"`` (``mu``
   = 0, ``beta`` = 0.5), ``"beta-sigmas"`` (``alpha`` = ``beta`` = 0.6), and ``"linear-quadratic"``
   (Mochi, affinely in t). ComfyUI's spellings with underscores (``"kl_optimal"``) name the same kinds.
-- kinds read off a model's own noise levels (:data:`MODEL_GRID_KINDS`): ComfyUI's ``"simple"``,
-  ``"sgm-uniform"``, ``"normal"`` and ``"ddim-uniform"`` on a :class:`~diffsolve.schedules.VPDiscrete`
-  schedule's table, and Align Your Steps' tables ``"ays-sd1"``, ``"ays-sdxl"`` (Stable Diffusion's
-  discrete schedule, 14.6146 .. 0.0292) and ``"ays-svd"`` (EDM noise levels 700 .. 0.002),
-  log-linearly interpolated to any step count. These start where the kind starts (``t_max`` may
-  not be moved) and end, as ComfyUI's lists do, at noise level 0 (t = 0) unless ``t_min`` is given;
-  any other schedule is refused.
+- kinds read off a discrete model's training timesteps (:data:`DISCRETE_GRID_KINDS`, on a
+  :class:`~diffsolve.schedules.VPDiscrete` schedule's table): ComfyUI's ``"simple"``,
+  ``"sgm-uniform"``, ``"normal"``, ``"ddim-uniform"``, ``"beta"`` (Beta(``alpha``, ``beta``)
+  quantiles in timestep, 0.6 and 0.6; not diffusers' ``"beta-sigmas"``) and ``"sd-turbo"``
+  (timesteps 999, 899, .., 99), and diffusers' ``timestep_spacing`` ``"leading"`` (``steps_offset``),
+  ``"trailing"`` and ``"linspace"`` (``rounded`` as DDIM rounds it).
+- published tables (:data:`TABLE_GRID_KINDS`, in :mod:`diffsolve.schedules.tables`), log-linearly
+  interpolated to other step counts: Align Your Steps' ``"ays-sd1"``, ``"ays-sdxl"`` (Stable
+  Diffusion's discrete schedule, 14.6146 .. 0.0292) and ``"ays-svd"`` (EDM noise levels 700 ..
+  0.002); GITS' ``"gits"`` (``coeff`` 0.80 .. 1.50, default 1.20; rows for 2 .. 20 steps, past 20 the
+  20-step row interpolated; Stable Diffusion 1.x's range); OptimalSteps' ``"optimal-steps"``
+  (``model`` ``"flux"``, ``"wan"`` or ``"chroma"``; flow noise levels, on a
+  :class:`~diffsolve.schedules.RectifiedFlow`). A schedule other than the table's is refused unless
+  ``force=True``, which uses the table's noise levels as they are.
+
+  These model kinds start where the kind starts (``t_max`` may not be moved) and end, as ComfyUI's
+  and diffusers' lists do, at noise level 0 (t = 0) unless ``t_min`` is given.
 - an explicit list or tensor of times (checked to be finite and strictly decreasing).
+
+A kind's parameters are given as keywords of :func:`make_grid` or, wherever a grid is named
+(``ds.sample(grid=...)``, ``DiffsolveScheduler(steps_grid=...)``), as a ``(kind, {parameters})``
+pair: ``("karras", {"rho": 5})``; on the command line ``--grid karras:rho=5``.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from . import named_grids as ng
-from .base import Schedule, as_time
+from .base import Schedule, Tensor, as_time
 from .vp import VPDiscrete
 
 GRID_KINDS = (
@@ -54,11 +69,41 @@ GRID_KINDS = (
 )
 #: kinds that hold only on some ranges: ``"laplace"`` clamps, so a narrow range repeats its ends
 RANGE_GRID_KINDS = ("laplace",)
-#: kinds read off one model's noise levels (a discrete table, or Align Your Steps' tables)
-MODEL_GRID_KINDS = ("simple", "sgm-uniform", "normal", "ddim-uniform", *ng.AYS_TABLES)
+#: kinds read off a discrete model's table of training timesteps (:class:`~diffsolve.schedules.VPDiscrete`)
+DISCRETE_GRID_KINDS = (
+    "simple",
+    "sgm-uniform",
+    "normal",
+    "ddim-uniform",
+    "beta",
+    "sd-turbo",
+    "leading",
+    "trailing",
+    "linspace",
+)
+#: published tables of noise levels, each for the models it was tuned on (``force=True`` for others)
+TABLE_GRID_KINDS = (*ng.AYS_TABLES, "gits", "optimal-steps")
+#: kinds read off one model's noise levels (a discrete table, or a published table)
+MODEL_GRID_KINDS = DISCRETE_GRID_KINDS + TABLE_GRID_KINDS
 ALL_GRID_KINDS = GRID_KINDS + RANGE_GRID_KINDS + MODEL_GRID_KINDS
 #: other names of the same grids
 GRID_ALIASES = {"exponential": "log-snr"}
+#: the parameters each kind takes (as keywords of :func:`make_grid`, or in a ``(kind, {params})`` pair)
+GRID_PARAMS: dict[str, tuple[str, ...]] = {
+    "karras": ("rho",),
+    "polyexponential": ("rho",),
+    "flow-shift": ("shift",),
+    "vp": ("beta_d", "beta_min", "eps_s"),
+    "laplace": ("mu", "beta"),
+    "beta-sigmas": ("alpha", "beta"),
+    "linear-quadratic": ("threshold_noise", "linear_steps"),
+    "beta": ("alpha", "beta"),
+    "leading": ("steps_offset",),
+    "linspace": ("rounded",),
+    **dict.fromkeys(ng.AYS_TABLES, ("force",)),
+    "gits": ("coeff", "force"),
+    "optimal-steps": ("model", "force"),
+}
 
 
 def grid_kind_name(kind: str) -> str:
@@ -72,7 +117,37 @@ def grid_kind_name(kind: str) -> str:
     return name
 
 
-GridSpec = str | Sequence[float] | torch.Tensor
+def is_grid_kind(grid) -> bool:
+    """Whether ``grid`` names a kind (a name, or a ``(name, {parameters})`` pair) rather than listing times."""
+    return isinstance(grid, str) or (
+        isinstance(grid, (tuple, list)) and len(grid) == 2 and isinstance(grid[0], str) and isinstance(grid[1], Mapping)
+    )
+
+
+def grid_kind_params(grid) -> tuple[str, dict[str, Any]] | None:
+    """``(canonical kind, parameters)`` of a grid kind given by name (``"karras"``) or as a pair of a
+    name and its parameters (``("karras", {"rho": 5})``, or a list, as a JSON config stores it); None
+    for an explicit grid of times. Unknown kinds and parameters the kind does not take are refused."""
+    if isinstance(grid, str):
+        return grid_kind_name(grid), {}
+    if is_grid_kind(grid):
+        kind = grid_kind_name(grid[0])
+        params = dict(grid[1])
+        _check_params(kind, params)
+        return kind, params
+    return None
+
+
+def _check_params(kind: str, params: Mapping[str, Any]) -> None:
+    allowed = GRID_PARAMS.get(kind, ())
+    for k in params:
+        if k not in allowed:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
+            raise ValueError(f"grid kind {kind!r} {takes}; got {k!r}")
+
+
+#: a grid kind's name, a ``(name, {parameters})`` pair, or an explicit list or tensor of times
+GridSpec = str | tuple[str, Mapping[str, Any]] | Sequence[float] | torch.Tensor
 
 
 def _check_steps(steps) -> int:
@@ -161,36 +236,51 @@ def make_grid(
     *,
     t_max: float | None = None,
     t_min: float | None = None,
-    rho: float | None = None,
-    shift: float = 3.0,
-    mu: float = 0.0,
-    beta: float | None = None,
-    alpha: float = 0.6,
+    **params: Any,
 ) -> torch.Tensor:
     """A descending grid of ``steps + 1`` times for ``schedule`` (see the module docstring).
 
-    Options of some kinds: ``rho`` (``"karras"``: 7, ``"polyexponential"``: 1), ``shift``
-    (``"flow-shift"``), ``mu`` and ``beta`` (``"laplace"``: 0 and 0.5), ``alpha`` and ``beta``
-    (``"beta-sigmas"``: 0.6 and 0.6).
+    ``kind`` is a kind's name, a ``(name, {parameters})`` pair (``("karras", {"rho": 5})``), or an
+    explicit list of times; parameters may also be passed as keywords (``rho=5``). Each kind takes
+    only its own (:data:`GRID_PARAMS`): ``rho`` (``"karras"``: 7, ``"polyexponential"``: 1), ``shift``
+    (``"flow-shift"``: 3), ``beta_d``, ``beta_min`` (``"vp"``: 19.9, 0.1) and ``eps_s`` (``"vp"``: when
+    given, k-diffusion's own ends tau = 1 .. eps_s instead of the schedule's), ``mu`` and ``beta``
+    (``"laplace"``: 0 and 0.5), ``alpha`` and ``beta`` (``"beta-sigmas"`` and ``"beta"``: 0.6 and 0.6),
+    ``threshold_noise`` and ``linear_steps`` (``"linear-quadratic"``: 0.025 and steps // 2),
+    ``steps_offset`` (``"leading"``: 0), ``rounded`` (``"linspace"``: False), ``coeff`` (``"gits"``:
+    1.20), ``model`` (``"optimal-steps"``: ``"flux"``, ``"wan"`` or ``"chroma"``) and ``force`` (the
+    tabulated kinds: use the table on a model it was not made for).
 
     ``kind`` defaults to ``schedule.default_grid``. An explicit grid ignores ``steps``, ``t_max``
     and ``t_min`` (but if ``steps`` is given it must match).
     """
     if kind is None:
         kind = schedule.default_grid
-    if not isinstance(kind, str):
+    named = grid_kind_params(kind)
+    if named is None:
+        if params:
+            raise ValueError(f"an explicit grid takes no grid parameters, got {', '.join(params)}")
         g = check_grid(kind)
         if steps is not None and _check_steps(steps) != len(g) - 1:
             raise ValueError(f"steps={steps} does not match the explicit grid of {len(g)} times ({len(g) - 1} steps)")
         check_times_in(schedule, g, ["grid"])
         return g
-    kind = grid_kind_name(kind)
+    kind, given = named
+    _check_params(kind, params)
+    both = sorted(set(given) & set(params))
+    if both:
+        raise ValueError(f"grid parameter(s) {', '.join(both)} given twice (in the grid pair and as keywords)")
+    p = {**given, **params}
     kind = GRID_ALIASES.get(kind, kind)
     if steps is None:
         raise ValueError("steps is required unless an explicit grid is given")
     n = _check_steps(steps)
     if kind in MODEL_GRID_KINDS:
-        return _model_grid(schedule, n, kind, t_max, t_min)
+        return _model_grid(schedule, n, kind, t_max, t_min, p)
+    if kind == "vp" and p.get("eps_s") is not None:
+        if t_max is not None or t_min is not None:
+            raise ValueError("grid kind 'vp' with eps_s runs between k-diffusion's own ends: leave t_max / t_min out")
+        t_max, t_min = _vp_ends(schedule, p)
     t_max = schedule.t_max if t_max is None else float(t_max)
     t_min = schedule.t_min if t_min is None else float(t_min)
     if not t_min < t_max:
@@ -203,13 +293,15 @@ def make_grid(
     elif kind == "quadratic":
         g = (math.sqrt(t_max) + u * (math.sqrt(t_min) - math.sqrt(t_max))) ** 2
     elif kind == "flow-shift":
+        shift = float(p.get("shift", 3.0))
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         v = 1.0 - u
         v = shift * v / (1.0 + (shift - 1.0) * v)
         g = t_min + v * (t_max - t_min)
     elif kind == "linear-quadratic":
-        g = t_min + ng.linear_quadratic(n) * (t_max - t_min)
+        f = ng.linear_quadratic(n, float(p.get("threshold_noise", 0.025)), p.get("linear_steps"))
+        g = t_min + f * (t_max - t_min)
     else:
         lam_hi = float(schedule.log_snr(as_time(t_max)))  # at t_max: lowest log-SNR
         lam_lo = float(schedule.log_snr(as_time(t_min)))
@@ -224,17 +316,17 @@ def make_grid(
         else:  # the kinds defined in the EDM noise level s = sigma/alpha = exp(-lambda)
             s_max, s_min = math.exp(-lam_hi), math.exp(-lam_lo)
             if kind == "karras":
-                s = ng.karras(u, s_max, s_min, 7.0 if rho is None else rho)
+                s = ng.karras(u, s_max, s_min, float(p.get("rho", 7.0)))
             elif kind == "polyexponential":
-                s = ng.polyexponential(u, s_max, s_min, 1.0 if rho is None else rho)
+                s = ng.polyexponential(u, s_max, s_min, float(p.get("rho", 1.0)))
             elif kind == "vp":
-                s = ng.vp(u, s_max, s_min)
+                s = ng.vp(u, s_max, s_min, float(p.get("beta_d", 19.9)), float(p.get("beta_min", 0.1)))
             elif kind == "kl-optimal":
                 s = ng.kl_optimal(u, s_max, s_min)
             elif kind == "laplace":
-                s = ng.laplace(u, s_max, s_min, mu, 0.5 if beta is None else beta)
+                s = ng.laplace(u, s_max, s_min, float(p.get("mu", 0.0)), float(p.get("beta", 0.5)))
             else:  # beta-sigmas
-                s = ng.beta_sigmas(u, s_max, s_min, alpha, 0.6 if beta is None else beta)
+                s = ng.beta_sigmas(u, s_max, s_min, float(p.get("alpha", 0.6)), float(p.get("beta", 0.6)))
             lam = -torch.log(s)
         g = schedule.t_of_log_snr(lam)
     g = g.to(torch.float64).cpu()
@@ -244,32 +336,79 @@ def make_grid(
     return g
 
 
+def _vp_ends(schedule: Schedule, p: Mapping[str, Any]) -> tuple[float, float]:
+    """The times where ``schedule``'s noise level is the VP SDE's at tau = 1 and tau = ``eps_s``."""
+    eps_s = float(p["eps_s"])
+    if not 0 < eps_s < 1:
+        raise ValueError(f"eps_s must be in (0, 1), got {eps_s}")
+    bd, bm = float(p.get("beta_d", 19.9)), float(p.get("beta_min", 0.1))
+    if not (bd >= 0 and bm >= 0 and bd + bm > 0):
+        raise ValueError(f"beta_d, beta_min must be >= 0 and not both 0, got {bd}, {bm}")
+    tau = torch.tensor([1.0, eps_s], dtype=torch.float64)
+    s = torch.sqrt(torch.expm1(0.5 * bd * tau * tau + bm * tau))
+    t = schedule.t_of_log_snr(-torch.log(s)).to(torch.float64)
+    check_times_in(schedule, t, ["t_max (the VP SDE's tau = 1)", "t_min (tau = eps_s)"])
+    return float(t[0]), float(t[1])
+
+
 def _noise_level(schedule: Schedule, t: float) -> float:
     a, s = schedule.at(float(t))
     return s / a
 
 
-def _model_grid(schedule: Schedule, n: int, kind: str, t_max: float | None, t_min: float | None) -> torch.Tensor:
-    """A grid of :data:`MODEL_GRID_KINDS` (see the module docstring)."""
-    if kind in ng.AYS_TABLES:
-        table = ng.AYS_TABLES[kind]
-        hi, lo = _noise_level(schedule, schedule.t_max), _noise_level(schedule, schedule.t_min)
-        if not (math.isclose(hi, table[0], rel_tol=2e-3) and math.isclose(lo, table[-1], rel_tol=2e-3)):
+def _table_points(schedule: Schedule, n: int, kind: str, p: Mapping[str, Any]) -> tuple[Tensor, bool]:
+    """A tabulated kind's ``n + 1`` noise levels sigma/alpha (the last one stands for the clean end)
+    and whether it starts at the schedule's own t_max (its range matched the table's)."""
+    force = bool(p.get("force", False))
+    if kind == "optimal-steps":
+        from .flow import RectifiedFlow
+
+        sig = ng.optimal_steps(n, p.get("model", "flux"))
+        if not (force or isinstance(schedule, RectifiedFlow)):
             raise ValueError(
-                f"grid kind {kind!r} is Align Your Steps' table for noise levels sigma/alpha from {table[0]:g} "
-                f"to {table[-1]:g}, but {schedule!r} runs from {hi:.6g} to {lo:.6g}; it holds only for the "
-                "model it was tuned on (ays-sd1 / ays-sdxl: Stable Diffusion's discrete scaled-linear "
-                "schedule; ays-svd: EDM(sigma_min=0.002, sigma_max=700))"
+                f"grid kind 'optimal-steps' is a table of flow noise levels sigma in [0, 1] (FLUX, Wan, Chroma); "
+                f"{schedule!r} is not a RectifiedFlow schedule (pass force=True to use the table's sigma/(1 - sigma) "
+                "as noise levels anyway)"
             )
-        start = float(schedule.t_max)
-        inner = schedule.t_of_log_snr(-torch.log(ng.ays(table, n)[1:-1])).to(torch.float64)
+        return sig / (1.0 - sig), False
+    if kind == "gits":
+        lev, table = ng.gits(n, float(p.get("coeff", 1.20))), ng.GITS_TABLES[1.20][0]
+        what, model = "GITS' tables", "Stable Diffusion 1.x's discrete scaled-linear schedule"
+    else:
+        table = ng.AYS_TABLES[kind]
+        lev, what = ng.loglinear(table, n), "Align Your Steps' table"
+        model = (
+            "ays-sd1 / ays-sdxl: Stable Diffusion's discrete scaled-linear schedule; ays-svd: "
+            "EDM(sigma_min=0.002, sigma_max=700)"
+        )
+    hi, lo = _noise_level(schedule, schedule.t_max), _noise_level(schedule, schedule.t_min)
+    if math.isclose(hi, table[0], rel_tol=2e-3) and math.isclose(lo, table[-1], rel_tol=2e-3):
+        return lev, True
+    if not force:
+        raise ValueError(
+            f"grid kind {kind!r} is {what} for noise levels sigma/alpha from {table[0]:g} to {table[-1]:g}, "
+            f"but {schedule!r} runs from {hi:.6g} to {lo:.6g}; it holds only for the model it was tuned on "
+            f"({model}); pass force=True to use its noise levels anyway"
+        )
+    return lev, False
+
+
+def _model_grid(
+    schedule: Schedule, n: int, kind: str, t_max: float | None, t_min: float | None, p: Mapping[str, Any]
+) -> torch.Tensor:
+    """A grid of :data:`MODEL_GRID_KINDS` (see the module docstring)."""
+    if kind in TABLE_GRID_KINDS:
+        lev, own_start = _table_points(schedule, n, kind, p)
+        pts = schedule.t_of_log_snr(-torch.log(lev[:-1])).to(torch.float64).cpu()
+        start, inner = (float(schedule.t_max) if own_start else float(pts[0])), pts[1:]
+        check_times_in(schedule, pts[:1], [f"the first point of {kind!r}"])
     else:
         if not isinstance(schedule, VPDiscrete):
             raise ValueError(
                 f"grid kind {kind!r} is read off a discrete model's table of noise levels; it needs a "
                 f"VPDiscrete schedule, not {schedule!r}"
             )
-        pts = schedule.t_of_timestep(ng.comfy_discrete(kind, schedule.num_train_timesteps, n)).to(torch.float64)
+        pts = schedule.t_of_timestep(_timesteps(schedule.num_train_timesteps, n, kind, p)).to(torch.float64)
         start, inner = float(pts[0]), pts[1:]
         if start > schedule.t_max:
             raise ValueError(f"grid kind {kind!r} starts at t={start:.6g}, past {schedule!r}'s t_max")
@@ -284,3 +423,32 @@ def _model_grid(schedule: Schedule, n: int, kind: str, t_max: float | None, t_mi
             f"point t={float(g[-2]):.6g})"
         )
     return g
+
+
+def _timesteps(num_train_timesteps: int, n: int, kind: str, p: Mapping[str, Any]) -> Tensor:
+    """The ``n`` diffusers timesteps of a :data:`DISCRETE_GRID_KINDS` kind on N training steps."""
+    N = num_train_timesteps
+    if kind == "beta":
+        ts = ng.comfy_beta(N, n, float(p.get("alpha", 0.6)), float(p.get("beta", 0.6)))
+        if len(ts) != n:
+            raise ValueError(
+                f"grid kind 'beta' gives {len(ts)} steps, not {n}, on {N} training steps (as ComfyUI's beta "
+                "scheduler: its quantiles round to repeated training timesteps, which it drops); ask for fewer steps"
+            )
+        return ts
+    if kind == "sd-turbo":
+        if N != 1000:
+            raise ValueError(f"grid kind 'sd-turbo' lists timesteps 999, 899, .., 99 of 1000 training steps, not {N}")
+        return ng.sd_turbo(n)
+    if kind in ("leading", "trailing", "linspace"):
+        off = p.get("steps_offset", 0)
+        if isinstance(off, bool) or int(off) != off or not 0 <= int(off) < N:
+            raise ValueError(f"steps_offset must be an integer in 0..{N - 1}, got {off!r}")
+        ts = ng.diffusers_spacing(kind, N, n, int(off), bool(p.get("rounded", False)))
+        if float(ts[0]) > N - 1 or not bool((ts[1:] < ts[:-1]).all()):
+            raise ValueError(
+                f"grid kind {kind!r} with {n} steps on {N} training steps lists timesteps "
+                f"{ts[0]:g} .. {ts[-1]:g} that are not strictly decreasing below {N}"
+            )
+        return ts
+    return ng.comfy_discrete(kind, N, n)

@@ -16,10 +16,15 @@ Tabulated kinds (Align Your Steps) and kinds read off a discrete model's sigma t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from .tables import AYS_TABLES, GITS_TABLES, OPTIMAL_STEPS_TABLES
+
 Tensor = torch.Tensor
+
+__all__ = ["AYS_TABLES", "GITS_TABLES", "OPTIMAL_STEPS_TABLES"]  # re-exported: the tables live in .tables
 
 
 def polyexponential(u: Tensor, s_max: float, s_min: float, rho: float = 1.0) -> Tensor:
@@ -119,21 +124,12 @@ def linear_quadratic(steps: int, threshold: float = 0.025, linear_steps: int | N
     return 1.0 - torch.cat([x, torch.ones(1, dtype=torch.float64)])
 
 
-# ---------------------------------------------------------------- tables of a discrete model
-#: Align Your Steps' 10-step tables of noise levels (Sabour, Fidler, Kreis 2024, arXiv 2404.14507),
-#: as ComfyUI's AlignYourStepsScheduler holds them: SD1 and SDXL on Stable Diffusion's discrete
-#: scaled-linear schedule (14.6146 .. 0.0292), SVD on the EDM noise levels 700 .. 0.002
-AYS_TABLES: dict[str, tuple[float, ...]] = {
-    "ays-sd1": (14.6146, 6.4746, 3.8637, 2.6946, 1.8842, 1.3944, 0.9643, 0.6524, 0.3977, 0.1515, 0.0292),
-    "ays-sdxl": (14.6146, 6.3184, 3.7682, 2.1811, 1.3405, 0.8621, 0.5551, 0.3799, 0.2332, 0.1114, 0.0292),
-    "ays-svd": (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
-}
-
-
-def ays(table: tuple[float, ...], steps: int) -> Tensor:
-    """Align Your Steps at any step count as ComfyUI's AlignYourStepsScheduler: the table's points
-    sit evenly on [0, 1] and log s is interpolated linearly at ``steps + 1`` even positions
-    (the table itself at 10 steps). Returns ``steps + 1`` descending noise levels."""
+# ---------------------------------------------------------------- tabulated kinds, a discrete model's table
+def loglinear(table: Sequence[float], steps: int) -> Tensor:
+    """A table of descending noise levels at any step count, as ComfyUI's tabulated schedulers (Align
+    Your Steps, GITS past 20 steps, OptimalSteps) stretch theirs: the table's points sit evenly on
+    [0, 1] and log s is interpolated linearly at ``steps + 1`` even positions (the table itself when
+    it has ``steps + 1`` points). Returns ``steps + 1`` descending noise levels."""
     xs = torch.linspace(0.0, 1.0, len(table), dtype=torch.float64)
     ys = torch.log(torch.tensor(table, dtype=torch.float64))
     x = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -171,4 +167,86 @@ def comfy_discrete(kind: str, num_train_timesteps: int, steps: int) -> Tensor:
                 f"ddim_uniform: table entries 1, 1 + {c}, ... below {n}); ask for {len(k)} steps"
             )
         return torch.tensor(k, dtype=torch.float64)
+    raise AssertionError(kind)
+
+
+#: Align Your Steps' own name for :func:`loglinear`
+ays = loglinear
+
+
+def gits(steps: int, coeff: float = 1.20) -> Tensor:
+    """GITS (Chen et al. 2024) as ComfyUI's GITSScheduler: the published row of ``steps`` steps
+    (2 .. 20) for the DP coefficient ``coeff`` (0.80, 0.85, .., 1.50), and past 20 steps the 20-step
+    row stretched by :func:`loglinear`. Returns ``steps + 1`` descending noise levels sigma/alpha."""
+    key = round(float(coeff), 2)
+    if key not in GITS_TABLES or not math.isclose(key, float(coeff), abs_tol=1e-9):
+        raise ValueError(f"coeff must be one of {', '.join(f'{k:.2f}' for k in GITS_TABLES)}, got {coeff}")
+    if steps < 2:
+        raise ValueError(f"grid kind 'gits' is tabulated from 2 steps, got steps={steps}")
+    rows = GITS_TABLES[key]
+    if steps - 2 < len(rows):
+        return torch.tensor(rows[steps - 2], dtype=torch.float64)
+    return loglinear(rows[-1], steps)
+
+
+def optimal_steps(steps: int, model: str = "flux") -> Tensor:
+    """OptimalSteps (Pei et al. 2025) as ComfyUI's OptimalStepsScheduler: the model's published table
+    of flow noise levels sigma in [0, 1] (FLUX 10 steps, Wan 20, Chroma 40), stretched by
+    :func:`loglinear` to other step counts. Returns ``steps + 1`` descending flow sigmas; the last
+    (0.001 in the tables) stands for the clean end, which ComfyUI sets to 0."""
+    key = str(model).strip().lower()
+    if key not in OPTIMAL_STEPS_TABLES:
+        raise ValueError(f"model must be one of {', '.join(OPTIMAL_STEPS_TABLES)}, got {model!r}")
+    return loglinear(OPTIMAL_STEPS_TABLES[key], steps)
+
+
+def comfy_beta(num_train_timesteps: int, steps: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """ComfyUI's ``beta`` scheduler (Lee et al. 2024, "Beta Sampling is All You Need", arXiv
+    2407.12173) as diffusers timesteps: tau_i = rint(F^-1(1 - i/steps) (N - 1)), i = 0 .. steps - 1,
+    F the Beta(alpha, beta) CDF, consecutive repeats dropped (so fewer than ``steps`` when the
+    quantiles crowd closer than one training step). Unlike diffusers' ``use_beta_sigmas``
+    (:func:`beta_sigmas`, linear in sigma) this places the quantiles in timestep."""
+    from scipy.special import betaincinv
+
+    if not (alpha > 0 and beta > 0):
+        raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
+    q = 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+    tau = torch.round(
+        torch.as_tensor(betaincinv(alpha, beta, q.numpy()), dtype=torch.float64) * (num_train_timesteps - 1)
+    )
+    return torch.unique_consecutive(tau)
+
+
+def sd_turbo(steps: int) -> Tensor:
+    """ComfyUI's SDTurboScheduler (SD-Turbo, Sauer et al. 2023, adversarial diffusion distillation):
+    the first ``steps`` (at most 10) of the timesteps 999, 899, .., 99."""
+    if steps > 10:
+        raise ValueError(f"grid kind 'sd-turbo' has 10 timesteps (999, 899, .., 99); got steps={steps}")
+    return torch.arange(999, 98, -100, dtype=torch.float64)[:steps]
+
+
+def diffusers_spacing(
+    kind: str, num_train_timesteps: int, steps: int, steps_offset: int = 0, rounded: bool = False
+) -> Tensor:
+    """diffusers' ``timestep_spacing`` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Table 2) as the ``steps`` timesteps ``set_timesteps`` lists, N = ``num_train_timesteps``:
+
+    - ``leading``: k floor(N/steps) + ``steps_offset``, k = steps - 1 .. 0 (DDIM's default);
+    - ``trailing``: round(N - k N/steps) - 1, k = 0 .. steps - 1 (starts at N - 1);
+    - ``linspace``: ``steps`` values uniform from N - 1 to 0, as EulerDiscreteScheduler lists them
+      (in float32), or rounded to integers as DDIMScheduler does (``rounded=True``).
+    """
+    n = num_train_timesteps
+    if kind == "leading":
+        stride = n // steps
+        if stride < 1:
+            raise ValueError(f"grid kind 'leading' needs steps <= {n}, got {steps}")
+        return torch.arange(steps - 1, -1, -1, dtype=torch.float64) * stride + int(steps_offset)
+    if kind == "trailing":
+        ratio = n / steps
+        return torch.round(n - torch.arange(steps, dtype=torch.float64) * ratio) - 1.0
+    if kind == "linspace":
+        if rounded:
+            return torch.linspace(0, n - 1, steps, dtype=torch.float64).round().flip(0)
+        return torch.linspace(0, n - 1, steps, dtype=torch.float64).to(torch.float32).to(torch.float64).flip(0)
     raise AssertionError(kind)

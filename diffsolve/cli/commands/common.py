@@ -17,6 +17,9 @@ import diffsolve as ds
 from ..errors import PROG, user_input, warn
 from ..jsonform import jsonable
 
+#: ``--grid`` as parsed: a kind, a kind with its parameters, explicit times, or None
+GridArg = str | tuple[str, dict[str, Any]] | list[float] | None
+
 
 def given(args: argparse.Namespace) -> set[str]:
     """The options given on the command line or in --config (set by main; empty otherwise)."""
@@ -62,9 +65,9 @@ def run_steps(args: argparse.Namespace, solver: str) -> int | None:
     return None
 
 
-def check_grid_spec(grid: str | list[float] | None) -> None:
+def check_grid_spec(grid: GridArg) -> None:
     """An explicit ``--grid`` of times: finite and strictly decreasing (a CLIError otherwise)."""
-    if grid is not None and not isinstance(grid, str):
+    if grid is not None and not ds.schedules.is_grid_kind(grid):
         with user_input():
             ds.schedules.check_grid(grid)
 
@@ -72,7 +75,7 @@ def check_grid_spec(grid: str | list[float] | None) -> None:
 def check_time_grid(
     schedule: ds.schedules.Schedule,
     steps: int | None,
-    grid: str | list[float] | None,
+    grid: GridArg,
     t_max: float | None,
     t_min: float | None,
 ) -> None:
@@ -81,15 +84,19 @@ def check_time_grid(
     range inside the schedule's, t_min below t_max. What only a solver knows (an end it cannot start
     from) is checked by the run itself (:func:`~diffsolve.cli.errors.refusals_of`)."""
     with user_input():
-        if grid is not None and not isinstance(grid, str):
+        if grid is not None and not ds.schedules.is_grid_kind(grid):
             ds.schedules.make_grid(schedule, steps, grid)
         else:
             ds.schedules.make_grid(schedule, 1, "uniform", t_max=t_max, t_min=t_min)
 
 
-def grid_kind(grid: str | list[float] | None) -> str:
+def grid_kind(grid: GridArg) -> str:
     """The grid as manifests name it: its kind, "explicit" or "default"."""
-    return grid if isinstance(grid, str) else ("explicit" if grid else "default")
+    if isinstance(grid, str):
+        return grid
+    if grid is not None and ds.schedules.is_grid_kind(grid):
+        return str(grid[0])
+    return "explicit" if grid else "default"
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

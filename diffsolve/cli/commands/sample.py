@@ -23,7 +23,7 @@ from ..errors import TIME_RANGE, CLIError, refusals_of
 from ..jsonform import decode_options, file_digest, jsonable
 from ..models import DEFAULT_MODEL, Target, build_target, model_label, model_path
 from ..output import OUTPUT_FILES, check_out, default_out, write_atomically, write_bundle, wrote
-from ..parser import DEFAULT_GUIDANCE, DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from ..parser import DEFAULT_CFGPP_GUIDANCE, DEFAULT_GUIDANCE, DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
 from ..render import panel_image, render_png
 from ..shards import SHARD_DIR, after_failure, barrier, distributed, load_shards, prepare_shards, save_shard, shard_path
 from .common import (
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     args.dtype = args.dtype or "float32"
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     # Validate the cheap things first: solver name and options, grid, device, output directory.
-    name = resolve_solver(args.solver, options).name
+    solver = resolve_solver(args.solver, options)
+    name = solver.name
     if latent is not None:
         check_latent_solver(latent, name, args.latent)
     check_grid_spec(args.grid)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         check_time_grid(target.model.schedule, steps, args.grid, args.t_max, args.t_min)
     if args.compile:
         target.model = target.model.compile()
-    model, labels, uncond, scale = class_conditioning(target, args)
+    model, labels, uncond, scale = class_conditioning(target, args, solver)
     rank, world = distributed(device)
     k = args.num_samples
     size = min(k, args.shard_size)
@@ -258,25 +259,34 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def class_conditioning(target: Target, args: argparse.Namespace):
+def class_conditioning(target: Target, args: argparse.Namespace, solver: ds.samplers.Solver):
     """(model to sample, per-sample labels or None, uncond inputs, guidance scale) from --class and
-    --guidance-scale."""
+    --guidance-scale. A CFG++ solver name (``solver.cfg_pp``) always guides: ds.sample runs the
+    ClassifierFreeGuidance as CFGPlusPlus, with --guidance-scale as lambda (default 0.6)."""
     if target.classes is None:
-        if args.label is not None or args.guidance_scale is not None:
+        if args.label is not None or args.guidance_scale is not None or solver.cfg_pp:
             conditional = [n for n in ds.pretrained.SHIPPED if ds.pretrained.classes(n)]
+            what = f"--solver {args.solver}" if solver.cfg_pp else "--class and --guidance-scale"
             raise CLIError(
-                f"--class and --guidance-scale need a class-conditional model ({', '.join(conditional)}); "
+                f"{what} need{'s' * solver.cfg_pp} a class-conditional model ({', '.join(conditional)}); "
                 f"{args.model} is not one"
             )
         return target.model, None, None, None
     n, null = target.classes["num_classes"], target.classes["null_class"]
     if args.label is not None and args.label >= n:
         raise CLIError(f"--class must be in 0..{n - 1}, got {args.label}")
-    scale = DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale
+    default = DEFAULT_CFGPP_GUIDANCE if solver.cfg_pp else DEFAULT_GUIDANCE
+    scale = default if args.guidance_scale is None else args.guidance_scale
     if not math.isfinite(scale):
         raise CLIError(f"--guidance-scale must be a finite number, got {scale}")
     k = args.num_samples
     labels = torch.full((k,), args.label) if args.label is not None else torch.arange(k) % n
     uncond = {"class_labels": torch.tensor(null)}
-    model = target.model if scale == 1 else ds.guidance.ClassifierFreeGuidance(target.model, scale)
+    if scale == 1 and not solver.cfg_pp:
+        return target.model, labels, uncond, scale
+    model = ds.guidance.ClassifierFreeGuidance(target.model, scale)
+    try:
+        model.for_solver(solver)  # CFG++'s lambda checked before the run
+    except ValueError as e:
+        raise CLIError(f"--guidance-scale: {e}") from None
     return model, labels, uncond, scale

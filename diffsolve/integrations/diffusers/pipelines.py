@@ -14,7 +14,7 @@ from ...core.driver import (
 )
 from ...core.registry import get_solver, solver_info
 from ...models.model import timestep_input
-from ...schedules import EDM, RectifiedFlow, VPDiscrete, check_grid, make_grid
+from ...schedules import EDM, RectifiedFlow, VPDiscrete, check_grid, is_grid_kind, make_grid
 from .config import PREDICTIONS, flow_shift
 
 Tensor = torch.Tensor
@@ -621,7 +621,7 @@ def sample_pipeline(
     )
     kw = dict(cond=cond, hooks=hooks or None, progress=progress, dtype=denoiser.dtype, device=denoiser.device)
     info = solver_info(get_solver(solver, **solver_options).name)
-    explicit_grid = grid is not None and not isinstance(grid, str)
+    explicit_grid = grid is not None and not is_grid_kind(grid)
     steps = num_inference_steps if info.fixed_grid and not explicit_grid else None  # an explicit grid sets the steps
     if strength is None:
         strength = 1.0 if mask_image is not None else 0.8

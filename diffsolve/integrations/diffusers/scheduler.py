@@ -31,8 +31,9 @@ from ...core.noise import NoiseSource
 from ...core.protocol import Pump, as_outcome, drive
 from ...core.registry import get_solver, solver_info
 from ...models.model import Prediction
-from ...schedules import RectifiedFlow, make_grid
+from ...schedules import RectifiedFlow, grid_kind_params, make_grid
 from ...schedules.base import Schedule
+from ...schedules.grids import MODEL_GRID_KINDS
 from .config import flow_shift
 from .sources import Placement, make_source, source_class
 
@@ -79,8 +80,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     solver: a registered solver name; solver_options: its options (a dict);
     steps_grid: None (default) places the steps as ``source`` does (DDIM's or FlowMatchEuler's
         placement when the config names no class); or one of diffsolve's grid kinds ("log-snr",
-        "karras", ...) from the schedule's largest to its smallest training noise level, the last of
-        the N steps jumping to the clean end (``final="zero"``);
+        "karras", ...), or a kind with its parameters (``("karras", {"rho": 5})``), from the
+        schedule's largest to its smallest training noise level, the last of the N steps jumping to
+        the clean end (``final="zero"``); the kinds read off a model's noise levels ("trailing",
+        "simple", "ays-sd1", "optimal-steps", ... which end at the clean end themselves) place their
+        own N points, then the clean end;
     final: where the last step ends: None (default) where the source ends (diffsolve's grids: the
         clean end); "zero": the clean end; "sigma_min": the smallest training noise level (solvers
         that work in x/sigma, rex, need it). The number of model calls stays the same;
@@ -103,7 +107,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self,
         solver: str = "dpmpp-2m",
         solver_options: dict | None = None,
-        steps_grid: str | None = None,
+        steps_grid: str | tuple[str, dict] | None = None,
         final: str | None = None,
         seed: int | None = None,
         flow: bool = False,
@@ -129,6 +133,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     ):
         self.solver = get_solver(solver, **(solver_options or {}))
         info = solver_info(self.solver.name)
+        if self.solver.cfg_pp:
+            raise ValueError(
+                f"solver {self.solver.name!r} is a CFG++ sampler: it needs the conditional and the "
+                "unconditional predictions, and a scheduler gets the pipeline's guided output only; "
+                "sample with ds.sample and ds.guidance.CFGPlusPlus"
+            )
         if not info.fixed_grid:
             raise ValueError(
                 f"solver {self.solver.name!r} chooses its own steps; a diffusers pipeline needs a "
@@ -276,7 +286,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             to_time: Callable[[Tensor], Tensor] = schedule.sigma
         else:
             schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
-        if self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min":
+        sigma_min = self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min"
+        named = grid_kind_params(kind)
+        if named is not None and named[0] in MODEL_GRID_KINDS:  # n points of the kind's own, then its end
+            g = make_grid(schedule, n, kind, t_min=t_min if sigma_min else None)
+            return to_time(g).to(torch.float64)
+        if sigma_min:
             return to_time(make_grid(schedule, n, kind, t_min=t_min)).to(torch.float64)
         g = (
             make_grid(schedule, n - 1, kind, t_min=t_min)

@@ -272,11 +272,16 @@ class VPSource(Source):
             grid = torch.tensor(list(t_of.values()), dtype=torch.float64)
             net = {t_of[float(v)]: float(k) for v, k in zip(sig, ts)}
             init = float(getattr(ref, "init_noise_sigma", 1.0))
+            # the last listed call steps from a sigma to itself (DEIS, UniPC, DPM-Solver with
+            # use_karras_sigmas and the like repeat the last sigma): a call that leaves the sample as it is
+            same = len(sig) >= 2 and float(sig[-1]) == float(sig[-2]) and len(ts) == len(sig) - 1
             if init == 1.0:  # the latents are x
-                return Placement(grid, net, init)
+                return Placement(grid, net, init, identity_last=same)
             # k-diffusion style: the latents are x/alpha; the run starts at x and ends back in x/alpha
-            return Placement(grid, net, init * float(s.alpha(grid[0])), over_alpha=True)
+            return Placement(grid, net, init * float(s.alpha(grid[0])), identity_last=same, over_alpha=True)
         listed = _unique_desc(ts)
+        if len(getattr(ref, "prk_timesteps", ())):  # PNDM's Runge-Kutta warm-up lists its half steps too
+            listed = _unique_desc(torch.as_tensor(ref._timesteps, dtype=torch.float64).sort(descending=True).values)
         end = 0.0 if self._clean_end(ref) else float(s.t_of_timestep(0))
         # DDIM-style sources step from each listed timestep to it minus 1000 // N, then read the next
         # call at the next listed timestep (the two differ by one with trailing / linspace spacing)

@@ -131,6 +131,37 @@ def half_log_snr(alpha: float, sigma: float) -> float:
     return math.inf if sigma == 0 else -math.inf
 
 
+class GridNodes(NamedTuple):
+    """Per-grid-point floats of a multistep run: times, alpha, sigma and lambda (+inf where sigma = 0,
+    -inf where alpha = 0)."""
+
+    t: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    lam: list[float]
+
+
+def grid_nodes(name: str, grid, schedule, parameterization: str) -> GridNodes:
+    """The :class:`GridNodes` of ``grid``, refusing what a log-SNR multistep solver ``name`` cannot
+    start from: sigma = 0 (infinite log-SNR) and, for the noise parameterisation, alpha = 0."""
+    ts = [float(t) for t in grid]
+    alpha, sigma = [], []
+    for t in ts:
+        a, s = alpha_sigma(schedule, t)
+        alpha.append(a)
+        sigma.append(max(s, 0.0))
+    if parameterization == "noise" and alpha[0] <= 0:
+        raise ValueError(
+            f"{name}: parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
+            "use another parameterization (such as 'data'), or a grid with t_max < 1"
+        )
+    if sigma[0] == 0.0:
+        raise ValueError(
+            f"{name} cannot step away from sigma = 0 (its log-SNR is infinite): to invert, start from t_min > 0"
+        )
+    return GridNodes(ts, alpha, sigma, [half_log_snr(a, s) for a, s in zip(alpha, sigma)])
+
+
 def at_log_snr(schedule, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(t, alpha_t, sigma_t) at half log-SNR ``lam`` (per row)."""
     t = schedule.t_of_log_snr(lam)

@@ -43,8 +43,6 @@ that ends at sigma = 0 is always first order (diffusers' ``final_sigmas_type="ze
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ...core.options import Option
@@ -53,8 +51,7 @@ from ...core.registry import register
 from .maths import (
     PARAMETERIZATIONS,
     ab_weights,
-    alpha_sigma,
-    half_log_snr,
+    grid_nodes,
     midpoint_weight,
     model_output,
     ode_weights,
@@ -78,15 +75,6 @@ def _step_orders(order: int, n: int, lower_order_final: bool, final_zero: bool) 
     return orders
 
 
-class _Grid(NamedTuple):
-    """Per-grid-point floats: times, alpha, sigma and lambda (inf where sigma = 0)."""
-
-    t: list[float]
-    alpha: list[float]
-    sigma: list[float]
-    lam: list[float]
-
-
 class _Multistep(Solver):
     """Shared machinery of the multistep exponential integrators (see the module docstring)."""
 
@@ -106,29 +94,19 @@ class _Multistep(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
-        ts = [float(t) for t in grid]
-        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
-        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
-        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
-        if self.parameterization == "noise" and alpha[0] <= 0:
-            raise ValueError(
-                "parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
-                "use 'data' or 'velocity', or a grid with t_max < 1"
-            )
-        if sigma[0] == 0.0:
-            raise ValueError(
-                f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): "
-                "to invert, start from t_min > 0"
-            )
-        g = _Grid(ts, alpha, sigma, lam)
+        g = grid_nodes(self.name, grid, schedule, self.parameterization)
+        ts, sigma = g.t, g.sigma
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         for i in range(n):
             pred = yield x, ts[i]
-            y = pred.x if mu is None else pred.x - mu
+            y = pred.pair_x if mu is None else pred.pair_x - mu  # x itself unless the pair is not consistent
             hist = (hist + [model_output(pred, mu, self.parameterization)])[-3:]
             y = self._step(y, hist, i, orders[i], g, noise)
             x = y if mu is None else y + mu
+            own = pred.eps_prediction()
+            if own is not pred:  # a (x0, eps) pair not consistent with x: the history keeps what eps says
+                hist[-1] = model_output(own, mu, self.parameterization)
         return x
 
     @staticmethod
@@ -200,7 +178,22 @@ class MRSODE(_Multistep):
     (module docstring): -alpha_t phi3 D2 (data) / -sigma_t phi3 D2 (noise), as DPM-Solver's reference
     code, diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and k-diffusion do. The method is
     then second order; the option exists for parity with those peers.
+
+    With ``parameterization`` "data" or "noise" the step takes x0 and eps as separate terms
+    (``steps_with_pair``): it steps from the state the pair composes, alpha x0 + (1 - alpha) mu +
+    sigma eps (``Prediction.pair_x``; x for a plain model), with the current step's q from the pair
+    and the past ones from the prediction eps makes at their x (``Prediction.eps_prediction``).
+    Under :class:`~diffsolve.guidance.CFGPlusPlus` (guided x0, unconditional eps) ``dpmpp-2m``
+    (the name ``dpmpp-2m-cfg-pp``) is then, in y = (x - mu)/alpha against s = sigma/alpha,
+
+        y_{i+1} = (x0 - mu) + s' eps_u + ((1 - e^{-h}) / (2 r)) ((x0 - mu) - D_u,prev)
+
+    ComfyUI's ``sample_dpmpp_2m_cfg_pp`` (D_u,prev: the previous step's unconditional x0 - mu).
     """
+
+    @property
+    def steps_with_pair(self) -> bool:  # type: ignore[override]
+        return self.parameterization in ("data", "noise")
 
     published_d2 = Option(
         False,

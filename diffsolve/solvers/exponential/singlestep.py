@@ -43,7 +43,9 @@ def singlestep_pair(
 ):
     """One try from log-SNR ``ls`` by ``hr`` (per row): yields the model queries and returns
     (the state the model saw, the model output at the start, low-order y, high-order y, the end time). The 2S / 3S
-    rules are written out in :mod:`.adaptive`'s docstring, whose embedded pairs these are; ``cached``: see :func:`first_call`."""
+    rules are written out in :mod:`.adaptive`'s docstring, whose embedded pairs these are; ``cached``: see :func:`first_call`.
+    ``order`` 3: (2S with r = 1/3, 3S), 3 calls; 2: (first order, 2S with r = 1/2), 2 calls; 1: the
+    first-order step as both (DDIM / DPM-Solver-1), 1 call."""
 
     at = partial(at_log_snr, schedule)
     out = partial(raw_output, param=param)  # the model output the solver uses (cached raw: mu is per row)
@@ -55,6 +57,8 @@ def singlestep_pair(
     tt, a_t, s_t = at(ls + hr)
     w = ode_weights_expm1(param, a_t, s_t, a_s, s_s, hr)  # y_t = decay y_s + w0 q_s + w1 D1
     y1 = per_row(w.decay, y) * y + per_row(w.w0, y) * q_s
+    if order == 1:
+        return xr, raw, y1, y1, tt
     r1 = 0.5 if order == 2 else 1.0 / 3.0
     t1, a1, s1 = at(ls + r1 * hr)
     w_1 = ode_weights_expm1(param, a1, s1, a_s, s_s, r1 * hr)

@@ -45,8 +45,7 @@ from ...core.protocol import Solver
 from ...core.registry import register
 from .maths import (
     UNIPC_VARIANTS,
-    alpha_sigma,
-    half_log_snr,
+    grid_nodes,
     kernel_sign,
     model_output,
     ode_weights,
@@ -67,17 +66,17 @@ def _step_orders(order: int, n: int, lower_order_final: bool, final_zero: bool) 
 @register(
     "unipc",
     family="ode",
-    order=3,
+    order=4,
     calls_per_step=1,
     deterministic=True,
-    description="UniPC multistep predictor-corrector (UniP-p + UniC-p), bh1/bh2, orders 1-3, data/noise",
+    description="UniPC multistep predictor-corrector (UniP-p + UniC-p: order p + 1), bh1/bh2, p = 1-3, data/noise",
     reference="Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of "
     "Diffusion Models (NeurIPS)",
 )
 @register(
     "unipc-bh1",
     family="ode",
-    order=3,
+    order=4,
     calls_per_step=1,
     deterministic=True,
     fixed={"variant": "bh1"},
@@ -87,7 +86,7 @@ def _step_orders(order: int, n: int, lower_order_final: bool, final_zero: bool) 
 @register(
     "unipc-bh2",
     family="ode",
-    order=3,
+    order=4,
     calls_per_step=1,
     deterministic=True,
     fixed={"variant": "bh2"},
@@ -101,6 +100,13 @@ class UniPC(Solver):
     ``variant`` ``"bh2"`` (default) or ``"bh1"``; ``corrector`` (False: UniP alone, diffusers'
     ``disable_corrector`` at every step); ``parameterization`` ``"data"`` (default, diffusers'
     ``predict_x0=True``) or ``"noise"``; ``lower_order_final``. One model call per step.
+
+    Order: UniP-p has order p and UniC-p raises it to p + 1, so the registered order is 4 (``order=3``
+    with the corrector; measured 3.8-4.0 on a Gaussian mixture and a Gaussian, 160 -> 320 log-SNR
+    steps, ``scripts/measure_orders.py``). The corrected warm-up steps (UniC-1 with rho = 1/2) have a
+    local error O(h^3), a bound of 3 that the measurements do not reach down to errors of 1e-9.
+    ``lower_order_final`` (default, as diffusers, at every step count) makes the last step DDIM's,
+    whose local error O(h^2) shows as global order 2 below errors of about 1e-7.
     """
 
     order = Option(2, "the predictor's order (history length); the corrector adds one", choices=(1, 2, 3))
@@ -113,20 +119,8 @@ class UniPC(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
-        ts = [float(t) for t in grid]
-        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
-        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
-        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
-        if self.parameterization == "noise" and alpha[0] <= 0:
-            raise ValueError(
-                "parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
-                "use 'data', or a grid with t_max < 1"
-            )
-        if sigma[0] == 0.0:
-            raise ValueError(
-                f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite): to invert, start from t_min > 0"
-            )
-        g = (alpha, sigma, lam)
+        g = grid_nodes(self.name, grid, schedule, self.parameterization)
+        ts, sigma = g.t, g.sigma
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         y_last = None  # the state the last step started from
@@ -145,8 +139,8 @@ class UniPC(Solver):
 
     def _update(self, g, y, hist, i, k, q_t):
         """UniP-k from step i's start y (q_t None) or UniC-k with the new output q_t; ``g`` =
-        (alpha, sigma, lambda) on the grid, ``hist`` ends with step i's q_s."""
-        alpha, sigma, lam = g
+        the :class:`.maths.GridNodes`, ``hist`` ends with step i's q_s."""
+        alpha, sigma, lam = g.alpha, g.sigma, g.lam
         param = self.parameterization
         h = lam[i + 1] - lam[i]
         coefs = (alpha[i + 1], sigma[i + 1], alpha[i], sigma[i])

@@ -18,7 +18,7 @@ import math
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ...schedules.base import Schedule
-from ..exponential.maths import alpha_sigma
+from ..exponential.maths import alpha_sigma, model_output
 
 
 def noise_level(schedule: Schedule, t: float) -> float:
@@ -26,17 +26,37 @@ def noise_level(schedule: Schedule, t: float) -> float:
     a, sig = alpha_sigma(schedule, t)
     if a <= 0:
         raise ValueError(
-            f"dpm-2 and the ancestral samplers step in sigma/alpha, infinite at t = {t:.6g} (alpha = 0); "
-            "start below the schedule's end, e.g. t_max=0.999"
+            f"the k-diffusion-style samplers step in sigma/alpha, infinite at t = {t:.6g} (alpha = 0): "
+            "only a grid's first time may be there"
         )
     return sig / a
 
 
 class ScaledVariables:
-    """The map between x at time t and y = (x - mu)/alpha(t)."""
+    """The map between x at time t and y = (x - mu)/alpha(t).
+
+    ``first`` is the number of steps :meth:`enter` took (1 after a jump from alpha = 0, else 0): a
+    query's 1-based step number is ``first + i + 1`` for step i of the grid :meth:`enter` returned."""
 
     def __init__(self, schedule: Schedule, mu):
         self.schedule, self.mu = schedule, mu
+        self.first = 0
+
+    def enter(self, x, grid):
+        """Where ``grid`` starts at alpha = 0 (rectified flow's t = 1: s = sigma/alpha is infinite,
+        y undefined), the first step is DDIM's jump, the limit of every step here as s -> inf:
+
+            y_1 = (x0_hat - mu) + s_1 eps_hat        (one model call at t_0; eps_hat = x / sigma there)
+
+        Returns the state and the grid to continue from (a generator: ``x, grid = yield from
+        maps.enter(x, grid)``); elsewhere both unchanged, without a model call."""
+        if len(grid) < 2 or alpha_sigma(self.schedule, float(grid[0]))[0] > 0:
+            return x, grid
+        t0, t1 = float(grid[0]), float(grid[1])
+        pred = yield Query(x, t0, step=1)
+        y = model_output(pred, self.mu, "data") + noise_level(self.schedule, t1) * pred.eps
+        self.first = 1
+        return self.x(y, t1), grid[1:]
 
     def y(self, x, t: float):
         a = float(self.schedule.alpha(t))
@@ -45,6 +65,12 @@ class ScaledVariables:
     def x(self, y, t: float):
         x = float(self.schedule.alpha(t)) * y
         return x if self.mu is None else x + self.mu
+
+    def steps(self, grid):
+        """(i, t_i, t_{i+1}, s_i, s_{i+1}) for each step of ``grid``."""
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            yield i, t, t_next, noise_level(self.schedule, t), noise_level(self.schedule, t_next)
 
     def t(self, s: float) -> float:
         """The schedule time at noise level s = sigma/alpha > 0."""
@@ -89,10 +115,9 @@ class DPM2(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
-            y = yield from dpm2_step(maps, pred.x, t, s, s_next, pred.eps, i + 1)
+        x, grid = yield from maps.enter(x, grid)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
+            y = yield from dpm2_step(maps, pred.x, t, s, s_next, pred.eps, maps.first + i + 1)
             x = maps.x(y, t_next)
         return x

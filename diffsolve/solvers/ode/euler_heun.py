@@ -52,14 +52,50 @@ def _sigma_derivative(pred, t: float, schedule: Schedule):
     return pred.eps + k * model_output(pred, pred.mu, "data")
 
 
+S_CHURN = Option(0.0, "EDM's churn S_churn (0: the deterministic sampler)", low=0.0)
+S_TMIN = Option(0.0, "the lowest noise level sigma/alpha that is churned", low=0.0)
+S_TMAX = Option(float("inf"), "the highest noise level sigma/alpha that is churned")
+S_NOISE = Option(1.0, "EDM's S_noise, the scale of the churn noise", low=0.0)
+
+
+def _check_churn(self) -> None:
+    if not self.s_tmax >= self.s_tmin:
+        raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={self.s_tmin}, s_tmax={self.s_tmax}")
+
+
+def _churn_noise(self) -> dict:
+    return {"s_churn": self.s_churn} if self.s_churn > 0 else {}
+
+
+def _churn(solver, x, t: float, gamma_max: float, schedule: Schedule, mu, noise):
+    """EDM's churn (Karras et al. 2022, Algorithm 2, lines 4-6) at (x, t), with the solver's s_tmin,
+    s_tmax and s_noise: where s_tmin <= s <= s_tmax (s = sigma/alpha, finite), the noise level is
+    raised to s_hat = (1 + gamma_max) s in y = (x - mu)/alpha,
+
+        y_hat = y + sqrt(s_hat^2 - s^2) s_noise z,    x_hat = mu + alpha(t_hat) y_hat.
+
+    Returns (x_hat, t_hat); (x, t) unchanged elsewhere or with gamma_max = 0."""
+    a_t, s_t = alpha_sigma(schedule, t)
+    s = s_t / a_t if a_t > 0 else math.inf  # EDM sigma
+    if not (gamma_max > 0 and math.isfinite(s) and solver.s_tmin <= s <= solver.s_tmax):  # no churn at alpha = 0
+        return x, t
+    t_hat = float(schedule.t_of_log_snr(-math.log(s) - math.log1p(gamma_max)))
+    s_hat = s * (1.0 + gamma_max)
+    a, a_hat = float(schedule.alpha(t)), float(schedule.alpha(t_hat))
+    y = x if mu is None else x - mu
+    y = (a_hat / a) * y + (a_hat * math.sqrt(s_hat**2 - s**2) * solver.s_noise) * noise.randn()
+    return (y if mu is None else y + mu), t_hat
+
+
 @register(
     "euler",
     family="ode",
     order=1,
     calls_per_step=1,
     deterministic=True,
-    description="Euler (k-diffusion / diffusers: x/alpha against sigma/alpha; space='t': in t)",
-    reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow)",
+    description="Euler (k-diffusion / diffusers: x/alpha against sigma/alpha; space='t': in t); EDM churn with s_churn > 0",
+    reference="Song et al. 2021, Score-Based Generative Modeling through SDEs (probability flow); Karras et al. 2022 (EDM), Alg. 2",
+    aliases=("edm-euler",),
 )
 class Euler(Solver):
     """Euler, as diffusers' EulerDiscreteScheduler, k-diffusion's sample_euler and EDM step
@@ -74,18 +110,50 @@ class Euler(Solver):
         x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i),    v = a' (x0 - mu) + s' eps = dx/dt.
 
     The two agree for rectified flow. One model call per step; global order 1.
+
+    With ``space="sigma"`` the step takes x0 and eps as separate terms (``steps_with_pair``): it
+    steps from the state the pair composes, x~ = alpha x0 + (1 - alpha) mu + sigma eps (x itself for
+    a plain model), which makes it, in y = (x - mu)/alpha against s = sigma/alpha,
+
+        y_{i+1} = (x0 - mu) + s_{i+1} eps        (x_{i+1} = alpha' x0 + sigma' eps for diffusion and flow)
+
+    so under :class:`~diffsolve.guidance.CFGPlusPlus` (guided x0, unconditional eps; the name
+    ``euler-cfg-pp``) it is ComfyUI's ``sample_euler_cfg_pp``, the CFG++ DDIM step of Chung et al.
+    (2024, arXiv 2406.08070).
+
+    With ``s_churn`` > 0 each step is first churned as EDM's stochastic sampler (Karras et al. 2022,
+    Algorithm 2, with Euler for its Heun step; k-diffusion's ``sample_euler``): see ``heun``. The noise
+    level s = sigma/alpha is raised to s_hat = (1 + gamma_i) s with gamma_i = min(s_churn/N, sqrt(2) - 1)
+    where s_tmin <= s <= s_tmax, by adding alpha(t_hat) sqrt(s_hat^2 - s^2) s_noise z, and the Euler
+    step is taken from t_hat with the model evaluated there. (diffusers' EulerDiscrete and EDMEuler
+    schedulers instead combine the model output evaluated before the churn, at s, with the churned
+    state at s_hat; with s_churn = 0 the three agree.)
     """
 
+    s_churn = S_CHURN
+    s_tmin = S_TMIN
+    s_tmax = S_TMAX
+    s_noise = S_NOISE
     space = SPACE
 
+    check_options = _check_churn
+    noise_options = _churn_noise
+
+    @property
+    def steps_with_pair(self) -> bool:  # type: ignore[override]
+        return self.space == "sigma"
+
     def run(self, x, grid, noise, *, schedule, mu=None):
-        for i in range(len(grid) - 1):
+        n = len(grid) - 1
+        gamma_max = min(self.s_churn / n, math.sqrt(2.0) - 1.0) if n > 0 else 0.0
+        for i in range(n):
             t, t_next = float(grid[i]), float(grid[i + 1])
-            pred = yield x, t
+            x, t = _churn(self, x, t, gamma_max, schedule, mu, noise)
+            pred = yield Query(x, t, step=i + 1)
             if self.space == "t":
                 x = pred.x + (t_next - t) * pred.velocity
             else:
-                x = _sigma_step(pred.x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
+                x = _sigma_step(pred.pair_x, t, t_next, _sigma_derivative(pred, t, schedule), schedule, mu)
         return x
 
 
@@ -121,34 +189,21 @@ class Heun(Solver):
     For EDM and rectified flow the two spaces coincide.
     """
 
-    s_churn = Option(0.0, "EDM's churn S_churn (0: deterministic Algorithm 1)", low=0.0)
-    s_tmin = Option(0.0, "the lowest noise level sigma/alpha that is churned", low=0.0)
-    s_tmax = Option(float("inf"), "the highest noise level sigma/alpha that is churned")
-    s_noise = Option(1.0, "EDM's S_noise, the scale of the churn noise", low=0.0)
+    s_churn = S_CHURN
+    s_tmin = S_TMIN
+    s_tmax = S_TMAX
+    s_noise = S_NOISE
     space = SPACE
 
-    def check_options(self):
-        if not self.s_tmax >= self.s_tmin:
-            raise ValueError(f"s_tmax must be >= s_tmin, got s_tmin={self.s_tmin}, s_tmax={self.s_tmax}")
-
-    def noise_options(self):
-        return {"s_churn": self.s_churn} if self.s_churn > 0 else {}
+    check_options = _check_churn
+    noise_options = _churn_noise
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
         gamma_max = min(self.s_churn / n, math.sqrt(2.0) - 1.0)
         for i in range(n):
             t, t_next = float(grid[i]), float(grid[i + 1])
-            t_hat = t
-            a_t, s_t = alpha_sigma(schedule, t)
-            s = s_t / a_t if a_t > 0 else math.inf  # EDM sigma
-            if gamma_max > 0 and math.isfinite(s) and self.s_tmin <= s <= self.s_tmax:  # no churn at alpha = 0
-                t_hat = float(schedule.t_of_log_snr(-math.log(s) - math.log1p(gamma_max)))
-                s_hat = s * (1.0 + gamma_max)
-                a, a_hat = float(schedule.alpha(t)), float(schedule.alpha(t_hat))
-                y = x if mu is None else x - mu
-                y = (a_hat / a) * y + (a_hat * math.sqrt(s_hat**2 - s**2) * self.s_noise) * noise.randn()
-                x = y if mu is None else y + mu
+            x, t_hat = _churn(self, x, t, gamma_max, schedule, mu, noise)
             pred = yield Query(x, t_hat, step=i + 1)
             x_hat = pred.x
             if self.space == "t":

@@ -52,6 +52,13 @@ class _Multistep(Solver):
         # flow is stiff (small sigma): digits-vp round trip at 20 steps 0.30 (2 nodes), 1.6 (3), 4.3e3
         # (4). ipndm's fixed weights do not grow with the step ratio (0.24 at 4).
         self.runs_backward = not self.variable_steps or self.max_history() <= 3
+        if not self.runs_backward:
+            opt = "order" if "order" in type(self).__dict__ else "max_order"
+            self.backward_refusal = (
+                f"with {opt}={self.max_history()} its variable-step Adams-Bashforth weights on four or more "
+                "nodes are unstable run backwards (an inversion's steps grow: digits-vp round trip 4.3e3 at "
+                f"20 steps); its steps do run backwards at {opt}=3 or less (round trip 1.6 at 3, 0.30 at 2)"
+            )
 
     #: whether the weights follow the grid's step ratios (lms, ipndm-v) or are fixed (ipndm)
     variable_steps = True
@@ -104,8 +111,8 @@ class LMS(_Multistep):
     4 (``order=4``) as measured on the closed-form Gaussian flow on log-SNR grids and over the first
     doublings of equal steps; the first (Euler) step's O(h^2) local error stays in the result, and on
     equal steps it takes over at fine grids (tests/test_catalog_lms.py). Cf. PLMS (Liu et al. 2022, Pseudo Numerical Methods for Diffusion Models on
-    Manifolds). One model call per step. ``invert`` refuses order >= 4 (its run backwards, on steps
-    that grow, is unstable); orders up to 3 run backwards.
+    Manifolds). One model call per step. ``invert`` refuses order >= 4, saying why (its run backwards,
+    on steps that grow, is unstable); orders up to 3 run backwards.
     """
 
     order = Option(4, "the number of past derivatives used (4 as k-diffusion and diffusers)", low=1, high=6)
@@ -120,7 +127,7 @@ class LMS(_Multistep):
 @register(
     "ipndm",
     family="ode",
-    order=4,
+    order=2,
     calls_per_step=1,
     deterministic=True,
     description="iPNDM: fixed 4th-order Adams-Bashforth weights on d = dy/ds (k-diffusion / ComfyUI sample_ipndm)",
@@ -140,9 +147,13 @@ class IPNDM(_Multistep):
 
     A step ending at sigma = 0 is an Euler step (to the denoised sample), as ComfyUI's; diffusers'
     IPNDMScheduler takes its full step there (on its own fixed schedule, with a v-prediction model).
-    On steps equal in s this is ``lms`` (order 4, with its warm-up); on other grids (log-SNR, Karras)
-    the fixed weights are not the AB weights of the actual steps and the measured order is 2
-    (``ipndm-v`` uses the actual steps' weights). One model call per step.
+    On steps equal in s this is ``lms`` (AB4, with its warm-up); on other grids (log-SNR, Karras,
+    uniform in t) the fixed weights are not the AB weights of the actual steps, which leaves a local
+    error O(h^3): the registered order is 2, what the closed-form Gaussian measures on log-SNR grids
+    (2.00 over 80 -> 160 steps, VP, VE, flow and mean-reverting) and on steps uniform in t (2.3 and
+    falling; SD's discrete schedule, t in [0.1, 0.9]). On steps equal in s the error falls 16-fold
+    per doubling at first (AB4), until the warm-up's Euler step (O(h^2)) takes over at fine steps
+    (tests/test_catalog_lms.py). ``ipndm-v`` uses the actual steps' weights. One model call per step.
     """
 
     max_order = Option(4, "the most past derivatives used (1 to 4)", low=1, high=4)
@@ -176,7 +187,8 @@ class IPNDMV(_Multistep):
     (e.g. k = 2, r = (s_{i+1} - s_i)/(s_i - s_{i-1}): c = (s_{i+1} - s_i) ((2 + r)/2, -r/2)). On an
     equal-step grid these are ``ipndm``'s weights. This is ``lms``'s rule with ``max_order`` <= 4 and,
     as ComfyUI's, an Euler step (to the denoised sample) when the step ends at sigma = 0. One model
-    call per step.
+    call per step. ``invert`` refuses max_order 4 (the default), saying why (unstable run backwards);
+    max_order <= 3 runs backwards.
     """
 
     max_order = Option(4, "the most past derivatives used (1 to 4)", low=1, high=4)

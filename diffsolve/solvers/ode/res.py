@@ -15,7 +15,7 @@ from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import model_output, phi_functions
-from .dpm2 import ScaledVariables, noise_level
+from .dpm2 import ScaledVariables
 
 
 def res_weights(h: float, h_prev: float) -> tuple[float, float]:
@@ -66,17 +66,26 @@ class ResMultistep(Solver):
     diffusion schedules these are ComfyUI's variables (its latents x/alpha against sigma/alpha). On
     rectified flow the step is taken in x/alpha against sigma/alpha too, whereas ComfyUI applies the
     same formulas to x against its own sigma = t: a different discretisation of the same ODE.
+
+    The step takes x0 and eps as separate terms (``steps_with_pair``): y_i is that of the state the
+    pair composes, (x0 - mu) + s eps (``Prediction.pair_x``), and D (now and in the history) is the
+    data prediction eps implies at x_i (``Prediction.eps_prediction``); for a plain model both are
+    the above. Under :class:`~diffsolve.guidance.CFGPlusPlus` (guided x0, unconditional eps; the name
+    ``res-multistep-cfg-pp``) the first step is (x0 - mu) + s' eps and the others
+    e^{-h} ((x0 - mu) + s eps) + h (b1 D_u + b2 D_u,prev) with the unconditional D_u: ComfyUI's
+    ``sample_res_multistep_cfg_pp``.
     """
+
+    steps_with_pair = True
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         d_prev, h_prev = None, None
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
-            d = model_output(pred, mu, "data")
-            y = res_step(maps.y(pred.x, t), pred.eps, d, d_prev, s, s_next, h_prev)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
+            d = model_output(pred.eps_prediction(), mu, "data")
+            y = res_step(maps.y(pred.pair_x, t), pred.eps, d, d_prev, s, s_next, h_prev)
             x = maps.x(y, t_next)
             d_prev = d
             h_prev = math.log(s) - math.log(s_next) if s_next > 0 else None
@@ -106,20 +115,27 @@ class GradientEstimation(Solver):
     extrapolation weight (gamma - 1) does not depend on the step sizes, so it is not a consistent
     second-order multistep method: the paper's default gamma = 2 converges with order 1 (its
     leading error is smaller than Euler's at few steps, which is what the paper uses it for).
+
+    The step takes x0 and eps as separate terms (``steps_with_pair``): y_i is that of the state the
+    pair composes (``Prediction.pair_x``), so y_{i+1} = (x0 - mu) + s' d_i + (s' - s)(gamma - 1)(d_i -
+    d_{i-1}) with d = eps. Under :class:`~diffsolve.guidance.CFGPlusPlus` (the name
+    ``gradient-estimation-cfg-pp``) that is ComfyUI's ``sample_gradient_estimation_cfg_pp``
+    (guided x0, unconditional eps and its history), except on a step to s' = 0, which ComfyUI takes
+    as x0 alone and this solver, guided or not, as the formula above.
     """
 
     ge_gamma = Option(2.0, "the extrapolation gamma: d_bar = gamma d + (1 - gamma) d_prev (1 is Euler)")
+    steps_with_pair = True
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         d_prev = None
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             d = pred.eps
             d_bar = d if d_prev is None else d + (self.ge_gamma - 1.0) * (d - d_prev)
-            y = maps.y(pred.x, t) + (s_next - s) * d_bar
+            y = maps.y(pred.pair_x, t) + (s_next - s) * d_bar
             x = maps.x(y, t_next)
             d_prev = d
         return x

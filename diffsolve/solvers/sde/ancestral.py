@@ -11,7 +11,7 @@ from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ..exponential.maths import model_output
-from ..ode.dpm2 import ScaledVariables, dpm2_step, noise_level
+from ..ode.dpm2 import ScaledVariables, dpm2_step
 from ..ode.res import res_step
 
 ETA = Option(
@@ -65,19 +65,26 @@ class EulerAncestral(Solver):
     t' and both are DDIM at eta = 0 (rectified-flow Euler in t is the DDIM step), but
     the amount of fresh noise a given eta names differs: ours at eta = 1 is the DDPM posterior. We
     implement the scaled form.
+
+    The step takes x0 and eps as separate terms (``steps_with_pair``): y_i is that of the state
+    the pair composes (``Prediction.pair_x``), so y_{i+1} = (x0 - mu) + sigma_down eps +
+    s_noise sigma_up z. Under :class:`~diffsolve.guidance.CFGPlusPlus` (the name
+    ``euler-ancestral-cfg-pp``) that is ComfyUI's ``sample_euler_ancestral_cfg_pp`` (which takes
+    this scaled form for flow models too): guided x0, renoised with the unconditional eps (CFG++,
+    Chung et al. 2024, arXiv 2406.08070).
     """
 
     eta = ETA
     s_noise = S_NOISE
+    steps_with_pair = True
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        x, grid = yield from maps.enter(x, grid)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
-            y = maps.y(pred.x, t) + (down - s) * pred.eps
+            y = maps.y(pred.pair_x, t) + (down - s) * pred.eps
             if up > 0 and self.s_noise > 0:
                 y = y + (self.s_noise * up) * noise.step(t, t_next)
             x = maps.x(y, t_next)
@@ -113,12 +120,11 @@ class DPM2Ancestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        x, grid = yield from maps.enter(x, grid)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
-            y = yield from dpm2_step(maps, pred.x, t, s, down, pred.eps, i + 1)
+            y = yield from dpm2_step(maps, pred.x, t, s, down, pred.eps, maps.first + i + 1)
             if up > 0 and self.s_noise > 0:
                 y = y + (self.s_noise * up) * noise.step(t, t_next)
             x = maps.x(y, t_next)
@@ -149,21 +155,26 @@ class ResMultistepAncestral(Solver):
     which is ``res-multistep``). The first step and the step to sigma_down = 0 are Euler,
     y_i + (sigma_down - s) eps_i. One model call per step; weak order 1 (the noise split is first
     order).
+
+    The step takes x0 and eps as separate terms (``steps_with_pair``) as ``res-multistep`` does
+    (y_i from the state the pair composes, D from eps), so under
+    :class:`~diffsolve.guidance.CFGPlusPlus` (the name ``res-multistep-ancestral-cfg-pp``) it is
+    ComfyUI's ``sample_res_multistep_ancestral_cfg_pp``.
     """
 
     eta = ETA
     s_noise = S_NOISE
+    steps_with_pair = True
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         d_prev, h_prev = None, None
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
-            d = model_output(pred, mu, "data")
-            y = res_step(maps.y(pred.x, t), pred.eps, d, d_prev, s, down, h_prev)
+            d = model_output(pred.eps_prediction(), mu, "data")
+            y = res_step(maps.y(pred.pair_x, t), pred.eps, d, d_prev, s, down, h_prev)
             if up > 0 and self.s_noise > 0:
                 y = y + (self.s_noise * up) * noise.step(t, t_next)
             x = maps.x(y, t_next)

@@ -75,7 +75,7 @@ import torch
 from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
-from .maths import alpha_sigma, half_log_snr, lagrange_weights, model_output, ode_weights, phi_integrals
+from .maths import grid_nodes, lagrange_weights, model_output, ode_weights, phi_integrals
 
 _F64 = torch.float64
 
@@ -194,18 +194,8 @@ class SASolver(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
-        ts = [float(t) for t in grid]
-        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
-        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
-        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
         param = self.parameterization
-        if param == "noise" and alpha[0] <= 0:
-            raise ValueError(
-                "parameterization='noise' cannot start where alpha = 0 (t = 1 of rectified flow); "
-                "use 'data', or a grid with t_max < 1"
-            )
-        if sigma[0] == 0.0:
-            raise ValueError(f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite)")
+        ts, alpha, sigma, lam = grid_nodes(self.name, grid, schedule, param)
         big_p, big_c = self.predictor_order, self.corrector_order
         n_eff = n - 1 if sigma[-1] == 0.0 and n > 1 else n  # the jump to sigma = 0 is not counted
         lof = self.lower_order_final

@@ -32,9 +32,16 @@ import torch
 from ...core.options import Option
 from ...core.protocol import Query, Solver
 from ...core.registry import register
-from ..exponential.maths import alpha_sigma, eta_sde_weights, half_log_snr, model_output, ode_weights, posterior_std
+from ..exponential.maths import (
+    alpha_sigma,
+    eta_sde_weights,
+    grid_nodes,
+    model_output,
+    ode_weights,
+    posterior_std,
+)
 from ..exponential.multistep import _Multistep
-from ..ode.dpm2 import ScaledVariables, noise_level
+from ..ode.dpm2 import ScaledVariables
 from .ancestral import ETA, S_NOISE, ancestral_split
 
 
@@ -117,10 +124,9 @@ class DPMPP2SAncestral(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        x, grid = yield from maps.enter(x, grid)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             d = model_output(pred, mu, "data")
             y = maps.y(pred.x, t)
@@ -130,7 +136,7 @@ class DPMPP2SAncestral(Solver):
                 s_mid = math.sqrt(s * down)
                 t_mid = maps.t(s_mid)
                 y_mid = dpmpp_first_order(y, d, s, s_mid)
-                pred_mid = yield Query(maps.x(y_mid, t_mid), t_mid, step=i + 1)
+                pred_mid = yield Query(maps.x(y_mid, t_mid), t_mid, step=maps.first + i + 1)
                 y = dpmpp_first_order(y, model_output(pred_mid, mu, "data"), s, down)
             if up > 0 and self.s_noise > 0:
                 y = y + (self.s_noise * up) * noise.step(t, t_next)
@@ -182,12 +188,11 @@ class DPMPPSDE(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
+        x, grid = yield from maps.enter(x, grid)
         levels = LevelNoise(noise, grid, schedule)
         fac = 1.0 / (2.0 * self.r)
-        for i in range(len(grid) - 1):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            s, s_next = noise_level(schedule, t), noise_level(schedule, t_next)
-            pred = yield Query(x, t, step=i + 1)
+        for i, t, t_next, s, s_next in maps.steps(grid):
+            pred = yield Query(x, t, step=maps.first + i + 1)
             d = model_output(pred, mu, "data")
             y = maps.y(pred.x, t)
             if s_next <= 0:
@@ -202,7 +207,7 @@ class DPMPPSDE(Solver):
             y_r = dpmpp_first_order(y, d, s, down_r)
             if z1 is not None and up_r > 0:
                 y_r = y_r + (self.s_noise * up_r) * z1
-            pred_r = yield Query(maps.x(y_r, t_r), t_r, step=i + 1)
+            pred_r = yield Query(maps.x(y_r, t_r), t_r, step=maps.first + i + 1)
             d_r = model_output(pred_r, mu, "data")
             d_d = d_r if fac == 1.0 else (1.0 - fac) * d + fac * d_r
             y = dpmpp_first_order(y, d_d, s, down)
@@ -255,12 +260,7 @@ class DPMPP3MSDE(Solver):
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
-        ts = [float(t) for t in grid]
-        alpha = [alpha_sigma(schedule, t)[0] for t in ts]
-        sigma = [max(alpha_sigma(schedule, t)[1], 0.0) for t in ts]
-        lam = [half_log_snr(a, s) for a, s in zip(alpha, sigma)]
-        if sigma[0] == 0.0:
-            raise ValueError(f"{self.name} cannot step away from sigma = 0 (its log-SNR is infinite)")
+        ts, alpha, sigma, lam = grid_nodes(self.name, grid, schedule, "data")
         levels = LevelNoise(noise, grid, schedule) if self.eta > 0 and self.s_noise > 0 else None
         hist: list[torch.Tensor] = []
         for i in range(n):

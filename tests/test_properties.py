@@ -34,7 +34,16 @@ DTYPES = [None, torch.float32, torch.float64, torch.bfloat16, torch.float16, "fl
 FIXED = sorted(i.name for i in registered() if i.fixed_grid)
 ADAPTIVE = sorted(i.name for i in registered() if not i.fixed_grid)
 EXAMPLES = int(os.environ.get("DIFFSOLVE_PROPERTY_EXAMPLES", "400"))  # more for a longer search
-SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+#: CI runs a fixed search (derandomized: the same examples every run); DIFFSOLVE_PROPERTY_RANDOM=1 searches
+#: afresh each run (with DIFFSOLVE_PROPERTY_EXAMPLES for a longer search). Known open findings of the
+#: random search: one- and two-step runs from VPCosine's t_max (sigma/alpha = 119) in float32 can reach
+#: states the mixture oracle answers with NaN (restart, exp-heun-2-x0-sde, dpm-2-ancestral, ode-dopri5).
+SETTINGS = dict(
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=not os.environ.get("DIFFSOLVE_PROPERTY_RANDOM"),
+)
 
 
 def _mixture(d: int) -> ds.models.GaussianMixture:

@@ -71,7 +71,11 @@ def log_snr_ends(schedule, grid, name: str) -> tuple[float, float, float, float]
     t0, t1 = ts[ends[0]], ts[ends[1]]
     lam0, lam1 = float(schedule.log_snr(t0)), float(schedule.log_snr(t1))
     if not (math.isfinite(lam0) and math.isfinite(lam1)) or lam0 == lam1:
-        raise ValueError(f"{name} needs two ends with finite, different log-SNRs, got t = {t0:.6g} and {t1:.6g}")
+        raise ValueError(
+            f"{name} needs two ends with finite, different log-SNRs, got t = {t0:.6g} and {t1:.6g}: use "
+            "t_min with sigma > 0 (e.g. 1e-3) and, for rectified flow, t_max < 1 (or a grid with a point "
+            "before its sigma = 0 end)"
+        )
     return t0, t1, lam0, lam1
 
 

@@ -81,7 +81,7 @@ def dpm2_step(maps: ScaledVariables, x, t: float, s: float, s_to: float, eps, st
     """k-diffusion's DPM-2 step from (x, t) at level s toward level s_to (a generator: it may
     query the model once more at the log-midpoint). Returns y at level s_to."""
     y = maps.y(x, t)
-    if s_to <= 0:  # Euler to s' = 0
+    if s_to <= 0 or s <= 0:  # Euler to s' = 0 (or from s = 0: an inversion's first step)
         return y + (s_to - s) * eps
     s_mid = math.exp(0.5 * (math.log(s) + math.log(s_to)))
     t_mid = maps.t(s_mid)

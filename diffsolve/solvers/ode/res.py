@@ -34,7 +34,7 @@ def res_step(y, eps, d, d_prev, s: float, s_to: float, h_prev: float | None):
     """y at level s_to from y at level s (model outputs eps and d = x0_hat - mu there, d_prev = the
     previous step's x0_hat - mu, h_prev = that step's length in t = -log s, None on the first step):
     the RES multistep step, or Euler on the first step and toward s_to = 0."""
-    if d_prev is None or h_prev is None or s_to <= 0 or s_to == s or h_prev == 0:
+    if d_prev is None or h_prev is None or s <= 0 or s_to <= 0 or s_to == s or h_prev == 0:
         return y + (s_to - s) * eps
     h = math.log(s) - math.log(s_to)
     b1, b2 = res_weights(h, h_prev)
@@ -88,7 +88,7 @@ class ResMultistep(Solver):
             y = res_step(maps.y(pred.pair_x, t), pred.eps, d, d_prev, s, s_next, h_prev)
             x = maps.x(y, t_next)
             d_prev = d
-            h_prev = math.log(s) - math.log(s_next) if s_next > 0 else None
+            h_prev = math.log(s) - math.log(s_next) if s_next > 0 and s > 0 else None
         return x
 
 

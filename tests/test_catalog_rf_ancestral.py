@@ -169,10 +169,15 @@ def test_rf_form_passes_two_sample_test_from_t_one(solver, steps, threshold, ref
     assert d < threshold
 
 
-@pytest.mark.parametrize("solver", ["euler-ancestral", "dpm-2-ancestral"])
-def test_rf_form_two_sample_test_fails_with_three_steps(solver, threshold, reference):
+@pytest.mark.parametrize("solver,steps", [("euler-ancestral", 3), ("dpm-2-ancestral", 1)])
+def test_rf_form_two_sample_test_fails_with_too_few_steps(solver, steps, threshold, reference):
+    """The test has power: euler-ancestral's rf form at 3 steps (mmd2 0.038) fails. dpm-2-ancestral's
+    passes already at 2 steps on this mixture (mmd2 0.0031 against 0.0058), so its check is 1 step
+    (the mixture's mean, mmd2 1.28)."""
     flow = S.RectifiedFlow()
-    res = ds.sample(GMM.model(flow), solver, 3, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform", form="rf")
+    res = ds.sample(
+        GMM.model(flow), solver, steps, shape=(N, 2), seed=0, dtype=torch.float64, grid="uniform", form="rf"
+    )
     d = mmd2(res.samples, reference)
-    print(solver, "rf form", 3, "mmd2", d, "threshold", threshold)
+    print(solver, "rf form", steps, "mmd2", d, "threshold", threshold)
     assert d > 5 * threshold

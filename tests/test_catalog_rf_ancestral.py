@@ -205,7 +205,9 @@ def test_drop_in_for_ltx_euler_ancestral_rf(n):
         return x.double(), calls, s.timesteps
 
     ref = LTXEulerAncestralRFScheduler(eta=1.0, s_noise=1.0)
-    ours = DiffsolveScheduler.from_config(ref.config, solver="euler-ancestral", solver_options={"form": "rf"}, flow=True)
+    ours = DiffsolveScheduler.from_config(
+        ref.config, solver="euler-ancestral", solver_options={"form": "rf"}, flow=True
+    )
     a, ca, ta = run(ref)
     b, cb, tb = run(ours)
     rel = float((a - b).abs().max() / a.abs().max())

@@ -57,7 +57,7 @@ def test_registry_entries():
     for name, calls in (("euler-ancestral", 1), ("dpm-2-ancestral", 2)):
         info = INFO[name]
         assert (info.family, info.calls_per_step, info.deterministic) == ("sde", calls, False)
-        assert ds.get_solver(name).options() == {"eta": 1.0, "s_noise": 1.0}
+        assert ds.get_solver(name).options() == {"eta": 1.0, "s_noise": 1.0, "form": "scaled"}
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])

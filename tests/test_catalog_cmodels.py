@@ -1,0 +1,254 @@
+"""diffusers' consistency-model schedulers as diffsolve's ``lcm``: CMStochasticIterativeScheduler
+(``lcm`` with ``from_end=True`` on EDM sigmas), SCMScheduler (``lcm`` on the TrigFlow path
+alpha = cos t, sigma = sigma_data sin t, written here as a test schedule) and FlowMatchLCMScheduler
+(``lcm`` on RectifiedFlow). Parity in a plain diffusers loop (the same oracle model, the same grid,
+diffusers' step noise replayed, the same number of model calls) and, for FlowMatchLCM, through
+DiffsolveScheduler.
+
+Each diffusers class wraps the network output in its own parameterisation; the loops here invert
+that wrapping so that the scheduler's denoised estimate is the oracle's x0 (CM: the boundary
+condition c_skip x + c_out F; sCM: x0 = cos(s) x - sin(s) F; flow: x0 = x - sigma v). All three draw
+a noise at every step, the last one unused (its coefficient is 0): ``lcm`` draws n - 1, the same
+stream in the same order.
+
+On an exact denoiser oracle (x0 = E[x_0 | x_t]) a consistency sampler does not sample the data law:
+its last step returns a posterior mean, whose spread is smaller than the data's. The law test below
+states that measured shrinkage as a bound rather than a two-sample pass."""
+
+import math
+
+import pytest
+import torch
+from diffusers import CMStochasticIterativeScheduler, FlowMatchLCMScheduler, SCMScheduler
+
+import diffsolve as ds
+from diffsolve.schedules.base import Schedule, as_time
+
+S = ds.schedules
+GMM3 = ds.models.GaussianMixture([[1.0, -0.5, 0.2], [-1.0, 0.5, 0.0]], 0.4)
+
+
+class Replay:
+    """The draws of one generator in order, in diffusers' dtype, handed out in float64."""
+
+    def __init__(self, seed, shape=(6, 3), dtype=torch.float64):
+        self.gen, self.shape, self.dtype, self.draws = torch.Generator().manual_seed(seed), shape, dtype, 0
+
+    def step(self, t, t_next, index=None):
+        self.draws += 1
+        return torch.randn(*self.shape, generator=self.gen, dtype=self.dtype).to(torch.float64)
+
+
+def _ours(solver, grid, sched, model, x_T, noise, **opts):
+    run = ds.get_solver(solver, **opts).run(x_T, grid, noise, schedule=sched)
+    item, calls = next(run), 0
+    try:
+        while True:
+            calls += 1
+            item = run.send(model(*item[:2]))
+    except StopIteration as stop:
+        return stop.value, calls
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_from_end_option():
+    assert ds.get_solver("lcm").options() == {"from_end": False}
+    assert ds.get_solver("lcm", from_end=True).options() == {"from_end": True}
+
+
+# ----------------------------------------------------------------------------- CM (Song et al. 2023)
+
+
+def _cm_run(n=None, timesteps=None, seed=3):
+    """(ours, diffusers', our calls, theirs, our draws, the scheduler, diffusers' last-step residue)."""
+    ref = CMStochasticIterativeScheduler(clip_denoised=False)
+    ref.set_timesteps(n) if timesteps is None else ref.set_timesteps(timesteps=timesteps)
+    sched = S.EDM(ref.config.sigma_min, ref.config.sigma_max)
+    model = GMM3.model(sched)
+    sigmas = ref.sigmas.to(torch.float64)  # float32 in diffusers: the same grid on both sides
+    x_T = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * float(sigmas[0])
+
+    x, calls, g = x_T.clone(), 0, torch.Generator().manual_seed(seed)
+    for i, k in enumerate(ref.timesteps):
+        s = float(sigmas[i])
+        ref.scale_model_input(x, k)  # the network's input scaling; the oracle takes x itself
+        c_skip, c_out = ref.get_scalings_for_boundary_condition(ref.sigmas[i])  # diffusers' own (float32)
+        f = (model(x, s).x0 - c_skip * x) / c_out  # so that c_skip x + c_out f = the oracle's x0
+        calls += 1
+        x = ref.step(f, k, x, generator=g).prev_sample
+    noise = Replay(seed)
+    ours, ours_calls = _ours("lcm", sigmas, sched, model, x_T, noise, from_end=True)
+    draws = noise.draws
+    # diffusers' last step adds z sqrt(sigma_hat^2 - sigma_min^2) with sigma_hat = float32(sigma_min):
+    # a rounding residue c ~ 6e-7 (0 in exact arithmetic), on the draw it makes at that step
+    smin = ref.config.sigma_min
+    c = float((torch.tensor(smin, dtype=torch.float32) ** 2 - smin**2) ** 0.5)  # in float32, as diffusers
+    residue = c * noise.step(0, 0) if n != 1 and len(ref.timesteps) > 1 else 0.0
+    return ours, x, ours_calls, calls, draws, ref, residue
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 10])
+def test_cm_stochastic_iterative_parity(n):
+    ours, theirs, ours_calls, calls, draws, ref, residue = _cm_run(n=n)
+    rel, rel_residue = _rel(ours, theirs), _rel(ours + residue, theirs)
+    print("cm n", n, "sigmas", [round(float(s), 4) for s in ref.sigmas], "calls", calls)
+    print("  relative difference", rel, "without diffusers' last-step rounding residue", rel_residue)
+    assert ours_calls == calls == n and draws == n - 1
+    assert rel < 1e-5 and rel_residue < 1e-7
+
+
+def test_cm_stochastic_iterative_parity_custom_timesteps():
+    ours, theirs, ours_calls, calls, _, _, residue = _cm_run(timesteps=[22, 0])  # the paper's 2-step ImageNet setting
+    rel, rel_residue = _rel(ours, theirs), _rel(ours + residue, theirs)
+    print("cm timesteps [22, 0] relative difference", rel, "without the residue", rel_residue)
+    assert ours_calls == calls == 2 and rel < 1e-5 and rel_residue < 1e-7
+
+
+def test_cm_differs_from_plain_lcm():
+    """from_end matters: without it the re-noising ignores sigma_min, a measurable difference."""
+    ref = CMStochasticIterativeScheduler()
+    ref.set_timesteps(3)
+    sigmas = ref.sigmas.to(torch.float64)
+    sched = S.EDM()
+    model = GMM3.model(sched)
+    x_T = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80
+    a, _ = _ours("lcm", sigmas, sched, model, x_T, Replay(3), from_end=True)
+    b, _ = _ours("lcm", sigmas, sched, model, x_T, Replay(3))
+    rel = _rel(a, b)
+    print("cm from_end vs plain relative difference", rel)
+    assert 1e-9 < rel < 1e-2
+
+
+def test_cm_step_by_hand_on_vp():
+    """from_end on a VP schedule: x1 = r x0 + sqrt(sigma_1^2 - r^2 sigma_N^2) z, r = alpha_1 / alpha_N."""
+    sched = S.VPLinear()
+    model = GMM3.model(sched)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t0, t1, t2 = 0.9, 0.5, 0.05
+    grid = torch.tensor([t0, t1, t2], dtype=torch.float64)
+    a1, s1 = sched.at(t1)
+    a2, s2 = sched.at(t2)
+    r = a1 / a2
+    z = Replay(7).step(t0, t1)
+    x1 = r * model(x, t0).x0 + math.sqrt(s1**2 - r**2 * s2**2) * z
+    expect = model(x1, t1).x0
+    ours, _ = _ours("lcm", grid, sched, model, x, Replay(7), from_end=True)
+    assert (ours - expect).abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- sCM (Lu & Song 2024)
+
+
+class TrigFlow(Schedule):
+    """TrigFlow (Lu & Song 2024): x_t = cos(t) x_0 + sin(t) sigma_d z, t in [0, pi/2]."""
+
+    default_grid = "uniform"
+
+    def __init__(self, sigma_data=0.5, t_max=1.5):
+        self.sigma_data, self.t_min, self.t_max = sigma_data, 0.0, t_max
+
+    def alpha(self, t):
+        return torch.cos(as_time(t))
+
+    def sigma(self, t):
+        return self.sigma_data * torch.sin(as_time(t))
+
+
+@pytest.mark.parametrize(
+    "n,timesteps,inter",
+    [(2, None, 1.3), (1, None, None), (4, None, None), (3, [1.5, 1.1, 0.6, 0.0], None)],
+)
+def test_scm_parity(n, timesteps, inter):
+    ref = SCMScheduler()
+    sd = ref.config.sigma_data
+    if timesteps is None:
+        ref.set_timesteps(n, max_timesteps=1.5, intermediate_timesteps=inter)
+    else:
+        ref.set_timesteps(n, timesteps=timesteps, max_timesteps=None, intermediate_timesteps=None)
+    sched = TrigFlow(sd)
+    model = GMM3.model(sched)
+    grid = ref.timesteps.to(torch.float64)  # float32 in diffusers: the same grid on both sides
+    x_T = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * sd
+
+    x, calls, g = x_T.clone(), 0, torch.Generator().manual_seed(4)
+    for s in ref.timesteps[:-1]:  # the last timestep (0) closes the grid, as in SanaSprintPipeline
+        sv = float(s)
+        f = (math.cos(sv) * x - model(x, sv).x0) / math.sin(sv)  # x0 = cos(s) x - sin(s) F
+        calls += 1
+        x = ref.step(f, s, x, generator=g).prev_sample
+    noise = Replay(4, dtype=torch.float32)  # diffusers' SCM draws float32 noise
+    ours, ours_calls = _ours("lcm", grid, sched, model, x_T, noise)
+    rel = _rel(ours, x)
+    print("scm", ref.timesteps.tolist(), "calls", ours_calls, calls, "relative difference", rel)
+    assert ours_calls == calls == n and noise.draws == n - 1
+    assert rel < 1e-5
+
+
+# ----------------------------------------------------------------------------- FlowMatchLCM
+
+
+def _flow_lcm_plain(ref, n, x_T, model, seed):
+    ref.set_timesteps(n)
+    x, calls, g = x_T.clone(), 0, torch.Generator().manual_seed(seed)
+    for i, k in enumerate(ref.timesteps):
+        s = float(ref.sigmas[i])
+        v = model(x, s).velocity
+        calls += 1
+        x = ref.step(v, k, x, generator=g).prev_sample
+    return x, calls
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_flow_match_lcm_parity(n, shift):
+    ref = FlowMatchLCMScheduler(shift=shift)
+    sched = S.RectifiedFlow()  # the grid is diffusers' (shifted) sigmas themselves: t = sigma
+    model = GMM3.model(sched)
+    x_T = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theirs, calls = _flow_lcm_plain(ref, n, x_T, model, 5)
+    grid = ref.sigmas.to(torch.float64)
+    noise = Replay(5)
+    ours, ours_calls = _ours("lcm", grid, sched, model, x_T, noise)
+    rel = _rel(ours, theirs)
+    print("flow lcm shift", shift, "n", n, "sigmas", ref.sigmas.tolist(), "relative difference", rel)
+    assert float(grid[-1]) == 0.0
+    assert ours_calls == calls == n and noise.draws == n - 1
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_flow_match_lcm_through_diffsolve_scheduler(n):
+    """DiffsolveScheduler.from_config(FlowMatchLCMScheduler, solver='lcm') in diffusers' loop on a
+    sigma-conditioned velocity network: the same timesteps, the same number of model calls and,
+    with the same generator, the same samples."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    sched = S.RectifiedFlow()
+    model = GMM3.model(sched)
+
+    def run(s):
+        s.set_timesteps(n)
+        # one sample: diffsolve draws each sample's noise from its own generator, diffusers draws the
+        # whole batch from one, and the two agree for a batch of one
+        x = torch.randn(1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        g, calls = torch.Generator().manual_seed(9), 0
+        for t in s.timesteps:
+            v = model(x, float(t) / 1000).velocity  # the network's time is sigma = timestep / 1000
+            calls += 1
+            x = s.step(v, t, x, generator=g).prev_sample
+        return x, calls
+
+    ref = FlowMatchLCMScheduler(shift=3.0)
+    ours = DiffsolveScheduler.from_config(ref.config, solver="lcm")
+    a, ca = run(ref)
+    b, cb = run(ours)
+    rel = _rel(b, a)
+    dt = float((ours.timesteps.to(torch.float64) - ref.timesteps.to(torch.float64)).abs().max())
+    print(
+        "flow lcm via DiffsolveScheduler n", n, "calls", ca, cb, "timestep difference", dt, "relative difference", rel
+    )
+    assert ca == cb == n and dt < 1e-3
+    assert rel < 1e-5

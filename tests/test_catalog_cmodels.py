@@ -252,3 +252,66 @@ def test_flow_match_lcm_through_diffsolve_scheduler(n):
     )
     assert ca == cb == n and dt < 1e-3
     assert rel < 1e-5
+
+
+# ----------------------------------------------------------------------------- the law on an exact oracle
+
+
+def _lcm_law(grid, sched, m, s, from_end):
+    """Mean and variance of lcm's output on the exact oracle of N(m, s^2) data (1-D), from
+    x_T ~ N(0, sigma_0^2) (the prior, as the test draws it). The oracle's x0 is
+    m + k (x - alpha m), k = alpha s^2 / (alpha^2 s^2 + sigma^2), and each step is x' = r x0 + c z
+    (r, c: alpha', sigma' or, with from_end, the forward process from the grid's end)."""
+    mu, v = 0.0, sched.at(float(grid[0]))[1] ** 2
+    a_e, s_e = sched.at(float(grid[-1]))
+    for i in range(len(grid) - 1):
+        a, sg = sched.at(float(grid[i]))
+        k = a * s * s / (a * a * s * s + sg * sg)
+        mu0, v0 = m + k * (mu - a * m), k * k * v  # the law of x0
+        if i == len(grid) - 2:
+            return mu0, v0
+        a_n, s_n = sched.at(float(grid[i + 1]))
+        r, c = (a_n / a_e, math.sqrt(max(s_n**2 - (a_n / a_e) ** 2 * s_e**2, 0.0))) if from_end else (a_n, s_n)
+        mu, v = r * mu0, r * r * v0 + c * c
+    return mu, v
+
+
+@pytest.mark.parametrize(
+    "sched_name,grid,from_end",
+    [
+        ("edm", [80.0, 2.2404, 0.002], True),
+        ("edm", [80.0, 23.61, 5.38, 0.8229, 0.0628, 0.002], True),
+        ("flow", [1.0, 0.75, 0.5, 0.25, 0.0], False),
+        ("flow", [1.0, 0.9, 0.5, 0.0], False),
+    ],
+)
+def test_law_on_an_exact_oracle_is_the_posterior_mean_law(sched_name, grid, from_end):
+    """On the exact denoiser of Gaussian data N(m, s^2) the output is Gaussian with the closed-form
+    mean and variance of _lcm_law (the last step returns a posterior mean): the sample moments of
+    40000 runs match them, and the variance is measurably below the data's s^2 (the sampler does not
+    give the data law on a denoiser oracle; it does on a trained consistency function)."""
+    m, s, n = 0.7, 0.5, 40000
+    sched = S.EDM() if sched_name == "edm" else S.RectifiedFlow()
+    model = ds.models.GaussianMixture([[m]], s).model(sched)
+    g = torch.tensor(grid, dtype=torch.float64)
+    x_T = torch.randn(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sched.at(grid[0])[1]
+    out, _ = _ours("lcm", g, sched, model, x_T, Replay(11, shape=(n, 1)), from_end=from_end)
+    mu, v = _lcm_law(g, sched, m, s, from_end)
+    emp_mu, emp_v = float(out.mean()), float(out.var())
+    z_mu = (emp_mu - mu) / math.sqrt(v / n)
+    z_v = (emp_v / v - 1) / math.sqrt(2 / (n - 1))
+    print(sched_name, grid, "law mean", mu, "measured", emp_mu, "law var", v, "measured", emp_v, "data var", s * s)
+    print("  z-scores", z_mu, z_v)
+    assert abs(z_mu) < 5 and abs(z_v) < 5
+    assert v < 0.9 * s * s
+
+
+@pytest.mark.parametrize("cls", [CMStochasticIterativeScheduler, SCMScheduler])
+def test_diffsolve_scheduler_refuses_cm_and_scm_sources(cls):
+    """DiffsolveScheduler has no source for these classes (CM's timesteps are 250 log sigma on
+    Karras sigmas with its own boundary-condition wrapping; SCM's TrigFlow time and its 'trigflow'
+    prediction type): from_config(scheduler) refuses them with an error naming the class."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    with pytest.raises(ValueError, match=cls.__name__):
+        DiffsolveScheduler.from_config(cls(), solver="lcm")

@@ -315,3 +315,12 @@ def test_diffsolve_scheduler_refuses_cm_and_scm_sources(cls):
 
     with pytest.raises(ValueError, match=cls.__name__):
         DiffsolveScheduler.from_config(cls(), solver="lcm")
+
+
+def test_diffsolve_scheduler_refuses_flow_match_lcm_scale_factors():
+    """FlowMatchLCM's scale_factors resize x0 between steps: refused by name, not silently dropped."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    with pytest.raises(ValueError, match="scale_factors"):
+        DiffsolveScheduler.from_config(FlowMatchLCMScheduler(scale_factors=[1.5, 2.0]), solver="lcm")
+    DiffsolveScheduler.from_config(FlowMatchLCMScheduler(), solver="lcm").set_timesteps(2)  # None (the default) is fine

@@ -1,6 +1,6 @@
 """diffusers' consistency-model schedulers as diffsolve's ``lcm``: CMStochasticIterativeScheduler
-(``lcm`` with ``from_end=True`` on EDM sigmas), SCMScheduler (``lcm`` on the TrigFlow path
-alpha = cos t, sigma = sigma_data sin t, written here as a test schedule) and FlowMatchLCMScheduler
+(``lcm`` with ``from_end=True`` on EDM sigmas), SCMScheduler (``lcm`` on S.TrigFlow,
+alpha = cos t, sigma = sigma_data sin t) and FlowMatchLCMScheduler
 (``lcm`` on RectifiedFlow). Parity in a plain diffusers loop (the same oracle model, the same grid,
 diffusers' step noise replayed, the same number of model calls) and, for FlowMatchLCM, through
 DiffsolveScheduler.
@@ -22,7 +22,7 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, FlowMatchLCMScheduler, SCMScheduler
 
 import diffsolve as ds
-from diffsolve.schedules.base import Schedule, as_time
+from diffsolve.schedules.base import Schedule
 
 S = ds.schedules
 GMM3 = ds.models.GaussianMixture([[1.0, -0.5, 0.2], [-1.0, 0.5, 0.0]], 0.4)
@@ -142,19 +142,24 @@ def test_cm_step_by_hand_on_vp():
 # ----------------------------------------------------------------------------- sCM (Lu & Song 2024)
 
 
-class TrigFlow(Schedule):
-    """TrigFlow (Lu & Song 2024): x_t = cos(t) x_0 + sin(t) sigma_d z, t in [0, pi/2]."""
-
-    default_grid = "uniform"
-
-    def __init__(self, sigma_data=0.5, t_max=1.5):
-        self.sigma_data, self.t_min, self.t_max = sigma_data, 0.0, t_max
-
-    def alpha(self, t):
-        return torch.cos(as_time(t))
-
-    def sigma(self, t):
-        return self.sigma_data * torch.sin(as_time(t))
+def test_trigflow_schedule():
+    """S.TrigFlow: alpha = cos t, sigma = sigma_d sin t; closed-form derivatives and log-SNR inverse
+    against autograd / bisection / central differences."""
+    sched = S.TrigFlow(0.5, t_min=1e-3, t_max=1.5)
+    t = torch.linspace(0.01, 1.5, 9, dtype=torch.float64)
+    assert torch.allclose(sched.alpha(t), torch.cos(t)) and torch.allclose(sched.sigma(t), 0.5 * torch.sin(t))
+    assert torch.allclose(sched.t_of_log_snr(sched.log_snr(t)), t, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(sched.log_snr(t), torch.log(sched.alpha(t) / sched.sigma(t)), atol=1e-12)
+    assert torch.allclose(Schedule.t_of_log_snr(sched, sched.log_snr(t)), t, atol=1e-9)
+    h = 1e-6
+    assert torch.allclose(sched.alpha_dot(t), (sched.alpha(t + h) - sched.alpha(t - h)) / (2 * h), atol=1e-8)
+    assert torch.allclose(sched.sigma_dot(t), (sched.sigma(t + h) - sched.sigma(t - h)) / (2 * h), atol=1e-8)
+    assert bool((sched.g2(t) > 0).all())
+    assert S.TrigFlow().t_max == math.pi / 2
+    with pytest.raises(ValueError):
+        S.TrigFlow(t_max=1.5708)  # beyond pi/2 alpha < 0
+    with pytest.raises(ValueError):
+        S.TrigFlow(sigma_data=0.0)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +173,7 @@ def test_scm_parity(n, timesteps, inter):
         ref.set_timesteps(n, max_timesteps=1.5, intermediate_timesteps=inter)
     else:
         ref.set_timesteps(n, timesteps=timesteps, max_timesteps=None, intermediate_timesteps=None)
-    sched = TrigFlow(sd)
+    sched = S.TrigFlow(sd)
     model = GMM3.model(sched)
     grid = ref.timesteps.to(torch.float64)  # float32 in diffusers: the same grid on both sides
     x_T = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * sd

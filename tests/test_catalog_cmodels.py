@@ -55,16 +55,18 @@ def _rel(a, b):
 
 
 def test_from_end_option():
-    assert ds.get_solver("lcm").options() == {"from_end": False}
-    assert ds.get_solver("lcm", from_end=True).options() == {"from_end": True}
+    assert ds.get_solver("lcm").options() == {"from_end": False, "s_noise": 1.0}
+    assert ds.get_solver("lcm", from_end=True, s_noise=0.5).options() == {"from_end": True, "s_noise": 0.5}
+    with pytest.raises(ValueError):
+        ds.get_solver("lcm", s_noise=-1.0)
 
 
 # ----------------------------------------------------------------------------- CM (Song et al. 2023)
 
 
-def _cm_run(n=None, timesteps=None, seed=3):
+def _cm_run(n=None, timesteps=None, seed=3, s_noise=1.0):
     """(ours, diffusers', our calls, theirs, our draws, the scheduler, diffusers' last-step residue)."""
-    ref = CMStochasticIterativeScheduler(clip_denoised=False)
+    ref = CMStochasticIterativeScheduler(clip_denoised=False, s_noise=s_noise)
     ref.set_timesteps(n) if timesteps is None else ref.set_timesteps(timesteps=timesteps)
     sched = S.EDM(ref.config.sigma_min, ref.config.sigma_max)
     model = GMM3.model(sched)
@@ -80,21 +82,22 @@ def _cm_run(n=None, timesteps=None, seed=3):
         calls += 1
         x = ref.step(f, k, x, generator=g).prev_sample
     noise = Replay(seed)
-    ours, ours_calls = _ours("lcm", sigmas, sched, model, x_T, noise, from_end=True)
+    ours, ours_calls = _ours("lcm", sigmas, sched, model, x_T, noise, from_end=True, s_noise=s_noise)
     draws = noise.draws
     # diffusers' last step adds z sqrt(sigma_hat^2 - sigma_min^2) with sigma_hat = float32(sigma_min):
     # a rounding residue c ~ 6e-7 (0 in exact arithmetic), on the draw it makes at that step
     smin = ref.config.sigma_min
     c = float((torch.tensor(smin, dtype=torch.float32) ** 2 - smin**2) ** 0.5)  # in float32, as diffusers
-    residue = c * noise.step(0, 0) if n != 1 and len(ref.timesteps) > 1 else 0.0
+    residue = c * s_noise * noise.step(0, 0) if n != 1 and len(ref.timesteps) > 1 else 0.0
     return ours, x, ours_calls, calls, draws, ref, residue
 
 
+@pytest.mark.parametrize("s_noise", [1.0, 0.6])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 10])
-def test_cm_stochastic_iterative_parity(n):
-    ours, theirs, ours_calls, calls, draws, ref, residue = _cm_run(n=n)
+def test_cm_stochastic_iterative_parity(n, s_noise):
+    ours, theirs, ours_calls, calls, draws, ref, residue = _cm_run(n=n, s_noise=s_noise)
     rel, rel_residue = _rel(ours, theirs), _rel(ours + residue, theirs)
-    print("cm n", n, "sigmas", [round(float(s), 4) for s in ref.sigmas], "calls", calls)
+    print("cm s_noise", s_noise, "n", n, "sigmas", [round(float(s), 4) for s in ref.sigmas], "calls", calls)
     print("  relative difference", rel, "without diffusers' last-step rounding residue", rel_residue)
     assert ours_calls == calls == n and draws == n - 1
     assert rel < 1e-5 and rel_residue < 1e-7

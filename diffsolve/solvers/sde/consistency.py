@@ -53,8 +53,9 @@ class LCM(Solver):
         x_{i+1} = mu + r (x0_i - mu) + sqrt(sigma_{i+1}^2 - r^2 sigma_N^2) z
 
     On EDM sigmas (alpha = 1, sigma_N = sigma_min) this is diffusers' CMStochasticIterativeScheduler,
-    x_{i+1} = x0_i + sqrt(sigma_{i+1}^2 - sigma_min^2) z (with s_noise = 1, clip_denoised off).
-    Where sigma_N = 0 both rules agree.
+    x_{i+1} = x0_i + sqrt(sigma_{i+1}^2 - sigma_min^2) s_noise z (with clip_denoised off). Where
+    sigma_N = 0 both rules agree. ``s_noise`` scales the drawn noise (z -> s_noise z; 1 is the
+    papers' rule).
     """
 
     steps_with_pair = True  # the step uses the prediction's own x0
@@ -65,6 +66,7 @@ class LCM(Solver):
         "re-noise from the grid's data end t_N, the consistency function's boundary (Song et al. "
         "2023, Algorithm 1; diffusers' CMStochasticIterativeScheduler), not from t = 0",
     )
+    s_noise = Option(1.0, "a scale on the drawn noise (diffusers' CMStochasticIterativeScheduler s_noise)", low=0.0)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
@@ -78,7 +80,8 @@ class LCM(Solver):
                 a_e, s_e = alpha_sigma(schedule, float(grid[-1]))
                 a_n = a_n / a_e
                 s_n = math.sqrt(max(s_n * s_n - a_n * a_n * s_e * s_e, 0.0))
-            x = pred.state_at(a_n, s_n, noise.step(t, t_next))
+            z = noise.step(t, t_next)
+            x = pred.state_at(a_n, s_n, z if self.s_noise == 1.0 else self.s_noise * z)
         return x
 
 

@@ -29,7 +29,7 @@ def test_registry_entries():
     for name in ("lcm", "tcd"):
         info = INFO[name]
         assert (info.family, info.calls_per_step, info.deterministic) == ("sde", 1, False)
-    assert ds.get_solver("lcm").options() == {}
+    assert ds.get_solver("lcm").options() == {"from_end": False, "s_noise": 1.0}
     assert ds.get_solver("tcd").options() == {"gamma": 0.3}
     with pytest.raises(ValueError):
         ds.get_solver("tcd", gamma=1.5)

@@ -17,6 +17,7 @@ from .grids import (
     make_grid,
 )
 from .mean_reverting import OUVE, MeanReverting
+from .trigflow import TrigFlow
 from .ve import EDM, VE
 from .vp import SubVP, VPCosine, VPDiscrete, VPLinear
 
@@ -31,6 +32,7 @@ __all__ = [
     "RectifiedFlow",
     "Schedule",
     "SubVP",
+    "TrigFlow",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",

@@ -360,6 +360,11 @@ class FlowSource(Source):
         pt = config.get("prediction_type", "flow_prediction")
         if pt != "flow_prediction":
             raise ValueError(f"prediction_type {pt!r} is not supported for flow matching; allowed: flow_prediction")
+        if config.get("scale_factors"):  # FlowMatchLCM's resizing of x0 between steps: not a solver step
+            raise ValueError(
+                "scale_factors is not supported: the state's size changes between steps (upscale_mode); "
+                "use the diffusers scheduler"
+            )
         self.schedule = RectifiedFlow()
         self.inverted = bool(config.get("invert_sigmas", False))
         self.n_train = int(config.get("num_train_timesteps", 1000))

@@ -45,10 +45,28 @@ class LCM(Solver):
     The last step returns the denoised estimate itself, not a state at t_N (as diffusers' last
     ``step``, whose ``prev_sample`` is ``denoised``): t_N only closes the grid. One model call per
     step; the earlier x_i enter only through the model (no ODE is integrated).
+
+    ``from_end``: the consistency function's boundary is the grid's data end t_N (Song et al. 2023,
+    Algorithm 1, whose f(x, eps) = x: its output is a state at t_N = eps, not at t = 0), so the
+    re-noising is the forward process from t_N to t_{i+1}, r = alpha_{i+1} / alpha_N:
+
+        x_{i+1} = mu + r (x0_i - mu) + sqrt(sigma_{i+1}^2 - r^2 sigma_N^2) z
+
+    On EDM sigmas (alpha = 1, sigma_N = sigma_min) this is diffusers' CMStochasticIterativeScheduler,
+    x_{i+1} = x0_i + sqrt(sigma_{i+1}^2 - sigma_min^2) s_noise z (with clip_denoised off). Where
+    sigma_N = 0 both rules agree. ``s_noise`` scales the drawn noise (z -> s_noise z; 1 is the
+    papers' rule).
     """
 
     steps_with_pair = True  # the step uses the prediction's own x0
     runs_backward = False  # the last step returns x0: no inversion
+
+    from_end = Option(
+        False,
+        "re-noise from the grid's data end t_N, the consistency function's boundary (Song et al. "
+        "2023, Algorithm 1; diffusers' CMStochasticIterativeScheduler), not from t = 0",
+    )
+    s_noise = Option(1.0, "a scale on the drawn noise (diffusers' CMStochasticIterativeScheduler s_noise)", low=0.0)
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
@@ -58,7 +76,12 @@ class LCM(Solver):
             if i == n - 1:
                 return pred.x0
             a_n, s_n = alpha_sigma(schedule, t_next)
-            x = pred.state_at(a_n, s_n, noise.step(t, t_next))
+            if self.from_end:
+                a_e, s_e = alpha_sigma(schedule, float(grid[-1]))
+                a_n = a_n / a_e
+                s_n = math.sqrt(max(s_n * s_n - a_n * a_n * s_e * s_e, 0.0))
+            z = noise.step(t, t_next)
+            x = pred.state_at(a_n, s_n, z if self.s_noise == 1.0 else self.s_noise * z)
         return x
 
 

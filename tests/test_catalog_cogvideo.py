@@ -252,3 +252,21 @@ def test_flow_map_euler_parity(shift):
         print("FlowMapEuler", shift, n, "calls", ca, cb, "relative difference", rel(a, b), rel(x, b))
         assert ca == cb == n
         assert rel(a, b) < 1e-5 and rel(x, b) < 1e-5 and rel(a, start()) > 1e-2
+
+
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_edm_sigma_min_end_keeps_the_last_call(lower_order_final):
+    """EDM-style sources with final_sigmas_type="sigma_min" (EDMDPMSolverMultistep here; the cosine
+    one above) list N calls, the last from sigma_min to itself: DiffsolveScheduler lists the same N
+    (the last leaves the sample as it is), and the real last step is second order on both sides."""
+    for n in (5, 12, 30):
+        ref = diffusers.EDMDPMSolverMultistepScheduler(
+            final_sigmas_type="sigma_min", lower_order_final=lower_order_final
+        )
+        ours = DiffsolveScheduler.from_config(ref, solver="dpmpp-2m", solver_options={"lower_order_final": False})
+        x_T = start(scale=float(ref.init_noise_sigma))
+        a, ca = loop(ref, n, x_T)
+        b, cb = loop(ours, n, x_T)
+        print("EDMDPMSolverMultistep sigma_min", n, "calls", ca, cb, "relative difference", rel(a, b))
+        assert ca == cb == n
+        assert rel(a, b) < 1e-5

@@ -80,6 +80,9 @@ FLOW_SOURCES = (
 # flow sources whose network sees the time 1 - sigma (scaled by ``num_train_timesteps``, 1 where the
 # config has none) and predicts the data-ward velocity (x0 - noise): the time and sign conventions
 _FLIPPED_TIME = ("MiniMaxH3Scheduler",)
+# sources known by their ``_class_name`` (or scheduler object) only: their options are among those of
+# other flow schedulers (FlowMatchHeun's), so a config made in code without a class name is not theirs
+_NAMED_ONLY = ("FlowMapEulerDiscreteScheduler", "MiniMaxH3Scheduler")
 EDM_SOURCES = {
     "EDMEulerScheduler": "edm",
     "EDMDPMSolverMultistepScheduler": "edm",
@@ -116,7 +119,7 @@ def source_class(config: Mapping[str, Any]) -> str | None:
     fits = {
         n: len(p)
         for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
-        if (p := set(_params(getattr(diffusers, n, None)))) and p <= keys
+        if n not in _NAMED_ONLY and (p := set(_params(getattr(diffusers, n, None)))) and p <= keys
     }
     if not fits:
         return None

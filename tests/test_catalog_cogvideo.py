@@ -249,6 +249,8 @@ def test_flow_map_euler_parity(shift):
         ours = DiffsolveScheduler.from_config(ref, solver="euler")
         b, cb = loop(ours, n, start())
         assert torch.allclose(ours.timesteps.double(), ref.timesteps.double(), rtol=1e-6, atol=0)
+        # the AnyFlow pipeline conditions the model on r = sigmas[i + 1] * num_train_timesteps
+        assert torch.allclose(ours.sigmas.double(), ref.sigmas.double(), rtol=1e-6, atol=1e-7)
         print("FlowMapEuler", shift, n, "calls", ca, cb, "relative difference", rel(a, b), rel(x, b))
         assert ca == cb == n
         assert rel(a, b) < 1e-5 and rel(x, b) < 1e-5 and rel(a, start()) > 1e-2

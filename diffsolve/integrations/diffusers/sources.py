@@ -70,7 +70,19 @@ VP_SOURCES = (
     "CogVideoXDDIMScheduler",
     "CogVideoXDPMScheduler",
 )
-FLOW_SOURCES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+FLOW_SOURCES = (
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
+    "FlowMatchLCMScheduler",
+    "FlowMapEulerDiscreteScheduler",
+    "MiniMaxH3Scheduler",
+)
+# flow sources whose network sees the time 1 - sigma (scaled by ``num_train_timesteps``, 1 where the
+# config has none) and predicts the data-ward velocity (x0 - noise): the time and sign conventions
+_FLIPPED_TIME = ("MiniMaxH3Scheduler",)
+# sources known by their ``_class_name`` (or scheduler object) only: their options are among those of
+# other flow schedulers (FlowMatchHeun's), so a config made in code without a class name is not theirs
+_NAMED_ONLY = ("FlowMapEulerDiscreteScheduler", "MiniMaxH3Scheduler")
 EDM_SOURCES = {
     "EDMEulerScheduler": "edm",
     "EDMDPMSolverMultistepScheduler": "edm",
@@ -82,7 +94,13 @@ REFUSED = {
     "other scheduler; no drop-in reproduces that (use it as it is)"
 }
 # sources that step from a timestep to it minus num_train_timesteps // N
-_STRIDE_STEP = ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler", "PNDMScheduler")
+_STRIDE_STEP = (
+    "DDIMScheduler",
+    "DDIMParallelScheduler",
+    "CogVideoXDDIMScheduler",
+    "CogVideoXDPMScheduler",
+    "PNDMScheduler",
+)
 # sources whose last step returns the clean estimate whatever set_alpha_to_one says
 _CLEAN_END = ("DDPMScheduler", "DDPMParallelScheduler", "LCMScheduler", "TCDScheduler", "UnCLIPScheduler")
 
@@ -101,7 +119,7 @@ def source_class(config: Mapping[str, Any]) -> str | None:
     fits = {
         n: len(p)
         for n in (*VP_SOURCES, *FLOW_SOURCES, *EDM_SOURCES)
-        if (p := set(_params(getattr(diffusers, n, None)))) and p <= keys
+        if n not in _NAMED_ONLY and (p := set(_params(getattr(diffusers, n, None)))) and p <= keys
     }
     if not fits:
         return None
@@ -350,7 +368,8 @@ class FlowSource(Source):
     """Flow matching (FlowMatch* schedulers, and DPM-Solver / UniPC with ``flow_prediction`` and
     ``use_flow_sigmas``): RectifiedFlow with t = sigma; the network timestep is the source's (sigma
     times ``num_train_timesteps``). Mochi's ``invert_sigmas`` lists 1 - sigma and wants minus the
-    velocity."""
+    velocity; MiniMax-H3 lists sigma but conditions its network on 1 - sigma (in [0, 1]) and wants
+    minus the velocity too."""
 
     kind = "velocity"
     flow = True
@@ -366,8 +385,11 @@ class FlowSource(Source):
                 "use the diffusers scheduler"
             )
         self.schedule = RectifiedFlow()
-        self.inverted = bool(config.get("invert_sigmas", False))
-        self.n_train = int(config.get("num_train_timesteps", 1000))
+        self.inverted = bool(config.get("invert_sigmas", False))  # the listed sigmas are 1 - sigma
+        flipped = name in _FLIPPED_TIME
+        self.flip_time = self.inverted or flipped  # the network time is 1 - sigma
+        self.sign = -1.0 if self.flip_time else 1.0  # the data-ward velocity x0 - noise
+        self.n_train = int(config.get("num_train_timesteps", 1 if flipped else 1000))
 
     def place(self, n, timesteps=None, sigmas=None, mu=None):
         ref = self.reference()
@@ -383,20 +405,20 @@ class FlowSource(Source):
         return Placement(grid, net, float(getattr(ref, "init_noise_sigma", 1.0)))
 
     def net_timestep(self, t):
-        return (1.0 - t if self.inverted else t) * self.n_train
+        return (1.0 - t if self.flip_time else t) * self.n_train
 
     @property
     def t_min(self):
-        return 1.0 / self.n_train
+        return 1.0 / max(self.n_train, 1000)
 
     def listed_sigma(self, t):
         return 1.0 - t if self.inverted else t
 
     def t_of_net(self, k):
-        return 1.0 - k / self.n_train if self.inverted else k / self.n_train
+        return 1.0 - k / self.n_train if self.flip_time else k / self.n_train
 
     def _raw(self, x, t, output):
-        return Prediction(x, t, -output if self.inverted else output, "velocity", self.schedule)
+        return Prediction(x, t, self.sign * output, "velocity", self.schedule)
 
 
 class EDMSource(Source):
@@ -449,7 +471,9 @@ class EDMSource(Source):
         last = 0.0 if self.final == "zero" else float(sig[-1])
         grid = _unique_desc(torch.cat([sig.to(torch.float64), torch.tensor([last], dtype=torch.float64)]))
         net = {float(v): self._c_noise(float(v), torch.float32) for v in sig.to(torch.float64)}
-        return Placement(grid, net, (self.s_max**2 + 1) ** 0.5)
+        # final_sigmas_type="sigma_min" repeats the last sigma: the source's last call steps from
+        # sigma_min to itself and leaves the sample as it is
+        return Placement(grid, net, (self.s_max**2 + 1) ** 0.5, identity_last=last == float(sig[-1]))
 
     def _c_noise(self, s: float, dtype=torch.float64) -> float:
         v = torch.tensor(s, dtype=dtype)

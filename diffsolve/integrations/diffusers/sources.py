@@ -76,13 +76,14 @@ FLOW_SOURCES = (
     "FlowMatchLCMScheduler",
     "FlowMapEulerDiscreteScheduler",
     "MiniMaxH3Scheduler",
+    "LTXEulerAncestralRFScheduler",
 )
 # flow sources whose network sees the time 1 - sigma (scaled by ``num_train_timesteps``, 1 where the
 # config has none) and predicts the data-ward velocity (x0 - noise): the time and sign conventions
 _FLIPPED_TIME = ("MiniMaxH3Scheduler",)
 # sources known by their ``_class_name`` (or scheduler object) only: their options are among those of
 # other flow schedulers (FlowMatchHeun's), so a config made in code without a class name is not theirs
-_NAMED_ONLY = ("FlowMapEulerDiscreteScheduler", "MiniMaxH3Scheduler")
+_NAMED_ONLY = ("FlowMapEulerDiscreteScheduler", "MiniMaxH3Scheduler", "LTXEulerAncestralRFScheduler")
 EDM_SOURCES = {
     "EDMEulerScheduler": "edm",
     "EDMDPMSolverMultistepScheduler": "edm",

@@ -185,8 +185,8 @@ def test_rf_form_two_sample_test_fails_with_too_few_steps(solver, steps, thresho
 
 @pytest.mark.parametrize("n", [5, 20])
 def test_drop_in_for_ltx_euler_ancestral_rf(n):
-    """DiffsolveScheduler.from_config(LTXEulerAncestralRFScheduler's config (a flow source by its
-    class name), solver="euler-ancestral", form rf) in a pipeline loop (float32 latents, velocity output, the
+    """DiffsolveScheduler.from_config(LTXEulerAncestralRFScheduler's config, flow=True,
+    solver="euler-ancestral", form rf) in a pipeline loop (float32 latents, velocity output, the
     network timestep sigma * 1000, one generator passed at every step): the same timesteps, the same
     number of calls and, with the generator's draws the same, the same latents to 1e-5."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
@@ -205,9 +205,14 @@ def test_drop_in_for_ltx_euler_ancestral_rf(n):
         return x.double(), calls, s.timesteps
 
     ref = LTXEulerAncestralRFScheduler(eta=1.0, s_noise=1.0)
-    ours = DiffsolveScheduler.from_config(ref.config, solver="euler-ancestral", solver_options={"form": "rf"})
+    ours = DiffsolveScheduler.from_config(
+        ref.config, solver="euler-ancestral", solver_options={"form": "rf"}, flow=True
+    )
+    by_object = DiffsolveScheduler.from_config(ref, solver="euler-ancestral", solver_options={"form": "rf"})
+    by_object.set_timesteps(n)  # the scheduler object names its class: a flow source without flow=True
     a, ca, ta = run(ref)
     b, cb, tb = run(ours)
+    assert torch.equal(by_object.timesteps, tb)
     rel = float((a - b).abs().max() / a.abs().max())
     dt = float((ta - tb).abs().max())
     print("ltx drop-in", n, "calls", ca, cb, "max timestep difference", dt, "relative difference", rel)

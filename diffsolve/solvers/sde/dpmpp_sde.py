@@ -117,10 +117,16 @@ class DPMPP2SAncestral(Solver):
     splits rectified flow's own sigma = t (sigma_down = t'(1 + (t'/t - 1) eta), x rescaled by
     (1 - t')/(1 - sigma_down)): the same at eta = 0, a different amount of fresh noise for a given eta.
     Noise: fresh draws per step (k-diffusion's default noise sampler).
+
+    Under :class:`~diffsolve.guidance.CFGPlusPlus` (``dpmpp-2s-ancestral-cfg-pp``, ComfyUI's
+    ``sample_dpmpp_2s_ancestral_cfg_pp``) both P steps take the unconditional prediction U (at x_i,
+    then at x_mid) and the step's guidance D_guided - U at x_i is added once:
+    y_{i+1} = P(y_i, U(x_mid); s -> sigma_down) + (D_guided - U)(x_i) + s_noise sigma_up z.
     """
 
     eta = ETA
     s_noise = S_NOISE
+    steps_with_pair = True
 
     def run(self, x, grid, noise, *, schedule, mu=None):
         maps = ScaledVariables(schedule, mu)
@@ -129,15 +135,19 @@ class DPMPP2SAncestral(Solver):
             pred = yield Query(x, t, step=maps.first + i + 1)
             down, up = ancestral_split(s, s_next, self.eta)
             d = model_output(pred, mu, "data")
+            plain = pred.eps_prediction() is pred  # else CFG++: d guided, u unconditional
+            u = d if plain else model_output(pred.eps_prediction(), mu, "data")
             y = maps.y(pred.x, t)
             if down <= 0:
                 y = d
             else:
                 s_mid = math.sqrt(s * down)
                 t_mid = maps.t(s_mid)
-                y_mid = dpmpp_first_order(y, d, s, s_mid)
+                y_mid = dpmpp_first_order(y, u, s, s_mid)
                 pred_mid = yield Query(maps.x(y_mid, t_mid), t_mid, step=maps.first + i + 1)
-                y = dpmpp_first_order(y, model_output(pred_mid, mu, "data"), s, down)
+                y = dpmpp_first_order(y, model_output(pred_mid.eps_prediction(), mu, "data"), s, down)
+                if not plain:
+                    y = y + (d - u)  # CFG++: the guidance of the step's start, added once
             if up > 0 and self.s_noise > 0:
                 y = y + (self.s_noise * up) * noise.step(t, t_next)
             x = maps.x(y, t_next)

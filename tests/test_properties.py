@@ -37,7 +37,7 @@ EXAMPLES = int(os.environ.get("DIFFSOLVE_PROPERTY_EXAMPLES", "400"))  # more for
 #: CI runs a fixed search (derandomized: the same examples every run); DIFFSOLVE_PROPERTY_RANDOM=1 searches
 #: afresh each run (with DIFFSOLVE_PROPERTY_EXAMPLES for a longer search). Known open findings of the
 #: random search: one- and two-step runs from VPCosine's t_max (sigma/alpha = 119) in float32 can reach
-#: states the mixture oracle answers with NaN (restart, exp-heun-2-x0-sde, dpm-2-ancestral, ode-dopri5).
+#: states the mixture oracle answers with NaN (restart, exp-heun-2-x0-sde, dpm-2-ancestral).
 SETTINGS = dict(
     deadline=None,
     database=None,

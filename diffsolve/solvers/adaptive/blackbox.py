@@ -39,8 +39,12 @@ class _BlackBox(Solver):
         requests: queue.Queue = queue.Queue(maxsize=1)
         replies: queue.Queue = queue.Queue(maxsize=1)
 
+        lo, hi = sorted((float(grid[0]), float(grid[-1])))
+
         def drift(t: float, y: torch.Tensor) -> torch.Tensor:
-            requests.put(("query", y, float(t)))
+            # an integrator's probe for its first step size may lie outside the interval (t < 0 for a
+            # short VP run): it is answered at the nearest end, inside the schedule's range
+            requests.put(("query", y, min(max(float(t), lo), hi)))
             v = replies.get()
             if v is _STOP:
                 raise _Stopped

@@ -152,3 +152,13 @@ def test_a_solver_without_options_has_none():
         pass
 
     assert Plain().options() == {} and repr(Plain()) == "Plain[solver]()"
+
+
+def test_an_option_takes_infinity_only_where_it_says_so():
+    """s_noise = inf was accepted (low = 0, no upper bound) and made NaN samples; s_tmax's default
+    is infinite, so it takes inf."""
+    with pytest.raises(ValueError, match="s_noise must be a finite number"):
+        ds.get_solver("euler-ancestral", s_noise=float("inf"))
+    with pytest.raises(ValueError, match="eta must be a finite number"):
+        ds.get_solver("euler-ancestral", eta=float("inf"))
+    assert ds.get_solver("heun", s_tmax=float("inf")).s_tmax == float("inf")

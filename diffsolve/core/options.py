@@ -111,6 +111,9 @@ class Option(Generic[T]):
             value = float(value)
             if math.isnan(value) or not self._in_range(value):
                 raise ValueError(f"{name} must be {self.range_text() or 'a number'}, got {value!r}")
+            if math.isinf(value) and value not in (self.default, self.low, self.high):
+                # infinite only where the option says so (a default or bound of that infinity)
+                raise ValueError(f"{name} must be a finite number{self._range_suffix()}, got {value!r}")
         elif self.kind is int:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer{self._range_suffix()}, got {value!r}")

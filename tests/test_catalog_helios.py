@@ -223,3 +223,41 @@ def test_unclip_float32_last_step_gap():
     not 1. Measured 5.3e-4 to 5.7e-4 at 2 to 100 steps."""
     for n in (2, 25, 100):
         assert 1e-4 < _unclip(n, False) < 1e-3
+
+
+# ------------------------------------------------------------------------------ DiffsolveScheduler
+@pytest.mark.parametrize("cls", ["HeliosScheduler", "HeliosDMDScheduler", "DDPMWuerstchenScheduler"])
+def test_diffsolve_scheduler_refuses_the_stage_wise_and_wuerstchen_sources(cls):
+    """A drop-in would silently step another grid (Helios' stages=1 grid is linspace(1, 1/1000,
+    n + 1)[:-1], not FlowMatchEuler's): refused, by the scheduler object and by its class name."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    ref = getattr(diffusers, cls)()
+    for source in (ref, {**ref.config, "_class_name": cls}):
+        with pytest.raises(ValueError, match="not supported"):
+            DiffsolveScheduler.from_config(source, solver="euler")
+
+
+def test_unclip_through_diffsolve_scheduler():
+    """DiffsolveScheduler(solver="ddpm") from UnCLIPScheduler: its own timesteps, the same noise
+    from the same generator, against the source in float32 with the Karlo pipeline's
+    prev_timestep; the gap is the source's float32 last step (test_unclip_float32_last_step_gap):
+    measured 5.3e-4 (2 steps), 5.1e-4 (5), 7.3e-4 (25)."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    for n in (2, 5, 25):
+        ref = diffusers.UnCLIPScheduler(clip_sample=False)
+        ref.set_timesteps(n)
+        ks = [int(k) for k in ref.timesteps]
+        x, g = start(), torch.Generator().manual_seed(5)
+        for i, k in enumerate(ks):
+            x = ref.step(net(x, k), k, x, prev_timestep=ks[i + 1] if i + 1 < n else None, generator=g).prev_sample
+        ours_ = DiffsolveScheduler.from_config(ref, solver="ddpm")
+        ours_.set_timesteps(n)
+        assert [int(k) for k in ours_.timesteps] == ks
+        y, g, calls = start(), torch.Generator().manual_seed(5), 0
+        for t in ours_.timesteps:
+            y = ours_.step(net(ours_.scale_model_input(y, t), t), t, y, generator=g).prev_sample
+            calls += 1
+        print("UnCLIP through DiffsolveScheduler", n, "calls", calls, "rel", rel(x, y))
+        assert calls == n and 1e-4 < rel(x, y) < 2e-3

@@ -92,7 +92,13 @@ EDM_SOURCES = {
 REFUSED = {
     "DDPMWuerstchenScheduler": "Stable Cascade's pipelines condition the network on r in [0, 1] only "
     "for this class (found by isinstance) and compute r from the betas of any "
-    "other scheduler; no drop-in reproduces that (use it as it is)"
+    "other scheduler; no drop-in reproduces that (use it as it is)",
+    "HeliosScheduler": "its grid is stage-wise (set_timesteps(n, stage_index) per stage, each with "
+    "its own network-time map; the pipeline re-noises between stages); step each stage with "
+    "diffsolve's euler / unipc on RectifiedFlow and the stage's sigmas (tests/test_catalog_helios.py)",
+    "HeliosDMDScheduler": "its grid is stage-wise and its step re-noises with the stage's start "
+    "latent (dmd_noisy_tensor); step each stage with diffsolve's lcm on RectifiedFlow "
+    "(tests/test_catalog_helios.py)",
 }
 # sources that step from a timestep to it minus num_train_timesteps // N
 _STRIDE_STEP = (

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 from diffsolve.core.registry import registered
@@ -176,15 +177,6 @@ def test_two_sample_test_fails_with_three_steps(solver, threshold, reference):
     assert d > 5 * threshold
 
 
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        return torch.tanh(x @ w + torch.as_tensor(t, dtype=torch.float64) / 1000.0) * 0.5 + 0.1 * x
-
-    return net
-
-
 @pytest.mark.parametrize("n", [5, 25])
 @pytest.mark.parametrize(
     "ref_cls,solver",
@@ -200,7 +192,7 @@ def test_drop_in_for_diffusers_in_a_stable_diffusion_loop(ref_cls, solver, n):
     of model calls; for dpm-2 the same latents (the ancestral ones draw their own noise)."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
 
-    net = _eps_net_3d()
+    net = eps_net_3d()
 
     def run(s):
         s.set_timesteps(n)

@@ -7,20 +7,12 @@ import pytest
 import torch
 from diffusers import DEISMultistepScheduler
 from scipy.integrate import quad
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 from diffsolve.solvers.exponential import deis as deis_mod
 
 S = ds.schedules
-
-
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        return torch.tanh(x @ w + (t.to(torch.float64) / 1000.0)[:, None]) * 0.5 + 0.1 * x
-
-    return net
 
 
 def _run(solver, x_T, grid, model, sched):
@@ -43,7 +35,7 @@ def _run(solver, x_T, grid, model, sched):
 def test_parity_with_diffusers_deis(order, n, lower_order_final):
     """Same eps network, timesteps (plus diffusers' final sigma, that of timestep 0), initial state;
     as many model calls."""
-    net = _eps_net_3d()
+    net = eps_net_3d()
     ref = DEISMultistepScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -200,7 +192,7 @@ def test_tab_step_by_hand():
     """A 3-step run of mode="tab", order 3, VP, eps model: the last step is x_3 / alpha_3 =
     x_2 / alpha_2 + sum_j C_j eps_{2-j} with the tab weights of rho_2, rho_1, rho_0."""
     sched = S.VPLinear()
-    net = _eps_net_3d()
+    net = eps_net_3d()
     model = ds.DiffusionModel(lambda x, t: net(x, t * 1000.0), sched, "eps")
     grid = torch.tensor([0.9, 0.6, 0.4, 0.25], dtype=torch.float64)
     x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -7,21 +7,13 @@ import math
 import pytest
 import torch
 from diffusers import PNDMScheduler
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 from diffsolve.core.protocol import drive
 from diffsolve.core.registry import solver_info
 
 S = ds.schedules
-
-
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        return torch.tanh(x @ w + (t.to(torch.float64) / 1000.0)[:, None]) * 0.5 + 0.1 * x
-
-    return net
 
 
 def _run(solver, x_T, grid, model, sched):
@@ -44,7 +36,7 @@ def test_parity_with_diffusers_pndm(skip_prk_steps, n, offset, alpha_to_one):
     """Same eps network, steps (the distinct timesteps, then diffusers' final alpha), initial state:
     the same result to 1e-5, the same model calls at the same timesteps (diffusers lists N + 1 for
     PLMS, N + 9 with the PRK warm-up)."""
-    net = _eps_net_3d()
+    net = eps_net_3d()
     ref = PNDMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 from diffusers import SASolverScheduler
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 from diffsolve.core.registry import registered
@@ -155,15 +156,6 @@ def test_parity_with_diffusers_in_its_own_float32():
     assert 1e-5 < rel < 1e-3
 
 
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        return torch.tanh(x @ w + torch.as_tensor(t, dtype=torch.float64) / 1000.0) * 0.5 + 0.1 * x
-
-    return net
-
-
 def _sd_loop(s, net, n, float64_sigmas):
     s.set_timesteps(n)
     if float64_sigmas and isinstance(s, SASolverScheduler):
@@ -188,7 +180,7 @@ def test_drop_in_for_diffusers_in_a_stable_diffusion_loop(algo, orders, float64_
     at orders 3-4 against its float64."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
 
-    net = _eps_net_3d()
+    net = eps_net_3d()
     p, c = orders
     ref = SASolverScheduler(num_train_timesteps=1000, predictor_order=p, corrector_order=c, algorithm_type=algo, **SD)
     opts = {"predictor_order": p, "corrector_order": c, "algorithm": algo, "tau_window": DIFFUSERS_WINDOW}
@@ -207,7 +199,7 @@ def test_default_window_is_diffusers_where_no_timestep_is_on_its_edge():
     get diffusers' tau: the same latents."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
 
-    net = _eps_net_3d()
+    net = eps_net_3d()
     ref = SASolverScheduler(num_train_timesteps=1000, **SD)
     ours = DiffsolveScheduler.from_config(ref, solver="sa-solver")
     a, _ = _sd_loop(ref, net, 12, False)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 from diffsolve.core.registry import registered
@@ -254,16 +255,6 @@ def test_dpmpp_sde_parity_with_diffusers_brownian_tree(n):
     assert rel < 1e-5
 
 
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return torch.tanh(x @ w + (t[:, None] if t.ndim else t) / 1000.0) * 0.5 + 0.1 * x
-
-    return net
-
-
 @pytest.mark.parametrize("n", [5, 25])
 def test_dpmpp_sde_drop_in_for_diffusers(n):
     """DiffsolveScheduler.from_config(DPMSolverSDEScheduler, solver='dpmpp-sde') in the SD loop on a
@@ -271,7 +262,7 @@ def test_dpmpp_sde_drop_in_for_diffusers(n):
     (diffusers' step takes s_noise) the same latents; with noise, finite latents."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
 
-    net = _eps_net_3d()
+    net = eps_net_3d()
 
     def run(s, **kw):
         s.set_timesteps(n)
@@ -317,7 +308,7 @@ class SignFixedMultistep(DPMSolverMultistepScheduler):
 
 
 def _multistep_sde(ref_cls, n, **opts):
-    net = _eps_net_3d()
+    net = eps_net_3d()
     ref = ref_cls(**SD, algorithm_type="sde-dpmsolver++", solver_order=3, solver_type="heun", lower_order_final=False)
     ref.set_timesteps(n)
     x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -421,7 +412,7 @@ def test_3m_sde_drop_in_for_diffusers(n):
     and noise draws as (sign-fixed) diffusers, so the same latents to 1e-5."""
     from diffsolve.integrations.diffusers import DiffsolveScheduler
 
-    net = _eps_net_3d()
+    net = eps_net_3d()
 
     def run(s):
         s.set_timesteps(n)

@@ -5,19 +5,11 @@ import math
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 
 S = ds.schedules
-
-
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        return torch.tanh(x @ w + (t.to(torch.float64) / 1000.0)[:, None]) * 0.5 + 0.1 * x
-
-    return net
 
 
 def _run(solver, x_T, grid, model, sched):
@@ -44,7 +36,7 @@ def test_parity_with_diffusers_unipc(final, variant, order, corrector, param, n)
     if final == "zero" and (variant == "bh1" or param == "noise"):
         # its last step (h = inf) multiplies B(h) = -inf by 0 (bh1) or sigma_t = 0 by e^h - 1 = inf (noise)
         pytest.skip("diffusers returns NaN here")
-    net = _eps_net_3d()
+    net = eps_net_3d()
     spacing = {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"} if final == "sigma_min" else {}
     ref = UniPCMultistepScheduler(
         beta_schedule="scaled_linear",

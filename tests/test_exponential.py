@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from tiny_pipelines import eps_net_3d
 
 import diffsolve as ds
 from diffsolve.metrics import mmd2
@@ -47,20 +48,11 @@ def test_mrs_is_shifted_dpm_solver(solver, opts):
     assert (with_mu.samples - (mu + without.samples)).abs().max() < 1e-12
 
 
-def _eps_net_3d():
-    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    def net(x, t):
-        return torch.tanh(x @ w + (t.to(torch.float64) / 1000.0)[:, None]) * 0.5 + 0.1 * x
-
-    return net
-
-
 @pytest.mark.parametrize("n", [8, 20])
 @pytest.mark.parametrize("algo,solver", [("dpmsolver++", "dpmpp-2m"), ("sde-dpmsolver++", "dpmpp-2m-sde")])
 def test_parity_with_diffusers_dpmsolver_multistep(algo, solver, n):
     """Same eps network, timesteps (plus the final sigma = 0), initial state and step noise."""
-    net = _eps_net_3d()
+    net = eps_net_3d()
     ref = DPMSolverMultistepScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, algorithm_type=algo, solver_order=2
     )
@@ -103,7 +95,7 @@ def test_published_third_order_matches_diffusers_3m(algo, param, n):
     """dpmpp-3m (and mrs-ode order 3) with ``published_d2=True`` is diffusers' DPMSolverMultistep at
     solver_order=3: the same eps network, timesteps and initial state give the same samples. Without
     the option the D2 term is twice as large (the Taylor-exact coefficient) and the samples differ."""
-    net = _eps_net_3d()
+    net = eps_net_3d()
     ref = DPMSolverMultistepScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, algorithm_type=algo, solver_order=3
     )

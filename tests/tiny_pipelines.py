@@ -399,3 +399,14 @@ def run_latents(pipe, scheduler, n, **call):
     finally:
         pipe.scheduler = base
     return out, c.calls
+
+
+def eps_net_3d():
+    """A small timestep-conditioned eps network on 3-D states, the catalog parity tests' model:
+    tanh(x W + t / 1000) / 2 + x / 10 (t a diffusers timestep, scalar or one per row)."""
+    w = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
+
+    def net(x, t):
+        return torch.tanh(x @ w + torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1) / 1000.0) * 0.5 + 0.1 * x
+
+    return net

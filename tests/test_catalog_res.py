@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_orders import SCHEDULES, errors  # the closed-form Gaussian order test
 
 import diffsolve as ds
 from diffsolve.core.registry import registered, solver_info
@@ -166,28 +167,7 @@ def test_special_cases():
 
 
 # ------------------------------------------------------------------ order of res-multistep (as tests/test_orders.py)
-GAUSS = ds.models.GaussianMixture([[0.5, -1.0, 2.0, 0.0]], [[0.5, 1.0, 0.2, 2.0]])
-STEPS = (10, 20, 40, 80)
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-SCHEDULES = {
-    "vp": (lambda: S.VPLinear(), None),
-    "ve": (lambda: S.VE(), None),
-    "flow": (lambda: S.RectifiedFlow(t_min=1e-3, t_max=1 - 1e-3), None),
-    "sd-discrete": (lambda: S.VPDiscrete.from_diffusers_config(SD), None),
-    "mean-reverting": (lambda: S.MeanReverting(lam=0.5), torch.tensor([0.3, 0.3, -0.2, 0.1], dtype=torch.float64)),
-}
-
-
-def errors(solver, sched, mu):
-    model = GAUSS.model(sched)
-    x_T = GAUSS.marginal(sched.t_max, sched, mu).sample(64, torch.Generator().manual_seed(0))
-    exact = GAUSS.flow_map(x_T, sched.t_max, sched.t_min, sched, mu)
-    errs = []
-    for n in STEPS:
-        res = ds.sample(model, solver, n, x_T=x_T, grid="log-snr", mu=mu)
-        assert res.samples.dtype == torch.float64
-        errs.append(float((res.samples - exact).abs().max()))
-    return errs
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

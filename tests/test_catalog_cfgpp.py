@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from scipy import integrate
 
 import diffsolve as ds
 from diffsolve import cli
@@ -37,8 +38,10 @@ CFG_PP = (  # ComfyUI's cfg_pp samplers, as named there, with our options for it
     ("res_multistep_ancestral_cfg_pp", {"eta": 0.8, "s_noise": 0.9}),
     ("gradient_estimation_cfg_pp", {"ge_gamma": 2.0}),
     ("dpmpp_2s_ancestral_cfg_pp", {"eta": 0.8, "s_noise": 0.9}),
+    ("cfgpp_ud10_ab", {}),
 )
 CALLS = {"dpmpp_2s_ancestral_cfg_pp": 6}  # two calls a step
+PLAIN = {"cfgpp_ud10_ab": "ud10_ab"}  # the solver a CFG++ name runs, where it is not the name less _cfg_pp
 
 
 def _model(schedule):
@@ -84,7 +87,8 @@ def _reference(name, schedule, x, opts, grid=GRID, lam=LAM):
     s = [noise_level(schedule, t) for t in grid]
     eta, s_noise, gamma = opts.get("eta", 0.0), opts.get("s_noise", 0.0), opts.get("ge_gamma", 2.0)
     y, z = x / a[0], iter(Z)
-    u_old = d_old = down_old = None
+    u_old = d_old = down_old = eu_old = None
+    dg_hist: list = []
     for i in range(len(grid) - 1):
         xt = a[i] * y
         c, u = model(xt, grid[i], **COND).x0, model(xt, grid[i], **NULL).x0
@@ -105,6 +109,31 @@ def _reference(name, schedule, x, opts, grid=GRID, lam=LAM):
             y_mid = (s_mid / s[i]) * y + (1 - s_mid / s[i]) * u
             u2 = model(a_mid * y_mid, t_mid, **NULL).x0
             y_new = (down / s[i]) * y + (1 - down / s[i]) * u2 + (dg - u) + next(z) * s_noise * up
+        elif name == "cfgpp_ud10_ab":
+            # _sample_cfgpp_history(history_weight=0.25, zero_weight=1.0, uncond_history_weight=0.1,
+            # zero_order from opts): alpha = 1 in these variables
+            dt = s[i + 1] - s[i]
+            ud = eps_u if eu_old is None else eps_u + 0.1 * dt / (s[i] - s[i - 1]) * (eps_u - eu_old)
+            euler = dg + s[i + 1] * ud - y
+            y_new = y + euler
+            if d_old is not None:  # AB2 in s: the integral over [s_i, s_i+1] of the line through the slopes
+                lag = lambda j: integrate.quad(
+                    lambda v: (v - s[i - 1 + j]) / (s[i - j] - s[i - 1 + j]), s[i], s[i + 1], epsabs=0, epsrel=1e-13
+                )[0]
+                y_new = y + torch.lerp(euler, lag(0) * euler / dt + lag(1) * d_old, 0.25)
+            if s[i + 1] == 0 and dg_hist:
+                if opts.get("zero_order", 1) == 2 and len(dg_hist) > 1:
+                    s0, s1, s2 = s[i - 2], s[i - 1], s[i]
+                    zero = (
+                        s1 * s2 / ((s0 - s1) * (s0 - s2)) * dg_hist[-2]
+                        + s0 * s2 / ((s1 - s0) * (s1 - s2)) * dg_hist[-1]
+                        + s0 * s1 / ((s2 - s0) * (s2 - s1)) * dg
+                    )
+                else:
+                    zero = dg - s[i] * (dg - dg_hist[-1]) / (s[i] - s[i - 1])
+                y_new = torch.lerp(y_new, zero, 1.0)
+            d_old, eu_old = euler / dt, eps_u
+            dg_hist.append(dg)
         elif name == "gradient_estimation_cfg_pp":
             y_new = dg + eps_u * s[i + 1]
             if d_old is not None:
@@ -143,10 +172,29 @@ def test_cfg_pp_steps_are_comfyui_updates(name, opts, schedule):
     out, calls = _run(name, guided, _x(), opts)
     want = _reference(name, sched, _x(), opts)
     err = float((out - want).abs().max())
-    plain, _ = _run(name.replace("_cfg_pp", ""), ClassifierFreeGuidance(_model(sched), LAM, uncond=NULL), _x(), opts)
+    plain, _ = _run(
+        PLAIN.get(name, name.replace("_cfg_pp", "")),
+        ClassifierFreeGuidance(_model(sched), LAM, uncond=NULL),
+        _x(),
+        opts,
+    )
     gap = float((out - plain).abs().max())  # CFG++ is not CFG at the same scale
     print(f"{name} ({schedule}): error {err:.2e} against ComfyUI's update; CFG++ - CFG {gap:.3f}")
     assert calls == CALLS.get(name, 3) and err < 1e-12 and gap > 1e-3
+
+
+@pytest.mark.parametrize("zero_order", [1, 2])
+def test_cfgpp_ud10_ab_step_to_sigma_zero_extrapolates_x0(zero_order):
+    """ComfyUI's cfgpp_ud10_ab on a grid ending at sigma = 0: the last step replaces the state by the
+    guided x0 extrapolated to sigma = 0 (linearly, or through the last three with zero_order 2)."""
+    sched, grid, opts = S.VPLinear(), [*GRID, 0.0], {"zero_order": zero_order}
+    guided = CFGPlusPlus(_model(sched), LAM, uncond=NULL)
+    out, calls = _run("cfgpp_ud10_ab", guided, _x(), opts, grid=grid)
+    want = _reference("cfgpp_ud10_ab", sched, _x(), opts, grid=grid)
+    off, _ = _run("cfgpp_ud10_ab", guided, _x(), {**opts, "zero_weight": 0.0}, grid=grid)
+    err, moved = float((out - want).abs().max()), float((out - off).abs().max())
+    print(f"zero_order {zero_order}: error {err:.2e} against ComfyUI's update; extrapolation moved it {moved:.3f}")
+    assert calls == 4 and err < 1e-12 and moved > 1e-3
 
 
 def test_one_euler_cfg_pp_step_by_hand():
@@ -194,6 +242,8 @@ def test_names_resolve_from_python():
         ("res_multistep_ancestral_cfg_pp", "res-multistep-ancestral"),
         ("gradient_estimation_cfg_pp", "gradient-estimation"),
         ("DDIM-CFG-PP", "ddim"),
+        ("cfgpp_ud10_ab", "ud10-ab"),
+        ("ud10_ab_cfg_pp", "ud10-ab"),
     ]:
         for spelling in (comfy, comfy.replace("_", "-")):
             solver = ds.get_solver(spelling)

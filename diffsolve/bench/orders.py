@@ -31,14 +31,17 @@ SCHEDULES = {
 }
 #: options that make an entry deterministic (its stated order is that of its deterministic limit)
 DETERMINISTIC = {"ddim": {"eta": 0.0}}
+#: options that make an entry convergent (its stated order is theirs; its defaults give an error floor)
+CONVERGENT = {"ud10-ab": {"uncond_history_weight": 0.0}}
 
 
 def top_order_options(name: str) -> dict:
-    """The options an entry's stated order refers to: its deterministic limit, the highest setting
-    of an ``order`` option (``mrs-ode`` states 3, its default is 2), and no lowered order at the last
-    steps (UniPC lowers it at every step count, as diffusers; its last step is then DDIM's, whose
-    local error O(h^2) makes the global order 2 below errors of about 1e-7)."""
-    opts = dict(DETERMINISTIC.get(name, {}))
+    """The options an entry's stated order refers to: its deterministic limit, its convergent
+    setting (``CONVERGENT``), the highest setting of an ``order`` option (``mrs-ode`` states 3, its
+    default is 2), and no lowered order at the last steps (UniPC lowers it at every step count, as
+    diffusers; its last step is then DDIM's, whose local error O(h^2) makes the global order 2 below
+    errors of about 1e-7)."""
+    opts = {**DETERMINISTIC.get(name, {}), **CONVERGENT.get(name, {})}
     info = {i.name: i for i in registered()}[name]
     spec = declared(info.cls).get("order")
     if spec is not None and spec.choices and "order" not in info.fixed:

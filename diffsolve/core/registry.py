@@ -47,6 +47,7 @@ class SolverInfo:
     reference: str
     fixed: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    cfg_pp_aliases: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -78,12 +79,14 @@ def register(
     fixed_grid: bool = True,
     fixed: dict | None = None,
     aliases: tuple[str, ...] = (),
+    cfg_pp_aliases: tuple[str, ...] = (),
 ) -> Callable[[type[S]], type[S]]:
     """Class decorator adding a solver to the registry under ``name`` (lower-case, hyphens), also
-    found under ``aliases`` (other names people know it by, e.g. a peer's spelling)."""
+    found under ``aliases`` (other names people know it by, e.g. a peer's spelling); its CFG++ name
+    ``<name>-cfg-pp`` also under ``cfg_pp_aliases`` (a peer's name for the solver under CFG++)."""
     if name != normalize(name):
         raise ValueError(f"solver names are lower-case with hyphens, got {name!r}")
-    for a in aliases:
+    for a in (*aliases, *cfg_pp_aliases):
         if normalize(a) in _REGISTRY or normalize(a) in _ALIASES or normalize(a) == name:
             raise ValueError(f"{name}: the alias {a!r} already names a solver")
     if family not in FAMILIES:
@@ -105,6 +108,7 @@ def register(
             reference,
             dict(fixed or {}),
             tuple(aliases),
+            tuple(cfg_pp_aliases),
         )
         if "__init__" in vars(cls):
             raise TypeError(
@@ -118,6 +122,7 @@ def register(
             raise ValueError(f"{name!r} is already an alias of {_ALIASES[name]!r}")
         _REGISTRY[name] = info
         _ALIASES.update({normalize(a): name for a in aliases})
+        _ALIASES.update({normalize(a): name + CFG_PP for a in cfg_pp_aliases})
         if not info.fixed:
             cls.name = name  # the canonical name (aliases fix options and keep it)
         return cls
@@ -133,7 +138,8 @@ CFG_PP = "-cfg-pp"
 def cfg_pp_base(name: str) -> str | None:
     """The registry name ``name`` is the CFG++ name of (``euler_cfg_pp`` -> ``euler``), else None."""
     key = normalize(name)
-    if _ALIASES.get(key, key) in _REGISTRY or not key.endswith(CFG_PP):
+    key = _ALIASES.get(key, key)
+    if key in _REGISTRY or not key.endswith(CFG_PP):
         return None
     base = key[: -len(CFG_PP)]
     return _ALIASES.get(base, base)
@@ -233,7 +239,7 @@ class SolverTable(list):
                 "no" if i.deterministic else "yes",
                 "exact" if i.invertible else "-",
                 "fixed" if i.fixed_grid else "adaptive",
-                ", ".join(i.names[1:]) or "-",
+                ", ".join([*i.names[1:], *(f"{a} (CFG++)" for a in i.cfg_pp_aliases)]) or "-",
                 i.description,
                 i.reference,
             )

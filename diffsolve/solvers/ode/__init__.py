@@ -1,5 +1,6 @@
 """Fixed-grid ODE solvers in the model's own variables: Euler and Heun (k-diffusion's, stepping in sigma),
 DDIM, DPM-Solver-2 (dpm-2), the linear multistep solvers LMS, iPNDM and iPNDM-v, PNDM / PLMS (pndm), ComfyUI's
-RES multistep and gradient estimation (res), and Heun++ (heunpp)."""
+RES multistep and gradient estimation (res), Heun++ (heunpp), and Euler with an AB2 history (ab_history:
+ud10-ab, ComfyUI's cfgpp_ud10_ab under CFG++)."""
 
-from . import ddim, dpm2, euler_heun, heunpp, multistep, pndm, res  # noqa: F401
+from . import ab_history, ddim, dpm2, euler_heun, heunpp, multistep, pndm, res  # noqa: F401

@@ -1,5 +1,6 @@
-"""Accuracy against NFE of fixed-step ODE solvers: ours against diffusers' schedulers (and
-k-diffusion's samplers when importable), on one oracle model and one initial noise.
+"""Accuracy against NFE of fixed-step ODE solvers: ours against the complete peer set of diffusers'
+schedulers and k-diffusion's samplers (:mod:`diffsolve.bench.ode_peers`), on one oracle model and one
+initial noise.
 
     diffsolve bench --only ode [--quick]        (or python scripts/bench_ode.py [--quick])
 
@@ -11,37 +12,48 @@ x/alpha, sigma/alpha, which does not depend on how a scheduler interpolates its 
 dpmpp-3s on 4000 log-SNR steps down to sigma/alpha = 3e-7, then to sigma = 0 (checked against
 2000 steps). Error: RMS over samples and dimensions of x(sigma = 0) against the reference.
 
-Ours: euler, heun, ddim, dpmpp-2m, dpmpp-3m, mrs-ode (order 3), dpmpp-3s, each on the log-SNR grid
-and on the Karras grid (rho 7) down to timestep 0, and on the log-SNR grid down to timestep 9
-(sigma/alpha = 0.1), all ending with a step to sigma = 0 (so the model is only queried at
-timesteps 0 ... 999, as a trained network allows); ode-dopri5 by its tolerance.
-diffusers: DDIM, Euler, Heun, DPMSolverMultistep 2M / 3M, UniPC (bh2), DEIS, each with
-``timestep_spacing="trailing"`` (first step at timestep 999) and their default spacing, ending at
-sigma = 0 (``set_alpha_to_one`` / ``final_sigmas_type="zero"``); Euler and DPM++ also with Karras
-sigmas. NFE: 5, 8, 10, 15, 20, 50 (a solver with 2 or 3 calls per step gets the most steps that fit).
-Writes ode.{json,md,png}. ``quick``: 32 samples, a 1000-step reference.
+NFE budgets 3, 4, 5, 6, 8, 10, 15, 20, 50 with equal-cost accounting: at budget B every method gets
+the largest number of steps whose real count of model calls is at most B (counted; a solver with
+2 or 3 calls a step, or one that skips a call on its last step, gets what really fits), and the
+tables give that count where it is below B. A setting that cannot fit B has no point there.
+
+Ours ("diffsolve"): euler, heun, ddim, dpmpp-2m, dpmpp-3m, mrs-ode (order 3), dpmpp-3s, each on the
+log-SNR grid and on the Karras grid (rho 7) down to timestep 0, and on the log-SNR grid down to
+timestep 9 (sigma/alpha = 0.1), all ending with a step to sigma = 0 (so the model is only queried
+at timesteps 0 ... 999, as a trained network allows); ode-dopri5 by its tolerance.
+"diffsolve (published grids)": the same solvers on Align Your Steps' SD 1.x table and on GITS' tables
+(every DP coefficient 0.80 .. 1.50), each both as ComfyUI lists them (the table's last level,
+sigma_min, replaced by 0) and as A1111 lists Align Your Steps (the table stretched to one point
+fewer, then 0 appended), so every grid ends at sigma = 0.
+Any later group named "diffsolve (...)" (an optimised grid) counts towards "ours" in the headline.
+
+Peers: see :mod:`diffsolve.bench.ode_peers` (every diffusers ODE scheduler with each spacing and sigma
+option it has; k-diffusion's deterministic samplers with Karras, exponential and polyexponential
+sigmas). The headline's best peer at B is the minimum error over that whole set with calls <= B.
+Writes ode.{json,md,png}. ``quick``: 32 samples, a 1000-step reference, a subset of the settings
+(trailing spacing, plain and Karras sigmas; 3 k-diffusion samplers on Karras sigmas; GITS at its
+default coefficient), budgets 4, 5, 8, 10, 15, 20, 50.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import diffsolve as ds
-from diffsolve.core.protocol import per_row
+from diffsolve.schedules import named_grids as ng
 
-from . import pyplot, save_figure, write_text
+from . import ode_peers, pyplot, save_figure, write_text
 
 STEMS = ("ode",)
-NFES = (5, 8, 10, 15, 20, 50)
-SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+NFES = (3, 4, 5, 6, 8, 10, 15, 20, 50)
+QUICK_NFES = (4, 5, 8, 10, 15, 20, 50)
+SD = ode_peers.SD
 OURS: dict[str, tuple[str, dict[str, Any], int]] = {  # name -> (solver, options, calls per step)
     "euler": ("euler", {}, 1),
     "heun": ("heun", {}, 2),
@@ -51,6 +63,8 @@ OURS: dict[str, tuple[str, dict[str, Any], int]] = {  # name -> (solver, options
     "mrs-ode (order 3)": ("mrs-ode", {"order": 3}, 1),
     "dpmpp-3s": ("dpmpp-3s", {}, 3),
 }
+PEERS = ("diffusers", "k-diffusion")
+PUBLISHED = "diffsolve (published grids)"
 
 
 def problem(n: int = 128):
@@ -85,102 +99,57 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
-# ---------------------------------------------------------------------------------------- diffusers
-def diffusers_methods():
-    # from the defining modules: mypy reads diffusers' top-level names as its dummy placeholder classes
-    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-    from diffusers.schedulers.scheduling_deis_multistep import DEISMultistepScheduler
-    from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
-    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
-    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteScheduler
-    from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+def _levels_then_zero(sd, levels: torch.Tensor) -> list[float]:
+    """Times of descending noise levels sigma/alpha (the first at t_max), then t = 0 appended."""
+    inner = sd.t_of_log_snr(-torch.log(levels[1:].double())).tolist()
+    return [float(sd.t_max), *inner, 0.0]
 
-    m: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-        "DDIM": (DDIMScheduler, {"set_alpha_to_one": True}),
-        "Euler": (EulerDiscreteScheduler, {}),
-        "Euler (Karras)": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-        "Heun": (HeunDiscreteScheduler, {}),
-        "DPM++ 2M": (DPMSolverMultistepScheduler, {"solver_order": 2}),
-        "DPM++ 2M (Karras)": (DPMSolverMultistepScheduler, {"solver_order": 2, "use_karras_sigmas": True}),
-        "DPM++ 3M": (DPMSolverMultistepScheduler, {"solver_order": 3}),
-        "UniPC": (UniPCMultistepScheduler, {}),
-        "DEIS": (DEISMultistepScheduler, {}),
+
+def published_grids(quick: bool = False) -> dict[str, Any]:
+    """name -> grid(sd, steps) of the published tables for Stable Diffusion 1.x's schedule, each ending
+    at sigma = 0: ComfyUI's lists (the table's last level replaced by 0) and A1111's (0 appended)."""
+    table = ng.AYS_TABLES["ays-sd1"]
+    out: dict[str, Any] = {
+        "AYS SD1 (ComfyUI)": lambda sd, n: ds.schedules.make_grid(sd, n, "ays-sd1").tolist(),
+        "AYS SD1 (A1111, 0 appended)": lambda sd, n: _levels_then_zero(sd, ng.loglinear(table, n - 1)),
     }
-    out = {}
-    for name, (cls, kw) in m.items():
-        for spacing in ("trailing", "default"):
-            opts = dict(kw)
-            if spacing == "trailing":
-                opts["timestep_spacing"] = "trailing"
-            if "final_sigmas_type" in inspect.signature(cls.__init__).parameters:
-                opts["final_sigmas_type"] = "zero"
-            out[f"{name}, {spacing}"] = (cls, opts)
+    for c in [1.20] if quick else sorted(ng.GITS_TABLES):
+        out[f"GITS {c:.2f} (ComfyUI)"] = lambda sd, n, c=c: ds.schedules.make_grid(sd, n, "gits", coeff=c).tolist()
+        if not quick:
+            out[f"GITS {c:.2f} (0 appended)"] = lambda sd, n, c=c: _levels_then_zero(sd, ng.gits(n - 1, c))
     return out
 
 
-def run_diffusers(cls, opts, sd, model, x_T, nfe: int):
-    """The Stable Diffusion loop (scale_model_input, model, step) with the oracle as eps-network.
-    Returns (x at the end, model calls), or None if the scheduler cannot spend ``nfe`` calls."""
-    sched = cls.from_config({**SD, "prediction_type": "epsilon", "clip_sample": False, **opts})
-    calls_per_step = 2 if cls.__name__.startswith("Heun") else 1
-    steps = (nfe + 1) // 2 if calls_per_step == 2 else nfe
-    sched.set_timesteps(steps)
-    acp = sched.alphas_cumprod.double()
-    x = x_T * float(sched.init_noise_sigma)
-    k_style = hasattr(sched, "sigmas") and float(sched.init_noise_sigma) > 1.0
-    calls = 0
-    for ts in sched.timesteps:
-        inp = sched.scale_model_input(x, ts)
-        if k_style:  # input x/sqrt(sigma^2 + 1) is the VP state; the scheduler's own sigma
-            s = float(sched.sigmas[sched.step_index])
-        else:
-            s = float(((1 - acp[int(ts)]) / acp[int(ts)]).sqrt())
-        t = sd.t_of_log_snr(torch.tensor(-math.log(s), dtype=torch.float64))
-        eps = model(inp.double(), t).eps
-        calls += 1
-        x = sched.step(eps, ts, x).prev_sample
-    return x, calls
+def our_points(model, x_T, solver, opts, cps, grid_of, budgets, ref, put, fail, name, group) -> None:
+    """One of our settings at every budget: the largest step count whose counted calls fit, searched
+    upward from budget // calls per step (a step count whose grid cannot be made has no point)."""
+    runs: dict[int, tuple[torch.Tensor, int]] = {}
 
+    def run_one(steps: int) -> tuple[torch.Tensor, int]:
+        if steps not in runs:
+            res = ds.sample(model, solver, x_T=x_T, grid=grid_of(steps), **opts)
+            runs[steps] = (res.samples, int(res.nfe))
+        return runs[steps]
 
-# ------------------------------------------------------------------------------------- k-diffusion
-def kdiffusion_methods():
-    try:
-        import k_diffusion.sampling as K
-    except Exception as exc:  # optional peer: skip cleanly
-        print(f"k-diffusion not importable ({type(exc).__name__}); skipping its samplers", flush=True)
-        return {}
-    return {
-        "k euler": (K.sample_euler, 1),
-        "k heun": (K.sample_heun, 2),
-        "k dpm_2": (K.sample_dpm_2, 2),
-        "k lms": (K.sample_lms, 1),
-        "k dpmpp_2m": (K.sample_dpmpp_2m, 1),
-        "k dpmpp_2s_ancestral(eta 0)": (
-            lambda m, x, s, disable=None: K.sample_dpmpp_2s_ancestral(m, x, s, eta=0.0, disable=disable),
-            2,
-        ),
-    }
-
-
-def run_kdiffusion(fn, calls_per_step, sd, model, x_T, nfe: int):
-    import k_diffusion.sampling as K
-
-    def denoiser(xk, sk):
-        t = sd.t_of_log_snr(-torch.log(sk.double()))
-        return model(xk * per_row(sd.alpha(t), xk), t).x0
-
-    s_max = float(sd.sigma(sd.t_max) / sd.alpha(sd.t_max))
-    s_min = float(sd.sigma(sd.t_min) / sd.alpha(sd.t_min))
-    steps = max(1, (nfe + 1) // 2) if calls_per_step == 2 else nfe
-    sigmas = K.get_sigmas_karras(steps, s_min, s_max, rho=7.0, device="cpu").double()
-    return fn(denoiser, x_T * math.sqrt(1 + s_max**2), sigmas, disable=True)  # x/alpha at t_max
+    ode_peers.peer_points(
+        run_one,
+        lambda steps: run_one(steps)[1],
+        budgets,
+        ref,
+        put,
+        fail,
+        name,
+        group,
+        start=lambda b: max(1, b // cps),
+    )
 
 
 # --------------------------------------------------------------------------------------------- main
 def run(out: Path, quick: bool = False) -> None:
-    torch.set_num_threads(2)
-    sd, model, x_T = problem(32 if quick else 128)
+    torch.set_num_threads(1 if quick else 2)
+    n = 32 if quick else 128
+    budgets = QUICK_NFES if quick else NFES
+    sd, model, x_T = problem(n)
     t0 = time.time()
     ref = reference(sd, model, x_T, 1000 if quick else 4000)
     check = reference(sd, model, x_T, 500 if quick else 2000)
@@ -188,15 +157,33 @@ def run(out: Path, quick: bool = False) -> None:
     print(f"reference agreement {ref_agreement:.1e} ({time.time() - t0:.0f}s)", flush=True)
     results: dict[str, dict] = {}
 
-    def put(group, name, nfe, calls, err):
-        results.setdefault(name, {"group": group, "points": {}})["points"][str(nfe)] = {"nfe": calls, "rms_error": err}
+    def entry(group, name):
+        return results.setdefault(name, {"group": group, "points": {}})
+
+    def put(group, name, nfe, calls, err, steps=None):
+        p = {"nfe": calls, "rms_error": err}
+        if steps is not None:
+            p["steps"] = steps
+        entry(group, name)["points"][str(nfe)] = p
+
+    def fail(group, name, nfe, steps, why):
+        entry(group, name).setdefault("failed", {})[str(nfe)] = {"steps": steps, "error": why}
 
     for name, (solver, opts, cps) in OURS.items():
         for gname, (kind, t_min) in GRIDS.items():
-            for nfe in NFES:
-                steps = nfe // cps
-                res = ds.sample(model, solver, x_T=x_T, grid=our_grid(sd, steps, kind, t_min), **opts)
-                put("diffsolve", f"{name}, {gname}", nfe, res.nfe, rms(res.samples, ref))
+
+            def grid_of(steps, kind=kind, t_min=t_min):
+                return our_grid(sd, steps, kind, t_min)
+
+            our_points(model, x_T, solver, opts, cps, grid_of, budgets, ref, put, fail, f"{name}, {gname}", "diffsolve")
+    for name, (solver, opts, cps) in OURS.items():
+        for gname, make in published_grids(quick).items():
+
+            def grid_of(steps, make=make):
+                return make(sd, steps)
+
+            our_points(model, x_T, solver, opts, cps, grid_of, budgets, ref, put, fail, f"{name}, {gname}", PUBLISHED)
+    print(f"ours done ({time.time() - t0:.0f}s)", flush=True)
     for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4):
         # dopri5 to sigma/alpha = 6e-6, then x0_hat there (one more call; O(sigma^2) from x at sigma = 0)
         t_lo = float(sd.t_of_log_snr(torch.tensor(12.0, dtype=torch.float64)))
@@ -209,19 +196,10 @@ def run(out: Path, quick: bool = False) -> None:
             float(res.nfe_per_sample.double().mean()) + 1,
             rms(x0, ref),
         )
-    for name, (cls, opts) in diffusers_methods().items():
-        for nfe in NFES:
-            with warnings.catch_warnings():  # numpy 2 deprecations inside diffusers' schedulers
-                warnings.simplefilter("ignore", DeprecationWarning)
-                x, calls = run_diffusers(cls, opts, sd, model, x_T, nfe)
-            put("diffusers", name, nfe, calls, rms(x, ref))
-    for name, (fn, cps) in kdiffusion_methods().items():
-        for nfe in NFES:
-            x_k = run_kdiffusion(fn, cps, sd, model, x_T, nfe)
-            steps = max(1, (nfe + 1) // 2) if cps == 2 else nfe
-            put("k-diffusion", name, nfe, cps * steps - (1 if cps == 2 else 0), rms(x_k, ref))
-    print(f"done in {time.time() - t0:.0f}s", flush=True)
-    write(results, ref_agreement, quick, out, 32 if quick else 128)
+    kd = ode_peers.run_peers(sd, model, x_T, ref, budgets, put, fail, quick=quick)
+    wall = time.time() - t0
+    print(f"done in {wall:.0f}s", flush=True)
+    write(results, ref_agreement, quick, out, n, budgets=budgets, kdiffusion=kd, wall_s=wall)
 
 
 def rewrite(out: Path) -> None:
@@ -234,86 +212,155 @@ def rewrite(out: Path) -> None:
         out,
         d.get("samples", 128),
         torch_version=d.get("torch"),
+        budgets=tuple(d.get("budgets", NFES)),
+        kdiffusion=d.get("kdiffusion", True),
+        wall_s=d.get("wall_s"),
     )
 
 
-def best(results, group, nfe):
-    """(name, error) of the group's most accurate method at this NFE budget (calls <= budget)."""
+def is_ours(group: str) -> bool:
+    """Every diffsolve group but the adaptive one (fixed steps; a later optimised grid included)."""
+    return group.startswith("diffsolve") and group != "diffsolve (adaptive)"
+
+
+def best(results, groups, nfe):
+    """(name, group, error, calls) of the most accurate setting of ``groups`` at this NFE budget
+    (calls <= budget), or None where none has a point."""
     cands = [
-        (p["rms_error"], n)
+        (p["rms_error"], n, r["group"], p["nfe"])
         for n, r in results.items()
-        if r["group"] == group
+        if r["group"] in groups
         for k, p in r["points"].items()
-        if k == str(nfe) and p["nfe"] <= nfe
+        if k == str(nfe) and p["nfe"] <= nfe and math.isfinite(p["rms_error"])
     ]
-    e, n = min(cands)
-    return n, e
+    if not cands:
+        return None
+    e, n, g, c = min(cands)
+    return n, g, e, c
 
 
-def write(results, ref_agreement, quick, out, n, torch_version=None):
+def headline_rows(results, budgets) -> list[dict[str, Any]]:
+    """Per budget: the best of ours (every fixed-step diffsolve group), the best peer over the whole
+    peer set, the best published grid, the best of each peer library; ``ratio`` = ours / best peer."""
+    groups = {r["group"] for r in results.values()}
+    ours = sorted(g for g in groups if is_ours(g))
+    rows = []
+    for nfe in budgets:
+        row: dict[str, Any] = {"nfe": nfe}
+        for key, gs in [("ours", ours), ("peer", list(PEERS)), ("published", [PUBLISHED])] + [(g, [g]) for g in PEERS]:
+            b = best(results, gs, nfe)
+            if b is None:
+                continue
+            row[key], row[f"{key}_group"], row[f"{key}_error"], row[f"{key}_calls"] = b
+        row["ratio"] = row["ours_error"] / row["peer_error"]
+        if "diffusers_error" in row:
+            row["ratio_diffusers"] = row["ours_error"] / row["diffusers_error"]
+        rows.append(row)
+    return rows
+
+
+def _cell(p, nfe) -> str:
+    """An error, with the real call count in brackets where it is below the budget."""
+    if p is None:
+        return "-"
+    return f"{p['rms_error']:.2e}" + ("" if p["nfe"] == nfe else f" ({p['nfe']:g})")
+
+
+def _best_cell(row, key) -> str:
+    if key not in row:
+        return "- | -"
+    calls = "" if row[f"{key}_calls"] == row["nfe"] else f" ({row[f'{key}_calls']:g} calls)"
+    return f"{row[f'{key}_group']}: {row[key]}{calls} | {row[f'{key}_error']:.2e}"
+
+
+def write(
+    results, ref_agreement, quick, out, n, torch_version=None, budgets=NFES, kdiffusion=True, wall_s=None
+) -> None:
     torch_version = torch_version or torch.__version__
     stem = "ode"
-    headline = []
-    for nfe in NFES:
-        on, oe = best(results, "diffsolve", nfe)
-        dn, de = best(results, "diffusers", nfe)
-        row = {"nfe": nfe, "ours": on, "ours_error": oe, "diffusers": dn, "diffusers_error": de, "ratio": oe / de}
-        if any(r["group"] == "k-diffusion" for r in results.values()):
-            kn, ke = best(results, "k-diffusion", nfe)
-            row.update({"k-diffusion": kn, "k-diffusion_error": ke})
-        headline.append(row)
+    headline = headline_rows(results, budgets)
     write_text(
         out / f"{stem}.json",
         json.dumps(
             {
                 "headline": headline,
                 "results": results,
+                "budgets": list(budgets),
                 "reference_agreement_rms": ref_agreement,
                 "torch": torch_version,
                 "samples": n,
                 "quick": quick,
+                "kdiffusion": kdiffusion,
+                "wall_s": wall_s,
             },
             indent=2,
         )
         + "\n",
     )
+    count = {g: sum(r["group"] == g for r in results.values()) for g in sorted({r["group"] for r in results.values()})}
+    failed = [(name, r) for name, r in results.items() if r.get("failed")]
     lines = [
         "# Fixed-step ODE solvers: accuracy against NFE",
         "",
-        f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/ode.py). 16-D "
-        f"GaussianMixture oracle (exact denoiser) under Stable Diffusion's scaled-linear schedule, float64, "
-        f"{n} samples, the same x_T for every method, from timestep 999 to sigma = 0. RMS error against a "
-        f"{1000 if quick else 4000}-step dpmpp-3s reference (it agrees with half as many steps to "
-        f"{ref_agreement:.1e}). torch {torch_version}."
+        f"Written by `diffsolve bench{' --quick' if quick else ''}` (diffsolve/bench/ode.py, the peers in "
+        f"diffsolve/bench/ode_peers.py). 16-D GaussianMixture oracle (exact denoiser) under Stable Diffusion's "
+        f"scaled-linear schedule, float64, {n} samples, the same x_T for every method, from timestep 999 to "
+        f"sigma = 0. RMS error against a {1000 if quick else 4000}-step dpmpp-3s reference (it agrees with "
+        f"half as many steps to {ref_agreement:.1e}). torch {torch_version}."
+        + (f" Wall time {wall_s:.0f} s." if wall_s else ""),
+        "",
+        "Equal-cost accounting: at a budget of B model calls each setting runs the largest number of steps "
+        "whose counted calls are at most B; where that count is below B it is given in brackets. "
+        "Settings: "
+        + ", ".join(f"{g} {c}" for g, c in count.items())
+        + "."
+        + (
+            " Quick run: fewer samples, budgets and settings (trailing spacing, plain and Karras sigmas; three "
+            "k-diffusion samplers on Karras sigmas; GITS at coefficient 1.20 only): a smoke test, not the result."
+            if quick
+            else ""
+        )
         + (
             ""
-            if any(r["group"] == "k-diffusion" for r in results.values())
-            else " k-diffusion was not importable in this run: its samplers are not in the tables."
+            if kdiffusion
+            else " k-diffusion was not importable in this run (set DIFFSOLVE_KDIFFUSION to an unpacked "
+            "k-diffusion): its samplers are not in the tables."
         ),
         "",
         "## Best of each library at each NFE budget",
         "",
-        "| NFE | diffsolve best | error | diffusers best | error | ours / diffusers |"
-        + (" k-diffusion best | error |" if "k-diffusion" in headline[0] else ""),
-        "|---|---|---|---|---|---|" + ("---|---|" if "k-diffusion" in headline[0] else ""),
+        (
+            "diffsolve best: over every fixed-step diffsolve group; best peer: over every diffusers and k-diffusion "
+            "setting below."
+        ),
+        "",
+        (
+            "| NFE | diffsolve best | error | best peer | error | ours / best peer | best published grid (ours) | error "
+            "| best diffusers | error | best k-diffusion | error |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in headline:
-        k = f" {r['k-diffusion']} | {r['k-diffusion_error']:.2e} |" if "k-diffusion" in r else ""
         lines.append(
-            f"| {r['nfe']} | {r['ours']} | {r['ours_error']:.2e} | {r['diffusers']} | "
-            f"{r['diffusers_error']:.2e} | {r['ratio']:.2f} |{k}"
+            f"| {r['nfe']} | {_best_cell(r, 'ours')} | {_best_cell(r, 'peer')} | {r['ratio']:.2f} | "
+            f"{_best_cell(r, 'published')} | {_best_cell(r, 'diffusers')} | {_best_cell(r, 'k-diffusion')} |"
         )
     lines += [
         "",
-        "## Every method",
+        "## Every setting",
         "",
-        "| method | library | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-        "|---|---|" + "---|" * len(NFES),
+        (
+            "Error at each budget; in brackets the calls really made where fewer than the budget; - where the "
+            "setting cannot fit the budget (or failed: see below)."
+        ),
+        "",
+        "| setting | library | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
     ]
     for name, r in results.items():
         if r["group"] == "diffsolve (adaptive)":
             continue
-        cells = " | ".join(f"{r['points'][str(n)]['rms_error']:.2e}" if str(n) in r["points"] else "-" for n in NFES)
+        cells = " | ".join(_cell(r["points"].get(str(b)), b) for b in budgets)
         lines.append(f"| {name} | {r['group']} | {cells} |")
     dop = results.get("ode-dopri5")
     if dop:
@@ -322,37 +369,50 @@ def write(results, ref_agreement, quick, out, n, torch_version=None):
             "ode-dopri5 (adaptive; NFE per sample, error): "
             + ", ".join(f"{k}: ({p['nfe']:.0f}, {p['rms_error']:.1e})" for k, p in dop["points"].items()),
         ]
+    lines += ["", "## Failed settings", ""]
+    if not failed:
+        lines.append("None: every setting ran and returned finite values wherever it fits a budget.")
+    else:
+        lines += ["Raised or returned non-finite values (budget: steps, what happened):", ""]
+        for name, r in failed:
+            lines.append(
+                f"- {name} ({r['group']}): "
+                + "; ".join(f"NFE {b}: {f['steps']} steps, {f['error']}" for b, f in r["failed"].items())
+            )
     write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    plot(results, headline, out / f"{stem}.png")
+
+
+def plot(results, headline, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
     fig, (ax, ax_all) = plt.subplots(1, 2, figsize=(13, 5))
-    groups = [("diffsolve", "C0", "-"), ("diffusers", "C3", "--"), ("k-diffusion", "C2", ":")]
-    for group, color, style in groups:  # headline: the best method of each library at each budget
-        key = "ours" if group == "diffsolve" else group
-        if key not in headline[0]:
-            continue
-        err_key = "ours_error" if key == "ours" else f"{key}_error"
-        ax.loglog(
-            [r["nfe"] for r in headline],
-            [r[err_key] for r in headline],
-            style,
-            color=color,
-            marker="o",
-            label=f"{group} (best at each NFE)",
-        )
-    ax.set_xlabel("NFE")
+    curves = [
+        ("ours", "diffsolve (best of every group)", "C0", "-"),
+        ("published", "diffsolve on published grids", "C1", "-."),
+        ("peer", "best peer (whole set)", "k", "--"),
+        ("diffusers", "diffusers", "C3", ":"),
+        ("k-diffusion", "k-diffusion", "C2", ":"),
+    ]
+    for key, label, color, style in curves:
+        pts = [(r[f"{key}_calls"], r[f"{key}_error"]) for r in headline if key in r]
+        if pts:
+            ax.loglog(*zip(*pts), style, color=color, marker="o", label=label)
+    ax.set_xlabel("model calls")
     ax.set_ylabel("RMS error at sigma = 0")
-    ax.set_title("Best fixed-step ODE solver of each library")
+    ax.set_title("Best fixed-step ODE setting at each NFE budget")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    for group, color, style in groups:
-        for n in [n for n, r in results.items() if r["group"] == group]:
-            pts = sorted((p["nfe"], p["rms_error"]) for p in results[n]["points"].values())
-            ax_all.loglog(*zip(*pts), style, color=color, alpha=0.35, lw=1)
-    ax_all.set_xlabel("NFE")
-    ax_all.set_title("Every method (blue: diffsolve, red: diffusers, green: k-diffusion)")
+    colors = {"diffsolve": "C0", PUBLISHED: "C1", "diffusers": "C3", "k-diffusion": "C2"}
+    for r in results.values():
+        if r["group"] not in colors or not r["points"]:
+            continue
+        pts = sorted({(p["nfe"], p["rms_error"]) for p in r["points"].values()})
+        ax_all.loglog(*zip(*pts), color=colors[r["group"]], alpha=0.25, lw=0.8)
+    ax_all.set_xlabel("model calls")
+    ax_all.set_title("Every setting (blue: diffsolve, orange: published grids, red: diffusers, green: k-diffusion)")
     ax_all.grid(alpha=0.3, which="both")
     fig.suptitle("16-D mixture oracle under the Stable Diffusion schedule, float64")
     fig.tight_layout()
-    save_figure(fig, out / f"{stem}.png")
+    save_figure(fig, path)

@@ -151,7 +151,7 @@ def _log_sigmas(sched) -> torch.Tensor:
 def _noise_level(sched, i: int, ts, k_style: bool, log_sig: torch.Tensor) -> float:
     """sigma/alpha at which the scheduler evaluates the model in call ``i`` (at timestep ``ts``)."""
     if k_style:  # Euler, Heun, LMS, KDPM2: the sigma scale_model_input divided by
-        if hasattr(sched, "state_in_first_order") and not sched.state_in_first_order:
+        if hasattr(sched, "sigmas_interpol") and not sched.state_in_first_order:  # KDPM2's midpoint
             return float(sched.sigmas_interpol[sched.step_index])
         return float(sched.sigmas[sched.step_index])
     if type(sched).__name__ == "IPNDMScheduler":  # its own VP schedule: sigma = betas, alpha = alphas
@@ -366,6 +366,17 @@ def peer_points(run_one, count, budgets, ref, put, fail, name: str, group: str, 
 
 def run_peers(sd, model, x_T, ref, budgets, put, fail, quick: bool = False) -> bool:
     """Every peer setting at every budget; returns whether k-diffusion ran."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # the schedulers' advice on lower_order_final and unused config keys
+    try:
+        return _run_peers(sd, model, x_T, ref, budgets, put, fail, quick)
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _run_peers(sd, model, x_T, ref, budgets, put, fail, quick: bool) -> bool:
     for name, (cls, opts) in diffusers_settings(quick).items():
         peer_points(
             lambda steps, cls=cls, opts=opts: run_diffusers(cls, opts, sd, model, x_T, steps),

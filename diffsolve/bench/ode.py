@@ -178,10 +178,12 @@ def run(out: Path, quick: bool = False) -> None:
     for name, (solver, opts, cps) in OURS.items():
         for gname, make in published_grids(quick).items():
 
-            def grid_of(steps, make=make):
+            def table_grid(steps, make=make):
                 return make(sd, steps)
 
-            our_points(model, x_T, solver, opts, cps, grid_of, budgets, ref, put, fail, f"{name}, {gname}", PUBLISHED)
+            our_points(
+                model, x_T, solver, opts, cps, table_grid, budgets, ref, put, fail, f"{name}, {gname}", PUBLISHED
+            )
     print(f"ours done ({time.time() - t0:.0f}s)", flush=True)
     for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4):
         # dopri5 to sigma/alpha = 6e-6, then x0_hat there (one more call; O(sigma^2) from x at sigma = 0)
@@ -372,11 +374,17 @@ def write(
     if not failed:
         lines.append("None: every setting ran and returned finite values wherever it fits a budget.")
     else:
-        lines += ["Raised or returned non-finite values (budget: steps, what happened):", ""]
+        lines += [
+            f"{len(failed)} settings raised or returned non-finite values at some budget (budgets, with the steps "
+            "run, and what happened); they have no point there:",
+            "",
+        ]
         for name, r in failed:
+            by_error: dict[str, list[str]] = {}
+            for b, f in r["failed"].items():
+                by_error.setdefault(f["error"] or "(no message)", []).append(f"{b} ({f['steps']} steps)")
             lines.append(
-                f"- {name} ({r['group']}): "
-                + "; ".join(f"NFE {b}: {f['steps']} steps, {f['error']}" for b, f in r["failed"].items())
+                f"- {name} ({r['group']}): " + "; ".join(f"NFE {', '.join(bs)}: {e}" for e, bs in by_error.items())
             )
     write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     plot(results, headline, out / f"{stem}.png")
@@ -405,12 +413,15 @@ def plot(results, headline, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     colors = {"diffsolve": "C0", PUBLISHED: "C1", "diffusers": "C3", "k-diffusion": "C2"}
     for r in results.values():
-        if r["group"] not in colors or not r["points"]:
+        color = colors.get(r["group"], "C4" if is_ours(r["group"]) else None)  # C4: a later diffsolve group
+        if color is None or not r["points"]:
             continue
         pts = sorted({(p["nfe"], p["rms_error"]) for p in r["points"].values()})
-        ax_all.loglog(*zip(*pts), color=colors[r["group"]], alpha=0.25, lw=0.8)
+        ax_all.loglog(*zip(*pts), color=color, alpha=0.25, lw=0.8)
     ax_all.set_xlabel("model calls")
-    ax_all.set_title("Every setting (blue: diffsolve, orange: published grids, red: diffusers, green: k-diffusion)")
+    ax_all.set_title(
+        "Every setting (blue: diffsolve, orange: published grids, red: diffusers, green: k-diffusion)", fontsize=9
+    )
     ax_all.grid(alpha=0.3, which="both")
     fig.suptitle("16-D mixture oracle under the Stable Diffusion schedule, float64")
     fig.tight_layout()

@@ -10,7 +10,8 @@ values at B is recorded as failed at B.
 
 diffusers (the Stable Diffusion loop: ``scale_model_input``, the eps-network, ``step``): DDIM, Euler,
 Heun, LMS, KDPM2, DPM++ 2M / 3M (multistep), DPM++ 2S / 3S (singlestep), UniPC bh1 / bh2 at orders
-2 and 3, DEIS 2 / 3, iPNDM and PNDM (PRK + PLMS, and PLMS only), each with the class's default
+2 and 3, DEIS 2 / 3, iPNDM (its own schedule, which starts at alpha = 0, and with Stable Diffusion's
+noise levels at the trailing timesteps given as its ``trained_betas``) and PNDM (PRK + PLMS, and PLMS only), each with the class's default
 ``timestep_spacing`` and ``"trailing"``, and with each sigma option its ``__init__`` has
 (``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``, ``use_lu_lambdas``; read with
 :func:`inspect.signature`), one at a time. Every schedule ends at sigma = 0 (``final_sigmas_type =
@@ -47,6 +48,7 @@ import torch
 from diffsolve.core.protocol import per_row
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+SD_TRAILING = "sd-trailing"  # iPNDM's trained_betas: the SD noise levels at the trailing timesteps
 SIGMA_OPTIONS = {
     "use_karras_sigmas": "Karras",
     "use_exponential_sigmas": "exponential",
@@ -92,6 +94,7 @@ def diffusers_classes() -> dict[str, tuple[type, dict[str, Any]]]:
         "DEIS 2": (DEISMultistepScheduler, {"solver_order": 2}),
         "DEIS 3": (DEISMultistepScheduler, {"solver_order": 3}),
         "iPNDM": (IPNDMScheduler, {}),
+        "iPNDM (SD noise levels)": (IPNDMScheduler, {"trained_betas": SD_TRAILING}),
         "PNDM (PRK + PLMS)": (PNDMScheduler, {"skip_prk_steps": False, "set_alpha_to_one": True}),
         "PNDM (PLMS)": (PNDMScheduler, {"skip_prk_steps": True, "set_alpha_to_one": True}),
     }
@@ -103,7 +106,7 @@ def diffusers_settings(quick: bool = False) -> dict[str, tuple[type, dict[str, A
     ``quick``: trailing spacing, plain and Karras sigmas, final sigma zero."""
     out: dict[str, tuple[type, dict[str, Any]]] = {}
     for name, (cls, fixed) in diffusers_classes().items():
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(cls).parameters  # the class's __init__
         spacings = ["default", "trailing"] if "timestep_spacing" in params else ["default"]
         sigmas = [None] + [o for o in SIGMA_OPTIONS if o in params]
         finals = ["zero", "sigma_min"] if "final_sigmas_type" in params else [None]
@@ -129,14 +132,23 @@ def diffusers_settings(quick: bool = False) -> dict[str, tuple[type, dict[str, A
     return out
 
 
-def make_scheduler(cls, opts):
+def make_scheduler(cls, opts, steps: int):
+    """The scheduler for ``steps`` steps; ``trained_betas=SD_TRAILING`` (iPNDM) becomes the list
+    iPNDM reads as its noise levels: Stable Diffusion's sigma = sqrt(1 - alphas_cumprod) at the
+    ``steps`` trailing timesteps, then 0."""
+    if opts.get("trained_betas") == SD_TRAILING:
+        n = SD["num_train_timesteps"]
+        betas = torch.linspace(SD["beta_start"] ** 0.5, SD["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2
+        acp = torch.cumprod(1 - betas, 0)
+        ts = torch.round(n - torch.arange(steps, dtype=torch.float64) * n / steps).long() - 1
+        opts = {**opts, "trained_betas": (1 - acp[ts]).sqrt().tolist() + [0.0]}
     return cls.from_config({**SD, "prediction_type": "epsilon", "clip_sample": False, **opts})
 
 
 def diffusers_calls(cls, opts, steps: int) -> int:
     """The model calls the Stable Diffusion loop makes with ``steps`` inference steps: one per entry
     of the scheduler's ``timesteps`` (Heun and KDPM2 list 2 steps - 1, PNDM with PRK more)."""
-    sched = make_scheduler(cls, opts)
+    sched = make_scheduler(cls, opts, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sched.set_timesteps(steps)
@@ -167,15 +179,16 @@ def _noise_level(sched, i: int, ts, k_style: bool, log_sig: torch.Tensor) -> flo
 
 
 def run_diffusers(cls, opts, sd, model, x_T, steps: int) -> tuple[torch.Tensor, int]:
-    """The Stable Diffusion loop (scale_model_input, model, step) with the oracle as eps-network;
-    returns (x at the end, model calls made)."""
-    sched = make_scheduler(cls, opts)
+    """The Stable Diffusion loop (scale_model_input, model, step) with the oracle as eps-network (as
+    v-network for iPNDM, which takes v); returns (x at the end, model calls made)."""
+    sched = make_scheduler(cls, opts, steps)
     with warnings.catch_warnings():  # numpy deprecations and advice inside diffusers' schedulers
         warnings.simplefilter("ignore")
         sched.set_timesteps(steps)
         log_sig = _log_sigmas(sched) if hasattr(sched, "alphas_cumprod") else torch.zeros(2)
         x = x_T * float(sched.init_noise_sigma)
         k_style = hasattr(sched, "sigmas") and float(sched.init_noise_sigma) > 1.0
+        ipndm = type(sched).__name__ == "IPNDMScheduler"
         t_hi, t_lo = float(sd.t_max), float(sd.t_min)
         calls = 0
         for i, ts in enumerate(sched.timesteps):
@@ -183,9 +196,13 @@ def run_diffusers(cls, opts, sd, model, x_T, steps: int) -> tuple[torch.Tensor, 
             s = _noise_level(sched, i, ts, k_style, log_sig)
             t = sd.t_of_log_snr(torch.tensor(-math.log(s), dtype=torch.float64)) if s > 0 else torch.tensor(t_lo)
             t = t.clamp(t_lo, t_hi)  # iPNDM starts at infinite noise: the model's highest level instead
-            eps = model(inp.double(), t).eps
+            pred = model(inp.double(), t)
             calls += 1
-            x = sched.step(eps, ts, x).prev_sample
+            if ipndm:  # iPNDM takes v = alpha eps - sigma x0 (it forms eps = sigma x + alpha v itself)
+                out = float(sched.alphas[i]) * pred.eps - float(sched.betas[i]) * pred.x0
+            else:
+                out = pred.eps
+            x = sched.step(out, ts, x).prev_sample
     return x, calls
 
 
@@ -356,7 +373,10 @@ def peer_points(run_one, count, budgets, ref, put, fail, name: str, group: str, 
                     raise Failed("non-finite samples")
                 done[steps] = (real, float((x - ref).pow(2).mean().sqrt()))
             except Exception as exc:
-                done[steps] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+                done[steps] = type(exc).__name__ + (f": {msg}" if msg and not isinstance(exc, Failed) else "")
+                if isinstance(exc, Failed):
+                    done[steps] = msg
         res = done[steps]
         if isinstance(res, str):
             fail(group, name, b, steps, res)

@@ -314,7 +314,8 @@ def write(
         "whose counted calls are at most B; where that count is below B it is given in brackets. "
         "Settings: "
         + ", ".join(f"{g} {c}" for g, c in count.items())
-        + "."
+        + ". Every setting ends at sigma = 0 except diffusers' `final sigma_min` settings and k-diffusion's "
+        "dpm_fast, which stop at the last training noise level (sigma/alpha = 0.0292) as those libraries do."
         + (
             " Quick run: fewer samples and settings (trailing spacing, plain and Karras sigmas; three "
             "k-diffusion samplers on Karras sigmas; GITS at coefficient 1.20 only): a smoke test, not the result."
@@ -375,8 +376,10 @@ def write(
         lines.append("None: every setting ran and returned finite values wherever it fits a budget.")
     else:
         lines += [
-            f"{len(failed)} settings raised or returned non-finite values at some budget (budgets, with the steps "
-            "run, and what happened); they have no point there:",
+            (
+                f"{len(failed)} settings raised or returned non-finite values at some budget (budgets, with the steps "
+                "run, and what happened); they have no point there:"
+            ),
             "",
         ]
         for name, r in failed:

@@ -391,7 +391,9 @@ def run_peers(sd, model, x_T, ref, budgets, put, fail, quick: bool = False) -> b
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # the schedulers' advice on lower_order_final and unused config keys
     try:
-        return _run_peers(sd, model, x_T, ref, budgets, put, fail, quick)
+        with warnings.catch_warnings():  # numpy 2 deprecations inside the schedulers, at every call
+            warnings.simplefilter("ignore")
+            return _run_peers(sd, model, x_T, ref, budgets, put, fail, quick)
     finally:
         dlog.set_verbosity(level)
 

@@ -416,8 +416,8 @@ def plot(results, headline, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     colors = {"diffsolve": "C0", PUBLISHED: "C1", "diffusers": "C3", "k-diffusion": "C2"}
     for r in results.values():
-        color = colors.get(r["group"], "C4" if is_ours(r["group"]) else None)  # C4: a later diffsolve group
-        if color is None or not r["points"]:
+        color = colors.get(r["group"], "C4" if is_ours(r["group"]) else "")  # C4: a later diffsolve group
+        if not color or not r["points"]:
             continue
         pts = sorted({(p["nfe"], p["rms_error"]) for p in r["points"].values()})
         ax_all.loglog(*zip(*pts), color=color, alpha=0.25, lw=0.8)

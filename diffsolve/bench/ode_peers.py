@@ -47,7 +47,12 @@ import torch
 
 from diffsolve.core.protocol import per_row
 
-SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+SD: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+}
 SD_TRAILING = "sd-trailing"  # iPNDM's trained_betas: the SD noise levels at the trailing timesteps
 SIGMA_OPTIONS = {
     "use_karras_sigmas": "Karras",

@@ -10,8 +10,7 @@ values at B is recorded as failed at B.
 
 diffusers (the Stable Diffusion loop: ``scale_model_input``, the eps-network, ``step``): DDIM, Euler,
 Heun, LMS, KDPM2, DPM++ 2M / 3M (multistep), DPM++ 2S / 3S (singlestep), UniPC bh1 / bh2 at orders
-2 and 3, DEIS 2 / 3, iPNDM (its own schedule, which starts at alpha = 0, and with Stable Diffusion's
-noise levels at the trailing timesteps given as its ``trained_betas``) and PNDM (PRK + PLMS, and PLMS only), each with the class's default
+2 and 3, DEIS 2 / 3, iPNDM and PNDM (PRK + PLMS, and PLMS only), each with the class's default
 ``timestep_spacing`` and ``"trailing"``, and with each sigma option its ``__init__`` has
 (``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``, ``use_lu_lambdas``; read with
 :func:`inspect.signature`), one at a time. Every schedule ends at sigma = 0 (``final_sigmas_type =
@@ -19,6 +18,11 @@ noise levels at the trailing timesteps given as its ``trained_betas``) and PNDM 
 setting (it stops at the last training noise level). The oracle is queried at the noise level the
 scheduler itself uses for that call (its ``sigmas`` entry; ``alphas_cumprod`` at the timestep for
 DDIM and PNDM), and starts from x_T times ``init_noise_sigma``, as a pipeline does.
+
+iPNDM has no spacing or sigma options and takes v, not eps: it runs on its own cosine schedule (which
+starts at alpha = 0, pure noise; its noise levels above Stable Diffusion's highest, 14.6, query the
+oracle there) and, as a second setting, on Stable Diffusion's noise levels at the trailing timesteps,
+given as its ``trained_betas`` (which it reads as the list of sigmas of the steps, then 0).
 
 k-diffusion (0.1.1, loaded from an installed ``k_diffusion`` or from the folder named by the
 environment variable ``DIFFSOLVE_KDIFFUSION``, its ``sampling`` module only): euler, heun, dpm_2, lms,

@@ -5,6 +5,7 @@ from . import (
     guidance,
     metrics,
     models,
+    optimize,
     pretrained,
     quality,
     samplers,
@@ -12,6 +13,7 @@ from . import (
     solvers,
 )
 from .models import DiffusionModel
+from .optimize import OptimizedGrid, optimize_grid
 from .samplers import Latent, SampleResult, UnstableError, get_solver, invert, list_solvers, sample
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionModel",
     "Latent",
+    "OptimizedGrid",
     "SampleResult",
     "UnstableError",
     "__version__",
@@ -29,6 +32,8 @@ __all__ = [
     "list_solvers",
     "metrics",
     "models",
+    "optimize",
+    "optimize_grid",
     "pretrained",
     "quality",
     "sample",

@@ -70,7 +70,13 @@ def finite_float(text: str) -> float:
 def grid_spec(text: str) -> str | tuple[str, dict[str, Any]] | list[float]:
     """A grid kind, a kind with parameters (``KIND:KEY=VALUE[:KEY=VALUE...]``, values parsed as YAML:
     ``karras:rho=5``, ``gits:coeff=1.15``, ``optimal-steps:model=wan``), or an explicit comma-separated
-    descending list of times."""
+    descending list of times, or the .json file of an optimized grid (``diffsolve optimize-grid``)."""
+    if text.lower().endswith(".json"):
+        try:
+            ds.OptimizedGrid.load(text)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"--grid {text!r}: {e}") from None
+        return text
     if "," in text:
         try:
             return [float(v) for v in text.split(",") if v.strip()]
@@ -193,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=grid_spec,
         default=None,
         help=f"time grid: {', '.join(ds.schedules.ALL_GRID_KINDS)}, with parameters as KIND:KEY=VALUE[:KEY=VALUE] "
-        "(karras:rho=5, gits:coeff=1.15, optimal-steps:model=wan), or comma-separated descending times "
-        "(default: the schedule's)",
+        "(karras:rho=5, gits:coeff=1.15, optimal-steps:model=wan), comma-separated descending times, "
+        "or an optimized grid's FILE.json (diffsolve optimize-grid; its steps and, for its solver, its "
+        "options) (default: the schedule's)",
     )
     p.add_argument("--t-max", type=finite_float, default=None, metavar="T", help=TIME_RANGE_HELP)
     p.add_argument("--t-min", type=finite_float, default=None, metavar="T", help="see --t-max")
@@ -322,6 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
         "(enkg, default 16 / 2), resample (inpaint, default 1)",
         force_help="overwrite existing results in --out",
     )
+
+    p = sub.add_parser(
+        "optimize-grid",
+        help="fit a step grid to a built-in model and a solver; writes a JSON file for --grid",
+        description="Find the best --steps-step grid for --model and --solver (ds.optimize_grid): "
+        "teacher trajectories from --samples noises, a search over --candidates log-SNR spaced "
+        "times scored with the solver's own update, then a local refinement, checked on other "
+        "noises. Writes the grid with its errors to --out (a JSON file that `diffsolve sample "
+        "--grid FILE` and ds.sample(grid=FILE) take).",
+    )
+    p.add_argument("--model", default=None, help=f"a built-in model (default: {DEFAULT_MODEL})")
+    p.add_argument("--solver", default="dpmpp-2m", help="a deterministic fixed-grid solver (default: dpmpp-2m)")
+    p.add_argument("--steps", type=positive_int, default=5, help="steps of the grid (default: 5)")
+    p.add_argument("--samples", type=positive_int, default=64, help="teacher trajectories to fit (default: 64)")
+    p.add_argument("--candidates", type=positive_int, default=40, help="candidate steps of the search (default: 40)")
+    p.add_argument("--no-refine", action="store_true", help="only the search over the candidates")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="base seed of the fitting noise (default: 0)")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="class-conditional models: fit with classifier-free guidance at this scale, every class alike",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="the JSON file to write (default: diffsolve-out/grid-<model>-<solver>-<steps>steps.json)",
+    )
+    add_run_flags(p, option_help="a solver option, value parsed as YAML (repeatable)", force_help="overwrite --out")
 
     p = sub.add_parser(
         "bench",

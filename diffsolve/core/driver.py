@@ -171,7 +171,10 @@ def sample(
         whatever the batch size, bitwise where the network's output for a row does not depend on
         the other rows it is called with (the oracles; any network with ``row_block``).
     grid: a grid kind (``"uniform"``, ``"log-snr"``, ``"karras"``, ... :data:`~diffsolve.schedules.ALL_GRID_KINDS`),
-        a kind with its parameters (``("karras", {"rho": 5})``, see :func:`~diffsolve.schedules.make_grid`)
+        a kind with its parameters (``("karras", {"rho": 5})``, see :func:`~diffsolve.schedules.make_grid`),
+        an :class:`~diffsolve.optimize.OptimizedGrid` from :func:`diffsolve.optimize_grid` or the path
+        of its .json file (its times, and its solver options when ``solver`` is the one it was fitted
+        for and no options are given; a warning if used with another solver or model)
         or an explicit descending list of times in the schedule's :attr:`~Schedule.time_range`
         (diffusers' integer timesteps are refused: convert them, or use ``DiffsolveScheduler``);
         default: the schedule's ``default_grid``.
@@ -216,7 +219,14 @@ def sample(
     """
     if isinstance(latent, Latent) and isinstance(solver, str) and solver_info(solver).name == latent.solver:
         solver_options = {**latent.options, **solver_options}  # the options it was made with
+    optimized = _optimized_grid(grid)
+    if optimized is not None:
+        if isinstance(solver, str) and not solver_options and get_solver(solver).name == optimized.solver:
+            solver_options = dict(optimized.options)  # the options it was fitted with
+        grid = optimized.grid
     model, slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    if optimized is not None:
+        optimized.check_use(slv.name, model)
     noise = slv.default_noise if noise is None else noise
     if row_block is not None:
         row_block = check_row_block(row_block)
@@ -333,6 +343,14 @@ def sample(
         stats=dict(out.stats or {}),
         trajectory=trajectory,
     )
+
+
+def _optimized_grid(grid):
+    """The :class:`~diffsolve.optimize.OptimizedGrid` a ``grid`` argument gives (the object, or a
+    path to its .json file), else None."""
+    from ..optimize.artefact import as_optimized_grid, is_grid_file
+
+    return as_optimized_grid(grid) if is_grid_file(grid) else None
 
 
 def _grid(schedule, steps, grid, t_max, t_min, fixed_grid: bool, slv: Solver) -> Tensor:

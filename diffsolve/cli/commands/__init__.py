@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from . import bench, evaluate, invert, restore, sample, solvers
+from . import bench, evaluate, invert, optimize, restore, sample, solvers
 
 Command = Callable[[argparse.Namespace, Sequence[str]], int]
 
@@ -16,4 +16,5 @@ COMMANDS: dict[str, Command] = {
     "restore": restore.run,
     "eval": evaluate.run,
     "bench": bench.run,
+    "optimize-grid": optimize.run,
 }

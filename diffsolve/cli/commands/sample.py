@@ -60,8 +60,18 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if solver_name(args.solver) == latent.solver:
             options = {**latent.options, **options}
     args.model = args.model or DEFAULT_MODEL
-    args.solver = args.solver or "dpmpp-2m"
     args.dtype = args.dtype or "float32"
+    if ds.optimize.is_grid_file(args.grid):  # an optimized grid: its steps, its solver's options
+        optimized = ds.OptimizedGrid.load(args.grid)
+        args.solver = args.solver or optimized.solver
+        if args.steps is not None and args.steps != optimized.steps:
+            raise CLIError(
+                f"--steps {args.steps} but --grid {args.grid} has {optimized.steps} steps: leave --steps out"
+            )
+        args.steps = optimized.steps
+        if solver_name(args.solver) == optimized.solver and not options:
+            options = dict(optimized.options)
+    args.solver = args.solver or "dpmpp-2m"
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     # Validate the cheap things first: solver name and options, grid, device, output directory.
     solver = resolve_solver(args.solver, options)

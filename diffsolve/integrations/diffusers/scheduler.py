@@ -13,6 +13,7 @@ is written twice. A run's state is per thread, so one pipeline may be called fro
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from ...core.noise import NoiseSource
 from ...core.protocol import Pump, as_outcome, drive
 from ...core.registry import get_solver, solver_info
 from ...models.model import Prediction
+from ...optimize.artefact import FORMAT as GRID_FORMAT
+from ...optimize.artefact import OptimizedGrid, as_optimized_grid, is_grid_file
 from ...schedules import RectifiedFlow, grid_kind_params, make_grid
 from ...schedules.base import Schedule
 from ...schedules.grids import MODEL_GRID_KINDS
@@ -84,7 +87,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         schedule's largest to its smallest training noise level, the last of the N steps jumping to
         the clean end (``final="zero"``); the kinds read off a model's noise levels ("trailing",
         "simple", "ays-sd1", "optimal-steps", ... which end at the clean end themselves) place their
-        own N points, then the clean end;
+        own N points, then the clean end; or an :class:`~diffsolve.OptimizedGrid` (the object, its
+        .json file, or its dict as a saved config holds it) from :func:`diffsolve.optimize_grid`:
+        its noise levels, for exactly its number of steps, with its solver options when ``solver``
+        is the one it was fitted for and ``solver_options`` is not given;
     final: where the last step ends: None (default) where the source ends (diffsolve's grids: the
         clean end); "zero": the clean end; "sigma_min": the smallest training noise level (solvers
         that work in x/sigma, rex, need it). The number of model calls stays the same;
@@ -107,7 +113,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self,
         solver: str = "dpmpp-2m",
         solver_options: dict | None = None,
-        steps_grid: str | tuple[str, dict] | None = None,
+        steps_grid: str | tuple[str, dict] | OptimizedGrid | dict | None = None,
         final: str | None = None,
         seed: int | None = None,
         flow: bool = False,
@@ -144,6 +150,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 f"solver {self.solver.name!r} chooses its own steps; a diffusers pipeline needs a "
                 "fixed list of timesteps: use diffsolve.integrations.diffusers.sample_pipeline"
             )
+        self._optimized = None
+        if is_grid_file(steps_grid) or (isinstance(steps_grid, dict) and steps_grid.get("format") == GRID_FORMAT):
+            art = OptimizedGrid.from_dict(steps_grid) if isinstance(steps_grid, dict) else as_optimized_grid(steps_grid)
+            if solver_options is None and self.solver.name == art.solver:
+                self.solver = get_solver(solver, **art.options)  # the options it was fitted with
+                self.register_to_config(solver_options=dict(art.options))
+            art.check_use(self.solver.name)
+            self.register_to_config(steps_grid=art.to_dict())  # the config stays JSON
+            self._optimized = art
         if final not in (None, "zero", "sigma_min"):
             raise ValueError(f"final must be None, 'zero' or 'sigma_min', got {final!r}")
         if source_config is None:  # made from keyword arguments: a DDPM-style or flow config of its own
@@ -286,6 +301,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             to_time: Callable[[Tensor], Tensor] = schedule.sigma
         else:
             schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
+        if self._optimized is not None:  # its noise levels sigma/alpha, as times of this schedule
+            return to_time(self._optimized_times(self._optimized, schedule, n)).to(torch.float64)
         sigma_min = self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min"
         named = grid_kind_params(kind)
         if named is not None and named[0] in MODEL_GRID_KINDS:  # n points of the kind's own, then its end
@@ -300,6 +317,25 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         )
         g = to_time(g).to(torch.float64)
         return torch.cat([g, g.new_zeros(1)])
+
+    @staticmethod
+    def _optimized_times(art: OptimizedGrid, schedule: Schedule, n: int) -> Tensor:
+        """The optimized grid's noise levels s = sigma/alpha as times of ``schedule`` (inf: its
+        t_max; 0: the clean end); its step count must be ``n``."""
+        if n != art.steps:
+            raise ValueError(
+                f"num_inference_steps={n}, but the optimized steps_grid has {art.steps} steps "
+                f"(fitted for {art.solver!r}): use {art.steps}, or fit a grid for {n} steps"
+            )
+        ts = []
+        for s in art.sigmas:
+            if math.isinf(s):
+                ts.append(float(schedule.t_max))
+            elif s <= 0:
+                ts.append(0.0)
+            else:
+                ts.append(float(schedule.t_of_log_snr(torch.tensor(-math.log(s), dtype=torch.float64))))
+        return torch.tensor(ts, dtype=torch.float64)
 
     def _set_grid(self, place: Placement, n: int, device) -> None:
         grid, t_max = place.grid, self._t_max(place.grid)

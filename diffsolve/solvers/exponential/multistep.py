@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from ...core.options import Option
-from ...core.protocol import Solver
+from ...core.protocol import Query, Solver
 from ...core.registry import register
 from .maths import (
     PARAMETERIZATIONS,
@@ -99,7 +99,7 @@ class _Multistep(Solver):
         orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
         for i in range(n):
-            pred = yield x, ts[i]
+            pred = yield Query(x, ts[i], step=i + 1)
             y = pred.pair_x if mu is None else pred.pair_x - mu  # x itself unless the pair is not consistent
             hist = (hist + [model_output(pred, mu, self.parameterization)])[-3:]
             y = self._step(y, hist, i, orders[i], g, noise)

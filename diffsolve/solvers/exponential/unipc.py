@@ -41,7 +41,7 @@ import math
 import torch
 
 from ...core.options import Option
-from ...core.protocol import Solver
+from ...core.protocol import Query, Solver
 from ...core.registry import register
 from .maths import (
     UNIPC_VARIANTS,
@@ -126,7 +126,7 @@ class UniPC(Solver):
         y_last = None  # the state the last step started from
         for i in range(n):
             x_query = x
-            pred = yield x, ts[i]
+            pred = yield Query(x, ts[i], step=i + 1)
             q = model_output(pred, mu, self.parameterization)
             y = x_query if mu is None else x_query - mu
             if self.corrector and y_last is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ...core.options import Option
-from ...core.protocol import Solver
+from ...core.protocol import Query, Solver
 from ...core.registry import register
 from ...core.renoise import ReNoise
 from ...schedules.base import Schedule
@@ -69,7 +69,7 @@ class DDIM(Solver):
     def run(self, x, grid, noise, *, schedule, mu=None):
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
-            pred = yield x, t
+            pred = yield Query(x, t, step=i + 1)
             x, c = ddim_step(pred, t, t_next, schedule, self.eta)
             if c > 0:
                 x = x + c * noise.step(t, t_next)

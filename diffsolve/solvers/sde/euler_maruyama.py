@@ -12,7 +12,7 @@ import math
 import torch
 
 from ...core.options import Option
-from ...core.protocol import Solver
+from ...core.protocol import Query, Solver
 from ...core.registry import register
 
 
@@ -57,7 +57,7 @@ class EulerMaruyama(Solver):
         n = len(grid) - 1
         for i in range(n):
             t, t_next = float(grid[i]), float(grid[i + 1])
-            pred = yield x, t
+            pred = yield Query(x, t, step=i + 1)
             x, std = euler_maruyama_step(pred, t, t_next, schedule, mu)
             if not (self.denoise and i == n - 1):
                 x = x + std * noise.step(t, t_next)

@@ -1,0 +1,444 @@
+"""``optimize_grid``: the best ``steps``-step grid of times for one model and one registered solver.
+
+Teacher: the model's probability-flow ODE solved accurately (``dpmpp-3m`` on a grid ``teacher_sub``
+times finer than the candidate set, log-SNR spaced) from a batch of starting noises; its states at
+the candidate times are kept. The student is the solver itself, run by its own generator (its real
+update: its order, its multistep history, its last step), with every model answer memoised on the
+exact (x, t) it was asked for, so re-running a grid that shares a prefix with an earlier one costs
+no model call for that prefix.
+
+Tier 1, dynamic programming over the candidate times c_0 = t_max > c_1 > ... > c_M = t_end (the
+global-error DP of OSS, Pei et al. 2025, with the solver's real update instead of Euler's): for
+k = 1 .. steps and each candidate j, the best k-step path to c_j is the best (k-1)-step path to some
+c_i extended by the step c_i -> c_j, scored by the student's state at c_j against the teacher's
+there (RMS over the batch). The student's state at c_j is read from the run of the path followed by
+a padding of the remaining steps to t_end (so a solver that treats its last steps differently sees
+the right step count); the last level runs the whole grid to its end. Cost: about steps x M model
+calls for one-call solvers (more for multi-stage ones), and steps x M^2 / 2 solver replays.
+
+Tier 2, local search, warm-started from tier 1: each interior time moves by +-delta in log-SNR
+(bounded by its neighbours); a move is kept if the final error on the fitting noise falls; delta
+halves after a sweep without a kept move. After each sweep the grid is checked on held-out noise
+(disjoint seeds), and the grid with the lowest held-out error is the result (early stopping).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.driver import _grid, resolve_solver, sample
+from ..core.noise import NoiseSource
+from ..core.protocol import Pump, UnstableError, as_outcome
+from ..core.registry import cfg_pp_base, get_solver, solver_info
+from ..models.model import DiffusionModel
+from ..schedules.grids import make_grid
+from .artefact import OptimizedGrid, model_identity
+
+Tensor = torch.Tensor
+
+
+class _NoNoise:
+    """The noise source of a grid search: a solver that draws noise is refused (the search compares
+    deterministic runs)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):
+        raise ValueError(
+            f"optimize_grid needs a deterministic run; solver {self.name!r} draws noise with these options "
+            "(set its noise options to their deterministic values, e.g. eta=0)"
+        )
+
+
+class Student:
+    """Runs one solver on explicit grids from fixed starting states, answering its queries with
+    memoised model predictions (keyed on the exact state and time asked for)."""
+
+    def __init__(self, solver, model: DiffusionModel, x_T: Tensor, mu=None, cond=None):
+        self.solver, self.model, self.x_T, self.mu = solver, model, x_T, mu
+        self.cond = dict(cond or {})
+        self.cache: dict[tuple, Any] = {}
+        self.calls = 0
+
+    def predict(self, x: Tensor, t) -> Any:
+        tf = float(t)
+        key = (tf, x.dtype, tuple(x.shape), hash(x.detach().cpu().contiguous().numpy().tobytes()))
+        pred = self.cache.get(key)
+        if pred is None:
+            pred = self.model(x, t, mu=self.mu, **self.cond)
+            if not bool(torch.isfinite(pred.output).all()):
+                raise UnstableError(f"optimize_grid: the model returned NaN or inf at t={tf:.6g}")
+            self.cache[key] = pred
+            self.calls += 1
+        return pred
+
+    def run(self, grid: Sequence[float]) -> Tensor:
+        """The solver's final state on ``grid``."""
+        out = self._run(grid, None)
+        assert out is not None
+        return out
+
+    def state_at(self, grid: Sequence[float], t: float) -> Tensor | None:
+        """The solver's state at ``t`` (a time of ``grid``): the state of the first query of the step
+        from there (by the query's step number; for a solver that numbers none, its last query at
+        that time before its first query below it), None if it asks nothing there (a solver whose
+        steps do not start on every grid time)."""
+        return self._run(grid, t)
+
+    def _run(self, grid: Sequence[float], stop_at: float | None) -> Tensor | None:
+        times = [float(t) for t in grid]
+        g = torch.tensor(times, dtype=torch.float64)
+        stop_step = times.index(stop_at) + 1 if stop_at is not None else None
+        run = self.solver.run(self.x_T.clone(), g, _NoNoise(self.solver.name), schedule=self.model.schedule, mu=self.mu)
+        pump = Pump(run)
+        at = None
+        try:
+            while pump.query is not None:
+                q = pump.query
+                if q.rows is not None:
+                    raise ValueError(
+                        f"optimize_grid needs a solver that steps the whole batch; {self.solver.name!r} does not"
+                    )
+                t = float(q.t)
+                if stop_at is not None and q.step is not None:
+                    if q.step == stop_step:  # the first query of the step from stop_at: the state there
+                        return q.x
+                elif stop_at is not None:
+                    if t == stop_at:
+                        at = q.x
+                    elif t < stop_at:
+                        return at
+                pump.answer(self.predict(q.x, q.t))
+        finally:
+            pump.close()
+        return as_outcome(pump.value, self.solver.name).x
+
+
+def rms(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def candidate_times(schedule, hi: float, lo: float, m: int) -> list[float]:
+    """``m + 1`` candidate times from ``hi`` down to ``lo``, uniform in log-SNR; an end where the
+    log-SNR is infinite (alpha = 0 or sigma = 0) is kept, with the interior uniform in log-SNR
+    between the times 1/(4m) of the range inside it."""
+    lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+    inner_hi, inner_lo, head, tail = hi, lo, [], []
+    if not math.isfinite(lam(hi)):
+        inner_hi, head = hi - (hi - lo) / (4 * m), [hi]
+    if not math.isfinite(lam(lo)):
+        inner_lo, tail = lo + (hi - lo) / (4 * m), [lo]
+    n = m - len(head) - len(tail)
+    inner = make_grid(schedule, n, "log-snr", t_max=inner_hi, t_min=inner_lo).tolist()
+    return head + inner + tail
+
+
+def _pad(j: int, m: int, n: int) -> list[int]:
+    """``n`` strictly increasing candidate indices after ``j`` ending at ``m`` (m - j >= n)."""
+    if n == 0:
+        return []
+    idx = np.rint(np.linspace(j, m, n + 1)[1:]).astype(int).tolist()
+    for a in range(len(idx)):  # strictly increasing from j
+        idx[a] = max(idx[a], (idx[a - 1] if a else j) + 1)
+    return idx
+
+
+def dp_search(student: Student, cands: list[float], teacher: list[Tensor], steps: int) -> tuple[list[float], float]:
+    """Tier 1 (module docstring): (best grid, its final error against the teacher on the fit batch)."""
+    m = len(cands) - 1
+    if m < steps:
+        raise ValueError(f"candidates: {m} candidate steps cannot hold a {steps}-step grid")
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [0])}
+    for k in range(1, steps + 1):
+        level: dict[int, tuple[float, list[int]]] = {}
+        targets = [m] if k == steps else range(k, m - (steps - k) + 1)
+        for j in targets:
+            for i, (_, path) in best.items():
+                if i >= j:
+                    continue
+                idx = path + [j] + _pad(j, m, steps - k)
+                grid = [cands[a] for a in idx]
+                x = student.run(grid) if k == steps else student.state_at(grid, cands[j])
+                err = math.inf if x is None else rms(x, teacher[j])
+                if j not in level or err < level[j][0]:
+                    level[j] = (err, path + [j])
+        best = level
+    err, path = best[m]
+    if not math.isfinite(err):
+        raise ValueError(
+            f"solver {student.solver.name!r} does not start a step on every grid time, so the grid search "
+            "cannot score its partial paths; use refine on a given grid instead"
+        )
+    return [cands[a] for a in path], err
+
+
+def exhaustive_search(
+    student: Student, cands: list[float], teacher_end: Tensor, steps: int
+) -> tuple[list[float], float]:
+    """Every ``steps``-step path through the candidates, each run to its end: (best grid, its error)."""
+    m = len(cands) - 1
+    best: tuple[float, list[float]] = (math.inf, [])
+    for inner in itertools.combinations(range(1, m), steps - 1):
+        grid = [cands[a] for a in (0, *inner, m)]
+        err = rms(student.run(grid), teacher_end)
+        if err < best[0]:
+            best = (err, grid)
+    return best[1], best[0]
+
+
+def local_search(
+    student: Student,
+    check: Student,
+    schedule,
+    grid: list[float],
+    target: Tensor,
+    check_target: Tensor,
+    delta: float,
+    sweeps: int,
+    patience: int = 2,
+) -> tuple[list[float], dict[str, Any]]:
+    """Tier 2 (module docstring): coordinate moves of the interior times in log-SNR on the fitting
+    batch (``student`` / ``target``), early-stopped on the held-out batch (``check`` / ``check_target``)."""
+    lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+    time_of = lambda v: float(schedule.t_of_log_snr(torch.tensor(v, dtype=torch.float64)))
+    cur, cur_err = list(grid), rms(student.run(grid), target)
+    best, best_held = list(grid), rms(check.run(grid), check_target)
+    history = [{"sweep": 0, "fit_error": cur_err, "heldout_error": best_held}]
+    stale = 0
+    for sweep in range(1, sweeps + 1):
+        moved = False
+        for p in range(1, len(cur) - 1):
+            lo_l, hi_l = lam(cur[p - 1]), lam(cur[p + 1])  # log-SNR rises along the grid
+            for sign in (1.0, -1.0):
+                v = lam(cur[p]) + sign * delta
+                if not (lo_l < v < hi_l):
+                    continue
+                t = time_of(v)
+                if not (cur[p - 1] > t > cur[p + 1]):
+                    continue
+                trial = cur[:p] + [t] + cur[p + 1 :]
+                e = rms(student.run(trial), target)
+                if e < cur_err:
+                    cur, cur_err, moved = trial, e, True
+                    break
+        held = rms(check.run(cur), check_target)
+        history.append({"sweep": sweep, "fit_error": cur_err, "heldout_error": held, "delta": delta})
+        if held < best_held:
+            best, best_held, stale = list(cur), held, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+        if not moved:
+            delta /= 2
+    return best, {"sweeps": history, "heldout_error": best_held}
+
+
+def _x_T(schedule, shape, seed: int, device, dtype, mu, t: float) -> Tensor:
+    src = NoiseSource(tuple(shape), seeds=seed, device=device, dtype=dtype)
+    return schedule.prior(tuple(shape), mu, noise=src.randn(), t=t)
+
+
+def optimize_grid(
+    model: DiffusionModel,
+    solver: str,
+    steps: int,
+    *,
+    shape: Sequence[int],
+    seed: int = 0,
+    heldout_seed: int | None = None,
+    candidates: int = 40,
+    refine: bool = True,
+    sweeps: int = 12,
+    exhaustive: int = 2000,
+    teacher: str = "dpmpp-3m",
+    teacher_sub: int = 4,
+    t_max: float | None = None,
+    t_min: float | None = None,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    mu: Tensor | None = None,
+    search_options: Mapping[str, Sequence[Any]] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> OptimizedGrid:
+    """The best ``steps``-step grid for ``model`` and the registered ``solver`` (with ``options``),
+    fitted to the model's own accurate ODE solution (the teacher) from ``shape[0]`` noises (seeds
+    ``seed`` ...) and checked on as many others (seeds ``heldout_seed`` ..., default ``seed +
+    shape[0]``). See :mod:`diffsolve.optimize.search` for the two tiers.
+
+    ``candidates``: the number of candidate steps of tier 1 (which tries every path through them,
+    run to the end, when there are at most ``exhaustive`` such paths, else runs the DP) (log-SNR spaced between the grid's ends,
+    which are those of the solver's default grid, or ``t_max`` / ``t_min``); ``refine``: run tier 2
+    (``sweeps`` sweeps at most); ``teacher`` and ``teacher_sub``: the teacher's solver and how many of
+    its steps lie between two candidates (the teacher is also run at half that, and the agreement
+    is recorded); ``cond`` / ``uncond`` / ``mu``: as in :func:`diffsolve.sample` (a classifier-free
+    guided model is fitted with its guidance); ``search_options``: solver options to search as well,
+    each with its values (``{"lower_order_final": [True, False]}``): every combination is fitted and
+    the one with the lowest fitting error kept. Returns an :class:`OptimizedGrid` (save it with
+    ``.save(path)``), with the held-out error of the solver's default grid as ``baseline``.
+    """
+    with torch.no_grad():
+        return _optimize_grid(
+            model, solver, steps, shape=shape, seed=seed, heldout_seed=heldout_seed, candidates=candidates,
+            refine=refine, sweeps=sweeps, exhaustive=exhaustive, teacher=teacher, teacher_sub=teacher_sub,
+            t_max=t_max, t_min=t_min, cond=cond, uncond=uncond, mu=mu, search_options=search_options, dtype=dtype,
+            device=device, **options,
+        )  # fmt: skip
+
+
+def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidates, refine, sweeps, exhaustive,
+                   teacher, teacher_sub, t_max, t_min, cond, uncond, mu, search_options, dtype, device, **options):  # fmt: skip
+    started = time.perf_counter()
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a registered solver's name, got {type(solver).__name__}")
+    info = solver_info(solver)
+    if cfg_pp_base(solver) is not None:
+        raise ValueError(
+            f"{solver!r} is a CFG++ sampler, whose steps solve no ODE (each re-projects onto the guided x0): "
+            f"there is no step-independent target to fit a grid to; fit {info.name!r} with ClassifierFreeGuidance"
+        )
+    if not info.fixed_grid:
+        raise ValueError(
+            f"solver {info.name!r} chooses its own steps (adaptive); optimize_grid needs a fixed-grid solver"
+        )
+    for name, value in (("candidates", candidates), ("teacher_sub", teacher_sub), ("sweeps", sweeps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sweeps" else 1):
+            raise ValueError(
+                f"{name} must be a {'non-negative' if name == 'sweeps' else 'positive'} int, got {value!r}"
+            )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if candidates < steps:
+        raise ValueError(f"candidates must be at least steps ({steps}), got {candidates}")
+    combos = [dict()]
+    if search_options:
+        keys = list(search_options)
+        for k in keys:
+            if isinstance(search_options[k], (str, bytes)) or not isinstance(search_options[k], Sequence):
+                raise TypeError(f"search_options[{k!r}] must be a list of values, got {search_options[k]!r}")
+        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(search_options[k] for k in keys))]
+    solvers = [resolve_solver(solver, {**options, **c}) for c in combos]
+    run_model = model.for_solver(solvers[0])
+    run_model.check_solver(solvers[0])
+    schedule = model.schedule
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else (model.device or torch.get_default_device())
+    dtype = dtype or model.dtype or torch.get_default_dtype()
+    cond = dict(cond or {})
+    if uncond is not None:
+        cond["uncond"] = dict(uncond)
+    if mu is not None:
+        mu = torch.as_tensor(mu, device=device, dtype=dtype).expand(shape)
+
+    default = _grid(schedule, steps, None, t_max, t_min, True, solvers[0])
+    hi, lo = float(default[0]), float(default[-1])
+    cands = candidate_times(schedule, hi, lo, candidates)
+    fine: list[float] = []
+    for a, b in zip(cands, cands[1:]):
+        fine += make_grid(schedule, teacher_sub, "uniform", t_max=a, t_min=b).tolist()[:-1]
+    fine.append(cands[-1])
+    fine_t = torch.tensor(fine, dtype=torch.float64)
+
+    heldout_seed = seed + shape[0] if heldout_seed is None else heldout_seed
+    kw = {"mu": mu, "cond": {k: v for k, v in cond.items() if k != "uncond"}, "uncond": cond.get("uncond")}
+
+    def teach(x_T: Tensor, every: int = 1) -> list[Tensor]:
+        res = sample(
+            model, teacher, x_T=x_T, grid=fine_t[::every] if every > 1 else fine_t, return_trajectory=True, **kw
+        )
+        assert res.trajectory is not None
+        states = [x for _, x in res.trajectory]
+        return states[:: teacher_sub // every]
+
+    x_fit = _x_T(schedule, shape, seed, device, dtype, mu, hi)
+    x_held = _x_T(schedule, shape, heldout_seed, device, dtype, mu, hi)
+    teacher_fit = teach(x_fit)
+    teacher_held = teach(x_held)[-1]
+    halved = teach(x_held, 2)[-1] if teacher_sub % 2 == 0 else None
+    teacher_check = None if halved is None else rms(halved, teacher_held)
+    teacher_seconds = time.perf_counter() - started
+
+    lam_spacing = abs(
+        float(schedule.log_snr(torch.tensor(cands[len(cands) // 2], dtype=torch.float64)))
+        - float(schedule.log_snr(torch.tensor(cands[len(cands) // 2 + 1], dtype=torch.float64)))
+    )
+    tried = []
+    for combo, slv in zip(combos, solvers):
+        fit = Student(slv, run_model, x_fit, mu, cond)
+        held = Student(slv, run_model, x_held, mu, cond)
+        t0 = time.perf_counter()
+        paths = math.comb(len(cands) - 2, steps - 1)
+        tier1 = "exhaustive" if paths <= exhaustive else "dp"
+        if tier1 == "exhaustive":
+            dp_grid, dp_err = exhaustive_search(fit, cands, teacher_fit[-1], steps)
+        else:
+            dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps)
+        dp_held = rms(held.run(dp_grid), teacher_held)
+        record: dict[str, Any] = {
+            "options": combo,
+            "tier1": {
+                "method": tier1,
+                "paths": paths,
+                "grid": dp_grid,
+                "fit_error": dp_err,
+                "heldout_error": dp_held,
+                "seconds": time.perf_counter() - t0,
+            },
+        }
+        grid, fit_err, held_err = dp_grid, dp_err, dp_held
+        if refine and steps > 1 and sweeps > 0:
+            t1 = time.perf_counter()
+            grid, rec = local_search(
+                fit, held, schedule, dp_grid, teacher_fit[-1], teacher_held, lam_spacing / 2, sweeps
+            )
+            fit_err, held_err = rms(fit.run(grid), teacher_fit[-1]), rec["heldout_error"]
+            record["refine"] = {**rec, "grid": grid, "seconds": time.perf_counter() - t1}
+        base = rms(held.run(default.tolist()), teacher_held)
+        record["default_fit"] = rms(fit.run(default.tolist()), teacher_fit[-1])
+        record.update(
+            grid=grid,
+            fit_error=fit_err,
+            heldout_error=held_err,
+            default_heldout_error=base,
+            model_calls=fit.calls + held.calls,
+        )
+        tried.append(record)
+    pick = min(tried, key=lambda r: r["fit_error"])
+    chosen = get_solver(solver, **{**options, **pick["options"]})
+    sig = []
+    for t in pick["grid"]:
+        a, s = (float(v) for v in schedule.at(float(t)))
+        sig.append(s / a if a > 0 else math.inf)
+    return OptimizedGrid(
+        grid=pick["grid"],
+        sigmas=sig,
+        solver=chosen.name,
+        options=chosen.options(),
+        steps=steps,
+        model=model_identity(model),
+        fit_error=pick["fit_error"],
+        heldout_error=pick["heldout_error"],
+        baseline={"grid": str(schedule.default_grid), "heldout_error": pick["default_heldout_error"]},
+        search={
+            "tiers": [pick["tier1"]["method"]] + (["refine"] if refine and steps > 1 and sweeps > 0 else []),
+            "candidates": candidates,
+            "samples": shape[0],
+            "seed": seed,
+            "heldout_seed": heldout_seed,
+            "teacher": {"solver": teacher, "steps": len(fine) - 1, "agreement_at_half_steps": teacher_check},
+            "tried": tried,
+            "seconds": {"teacher": teacher_seconds, "total": time.perf_counter() - started},
+        },
+    )

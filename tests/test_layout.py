@@ -1,6 +1,6 @@
 """The package's layering (README, Architecture): every import points down the stack.
 
-    data, schedules <- models <- core <- solvers <- guidance, integrations <- cli, bench
+    data, schedules <- models <- core <- solvers, optimize <- guidance, integrations <- cli, bench
 
 core never imports a solver (solvers register themselves with it), models and schedules import no
 sampling code, and no module imports the cli.
@@ -22,6 +22,7 @@ ALLOWED = {
     "data": set(),
     "core": {"models", "schedules"},
     "solvers": {"core", "models", "schedules", "pretrained"},
+    "optimize": {"core", "models", "schedules"},
 }
 
 

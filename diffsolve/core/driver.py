@@ -21,6 +21,7 @@ from ..models.model import (
 )
 from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, is_grid_kind, make_grid
+from ..schedules.optimized import as_optimized_grid, is_grid_file
 from .adjoint import require_reversible, reversible_sample
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
@@ -348,8 +349,6 @@ def sample(
 def _optimized_grid(grid):
     """The :class:`~diffsolve.optimize.OptimizedGrid` a ``grid`` argument gives (the object, or a
     path to its .json file), else None."""
-    from ..optimize.artefact import as_optimized_grid, is_grid_file
-
     return as_optimized_grid(grid) if is_grid_file(grid) else None
 
 

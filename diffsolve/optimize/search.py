@@ -39,7 +39,7 @@ from ..core.protocol import Pump, UnstableError, as_outcome
 from ..core.registry import cfg_pp_base, get_solver, solver_info
 from ..models.model import DiffusionModel
 from ..schedules.grids import make_grid
-from .artefact import OptimizedGrid, model_identity
+from ..schedules.optimized import OptimizedGrid, model_identity
 
 Tensor = torch.Tensor
 

@@ -32,11 +32,11 @@ from ...core.noise import NoiseSource
 from ...core.protocol import Pump, as_outcome, drive
 from ...core.registry import get_solver, solver_info
 from ...models.model import Prediction
-from ...optimize.artefact import FORMAT as GRID_FORMAT
-from ...optimize.artefact import OptimizedGrid, as_optimized_grid, is_grid_file
 from ...schedules import RectifiedFlow, grid_kind_params, make_grid
 from ...schedules.base import Schedule
 from ...schedules.grids import MODEL_GRID_KINDS
+from ...schedules.optimized import FORMAT as GRID_FORMAT
+from ...schedules.optimized import OptimizedGrid, as_optimized_grid, is_grid_file
 from .config import flow_shift
 from .sources import Placement, make_source, source_class
 

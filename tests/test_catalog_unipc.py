@@ -18,7 +18,7 @@ def _run(solver, x_T, grid, model, sched):
     item, calls = next(run), 1
     try:
         while True:
-            item = run.send(model(*item))
+            item = run.send(model(*item[:2]))
             calls += 1
     except StopIteration as stop:
         return stop.value, calls

@@ -25,7 +25,9 @@ at timesteps 0 ... 999, as a trained network allows); ode-dopri5 by its toleranc
 (every DP coefficient 0.80 .. 1.50), each both as ComfyUI lists them (the table's last level,
 sigma_min, replaced by 0) and as A1111 lists Align Your Steps (the table stretched to one point
 fewer, then 0 appended), so every grid ends at sigma = 0.
-Any later group named "diffsolve (...)" (an optimised grid) counts towards "ours" in the headline.
+Any group named "diffsolve (...)" counts towards "ours" in the headline, among them "diffsolve
+(optimised grid)": dpmpp-2m, dpmpp-3m and unipc on grids from ``ds.optimize_grid`` (fitted per budget
+on noise disjoint from the evaluation's; their cost in its own table).
 
 Peers: see :mod:`diffsolve.bench.ode_peers` (every diffusers ODE scheduler with each spacing and sigma
 option it has; k-diffusion's deterministic samplers with Karras, exponential and polyexponential
@@ -143,6 +145,55 @@ def our_points(model, x_T, solver, opts, cps, grid_of, budgets, ref, put, fail, 
     )
 
 
+OPTIMISED = "diffsolve (optimised grid)"
+#: the solvers whose grids are optimised per budget (one call per step)
+OPTIMISED_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp-2m": ("dpmpp-2m", {}),
+    "dpmpp-3m": ("dpmpp-3m", {}),
+    "unipc": ("unipc", {}),
+}
+
+
+def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs: dict) -> None:
+    """Each solver of OPTIMISED_SOLVERS on a grid from :func:`diffsolve.optimize_grid` for each budget
+    (steps = budget, ending at sigma = 0), fitted on 256 noises (32 quick) drawn from seeds disjoint
+    from the evaluation's x_T (another generator), then run on x_T. Budgets above 20 calls refine the
+    Karras grid instead of running the DP (its cost grows as steps^2 x candidates^2)."""
+    fit_n = 32 if quick else 256
+    solvers = {"dpmpp-2m": OPTIMISED_SOLVERS["dpmpp-2m"]} if quick else OPTIMISED_SOLVERS
+    for name, (solver, opts) in solvers.items():
+        label = f"{name}, optimised grid"
+        for b in budgets if not quick else [b for b in budgets if b <= 10]:
+            t0 = time.time()
+            try:
+                art = ds.optimize_grid(
+                    model,
+                    solver,
+                    b,
+                    shape=(fit_n, x_T.shape[1]),
+                    seed=10_000,
+                    t_min=0.0,
+                    candidates=20 if quick else 40,
+                    sweeps=4 if quick else 12,
+                    init=None if b <= 20 else our_grid(sd, b, "karras"),
+                    **opts,
+                )
+            except (ValueError, RuntimeError) as e:
+                fail(OPTIMISED, label, b, b, f"{type(e).__name__}: {e}")
+                continue
+            res = ds.sample(model, solver, x_T=x_T, grid=art, **opts)
+            put(OPTIMISED, label, b, int(res.nfe), rms(res.samples, ref), steps=b)
+            costs.setdefault(label, {})[str(b)] = {
+                "seconds": time.time() - t0,
+                "model_calls": sum(r["model_calls"] for r in art.search["tried"]),
+                "fit_samples": fit_n,
+                "tiers": art.search["tiers"],
+                "heldout_error": art.heldout_error,
+                "grid": art.grid,
+            }
+            print(f"{label}, {b} calls: {time.time() - t0:.0f}s", flush=True)
+
+
 # --------------------------------------------------------------------------------------------- main
 def run(out: Path, quick: bool = False) -> None:
     torch.set_num_threads(1)
@@ -185,6 +236,11 @@ def run(out: Path, quick: bool = False) -> None:
                 model, x_T, solver, opts, cps, table_grid, budgets, ref, put, fail, f"{name}, {gname}", PUBLISHED
             )
     print(f"ours done ({time.time() - t0:.0f}s)", flush=True)
+    costs: dict[str, dict] = {}
+    optimised_points(sd, model, x_T, ref, budgets, put, fail, quick, costs)
+    for label, c in costs.items():
+        results[label]["cost"] = c
+    print(f"optimised grids done ({time.time() - t0:.0f}s)", flush=True)
     for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4):
         # dopri5 to sigma/alpha = 6e-6, then x0_hat there (one more call; O(sigma^2) from x at sigma = 0)
         t_lo = float(sd.t_of_log_snr(torch.tensor(12.0, dtype=torch.float64)))
@@ -347,6 +403,28 @@ def write(
             f"| {r['nfe']} | {_best_cell(r, 'ours')} | {_best_cell(r, 'peer')} | {r['ratio']:.2f} | "
             f"{_best_cell(r, 'published')} | {_best_cell(r, 'diffusers')} | {_best_cell(r, 'k-diffusion')} |"
         )
+    optimised = [(name, r) for name, r in results.items() if r.get("cost")]
+    if optimised:
+        lines += [
+            "",
+            "## Optimised grids: what they cost",
+            "",
+            (
+                "`ds.optimize_grid` per budget (steps = budget), fitted to its own teacher on noise disjoint "
+                "from the evaluation's; seconds on this run's 1 thread, model calls of the fit (teacher "
+                "excluded; batched over the fitting samples), the tiers run and the held-out error of the fit."
+            ),
+            "",
+            "| setting | budget | error here | seconds | fit calls | tiers | held-out error of the fit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in optimised:
+            for b, c in r["cost"].items():
+                err = r["points"].get(b, {}).get("rms_error", float("nan"))
+                lines.append(
+                    f"| {name} | {b} | {err:.2e} | {c['seconds']:.1f} | {c['model_calls']} | "
+                    f"{' + '.join(c['tiers'])} | {c['heldout_error']:.2e} |"
+                )
     lines += [
         "",
         "## Every setting",

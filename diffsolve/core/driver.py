@@ -21,7 +21,7 @@ from ..models.model import (
 )
 from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, is_grid_kind, make_grid
-from ..schedules.optimized import as_optimized_grid, is_grid_file
+from ..schedules.optimized import OptimizedGrid, as_optimized_grid, is_grid_file
 from .adjoint import require_reversible, reversible_sample
 from .blocks import check_row_block, count_back, in_row_blocks
 from .hooks import HookContext, StepHook, run_hooks
@@ -138,7 +138,7 @@ def sample(
     x_T: Tensor | None = None,
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    grid: GridSpec | None = None,
+    grid: GridSpec | OptimizedGrid | None = None,
     t_max: float | None = None,
     t_min: float | None = None,
     mu: Tensor | None = None,

@@ -38,7 +38,7 @@ from ..core.noise import NoiseSource
 from ..core.protocol import Pump, UnstableError, as_outcome
 from ..core.registry import cfg_pp_base, get_solver, solver_info
 from ..models.model import DiffusionModel
-from ..schedules.grids import make_grid
+from ..schedules.grids import is_grid_kind, make_grid
 from ..schedules.optimized import OptimizedGrid, model_identity
 
 Tensor = torch.Tensor
@@ -259,6 +259,7 @@ def optimize_grid(
     refine: bool = True,
     sweeps: int = 12,
     exhaustive: int = 2000,
+    init: Any = None,
     teacher: str = "dpmpp-3m",
     teacher_sub: int = 4,
     t_max: float | None = None,
@@ -277,7 +278,9 @@ def optimize_grid(
     shape[0]``). See :mod:`diffsolve.optimize.search` for the two tiers.
 
     ``candidates``: the number of candidate steps of tier 1 (which tries every path through them,
-    run to the end, when there are at most ``exhaustive`` such paths, else runs the DP) (log-SNR spaced between the grid's ends,
+    run to the end, when there are at most ``exhaustive`` such paths, else runs the DP); ``init``: a
+    grid (kind or times, as ``grid=`` in :func:`diffsolve.sample`) to refine instead of tier 1 (for
+    step counts where the DP's cost, about steps^2 x candidates^2 / 2 solver steps, is too high) (log-SNR spaced between the grid's ends,
     which are those of the solver's default grid, or ``t_max`` / ``t_min``); ``refine``: run tier 2
     (``sweeps`` sweeps at most); ``teacher`` and ``teacher_sub``: the teacher's solver and how many of
     its steps lie between two candidates (the teacher is also run at half that, and the agreement
@@ -285,18 +288,19 @@ def optimize_grid(
     guided model is fitted with its guidance); ``search_options``: solver options to search as well,
     each with its values (``{"lower_order_final": [True, False]}``): every combination is fitted and
     the one with the lowest fitting error kept. Returns an :class:`OptimizedGrid` (save it with
-    ``.save(path)``), with the held-out error of the solver's default grid as ``baseline``.
+    ``.save(path)``), with the held-out error of the solver's default grid (or of ``init``) as
+    ``baseline``.
     """
     with torch.no_grad():
         return _optimize_grid(
             model, solver, steps, shape=shape, seed=seed, heldout_seed=heldout_seed, candidates=candidates,
-            refine=refine, sweeps=sweeps, exhaustive=exhaustive, teacher=teacher, teacher_sub=teacher_sub,
+            refine=refine, sweeps=sweeps, exhaustive=exhaustive, init=init, teacher=teacher, teacher_sub=teacher_sub,
             t_max=t_max, t_min=t_min, cond=cond, uncond=uncond, mu=mu, search_options=search_options, dtype=dtype,
             device=device, **options,
         )  # fmt: skip
 
 
-def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidates, refine, sweeps, exhaustive,
+def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidates, refine, sweeps, exhaustive, init,
                    teacher, teacher_sub, t_max, t_min, cond, uncond, mu, search_options, dtype, device, **options):  # fmt: skip
     started = time.perf_counter()
     if not isinstance(model, DiffusionModel):
@@ -344,6 +348,13 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
 
     default = _grid(schedule, steps, None, t_max, t_min, True, solvers[0])
     hi, lo = float(default[0]), float(default[-1])
+    start = None
+    if init is not None:  # tier 1 skipped: refine from this grid (an explicit one sets the ends)
+        kind = is_grid_kind(init)
+        start = _grid(
+            schedule, steps, init, t_max if kind else None, t_min if kind else None, True, solvers[0]
+        ).tolist()
+        hi, lo = start[0], start[-1]
     cands = candidate_times(schedule, hi, lo, candidates)
     fine: list[float] = []
     for a, b in zip(cands, cands[1:]):
@@ -380,8 +391,10 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         held = Student(slv, run_model, x_held, mu, cond)
         t0 = time.perf_counter()
         paths = math.comb(len(cands) - 2, steps - 1)
-        tier1 = "exhaustive" if paths <= exhaustive else "dp"
-        if tier1 == "exhaustive":
+        tier1 = "init" if start is not None else "exhaustive" if paths <= exhaustive else "dp"
+        if start is not None:
+            dp_grid, dp_err = start, rms(fit.run(start), teacher_fit[-1])
+        elif tier1 == "exhaustive":
             dp_grid, dp_err = exhaustive_search(fit, cands, teacher_fit[-1], steps)
         else:
             dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps)
@@ -405,8 +418,8 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             )
             fit_err, held_err = rms(fit.run(grid), teacher_fit[-1]), rec["heldout_error"]
             record["refine"] = {**rec, "grid": grid, "seconds": time.perf_counter() - t1}
-        base = rms(held.run(default.tolist()), teacher_held)
-        record["default_fit"] = rms(fit.run(default.tolist()), teacher_fit[-1])
+        base_grid = start if start is not None else default.tolist()
+        base = rms(held.run(base_grid), teacher_held)
         record.update(
             grid=grid,
             fit_error=fit_err,
@@ -430,7 +443,10 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         model=model_identity(model),
         fit_error=pick["fit_error"],
         heldout_error=pick["heldout_error"],
-        baseline={"grid": str(schedule.default_grid), "heldout_error": pick["default_heldout_error"]},
+        baseline={
+            "grid": str(schedule.default_grid) if init is None else f"init {init!r}"[:200],
+            "heldout_error": pick["default_heldout_error"],
+        },
         search={
             "tiers": [pick["tier1"]["method"]] + (["refine"] if refine and steps > 1 and sweeps > 0 else []),
             "candidates": candidates,

@@ -16,7 +16,8 @@ a padding of the remaining steps to t_end (so a solver that treats its last step
 the right step count); the last level runs the whole grid to its end. Cost: about steps x M model
 calls for one-call solvers (more for multi-stage ones), and steps x M^2 / 2 solver replays.
 
-Tier 2, local search, warm-started from tier 1: each interior time moves by +-delta in log-SNR
+Tier 2, local search, warm-started from the best on the fitting noise of tier 1's grid and the
+hand-made grids (log-SNR, Karras, uniform, exponential): each interior time moves by +-delta in log-SNR
 (bounded by its neighbours); a move is kept if the final error on the fitting noise falls; delta
 halves after a sweep without a kept move. After each sweep the grid is checked on held-out noise
 (disjoint seeds), and the grid with the lowest held-out error is the result (early stopping).
@@ -242,6 +243,26 @@ def local_search(
     return best, {"sweeps": history, "heldout_error": best_held}
 
 
+#: the hand-made grids tier 1's result is compared with (on the fitting noise) before refining
+HAND_MADE = ("log-snr", "karras", "uniform", "exponential")
+
+
+def _hand_made(schedule, steps: int, kind: str, hi: float, lo: float) -> list[float] | None:
+    """The grid ``kind`` from ``hi`` to ``lo``; where the kind cannot reach ``lo`` (sigma = 0), its
+    ``steps - 1`` steps to the schedule's t_min (above ``lo``) and a last step to ``lo``; None if
+    neither can be made."""
+    try:
+        return make_grid(schedule, steps, kind, t_max=hi, t_min=lo).tolist()
+    except ValueError:
+        pass
+    if steps < 2 or not schedule.t_min > lo:
+        return None
+    try:
+        return make_grid(schedule, steps - 1, kind, t_max=hi, t_min=schedule.t_min).tolist() + [lo]
+    except ValueError:
+        return None
+
+
 def _x_T(schedule, shape, seed: int, device, dtype, mu, t: float) -> Tensor:
     src = NoiseSource(tuple(shape), seeds=seed, device=device, dtype=dtype)
     return schedule.prior(tuple(shape), mu, noise=src.randn(), t=t)
@@ -346,8 +367,14 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
     if mu is not None:
         mu = torch.as_tensor(mu, device=device, dtype=dtype).expand(shape)
 
-    default = _grid(schedule, steps, None, t_max, t_min, True, solvers[0])
-    hi, lo = float(default[0]), float(default[-1])
+    ends = _grid(schedule, steps, "uniform", t_max, t_min, True, solvers[0])
+    hi, lo = float(ends[0]), float(ends[-1])
+    default_name = str(schedule.default_grid)
+    try:
+        default = make_grid(schedule, steps, schedule.default_grid, t_max=hi, t_min=lo)
+    except ValueError:  # e.g. log-SNR to sigma = 0: log-SNR spaced inside, the ends kept
+        default = torch.tensor(candidate_times(schedule, hi, lo, steps), dtype=torch.float64)
+        default_name += " (inside; ends kept)"
     start = None
     if init is not None:  # tier 1 skipped: refine from this grid (an explicit one sets the ends)
         kind = is_grid_kind(init)
@@ -398,6 +425,16 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             dp_grid, dp_err = exhaustive_search(fit, cands, teacher_fit[-1], steps)
         else:
             dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps)
+        # the refinement starts from the best on the fitting noise of tier 1's grid and the
+        # hand-made grids (so it never starts behind them)
+        hand = {}
+        if start is None:
+            for kind in HAND_MADE:
+                g = _hand_made(schedule, steps, kind, hi, lo)
+                if g is not None:
+                    hand[kind] = rms(fit.run(g), teacher_fit[-1])
+                    if hand[kind] < dp_err:
+                        dp_grid, dp_err, tier1 = g, hand[kind], f"{tier1} (best: {kind})"
         dp_held = rms(held.run(dp_grid), teacher_held)
         record: dict[str, Any] = {
             "options": combo,
@@ -407,6 +444,7 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
                 "grid": dp_grid,
                 "fit_error": dp_err,
                 "heldout_error": dp_held,
+                "hand_made_fit_errors": hand,
                 "seconds": time.perf_counter() - t0,
             },
         }
@@ -444,7 +482,7 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         fit_error=pick["fit_error"],
         heldout_error=pick["heldout_error"],
         baseline={
-            "grid": str(schedule.default_grid) if init is None else f"init {init!r}"[:200],
+            "grid": default_name if init is None else f"init {init!r}"[:200],
             "heldout_error": pick["default_heldout_error"],
         },
         search={

@@ -427,15 +427,15 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps)
         # the refinement starts from the best on the fitting noise of tier 1's grid and the
         # hand-made grids (so it never starts behind them)
-        hand = {}
+        hand, start_name = {}, tier1
+        best_grid, best_err = dp_grid, dp_err
         if start is None:
             for kind in HAND_MADE:
                 g = _hand_made(schedule, steps, kind, hi, lo)
                 if g is not None:
                     hand[kind] = rms(fit.run(g), teacher_fit[-1])
-                    if hand[kind] < dp_err:
-                        dp_grid, dp_err, tier1 = g, hand[kind], f"{tier1} (best: {kind})"
-        dp_held = rms(held.run(dp_grid), teacher_held)
+                    if hand[kind] < best_err:
+                        best_grid, best_err, start_name = g, hand[kind], kind
         record: dict[str, Any] = {
             "options": combo,
             "tier1": {
@@ -443,11 +443,14 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
                 "paths": paths,
                 "grid": dp_grid,
                 "fit_error": dp_err,
-                "heldout_error": dp_held,
+                "heldout_error": rms(held.run(dp_grid), teacher_held),
                 "hand_made_fit_errors": hand,
                 "seconds": time.perf_counter() - t0,
             },
+            "start": start_name,
         }
+        dp_grid, dp_err = best_grid, best_err
+        dp_held = rms(held.run(dp_grid), teacher_held)
         grid, fit_err, held_err = dp_grid, dp_err, dp_held
         if refine and steps > 1 and sweeps > 0:
             t1 = time.perf_counter()

@@ -60,7 +60,7 @@ def test_the_search_finds_the_brute_force_optimum_and_the_dp_comes_close(solver)
     err, grid = _brute_force(model, solver, steps, cands, x_T, target)
     t1, t1_dp = exact.search["tried"][0]["tier1"], dp.search["tried"][0]["tier1"]
     assert t1["grid"] == pytest.approx(grid, abs=0)
-    assert t1["fit_error"] == pytest.approx(err, rel=1e-3)
+    assert t1["fit_error"] == pytest.approx(err, rel=1e-2)  # two teachers: 160 and 2000 steps
     print(f"{solver}: brute force {err:.4g}, DP {t1_dp['fit_error']:.4g}; result {exact.fit_error:.4g}")
     assert t1_dp["fit_error"] <= 1.15 * err
     assert exact.fit_error <= t1["fit_error"]  # tier 1, or a hand-made grid where better

@@ -142,6 +142,30 @@ def candidate_times(schedule, hi: float, lo: float, m: int) -> list[float]:
     return head + inner + tail
 
 
+def teacher_grid(schedule, cands: list[float], sub: int) -> tuple[list[float], list[int]]:
+    """The teacher's grid through the candidates, and where each candidate is in it: ``sub`` steps
+    between two, uniform in log-SNR (in t next to alpha = 0); into an end where sigma = 0, 4 ``sub``
+    log-SNR steps down to sigma/alpha e^-12 times that of the candidate before it, then the end (an
+    ODE solver's last step to sigma = 0 is its least accurate one: there it starts at ~1e-7)."""
+    lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+    time_of = lambda v: float(schedule.t_of_log_snr(torch.tensor(v, dtype=torch.float64)))
+    fine: list[float] = []
+    where: list[int] = []
+    for a, b in zip(cands, cands[1:]):
+        la, lb = lam(a), lam(b)
+        if math.isfinite(la) and math.isfinite(lb):
+            part = make_grid(schedule, sub, "log-snr", t_max=a, t_min=b).tolist()[:-1]
+        elif math.isfinite(la):  # into sigma = 0
+            part = make_grid(schedule, 4 * sub, "log-snr", t_max=a, t_min=time_of(la + 12.0)).tolist()
+        else:  # out of alpha = 0
+            part = make_grid(schedule, sub, "uniform", t_max=a, t_min=b).tolist()[:-1]
+        where.append(len(fine))
+        fine += [a, *part[1:]]
+    where.append(len(fine))
+    fine.append(cands[-1])
+    return fine, where
+
+
 def _pad(j: int, m: int, n: int) -> list[int]:
     """``n`` strictly increasing candidate indices after ``j`` ending at ``m`` (m - j >= n)."""
     if n == 0:
@@ -383,29 +407,24 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         ).tolist()
         hi, lo = start[0], start[-1]
     cands = candidate_times(schedule, hi, lo, candidates)
-    fine: list[float] = []
-    for a, b in zip(cands, cands[1:]):
-        fine += make_grid(schedule, teacher_sub, "uniform", t_max=a, t_min=b).tolist()[:-1]
-    fine.append(cands[-1])
+    fine, where = teacher_grid(schedule, cands, teacher_sub)
     fine_t = torch.tensor(fine, dtype=torch.float64)
 
     heldout_seed = seed + shape[0] if heldout_seed is None else heldout_seed
     kw = {"mu": mu, "cond": {k: v for k, v in cond.items() if k != "uncond"}, "uncond": cond.get("uncond")}
 
-    def teach(x_T: Tensor, every: int = 1) -> list[Tensor]:
-        res = sample(
-            model, teacher, x_T=x_T, grid=fine_t[::every] if every > 1 else fine_t, return_trajectory=True, **kw
-        )
-        assert res.trajectory is not None
-        states = [x for _, x in res.trajectory]
-        return states[:: teacher_sub // every]
+    def teach(x_T: Tensor) -> list[Tensor]:
+        """The teacher's states at the candidates (its trajectory: one query a step, then the end)."""
+        res = sample(model, teacher, x_T=x_T, grid=fine_t, return_trajectory=True, **kw)
+        assert res.trajectory is not None and len(res.trajectory) == len(fine)
+        return [res.trajectory[i][1] for i in where]
 
     x_fit = _x_T(schedule, shape, seed, device, dtype, mu, hi)
     x_held = _x_T(schedule, shape, heldout_seed, device, dtype, mu, hi)
     teacher_fit = teach(x_fit)
     teacher_held = teach(x_held)[-1]
-    halved = teach(x_held, 2)[-1] if teacher_sub % 2 == 0 else None
-    teacher_check = None if halved is None else rms(halved, teacher_held)
+    halved = [*fine[:-1:2], fine[-1]]  # every other time: the teacher's own error, roughly
+    teacher_check = rms(sample(model, teacher, x_T=x_held, grid=halved, **kw).samples, teacher_held)
     teacher_seconds = time.perf_counter() - started
 
     lam_spacing = abs(

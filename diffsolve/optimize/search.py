@@ -25,6 +25,7 @@ halves after a sweep without a kept move. After each sweep the grid is checked o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -127,16 +128,30 @@ def rms(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
+def trimmed_rms(a: Tensor, b: Tensor, trim: float = 0.0) -> float:
+    """RMS over the samples after leaving out the ``trim`` fraction with the largest errors (rounded
+    down): a sample near the boundary between two modes may land in the other one at few steps, and
+    its error, 100 times the others', would otherwise decide the grid."""
+    per = (a.double() - b.double()).pow(2).reshape(a.shape[0], -1).mean(1)
+    drop = int(trim * a.shape[0])
+    if drop:
+        per = per.sort().values[: a.shape[0] - drop]
+    return float(per.mean().sqrt())
+
+
 def candidate_times(schedule, hi: float, lo: float, m: int) -> list[float]:
     """``m + 1`` candidate times from ``hi`` down to ``lo``, uniform in log-SNR; an end where the
     log-SNR is infinite (alpha = 0 or sigma = 0) is kept, with the interior uniform in log-SNR
-    between the times 1/(4m) of the range inside it."""
+    between the times 1/(4m) of the range inside it (toward sigma = 0, the schedule's t_min instead
+    where that is above ``lo`` and closer to the clean end: a trained network's last noise level)."""
     lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
     inner_hi, inner_lo, head, tail = hi, lo, [], []
     if not math.isfinite(lam(hi)):
         inner_hi, head = hi - (hi - lo) / (4 * m), [hi]
-    if not math.isfinite(lam(lo)):
+    if not math.isfinite(lam(lo)):  # sigma = 0: the interior ends at the schedule's t_min if that is above
         inner_lo, tail = lo + (hi - lo) / (4 * m), [lo]
+        if schedule.t_min > lo and math.isfinite(lam(schedule.t_min)) and lam(schedule.t_min) > lam(inner_lo):
+            inner_lo = float(schedule.t_min)
     n = m - len(head) - len(tail)
     inner = make_grid(schedule, n, "log-snr", t_max=inner_hi, t_min=inner_lo).tolist()
     return head + inner + tail
@@ -176,7 +191,9 @@ def _pad(j: int, m: int, n: int) -> list[int]:
     return idx
 
 
-def dp_search(student: Student, cands: list[float], teacher: list[Tensor], steps: int) -> tuple[list[float], float]:
+def dp_search(
+    student: Student, cands: list[float], teacher: list[Tensor], steps: int, score=rms
+) -> tuple[list[float], float]:
     """Tier 1 (module docstring): (best grid, its final error against the teacher on the fit batch)."""
     m = len(cands) - 1
     if m < steps:
@@ -192,7 +209,7 @@ def dp_search(student: Student, cands: list[float], teacher: list[Tensor], steps
                 idx = path + [j] + _pad(j, m, steps - k)
                 grid = [cands[a] for a in idx]
                 x = student.run(grid) if k == steps else student.state_at(grid, cands[j])
-                err = math.inf if x is None else rms(x, teacher[j])
+                err = math.inf if x is None else score(x, teacher[j])
                 if j not in level or err < level[j][0]:
                     level[j] = (err, path + [j])
         best = level
@@ -206,14 +223,14 @@ def dp_search(student: Student, cands: list[float], teacher: list[Tensor], steps
 
 
 def exhaustive_search(
-    student: Student, cands: list[float], teacher_end: Tensor, steps: int
+    student: Student, cands: list[float], teacher_end: Tensor, steps: int, score=rms
 ) -> tuple[list[float], float]:
     """Every ``steps``-step path through the candidates, each run to its end: (best grid, its error)."""
     m = len(cands) - 1
     best: tuple[float, list[float]] = (math.inf, [])
     for inner in itertools.combinations(range(1, m), steps - 1):
         grid = [cands[a] for a in (0, *inner, m)]
-        err = rms(student.run(grid), teacher_end)
+        err = score(student.run(grid), teacher_end)
         if err < best[0]:
             best = (err, grid)
     return best[1], best[0]
@@ -229,13 +246,14 @@ def local_search(
     delta: float,
     sweeps: int,
     patience: int = 2,
+    score=rms,
 ) -> tuple[list[float], dict[str, Any]]:
     """Tier 2 (module docstring): coordinate moves of the interior times in log-SNR on the fitting
     batch (``student`` / ``target``), early-stopped on the held-out batch (``check`` / ``check_target``)."""
     lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
     time_of = lambda v: float(schedule.t_of_log_snr(torch.tensor(v, dtype=torch.float64)))
-    cur, cur_err = list(grid), rms(student.run(grid), target)
-    best, best_held = list(grid), rms(check.run(grid), check_target)
+    cur, cur_err = list(grid), score(student.run(grid), target)
+    best, best_held = list(grid), score(check.run(grid), check_target)
     history = [{"sweep": 0, "fit_error": cur_err, "heldout_error": best_held}]
     stale = 0
     for sweep in range(1, sweeps + 1):
@@ -247,14 +265,17 @@ def local_search(
                 if not (lo_l < v < hi_l):
                     continue
                 t = time_of(v)
-                if not (cur[p - 1] > t > cur[p + 1]):
-                    continue
+                if not (cur[p - 1] > t > cur[p + 1]) or not (lo_l < lam(t) < hi_l):
+                    continue  # the schedule's time cannot resolve the move
                 trial = cur[:p] + [t] + cur[p + 1 :]
-                e = rms(student.run(trial), target)
+                try:
+                    e = score(student.run(trial), target)
+                except (ArithmeticError, ValueError):  # a grid the solver cannot step
+                    continue
                 if e < cur_err:
                     cur, cur_err, moved = trial, e, True
                     break
-        held = rms(check.run(cur), check_target)
+        held = score(check.run(cur), check_target)
         history.append({"sweep": sweep, "fit_error": cur_err, "heldout_error": held, "delta": delta})
         if held < best_held:
             best, best_held, stale = list(cur), held, 0
@@ -305,6 +326,7 @@ def optimize_grid(
     sweeps: int = 12,
     exhaustive: int = 2000,
     init: Any = None,
+    trim: float = 0.02,
     teacher: str = "dpmpp-3m",
     teacher_sub: int = 4,
     t_max: float | None = None,
@@ -325,7 +347,9 @@ def optimize_grid(
     ``candidates``: the number of candidate steps of tier 1 (which tries every path through them,
     run to the end, when there are at most ``exhaustive`` such paths, else runs the DP); ``init``: a
     grid (kind or times, as ``grid=`` in :func:`diffsolve.sample`) to refine instead of tier 1 (for
-    step counts where the DP's cost, about steps^2 x candidates^2 / 2 solver steps, is too high) (log-SNR spaced between the grid's ends,
+    step counts where the DP's cost, about steps^2 x candidates^2 / 2 solver steps, is too high);
+    ``trim``: the errors are RMS over the samples less the ``trim`` fraction with the largest errors
+    (a sample between two modes that lands in the other one at few steps would decide the grid) (log-SNR spaced between the grid's ends,
     which are those of the solver's default grid, or ``t_max`` / ``t_min``); ``refine``: run tier 2
     (``sweeps`` sweeps at most); ``teacher`` and ``teacher_sub``: the teacher's solver and how many of
     its steps lie between two candidates (the teacher is also run at half that, and the agreement
@@ -339,15 +363,18 @@ def optimize_grid(
     with torch.no_grad():
         return _optimize_grid(
             model, solver, steps, shape=shape, seed=seed, heldout_seed=heldout_seed, candidates=candidates,
-            refine=refine, sweeps=sweeps, exhaustive=exhaustive, init=init, teacher=teacher, teacher_sub=teacher_sub,
+            refine=refine, sweeps=sweeps, exhaustive=exhaustive, init=init, trim=trim, teacher=teacher, teacher_sub=teacher_sub,
             t_max=t_max, t_min=t_min, cond=cond, uncond=uncond, mu=mu, search_options=search_options, dtype=dtype,
             device=device, **options,
         )  # fmt: skip
 
 
-def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidates, refine, sweeps, exhaustive, init,
+def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidates, refine, sweeps, exhaustive, init, trim,
                    teacher, teacher_sub, t_max, t_min, cond, uncond, mu, search_options, dtype, device, **options):  # fmt: skip
     started = time.perf_counter()
+    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be a fraction in [0, 0.5), got {trim!r}")
+    score = functools.partial(trimmed_rms, trim=trim)
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
     if not isinstance(solver, str):
@@ -439,11 +466,11 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         paths = math.comb(len(cands) - 2, steps - 1)
         tier1 = "init" if start is not None else "exhaustive" if paths <= exhaustive else "dp"
         if start is not None:
-            dp_grid, dp_err = start, rms(fit.run(start), teacher_fit[-1])
+            dp_grid, dp_err = start, score(fit.run(start), teacher_fit[-1])
         elif tier1 == "exhaustive":
-            dp_grid, dp_err = exhaustive_search(fit, cands, teacher_fit[-1], steps)
+            dp_grid, dp_err = exhaustive_search(fit, cands, teacher_fit[-1], steps, score)
         else:
-            dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps)
+            dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps, score)
         # the refinement starts from the best on the fitting noise of tier 1's grid and the
         # hand-made grids (so it never starts behind them)
         hand, start_name = {}, tier1
@@ -452,7 +479,7 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             for kind in HAND_MADE:
                 g = _hand_made(schedule, steps, kind, hi, lo)
                 if g is not None:
-                    hand[kind] = rms(fit.run(g), teacher_fit[-1])
+                    hand[kind] = score(fit.run(g), teacher_fit[-1])
                     if hand[kind] < best_err:
                         best_grid, best_err, start_name = g, hand[kind], kind
         record: dict[str, Any] = {
@@ -462,24 +489,24 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
                 "paths": paths,
                 "grid": dp_grid,
                 "fit_error": dp_err,
-                "heldout_error": rms(held.run(dp_grid), teacher_held),
+                "heldout_error": score(held.run(dp_grid), teacher_held),
                 "hand_made_fit_errors": hand,
                 "seconds": time.perf_counter() - t0,
             },
             "start": start_name,
         }
         dp_grid, dp_err = best_grid, best_err
-        dp_held = rms(held.run(dp_grid), teacher_held)
+        dp_held = score(held.run(dp_grid), teacher_held)
         grid, fit_err, held_err = dp_grid, dp_err, dp_held
         if refine and steps > 1 and sweeps > 0:
             t1 = time.perf_counter()
             grid, rec = local_search(
-                fit, held, schedule, dp_grid, teacher_fit[-1], teacher_held, lam_spacing / 2, sweeps
+                fit, held, schedule, dp_grid, teacher_fit[-1], teacher_held, lam_spacing / 2, sweeps, score=score
             )
-            fit_err, held_err = rms(fit.run(grid), teacher_fit[-1]), rec["heldout_error"]
+            fit_err, held_err = score(fit.run(grid), teacher_fit[-1]), rec["heldout_error"]
             record["refine"] = {**rec, "grid": grid, "seconds": time.perf_counter() - t1}
         base_grid = start if start is not None else default.tolist()
-        base = rms(held.run(base_grid), teacher_held)
+        base = score(held.run(base_grid), teacher_held)
         record.update(
             grid=grid,
             fit_error=fit_err,
@@ -510,6 +537,7 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         search={
             "tiers": [pick["tier1"]["method"]] + (["refine"] if refine and steps > 1 and sweeps > 0 else []),
             "candidates": candidates,
+            "trim": trim,
             "samples": shape[0],
             "seed": seed,
             "heldout_seed": heldout_seed,

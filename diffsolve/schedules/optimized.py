@@ -34,8 +34,8 @@ class OptimizedGrid:
     ``grid``: the times, descending (``steps + 1`` of them), in the model's schedule; ``sigmas``: the
     noise level sigma/alpha at each (``inf`` where alpha = 0); ``solver`` and ``options``: what it
     was fitted with; ``model``: the model's identity (:func:`model_identity`); ``fit_error`` and
-    ``heldout_error``: RMS error of the final samples against the teacher's, on the fitting noise and
-    on disjoint held-out noise; ``baseline``: the held-out error of the solver on its default grid
+    ``heldout_error``: RMS error of the final samples against the teacher's (less the ``search["trim"]``
+    fraction of samples with the largest errors), on the fitting noise and on disjoint held-out noise; ``baseline``: the held-out error of the solver on its default grid
     at the same step count; ``search``: how it was found (tiers, candidates, teacher, costs)."""
 
     grid: list[float]

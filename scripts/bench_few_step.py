@@ -6,7 +6,7 @@ For each model and call budget N (N steps of one-call solvers, N model calls):
 - hand-made: dpmpp-2m, dpmpp-3m, unipc, deis, ipndm and euler on the log-SNR, Karras, uniform and the
   schedule's default grids (those a schedule can make); the best is the "best training-free solver on
   a hand-made grid";
-- optimised: ``ds.optimize_grid`` for dpmpp-2m, dpmpp-3m and unipc at N steps, fitted on 64 noises
+- optimised: ``ds.optimize_grid`` for dpmpp-2m and unipc at N steps, fitted on 64 noises
   whose seeds (10000 ...) are disjoint from the evaluation's (0 ...); its cost in seconds (2 threads);
 - the 100-step dpmpp-2m result, against which each digits-FD excess is taken (same seeds).
 digits-FD on ``--num-samples`` samples (the same seeds everywhere). digits-vp-cond under classifier-free
@@ -31,7 +31,7 @@ from diffsolve.quality import evaluate, load_classifier
 ROOT = Path(__file__).resolve().parents[1]
 HAND_SOLVERS = ("dpmpp-2m", "dpmpp-3m", "unipc", "deis", "ipndm", "euler")
 HAND_GRIDS = ("log-snr", "karras", "uniform", None)
-OPT_SOLVERS = ("dpmpp-2m", "dpmpp-3m", "unipc")
+OPT_SOLVERS = ("dpmpp-2m", "unipc")
 FIT_SEED = 10_000
 
 

@@ -396,7 +396,7 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if candidates < steps:
+    if candidates < steps and init is None:
         raise ValueError(f"candidates must be at least steps ({steps}), got {candidates}")
     combos = [dict()]
     if search_options:

@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from by_hand import run_by_hand
 from diffusers import CMStochasticIterativeScheduler, FlowMatchLCMScheduler, SCMScheduler
 
 import diffsolve as ds
@@ -40,14 +41,7 @@ class Replay:
 
 
 def _ours(solver, grid, sched, model, x_T, noise, **opts):
-    run = ds.get_solver(solver, **opts).run(x_T, grid, noise, schedule=sched)
-    item, calls = next(run), 0
-    try:
-        while True:
-            calls += 1
-            item = run.send(model(*item[:2]))
-    except StopIteration as stop:
-        return stop.value, calls
+    return run_by_hand(ds.get_solver(solver, **opts), x_T, grid, noise, sched, model)
 
 
 def _rel(a, b):

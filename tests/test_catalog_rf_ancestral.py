@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from by_hand import run_by_hand
 from diffusers import LTXEulerAncestralRFScheduler
 
 import diffsolve as ds
@@ -28,15 +29,7 @@ class Replay:
 
 
 def drive(solver, x, grid, noise, sched, **opts):
-    run = ds.get_solver(solver, **opts).run(x, grid, noise, schedule=sched)
-    model, calls = GMM3.model(sched), 0
-    item = next(run)
-    try:
-        while True:
-            calls += 1
-            item = run.send(model(*item[:2]))
-    except StopIteration as stop:
-        return stop.value, calls
+    return run_by_hand(ds.get_solver(solver, **opts), x, grid, noise, sched, GMM3.model(sched))
 
 
 def t_of_sigma(sched, sigma):

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from by_hand import run_by_hand
 from diffusers import SASolverScheduler
 from tiny_pipelines import eps_net_3d
 
@@ -84,14 +85,7 @@ class Replay:
 
 
 def _drive(solver, x_T, grid, noise, sched, model):
-    run = solver.run(x_T, grid, noise, schedule=sched)
-    item, calls = next(run), 0
-    try:
-        while True:
-            calls += 1
-            item = run.send(model(*item[:2]))
-    except StopIteration as stop:
-        return stop.value, calls
+    return run_by_hand(solver, x_T, grid, noise, sched, model)
 
 
 def _diffusers_and_ours(n, predictor_order, corrector_order, algo, float64_sigmas=True, seed=5):

@@ -139,12 +139,24 @@ def trimmed_rms(a: Tensor, b: Tensor, trim: float = 0.0) -> float:
     return float(per.mean().sqrt())
 
 
+def _log_snr_maps(schedule):
+    """(t -> log-SNR, log-SNR -> t) of ``schedule``, on Python floats."""
+
+    def lam(t: float) -> float:
+        return float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+
+    def time_of(v: float) -> float:
+        return float(schedule.t_of_log_snr(torch.tensor(v, dtype=torch.float64)))
+
+    return lam, time_of
+
+
 def candidate_times(schedule, hi: float, lo: float, m: int) -> list[float]:
     """``m + 1`` candidate times from ``hi`` down to ``lo``, uniform in log-SNR; an end where the
     log-SNR is infinite (alpha = 0 or sigma = 0) is kept, with the interior uniform in log-SNR
     between the times 1/(4m) of the range inside it (toward sigma = 0, the schedule's t_min instead
     where that is above ``lo`` and closer to the clean end: a trained network's last noise level)."""
-    lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
+    lam, _ = _log_snr_maps(schedule)
     inner_hi, inner_lo, head, tail = hi, lo, [], []
     if not math.isfinite(lam(hi)):
         inner_hi, head = hi - (hi - lo) / (4 * m), [hi]
@@ -162,8 +174,7 @@ def teacher_grid(schedule, cands: list[float], sub: int) -> tuple[list[float], l
     between two, uniform in log-SNR (in t next to alpha = 0); into an end where sigma = 0, 4 ``sub``
     log-SNR steps down to sigma/alpha e^-12 times that of the candidate before it, then the end (an
     ODE solver's last step to sigma = 0 is its least accurate one: there it starts at ~1e-7)."""
-    lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
-    time_of = lambda v: float(schedule.t_of_log_snr(torch.tensor(v, dtype=torch.float64)))
+    lam, time_of = _log_snr_maps(schedule)
     fine: list[float] = []
     where: list[int] = []
     for a, b in zip(cands, cands[1:]):
@@ -250,8 +261,7 @@ def local_search(
 ) -> tuple[list[float], dict[str, Any]]:
     """Tier 2 (module docstring): coordinate moves of the interior times in log-SNR on the fitting
     batch (``student`` / ``target``), early-stopped on the held-out batch (``check`` / ``check_target``)."""
-    lam = lambda t: float(schedule.log_snr(torch.tensor(t, dtype=torch.float64)))
-    time_of = lambda v: float(schedule.t_of_log_snr(torch.tensor(v, dtype=torch.float64)))
+    lam, time_of = _log_snr_maps(schedule)
     cur, cur_err = list(grid), score(student.run(grid), target)
     best, best_held = list(grid), score(check.run(grid), check_target)
     history = [{"sweep": 0, "fit_error": cur_err, "heldout_error": best_held}]

@@ -26,8 +26,9 @@ at timesteps 0 ... 999, as a trained network allows); ode-dopri5 by its toleranc
 sigma_min, replaced by 0) and as A1111 lists Align Your Steps (the table stretched to one point
 fewer, then 0 appended), so every grid ends at sigma = 0.
 Any group named "diffsolve (...)" counts towards "ours" in the headline, among them "diffsolve
-(optimised grid)": dpmpp-2m, dpmpp-3m and unipc on grids from ``ds.optimize_grid`` (fitted per budget
-on noise disjoint from the evaluation's; their cost in its own table).
+(optimised grid)": dpmpp-3m and unipc on grids from ``ds.optimize_grid`` (fitted per budget on 1024
+noises disjoint from the evaluation's, the end of the trajectory searched too: ``stop_early`` and
+``final_order`` 1 or 2; their cost in its own table).
 
 Peers: see :mod:`diffsolve.bench.ode_peers` (every diffusers ODE scheduler with each spacing and sigma
 option it has; k-diffusion's deterministic samplers with Karras, exponential and polyexponential
@@ -148,7 +149,6 @@ def our_points(model, x_T, solver, opts, cps, grid_of, budgets, ref, put, fail, 
 OPTIMISED = "diffsolve (optimised grid)"
 #: the solvers whose grids are optimised per budget (one call per step)
 OPTIMISED_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dpmpp-2m": ("dpmpp-2m", {}),
     "dpmpp-3m": ("dpmpp-3m", {}),
     "unipc": ("unipc", {}),
 }
@@ -156,12 +156,13 @@ OPTIMISED_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs: dict) -> None:
     """Each solver of OPTIMISED_SOLVERS on a grid from :func:`diffsolve.optimize_grid` for each budget
-    (steps = budget, ending at sigma = 0; teacher dpmpp-3m on 16 steps between candidates), fitted on 256
-    noises (32 quick) drawn from seeds disjoint
-    from the evaluation's x_T (another generator), then run on x_T. Budgets above 20 calls refine the
-    Karras grid instead of running the DP (its cost grows as steps^2 x candidates^2)."""
-    fit_n = 32 if quick else 256
-    solvers = {"dpmpp-2m": OPTIMISED_SOLVERS["dpmpp-2m"]} if quick else OPTIMISED_SOLVERS
+    (steps = budget, from t_max towards sigma = 0, allowed to stop early, with the last step's
+    ``final_order`` searched; teacher dpmpp-3m on 16 steps between candidates), fitted on 1024 noises
+    (64 quick) drawn from seeds disjoint from the evaluation's x_T (another generator), then run on
+    x_T. 256 noises overfit here: a few samples between two modes decide the grid. Budgets above 20
+    calls refine the Karras grid instead of running the DP (its cost grows as steps^2 x candidates^2)."""
+    fit_n = 64 if quick else 1024
+    solvers = {"unipc": OPTIMISED_SOLVERS["unipc"]} if quick else OPTIMISED_SOLVERS
     for name, (solver, opts) in solvers.items():
         label = f"{name}, optimised grid"
         for b in budgets if not quick else [b for b in budgets if b <= 10]:
@@ -178,6 +179,8 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
                     teacher_sub=4 if quick else 16,
                     sweeps=4 if quick else 12,
                     init=None if b <= 20 else our_grid(sd, b, "karras"),
+                    stop_early=True,
+                    search_options={"final_order": [1, 2]},
                     **opts,
                 )
             except (ValueError, RuntimeError) as e:
@@ -192,6 +195,8 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
                 "tiers": art.search["tiers"],
                 "heldout_error": art.heldout_error,
                 "grid": art.grid,
+                "end_sigma": art.sigmas[-1],
+                "final_order": art.options.get("final_order"),
             }
             print(f"{label}, {b} calls: {time.time() - t0:.0f}s", flush=True)
 
@@ -414,18 +419,20 @@ def write(
             (
                 "`ds.optimize_grid` per budget (steps = budget), fitted to its own teacher on noise disjoint "
                 "from the evaluation's; seconds on this run's 1 thread, model calls of the fit (teacher "
-                "excluded; batched over the fitting samples), the tiers run and the held-out error of the fit."
+                "excluded; batched over the fitting samples), the tiers run, the held-out error of the fit, the "
+                "noise level sigma/alpha the grid stops at (0: it runs to the end) and the final_order chosen."
             ),
             "",
-            "| setting | budget | error here | seconds | fit calls | tiers | held-out error of the fit |",
-            "|---|---|---|---|---|---|---|",
+            "| setting | budget | error here | seconds | fit calls | tiers | held-out error of the fit | stops at | final_order |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in optimised:
             for b, c in r["cost"].items():
                 err = r["points"].get(b, {}).get("rms_error", float("nan"))
                 lines.append(
                     f"| {name} | {b} | {err:.2e} | {c['seconds']:.1f} | {c['model_calls']} | "
-                    f"{' + '.join(c['tiers'])} | {c['heldout_error']:.2e} |"
+                    f"{' + '.join(c['tiers'])} | {c['heldout_error']:.2e} | {c.get('end_sigma', 0.0):.3g} | "
+                    f"{c.get('final_order', '')} |"
                 )
     lines += [
         "",

@@ -375,6 +375,23 @@ def ab_weights(nodes: list[float], a: float, b: float) -> list[float]:
     return [float(w) for w in lagrange_weights(theta, plain)]
 
 
+def adams_to_zero(y: Tensor, alpha_s: float, sigma_s: float, nodes: list[tuple[float, Tensor]]) -> Tensor:
+    """A final step from s to sigma = 0 (alpha = 1) of order ``len(nodes)``: in the noise-to-signal
+    ratio r = sigma/alpha the probability-flow ODE reads d(y/alpha)/dr = eps, so
+
+        y_0 = y_s / alpha_s - int_0^{r_s} P(r) dr,
+
+    P the polynomial through the last model outputs (r_j, eps_j), ``nodes`` newest first (r_s first):
+    Adams-Bashforth in r, k-diffusion's lms rule for its last step. One node gives DDIM's step to the
+    data prediction, y_s / alpha_s - r_s eps_s."""
+    r_s = sigma_s / alpha_s
+    w = ab_weights([r for r, _ in nodes], r_s, 0.0)
+    out = y / alpha_s
+    for wj, (_, eps) in zip(w, nodes):
+        out = out + wj * eps
+    return out
+
+
 def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: int, param: str):
     """Per-row weights of one predictor-corrector step from ``ls`` by ``h`` (UniPC-type, Zhao et al. 2023).
 

@@ -38,7 +38,11 @@ default DPM-Solver++(2M). Order 3 has one form.
 
 Warm-up: step i uses order min(order, i + 1). With ``lower_order_final`` and fewer than 15 steps the
 last step is first order and the one before at most second order (DPM-Solver, diffusers); a step
-that ends at sigma = 0 is always first order (diffusers' ``final_sigmas_type="zero"``).
+that ends at sigma = 0 is first order (diffusers' ``final_sigmas_type="zero"``) unless the ODE
+solver's ``final_order`` is 2 or 3: that step then integrates the noise prediction over
+r = sigma/alpha by Adams-Bashforth through the last ``final_order`` model outputs
+(:func:`.maths.adams_to_zero`; k-diffusion's lms rule), where the exponential form has no finite
+step (h = inf).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from ...core.registry import register
 from .maths import (
     PARAMETERIZATIONS,
     ab_weights,
+    adams_to_zero,
     grid_nodes,
     midpoint_weight,
     model_output,
@@ -92,17 +97,26 @@ class _Multistep(Solver):
         choices=SOLVER_TYPES,
     )
 
+    final_order = 1  # the ODE solver's option (MRSODE); an SDE's last step is always first order
+
     def run(self, x, grid, noise, *, schedule, mu=None):
         n = len(grid) - 1
         g = grid_nodes(self.name, grid, schedule, self.parameterization)
         ts, sigma = g.t, g.sigma
-        orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
+        to_zero = sigma[-1] == 0.0
+        orders = _step_orders(self.order, n, self.lower_order_final, to_zero)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
+        eps_hist: list[tuple[float, torch.Tensor]] = []  # (sigma/alpha, eps) for a high-order last step
         for i in range(n):
             pred = yield Query(x, ts[i], step=i + 1)
             y = pred.pair_x if mu is None else pred.pair_x - mu  # x itself unless the pair is not consistent
             hist = (hist + [model_output(pred, mu, self.parameterization)])[-3:]
-            y = self._step(y, hist, i, orders[i], g, noise)
+            if self.final_order > 1 and to_zero and g.alpha[i] > 0:
+                eps_hist = [(g.sigma[i] / g.alpha[i], pred.eps), *eps_hist][: self.final_order]
+            if i == n - 1 and len(eps_hist) > 1:
+                y = adams_to_zero(y, g.alpha[i], g.sigma[i], eps_hist) * g.alpha[i + 1]
+            else:
+                y = self._step(y, hist, i, orders[i], g, noise)
             x = y if mu is None else y + mu
             own = pred.eps_prediction()
             if own is not pred:  # a (x0, eps) pair not consistent with x: the history keeps what eps says
@@ -170,7 +184,8 @@ class MRSODE(_Multistep):
 
     Options: ``order`` 1, 2 or 3; ``parameterization`` ``"data"`` (default, stable at few steps),
     ``"noise"`` or ``"velocity"``, whatever the network predicts; ``lower_order_final``;
-    ``solver_type`` ``"taylor"`` (default, MRS) or ``"midpoint"``. One model call per step. With mu = 0
+    ``solver_type`` ``"taylor"`` (default, MRS) or ``"midpoint"``; ``final_order`` (module docstring: a
+    high-order last step into sigma = 0). One model call per step. With mu = 0
     this is DPM-Solver++ (data) / DPM-Solver (noise); for mean-reverting schedules
     MRS(x; mu) = mu + DPM-Solver(x - mu).
 
@@ -195,6 +210,12 @@ class MRSODE(_Multistep):
     def steps_with_pair(self) -> bool:  # type: ignore[override]
         return self.parameterization in ("data", "noise")
 
+    final_order = Option(
+        1,
+        "the order of a last step that ends at sigma = 0: 1 (DDIM's step to the data prediction, as "
+        "diffusers) or 2, 3 (Adams-Bashforth in sigma/alpha through the last outputs, k-diffusion lms's rule)",
+        choices=(1, 2, 3),
+    )
     published_d2 = Option(
         False,
         "order 3 with the published D2 coefficient (DPM-Solver's code, diffusers, k-diffusion): half the "

@@ -431,7 +431,7 @@ def write(
                 err = r["points"].get(b, {}).get("rms_error", float("nan"))
                 lines.append(
                     f"| {name} | {b} | {err:.2e} | {c['seconds']:.1f} | {c['model_calls']} | "
-                    f"{' + '.join(c['tiers'])} | {c['heldout_error']:.2e} | {c.get('end_sigma', 0.0):.3g} | "
+                    f"{' + '.join(c['tiers'])} | {c['heldout_error']:.2e} | {abs(c.get('end_sigma', 0.0)):.3g} | "
                     f"{c.get('final_order', '')} |"
                 )
     lines += [

@@ -120,6 +120,18 @@ def load_diffusers_ddpm(
     return DiffusionModel(net, VPDiscrete.from_diffusers_config(cfg), kinds[pt], time_input="timestep")
 
 
+def gaussian(name: str):
+    """The Gaussian of a shipped generator's training data (the 1497 images of the digits16 train
+    split: their mean and covariance), for analytical teleportation (``ds.sample(teleport=...)``,
+    :class:`~diffsolve.models.Gaussian`)."""
+    from .data import digits16
+    from .models.gaussian import Gaussian
+
+    if name not in SHIPPED:
+        raise ValueError(f"{name!r} is not a generator; shipped generators: {', '.join(SHIPPED)}")
+    return Gaussian.from_samples(digits16("train")[0])
+
+
 def classes(name: str) -> dict | None:
     """For a class-conditional shipped model, {"num_classes", "null_class", "label_dropout"}; else None.
     Its network takes ``class_labels`` (an int or [B]); the null class gives the unconditional model."""

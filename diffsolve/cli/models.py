@@ -100,6 +100,17 @@ def build_target(name: str, device: torch.device | str = "cpu", dtype: torch.dty
         return diffusers_folder(name, device, dtype)
 
 
+def teleport_gaussian(name: str):
+    """The Gaussian a ``--teleport`` run (or a grid fitted with one) hands over from: the training
+    data's, for a shipped model."""
+    if name not in ds.pretrained.SHIPPED:
+        raise CLIError(
+            f"--teleport needs a shipped model (its training data's Gaussian); {name} is not one "
+            "(in Python, give ds.optimize_grid / ds.sample teleport=ds.models.Gaussian.from_samples(...))"
+        )
+    return ds.pretrained.gaussian(name)
+
+
 def model_label(name: str) -> str:
     """The model's name in default output folders: its catalogue name, or its folder's name."""
     return name if name in MODELS else Path(name).name

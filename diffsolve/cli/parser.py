@@ -345,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=64, help="teacher trajectories to fit (default: 64)")
     p.add_argument("--candidates", type=positive_int, default=40, help="candidate steps of the search (default: 40)")
     p.add_argument("--no-refine", action="store_true", help="only the search over the candidates")
+    p.add_argument(
+        "--stop-early", action="store_true", help="also search grids that stop above sigma = 0 (return that state)"
+    )
+    p.add_argument(
+        "--teleport",
+        action="store_true",
+        help="shipped models: search a hand-over from the exact flow of the training data's Gaussian",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0, help="base seed of the fitting noise (default: 0)")
     p.add_argument(
         "--guidance-scale",

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.gaussian import Gaussian
 from ..models.model import (
     DiffusionModel,
     FiniteGuard,
@@ -154,6 +155,7 @@ def sample(
     uncond: Mapping[str, Any] | None = None,
     hooks: Sequence[StepHook] | None = None,
     row_block: int | None = None,
+    teleport: Gaussian | None = None,
     **solver_options: Any,
 ) -> SampleResult:
     """Sample from ``model`` with a registered solver.
@@ -216,6 +218,11 @@ def sample(
         same row_block (and seeds, device, dtype, thread count) gives the same samples; another
         one may differ in the last bits, and after adaptive decisions by more. NFE counts model
         calls as without it. Default None: one network call on all the rows queried.
+    teleport: a :class:`~diffsolve.models.Gaussian` fitted to the data (analytical teleportation,
+        Wang & Vastola 2024): x_T is drawn (or given) at the schedule's t_max and carried by the
+        Gaussian's exact probability-flow map to the run's first time (``t_max``, or the grid's first
+        time), at no model call; the solver runs from there. ``stats["teleport"]`` records the two
+        times. An optimized grid fitted with a teleport needs it (and one fitted without refuses it).
     **solver_options: the solver's options, e.g. ``eta=1.0`` for ddim.
     """
     if isinstance(latent, Latent) and isinstance(solver, str) and solver_info(solver).name == latent.solver:
@@ -226,8 +233,11 @@ def sample(
             solver_options = dict(optimized.options)  # the options it was fitted with
         grid = optimized.grid
     model, slv, _, fixed_grid, steps = _start(model, solver, steps, num_inference_steps, solver_options)
+    if teleport is not None and not isinstance(teleport, Gaussian):
+        raise TypeError(f"teleport must be a diffsolve.models.Gaussian, got {type(teleport).__name__}")
     if optimized is not None:
         optimized.check_use(slv.name, model)
+        optimized.check_teleport(teleport)
     noise = slv.default_noise if noise is None else noise
     if row_block is not None:
         row_block = check_row_block(row_block)
@@ -278,6 +288,16 @@ def sample(
         mu = mu.expand(shape)  # a view: per-sample rows for solvers that subset the batch
 
     g = _grid(schedule, steps, grid, t_max, t_min, fixed_grid, slv)
+    t_start = float(g[0])
+    if teleport is not None:
+        if latent is not None:
+            raise ValueError("teleport: a latent already sits on its grid; give latent or teleport, not both")
+        t_start = float(schedule.t_max)
+        if not float(g[0]) < t_start:
+            raise ValueError(
+                f"teleport: the run's first time ({float(g[0]):.6g}) must be below the schedule's t_max "
+                f"({t_start:.6g}), where x_T is drawn; give t_max or a grid that starts lower"
+            )
 
     if isinstance(generator, torch.Generator):
         generator = [generator]
@@ -293,12 +313,14 @@ def sample(
         t_range=(float(g[-1]), float(g[0])),
     )
     if x_T is None:
-        x = schedule.prior(shape, mu, noise=src.randn(), t=float(g[0]))
+        x = schedule.prior(shape, mu, noise=src.randn(), t=t_start)
     elif latent is not None and latent.aux is not None:
         x = x_T.to(device=device)  # a reversible latent keeps its precision; the model runs in dtype
     else:
         x = x_T.to(device=device, dtype=work)
 
+    if teleport is not None:
+        x = teleport.flow_map(x, t_start, float(g[0]), schedule, mu)
     # a reversible latent's second state, for the solver that made it (ExactInverse.start takes it)
     aux: dict[str, Any] = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     run_model = model if row_block is None else in_row_blocks(model, row_block)
@@ -341,7 +363,7 @@ def sample(
         seeds=src.seeds,
         accepted=out.accepted,
         rejected=out.rejected,
-        stats=dict(out.stats or {}),
+        stats=dict(out.stats or {}, **({"teleport": {"from": t_start, "to": float(g[0])}} if teleport else {})),
         trajectory=trajectory,
     )
 

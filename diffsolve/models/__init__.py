@@ -1,6 +1,7 @@
 """The common model interface and the oracle models."""
 
 from .analytic import Empirical, GaussianMixture
+from .gaussian import Gaussian
 from .model import TIME_INPUTS, DiffusionModel, FiniteGuard, NFECounter, NonFiniteError, Prediction, check_finite
 from .parameterization import PREDICTIONS, Coefs, compose, from_x0_eps, to_x0_eps
 
@@ -11,6 +12,7 @@ __all__ = [
     "DiffusionModel",
     "Empirical",
     "FiniteGuard",
+    "Gaussian",
     "GaussianMixture",
     "NFECounter",
     "NonFiniteError",

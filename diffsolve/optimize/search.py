@@ -47,6 +47,7 @@ from ..core.driver import _grid, resolve_solver, sample
 from ..core.noise import NoiseSource
 from ..core.protocol import Pump, UnstableError, as_outcome
 from ..core.registry import cfg_pp_base, get_solver, solver_info
+from ..models.gaussian import Gaussian
 from ..models.model import DiffusionModel
 from ..schedules.grids import is_grid_kind, make_grid
 from ..schedules.optimized import OptimizedGrid, model_identity
@@ -338,6 +339,15 @@ def _hand_made(schedule, steps: int, kind: str, hi: float, lo: float) -> list[fl
         return None
 
 
+def handover_starts(m: int, steps: int, teleport: bool, count: int = 6) -> list[int]:
+    """The candidate indices a grid may start from: 0 (t_max) and, with a teleport, up to ``count``
+    more spread over the upper half of the candidates, each leaving room for ``steps`` steps."""
+    if not teleport:
+        return [0]
+    top = min(m // 2, m - steps)
+    return sorted({0, *np.rint(np.linspace(0, top, count + 1)).astype(int).tolist()})
+
+
 def _x_T(schedule, shape, seed: int, device, dtype, mu, t: float) -> Tensor:
     src = NoiseSource(tuple(shape), seeds=seed, device=device, dtype=dtype)
     return schedule.prior(tuple(shape), mu, noise=src.randn(), t=t)
@@ -366,6 +376,7 @@ def optimize_grid(
     mu: Tensor | None = None,
     search_options: Mapping[str, Sequence[Any]] | None = None,
     stop_early: bool = False,
+    teleport: Gaussian | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     **options: Any,
@@ -389,7 +400,10 @@ def optimize_grid(
     each with its values (``{"lower_order_final": [True, False]}``): every combination is fitted and
     the one with the lowest fitting error kept; ``stop_early``: search grids that stop above the end
     too (module docstring: the returned samples then keep the noise level of the grid's last time,
-    small, recorded as the artefact's last sigma). Returns an :class:`OptimizedGrid` (save it with
+    small, recorded as the artefact's last sigma); ``teleport``: a :class:`~diffsolve.models.Gaussian`
+    fitted to the data, whose exact flow may carry the noise from t_max to a hand-over time at no
+    model call (analytical teleportation); the hand-over time is searched among the upper half of
+    the candidates (t_max itself included) and recorded in the artefact. Returns an :class:`OptimizedGrid` (save it with
     ``.save(path)``), with the held-out error of the solver's default grid (or of ``init``) as
     ``baseline``.
     """
@@ -397,13 +411,13 @@ def optimize_grid(
         return _optimize_grid(
             model, solver, steps, shape=shape, seed=seed, heldout_seed=heldout_seed, candidates=candidates,
             refine=refine, sweeps=sweeps, exhaustive=exhaustive, init=init, trim=trim, teacher=teacher, teacher_sub=teacher_sub,
-            t_max=t_max, t_min=t_min, cond=cond, uncond=uncond, mu=mu, search_options=search_options, stop_early=stop_early, dtype=dtype,
+            t_max=t_max, t_min=t_min, cond=cond, uncond=uncond, mu=mu, search_options=search_options, stop_early=stop_early, teleport=teleport, dtype=dtype,
             device=device, **options,
         )  # fmt: skip
 
 
 def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidates, refine, sweeps, exhaustive, init, trim,
-                   teacher, teacher_sub, t_max, t_min, cond, uncond, mu, search_options, stop_early, dtype, device, **options):  # fmt: skip
+                   teacher, teacher_sub, t_max, t_min, cond, uncond, mu, search_options, stop_early, teleport, dtype, device, **options):  # fmt: skip
     started = time.perf_counter()
     if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
         raise ValueError(f"trim must be a fraction in [0, 0.5), got {trim!r}")
@@ -427,6 +441,8 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             raise ValueError(
                 f"{name} must be a {'non-negative' if name == 'sweeps' else 'positive'} int, got {value!r}"
             )
+    if teleport is not None and not isinstance(teleport, Gaussian):
+        raise TypeError(f"teleport must be a diffsolve.models.Gaussian, got {type(teleport).__name__}")
     if not isinstance(stop_early, bool):
         raise TypeError(f"stop_early must be True or False, got {stop_early!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -494,46 +510,68 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         - float(schedule.log_snr(torch.tensor(cands[len(cands) // 2 + 1], dtype=torch.float64)))
     )
     tried = []
+    starts = handover_starts(len(cands) - 1, steps, teleport is not None and start is None)
+
+    def moved(x: Tensor, i: int) -> Tensor:  # the starting states carried to candidate i (teleport)
+        return x if i == 0 or teleport is None else teleport.flow_map(x, hi, cands[i], schedule, mu)
+
     for combo, slv in zip(combos, solvers):
-        fit = Student(slv, run_model, x_fit, mu, cond)
-        held = Student(slv, run_model, x_held, mu, cond)
         t0 = time.perf_counter()
-        paths = math.comb(len(cands) - 1, steps) if stop_early else math.comb(len(cands) - 2, steps - 1)
-        tier1 = "init" if start is not None else "exhaustive" if paths <= exhaustive else "dp"
-        if start is not None:
-            dp_grid, dp_err = start, score(fit.run(start), teacher_fit[-1])
-        elif tier1 == "exhaustive":
-            dp_grid, dp_err = exhaustive_search(fit, cands, teacher_fit[-1], steps, score, stop_early)
-        else:
-            dp_grid, dp_err = dp_search(fit, cands, teacher_fit, steps, score, stop_early)
-        # the refinement starts from the best on the fitting noise of tier 1's grid and the
-        # hand-made grids (so it never starts behind them)
-        hand, start_name = {}, tier1
-        best_grid, best_err = dp_grid, dp_err
-        if start is None:
-            stops = {"": lo}
-            if stop_early:  # each kind also stopping at every candidate of the lower half of the range
-                stops.update({f" to t={c:.6g}": c for c in cands[len(cands) // 2 : -1]})
-            for (label, stop), kind in itertools.product(stops.items(), HAND_MADE):
-                g = _hand_made(schedule, steps, kind, hi, stop)
-                if g is not None:
-                    hand[kind + label] = score(fit.run(g), teacher_fit[-1])
-                    if hand[kind + label] < best_err:
-                        best_grid, best_err, start_name = g, hand[kind + label], kind + label
-        record: dict[str, Any] = {
-            "options": combo,
-            "tier1": {
-                "method": tier1,
-                "paths": paths,
-                "grid": dp_grid,
-                "fit_error": dp_err,
-                "heldout_error": score(held.run(dp_grid), teacher_held),
-                "hand_made_fit_errors": hand,
-                "seconds": time.perf_counter() - t0,
-            },
-            "start": start_name,
-        }
-        dp_grid, dp_err = best_grid, best_err
+        calls = 0
+        by_start: dict[int, dict[str, Any]] = {}
+        for i in starts:  # tier 1 (and the hand-made grids) from each hand-over candidate
+            fit = Student(slv, run_model, moved(x_fit, i), mu, cond)
+            sub = cands[i:]
+            paths = math.comb(len(sub) - 1, steps) if stop_early else math.comb(len(sub) - 2, steps - 1)
+            tier1 = "init" if start is not None else "exhaustive" if paths <= exhaustive else "dp"
+            if start is not None:
+                dp_grid, dp_err = start, score(fit.run(start), teacher_fit[-1])
+            elif tier1 == "exhaustive":
+                dp_grid, dp_err = exhaustive_search(fit, sub, teacher_fit[-1], steps, score, stop_early)
+            else:
+                dp_grid, dp_err = dp_search(fit, sub, teacher_fit[i:], steps, score, stop_early)
+            # the refinement starts from the best on the fitting noise of tier 1's grid and the
+            # hand-made grids (so it never starts behind them)
+            hand, start_name = {}, tier1
+            best_grid, best_err = dp_grid, dp_err
+            if start is None:
+                stops = {"": lo}
+                if stop_early:  # each kind also stopping at every candidate of the lower half of the range
+                    stops.update({f" to t={c:.6g}": c for c in cands[len(cands) // 2 : -1] if c < sub[0]})
+                for (label, stop), kind in itertools.product(stops.items(), HAND_MADE):
+                    g = _hand_made(schedule, steps, kind, sub[0], stop)
+                    if g is not None:
+                        hand[kind + label] = score(fit.run(g), teacher_fit[-1])
+                        if hand[kind + label] < best_err:
+                            best_grid, best_err, start_name = g, hand[kind + label], kind + label
+            by_start[i] = {
+                "fit": fit,
+                "tier1": {
+                    "method": tier1,
+                    "paths": paths,
+                    "grid": dp_grid,
+                    "fit_error": dp_err,
+                    "hand_made_fit_errors": hand,
+                },
+                "start": start_name,
+                "grid": best_grid,
+                "fit_error": best_err,
+            }
+            calls += fit.calls
+        i = min(by_start, key=lambda k: by_start[k]["fit_error"])
+        fit, best = by_start[i]["fit"], by_start[i]
+        calls -= fit.calls  # counted below with the refinement's
+        held = Student(slv, run_model, moved(x_held, i), mu, cond)
+        best["tier1"].update(
+            heldout_error=score(held.run(best["tier1"]["grid"]), teacher_held), seconds=time.perf_counter() - t0
+        )
+        record: dict[str, Any] = {"options": combo, "tier1": best["tier1"], "start": best["start"]}
+        if teleport is not None:
+            record["teleport"] = {
+                "to": cands[i] if i else None,
+                "fit_errors": {f"{cands[k]:.6g}": v["fit_error"] for k, v in by_start.items()},
+            }
+        dp_grid, dp_err = best["grid"], best["fit_error"]
         dp_held = score(held.run(dp_grid), teacher_held)
         grid, fit_err, held_err = dp_grid, dp_err, dp_held
         if refine and steps > 1 and sweeps > 0:
@@ -553,13 +591,14 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             fit_err, held_err = score(fit.run(grid), teacher_fit[-1]), rec["heldout_error"]
             record["refine"] = {**rec, "grid": grid, "seconds": time.perf_counter() - t1}
         base_grid = start if start is not None else default.tolist()
-        base = score(held.run(base_grid), teacher_held)
+        base_held = held if i == 0 else Student(slv, run_model, x_held, mu, cond)
+        base = score(base_held.run(base_grid), teacher_held)
         record.update(
             grid=grid,
             fit_error=fit_err,
             heldout_error=held_err,
             default_heldout_error=base,
-            model_calls=fit.calls + held.calls,
+            model_calls=calls + fit.calls + held.calls + (base_held.calls if base_held is not held else 0),
         )
         tried.append(record)
     pick = min(tried, key=lambda r: r["fit_error"])
@@ -594,4 +633,9 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
             "tried": tried,
             "seconds": {"teacher": teacher_seconds, "total": time.perf_counter() - started},
         },
+        teleport=(
+            {"from": hi, "to": pick["grid"][0], "gaussian": teleport.fingerprint()}
+            if teleport is not None and pick["grid"][0] < hi
+            else None
+        ),
     )

@@ -36,7 +36,10 @@ class OptimizedGrid:
     was fitted with; ``model``: the model's identity (:func:`model_identity`); ``fit_error`` and
     ``heldout_error``: RMS error of the final samples against the teacher's (less the ``search["trim"]``
     fraction of samples with the largest errors), on the fitting noise and on disjoint held-out noise; ``baseline``: the held-out error of the solver on its default grid
-    at the same step count; ``search``: how it was found (tiers, candidates, teacher, costs)."""
+    at the same step count; ``search``: how it was found (tiers, candidates, teacher, costs);
+    ``teleport``: where the run starts when the grid hands over from a Gaussian's exact flow
+    (``{"from": t, "to": t, "gaussian": fingerprint}``; ``ds.sample`` then needs ``teleport=`` that
+    :class:`~diffsolve.models.Gaussian`), None otherwise."""
 
     grid: list[float]
     sigmas: list[float]
@@ -48,6 +51,7 @@ class OptimizedGrid:
     heldout_error: float
     baseline: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    teleport: dict[str, Any] | None = None
 
     def __post_init__(self):
         g = [float(t) for t in self.grid]
@@ -61,6 +65,24 @@ class OptimizedGrid:
     # ------------------------------------------------------------------------------------ use
     def times(self) -> torch.Tensor:
         return torch.tensor(self.grid, dtype=torch.float64)
+
+    def check_teleport(self, gaussian) -> None:
+        """Refuse a run without the Gaussian this grid hands over from (or with one where it hands
+        over from none); warn when it is another Gaussian than the one it was fitted with."""
+        if self.teleport is None:
+            if gaussian is not None:
+                raise ValueError(
+                    "teleport: this optimized grid starts at the schedule's t_max (it was fitted without a "
+                    "teleport); leave teleport out, or fit a grid with ds.optimize_grid(teleport=...)"
+                )
+            return
+        if gaussian is None:
+            raise ValueError(
+                f"teleport: this optimized grid hands over at t={self.teleport['to']:.6g} from a Gaussian's exact "
+                "flow; pass teleport=the diffsolve.models.Gaussian it was fitted with"
+            )
+        if gaussian.fingerprint() != self.teleport.get("gaussian"):
+            warnings.warn("this grid was optimised with another Gaussian teleport than the one given", stacklevel=3)
 
     def check_use(self, solver_name: str | None, model=None) -> None:
         """Warn when used with a solver (name) or a model other than the ones it was fitted for: a

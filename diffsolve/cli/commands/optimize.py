@@ -14,7 +14,7 @@ import diffsolve as ds
 
 from ..errors import CLIError, user_input
 from ..jsonform import decode_options
-from ..models import DEFAULT_MODEL, build_target, model_label
+from ..models import DEFAULT_MODEL, build_target, model_label, teleport_gaussian
 from .common import resolve_solver
 
 DEFAULT_SOLVER = "dpmpp-2m"
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             cond=cond,
             uncond=uncond if isinstance(model, ds.guidance.ClassifierFreeGuidance) else None,
             mu=mu,
+            stop_early=args.stop_early,
+            teleport=teleport_gaussian(model_name) if args.teleport else None,
             **options,
         )
     grid.search["command"] = {"model": model_name, "guidance_scale": args.guidance_scale}
@@ -66,5 +68,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"{' + '.join(grid.search['tiers'])} in {secs:.1f} s"
     )
     print("grid (t):", ", ".join(f"{t:.6g}" for t in grid.grid))
+    if grid.teleport is not None:
+        print(f"hands over at t={grid.teleport['to']:.6g} from the training data's Gaussian (no model call)")
     print(f"wrote {out}; sample with: diffsolve sample --model {model_name} --grid {out}")
     return 0

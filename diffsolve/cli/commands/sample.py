@@ -21,7 +21,7 @@ import diffsolve as ds
 from ..devices import rank_device
 from ..errors import TIME_RANGE, CLIError, refusals_of
 from ..jsonform import decode_options, file_digest, jsonable
-from ..models import DEFAULT_MODEL, Target, build_target, model_label, model_path
+from ..models import DEFAULT_MODEL, Target, build_target, model_label, model_path, teleport_gaussian
 from ..output import OUTPUT_FILES, check_out, default_out, write_atomically, write_bundle, wrote
 from ..parser import DEFAULT_CFGPP_GUIDANCE, DEFAULT_GUIDANCE, DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
 from ..render import panel_image, render_png
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             options = {**latent.options, **options}
     args.model = args.model or DEFAULT_MODEL
     args.dtype = args.dtype or "float32"
+    optimized = None
     if ds.optimize.is_grid_file(args.grid):  # an optimized grid: its steps, its solver's options
         optimized = ds.OptimizedGrid.load(args.grid)
         args.solver = args.solver or optimized.solver
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             options = dict(optimized.options)
     args.solver = args.solver or "dpmpp-2m"
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    # a grid fitted with a teleport hands over from the model's training-data Gaussian
+    teleport = teleport_gaussian(args.model) if optimized is not None and optimized.teleport else None
     # Validate the cheap things first: solver name and options, grid, device, output directory.
     solver = resolve_solver(args.solver, options)
     name = solver.name
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                     grid=args.grid,
                     t_max=args.t_max,
                     t_min=args.t_min,
+                    teleport=teleport,
                 )
             if labels is not None:
                 start["cond"], start["uncond"] = {"class_labels": labels[lo:hi].to(device)}, uncond

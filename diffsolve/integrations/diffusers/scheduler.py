@@ -157,6 +157,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 self.solver = get_solver(solver, **art.options)  # the options it was fitted with
                 self.register_to_config(solver_options=dict(art.options))
             art.check_use(self.solver.name)
+            if art.teleport is not None:
+                raise ValueError(
+                    "steps_grid: this grid hands over from a Gaussian's exact flow (a teleport), which a "
+                    "diffusers pipeline cannot run (it draws its latents at the first timestep); sample it "
+                    "with ds.sample(teleport=...), or fit a grid without teleport"
+                )
             self.register_to_config(steps_grid=art.to_dict())  # the config stays JSON
             self._optimized = art
         if final not in (None, "zero", "sigma_min"):

@@ -8,6 +8,9 @@ For each model and call budget N (N steps of one-call solvers, N model calls):
   a hand-made grid";
 - optimised: ``ds.optimize_grid`` for dpmpp-2m and unipc at N steps, fitted on 64 noises
   whose seeds (10000 ...) are disjoint from the evaluation's (0 ...); its cost in seconds (2 threads);
+- optimised with analytical teleportation: unipc's grid fitted with ``teleport=`` the training data's
+  Gaussian (``ds.pretrained.gaussian``), the hand-over time searched; the gain at equal calls is the
+  comparison with unipc's plain optimised grid;
 - the 100-step dpmpp-2m result, against which each digits-FD excess is taken (same seeds).
 digits-FD on ``--num-samples`` samples (the same seeds everywhere). digits-vp-cond under classifier-free
 guidance (scale 3): class accuracy at each budget, the grid fitted with the guidance. Writes
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HAND_SOLVERS = ("dpmpp-2m", "dpmpp-3m", "unipc", "deis", "ipndm", "euler")
 HAND_GRIDS = ("log-snr", "karras", "uniform", None)
 OPT_SOLVERS = ("dpmpp-2m", "unipc")
+TELEPORT_SOLVERS = ("unipc",)
 FIT_SEED = 10_000
 
 
@@ -41,6 +45,7 @@ def fd(x) -> float:
 
 def run_model(name: str, calls, n: int, out: Path, guidance: float | None = None) -> dict:
     model = ds.pretrained.load(name)
+    gauss = ds.pretrained.gaussian(name)
     shape = (n, 1, 16, 16)
     kw: dict = {"shape": shape, "seed": 0}
     fit_kw: dict = {}
@@ -79,17 +84,19 @@ def run_model(name: str, calls, n: int, out: Path, guidance: float | None = None
         ok = {k: v for k, v in hand.items() if "digits_fd" in v}
         best_hand = min(ok, key=lambda k: ok[k]["digits_fd"])
         opt = {}
-        for solver in OPT_SOLVERS:
+        fits = [(s, None) for s in OPT_SOLVERS] + [(s, gauss) for s in TELEPORT_SOLVERS]
+        for solver, tp in fits:
+            key = solver if tp is None else f"{solver} + teleport"
             t1 = time.time()
-            art = ds.optimize_grid(model, solver, b, shape=(64, 1, 16, 16), seed=FIT_SEED, **fit_kw)
+            art = ds.optimize_grid(model, solver, b, shape=(64, 1, 16, 16), seed=FIT_SEED, teleport=tp, **fit_kw)
             secs = time.time() - t1
-            x = ds.sample(model, solver, grid=art, **kw).samples
-            opt[solver] = {**score(x), "seconds": secs, "grid": art.grid, "samples": x}
-            opt[solver]["heldout_error"], opt[solver]["default_heldout_error"] = (
+            x = ds.sample(model, solver, grid=art, teleport=tp if art.teleport else None, **kw).samples
+            opt[key] = {**score(x), "seconds": secs, "grid": art.grid, "samples": x, "teleport": art.teleport}
+            opt[key]["heldout_error"], opt[key]["default_heldout_error"] = (
                 art.heldout_error,
                 art.baseline["heldout_error"],
             )
-            print(f"  {b} calls, {solver} optimised: {opt[solver]['digits_fd']:.2f} ({secs:.0f}s)", flush=True)
+            print(f"  {b} calls, {key} optimised: {opt[key]['digits_fd']:.2f} ({secs:.0f}s)", flush=True)
         best_opt = min(opt, key=lambda k: opt[k]["digits_fd"])
         if b == 5 or b == calls[0]:
             pictures[b] = (best_opt, opt[best_opt]["samples"], best_hand, ok[best_hand]["samples"])
@@ -119,7 +126,8 @@ def write_md(rows, out: Path) -> None:
             "Written by `scripts/bench_few_step.py`. digits-FD excess = digits-FD minus that of 100 steps of "
             "dpmpp-2m on the same seeds; best hand-made: the lowest over "
             f"{', '.join(HAND_SOLVERS)} on the log-SNR, Karras, uniform and default grids; optimised: "
-            f"`ds.optimize_grid` for {', '.join(OPT_SOLVERS)}, fitted on 64 noises with seeds disjoint from the "
+            f"`ds.optimize_grid` for {', '.join(OPT_SOLVERS)}, and for {', '.join(TELEPORT_SOLVERS)} with analytical "
+            "teleportation from the training data's Gaussian, fitted on 64 noises with seeds disjoint from the "
             "evaluation's (its time: 2 CPU threads)."
         ),
         "",
@@ -141,6 +149,34 @@ def write_md(rows, out: Path) -> None:
                 f"| {name} | {b} | {f100:.1f} | {d['best_hand_made']} | {eh:.1f} | {d['best_optimised']} | "
                 f"{eo:.1f} | {eo / eh if eh > 0 else float('nan'):.2f} | {o['seconds']:.0f} | {acc} |"
             )
+    lines += [
+        "",
+        "## Every optimised grid",
+        "",
+        (
+            "FD excess of each optimised setting, its fit time (2 threads) and, with a teleport, the time it "
+            "hands over at (from the training data's Gaussian, at no model call; - where the search kept t_max). "
+            "Teleport gain: unipc's FD excess on its plain optimised grid over that with the teleport, at equal calls."
+        ),
+        "",
+        "| model | calls | setting | FD excess | fit seconds | hands over at t | accuracy | teleport gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f100 = r["reference"]["digits_fd"]
+        name = r["model"] + (f" (CFG {r['guidance']:g})" if r["guidance"] is not None else "")
+        for b, d in r["budgets"].items():
+            for k, o in d["optimised"].items():
+                tp = o.get("teleport")
+                gain = "-"
+                if k.endswith("+ teleport") and k.split(" + ")[0] in d["optimised"]:
+                    plain = d["optimised"][k.split(" + ")[0]]["digits_fd"] - f100
+                    gain = f"{plain / max(o['digits_fd'] - f100, 1e-9):.1f}x"
+                acc = f"{o['accuracy']:.2f}" if "accuracy" in o else "-"
+                lines.append(
+                    f"| {name} | {b} | {k} | {o['digits_fd'] - f100:.1f} | {o['seconds']:.0f} | "
+                    f"{'-' if not tp else format(tp['to'], '.4g')} | {acc} | {gain} |"
+                )
     (out / "few_step.md").write_text("\n".join(lines) + "\n")
 
 

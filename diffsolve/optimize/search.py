@@ -26,9 +26,15 @@ End of the trajectory (``stop_early=True``): the grid may also stop at a noise l
 and return the state there, scored against the teacher's final state (as diffusers'
 ``final_sigmas_type="sigma_min"`` does at a fixed level). At few steps a solver's last step into
 sigma = 0 is its least accurate one (first order in every multistep solver), and stopping at a
-searched sigma/alpha ~ 0.1 instead measures 2-3x lower error at 5-8 calls on the ODE benchmark's
-mixture. Both tiers then search the last time as well: the DP's last level ends at any candidate,
-the exhaustive tier tries every end, the local search moves the last time too.
+searched sigma/alpha ~ 0.1 instead measures 2.6-4x lower error at 5-8 calls on the ODE
+benchmark's mixture (the best hand-made grids of dpmpp-2m, dpmpp-3m and unipc either way). Both
+tiers then search the last time as well: the DP's last level ends at any candidate, the
+exhaustive tier tries every end, the local search moves the last time too.
+
+Start of the trajectory (``teleport=`` a :class:`~diffsolve.models.Gaussian`): the starting noise
+is carried at no model call by the Gaussian's exact flow to a hand-over candidate (t_max and four
+more in the upper half of the candidates, :func:`handover_starts`); tier 1 and the hand-made grids
+run from each, against the same teacher (which starts at t_max), and the best start is refined.
 """
 
 from __future__ import annotations
@@ -339,7 +345,7 @@ def _hand_made(schedule, steps: int, kind: str, hi: float, lo: float) -> list[fl
         return None
 
 
-def handover_starts(m: int, steps: int, teleport: bool, count: int = 6) -> list[int]:
+def handover_starts(m: int, steps: int, teleport: bool, count: int = 4) -> list[int]:
     """The candidate indices a grid may start from: 0 (t_max) and, with a teleport, up to ``count``
     more spread over the upper half of the candidates, each leaving room for ``steps`` steps."""
     if not teleport:

@@ -160,12 +160,20 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
     ``final_order`` searched; teacher dpmpp-3m on 16 steps between candidates), fitted on 1024 noises
     (64 quick) drawn from seeds disjoint from the evaluation's x_T (another generator), then run on
     x_T. 256 noises overfit here: a few samples between two modes decide the grid. Budgets above 20
-    calls refine the Karras grid instead of running the DP (its cost grows as steps^2 x candidates^2)."""
+    calls refine the Karras grid instead of running the DP (its cost grows as steps^2 x candidates^2).
+    "unipc, optimised grid + teleport" (budgets up to 10): the same with analytical teleportation
+    from the data's Gaussian (mean and covariance of 200000 draws of the mixture), the hand-over
+    time searched (not in the quick run)."""
     fit_n = 64 if quick else 1024
     solvers = {"unipc": OPTIMISED_SOLVERS["unipc"]} if quick else OPTIMISED_SOLVERS
-    for name, (solver, opts) in solvers.items():
-        label = f"{name}, optimised grid"
+    settings = [(f"{name}, optimised grid", solver, opts, None) for name, (solver, opts) in solvers.items()]
+    if not quick:
+        data = model.net.oracle.sample(200_000, generator=torch.Generator().manual_seed(7))
+        settings.append(("unipc, optimised grid + teleport", "unipc", {}, ds.models.Gaussian.from_samples(data)))
+    for label, solver, opts, teleport in settings:
         for b in budgets if not quick else [b for b in budgets if b <= 10]:
+            if teleport is not None and b > 10:
+                continue
             t0 = time.time()
             try:
                 art = ds.optimize_grid(
@@ -181,12 +189,13 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
                     init=None if b <= 20 else our_grid(sd, b, "karras"),
                     stop_early=True,
                     search_options={"final_order": [1, 2]},
+                    teleport=teleport,
                     **opts,
                 )
             except (ValueError, RuntimeError) as e:
                 fail(OPTIMISED, label, b, b, f"{type(e).__name__}: {e}")
                 continue
-            res = ds.sample(model, solver, x_T=x_T, grid=art, **opts)
+            res = ds.sample(model, solver, x_T=x_T, grid=art, teleport=teleport if art.teleport else None, **opts)
             put(OPTIMISED, label, b, int(res.nfe), rms(res.samples, ref), steps=b)
             costs.setdefault(label, {})[str(b)] = {
                 "seconds": time.time() - t0,
@@ -197,6 +206,7 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
                 "grid": art.grid,
                 "end_sigma": art.sigmas[-1],
                 "final_order": art.options.get("final_order"),
+                "hands_over_at_sigma": art.sigmas[0] if art.teleport else None,
             }
             print(f"{label}, {b} calls: {time.time() - t0:.0f}s", flush=True)
 
@@ -420,11 +430,15 @@ def write(
                 "`ds.optimize_grid` per budget (steps = budget), fitted to its own teacher on noise disjoint "
                 "from the evaluation's; seconds on this run's 1 thread, model calls of the fit (teacher "
                 "excluded; batched over the fitting samples), the tiers run, the held-out error of the fit, the "
-                "noise level sigma/alpha the grid stops at (0: it runs to the end) and the final_order chosen."
+                "noise level sigma/alpha the grid stops at (0: it runs to the end), the final_order chosen and, "
+                "with a teleport, the noise level sigma/alpha it hands over at (the run starts at 14.6)."
             ),
             "",
-            "| setting | budget | error here | seconds | fit calls | tiers | held-out error of the fit | stops at | final_order |",
-            "|---|---|---|---|---|---|---|---|---|",
+            (
+                "| setting | budget | error here | seconds | fit calls | tiers | held-out error of the fit | stops at | "
+                "final_order | hands over at |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in optimised:
             for b, c in r["cost"].items():
@@ -432,7 +446,8 @@ def write(
                 lines.append(
                     f"| {name} | {b} | {err:.2e} | {c['seconds']:.1f} | {c['model_calls']} | "
                     f"{' + '.join(c['tiers'])} | {c['heldout_error']:.2e} | {abs(c.get('end_sigma', 0.0)):.3g} | "
-                    f"{c.get('final_order', '')} |"
+                    f"{c.get('final_order', '')} | "
+                    f"{'-' if c.get('hands_over_at_sigma') is None else format(c['hands_over_at_sigma'], '.3g')} |"
                 )
     lines += [
         "",

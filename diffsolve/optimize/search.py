@@ -43,7 +43,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -281,48 +281,56 @@ def local_search(
     patience: int = 2,
     score=rms,
     end: float | None = None,
+    students_at: Callable[[float], tuple[Student, Student]] | None = None,
+    top: float | None = None,
 ) -> tuple[list[float], dict[str, Any]]:
     """Tier 2 (module docstring): coordinate moves of the interior times in log-SNR on the fitting
     batch (``student`` / ``target``), early-stopped on the held-out batch (``check`` / ``check_target``).
     ``end``: the time a grid may not reach or pass when its last time is above it (a grid that stops
-    early: its last time moves too, between the one before it and ``end``)."""
+    early: its last time moves too, between the one before it and ``end``). ``students_at`` and
+    ``top``: the first time moves too, below ``top``, each start with its own (fitting, held-out)
+    students (a teleport's hand-over: the starting states depend on it)."""
     lam, time_of = _log_snr_maps(schedule)
     last = len(grid) - 1 if end is not None and grid[-1] > end else len(grid) - 2
+    first = 0 if students_at is not None and top is not None else 1
     cur, cur_err = list(grid), score(student.run(grid), target)
     best, best_held = list(grid), score(check.run(grid), check_target)
+    best_err = cur_err
     history = [{"sweep": 0, "fit_error": cur_err, "heldout_error": best_held}]
     stale = 0
     for sweep in range(1, sweeps + 1):
         moved = False
-        for p in range(1, last + 1):
+        for p in range(first, last + 1):
+            before = cur[p - 1] if p else top
             after = cur[p + 1] if p + 1 < len(cur) else end
-            lo_l, hi_l = lam(cur[p - 1]), lam(after)  # log-SNR rises along the grid
+            lo_l, hi_l = lam(before), lam(after)  # log-SNR rises along the grid
             for sign in (1.0, -1.0):
                 v = lam(cur[p]) + sign * delta
                 if not (lo_l < v < hi_l):
                     continue
                 t = time_of(v)
-                if not (cur[p - 1] > t > after) or not (lo_l < lam(t) < hi_l):
+                if not (before > t > after) or not (lo_l < lam(t) < hi_l):
                     continue  # the schedule's time cannot resolve the move
                 trial = cur[:p] + [t] + cur[p + 1 :]
+                fit, held = (student, check) if p or students_at is None else students_at(t)
                 try:
-                    e = score(student.run(trial), target)
+                    e = score(fit.run(trial), target)
                 except (ArithmeticError, ValueError):  # a grid the solver cannot step
                     continue
                 if e < cur_err:
-                    cur, cur_err, moved = trial, e, True
+                    cur, cur_err, moved, student, check = trial, e, True, fit, held
                     break
         held = score(check.run(cur), check_target)
         history.append({"sweep": sweep, "fit_error": cur_err, "heldout_error": held, "delta": delta})
         if held < best_held:
-            best, best_held, stale = list(cur), held, 0
+            best, best_held, best_err, stale = list(cur), held, cur_err, 0
         else:
             stale += 1
             if stale >= patience:
                 break
         if not moved:
             delta /= 2
-    return best, {"sweeps": history, "heldout_error": best_held}
+    return best, {"sweeps": history, "heldout_error": best_held, "fit_error": best_err}
 
 
 #: the hand-made grids tier 1's result is compared with (on the fitting noise) before refining
@@ -580,6 +588,19 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         dp_grid, dp_err = best["grid"], best["fit_error"]
         dp_held = score(held.run(dp_grid), teacher_held)
         grid, fit_err, held_err = dp_grid, dp_err, dp_held
+        starts_at: dict[float, tuple[Student, Student]] = {dp_grid[0]: (fit, held)}
+
+        def students_at(t: float, starts_at=starts_at, slv=slv) -> tuple[Student, Student]:
+            """The (fitting, held-out) students of a run that hands over at t (a teleport's)."""
+            if t not in starts_at:
+                assert teleport is not None
+                moved = [teleport.flow_map(x, hi, t, schedule, mu) for x in (x_fit, x_held)]
+                starts_at[t] = (
+                    Student(slv, run_model, moved[0], mu, cond),
+                    Student(slv, run_model, moved[1], mu, cond),
+                )
+            return starts_at[t]
+
         if refine and steps > 1 and sweeps > 0:
             t1 = time.perf_counter()
             grid, rec = local_search(
@@ -593,18 +614,23 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
                 sweeps,
                 score=score,
                 end=lo if stop_early else None,
+                students_at=students_at if teleport is not None and start is None else None,
+                top=hi,
             )
-            fit_err, held_err = score(fit.run(grid), teacher_fit[-1]), rec["heldout_error"]
+            fit_err, held_err = rec["fit_error"], rec["heldout_error"]
             record["refine"] = {**rec, "grid": grid, "seconds": time.perf_counter() - t1}
+        if teleport is not None:  # where the refined grid hands over
+            record["teleport"]["to"] = grid[0] if grid[0] < hi else None
         base_grid = start if start is not None else default.tolist()
         base_held = held if i == 0 else Student(slv, run_model, x_held, mu, cond)
         base = score(base_held.run(base_grid), teacher_held)
+        used = {id(st): st for pair in starts_at.values() for st in pair} | {id(base_held): base_held}
         record.update(
             grid=grid,
             fit_error=fit_err,
             heldout_error=held_err,
             default_heldout_error=base,
-            model_calls=calls + fit.calls + held.calls + (base_held.calls if base_held is not held else 0),
+            model_calls=calls + sum(st.calls for st in used.values()),
         )
         tried.append(record)
     pick = min(tried, key=lambda r: r["fit_error"])

@@ -166,7 +166,9 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
     time searched (not in the quick run)."""
     fit_n = 64 if quick else 1024
     solvers = {"unipc": OPTIMISED_SOLVERS["unipc"]} if quick else OPTIMISED_SOLVERS
-    settings = [(f"{name}, optimised grid", solver, opts, None) for name, (solver, opts) in solvers.items()]
+    settings: list[tuple[str, str, dict[str, Any], ds.models.Gaussian | None]] = [
+        (f"{name}, optimised grid", solver, opts, None) for name, (solver, opts) in solvers.items()
+    ]
     if not quick:
         data = model.net.oracle.sample(200_000, generator=torch.Generator().manual_seed(7))
         settings.append(("unipc, optimised grid + teleport", "unipc", {}, ds.models.Gaussian.from_samples(data)))

@@ -5,6 +5,7 @@ used with another solver or model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -296,3 +297,24 @@ def test_a_high_order_last_step_into_sigma_zero_cuts_the_error_of_many_steps(sol
     print(f"{solver}: final_order 1 {err[1]:.3g}, 2 {err[2]:.3g}")
     assert err[2] < 0.5 * err[1]
     assert torch.equal(run[1], ds.sample(model, solver, grid=grid, x_T=x_T).samples)
+
+
+def test_diffusers_scheduler_runs_a_grid_that_stops_early():
+    """A grid that stops above sigma = 0 (stop_early's kind) is the scheduler's timesteps as they are,
+    the last step ending at its noise level, as ds.sample does (measured 3.5e-8)."""
+    from diffsolve.integrations.diffusers import DiffsolveScheduler
+
+    sched = S.VPDiscrete.from_diffusers_config(SD)
+    model = GMM.model(sched)
+    art = ds.optimize_grid(model, "dpmpp-2m", 4, shape=(16, 2), candidates=16, t_min=0.0, refine=False)
+    a, s = sched.at(0.05)
+    art = dataclasses.replace(art, grid=[*art.grid[:-1], 0.05], sigmas=[*art.sigmas[:-1], float(s) / float(a)])
+    sch = DiffsolveScheduler(solver="dpmpp-2m", steps_grid=art, **SD)
+    sch.set_timesteps(4)
+    x_T = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x_T * sch.init_noise_sigma
+    for ts in sch.timesteps:
+        t = float(sched.t_of_timestep(torch.tensor(float(ts), dtype=torch.float64)))
+        x = sch.step(model(sch.scale_model_input(x, ts), t).eps, ts, x).prev_sample
+    want = ds.sample(model, "dpmpp-2m", grid=art, x_T=x_T).samples
+    assert float((x - want).abs().max() / want.abs().max()) < 1e-5

@@ -352,6 +352,9 @@ def sample(
     finally:
         if run_model is not model:
             count_back(model, run_model)
+    stats = dict(out.stats or {})
+    if teleport is not None:
+        stats["teleport"] = {"from": t_start, "to": float(g[0])}
     return SampleResult(
         samples=out.x.to(dtype),
         nfe=counter.calls,
@@ -363,7 +366,7 @@ def sample(
         seeds=src.seeds,
         accepted=out.accepted,
         rejected=out.rejected,
-        stats=dict(out.stats or {}, **({"teleport": {"from": t_start, "to": float(g[0])}} if teleport else {})),
+        stats=stats,
         trajectory=trajectory,
     )
 

@@ -526,15 +526,25 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
     tried = []
     starts = handover_starts(len(cands) - 1, steps, teleport is not None and start is None)
 
-    def moved(x: Tensor, i: int) -> Tensor:  # the starting states carried to candidate i (teleport)
-        return x if i == 0 or teleport is None else teleport.flow_map(x, hi, cands[i], schedule, mu)
+    def states_at(x: Tensor, t: float) -> Tensor:  # the starting states carried to t (a teleport's)
+        return x if t == hi or teleport is None else teleport.flow_map(x, hi, t, schedule, mu)
 
     for combo, slv in zip(combos, solvers):
         t0 = time.perf_counter()
-        calls = 0
+        pairs: dict[float, tuple[Student, Student]] = {}
+
+        def students_at(t: float, pairs=pairs, slv=slv) -> tuple[Student, Student]:
+            """The (fitting, held-out) students of runs that start at t (t_max, or a hand-over)."""
+            if t not in pairs:
+                pairs[t] = (
+                    Student(slv, run_model, states_at(x_fit, t), mu, cond),
+                    Student(slv, run_model, states_at(x_held, t), mu, cond),
+                )
+            return pairs[t]
+
         by_start: dict[int, dict[str, Any]] = {}
         for i in starts:  # tier 1 (and the hand-made grids) from each hand-over candidate
-            fit = Student(slv, run_model, moved(x_fit, i), mu, cond)
+            fit = students_at(cands[i])[0]
             sub = cands[i:]
             paths = math.comb(len(sub) - 1, steps) if stop_early else math.comb(len(sub) - 2, steps - 1)
             tier1 = "init" if start is not None else "exhaustive" if paths <= exhaustive else "dp"
@@ -559,7 +569,6 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
                         if hand[kind + label] < best_err:
                             best_grid, best_err, start_name = g, hand[kind + label], kind + label
             by_start[i] = {
-                "fit": fit,
                 "tier1": {
                     "method": tier1,
                     "paths": paths,
@@ -571,11 +580,9 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
                 "grid": best_grid,
                 "fit_error": best_err,
             }
-            calls += fit.calls
         i = min(by_start, key=lambda k: by_start[k]["fit_error"])
-        fit, best = by_start[i]["fit"], by_start[i]
-        calls -= fit.calls  # counted below with the refinement's
-        held = Student(slv, run_model, moved(x_held, i), mu, cond)
+        best = by_start[i]
+        fit, held = students_at(cands[i])
         best["tier1"].update(
             heldout_error=score(held.run(best["tier1"]["grid"]), teacher_held), seconds=time.perf_counter() - t0
         )
@@ -588,18 +595,6 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         dp_grid, dp_err = best["grid"], best["fit_error"]
         dp_held = score(held.run(dp_grid), teacher_held)
         grid, fit_err, held_err = dp_grid, dp_err, dp_held
-        starts_at: dict[float, tuple[Student, Student]] = {dp_grid[0]: (fit, held)}
-
-        def students_at(t: float, starts_at=starts_at, slv=slv) -> tuple[Student, Student]:
-            """The (fitting, held-out) students of a run that hands over at t (a teleport's)."""
-            if t not in starts_at:
-                assert teleport is not None
-                moved = [teleport.flow_map(x, hi, t, schedule, mu) for x in (x_fit, x_held)]
-                starts_at[t] = (
-                    Student(slv, run_model, moved[0], mu, cond),
-                    Student(slv, run_model, moved[1], mu, cond),
-                )
-            return starts_at[t]
 
         if refine and steps > 1 and sweeps > 0:
             t1 = time.perf_counter()
@@ -622,15 +617,13 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         if teleport is not None:  # where the refined grid hands over
             record["teleport"]["to"] = grid[0] if grid[0] < hi else None
         base_grid = start if start is not None else default.tolist()
-        base_held = held if i == 0 else Student(slv, run_model, x_held, mu, cond)
-        base = score(base_held.run(base_grid), teacher_held)
-        used = {id(st): st for pair in starts_at.values() for st in pair} | {id(base_held): base_held}
+        base = score(students_at(hi)[1].run(base_grid), teacher_held)
         record.update(
             grid=grid,
             fit_error=fit_err,
             heldout_error=held_err,
             default_heldout_error=base,
-            model_calls=calls + sum(st.calls for st in used.values()),
+            model_calls=sum(st.calls for pair in pairs.values() for st in pair),
         )
         tried.append(record)
     pick = min(tried, key=lambda r: r["fit_error"])

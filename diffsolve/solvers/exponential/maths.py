@@ -392,6 +392,28 @@ def adams_to_zero(y: Tensor, alpha_s: float, sigma_s: float, nodes: list[tuple[f
     return out
 
 
+class AdamsToZero:
+    """The history of a high-order last step into sigma = 0 (:func:`adams_to_zero`) for a multistep
+    solver with the option ``final_order``: the last ``final_order`` (sigma/alpha, eps) pairs, kept
+    only when the grid ends at sigma = 0 and ``final_order`` > 1."""
+
+    def __init__(self, final_order: int, g: GridNodes):
+        self.order = final_order if g.sigma[-1] == 0.0 else 1
+        self.nodes: list[tuple[float, Tensor]] = []  # newest first
+
+    def record(self, g: GridNodes, i: int, eps: Tensor) -> None:
+        """Keep step i's noise prediction (none at alpha = 0, where sigma/alpha is infinite)."""
+        if self.order > 1 and g.alpha[i] > 0:
+            self.nodes = [(g.sigma[i] / g.alpha[i], eps), *self.nodes][: self.order]
+
+    def takes(self, i: int, n: int) -> bool:
+        """Whether step i of n is the last one and is taken here (two outputs or more kept)."""
+        return i == n - 1 and len(self.nodes) > 1
+
+    def step(self, y: Tensor, g: GridNodes, i: int) -> Tensor:
+        return adams_to_zero(y, g.alpha[i], g.sigma[i], self.nodes) * g.alpha[i + 1]
+
+
 def pc_weights(lam_hist: Tensor, count: Tensor, ls: Tensor, h: Tensor, slots: int, param: str):
     """Per-row weights of one predictor-corrector step from ``ls`` by ``h`` (UniPC-type, Zhao et al. 2023).
 

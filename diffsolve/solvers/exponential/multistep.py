@@ -54,8 +54,8 @@ from ...core.protocol import Query, Solver
 from ...core.registry import register
 from .maths import (
     PARAMETERIZATIONS,
+    AdamsToZero,
     ab_weights,
-    adams_to_zero,
     grid_nodes,
     midpoint_weight,
     model_output,
@@ -103,20 +103,15 @@ class _Multistep(Solver):
         n = len(grid) - 1
         g = grid_nodes(self.name, grid, schedule, self.parameterization)
         ts, sigma = g.t, g.sigma
-        to_zero = sigma[-1] == 0.0
-        orders = _step_orders(self.order, n, self.lower_order_final, to_zero)
+        orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
-        eps_hist: list[tuple[float, torch.Tensor]] = []  # (sigma/alpha, eps) for a high-order last step
+        last = AdamsToZero(self.final_order, g)
         for i in range(n):
             pred = yield Query(x, ts[i], step=i + 1)
             y = pred.pair_x if mu is None else pred.pair_x - mu  # x itself unless the pair is not consistent
             hist = (hist + [model_output(pred, mu, self.parameterization)])[-3:]
-            if self.final_order > 1 and to_zero and g.alpha[i] > 0:
-                eps_hist = [(g.sigma[i] / g.alpha[i], pred.eps), *eps_hist][: self.final_order]
-            if i == n - 1 and len(eps_hist) > 1:
-                y = adams_to_zero(y, g.alpha[i], g.sigma[i], eps_hist) * g.alpha[i + 1]
-            else:
-                y = self._step(y, hist, i, orders[i], g, noise)
+            last.record(g, i, pred.eps)
+            y = last.step(y, g, i) if last.takes(i, n) else self._step(y, hist, i, orders[i], g, noise)
             x = y if mu is None else y + mu
             own = pred.eps_prediction()
             if own is not pred:  # a (x0, eps) pair not consistent with x: the history keeps what eps says

@@ -45,7 +45,7 @@ from ...core.protocol import Query, Solver
 from ...core.registry import register
 from .maths import (
     UNIPC_VARIANTS,
-    adams_to_zero,
+    AdamsToZero,
     grid_nodes,
     kernel_sign,
     model_output,
@@ -130,10 +130,9 @@ class UniPC(Solver):
         n = len(grid) - 1
         g = grid_nodes(self.name, grid, schedule, self.parameterization)
         ts, sigma = g.t, g.sigma
-        to_zero = sigma[-1] == 0.0
-        orders = _step_orders(self.order, n, self.lower_order_final, to_zero)
+        orders = _step_orders(self.order, n, self.lower_order_final, sigma[-1] == 0.0)
         hist: list[torch.Tensor] = []  # converted outputs, newest last
-        eps_hist: list[tuple[float, torch.Tensor]] = []  # (sigma/alpha, eps) for a high-order last step
+        last = AdamsToZero(self.final_order, g)
         y_last = None  # the state the last step started from
         for i in range(n):
             x_query = x
@@ -144,12 +143,8 @@ class UniPC(Solver):
                 y = self._update(g, y_last, hist, i - 1, orders[i - 1], q)
             hist = (hist + [q])[-self.order :]
             y_last = y
-            if self.final_order > 1 and to_zero and g.alpha[i] > 0:
-                eps_hist = [(g.sigma[i] / g.alpha[i], pred.eps), *eps_hist][: self.final_order]
-            if i == n - 1 and len(eps_hist) > 1:
-                y = adams_to_zero(y, g.alpha[i], g.sigma[i], eps_hist) * g.alpha[i + 1]
-            else:
-                y = self._update(g, y, hist, i, orders[i], None)
+            last.record(g, i, pred.eps)
+            y = last.step(y, g, i) if last.takes(i, n) else self._update(g, y, hist, i, orders[i], None)
             x = y if mu is None else y + mu
         return x
 

@@ -353,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shipped models: search a hand-over from the exact flow of the training data's Gaussian",
     )
+    p.add_argument(
+        "--tune-calls",
+        action="store_true",
+        help="also tune, with the grid, the time each model call is asked at and the weight of its data "
+        "prediction (slower: a Nelder-Mead fit)",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0, help="base seed of the fitting noise (default: 0)")
     p.add_argument(
         "--guidance-scale",

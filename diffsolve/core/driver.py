@@ -324,6 +324,8 @@ def sample(
     # a reversible latent's second state, for the solver that made it (ExactInverse.start takes it)
     aux: dict[str, Any] = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     run_model = model if row_block is None else in_row_blocks(model, row_block)
+    if optimized is not None:
+        run_model = optimized.tuned(run_model)  # its tuned model calls, if it has any
     if uncond is not None:
         cond = {**cond, "uncond": uncond}  # classifier-free guidance's second call: a condition like any other
     try:

@@ -39,7 +39,10 @@ class OptimizedGrid:
     at the same step count; ``search``: how it was found (tiers, candidates, teacher, costs);
     ``teleport``: where the run starts when the grid hands over from a Gaussian's exact flow
     (``{"from": t, "to": t, "gaussian": fingerprint}``; ``ds.sample`` then needs ``teleport=`` that
-    :class:`~diffsolve.models.Gaussian`), None otherwise."""
+    :class:`~diffsolve.models.Gaussian`), None otherwise; ``calls``: the tuned model calls of
+    :mod:`diffsolve.optimize.calls`, one entry per grid time in each of ``"times"`` (the time the model
+    is asked at for a query at that grid time), ``"sigmas"`` (its noise level sigma/alpha) and
+    ``"data_weights"`` (the weight of the model's data prediction), None where the calls are not tuned."""
 
     grid: list[float]
     sigmas: list[float]
@@ -52,6 +55,7 @@ class OptimizedGrid:
     baseline: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     teleport: dict[str, Any] | None = None
+    calls: dict[str, list[float]] | None = None
 
     def __post_init__(self):
         g = [float(t) for t in self.grid]
@@ -61,10 +65,25 @@ class OptimizedGrid:
             raise ValueError(f"an optimized grid's times must be finite and strictly descending, got {g}")
         self.grid = g
         self.sigmas = [float(s) for s in self.sigmas]
+        if self.calls is not None:
+            if not isinstance(self.calls, dict) or set(self.calls) != {"times", "sigmas", "data_weights"}:
+                raise ValueError("an optimized grid's calls hold 'times', 'sigmas' and 'data_weights'")
+            if any(len(v) != len(g) for v in self.calls.values()):
+                raise ValueError(f"an optimized grid's calls need {len(g)} entries each, one per time")
+            self.calls = {k: [math.inf if v == "inf" else float(v) for v in vals] for k, vals in self.calls.items()}
 
     # ------------------------------------------------------------------------------------ use
     def times(self) -> torch.Tensor:
         return torch.tensor(self.grid, dtype=torch.float64)
+
+    def tuned(self, model):
+        """``model`` with its calls tuned as this grid was fitted (:class:`diffsolve.optimize.calls.TunedCalls`),
+        or ``model`` itself where the calls are not tuned."""
+        if self.calls is None:
+            return model
+        from ..optimize.calls import TunedCalls  # the optimize package imports this module
+
+        return TunedCalls(model, self.grid, self.calls["times"], self.calls["data_weights"])
 
     def check_teleport(self, gaussian) -> None:
         """Refuse a run without the Gaussian this grid hands over from (or with one where it hands
@@ -106,6 +125,8 @@ class OptimizedGrid:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sigmas"] = [s if math.isfinite(s) else "inf" for s in self.sigmas]
+        if self.calls is not None:
+            d["calls"]["sigmas"] = [s if math.isfinite(s) else "inf" for s in self.calls["sigmas"]]
         return {"format": FORMAT, "version": VERSION, **d}
 
     @classmethod

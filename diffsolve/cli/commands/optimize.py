@@ -57,6 +57,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             mu=mu,
             stop_early=args.stop_early,
             teleport=teleport_gaussian(model_name) if args.teleport else None,
+            tune_calls=args.tune_calls,
             **options,
         )
     grid.search["command"] = {"model": model_name, "guidance_scale": args.guidance_scale}
@@ -70,5 +71,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print("grid (t):", ", ".join(f"{t:.6g}" for t in grid.grid))
     if grid.teleport is not None:
         print(f"hands over at t={grid.teleport['to']:.6g} from the training data's Gaussian (no model call)")
+    if grid.calls is not None:
+        print("model asked at (t):", ", ".join(f"{t:.6g}" for t in grid.calls["times"]))
+        print("data weights:", ", ".join(f"{w:.4g}" for w in grid.calls["data_weights"]))
     print(f"wrote {out}; sample with: diffsolve sample --model {model_name} --grid {out}")
     return 0

@@ -32,6 +32,7 @@ from ...core.noise import NoiseSource
 from ...core.protocol import Pump, as_outcome, drive
 from ...core.registry import get_solver, solver_info
 from ...models.model import Prediction
+from ...optimize.calls import tuned_prediction
 from ...schedules import RectifiedFlow, grid_kind_params, make_grid
 from ...schedules.base import Schedule
 from ...schedules.grids import MODEL_GRID_KINDS
@@ -66,6 +67,7 @@ class _Run(threading.local):
     started: bool = False
     pump: Any = None  # the solver's run (a Pump), waiting for the next model output
     dtype: Any = None
+    tuning: dict[float, tuple[float, float]] | None = None  # grid time -> (model time, data weight)
 
 
 # (ignore: diffusers types config_name as str in SchedulerMixin and None in ConfigMixin, as in all its schedulers)
@@ -242,6 +244,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         n = int(num_inference_steps)
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self._run.tuning = None
         if self.config["steps_grid"] is not None:
             grid = self._own_grid(n, mu)
             place = Placement(grid, {}, self.source.prior_scale(float(grid[0])))
@@ -308,7 +311,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         else:
             schedule, t_min, to_time = self.schedule, self.source.t_min, (lambda g: g)
         if self._optimized is not None:  # its noise levels sigma/alpha, as times of this schedule
-            return to_time(self._optimized_times(self._optimized, schedule, n)).to(torch.float64)
+            art = self._optimized
+            grid = to_time(self._optimized_times(art, art.sigmas, schedule, n)).to(torch.float64)
+            if art.calls is not None:  # its tuned calls: the model asked at other noise levels
+                model = to_time(self._optimized_times(art, art.calls["sigmas"], schedule, n)).to(torch.float64)
+                self._run.tuning = {float(t): (float(m), w) for t, m, w in zip(grid, model, art.calls["data_weights"])}
+            return grid
         sigma_min = self._final(torch.tensor([schedule.t_max, 0.0])) == "sigma_min"
         named = grid_kind_params(kind)
         if named is not None and named[0] in MODEL_GRID_KINDS:  # n points of the kind's own, then its end
@@ -325,16 +333,16 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return torch.cat([g, g.new_zeros(1)])
 
     @staticmethod
-    def _optimized_times(art: OptimizedGrid, schedule: Schedule, n: int) -> Tensor:
-        """The optimized grid's noise levels s = sigma/alpha as times of ``schedule`` (inf: its
-        t_max; 0: the clean end); its step count must be ``n``."""
+    def _optimized_times(art: OptimizedGrid, sigmas: Sequence[float], schedule: Schedule, n: int) -> Tensor:
+        """The noise levels s = sigma/alpha ``sigmas`` (of the optimized grid ``art``) as times of
+        ``schedule`` (inf: its t_max; 0: the clean end); the grid's step count must be ``n``."""
         if n != art.steps:
             raise ValueError(
                 f"num_inference_steps={n}, but the optimized steps_grid has {art.steps} steps "
                 f"(fitted for {art.solver!r}): use {art.steps}, or fit a grid for {n} steps"
             )
         ts = []
-        for s in art.sigmas:
+        for s in sigmas:
             if math.isinf(s):
                 ts.append(float(schedule.t_max))
             elif s <= 0:
@@ -351,7 +359,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if place.identity_last:
             listed.append(float(grid[-1]))
         given = [place.timesteps.get(t, None) for t in listed]
-        net = [self.source.net_timestep(t) if k is None else k for t, k in zip(listed, given)]
+        net = [self.source.net_timestep(self._model_time(t)) if k is None else k for t, k in zip(listed, given)]
         r = self._run
         r.grid, r.num_inference_steps, r.listed_t = grid, n, listed
         r.by_timestep = dict(zip(net, listed))
@@ -376,6 +384,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         drive(run, answer)
         return times
 
+    def _model_time(self, t: float) -> float:
+        """The time the network is asked at for a query at ``t``: ``t``, or a tuned call's model time."""
+        return (self._run.tuning or {}).get(t, (t, 1.0))[0]
+
     # --------------------------------------------------------------------------- the loop
     def _current_time(self) -> float:
         r = self._run
@@ -386,7 +398,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The latents are the state x itself; only EDM-preconditioned sources scale the input."""
-        c = self.source.c_in(self._current_time()) if self._run.listed_t else 1.0
+        c = self.source.c_in(self._model_time(self._current_time())) if self._run.listed_t else 1.0
         return sample if c == 1.0 else sample * c
 
     def step(
@@ -411,7 +423,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if r.pump is not None:
             t = r.pump.query.t
             read = reads.get(float(t)) if reads and torch.as_tensor(t).ndim == 0 else None
-            pred = self.source.prediction(x, t, out, read)
+            tau, weight = (r.tuning or {}).get(float(t), (None, 1.0)) if torch.as_tensor(t).ndim == 0 else (None, 1.0)
+            if tau is None:
+                pred = self.source.prediction(x, t, out, read)
+            else:  # a tuned call (diffsolve.optimize.calls): the output is the model's at tau
+                pred = tuned_prediction(self.source.prediction(x, tau, out, read), x, t, weight)
             r.pump.answer(pred)
             if r.pump.done:
                 prev, r.pump = as_outcome(r.pump.value, self.solver.name).x, None

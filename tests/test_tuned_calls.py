@@ -1,4 +1,4 @@
-"""Tuned model calls (issue 21's coefficient tier, diffsolve/optimize/calls.py): the answer's formula,
+"""Tuned model calls (issue 21's coefficient tier, diffsolve/models/tuned.py, fitted by optimize/calls.py): the answer's formula,
 identity at the untuned values, the fit beating the grid alone on held-out noise with ds.sample
 reproducing the fit's own error, the artefact round-trip, DiffsolveScheduler and the CLI."""
 
@@ -13,8 +13,8 @@ import torch
 import diffsolve as ds
 from diffsolve import cli
 from diffsolve.bench.ode import problem
+from diffsolve.models.tuned import TunedCalls, tuned_prediction
 from diffsolve.optimize import model_identity
-from diffsolve.optimize.calls import TunedCalls, tuned_prediction
 from diffsolve.optimize.search import _x_T, candidate_times, teacher_grid, trimmed_rms
 
 S = ds.schedules

@@ -164,7 +164,7 @@ def optimised_points(sd, model, x_T, ref, budgets, put, fail, quick: bool, costs
     "unipc, optimised grid + teleport" (budgets up to 10): the same with analytical teleportation
     from the data's Gaussian (mean and covariance of 200000 draws of the mixture), the hand-over
     time searched (not in the quick run). "unipc, optimised grid + tuned calls" (budgets up to 6):
-    the grid and the model calls tuned together (``tune_calls=True``, :mod:`diffsolve.optimize.calls`),
+    the grid and the model calls tuned together (``tune_calls=True``, :mod:`diffsolve.models.tuned`),
     fitted with trim 0 (not in the quick run)."""
     fit_n = 64 if quick else 1024
     solvers = {"unipc": OPTIMISED_SOLVERS["unipc"]} if quick else OPTIMISED_SOLVERS
@@ -459,7 +459,7 @@ def write(
                 "noise level sigma/alpha the grid stops at (0: it runs to the end), the final_order chosen and, "
                 "with a teleport, the noise level sigma/alpha it hands over at (the run starts at 14.6); with "
                 "tuned calls, for each call the noise level sigma/alpha the grid steps from -> the one the "
-                "model is asked at, and the data weight (diffsolve/optimize/calls.py). The held-out error is "
+                "model is asked at, and the data weight (diffsolve/models/tuned.py). The held-out error is "
                 "the fit's own: RMS less the 2% of samples with the largest errors, over every sample (trim 0) "
                 "for the tuned calls; a - there: the tier found no tuning better on the held-out noise (the grid "
                 "alone, fitted with trim 0)."

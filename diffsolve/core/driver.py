@@ -20,6 +20,7 @@ from ..models.model import (
     as_dtype,
     same_device,
 )
+from ..models.tuned import TunedCalls
 from ..schedules.base import check_range
 from ..schedules.grids import GridSpec, is_grid_kind, make_grid
 from ..schedules.optimized import OptimizedGrid, as_optimized_grid, is_grid_file
@@ -324,8 +325,8 @@ def sample(
     # a reversible latent's second state, for the solver that made it (ExactInverse.start takes it)
     aux: dict[str, Any] = {"aux": latent.aux.to(device)} if latent is not None and latent.aux is not None else {}
     run_model = model if row_block is None else in_row_blocks(model, row_block)
-    if optimized is not None:
-        run_model = optimized.tuned(run_model)  # its tuned model calls, if it has any
+    if optimized is not None and optimized.calls is not None:  # its tuned model calls
+        run_model = TunedCalls(run_model, optimized.grid, optimized.calls["times"], optimized.calls["data_weights"])
     if uncond is not None:
         cond = {**cond, "uncond": uncond}  # classifier-free guidance's second call: a condition like any other
     try:

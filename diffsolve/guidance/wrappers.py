@@ -7,7 +7,6 @@ call; per-sample solvers may call with a subset of rows (``index``), and wrapper
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -17,86 +16,13 @@ import torch
 
 from ..core.protocol import take_rows
 from ..core.registry import pair_solvers
-from ..models.model import DiffusionModel, NFECounter, Prediction
+from ..models.model import DiffusionModel, Prediction
+from ..models.wrapped import GuidedModel
 
 Tensor = torch.Tensor
 #: an operator A of an inverse problem: ``A(x0) -> y``, or ``A(x0, rows=index) -> y`` when its
 #: signature has a ``rows`` parameter (:func:`takes_rows`)
 Operator = Callable[..., Tensor]
-
-
-class GuidedModel(DiffusionModel):
-    """A DiffusionModel over another one (``inner``): same schedule, network, prediction, time input."""
-
-    def __init__(self, model: DiffusionModel):
-        if not isinstance(model, DiffusionModel):
-            raise TypeError(f"model must be a diffsolve.DiffusionModel, got {type(model).__name__}")
-        self.inner = model
-        self.net, self.schedule, self.prediction, self.time_input = (
-            model.net,
-            model.schedule,
-            model.prediction,
-            model.time_input,
-        )
-
-    @property
-    def nfe(self) -> int:
-        """The wrapped model's network calls (a wrapper's calls are its inner model's)."""
-        return self.inner.nfe
-
-    @nfe.setter
-    def nfe(self, value: int) -> None:
-        self.inner.nfe = value
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return self.inner.dtype
-
-    @property
-    def device(self) -> torch.device | None:
-        return self.inner.device
-
-    @property
-    def requires(self) -> tuple[str, ...]:
-        """The inputs the wrapped network needs (see :class:`~diffsolve.DiffusionModel`)."""
-        return self.inner.requires
-
-    @requires.setter
-    def requires(self, value: tuple[str, ...]) -> None:
-        self.inner.requires = value
-
-    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> GuidedModel:
-        """Convert the wrapped model (:meth:`DiffusionModel.to`), in place; returns this wrapper."""
-        self.inner.to(device=device, dtype=dtype)
-        return self
-
-    def compile(self, **options: Any) -> GuidedModel:
-        """A copy of this wrapper over ``inner.compile(**options)`` (:meth:`DiffusionModel.compile`):
-        the wrapped model's network is the one compiled, and the copy's count starts at 0."""
-        twin = copy.copy(self)
-        twin.inner = self.inner.compile(**options)
-        twin.net = twin.inner.net
-        return twin
-
-    def __call__(
-        self,
-        x: Tensor,
-        t,
-        *,
-        mu: Tensor | None = None,
-        counter: NFECounter | None = None,
-        index: Tensor | None = None,
-        **cond: Any,
-    ) -> Prediction:
-        raise NotImplementedError
-
-    def check_solver(self, solver) -> None:
-        """Raise if this wrapper (or a model it wraps) cannot be sampled with ``solver`` (a Solver);
-        :func:`diffsolve.sample` and :func:`diffsolve.invert` ask before the run. Default: any solver."""
-        self.inner.check_solver(solver)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.inner!r})"
 
 
 def _finite(name: str, value) -> float:

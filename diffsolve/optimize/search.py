@@ -31,7 +31,7 @@ benchmark's mixture (the best hand-made grids of dpmpp-2m, dpmpp-3m and unipc ei
 tiers then search the last time as well: the DP's last level ends at any candidate, the
 exhaustive tier tries every end, the local search moves the last time too.
 
-Tier 3, tuned calls (``tune_calls=True``, :mod:`diffsolve.optimize.calls`): warm-started from tier
+Tier 3, tuned calls (``tune_calls=True``, :mod:`diffsolve.models.tuned`, fitted by :mod:`diffsolve.optimize.calls`): warm-started from tier
 2's grid, the grid and two numbers per model call (the time the model is asked at, decoupled from
 the time the solver steps from, as LD3 does, and a per-call epsilon scale) are fitted together by
 Nelder-Mead on the fitting noise, early-stopped on the held-out noise; the solver's update is left as
@@ -62,9 +62,10 @@ from ..core.protocol import Pump, UnstableError, as_outcome
 from ..core.registry import cfg_pp_base, get_solver, solver_info
 from ..models.gaussian import Gaussian
 from ..models.model import DiffusionModel
+from ..models.tuned import tuned_prediction
 from ..schedules.grids import is_grid_kind, make_grid
 from ..schedules.optimized import OptimizedGrid, model_identity
-from .calls import fit_calls, tuned_prediction
+from .calls import fit_calls
 
 Tensor = torch.Tensor
 
@@ -100,7 +101,7 @@ class Student:
         self.limit = max(16, MEMO_BYTES // (4 * x_T.numel() * x_T.element_size()))  # x, output, x0, eps
         self.calls = 0
         self.memo = True  # keep the model's answers (off while tuning calls: few would be asked again)
-        #: tuned calls (:mod:`diffsolve.optimize.calls`): grid time -> (model time, data weight)
+        #: tuned calls (:mod:`diffsolve.models.tuned`): grid time -> (model time, data weight)
         self.tuning: dict[float, tuple[float, float]] = {}
         self.asked: set[float] = set()  # the times queried so far
 
@@ -446,7 +447,7 @@ def optimize_grid(
     model call (analytical teleportation); the hand-over time is searched among the upper half of
     the candidates (t_max itself included) and recorded in the artefact; ``tune_calls``: after the
     grid search, fit the grid and the model calls together (tier 3 of the module docstring: the time
-    each call asks the model at and the scale of its noise prediction, :mod:`diffsolve.optimize.calls`;
+    each call asks the model at and the scale of its noise prediction, :mod:`diffsolve.models.tuned`;
     a Nelder-Mead fit of a few thousand solver runs, so worth it where a model call is cheap against
     the samples it serves), recorded as the artefact's ``calls``. Returns an :class:`OptimizedGrid` (save it with
     ``.save(path)``), with the held-out error of the solver's default grid (or of ``init``) as

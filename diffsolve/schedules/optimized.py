@@ -40,7 +40,7 @@ class OptimizedGrid:
     ``teleport``: where the run starts when the grid hands over from a Gaussian's exact flow
     (``{"from": t, "to": t, "gaussian": fingerprint}``; ``ds.sample`` then needs ``teleport=`` that
     :class:`~diffsolve.models.Gaussian`), None otherwise; ``calls``: the tuned model calls of
-    :mod:`diffsolve.optimize.calls`, one entry per grid time in each of ``"times"`` (the time the model
+    :mod:`diffsolve.models.tuned`, one entry per grid time in each of ``"times"`` (the time the model
     is asked at for a query at that grid time), ``"sigmas"`` (its noise level sigma/alpha) and
     ``"data_weights"`` (the weight of the model's data prediction), None where the calls are not tuned."""
 
@@ -75,15 +75,6 @@ class OptimizedGrid:
     # ------------------------------------------------------------------------------------ use
     def times(self) -> torch.Tensor:
         return torch.tensor(self.grid, dtype=torch.float64)
-
-    def tuned(self, model):
-        """``model`` with its calls tuned as this grid was fitted (:class:`diffsolve.optimize.calls.TunedCalls`),
-        or ``model`` itself where the calls are not tuned."""
-        if self.calls is None:
-            return model
-        from ..optimize.calls import TunedCalls  # the optimize package imports this module
-
-        return TunedCalls(model, self.grid, self.calls["times"], self.calls["data_weights"])
 
     def check_teleport(self, gaussian) -> None:
         """Refuse a run without the Gaussian this grid hands over from (or with one where it hands

@@ -32,7 +32,7 @@ from ...core.noise import NoiseSource
 from ...core.protocol import Pump, as_outcome, drive
 from ...core.registry import get_solver, solver_info
 from ...models.model import Prediction
-from ...optimize.calls import tuned_prediction
+from ...models.tuned import tuned_prediction
 from ...schedules import RectifiedFlow, grid_kind_params, make_grid
 from ...schedules.base import Schedule
 from ...schedules.grids import MODEL_GRID_KINDS
@@ -426,7 +426,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             tau, weight = (r.tuning or {}).get(float(t), (None, 1.0)) if torch.as_tensor(t).ndim == 0 else (None, 1.0)
             if tau is None:
                 pred = self.source.prediction(x, t, out, read)
-            else:  # a tuned call (diffsolve.optimize.calls): the output is the model's at tau
+            else:  # a tuned call (diffsolve.models.tuned): the output is the model's at tau
                 pred = tuned_prediction(self.source.prediction(x, tau, out, read), x, t, weight)
             r.pump.answer(pred)
             if r.pump.done:

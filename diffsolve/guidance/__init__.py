@@ -7,10 +7,13 @@ Model wrappers (take a DiffusionModel, return one; every solver can use them, ex
 Step hooks (act on the state between solver steps; pass a list to ``ds.sample(..., hooks=[...])``):
 :class:`EnKG`, :class:`Inpaint`, :class:`Threshold`.
 
+Optimising the source noise through the sampler: :func:`dflow` (D-Flow).
+
 Inverse problems (:func:`inverse_problem`, :func:`restore`): inpainting and deblurring with DPS,
 EnKG or Inpaint, as ``diffsolve restore`` runs them.
 """
 
+from .dflow import DFlowResult, dflow
 from .hooks import EnKG, HookContext, Inpaint, StepHook, Threshold
 from .tasks import InverseProblem, inverse_problem, restore
 from .wrappers import DPS, CFGPlusPlus, ClassifierFreeGuidance, ClassifierGuidance, GuidedModel, Masked
@@ -20,6 +23,7 @@ __all__ = [
     "CFGPlusPlus",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
+    "DFlowResult",
     "EnKG",
     "GuidedModel",
     "HookContext",
@@ -28,6 +32,7 @@ __all__ = [
     "Masked",
     "StepHook",
     "Threshold",
+    "dflow",
     "inverse_problem",
     "restore",
 ]

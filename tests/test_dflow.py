@@ -1,0 +1,67 @@
+"""ds.guidance.dflow (issue 22, first part): D-Flow's optimisation of the source noise through the
+sampler lowers the loss, keeps each sample's problem independent of the batch, its noise-norm
+regulariser is the chi density's, and bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffsolve as ds
+from diffsolve.guidance.dflow import chi_penalty
+
+GMM = ds.models.GaussianMixture(
+    torch.tensor([[1.5, 1.0], [-1.0, -1.5]], dtype=torch.float64), torch.tensor([0.3, 0.5], dtype=torch.float64)
+)
+TARGET = torch.tensor([1.5, 1.0], dtype=torch.float64)
+
+
+def _loss(x):
+    return (x - TARGET).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("solver", ["rev-heun", "dpmpp-2m"])  # the reversible adjoint; autograd unrolled
+def test_dflow_lowers_the_loss_and_each_sample_is_its_own_problem(solver):
+    """Steering samples of a two-mode mixture to one mode's centre: the mean loss falls over 20x in
+    30 Adam steps (measured 0.107 -> 0.0019 with rev-heun, 0.090 -> 0.0016 with dpmpp-2m), and a
+    sample optimised alone equals the same seed's sample optimised in a batch, bitwise."""
+    model = GMM.model(ds.schedules.VPLinear())
+    kw = dict(iterations=30, lr=0.1)
+    res = ds.guidance.dflow(model, solver, 10, _loss, shape=(4, 2), seed=[0, 1, 2, 3], **kw)
+    x_T = res.x_T.to(torch.float64)
+    assert len(res.losses) == 31 and res.losses[0].shape == (4,)
+    print(f"{solver}: {float(res.losses[0].mean()):.4f} -> {float(res.losses[-1].mean()):.4f}, {res.nfe} calls")
+    assert float(res.losses[-1].mean()) < float(res.losses[0].mean()) / 20
+    assert torch.allclose(_loss(res.samples.double()), res.losses[-1].double())
+    alone = ds.guidance.dflow(model, solver, 10, _loss, shape=(1, 2), seed=[2], **kw)
+    assert torch.equal(alone.samples[0], res.samples[2]) and torch.equal(alone.x_T[0].double(), x_T[2])
+
+
+def test_the_noise_regulariser_is_the_chi_density_and_holds_the_norm():
+    """R(z) = |z|^2/2 - (d-1) log|z| is smallest at |z| = sqrt(d - 1); with a strong weight the
+    optimised x_T keeps its norm closer to that than without."""
+    d = 64
+    r = torch.linspace(2.0, 14.0, 1201, dtype=torch.float64)
+    z = r[:, None] * torch.nn.functional.normalize(torch.ones(1, d, dtype=torch.float64), dim=1)
+    best = float(r[chi_penalty(z).argmin()])
+    assert abs(best - (d - 1) ** 0.5) < 0.01
+    model = GMM.model(ds.schedules.VPLinear())
+    far = lambda x: (x - 5 * TARGET).pow(2).sum(1)
+    kw = dict(shape=(8, 2), seed=list(range(8)), iterations=40, lr=0.2)
+    free = ds.guidance.dflow(model, "dpmpp-2m", 8, far, **kw)
+    held = ds.guidance.dflow(model, "dpmpp-2m", 8, far, noise_reg=50.0, **kw)
+    dev = lambda x: float((x.double().norm(dim=1) - 1.0).abs().mean())
+    print(f"mean | |x_T| - 1 |: free {dev(free.x_T):.3f}, regularised {dev(held.x_T):.3f}")
+    assert dev(held.x_T) < 0.5 * dev(free.x_T)
+
+
+def test_bad_input_is_refused():
+    model = GMM.model(ds.schedules.VPLinear())
+    with pytest.raises(ValueError, match="one value per sample"):
+        ds.guidance.dflow(model, "ddim", 4, lambda x: x.sum(), shape=(3, 2), seed=0, iterations=1)
+    with pytest.raises(ValueError, match="iterations"):
+        ds.guidance.dflow(model, "ddim", 4, _loss, shape=(3, 2), iterations=-1)
+    with pytest.raises(ValueError, match="give x_T"):
+        ds.guidance.dflow(model, "ddim", 4, _loss)
+    with pytest.raises(TypeError, match="loss must be a callable"):
+        ds.guidance.dflow(model, "ddim", 4, None, shape=(3, 2))

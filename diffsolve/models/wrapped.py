@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
-from .model import DiffusionModel, NFECounter, Prediction
+from .model import DiffusionModel
 
 Tensor = torch.Tensor
 
 
 class GuidedModel(DiffusionModel):
-    """A DiffusionModel over another one (``inner``): same schedule, network, prediction, time input."""
+    """A DiffusionModel over another one (``inner``): same schedule, network, prediction, time input;
+    subclasses override the call (this one calls the network as the inner model would)."""
 
     def __init__(self, model: DiffusionModel):
         if not isinstance(model, DiffusionModel):
@@ -64,18 +65,6 @@ class GuidedModel(DiffusionModel):
         twin.inner = self.inner.compile(**options)
         twin.net = twin.inner.net
         return twin
-
-    def __call__(
-        self,
-        x: Tensor,
-        t,
-        *,
-        mu: Tensor | None = None,
-        counter: NFECounter | None = None,
-        index: Tensor | None = None,
-        **cond: Any,
-    ) -> Prediction:
-        raise NotImplementedError
 
     def check_solver(self, solver) -> None:
         """Raise if this wrapper (or a model it wraps) cannot be sampled with ``solver`` (a Solver);

@@ -13,9 +13,10 @@ import torch
 import diffsolve as ds
 from diffsolve import cli
 from diffsolve.bench.ode import problem
+from diffsolve.core.noise import prior_sample
 from diffsolve.models.tuned import TunedCalls, tuned_prediction
 from diffsolve.optimize import model_identity
-from diffsolve.optimize.search import _x_T, candidate_times, teacher_grid, trimmed_rms
+from diffsolve.optimize.search import candidate_times, teacher_grid, trimmed_rms
 
 S = ds.schedules
 GMM = ds.models.GaussianMixture(
@@ -78,7 +79,7 @@ def test_tuned_calls_beat_the_grid_alone_and_sample_as_fitted(tmp_path):
     # the teacher of the search on the held-out noise, and the artefact run there by ds.sample
     cands = candidate_times(sd, art.grid[0], 0.0, 12)
     fine, _ = teacher_grid(sd, cands, 4)
-    x_held = _x_T(sd, (256, 16), tuned.search["heldout_seed"], "cpu", torch.float64, None, art.grid[0])
+    x_held = prior_sample(sd, (256, 16), tuned.search["heldout_seed"], dtype=torch.float64, t=art.grid[0])
     teacher = ds.sample(model, "dpmpp-3m", x_T=x_held, grid=fine).samples
     res = ds.sample(model, "unipc", x_T=x_held, grid=art)
     assert res.nfe == 3
@@ -123,6 +124,7 @@ def test_cli_tunes_the_calls(tmp_path, capsys):
     text = capsys.readouterr().out
     d = json.loads(out.read_text())
     assert "calls" in d["search"]["tiers"]
+    assert d["heldout_error"] <= d["search"]["tried"][0]["refine"]["heldout_error"]  # tier 3 never worse held out
     if d["calls"] is not None:  # a tuning better on held-out noise than none was found
         assert "model asked at" in text and len(d["calls"]["times"]) == 3
     s = tmp_path / "s"

@@ -148,3 +148,10 @@ class NoiseSource:
             t0, t1 = float(min(self.t_range)), float(max(self.t_range))
             self._brownian = BrownianTree(self.seeds, self.event_shape, t0, t1, device=self.device, dtype=self.dtype)
         return self._brownian
+
+
+def prior_sample(schedule, shape: Sequence[int], seeds, *, device=None, dtype=None, mu=None, t=None) -> torch.Tensor:
+    """x_T of ``schedule``'s prior at time ``t`` (default its t_max), from the per-sample seeds
+    ``seeds`` as :func:`diffsolve.sample` draws it (:class:`NoiseSource`)."""
+    src = NoiseSource(tuple(shape), seeds=seeds, device=device, dtype=dtype)
+    return schedule.prior(tuple(shape), mu, noise=src.randn(), t=t)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..core.driver import sample
-from ..core.noise import NoiseSource
+from ..core.noise import prior_sample
 from ..core.protocol import ExactInverse
 from ..core.registry import get_solver
 from ..models.model import DiffusionModel
@@ -95,8 +95,7 @@ def dflow(
             raise ValueError("give x_T (the starting noise) or shape (and seed) to draw it")
         dtype = model.dtype or torch.get_default_dtype()
         device = model.device or torch.get_default_device()
-        src = NoiseSource(tuple(shape), seeds=seed, device=device, dtype=dtype)
-        x_T = model.schedule.prior(tuple(shape), None, noise=src.randn())
+        x_T = prior_sample(model.schedule, shape, seed, device=device, dtype=dtype)
     z = x_T.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     kw = dict(cond=cond, uncond=uncond, **solver_options)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..models.tuned import tunable
@@ -35,7 +36,6 @@ def fit_calls(
     measured, and the rounds stop when it no longer falls (at most ``rounds``). Returns (grid,
     model_times, data_weights, record); with no round better on held-out noise than the start, the
     start (untuned)."""
-    import numpy as np
     from scipy.optimize import minimize
 
     from .search import _log_snr_maps  # the search module imports this one

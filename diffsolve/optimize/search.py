@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..core.driver import _grid, resolve_solver, sample
-from ..core.noise import NoiseSource
+from ..core.noise import prior_sample
 from ..core.protocol import Pump, UnstableError, as_outcome
 from ..core.registry import cfg_pp_base, get_solver, solver_info
 from ..models.gaussian import Gaussian
@@ -389,11 +389,6 @@ def handover_starts(m: int, steps: int, teleport: bool, count: int = 4) -> list[
     return sorted({0, *np.rint(np.linspace(0, top, count + 1)).astype(int).tolist()})
 
 
-def _x_T(schedule, shape, seed: int, device, dtype, mu, t: float) -> Tensor:
-    src = NoiseSource(tuple(shape), seeds=seed, device=device, dtype=dtype)
-    return schedule.prior(tuple(shape), mu, noise=src.randn(), t=t)
-
-
 def optimize_grid(
     model: DiffusionModel,
     solver: str,
@@ -545,8 +540,8 @@ def _optimize_grid(model, solver, steps, *, shape, seed, heldout_seed, candidate
         assert res.trajectory is not None and len(res.trajectory) == len(fine)
         return [res.trajectory[i][1] for i in where]
 
-    x_fit = _x_T(schedule, shape, seed, device, dtype, mu, hi)
-    x_held = _x_T(schedule, shape, heldout_seed, device, dtype, mu, hi)
+    x_fit = prior_sample(schedule, shape, seed, device=device, dtype=dtype, mu=mu, t=hi)
+    x_held = prior_sample(schedule, shape, heldout_seed, device=device, dtype=dtype, mu=mu, t=hi)
     teacher_fit = teach(x_fit)
     teacher_held = teach(x_held)[-1]
     halved = [*fine[:-1:2], fine[-1]]  # every other time: the teacher's own error, roughly

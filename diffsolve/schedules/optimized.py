@@ -27,6 +27,15 @@ FORMAT = "diffsolve-optimized-grid"
 VERSION = 1
 
 
+def _to_json(values) -> list:
+    """Floats for JSON, inf as the string "inf" (JSON has no infinity)."""
+    return [v if math.isfinite(v) else "inf" for v in values]
+
+
+def _from_json(values) -> list[float]:
+    return [math.inf if v == "inf" else float(v) for v in values]
+
+
 @dataclass
 class OptimizedGrid:
     """A step grid optimised for one model and one solver (see the module docstring).
@@ -70,7 +79,7 @@ class OptimizedGrid:
                 raise ValueError("an optimized grid's calls hold 'times', 'sigmas' and 'data_weights'")
             if any(len(v) != len(g) for v in self.calls.values()):
                 raise ValueError(f"an optimized grid's calls need {len(g)} entries each, one per time")
-            self.calls = {k: [math.inf if v == "inf" else float(v) for v in vals] for k, vals in self.calls.items()}
+            self.calls = {k: _from_json(vals) for k, vals in self.calls.items()}
 
     # ------------------------------------------------------------------------------------ use
     def times(self) -> torch.Tensor:
@@ -115,9 +124,9 @@ class OptimizedGrid:
     # ------------------------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["sigmas"] = [s if math.isfinite(s) else "inf" for s in self.sigmas]
+        d["sigmas"] = _to_json(self.sigmas)
         if self.calls is not None:
-            d["calls"]["sigmas"] = [s if math.isfinite(s) else "inf" for s in self.calls["sigmas"]]
+            d["calls"]["sigmas"] = _to_json(self.calls["sigmas"])
         return {"format": FORMAT, "version": VERSION, **d}
 
     @classmethod
@@ -127,7 +136,7 @@ class OptimizedGrid:
         if d.get("version") != VERSION:
             raise ValueError(f"optimized grid version {d.get('version')!r}; this diffsolve reads version {VERSION}")
         keys = {k: v for k, v in d.items() if k not in ("format", "version")}
-        keys["sigmas"] = [math.inf if s == "inf" else float(s) for s in keys.get("sigmas", [])]
+        keys["sigmas"] = _from_json(keys.get("sigmas", []))
         try:
             return cls(**keys)
         except TypeError as e:

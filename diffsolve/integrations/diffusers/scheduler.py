@@ -423,11 +423,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if r.pump is not None:
             t = r.pump.query.t
             read = reads.get(float(t)) if reads and torch.as_tensor(t).ndim == 0 else None
-            tau, weight = (r.tuning or {}).get(float(t), (None, 1.0)) if torch.as_tensor(t).ndim == 0 else (None, 1.0)
-            if tau is None:
-                pred = self.source.prediction(x, t, out, read)
-            else:  # a tuned call (diffsolve.models.tuned): the output is the model's at tau
-                pred = tuned_prediction(self.source.prediction(x, tau, out, read), x, t, weight)
+            tuned = (r.tuning or {}).get(float(t)) if torch.as_tensor(t).ndim == 0 else None
+            pred = self.source.prediction(x, t if tuned is None else tuned[0], out, read)
+            if tuned is not None:  # a tuned call (diffsolve.models.tuned): the output is the model's at tuned[0]
+                pred = tuned_prediction(pred, x, t, tuned[1])
             r.pump.answer(pred)
             if r.pump.done:
                 prev, r.pump = as_outcome(r.pump.value, self.solver.name).x, None

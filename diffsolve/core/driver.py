@@ -26,6 +26,7 @@ from ..schedules.grids import GridSpec, is_grid_kind, make_grid
 from ..schedules.optimized import OptimizedGrid, as_optimized_grid, is_grid_file
 from .adjoint import require_reversible, reversible_sample
 from .blocks import check_row_block, count_back, in_row_blocks
+from .continuous_adjoint import adjoint_sample
 from .hooks import HookContext, StepHook, run_hooks
 from .noise import NoiseSource
 from .protocol import Outcome, Pump, Solver, as_outcome, check_batch, take_rows
@@ -152,7 +153,7 @@ def sample(
     return_trajectory: bool = False,
     num_inference_steps: int | None = None,
     latent: Latent | None = None,
-    grad: bool = False,
+    grad: bool | str = False,
     uncond: Mapping[str, Any] | None = None,
     hooks: Sequence[StepHook] | None = None,
     row_block: int | None = None,
@@ -206,7 +207,14 @@ def sample(
         :mod:`diffsolve.core.adjoint`): ``samples`` then carry a graph whose backward rebuilds the
         states step by step instead of storing them, and gradients reach x_T (or the latent), mu, the
         tensors in ``cond`` and the parameters of ``model.net``. Without it, autograd through
-        ``sample`` also works, storing every step.
+        ``sample`` also works, storing every step. ``grad="continuous"``: any deterministic solver,
+        fixed-grid or adaptive, back-propagated by the continuous adjoint (AdjointDPM,
+        :mod:`diffsolve.core.continuous_adjoint`): the backward pass integrates the adjoint ODE from
+        the sample back to x_T on the run's grid (an adaptive solver's: a default grid of as many
+        steps as it accepted), 4 model calls with a vector-Jacobian product per interval, in
+        memory flat in the step count; gradients reach x_T, the floating-point tensors in ``cond``
+        and the network's parameters (not mu). It is the gradient of the exact flow, accurate to the
+        forward solver's error. ``grad="reversible"`` is ``grad=True``.
     latent: a :class:`Latent` from :func:`invert` (or :meth:`Latent.load`): the run starts from it, on
         its grid (for reversible solvers from its full state, which reproduces the inverted data to
         round-off), with its solver's options unless given again.
@@ -242,12 +250,16 @@ def sample(
     noise = slv.default_noise if noise is None else noise
     if row_block is not None:
         row_block = check_row_block(row_block)
-    if grad:
-        require_reversible(slv)
+    mode = _check_grad(grad)
+    if mode:
+        if mode == "reversible":
+            require_reversible(slv)
+        else:
+            _check_continuous(slv, optimized, teleport)
         if return_trajectory:
-            raise ValueError("grad=True keeps no trajectory; give return_trajectory=False")
+            raise ValueError(f"grad={mode!r} keeps no trajectory; give return_trajectory=False")
         if hooks:
-            raise ValueError("grad=True runs no step hooks (they break the exact inverse steps)")
+            raise ValueError(f"grad={mode!r} runs no step hooks (the adjoint's backward pass cannot replay them)")
     if latent is not None:
         if not isinstance(latent, Latent):
             raise TypeError(f"latent must be a diffsolve Latent (from ds.invert), got {type(latent).__name__}")
@@ -330,7 +342,21 @@ def sample(
     if uncond is not None:
         cond = {**cond, "uncond": uncond}  # classifier-free guidance's second call: a condition like any other
     try:
-        if grad:
+        if mode == "continuous":
+            box: dict[str, Any] = {}
+
+            def forward(x_: Tensor, cond_: dict) -> tuple[Tensor, Tensor]:
+                run = slv.run(x_, g, src, schedule=schedule, mu=mu, **aux)
+                box["run"] = execute(
+                    run, slv, run_model, g, b, mu=mu, cond={**cond, **cond_}, progress=progress, net_dtype=dtype
+                )
+                return box["run"][0].x, _adjoint_grid(schedule, g, box["run"][0], fixed_grid)
+
+            start = time.perf_counter()
+            x_end = adjoint_sample(run_model, forward, x, mu=mu, cond=cond, dtype=dtype)
+            out, counter, trajectory, _ = box["run"]
+            out, wall = out._replace(x=x_end), time.perf_counter() - start
+        elif mode:
             counter, start = NFECounter(b), time.perf_counter()
             out = Outcome(
                 reversible_sample(run_model, slv, x, g, mu=mu, cond=cond, counter=counter, dtype=dtype, **aux)
@@ -372,6 +398,44 @@ def sample(
         stats=stats,
         trajectory=trajectory,
     )
+
+
+GRAD_MODES = ("reversible", "continuous")
+
+
+def _check_grad(grad) -> str | None:
+    """``grad`` as a mode name (None: no adjoint)."""
+    if grad is False or grad is None:
+        return None
+    if grad is True:
+        return "reversible"
+    if grad in GRAD_MODES:
+        return grad
+    raise ValueError(f"grad must be False, True, or one of {', '.join(map(repr, GRAD_MODES))}, got {grad!r}")
+
+
+def _check_continuous(slv: Solver, optimized, teleport) -> None:
+    """Refuse what the continuous adjoint cannot back-propagate through, naming it."""
+    info, _ = _info(slv)
+    noisy = slv.noise_options()
+    if (info is not None and not info.deterministic) or noisy:
+        how = f" with {', '.join(f'{k}={v!r}' for k, v in noisy.items())}" if noisy else ""
+        raise ValueError(f"grad='continuous' needs a deterministic solver (an ODE): {slv.name!r}{how} draws noise")
+    if optimized is not None and optimized.calls is not None:
+        raise ValueError(
+            "grad='continuous' cannot run an optimized grid with tuned model calls (they exist only at its times)"
+        )
+    if teleport is not None:
+        raise ValueError("grad='continuous' does not differentiate through the teleport; leave teleport out")
+
+
+def _adjoint_grid(schedule, g: Tensor, out: Outcome, fixed_grid: bool) -> Tensor:
+    """The continuous adjoint's backward grid: the run's own, or for an adaptive solver the
+    schedule's default grid kind with as many steps as it accepted (the most over the samples)."""
+    if fixed_grid or len(g) > 2:
+        return g
+    n = int(torch.as_tensor(out.accepted).max()) if out.accepted is not None else 1
+    return make_grid(schedule, max(n, 1), t_max=float(g[0]), t_min=float(g[-1]))
 
 
 def _optimized_grid(grid):

@@ -14,6 +14,7 @@ from diffsolve.guidance import (
     inverse_problem,
     restore,
 )
+from diffsolve.guidance.tasks import DEFAULTS
 from diffsolve.quality import load_classifier
 
 
@@ -61,16 +62,24 @@ def test_cfgpp_gives_the_requested_classes_with_ddim_and_ddpm_and_other_solvers_
         ds.invert(cfgpp, "heun", torch.zeros(2, 1, 16, 16), 10, cond={"class_labels": labels[:2]})
 
 
-@pytest.mark.parametrize("method,opts", [("dps", {}), ("inpaint", {})])
+@pytest.mark.parametrize(
+    "method,opts", [("dps", {}), ("inpaint", {}), ("repaint", {"resample": 3}), ("dflow", {"iterations": 15})]
+)
 def test_inpainting_half_a_digit_beats_unguided(method, opts):
+    """Measured (16 digits, unguided 10.8 to 11.5 dB with each method's solver and steps): dps 17.7,
+    inpaint 17.9, repaint (U = 3) 19.7, dflow (15 iterations of 10 rev-heun steps) 15.8."""
     model = ds.pretrained.load("digits-vp")
     clean = digits16("heldout")[0][:16]
     prob = inverse_problem("inpaint", clean)
-    restored, _ = restore(model, prob, method, steps=50, seed=0, **opts)
-    plain, _ = restore(model, prob, "none", steps=50, seed=0, solver="ddpm" if method == "inpaint" else "ddim")
+    restored, res = restore(model, prob, method, seed=0, **opts)
+    steps = 10 if method == "dflow" else 50
+    plain, _ = restore(model, prob, "none", steps=steps, seed=0, solver=DEFAULTS[method][0])
     p, p0 = _psnr(restored, clean), _psnr(plain, clean)
-    print(f"inpainting the bottom half, {method}: PSNR {p:.2f} dB, unguided {p0:.2f} dB")
+    print(f"inpainting the bottom half, {method}: PSNR {p:.2f} dB, unguided {p0:.2f} dB, NFE {res.nfe}")
     assert p > p0 + 3.0
+    if method == "dflow":
+        assert res.solver == "rev-heun" and res.nfe > 15 * 10 and len(res.stats["dflow_loss"]) == 16
+        assert res.stats["dflow_loss"][-1] < res.stats["dflow_loss"][0] / 3
 
 
 def test_cli_restore_writes_grids_and_psnr(tmp_path):
@@ -96,6 +105,7 @@ def test_cli_restore_writes_grids_and_psnr(tmp_path):
     assert main(argv) == 2  # no overwrite without --force
     assert main([*argv, "--force"]) == 0
     assert main(["restore", "--method", "inpaint", "--task", "deblur", "--out", str(tmp_path / "x")]) == 2
+    assert main(["restore", "--method", "repaint", "--task", "deblur", "--out", str(tmp_path / "x")]) == 2
     assert (
         main(
             [
@@ -144,3 +154,19 @@ def test_cli_class_and_guidance_scale(tmp_path, capsys):
     assert main(["sample", "--model", "digits-vp", "--class", "3", "--out", str(tmp_path / "d")]) == 2
     assert "class-conditional" in capsys.readouterr().err
     assert main(["sample", "--model", "digits-vp-cond", "--class", "10", "--out", str(tmp_path / "e")]) == 2
+
+
+def test_cli_restore_with_dflow_counts_every_call(tmp_path, capsys):
+    """``--method dflow``: the manifest's NFE is the whole optimisation's (forward runs and the
+    adjoint's backward calls), its options name the adjoint; ``-o adjoint=continuous`` runs too."""
+    base = ["restore", "--method", "dflow", "--task", "deblur", "--steps", "3", "--num-samples", "2", "--no-progress"]
+    assert main([*base, "-o", "iterations=2", "--out", str(tmp_path / "a")]) == 0
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["solver"] == "rev-heun" and m["steps"] == 3 and m["nfe"] > 3 * 3
+    assert "dflow (rev-heun, 3 steps" in capsys.readouterr().out
+    argv = [*base, "--solver", "dpmpp-2m", "-o", "iterations=1", "-o", "adjoint=continuous"]
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["nfe"] == 3 + 3 * 4 + 3  # forward, RK4 adjoint backward, final forward
+    assert main([*base, "-o", "adjoint=exact", "--out", str(tmp_path / "c")]) == 2
+    assert main([*base, "-o", "zeta=1", "--out", str(tmp_path / "d")]) == 2

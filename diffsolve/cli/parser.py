@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "restore",
         help="solve an inverse problem on held-out digits (inpainting, deblurring)",
         description="Restore the first --num-samples held-out digits from a degraded measurement "
-        "with DPS, EnKG or Inpaint (and, for comparison, unguided samples with the same "
+        "with DPS, EnKG, Inpaint, RePaint or D-Flow (and, for comparison, unguided samples with the same "
         "seeds); writes restored.safetensors, restore.png (rows: degraded / restored / "
         "unguided / clean) and manifest.json (PSNR) into --out.",
     )
@@ -313,8 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default="dps", choices=[m for m in ds.guidance.tasks.METHODS if m != "none"], help="default: dps"
     )
-    p.add_argument("--solver", default=None, help="default: ddim (dps, enkg) or ddpm (inpaint)")
-    p.add_argument("--steps", type=positive_int, default=50, help="number of steps (default: 50)")
+    p.add_argument(
+        "--solver", default=None, help="default: ddim (dps, enkg), ddpm (inpaint, repaint) or rev-heun (dflow)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="number of steps (default: 50; dflow: 10 per iteration)"
+    )
     p.add_argument("--num-samples", type=positive_int, default=16, help="digits to restore (default: 16)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="base seed (default: 0)")
     p.add_argument(
@@ -326,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(
         p,
         option_help="a method option, repeatable: zeta (dps, default 4), particles / guidance_scale "
-        "(enkg, default 16 / 2), resample (inpaint, default 1)",
+        "(enkg, default 16 / 2), resample (inpaint, default 1; repaint, default 10), iterations / lr / "
+        "noise_reg / adjoint (dflow, default 30 / 0.1 / 0 / reversible for a reversible solver)",
         force_help="overwrite existing results in --out",
     )
 

@@ -8,9 +8,11 @@ on generated samples, minimise over the starting noise
 where Phi is the sampler (a deterministic ODE solve from x_T) and R the negative log-density of the
 norm of a d-dimensional standard normal (the paper's regulariser: it keeps |x_T| near sqrt(d - 1),
 where Gaussian noise lives). Differentiating through Phi keeps the result a sample of the model. The
-gradient goes through ``ds.sample(..., grad=True)`` (the reversible adjoint: memory flat in the step
-count) for a reversible solver, and through autograd over the unrolled run otherwise (memory grows
-with the steps).
+gradient (``adjoint``) goes through the reversible adjoint (``ds.sample(..., grad=True)``: exact,
+memory flat in the step count; the default for a reversible solver), the continuous adjoint
+(``grad="continuous"``, AdjointDPM: any deterministic solver, memory flat, the exact flow's gradient
+to the solver's accuracy) or autograd over the unrolled run (exact; memory grows with the steps; the
+default for other solvers).
 
 The optimiser is Adam, elementwise, and the loss is summed over the batch, so each sample's problem
 is independent of the others: the same seed gives the same result whatever the batch size.
@@ -18,6 +20,7 @@ is independent of the others: the same seed gives the same result whatever the b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,18 +35,26 @@ from ..models.model import DiffusionModel
 
 Tensor = torch.Tensor
 
+#: how the gradient through the sampler is taken (:func:`dflow`'s ``adjoint``)
+ADJOINTS = ("reversible", "continuous", "autograd")
+
 
 @dataclass
 class DFlowResult:
     """What :func:`dflow` returns: ``samples`` (the final x_T's samples), ``x_T``, ``losses`` (the
     per-sample loss L at each iteration, before its update, and after the last: ``iterations + 1``
-    tensors of shape [B]) and ``nfe`` (the network calls made, each on the whole batch: the forward
-    runs, and the reversible adjoint's re-runs in the backward passes)."""
+    tensors of shape [B]), ``nfe`` (the network calls made, each on the whole batch: the forward
+    runs and the adjoint's calls in the backward passes), ``wall_time`` (seconds), the ``solver``'s
+    name, the ``grid`` of its runs and the ``adjoint`` used."""
 
     samples: Tensor
     x_T: Tensor
     losses: list[Tensor] = field(default_factory=list)
     nfe: int = 0
+    wall_time: float = 0.0
+    solver: str = ""
+    grid: Tensor | None = None
+    adjoint: str = ""
 
 
 def chi_penalty(z: Tensor) -> Tensor:
@@ -67,6 +78,7 @@ def dflow(
     iterations: int = 20,
     lr: float = 0.05,
     noise_reg: float = 0.0,
+    adjoint: str | None = None,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     **solver_options: Any,
@@ -76,7 +88,9 @@ def dflow(
 
     ``model``, ``solver`` (deterministic; a reversible one keeps memory flat), ``steps``, ``cond``,
     ``uncond`` and ``solver_options`` as in :func:`diffsolve.sample`. The start is ``x_T``, or noise of
-    ``shape`` drawn with ``seed`` (per-sample seeds, as ``ds.sample`` draws them)."""
+    ``shape`` drawn with ``seed`` (per-sample seeds, as ``ds.sample`` draws them). ``adjoint``:
+    ``"reversible"``, ``"continuous"`` or ``"autograd"`` (module docstring; default: reversible for a
+    reversible solver, else autograd)."""
     if not callable(loss):
         raise TypeError(f"loss must be a callable samples -> per-sample losses [B], got {type(loss).__name__}")
     for name, value in (("iterations", iterations), ("steps", steps)):
@@ -89,7 +103,11 @@ def dflow(
     if not (isinstance(noise_reg, (int, float)) and noise_reg >= 0):
         raise ValueError(f"noise_reg must be a non-negative number, got {noise_reg!r}")
     slv = get_solver(solver, **solver_options)
-    reversible = isinstance(slv, ExactInverse)
+    if adjoint is None:
+        adjoint = "reversible" if isinstance(slv, ExactInverse) else "autograd"
+    if adjoint not in ADJOINTS:
+        raise ValueError(f"adjoint must be one of {', '.join(ADJOINTS)}, got {adjoint!r}")
+    grad = {"reversible": True, "continuous": "continuous", "autograd": False}[adjoint]
     if x_T is None:
         if shape is None:
             raise ValueError("give x_T (the starting noise) or shape (and seed) to draw it")
@@ -100,10 +118,10 @@ def dflow(
     opt = torch.optim.Adam([z], lr=lr)
     kw = dict(cond=cond, uncond=uncond, **solver_options)
     losses: list[Tensor] = []
-    calls = model.nfe
+    calls, start = model.nfe, time.perf_counter()
 
-    def run(x: Tensor, grad: bool):
-        res = sample(model, solver, steps, x_T=x, progress=False, **{**kw, "grad": grad and reversible})
+    def run(x: Tensor, with_grad: bool):
+        res = sample(model, solver, steps, x_T=x, progress=False, **{**kw, "grad": grad if with_grad else False})
         per = loss(res.samples)
         if not isinstance(per, Tensor) or per.shape != (x.shape[0],):
             got = getattr(per, "shape", per)
@@ -120,4 +138,13 @@ def dflow(
     with torch.no_grad():
         res, per = run(z.detach(), False)
     losses.append(per.detach())
-    return DFlowResult(samples=res.samples.detach(), x_T=z.detach(), losses=losses, nfe=model.nfe - calls)
+    return DFlowResult(
+        samples=res.samples.detach(),
+        x_T=z.detach(),
+        losses=losses,
+        nfe=model.nfe - calls,
+        wall_time=time.perf_counter() - start,
+        solver=res.solver,
+        grid=res.grid,
+        adjoint=adjoint,
+    )

@@ -18,20 +18,28 @@ from ..core.driver import sample
 from ..core.hooks import StepHook
 from ..core.result import SampleResult
 from ..models.model import DiffusionModel
+from .dflow import dflow
 from .hooks import EnKG, Inpaint
 from .wrappers import DPS, Masked
 
 Tensor = torch.Tensor
 
 TASKS = ("inpaint", "deblur")
-METHODS = ("dps", "enkg", "inpaint", "none")
+METHODS = ("dps", "enkg", "inpaint", "repaint", "dflow", "none")
 #: per method: (default solver, default options); zeta 4 was the best of 0.5 / 1 / 2 / 4 on the digits
 DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dps": ("ddim", {"zeta": 4.0}),
     "enkg": ("ddim", {"guidance_scale": 2.0, "particles": 16}),
     "inpaint": ("ddpm", {"resample": 1}),
+    "repaint": ("ddpm", {"resample": 10}),
+    "dflow": ("rev-heun", {"iterations": 30, "lr": 0.1, "noise_reg": 0.0, "adjoint": None}),
     "none": ("ddim", {}),
 }
+#: the other options a method takes (besides those of DEFAULTS)
+MORE_OPTIONS: dict[str, tuple[str, ...]] = {"dps": ("norm",), "enkg": ("num_updates", "inner_steps", "window")}
+#: steps per run when none are given: 50, and 10 for dflow (each of its iterations runs the sampler
+#: forwards and its adjoint backwards)
+DEFAULT_STEPS: dict[str, int] = {"dflow": 10}
 
 
 @dataclass
@@ -71,7 +79,7 @@ def restore(
     problem: InverseProblem,
     method: str,
     *,
-    steps: int = 50,
+    steps: int | None = None,
     solver: str | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -83,26 +91,27 @@ def restore(
     - ``enkg``: the :class:`EnKG` hook, ``particles`` per image (option ``guidance_scale``,
       ``num_updates``, ``inner_steps``, ``window``); the first particle of each ensemble is returned;
     - ``inpaint``: the :class:`Inpaint` hook (option ``resample``; inpainting only);
+    - ``repaint``: the same with RePaint's resampling, ``resample`` = 10 by default (Lugmayr et al.
+      2022's U = 10, with jump length 1); inpainting only;
+    - ``dflow``: D-Flow (:func:`~diffsolve.guidance.dflow.dflow`) on the data term
+      |A(x) - y|^2 of each image, options ``iterations``, ``lr``, ``noise_reg``, ``adjoint``;
+      ``steps`` (default 10) per run of the sampler;
     - ``none``: unguided samples with the same seeds (the baseline).
 
-    Returns (restored [K, ...], the SampleResult).
+    ``steps`` defaults to 50 (10 for dflow). Returns (restored [K, ...], the SampleResult; for dflow
+    its ``nfe`` counts every call of the optimisation, its ``stats`` hold the mean loss per iteration,
+    ``dflow_loss``, and the norm of each optimised x_T, ``x_T_norm``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     default_solver, defaults = DEFAULTS[method]
-    unknown = (
-        set(options)
-        - set(defaults)
-        - ({"norm"} if method == "dps" else set())
-        - ({"num_updates", "inner_steps", "window"} if method == "enkg" else set())
-    )
+    allowed = set(defaults) | set(MORE_OPTIONS.get(method, ()))
+    unknown = set(options) - allowed
     if unknown:
-        raise ValueError(
-            f"options {sorted(unknown)} are not options of method {method!r}; allowed: "
-            f"{sorted(set(defaults) | ({'norm'} if method == 'dps' else set()))}"
-        )
+        raise ValueError(f"options {sorted(unknown)} are not options of method {method!r}; allowed: {sorted(allowed)}")
     opts = {**defaults, **options}
     name = solver or default_solver
+    steps = DEFAULT_STEPS.get(method, 50) if steps is None else steps
     y = problem.measurement
     k = y.shape[0]
 
@@ -122,11 +131,13 @@ def restore(
     if method == "dps":
         res = run(DPS(model, problem.operator, y, **opts))
         return res.samples, res
-    if method == "inpaint":
+    if method in ("inpaint", "repaint"):
         if problem.mask is None:
-            raise ValueError(f"method 'inpaint' needs an inpainting problem, got task {problem.task!r}")
+            raise ValueError(f"method {method!r} needs an inpainting problem, got task {problem.task!r}")
         res = run(model, hooks=[Inpaint(problem.mask, y, resample=opts["resample"])])
         return res.samples, res
+    if method == "dflow":
+        return _dflow(model, problem, name, steps, seed, opts)
     if method == "none":
         res = run(model)
         return res.samples, res
@@ -134,3 +145,30 @@ def restore(
     hook = EnKG(problem.operator, y, ensemble_size=j, **opts)
     res = run(model, hooks=[hook], per_image=j)
     return res.samples[::j], res
+
+
+def _dflow(model: DiffusionModel, problem: InverseProblem, solver: str, steps: int, seed: int, opts: dict):
+    """restore's dflow: D-Flow on |A(x) - y|^2 per image, one seed per row; its SampleResult."""
+    y = problem.measurement
+    k = y.shape[0]
+
+    def data_term(x: Tensor) -> Tensor:
+        return (problem.operator(x) - y).pow(2).flatten(1).sum(1)
+
+    seeds = [seed + i for i in range(k)]
+    out = dflow(model, solver, steps, data_term, shape=tuple(y.shape), seed=seeds, **opts)
+    res = SampleResult(
+        samples=out.samples,
+        nfe=out.nfe,
+        nfe_per_sample=torch.full((k,), out.nfe, dtype=torch.long),
+        grid=out.grid,
+        wall_time=out.wall_time,
+        solver=out.solver,
+        options={**opts, "adjoint": out.adjoint},
+        seeds=seeds,
+        stats={
+            "dflow_loss": [float(v.mean()) for v in out.losses],
+            "x_T_norm": out.x_T.flatten(1).norm(dim=1).tolist(),
+        },
+    )
+    return out.samples, res

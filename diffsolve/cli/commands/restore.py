@@ -1,5 +1,5 @@
 """``diffsolve restore``: solve an inverse problem (inpainting, deblurring) on the first held-out
-digits with DPS, EnKG or Inpaint, beside unguided samples of the same seeds; writes
+digits with DPS, EnKG, Inpaint, RePaint or D-Flow, beside unguided samples of the same seeds; writes
 restored.safetensors, restore.png (rows: degraded / restored / unguided / clean) and manifest.json."""
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from ..output import RESTORE_FILES, check_out, default_out, write_atomically, wr
 from ..render import panel_image
 from .common import command_line, psnr, resolve_solver, versions
 
-#: the options a method takes besides those of ds.guidance.tasks.DEFAULTS (as tasks.restore does)
-MORE_OPTIONS = {"dps": ("norm",), "enkg": ("num_updates", "inner_steps", "window")}
-
 
 def check_method_options(method: str, options: dict) -> None:
     """``-o`` names only options of ``method`` (a CLIError otherwise, before any model is loaded)."""
-    from diffsolve.guidance.tasks import DEFAULTS
+    from diffsolve.guidance.tasks import DEFAULTS, MORE_OPTIONS
 
     allowed = {*DEFAULTS[method][1], *MORE_OPTIONS.get(method, ())}
     unknown = set(options) - allowed
@@ -34,9 +31,10 @@ def check_method_options(method: str, options: dict) -> None:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """`diffsolve restore`: returns the exit code."""
     from diffsolve.data import digits16
-    from diffsolve.guidance.tasks import DEFAULTS, inverse_problem, restore
+    from diffsolve.guidance.tasks import DEFAULT_STEPS, DEFAULTS, inverse_problem, restore
 
     options = dict(args.options)
+    steps = DEFAULT_STEPS.get(args.method, 50) if args.steps is None else args.steps
     if args.solver is not None:
         resolve_solver(args.solver, {})
     check_method_options(args.method, options)
@@ -59,8 +57,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     target = build_target(args.model)
     if target.condition is not None or target.classes is not None:
         raise CLIError(f"--model {args.model}: restore needs an unconditional digit model (e.g. digits-vp)")
-    if args.method == "inpaint" and args.task != "inpaint":
-        raise CLIError("--method inpaint works only with --task inpaint")
+    if args.method in ("inpaint", "repaint") and args.task != "inpaint":
+        raise CLIError(f"--method {args.method} works only with --task inpaint")
     clean = digits16("heldout")[0]
     if args.num_samples > len(clean):
         raise CLIError(f"--num-samples {args.num_samples}: there are only {len(clean)} held-out digits")
@@ -75,16 +73,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             target.model,
             prob,
             args.method,
-            steps=args.steps,
+            steps=steps,
             solver=args.solver,
             seed=args.seed,
             progress=not args.no_progress,
             **options,
         )
     plain_solver = args.solver or DEFAULTS[args.method][0]
-    plain, _ = restore(
-        target.model, prob, "none", steps=args.steps, solver=plain_solver, seed=args.seed, progress=False
-    )
+    plain, _ = restore(target.model, prob, "none", steps=steps, solver=plain_solver, seed=args.seed, progress=False)
     restored, plain = restored.clamp(-1, 1), plain.clamp(-1, 1)
     scores = {"restored": psnr(restored, clean), "unguided": psnr(plain, clean), "degraded": psnr(prob.display, clean)}
     rows = [
@@ -100,7 +96,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "model": args.model,
         "solver": res.solver,
         "options": jsonable(options),
-        "steps": args.steps,
+        "steps": steps,
         "seed": args.seed,
         "num_samples": len(clean),
         "nfe": res.nfe,
@@ -115,7 +111,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     tensors = {"restored": restored, "degraded": prob.display, "unguided": plain, "clean": clean}
     names = write_atomically(out, lambda tmp: write_bundle(tmp, RESTORE_FILES, tensors, image, manifest))
     print(
-        f"{args.method} ({res.solver}, {args.steps} steps, NFE {res.nfe}): {args.task} of {len(clean)} held-out "
+        f"{args.method} ({res.solver}, {steps} steps, NFE {res.nfe}): {args.task} of {len(clean)} held-out "
         f"digits; PSNR {scores['restored']:.2f} dB (unguided {scores['unguided']:.2f}, "
         f"degraded {scores['degraded']:.2f})"
     )

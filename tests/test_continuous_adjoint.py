@@ -185,3 +185,27 @@ def test_refusals():
         ds.sample(model, "euler", 5, x_T=x, grad="continuous", hooks=[ds.guidance.Threshold()])
     with pytest.raises(ValueError, match="needs a reversible solver"):
         ds.sample(model, "euler", 5, x_T=x, grad=True)
+
+
+@pytest.mark.parametrize("schedule", ["vp", "mean-reverting"])
+def test_nonlinear_network_gradients_converge_to_autograds_at_fourth_order(schedule):
+    """An MLP eps-network with a conditioning vector (tests/test_adjoint.py's), on VP and on a
+    mean-reverting schedule (mu a fixed input): the continuous adjoint of exp-rk4 against autograd
+    through the same run, to x_T, c and the weights, falls at about fourth order with the steps.
+    Measured at 10 / 20 / 40 steps: VP 4.3e-3, 1.8e-4, 1.0e-5; mean-reverting 2.9e-3, 7.0e-5, 2.3e-6."""
+    from test_adjoint import _loss, _setup
+
+    sched = ds.schedules.VPLinear() if schedule == "vp" else ds.schedules.MeanReverting()
+    net, model, x_T, c = _setup(sched)
+    mu = (
+        None if schedule == "vp" else torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    )
+    wrt = [x_T, c, *net.parameters()]
+    diffs = []
+    for steps in (10, 20, 40):
+        kw = dict(x_T=x_T, cond={"c": c}, mu=mu, **({"t_min": 1e-3} if mu is None else {}))
+        got = torch.autograd.grad(_loss(ds.sample(model, "exp-rk4", steps, grad="continuous", **kw).samples), wrt)
+        want = torch.autograd.grad(_loss(ds.sample(model, "exp-rk4", steps, **kw).samples), wrt)
+        diffs.append(max(rel(a, b) for a, b in zip(got, want)))
+    print(schedule, "continuous vs autograd at 10, 20, 40 steps", diffs)
+    assert diffs[2] < 3e-5 and diffs[0] / diffs[1] > 8 and diffs[1] / diffs[2] > 8

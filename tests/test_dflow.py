@@ -61,6 +61,31 @@ def test_the_noise_regulariser_is_the_chi_density_and_holds_the_norm():
     assert dev(held.x_T) < 0.5 * dev(free.x_T)
 
 
+def test_any_torch_optimiser_lbfgs_included():
+    """SGD through ``optimizer`` lowers the loss as Adam does; L-BFGS (the paper's optimiser, several
+    loss evaluations per step, taken through the closure) lowers it further in 5 steps, with every
+    evaluation's calls counted and one loss recorded per step. Measured from 0.125: SGD (lr 0.5)
+    1.3e-3 in 30 steps, L-BFGS 1e-13 in 5 steps (11 evaluations, 352 calls)."""
+    model = GMM.model(ds.schedules.VPLinear())
+    kw = dict(shape=(1, 2), seed=[0])
+    sgd = ds.guidance.dflow(
+        model, "rev-heun", 10, _loss, iterations=30, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **kw
+    )
+    lbfgs = ds.guidance.dflow(
+        model, "rev-heun", 10, _loss, iterations=5, optimizer=lambda p: torch.optim.LBFGS(p, max_iter=4), **kw
+    )
+    first = float(sgd.losses[0][0])
+    print(
+        f"from {first:.4f}: SGD 30 steps {float(sgd.losses[-1][0]):.2e}, L-BFGS 5 steps {float(lbfgs.losses[-1][0]):.2e}"
+    )
+    assert float(sgd.losses[-1][0]) < first / 10 and float(lbfgs.losses[-1][0]) < first / 100
+    assert len(lbfgs.losses) == 6
+    one_eval = 11 + 20  # rev-heun, 10 steps: the forward run and its reversible adjoint
+    assert lbfgs.nfe > 5 * one_eval + 11 and sgd.nfe == 30 * one_eval + 11
+    with pytest.raises(TypeError, match="optimizer must"):
+        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer="adam", **kw)
+
+
 def test_bad_input_is_refused():
     model = GMM.model(ds.schedules.VPLinear())
     with pytest.raises(ValueError, match="one value per sample"):

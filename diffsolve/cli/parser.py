@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver", default=None, help="default: ddim (dps, enkg), ddpm (inpaint, repaint) or rev-heun (dflow)"
     )
     p.add_argument(
-        "--steps", type=positive_int, default=None, help="number of steps (default: 50; dflow: 10 per iteration)"
+        "--steps", type=positive_int, default=None, help="number of steps (default: 50; dflow: 5 per iteration)"
     )
     p.add_argument("--num-samples", type=positive_int, default=16, help="digits to restore (default: 16)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="base seed (default: 0)")
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         option_help="a method option, repeatable: zeta (dps, default 4), particles / guidance_scale "
         "(enkg, default 16 / 2), resample (inpaint, default 1; repaint, default 10), iterations / lr / "
-        "noise_reg / adjoint (dflow, default 30 / 0.1 / 0 / reversible for a reversible solver)",
+        "noise_reg / adjoint (dflow, default 60 / 0.1 / 0 / reversible for a reversible solver)",
         force_help="overwrite existing results in --out",
     )
 

@@ -14,8 +14,11 @@ memory flat in the step count; the default for a reversible solver), the continu
 to the solver's accuracy) or autograd over the unrolled run (exact; memory grows with the steps; the
 default for other solvers).
 
-The optimiser is Adam, elementwise, and the loss is summed over the batch, so each sample's problem
-is independent of the others: the same seed gives the same result whatever the batch size.
+The optimiser is Adam by default (any ``torch.optim`` optimiser can be given, L-BFGS included, the
+paper's choice). The loss is summed over the batch, so with an elementwise optimiser (Adam, SGD,
+RMSprop, ...) each sample's problem is independent of the others: the same seed gives the same
+result whatever the batch size. L-BFGS's line search and curvature history couple the batch; run
+one sample per call for it.
 """
 
 from __future__ import annotations
@@ -77,14 +80,21 @@ def dflow(
     seed: int | list[int] | None = None,
     iterations: int = 20,
     lr: float = 0.05,
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
     noise_reg: float = 0.0,
     adjoint: str | None = None,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     **solver_options: Any,
 ) -> DFlowResult:
-    """D-Flow (module docstring): ``iterations`` Adam steps (learning rate ``lr``) on x_T of
+    """D-Flow (module docstring): ``iterations`` optimiser steps on x_T of
     ``sum_b L_b + noise_reg * R(x_T_b)``, where ``loss(samples)`` returns one value per sample ([B]).
+
+    ``optimizer``: a callable ``[x_T] -> torch.optim.Optimizer`` (e.g. ``lambda p:
+    torch.optim.LBFGS(p, max_iter=5)``, or ``functools.partial(torch.optim.SGD, lr=0.1)``); default
+    Adam with learning rate ``lr``. Each step is taken with a closure, so optimisers that evaluate
+    the loss several times per step (L-BFGS) work; every evaluation's calls count in ``nfe``, and
+    ``losses`` records the first evaluation of each step.
 
     ``model``, ``solver`` (deterministic; a reversible one keeps memory flat), ``steps``, ``cond``,
     ``uncond`` and ``solver_options`` as in :func:`diffsolve.sample`. The start is ``x_T``, or noise of
@@ -100,6 +110,8 @@ def dflow(
             )
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError(f"optimizer must be a callable [x_T] -> torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not (isinstance(noise_reg, (int, float)) and noise_reg >= 0):
         raise ValueError(f"noise_reg must be a non-negative number, got {noise_reg!r}")
     slv = get_solver(solver, **solver_options)
@@ -115,7 +127,9 @@ def dflow(
         device = model.device or torch.get_default_device()
         x_T = prior_sample(model.schedule, shape, seed, device=device, dtype=dtype)
     z = x_T.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
+    opt = torch.optim.Adam([z], lr=lr) if optimizer is None else optimizer([z])
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
     kw = dict(cond=cond, uncond=uncond, **solver_options)
     losses: list[Tensor] = []
     calls, start = model.nfe, time.perf_counter()
@@ -128,13 +142,20 @@ def dflow(
             raise ValueError(f"loss must return one value per sample (shape [{x.shape[0]}]), got {got}")
         return res, per
 
-    for _ in range(iterations):
+    evaluations: list[Tensor] = []  # the per-sample losses of one step's evaluations
+
+    def closure() -> float:
         opt.zero_grad()
-        res, per = run(z, True)
-        total = per + noise_reg * chi_penalty(z) if noise_reg else per
-        total.sum().backward()
-        losses.append(per.detach())
-        opt.step()
+        _, per = run(z, True)
+        total = (per + noise_reg * chi_penalty(z) if noise_reg else per).sum()
+        total.backward()
+        evaluations.append(per.detach())
+        return float(total.detach())
+
+    for _ in range(iterations):
+        opt.step(closure)
+        losses.append(evaluations[0])
+        evaluations.clear()
     with torch.no_grad():
         res, per = run(z.detach(), False)
     losses.append(per.detach())

@@ -32,14 +32,15 @@ DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "enkg": ("ddim", {"guidance_scale": 2.0, "particles": 16}),
     "inpaint": ("ddpm", {"resample": 1}),
     "repaint": ("ddpm", {"resample": 10}),
-    "dflow": ("rev-heun", {"iterations": 30, "lr": 0.1, "noise_reg": 0.0, "adjoint": None}),
+    "dflow": ("rev-heun", {"iterations": 60, "lr": 0.1, "noise_reg": 0.0, "adjoint": None}),
     "none": ("ddim", {}),
 }
 #: the other options a method takes (besides those of DEFAULTS)
 MORE_OPTIONS: dict[str, tuple[str, ...]] = {"dps": ("norm",), "enkg": ("num_updates", "inner_steps", "window")}
-#: steps per run when none are given: 50, and 10 for dflow (each of its iterations runs the sampler
-#: forwards and its adjoint backwards)
-DEFAULT_STEPS: dict[str, int] = {"dflow": 10}
+#: steps per run when none are given: 50, and 5 for dflow (each of its iterations runs the sampler
+#: forwards and its adjoint backwards; on the digits 5 steps and 60 iterations restored best of
+#: 5 / 10 steps and 30 / 60 iterations, benchmarks/restore.md)
+DEFAULT_STEPS: dict[str, int] = {"dflow": 5}
 
 
 @dataclass
@@ -95,10 +96,10 @@ def restore(
       2022's U = 10, with jump length 1); inpainting only;
     - ``dflow``: D-Flow (:func:`~diffsolve.guidance.dflow.dflow`) on the data term
       |A(x) - y|^2 of each image, options ``iterations``, ``lr``, ``noise_reg``, ``adjoint``;
-      ``steps`` (default 10) per run of the sampler;
+      ``steps`` (default 5) per run of the sampler;
     - ``none``: unguided samples with the same seeds (the baseline).
 
-    ``steps`` defaults to 50 (10 for dflow). Returns (restored [K, ...], the SampleResult; for dflow
+    ``steps`` defaults to 50 (5 for dflow). Returns (restored [K, ...], the SampleResult; for dflow
     its ``nfe`` counts every call of the optimisation, its ``stats`` hold the mean loss per iteration,
     ``dflow_loss``, and the norm of each optimised x_T, ``x_T_norm``).
     """

@@ -29,7 +29,7 @@ def test_dflow_lowers_the_loss_and_each_sample_is_its_own_problem(solver, adjoin
     with its continuous adjoint), and a sample optimised alone equals the same seed's sample
     optimised in a batch, bitwise."""
     model = GMM.model(ds.schedules.VPLinear())
-    kw = dict(iterations=30, lr=0.1, adjoint=adjoint)
+    kw = dict(optimizer="adam", iterations=30, lr=0.1, adjoint=adjoint)
     res = ds.guidance.dflow(model, solver, 10, _loss, shape=(4, 2), seed=[0, 1, 2, 3], **kw)
     x_T = res.x_T.to(torch.float64)
     assert len(res.losses) == 31 and res.losses[0].shape == (4,)
@@ -53,7 +53,7 @@ def test_the_noise_regulariser_is_the_chi_density_and_holds_the_norm():
     assert abs(best - (d - 1) ** 0.5) < 0.01
     model = GMM.model(ds.schedules.VPLinear())
     far = lambda x: (x - 5 * TARGET).pow(2).sum(1)
-    kw = dict(shape=(8, 2), seed=list(range(8)), iterations=40, lr=0.2)
+    kw = dict(shape=(8, 2), seed=list(range(8)), optimizer="adam", iterations=40, lr=0.2)
     free = ds.guidance.dflow(model, "dpmpp-2m", 8, far, **kw)
     held = ds.guidance.dflow(model, "dpmpp-2m", 8, far, noise_reg=50.0, **kw)
     dev = lambda x: float((x.double().norm(dim=1) - 1.0).abs().mean())
@@ -83,7 +83,49 @@ def test_any_torch_optimiser_lbfgs_included():
     one_eval = 11 + 20  # rev-heun, 10 steps: the forward run and its reversible adjoint
     assert lbfgs.nfe > 5 * one_eval + 11 and sgd.nfe == 30 * one_eval + 11
     with pytest.raises(TypeError, match="optimizer must"):
-        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer="adam", **kw)
+        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer=42, **kw)
+    with pytest.raises(ValueError, match="optimizer must be one of lbfgs, adam"):
+        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer="newton", **kw)
+    with pytest.raises(ValueError, match="give iterations with a callable optimizer"):
+        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), shape=(1, 2))
+    with pytest.raises(ValueError, match="lr is for a named optimizer"):
+        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), lr=0.1, **kw)
+    with pytest.raises(TypeError, match=r"optimizer must return a torch\.optim\.Optimizer"):
+        ds.guidance.dflow(model, "ddim", 4, _loss, optimizer=lambda p: None, iterations=1, **kw)
+
+
+def test_lbfgs_is_per_sample_and_is_torchs_lbfgs():
+    """``optimizer="lbfgs"`` (the default) runs L-BFGS per sample: a batch of 4 gives each seed's
+    result alone, bitwise, although the samples' line searches take different numbers of
+    evaluations; one sample follows torch's LBFGS (strong Wolfe, lr 1, max_iter 20) driven by hand on
+    the same loss, bitwise in float64. Torch's LBFGS over the whole batch (the coupled way) ends
+    elsewhere, so the check has teeth. Measured: the mean loss falls 0.21 -> 4e-11 in 2 steps."""
+    model = GMM.model(ds.schedules.VPLinear())
+    seeds = [0, 1, 2, 3]
+    x_T = ds.core.noise.prior_sample(model.schedule, (4, 2), seeds, dtype=torch.float64)
+    res = ds.guidance.dflow(model, "rev-heun", 6, _loss, x_T=x_T, iterations=2)
+    print("lbfgs:", float(res.losses[0].mean()), "->", float(res.losses[-1].mean()), res.nfe, "calls")
+    assert float(res.losses[-1].max()) < 1e-8
+    for b in range(4):
+        alone = ds.guidance.dflow(model, "rev-heun", 6, _loss, x_T=x_T[b : b + 1], iterations=2)
+        assert torch.equal(alone.x_T[0], res.x_T[b]) and torch.equal(alone.samples[0], res.samples[b])
+
+    def by_hand(start):
+        z = start.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([z], lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            total = _loss(ds.sample(model, "rev-heun", 6, x_T=z, grad=True, progress=False).samples).sum()
+            total.backward()
+            return total
+
+        for _ in range(2):
+            opt.step(closure)
+        return z.detach()
+
+    assert torch.equal(by_hand(x_T[1:2]), res.x_T[1:2])
+    assert not torch.allclose(by_hand(x_T), res.x_T, atol=1e-6)
 
 
 def test_bad_input_is_refused():
@@ -108,7 +150,7 @@ def test_dflow_with_classifier_free_guidance_per_sample():
     def loss(x):
         return (x - target).pow(2).sum(1)
 
-    kw = dict(iterations=20, lr=0.1, uncond={"class_labels": torch.full((3,), -1)})
+    kw = dict(optimizer="adam", iterations=20, lr=0.1, uncond={"class_labels": torch.full((3,), -1)})
     res = ds.guidance.dflow(
         cfg,
         "rev-heun",

@@ -63,11 +63,11 @@ def test_cfgpp_gives_the_requested_classes_with_ddim_and_ddpm_and_other_solvers_
 
 
 @pytest.mark.parametrize(
-    "method,opts", [("dps", {}), ("inpaint", {}), ("repaint", {"resample": 3}), ("dflow", {"iterations": 15})]
+    "method,opts", [("dps", {}), ("inpaint", {}), ("repaint", {"resample": 3}), ("dflow", {"iterations": 1})]
 )
 def test_inpainting_half_a_digit_beats_unguided(method, opts):
     """Measured (16 digits, unguided 10.8 to 11.5 dB with each method's solver and steps): dps 17.7,
-    inpaint 17.9, repaint (U = 3) 19.7, dflow (15 iterations of 5 rev-heun steps) 17.1."""
+    inpaint 17.9, repaint (U = 3) 19.7, dflow (one L-BFGS step of 5 rev-heun steps, 422 calls) 20.95."""
     model = ds.pretrained.load("digits-vp")
     clean = digits16("heldout")[0][:16]
     prob = inverse_problem("inpaint", clean)
@@ -78,8 +78,8 @@ def test_inpainting_half_a_digit_beats_unguided(method, opts):
     print(f"inpainting the bottom half, {method}: PSNR {p:.2f} dB, unguided {p0:.2f} dB, NFE {res.nfe}")
     assert p > p0 + 3.0
     if method == "dflow":
-        assert res.solver == "rev-heun" and res.nfe > 15 * 5 and len(res.stats["dflow_loss"]) == 16
-        assert res.stats["dflow_loss"][-1] < res.stats["dflow_loss"][0] / 3
+        assert res.solver == "rev-heun" and res.nfe > 10 * 16 and len(res.stats["dflow_loss"]) == 2
+        assert res.stats["dflow_loss"][-1] < res.stats["dflow_loss"][0] / 100
 
 
 def test_cli_restore_writes_grids_and_psnr(tmp_path):
@@ -157,16 +157,19 @@ def test_cli_class_and_guidance_scale(tmp_path, capsys):
 
 
 def test_cli_restore_with_dflow_counts_every_call(tmp_path, capsys):
-    """``--method dflow``: the manifest's NFE is the whole optimisation's (forward runs and the
-    adjoint's backward calls), its options name the adjoint; ``-o adjoint=continuous`` runs too."""
+    """``--method dflow`` (L-BFGS by default): the manifest's NFE is the whole optimisation's (forward
+    runs and the adjoint's backward calls), its options name the adjoint; ``-o optimizer=adam`` and
+    ``-o adjoint=continuous`` run too; an unknown optimiser is refused by name."""
     base = ["restore", "--method", "dflow", "--task", "deblur", "--steps", "3", "--num-samples", "2", "--no-progress"]
     assert main([*base, "-o", "iterations=2", "--out", str(tmp_path / "a")]) == 0
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["solver"] == "rev-heun" and m["steps"] == 3 and m["nfe"] > 3 * 3
     assert "dflow (rev-heun, 3 steps" in capsys.readouterr().out
-    argv = [*base, "--solver", "dpmpp-2m", "-o", "iterations=1", "-o", "adjoint=continuous"]
+    argv = [*base, "--solver", "dpmpp-2m", "-o", "optimizer=adam", "-o", "iterations=1", "-o", "adjoint=continuous"]
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["nfe"] == 3 + 3 * 4 + 3  # forward, RK4 adjoint backward, final forward
     assert main([*base, "-o", "adjoint=exact", "--out", str(tmp_path / "c")]) == 2
+    assert main([*base, "-o", "optimizer=newton", "--out", str(tmp_path / "e")]) == 2
+    assert "optimizer must be one of lbfgs, adam" in capsys.readouterr().err
     assert main([*base, "-o", "zeta=1", "--out", str(tmp_path / "d")]) == 2

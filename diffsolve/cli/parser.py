@@ -330,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(
         p,
         option_help="a method option, repeatable: zeta (dps, default 4), particles / guidance_scale "
-        "(enkg, default 16 / 2), resample (inpaint, default 1; repaint, default 10), iterations / lr / "
-        "noise_reg / adjoint (dflow, default 60 / 0.1 / 0 / reversible for a reversible solver)",
+        "(enkg, default 16 / 2), resample (inpaint, default 1; repaint, default 10), optimizer / iterations / "
+        "lr / noise_reg / adjoint (dflow, default lbfgs / 2 (adam: 60) / 1 (adam: 0.1) / 1 / reversible for a "
+        "reversible solver)",
         force_help="overwrite existing results in --out",
     )
 

@@ -7,7 +7,9 @@ Model wrappers (take a DiffusionModel, return one; every solver can use them, ex
 Step hooks (act on the state between solver steps; pass a list to ``ds.sample(..., hooks=[...])``):
 :class:`EnKG`, :class:`Inpaint`, :class:`Threshold`.
 
-Optimising the source noise through the sampler: :func:`dflow` (D-Flow).
+Optimising the source noise through the sampler: :func:`dflow` (D-Flow), by default with
+:func:`.lbfgs.minimise_per_sample` (torch's L-BFGS run on each sample as its own problem, the
+samples' evaluations batched).
 
 Inverse problems (:func:`inverse_problem`, :func:`restore`): inpainting and deblurring with DPS,
 EnKG or Inpaint, as ``diffsolve restore`` runs them.

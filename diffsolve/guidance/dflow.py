@@ -14,11 +14,14 @@ memory flat in the step count; the default for a reversible solver), the continu
 to the solver's accuracy) or autograd over the unrolled run (exact; memory grows with the steps; the
 default for other solvers).
 
-The optimiser is Adam by default (any ``torch.optim`` optimiser can be given, L-BFGS included, the
-paper's choice). The loss is summed over the batch, so with an elementwise optimiser (Adam, SGD,
-RMSprop, ...) each sample's problem is independent of the others: the same seed gives the same
-result whatever the batch size. L-BFGS's line search and curvature history couple the batch; run
-one sample per call for it.
+The optimiser is L-BFGS with a strong-Wolfe line search by default (``"lbfgs"``, torch's algorithm
+and options, as D-Flow's reimplementations run it; on the digit inverse problems it restores better
+than Adam at fewer calls, benchmarks/restore.md), run per sample (:mod:`.lbfgs`): each sample's
+curvature history, line search and stopping tests are its own, while the evaluations of all samples
+run as one batch. Adam (``"adam"``) and any ``torch.optim`` optimiser given as a callable run over
+the whole batch; the loss is summed over it, so an elementwise one (Adam, SGD, RMSprop, ...) keeps
+each sample's problem its own too, while torch's own LBFGS given that way would couple them. With
+``"lbfgs"`` or an elementwise optimiser the same seed gives the same result whatever the batch size.
 """
 
 from __future__ import annotations
@@ -35,11 +38,17 @@ from ..core.noise import prior_sample
 from ..core.protocol import ExactInverse
 from ..core.registry import get_solver
 from ..models.model import DiffusionModel
+from .lbfgs import LBFGS, minimise_per_sample
 
 Tensor = torch.Tensor
 
 #: how the gradient through the sampler is taken (:func:`dflow`'s ``adjoint``)
 ADJOINTS = ("reversible", "continuous", "autograd")
+#: :func:`dflow`'s named optimisers: name -> (default lr, default iterations). On the digit inverse
+#: problems (benchmarks/restore.md) L-BFGS (torch's lr) restored best at 2 steps (up to 2 x 25
+#: evaluations) of 1 / 2 / 3, where 3 overfits the deblurring noise unless regularised; Adam (lr 0.1)
+#: at 60 steps of 30 / 60
+OPTIMIZERS: dict[str, tuple[float, int]] = {"lbfgs": (1.0, 2), "adam": (0.1, 60)}
 
 
 @dataclass
@@ -78,23 +87,26 @@ def dflow(
     x_T: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
     seed: int | list[int] | None = None,
-    iterations: int = 20,
-    lr: float = 0.05,
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+    iterations: int | None = None,
+    optimizer: str | Callable[[list[Tensor]], torch.optim.Optimizer] = "lbfgs",
+    lr: float | None = None,
     noise_reg: float = 0.0,
     adjoint: str | None = None,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     **solver_options: Any,
 ) -> DFlowResult:
-    """D-Flow (module docstring): ``iterations`` optimiser steps on x_T of
-    ``sum_b L_b + noise_reg * R(x_T_b)``, where ``loss(samples)`` returns one value per sample ([B]).
+    """D-Flow (module docstring): ``iterations`` optimiser steps on each sample's x_T of
+    ``L_b + noise_reg * R(x_T_b)``, where ``loss(samples)`` returns one value per sample ([B]), each
+    depending on its own sample only.
 
-    ``optimizer``: a callable ``[x_T] -> torch.optim.Optimizer`` (e.g. ``lambda p:
-    torch.optim.LBFGS(p, max_iter=5)``, or ``functools.partial(torch.optim.SGD, lr=0.1)``); default
-    Adam with learning rate ``lr``. Each step is taken with a closure, so optimisers that evaluate
-    the loss several times per step (L-BFGS) work; every evaluation's calls count in ``nfe``, and
-    ``losses`` records the first evaluation of each step.
+    ``optimizer``: ``"lbfgs"`` (per sample, torch.optim.LBFGS's algorithm with ``max_iter`` 20 and a
+    strong-Wolfe line search: each step evaluates the loss up to 25 times; ``lr`` 1 and 2
+    ``iterations`` by default), ``"adam"`` (``lr`` 0.1 and 60 ``iterations`` by default), or a
+    callable ``[x_T] -> torch.optim.Optimizer`` over the whole batch (e.g.
+    ``functools.partial(torch.optim.SGD, lr=0.1)``; it sets its own learning rate, and
+    ``iterations`` must be given). Every evaluation's calls count in ``nfe``, and ``losses`` records
+    the first evaluation of each step.
 
     ``model``, ``solver`` (deterministic; a reversible one keeps memory flat), ``steps``, ``cond``,
     ``uncond`` and ``solver_options`` as in :func:`diffsolve.sample`. The start is ``x_T``, or noise of
@@ -103,15 +115,28 @@ def dflow(
     reversible solver, else autograd)."""
     if not callable(loss):
         raise TypeError(f"loss must be a callable samples -> per-sample losses [B], got {type(loss).__name__}")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)} or a callable [x_T] -> torch.optim.Optimizer, "
+                f"got {optimizer!r}"
+            )
+        rate = OPTIMIZERS[optimizer][0] if lr is None else float(lr)
+        iterations = OPTIMIZERS[optimizer][1] if iterations is None else iterations
+    elif callable(optimizer):
+        if lr is not None:
+            raise ValueError("lr is for a named optimizer ('lbfgs', 'adam'); a callable optimizer sets its own")
+        if iterations is None:
+            raise ValueError("give iterations with a callable optimizer")
+    else:
+        raise TypeError(f"optimizer must be a name or a callable [x_T] -> torch.optim.Optimizer, got {optimizer!r}")
     for name, value in (("iterations", iterations), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "iterations" else 1):
             raise ValueError(
                 f"{name} must be a {'non-negative' if name == 'iterations' else 'positive'} int, got {value!r}"
             )
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if optimizer is not None and not callable(optimizer):
-        raise TypeError(f"optimizer must be a callable [x_T] -> torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not (isinstance(noise_reg, (int, float)) and noise_reg >= 0):
         raise ValueError(f"noise_reg must be a non-negative number, got {noise_reg!r}")
     slv = get_solver(solver, **solver_options)
@@ -126,12 +151,7 @@ def dflow(
         dtype = model.dtype or torch.get_default_dtype()
         device = model.device or torch.get_default_device()
         x_T = prior_sample(model.schedule, shape, seed, device=device, dtype=dtype)
-    z = x_T.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr) if optimizer is None else optimizer([z])
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
     kw = dict(cond=cond, uncond=uncond, **solver_options)
-    losses: list[Tensor] = []
     calls, start = model.nfe, time.perf_counter()
 
     def run(x: Tensor, with_grad: bool):
@@ -142,26 +162,24 @@ def dflow(
             raise ValueError(f"loss must return one value per sample (shape [{x.shape[0]}]), got {got}")
         return res, per
 
-    evaluations: list[Tensor] = []  # the per-sample losses of one step's evaluations
-
-    def closure() -> float:
-        opt.zero_grad()
+    def evaluate(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z = x.requires_grad_(True)
         _, per = run(z, True)
-        total = (per + noise_reg * chi_penalty(z) if noise_reg else per).sum()
-        total.backward()
-        evaluations.append(per.detach())
-        return float(total.detach())
+        objective = per + noise_reg * chi_penalty(z) if noise_reg else per
+        (dz,) = torch.autograd.grad(objective.sum(), z)
+        return objective.detach(), dz, per.detach()
 
-    for _ in range(iterations):
-        opt.step(closure)
-        losses.append(evaluations[0])
-        evaluations.clear()
+    if optimizer == "lbfgs":
+        z, losses, _ = minimise_per_sample(LBFGS(lr=rate), x_T.detach(), evaluate, iterations)
+    else:
+        make = optimizer if callable(optimizer) else (lambda params: torch.optim.Adam(params, lr=rate))
+        z, losses = _torch_steps(make, x_T.detach(), evaluate, iterations)
     with torch.no_grad():
-        res, per = run(z.detach(), False)
+        res, per = run(z, False)
     losses.append(per.detach())
     return DFlowResult(
         samples=res.samples.detach(),
-        x_T=z.detach(),
+        x_T=z,
         losses=losses,
         nfe=model.nfe - calls,
         wall_time=time.perf_counter() - start,
@@ -169,3 +187,34 @@ def dflow(
         grid=res.grid,
         adjoint=adjoint,
     )
+
+
+def _torch_steps(
+    make: Callable[[list[Tensor]], torch.optim.Optimizer],
+    x0: Tensor,
+    evaluate: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
+    steps: int,
+) -> tuple[Tensor, list[Tensor]]:
+    """``steps`` calls of ``opt.step(closure)`` of the optimiser ``make([z])`` over the whole batch z
+    (from ``x0``), the closure evaluating the summed objective; the final z and the record of the
+    first evaluation of each step."""
+    z = x0.clone().requires_grad_(True)
+    opt = make([z])
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    records: list[Tensor] = []
+    losses: list[Tensor] = []
+
+    def closure() -> Tensor:
+        objective, grad, record = evaluate(z.detach().clone())
+        z.grad = grad
+        records.append(record)
+        return objective.sum()
+
+    for _ in range(steps):
+        opt.step(closure)
+        if not records:
+            raise RuntimeError(f"{type(opt).__name__}.step(closure) did not call its closure")
+        losses.append(records[0])
+        records.clear()
+    return z.detach(), losses

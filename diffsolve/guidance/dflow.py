@@ -205,11 +205,11 @@ def _torch_steps(
     records: list[Tensor] = []
     losses: list[Tensor] = []
 
-    def closure() -> Tensor:
+    def closure() -> float:
         objective, grad, record = evaluate(z.detach().clone())
         z.grad = grad
         records.append(record)
-        return objective.sum()
+        return float(objective.sum())
 
     for _ in range(steps):
         opt.step(closure)

@@ -100,8 +100,10 @@ def _run(o: LBFGS, x: Tensor, steps: int) -> Run:
                 ys = y.dot(s)
                 if ys > 1e-10:  # keep the pair only if the curvature condition holds
                     if len(dirs) == o.history_size:
-                        dirs.pop(0), stps.pop(0), rho.pop(0)
-                    dirs.append(y), stps.append(s), rho.append(1.0 / ys)
+                        del dirs[0], stps[0], rho[0]
+                    dirs.append(y)
+                    stps.append(s)
+                    rho.append(1.0 / ys)
                     h_diag = ys / y.dot(y)
                 d = _two_loop(g, dirs, stps, rho, h_diag)
             prev_g, prev_f = g.clone(), f

@@ -62,7 +62,7 @@ def test_the_noise_regulariser_is_the_chi_density_and_holds_the_norm():
 
 
 def test_any_torch_optimiser_lbfgs_included():
-    """SGD through ``optimizer`` lowers the loss as Adam does; L-BFGS (the paper's optimiser, several
+    """SGD through ``optimizer`` lowers the loss as Adam does; L-BFGS (D-Flow's usual optimiser, several
     loss evaluations per step, taken through the closure) lowers it further in 5 steps, with every
     evaluation's calls counted and one loss recorded per step. Measured from 0.125: SGD (lr 0.5)
     1.3e-3 in 30 steps, L-BFGS 1e-13 in 5 steps (11 evaluations, 352 calls)."""

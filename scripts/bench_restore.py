@@ -8,9 +8,10 @@ seeds for every method (``ds.guidance.restore``). Each row: PSNR against the cle
 its standard error over the digits), the model calls of the whole run (each on the whole batch; for
 EnKG on its 16 particles per digit, for D-Flow every forward run and every adjoint call of the
 optimisation) and the wall time. D-Flow runs with Adam and with L-BFGS (one per digit, strong-Wolfe
-line search) at several step counts, iteration budgets and weights of its noise-norm regulariser (``noise_reg``: the negative log chi density of |x_T|), whose effect on
-PSNR and on |x_T| (against sqrt(d - 1), where Gaussian noise lives) is the second table. Writes
-restore.{json,md,png} into ``--out``.
+line search) at several step counts, iteration budgets and weights of its noise-norm regulariser
+(``noise_reg``: the negative log chi density of |x_T|), whose effect on PSNR and on |x_T| (against
+sqrt(d - 1), where Gaussian noise lives) is the second table. Writes restore.{json,md,png} into
+``--out``.
 """
 
 from __future__ import annotations

@@ -17,11 +17,16 @@ def _rosenbrock(x, scale):
     return (1 - x[:, 0]) ** 2 + scale * (x[:, 1] - x[:, 0] ** 2) ** 2
 
 
-def _evaluate(x):
-    z = x.detach().requires_grad_(True)
-    f = _rosenbrock(z, SCALE[: len(z)])
-    (g,) = torch.autograd.grad(f.sum(), z)
-    return f.detach(), g, f.detach()
+def _evaluator(scale):
+    """evaluate(x) for rows of the given scales: (f, its gradient, f to record)."""
+
+    def evaluate(x):
+        z = x.detach().requires_grad_(True)
+        f = _rosenbrock(z, scale)
+        (g,) = torch.autograd.grad(f.sum(), z)
+        return f.detach(), g, f.detach()
+
+    return evaluate
 
 
 def _torch_alone(b, steps, **opts):
@@ -60,7 +65,7 @@ def test_each_row_follows_torchs_lbfgs_alone(opts):
         history_size=opts.get("history_size", 100),
         line_search=opts["line_search_fn"],
     )
-    x, history, evaluations = minimise_per_sample(ours, X0, _evaluate, 3)
+    x, history, evaluations = minimise_per_sample(ours, X0, _evaluator(SCALE), 3)
     assert len(history) == 3 and torch.equal(history[0], _rosenbrock(X0, SCALE))
     counts = []
     for b in range(len(X0)):
@@ -74,20 +79,14 @@ def test_each_row_follows_torchs_lbfgs_alone(opts):
 
 
 def test_a_row_alone_equals_the_row_in_a_batch_bitwise():
-    x, history, _ = minimise_per_sample(LBFGS(), X0, _evaluate, 4)
-    global SCALE
-    full = SCALE
-    try:
-        SCALE = full[2:3]
-        alone, hist_alone, _ = minimise_per_sample(LBFGS(), X0[2:3], _evaluate, 4)
-    finally:
-        SCALE = full
+    x, history, _ = minimise_per_sample(LBFGS(), X0, _evaluator(SCALE), 4)
+    alone, hist_alone, _ = minimise_per_sample(LBFGS(), X0[2:3], _evaluator(SCALE[2:3]), 4)
     assert torch.equal(alone[0], x[2]) and all(torch.equal(a[0], h[2]) for a, h in zip(hist_alone, history))
     assert float(_rosenbrock(x, SCALE).max()) < 1e-8  # every row at the minimum (1, 1)
 
 
 def test_no_steps_leave_the_start():
-    x, history, evaluations = minimise_per_sample(LBFGS(), X0, _evaluate, 0)
+    x, history, evaluations = minimise_per_sample(LBFGS(), X0, _evaluator(SCALE), 0)
     assert torch.equal(x, X0) and history == [] and evaluations == 0
 
 

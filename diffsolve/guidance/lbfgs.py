@@ -80,8 +80,9 @@ def _run(o: LBFGS, x: Tensor, steps: int) -> Run:
     dirs: list[Tensor] = []  # y_k = g_{k+1} - g_k
     stps: list[Tensor] = []  # s_k = x_{k+1} - x_k
     rho: list[Tensor] = []  # 1 / (y_k . s_k)
-    d = prev_g = torch.zeros_like(x)
-    t, h_diag, iterations = 0.0, torch.ones((), dtype=x.dtype), 0
+    h_diag = torch.ones((), dtype=x.dtype)  # H_0 = h_diag I, y.s / y.y of the newest pair
+    iterations = 0  # over all steps: the first one starts along -g
+    prev_g, t = x, 0.0  # the last iteration's gradient and step, set before any later one reads them
     history: list[Tensor] = []
     for _ in range(steps):
         f, g, record = yield x
@@ -94,7 +95,7 @@ def _run(o: LBFGS, x: Tensor, steps: int) -> Run:
             inner += 1
             iterations += 1
             if iterations == 1:
-                d, dirs, stps, rho, h_diag = -g, [], [], [], torch.ones((), dtype=x.dtype)
+                d = -g
             else:
                 y, s = g - prev_g, d * t
                 ys = y.dot(s)
@@ -132,10 +133,11 @@ def _two_loop(g: Tensor, dirs: list[Tensor], stps: list[Tensor], rho: list[Tenso
     """-H g for the L-BFGS inverse-Hessian H of the stored pairs (Nocedal & Wright, Algorithm 7.4),
     H_0 = h_diag I."""
     q = -g
-    alpha = [torch.zeros(())] * len(dirs)
+    alpha: list[Tensor] = []  # newest pair first
     for i in reversed(range(len(dirs))):
-        alpha[i] = stps[i].dot(q) * rho[i]
-        q = q.add(dirs[i], alpha=-float(alpha[i]))
+        alpha.append(stps[i].dot(q) * rho[i])
+        q = q.add(dirs[i], alpha=-float(alpha[-1]))
+    alpha.reverse()
     r = q * h_diag
     for i in range(len(dirs)):
         beta = dirs[i].dot(r) * rho[i]
